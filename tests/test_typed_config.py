@@ -1,0 +1,40 @@
+"""Strict config conversion: unknown or missing keys fail naming the key."""
+
+from dataclasses import dataclass, field
+
+import pytest
+from omegaconf import MISSING, OmegaConf
+
+from data.typed_config import ConfigError, to_typed
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-4
+    name: str = MISSING
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    epochs: int = 3
+
+
+def test_roundtrip():
+    cfg = to_typed(OmegaConf.create({"inner": {"name": "a", "lr": 0.5}, "hydra": {"x": 1}}), Outer)
+    assert isinstance(cfg, Outer) and cfg.inner.lr == 0.5 and cfg.epochs == 3
+
+
+def test_unknown_key_named():
+    with pytest.raises(ConfigError, match="inner.lrr"):
+        to_typed({"inner": {"name": "a", "lrr": 1}}, Outer)
+
+
+def test_missing_key_named():
+    with pytest.raises(ConfigError, match="inner.name"):
+        to_typed({}, Outer)
+
+
+def test_bad_type_named():
+    with pytest.raises(ConfigError, match="epochs"):
+        to_typed({"inner": {"name": "a"}, "epochs": "many"}, Outer)
