@@ -1,0 +1,132 @@
+"""Atomic, pickle-free checkpoints that resume a run exactly.
+
+Layout: ``<run>/checkpoints/step_000000123/`` holding
+  * ``trainer.pt``  (rank 0): epoch, step, resolved config as a JSON string, world size, loop state
+    (early-stopping, guard counters, metrics so far);
+  * ``rank_<r>.pt`` (every rank): its RNG states (torch, numpy, python) and its StoreStream position;
+  * the weights and both optimizers, written by the backend wrapper (``trainer/parallel.py``):
+    ``model.pt`` for DDP, DeepSpeed's own (possibly ZeRO-sharded) files for DeepSpeed.
+Every rank writes into ``.tmp_step_...``; after a barrier rank 0 renames it, so a directory with a
+final name is always complete (a SIGKILL leaves only a ``.tmp`` that ``resume=auto`` ignores).
+Everything is loadable with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer import dist
+
+PREFIX = "step_"
+TMP_PREFIX = ".tmp_step_"
+
+
+def checkpoints_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors/ints (numpy's key array converted to a tensor: no pickled ndarray)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    out: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached": float(cached),
+        "python_version": int(version), "python_state": list(py_state), "python_gauss": gauss,
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_cached"]))
+    random.setstate((state["python_version"], tuple(state["python_state"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _save_file(obj: Any, path: Path) -> None:
+    # fsync before the directory rename so a crash cannot leave a renamed dir with a truncated file.
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_checkpoint(run_dir: str | Path, step: int, trainer_state: dict[str, Any],
+                    rank_state: dict[str, Any], wrapper, keep: int = 2) -> Path:
+    """Collective: every rank calls it. Returns the final directory."""
+    root = checkpoints_root(run_dir)
+    tmp, final = root / f"{TMP_PREFIX}{step:09d}", root / f"{PREFIX}{step:09d}"
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    wrapper.save(tmp)
+    _save_file(rank_state, tmp / f"rank_{rank}.pt")
+    if rank == 0:
+        _save_file(trainer_state, tmp / "trainer.pt")
+    dist.barrier()
+    if rank == 0:
+        if final.exists():  # same step saved twice (e.g. end of epoch == interval): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(root, keep)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = complete_checkpoints(root.parent)
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (the step number is in the name, zero-padded)."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer.pt").is_file())
+
+
+def find_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """``auto``: newest complete checkpoint of this run (or None); ``none``: None; else a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(run_dir)
+        return done[-1] if done else None
+    path = Path(resume)
+    if not (path / "trainer.pt").is_file():
+        raise FileNotFoundError(f"run.resume={resume!r} is not a complete checkpoint directory (no trainer.pt)")
+    return path
+
+
+def load_states(path: str | Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer_state, this rank's state); refuses a checkpoint written by a different world size,
+    because the stream positions and ZeRO shards are per rank."""
+    path = Path(path)
+    trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    saved_world = int(trainer_state["world_size"])
+    if saved_world != world_size:
+        raise RuntimeError(f"checkpoint {path} was written by {saved_world} processes but this run has "
+                           f"{world_size}; resume with the same number of processes")
+    rank_state = torch.load(path / f"rank_{rank}.pt", map_location="cpu", weights_only=True)
+    return trainer_state, rank_state

@@ -1,0 +1,151 @@
+"""Typed configuration of a training run.
+
+Hydra composes YAML from ``conf/``; ``load_config`` turns it into these dataclasses through
+``data.typed_config.to_typed``, so an unknown or missing key stops the run at start-up with the key
+named, before any process group or store is opened. Cross-field checks live in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from data.typed_config import ConfigError, to_typed
+
+
+@dataclass
+class DataConfig:
+    store: str = MISSING  # path of a store written by mva-build / mva-synth
+    batch_size: int = 128  # cells per device (per rank) per step
+    num_workers: int = 0  # DataLoader worker processes per rank (0 = read in the training process)
+    prefetch: int = 2  # batches read ahead per worker
+    val_fraction: float = 0.1  # must match the split the store was built with (hash of the cell id)
+    chunk_size: int = 64  # contiguous rows read together (shuffle granularity)
+    buffer_chunks: int = 16  # chunks mixed in the shuffle buffer
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class ModelConfig:
+    """Exactly the MultiVAE options of docs/architecture.md (defaults = the reference's)."""
+
+    n_hidden: int | None = None
+    n_latent: int | None = None
+    n_layers_encoder: int = 2
+    n_layers_decoder: int = 2
+    dropout_rate: float = 0.1
+    region_factors: bool = True
+    gene_likelihood: str = "zinb"
+    dispersion: str = "gene"
+    use_batch_norm: str = "none"
+    use_layer_norm: str = "both"
+    latent_distribution: str = "normal"
+    deeply_inject_covariates: bool = False
+    encode_covariates: bool = False
+    modality_weights: str = "equal"
+    modality_penalty: str = "Jeffreys"
+    use_size_factor: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    eps: float = 1e-8
+    adversarial: bool = True  # batch classifier; only active when the store has > 1 batch
+    classifier_lr: float = 1e-3
+    classifier_eps: float = 0.01
+    classifier_weight_decay: float = 1e-3
+    kappa: float = 1.0  # weight of the fool-the-classifier term in the VAE loss
+    n_epochs_kl_warmup: int | None = 50  # epoch-granular warm-up (reference default)
+    n_steps_kl_warmup: int | None = None  # used only when n_epochs_kl_warmup is null
+    grad_clip: float | None = None  # max global grad norm; null = no clipping (reference)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class DistConfig:
+    backend: str = "ddp"  # ddp | deepspeed
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-2
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 autocast on GPU only)
+    timeout_s: int = 1800
+    find_unused_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("ddp", "deepspeed"):
+            raise ConfigError(f"dist.backend must be ddp or deepspeed, got {self.backend!r}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"dist.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"dist.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+@dataclass
+class LoggerConfig:
+    wandb_mode: str = "disabled"  # online | offline | disabled (online falls back to offline without a key)
+    project: str = "multivi-atlas"
+    tags: list[str] = field(default_factory=list)
+    log_every: int = 10  # steps between metric records
+    plot: bool = True  # loss.png at the end
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"logger.wandb_mode must be online, offline or disabled, got {self.wandb_mode!r}")
+
+
+@dataclass
+class RunConfig:
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps (over all epochs)
+    early_stopping: bool = True
+    patience: int = 50  # epochs without improvement of `monitor`
+    min_delta: float = 0.0
+    monitor: str = "reconstruction_loss_validation"
+    keep: str = "last"  # last | best: which weights the exported model holds
+    checkpoint_every_steps: int | None = None  # extra mid-epoch checkpoints; one is always written per epoch
+    keep_checkpoints: int = 2  # newest complete checkpoints kept on disk
+    seed: int = 0
+    output_dir: str = "outputs/run"  # chosen ONCE before ranks start (never Hydra's per-process timestamp)
+    resume: str = "auto"  # auto | none | <path of a checkpoint directory>
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+
+    def __post_init__(self) -> None:
+        if self.keep not in ("last", "best"):
+            raise ConfigError(f"run.keep must be last or best, got {self.keep!r}")
+        if self.epochs < 1:
+            raise ConfigError(f"run.epochs must be >= 1, got {self.epochs}")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_config(cfg: Any) -> TrainConfig:
+    """Hydra/OmegaConf config (or plain dict) -> TrainConfig; raises ConfigError naming a bad key."""
+    return to_typed(cfg, TrainConfig)
+
+
+def config_to_json(cfg: TrainConfig) -> str:
+    """The resolved config as a JSON string (stored in checkpoints so they hold no pickled objects)."""
+    return json.dumps(asdict(cfg), sort_keys=True)
+
+
+def config_from_json(text: str) -> TrainConfig:
+    return load_config(json.loads(text))

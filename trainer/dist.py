@@ -1,0 +1,132 @@
+"""Everything about ranks: process group set-up from the torchrun env, device choice, rank-0 output,
+and the collectives the loop needs (sums/counts, one shared stop decision).
+
+A single process without torchrun is world size 1 with no process group, and every helper below
+degrades to the identity, so the loop has no ``if distributed`` branches.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def init_distributed(timeout_s: int = 1800) -> DistInfo:
+    """Join the process group described by torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+
+    gloo on CPU, NCCL on GPU; each rank uses the GPU of its LOCAL_RANK. Idempotent.
+    """
+    rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not tdist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun (scripts/train.sh)")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                 device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def cleanup() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return tdist.get_rank() if is_distributed() else 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only (other ranks would repeat every line world-size times)."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def get_logger(name: str = "trainer") -> logging.Logger:
+    """A logger that writes on rank 0 and is silent elsewhere."""
+    log = logging.getLogger(f"{name}.rank{get_rank()}")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if get_rank() == 0 else logging.CRITICAL + 1)
+    return log
+
+
+def barrier() -> None:
+    if is_distributed():
+        tdist.barrier()
+
+
+def _collective_device() -> torch.device:
+    # NCCL only reduces CUDA tensors; gloo reduces CPU tensors.
+    if is_distributed() and tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
+    """Sum each value over ranks (in float64 so validation sums over millions of cells stay exact)."""
+    if not values or not is_distributed():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_collective_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return {k: float(v) for k, v in zip(keys, t.cpu().tolist(), strict=True)}
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any rank (used to skip a step everywhere)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def shared_decision(flag: bool) -> bool:
+    """Rank 0's decision, broadcast, so every rank takes the same branch (e.g. early stopping)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    tdist.broadcast(t, src=0)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(obj):
+    """Rank 0's Python object on every rank (small things only: paths, step numbers)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]

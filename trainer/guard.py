@@ -1,0 +1,71 @@
+"""Numerical safety: a non-finite loss or gradient skips the step on EVERY rank and is counted;
+after ``max_bad_steps`` consecutive bad steps the run stops with a message naming the step, the loss
+term that went bad and the last good checkpoint.
+
+The decision is all-reduced (``dist.any_rank``), so one rank seeing a NaN never leaves the others
+stepping alone (that would desynchronise the weights and then hang the next collective).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from trainer import dist
+
+
+class NonFiniteError(RuntimeError):
+    """Raised (on every rank) after too many consecutive non-finite steps."""
+
+
+def bad_terms(terms: dict[str, torch.Tensor | float]) -> list[str]:
+    """Names of the loss terms that are not finite on this rank."""
+    bad = []
+    for name, value in terms.items():
+        v = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        if not bool(torch.isfinite(v).all()):
+            bad.append(name)
+    return bad
+
+
+@dataclass
+class StepGuard:
+    max_bad_steps: int = 5
+    consecutive: int = 0
+    skipped_total: int = 0
+    last_good_checkpoint: str | None = None
+    history: list[str] = field(default_factory=list)
+
+    def check(self, step: int, terms: dict[str, torch.Tensor | float]) -> bool:
+        """Collective. True if the step must be skipped on every rank (some rank saw a bad term)."""
+        local_bad = bad_terms(terms)
+        skip = dist.any_rank(bool(local_bad))
+        if not skip:
+            self.consecutive = 0
+            return False
+        self.consecutive += 1
+        self.skipped_total += 1
+        what = ", ".join(local_bad) if local_bad else "a term on another rank"
+        self.history.append(f"step {step}: non-finite {what}")
+        dist.print0(f"[guard] skipping step {step}: non-finite {what} "
+                    f"({self.consecutive} in a row, {self.skipped_total} in total)")
+        if self.consecutive >= self.max_bad_steps:
+            raise NonFiniteError(
+                f"stopping at step {step}: {self.consecutive} consecutive non-finite steps "
+                f"(last bad: {what}; see run.max_bad_steps). Last good checkpoint: "
+                f"{self.last_good_checkpoint or 'none written yet'}")
+        return True
+
+    def grad_norm_ok(self, norm: float) -> bool:
+        return math.isfinite(norm)
+
+    def state_dict(self) -> dict:
+        return {"consecutive": self.consecutive, "skipped_total": self.skipped_total,
+                "last_good_checkpoint": self.last_good_checkpoint or ""}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consecutive = int(state["consecutive"])
+        self.skipped_total = int(state["skipped_total"])
+        self.last_good_checkpoint = state["last_good_checkpoint"] or None

@@ -1,0 +1,106 @@
+"""Run tracking: ``metrics.jsonl`` (always, rank 0), W&B (rank 0, lazily imported, never blocking),
+and ``loss.png`` at the end.
+
+Other ranks get a ``MetricsWriter`` whose methods do nothing, so the loop calls it unconditionally.
+W&B ``online`` without an API key falls back to ``offline``: a run must never wait on the network.
+Only metric values and the resolved config are sent; environment variables (keys) never are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+
+def memory_mb() -> dict[str, float]:
+    """Resident memory of this process (and allocated GPU memory when on CUDA)."""
+    out = {"mem_rss_mb": psutil.Process().memory_info().rss / 2**20}
+    if torch.cuda.is_available():
+        out["mem_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str | Path, *, enabled: bool, wandb_mode: str = "disabled",
+                 project: str = "multivi-atlas", tags: list[str] | None = None,
+                 config: dict[str, Any] | None = None, run_name: str | None = None) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._fh = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", buffering=1)  # line-buffered: a killed run keeps its lines
+        if wandb_mode != "disabled":
+            self._wandb = _start_wandb(Path(run_dir), wandb_mode, project, tags or [], config or {}, run_name)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                 for k, v in record.items()}
+        self._fh.write(json.dumps(clean) + "\n")
+        if self._wandb is not None:
+            step = int(record.get("step", 0))
+            self._wandb.log({k: v for k, v in clean.items() if isinstance(v, float)}, step=step)
+
+    def close(self, plot: bool = True) -> None:
+        if not self.enabled:
+            return
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        if plot:
+            plot_losses(self.path, self.path.parent / "loss.png")
+
+
+def _start_wandb(run_dir: Path, mode: str, project: str, tags: list[str], config: dict[str, Any],
+                 run_name: str | None):
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        print("[metrics] wandb online requested but WANDB_API_KEY is unset: logging offline instead", flush=True)
+        mode = "offline"
+    import wandb  # lazy: importing wandb costs ~1.5 s and is only needed on rank 0
+
+    return wandb.init(project=project, tags=tags, config=config, dir=str(run_dir), mode=mode,
+                      name=run_name or run_dir.name, resume="allow",
+                      settings=wandb.Settings(silent=True, console="off"))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def plot_losses(metrics_path: str | Path, out_png: str | Path) -> Path | None:
+    """Training and validation loss curves against the step."""
+    if not Path(metrics_path).is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, kind in (("loss", "train"), ("reconstruction_loss_validation", "validation"),
+                      ("elbo_validation", "validation")):
+        pts = [(r["step"], r[key]) for r in rows if key in r and r.get("kind") == kind]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o" if kind == "validation" else None, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per cell")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)
