@@ -1,0 +1,48 @@
+"""Adversarial batch classifier on the joint latent (spec §4.2).
+
+Same layers as the reference's ``Classifier(n_input=n_latent, n_hidden=32, n_labels=n_batch,
+n_layers=2, logits=True)``: two blocks Linear -> BatchNorm1d(mom 0.01, eps 1e-3) -> ReLU -> Dropout(0.1),
+then a Linear to the batch logits. The module is only built when there is more than one batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from trainer.nn import FCStack
+
+
+class BatchClassifier(nn.Module):
+    def __init__(self, n_latent: int, n_batch: int, n_hidden: int = 32, n_layers: int = 2, dropout: float = 0.1):
+        super().__init__()
+        if n_batch < 2:
+            raise ValueError(f"the adversarial classifier needs n_batch >= 2, got {n_batch}")
+        self.n_batch = n_batch
+        self.hidden = FCStack(n_latent, n_hidden, n_layers, activation="relu", dropout=dropout, batch_norm=True)
+        self.out = nn.Linear(n_hidden, n_batch)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Batch logits (B, n_batch)."""
+        return self.out(self.hidden(z))
+
+
+def build_classifier(module: nn.Module, adversarial: bool = True) -> BatchClassifier | None:
+    """The reference's rule: adversarial mixing only when enabled and there is more than one batch."""
+    if not adversarial or module.n_batch < 2:
+        return None
+    return BatchClassifier(module.n_latent, module.n_batch).to(module.dtype)
+
+
+def fool_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Mean over cells of cross-entropy against the uniform distribution over the *wrong* batches."""
+    n = logits.shape[1]
+    target = 1.0 - F.one_hot(batch.reshape(-1).long(), n).to(logits.dtype)
+    return -(F.log_softmax(logits, dim=1) * (target / (n - 1))).sum(dim=1).mean()
+
+
+def true_batch_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the true batch (the classifier's own objective)."""
+    target = F.one_hot(batch.reshape(-1).long(), logits.shape[1]).to(logits.dtype)
+    return -(F.log_softmax(logits, dim=1) * target).sum(dim=1).mean()

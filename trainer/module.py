@@ -1,0 +1,289 @@
+"""``MultiVAE``: the MultiVI variational auto-encoder for paired and unpaired scRNA + scATAC cells.
+
+Same architecture, defaults and numbers as the reference ``scvi.module.MULTIVAE`` (scvi-tools 1.5.1;
+spec Part B §2-3), proven by ``tests/test_parity.py``. Differences, all deliberate:
+
+* the missing-modality mask is read from ``batch["mask"]`` (never from row sums), so a measured cell
+  with an empty row still gets its reconstruction loss;
+* ``batch["rna"]`` / ``batch["atac"]`` may be sparse CSR: first layers and losses never densify them;
+* the unused reference heads (RNA ``px_r_decoder`` unless ``dispersion="gene-cell"``, the protein
+  branch) are not built. The reference's third (protein) softmax slot is reproduced numerically: it
+  always enters the softmax denominator with 1e-30, so a cell with no modality gets weights
+  (1/4, 1/4) like the reference (whose protein encoder output, absent here, would add a third 1/4 term);
+* ``dispersion`` "gene-batch" and "gene-cell" work (broken in the reference);
+* ``modality_penalty="MMD"`` is per cell: penalty_c = 1[paired] * ||mu_rna - mu_atac||. The reference
+  adds the *minibatch sum* of these norms to every cell, so its loss grows with the batch size (and
+  world size); ours equals the reference's divided by the batch size and does not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from data import keys
+from trainer import distributions as D
+from trainer.nn import EncoderPair, FCStack, covariate_width, one_hot_covariates
+
+_CHOICES = {
+    "gene_likelihood": ("zinb", "nb", "poisson"),
+    "dispersion": ("gene", "gene-batch", "gene-cell"),
+    "use_batch_norm": ("none", "encoder", "decoder", "both"),
+    "use_layer_norm": ("none", "encoder", "decoder", "both"),
+    "latent_distribution": ("normal", "ln"),
+    "modality_weights": ("equal", "universal", "cell"),
+    "modality_penalty": ("Jeffreys", "MMD", "None"),
+}
+_SOFTMAX_EPS = 1e-30  # the reference's masked-softmax epsilon (numerator of masked slots and denominator)
+
+
+@dataclass
+class LossOutput:
+    """Scalar objective plus every per-cell term (B,) and the latent used by the adversary."""
+
+    loss: torch.Tensor
+    recon_rna: torch.Tensor
+    recon_atac: torch.Tensor
+    kl: torch.Tensor
+    penalty: torch.Tensor
+    z: torch.Tensor
+    qz_m: torch.Tensor
+    qz_v: torch.Tensor
+    outputs: dict = field(default_factory=dict, repr=False)  # inference + generative tensors
+
+
+class MultiVAE(nn.Module):
+    def __init__(
+        self,
+        n_genes: int,
+        n_regions: int,
+        n_batch: int = 1,
+        n_cats_per_cov: tuple[int, ...] | list[int] = (),
+        n_continuous_cov: int = 0,
+        n_obs: int = 0,
+        n_hidden: int | None = None,
+        n_latent: int | None = None,
+        n_layers_encoder: int = 2,
+        n_layers_decoder: int = 2,
+        dropout_rate: float = 0.1,
+        region_factors: bool = True,
+        gene_likelihood: str = "zinb",
+        dispersion: str = "gene",
+        use_batch_norm: str = "none",
+        use_layer_norm: str = "both",
+        latent_distribution: str = "normal",
+        deeply_inject_covariates: bool = False,
+        encode_covariates: bool = False,
+        modality_weights: str = "equal",
+        modality_penalty: str = "Jeffreys",
+        use_size_factor: bool = False,
+    ):
+        super().__init__()
+        opts = dict(
+            gene_likelihood=gene_likelihood, dispersion=dispersion, use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm, latent_distribution=latent_distribution,
+            modality_weights=modality_weights, modality_penalty=modality_penalty,
+        )  # fmt: skip
+        for name, value in opts.items():
+            if value not in _CHOICES[name]:
+                raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}")
+        if n_genes < 1 or n_regions < 1:
+            raise ValueError(f"MultiVAE needs n_genes >= 1 and n_regions >= 1, got {n_genes}, {n_regions}")
+        if n_batch < 1:
+            raise ValueError(f"n_batch must be >= 1, got {n_batch}")
+        if modality_weights == "cell" and n_obs < 1:
+            raise ValueError("modality_weights='cell' learns one weight row per training cell: pass n_obs > 0")
+        self.n_genes, self.n_regions, self.n_batch = n_genes, n_regions, n_batch
+        self.n_cats_per_cov = tuple(int(n) for n in n_cats_per_cov)
+        self.n_continuous_cov = n_continuous_cov
+        # reference size formulas (spec §2.1): hidden from regions capped at 128, latent = sqrt(hidden)
+        self.n_hidden = min(128, int(math.sqrt(n_regions))) if n_hidden is None else n_hidden
+        self.n_latent = int(math.sqrt(self.n_hidden)) if n_latent is None else n_latent
+        self.gene_likelihood, self.dispersion = gene_likelihood, dispersion
+        self.latent_distribution = latent_distribution
+        self.modality_weights, self.modality_penalty = modality_weights, modality_penalty
+        self.encode_covariates, self.use_size_factor = encode_covariates, use_size_factor
+        self.cat_list = [n_batch, *self.n_cats_per_cov]
+        n_cov = covariate_width(self.cat_list)
+        bn_enc, bn_dec = use_batch_norm in ("encoder", "both"), use_batch_norm in ("decoder", "both")
+        ln_enc, ln_dec = use_layer_norm in ("encoder", "both"), use_layer_norm in ("decoder", "both")
+        H, d, C, deep = self.n_hidden, self.n_latent, n_continuous_cov, deeply_inject_covariates
+
+        enc = dict(
+            n_latent=d, n_hidden=H, n_layers=n_layers_encoder, n_cov=n_cov if encode_covariates else 0,
+            n_extra=C if encode_covariates else 0, dropout=dropout_rate, batch_norm=bn_enc, layer_norm=ln_enc,
+        )  # fmt: skip
+        # Reference asymmetry (spec §2.3, gotcha 10): the ATAC z-encoder injects covariates into every
+        # block whatever `deeply_inject_covariates` says; the RNA z-encoder and both library nets obey it.
+        self.rna_encoder = EncoderPair(
+            n_genes, z_inject_deep=deep, lib_inject_deep=deep,
+            library_head=None if use_size_factor else "leaky_relu", **enc,
+        )  # fmt: skip
+        self.atac_encoder = EncoderPair(
+            n_regions, z_inject_deep=True, lib_inject_deep=deep,
+            library_head=None if use_size_factor else "sigmoid", **enc,
+        )  # fmt: skip
+        dec = dict(n_cov=n_cov, inject_deep=deep, batch_norm=bn_dec, layer_norm=ln_dec)
+        self.rna_decoder = FCStack(d + C, H, n_layers_decoder, activation="relu", **dec)
+        self.px_scale = nn.Linear(H, n_genes)
+        self.px_dropout = nn.Linear(H, n_genes)
+        self.px_r_head = nn.Linear(H, n_genes) if dispersion == "gene-cell" else None
+        self.atac_decoder = FCStack(d + C, H, n_layers_decoder, activation="leaky_relu", **dec)
+        self.atac_out = nn.Linear(H, n_regions)
+
+        if dispersion == "gene":
+            self.px_r = nn.Parameter(torch.randn(n_genes))
+        elif dispersion == "gene-batch":
+            self.px_r = nn.Parameter(torch.randn(n_genes, n_batch))
+        else:
+            self.px_r = None
+        self.region_factors = nn.Parameter(torch.zeros(n_regions)) if region_factors else None
+        # three slots (RNA, ATAC, protein) like the reference, so learned weights map 1:1
+        if modality_weights == "equal":
+            self.register_buffer("mod_weights", torch.ones(3))
+        elif modality_weights == "universal":
+            self.mod_weights = nn.Parameter(torch.ones(3))
+        else:
+            self.mod_weights = nn.Parameter(torch.ones(n_obs, 3))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.atac_out.weight.dtype
+
+    def covariates(self, batch: dict, batch_codes: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One-hot [batch, *categorical covariates] (single-level ones dropped), as the reference orders them."""
+        codes = [batch[keys.BATCH] if batch_codes is None else batch_codes]
+        if self.n_cats_per_cov:
+            cats = batch[keys.CAT_COVS]
+            codes += [cats[:, k] for k in range(len(self.n_cats_per_cov))]
+        return one_hot_covariates(codes, self.cat_list, self.dtype)
+
+    def _counts(self, batch: dict, key: str, width: int) -> torch.Tensor:
+        x = batch[key]
+        if x.shape[-1] != width:
+            raise ValueError(f"batch[{key!r}] has {x.shape[-1]} columns, the module expects {width}")
+        return x if x.dtype == self.dtype else x.to(self.dtype)
+
+    def _cont(self, batch: dict) -> torch.Tensor | None:
+        if not self.n_continuous_cov:
+            return None
+        return batch[keys.CONT_COVS].to(self.dtype)
+
+    def modality_alpha(self, mask: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """Masked softmax over the (RNA, ATAC, protein) slots (B, 3); the protein slot is never present."""
+        if self.modality_weights == "cell":
+            if index is None:
+                raise ValueError("modality_weights='cell' needs batch['index'] (global cell index)")
+            w = self.mod_weights[index]
+        else:
+            w = self.mod_weights.unsqueeze(0).expand(mask.shape[0], -1)
+        present = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
+        e = torch.exp(w).masked_fill(~present, _SOFTMAX_EPS)
+        return e / (e.sum(-1, keepdim=True) + _SOFTMAX_EPS)
+
+    # ------------------------------------------------------------------ passes
+    def inference(self, batch: dict, eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Encode both modalities, mix them into the joint posterior and draw z.
+
+        ``eps`` (B, n_latent): standard-normal noise for the reparameterised sample; drawn if None
+        (passing it makes a step reproducible across implementations and lets predictors draw many).
+        """
+        x_rna = self._counts(batch, keys.RNA, self.n_genes)
+        x_atac = self._counts(batch, keys.ATAC, self.n_regions)
+        mask = batch[keys.MASK].bool()
+        cov = self.covariates(batch) if self.encode_covariates else None
+        extra = self._cont(batch) if self.encode_covariates else None
+        qzm_rna, qzv_rna, lib_rna = self.rna_encoder(x_rna, cov, extra)
+        qzm_atac, qzv_atac, lib_atac = self.atac_encoder(x_atac, cov, extra)
+        if self.use_size_factor:
+            sf = batch[keys.SIZE_FACTOR].to(self.dtype)
+            lib_rna, lib_atac = torch.log(sf[:, [0]] + 1e-6), sf[:, [1]]
+        alpha = self.modality_alpha(mask, batch.get(keys.INDEX))
+        # weighted mean of the modality posteriors; variances mix with sqrt(alpha) (spec §2.5-2.6)
+        qz_m = alpha[:, 0:1] * qzm_rna + alpha[:, 1:2] * qzm_atac
+        sa = alpha.sqrt()
+        qz_v = sa[:, 0:1] * qzv_rna + sa[:, 1:2] * qzv_atac
+        if eps is None:
+            eps = torch.randn_like(qz_m)
+        untran_z = qz_m + eps * qz_v.sqrt()
+        z = F.softmax(untran_z, dim=-1) if self.latent_distribution == "ln" else untran_z
+        return {
+            "z": z, "qz_m": qz_m, "qz_v": qz_v, "alpha": alpha, "mask": mask,
+            "qzm_rna": qzm_rna, "qzv_rna": qzv_rna, "qzm_atac": qzm_atac, "qzv_atac": qzv_atac,
+            "lib_rna": lib_rna, "lib_atac": lib_atac,
+        }  # fmt: skip
+
+    def generative(
+        self, z: torch.Tensor, batch: dict, lib_rna: torch.Tensor, batch_codes: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Decode z (B, d) into RNA ZINB/NB/Poisson parameters and ATAC probabilities.
+
+        ``batch_codes`` replaces the batch covariate of the decoders (``transform_batch``).
+        """
+        cont = self._cont(batch)
+        h_in = z if cont is None else torch.cat([z, cont], dim=-1)
+        codes = batch[keys.BATCH] if batch_codes is None else batch_codes
+        cov = self.covariates(batch, codes)
+        h_rna = self.rna_decoder(h_in, cov)
+        pre = self.px_scale(h_rna)
+        px_scale = F.softplus(pre) if self.use_size_factor else F.softmax(pre, dim=-1)
+        if self.dispersion == "gene":
+            theta = torch.exp(self.px_r)
+        elif self.dispersion == "gene-batch":
+            theta = torch.exp(self.px_r.t()[codes.reshape(-1).long()])
+        else:
+            theta = torch.exp(self.px_r_head(h_rna))
+        p = torch.sigmoid(self.atac_out(self.atac_decoder(h_in, cov)))
+        return {
+            "px_scale": px_scale, "px_rate": torch.exp(lib_rna) * px_scale,
+            "px_dropout": self.px_dropout(h_rna), "theta": theta, "p": p,
+        }  # fmt: skip
+
+    def region_factor_probs(self) -> torch.Tensor | None:
+        return None if self.region_factors is None else torch.sigmoid(self.region_factors)
+
+    def penalty(self, inf: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-cell modality-alignment penalty for paired cells (not KL-warmed)."""
+        m, paired = inf["qzm_rna"], inf["mask"].all(dim=1)
+        if self.modality_penalty == "None":
+            return torch.zeros(m.shape[0], dtype=m.dtype, device=m.device)
+        if self.modality_penalty == "MMD":
+            dist = torch.linalg.norm(inf["qzm_rna"] - inf["qzm_atac"], dim=1)
+            return torch.where(paired, dist, torch.zeros_like(dist))
+        # Jeffreys as the reference computes it: the std is used where a variance belongs, so the
+        # compared Gaussians have variances a = sqrt(v_rna), b = sqrt(v_atac) (spec §3.4 quirk)
+        a, b = inf["qzv_rna"].sqrt(), inf["qzv_atac"].sqrt()
+        d2 = (inf["qzm_rna"] - inf["qzm_atac"]) ** 2
+        j = 0.5 * (a / b + b / a - 2 + d2 * (1 / a + 1 / b)).sum(dim=1)
+        return torch.where(paired, j, torch.zeros_like(j))
+
+    def loss(self, batch: dict, kl_weight: float = 1.0, eps: torch.Tensor | None = None) -> LossOutput:
+        """Per-cell mean of recon_rna + recon_atac + kl_weight * KL + penalty (spec §3.5)."""
+        inf = self.inference(batch, eps)
+        gen = self.generative(inf["z"], batch, inf["lib_rna"])
+        x_rna, x_atac = self._counts(batch, keys.RNA, self.n_genes), self._counts(batch, keys.ATAC, self.n_regions)
+        if self.gene_likelihood == "zinb":
+            rl_rna = D.zinb_nll(x_rna, gen["px_rate"], gen["theta"], gen["px_dropout"])
+        elif self.gene_likelihood == "nb":
+            rl_rna = D.nb_nll(x_rna, gen["px_rate"], gen["theta"])
+        else:
+            rl_rna = D.poisson_nll(x_rna, gen["px_rate"])
+        q = gen["p"] * inf["lib_atac"]
+        if self.region_factors is not None:
+            q = q * torch.sigmoid(self.region_factors)
+        rl_atac = D.bernoulli_nll(x_atac, q)
+        mask = inf["mask"].to(rl_rna.dtype)
+        recon_rna, recon_atac = rl_rna * mask[:, 0], rl_atac * mask[:, 1]
+        qz_m, qz_v = inf["qz_m"], inf["qz_v"]
+        kl = 0.5 * (qz_v + qz_m**2 - 1 - torch.log(qz_v)).sum(dim=1)
+        penalty = self.penalty(inf)
+        loss = torch.mean((recon_rna + recon_atac) + (kl_weight * kl + penalty))
+        return LossOutput(
+            loss=loss, recon_rna=recon_rna, recon_atac=recon_atac, kl=kl, penalty=penalty,
+            z=inf["z"], qz_m=qz_m, qz_v=qz_v, outputs={**inf, **gen},
+        )  # fmt: skip

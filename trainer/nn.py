@@ -1,0 +1,179 @@
+"""Building blocks of the MultiVI module: fully-connected stacks with covariate injection.
+
+The layer order and sizes follow the reference (scvi-tools ``FCLayers``; spec §2.2) so weights can be
+copied one-to-one between the two implementations (``trainer/reference.py``):
+Linear -> [BatchNorm1d(mom 0.01, eps 1e-3)] -> [LayerNorm(no affine)] -> activation -> [Dropout].
+
+Two deliberate differences in *how* (never *what*) is computed:
+
+* covariates are not concatenated to the input; the first Linear's weight is split into an input part
+  and a covariate part (``x @ W_x.T + cov @ W_c.T + b``). This lets the input part be a sparse CSR
+  matrix (counts) without densifying it, and lets two stacks that read the same counts share one
+  matmul (``input_matmul`` of the fused weights, see ``EncoderPair``).
+* one-hot covariates are built once per forward by the module and passed as one dense tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
+
+
+def input_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for dense or sparse-CSR ``x``; gradients flow to ``weight`` in both cases."""
+    if x.layout == torch.sparse_csr:
+        return torch.sparse.mm(x, weight.t())
+    return x @ weight.t()
+
+
+def one_hot_covariates(codes: list[torch.Tensor], n_cats: list[int], dtype: torch.dtype) -> torch.Tensor | None:
+    """Concatenate one-hot encodings of categorical codes; categories with one level are dropped.
+
+    Dropping single-level covariates mirrors the reference (they carry no information), which keeps
+    the first-layer widths identical so weights map 1:1.
+    """
+    parts = [F.one_hot(c.reshape(-1).long(), n).to(dtype) for c, n in zip(codes, n_cats, strict=True) if n > 1]
+    if not parts:
+        return None
+    return torch.cat(parts, dim=-1)
+
+
+def covariate_width(n_cats: list[int]) -> int:
+    return sum(n for n in n_cats if n > 1)
+
+
+class FCStack(nn.Module):
+    """``n_layers`` fully-connected blocks; covariates enter block 0 and, if ``inject_deep``, every block.
+
+    ``n_in`` counts only the main input (counts, or latent + continuous covariates); the covariate
+    columns (width ``n_cov``) are appended to the Linear weights of the blocks that receive them,
+    in the same column order the reference uses (input first, then one-hots).
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_hidden: int,
+        n_layers: int,
+        n_cov: int = 0,
+        inject_deep: bool = False,
+        n_extra: int = 0,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+        layer_norm: bool = False,
+    ):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        self.n_in = n_in
+        self.n_cov = n_cov
+        self.n_extra = n_extra
+        self.inject = [i == 0 or inject_deep for i in range(n_layers)]
+        dims = [n_in + n_extra] + [n_hidden] * n_layers
+        self.linears = nn.ModuleList(
+            nn.Linear(dims[i] + (n_cov if self.inject[i] else 0), dims[i + 1]) for i in range(n_layers)
+        )
+        self.batch_norms = (
+            nn.ModuleList(nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3) for _ in range(n_layers))
+            if batch_norm
+            else None
+        )
+        self.layer_norm = layer_norm
+        self.act = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def first_input_weight(self) -> torch.Tensor:
+        """The part of block 0's weight that multiplies the main input (used by fused matmuls)."""
+        return self.linears[0].weight[:, : self.n_in]
+
+    def _block(self, i: int, pre: torch.Tensor) -> torch.Tensor:
+        if self.batch_norms is not None:
+            pre = self.batch_norms[i](pre)
+        if self.layer_norm:
+            pre = F.layer_norm(pre, pre.shape[-1:])
+        h = self.act(pre)
+        if self.dropout is not None:
+            h = self.dropout(h)
+        return h
+
+    def forward(
+        self,
+        x: torch.Tensor | None,
+        cov: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+        x_part: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the stack.
+
+        ``cov``: one-hot covariates (every injected block); ``extra``: dense columns that enter block 0
+        only, right after the input (continuous covariates of an encoder, as in the reference);
+        ``x_part``: precomputed ``x @ W_x.T`` (fused first layer), then ``x`` is unused.
+        """
+        lin0 = self.linears[0]
+        pre = x_part if x_part is not None else input_matmul(x, lin0.weight[:, : self.n_in])
+        side = [t for t in (extra if self.n_extra else None, cov if self.n_cov else None) if t is not None]
+        if side:
+            side_t = side[0] if len(side) == 1 else torch.cat(side, dim=-1)
+            pre = pre + side_t @ lin0.weight[:, self.n_in :].t()
+        h = self._block(0, pre + lin0.bias)
+        for i in range(1, len(self.linears)):
+            lin = self.linears[i]
+            if self.inject[i] and self.n_cov and cov is not None:
+                h = torch.cat([h, cov], dim=-1)
+            h = self._block(i, lin(h))
+        return h
+
+
+class EncoderPair(nn.Module):
+    """The two networks that read one modality's counts: the z-encoder and the library network.
+
+    Both first layers multiply the same (possibly sparse) count matrix, so they are computed with one
+    matmul against the two weights stacked (the dominant cost of the encoders at 10^4-10^5 regions).
+    ``library_head`` selects the head: ``"leaky_relu"`` (RNA, log-library) or ``"sigmoid"`` (ATAC,
+    library factor in (0, 1)); ``None`` builds no library network (size factors given).
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_latent: int,
+        n_hidden: int,
+        n_layers: int,
+        n_cov: int,
+        n_extra: int,
+        z_inject_deep: bool,
+        lib_inject_deep: bool,
+        dropout: float,
+        batch_norm: bool,
+        layer_norm: bool,
+        library_head: str | None,
+    ):
+        super().__init__()
+        common = dict(n_cov=n_cov, n_extra=n_extra, activation="leaky_relu", batch_norm=batch_norm, layer_norm=layer_norm)
+        self.z_stack = FCStack(n_in, n_hidden, n_layers, inject_deep=z_inject_deep, dropout=dropout, **common)
+        self.mean = nn.Linear(n_hidden, n_latent)
+        self.var = nn.Linear(n_hidden, n_latent)
+        self.library_head = library_head
+        if library_head is not None:
+            self.lib_stack = FCStack(n_in, n_hidden, n_layers, inject_deep=lib_inject_deep, dropout=0.0, **common)
+            self.lib_out = nn.Linear(n_hidden, 1)
+        self.n_hidden = n_hidden
+
+    def forward(
+        self, x: torch.Tensor, cov: torch.Tensor | None, extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return (mean, variance, library) with variance = exp(.) (var_eps = 0, as the reference)."""
+        if self.library_head is None:
+            h = self.z_stack(x, cov, extra)
+            return self.mean(h), torch.exp(self.var(h)), None
+        w = torch.cat([self.z_stack.first_input_weight(), self.lib_stack.first_input_weight()], dim=0)
+        both = input_matmul(x, w)
+        z_part, lib_part = both[:, : self.n_hidden], both[:, self.n_hidden :]
+        h = self.z_stack(None, cov, extra, x_part=z_part)
+        lib = self.lib_out(self.lib_stack(None, cov, extra, x_part=lib_part))
+        lib = F.leaky_relu(lib) if self.library_head == "leaky_relu" else torch.sigmoid(lib)
+        return self.mean(h), torch.exp(self.var(h)), lib
