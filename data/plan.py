@@ -1,0 +1,145 @@
+"""Which cells go where: pure functions from (layout, split, seed, epoch, rank, worker) to batches.
+
+Nothing here touches disk, so every guarantee of the loader (each training cell exactly once per epoch,
+equal batch counts on every rank, reproducible shuffles, exact resume) is a property of these functions
+and is tested without a store.
+
+The order of an epoch is built in two seeded levels, both from ``(seed, epoch)`` only:
+
+1. **chunks**: each shard is cut into ``chunk_size`` consecutive rows (chunks never cross a shard, so a
+   chunk is one contiguous read); the chunk order is permuted;
+2. **windows**: ``window_chunks`` consecutive chunks of that order form a window whose cells are
+   permuted together (the in-memory buffer of the reader holds one window at a time).
+
+The per-rank batch sequence therefore depends on (seed, epoch, rank, world_size) and never on the number
+of DataLoader workers: worker ``w`` of ``W`` yields the rank's batches ``w, w+W, w+2W, ...`` and torch's
+round-robin over workers puts them back in the same order.
+
+Remainder rule (``remainder=``) for training, where every rank must take the same number of steps
+(otherwise DDP collectives hang or abort, stack notes §2):
+
+- ``"drop"`` (default): the epoch is cut to ``n_batches * world_size * batch_size`` cells; the dropped
+  tail changes every epoch because the order is reshuffled, and is counted in ``EpochPlan.n_dropped``;
+- ``"pad"``: the order is extended by repeating its first cells, counted in ``EpochPlan.n_padded``;
+- ``"none"``: no equalisation, for validation and inference: rank ``r`` takes the contiguous block
+  ``[r*ceil(N/W), (r+1)*ceil(N/W))`` of the order (blocks concatenate to the whole order), cut into
+  batches with a short last batch. Ranks may then differ in batch count (the last rank can be short).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+REMAINDER_RULES = ("drop", "pad", "none")
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The batches one rank yields in one epoch, plus the bookkeeping of the remainder rule."""
+
+    batches: list[np.ndarray]  # each an int64 array of global cell indices, in yield order
+    n_cells: int  # eligible cells in the epoch over all ranks (before drop / pad)
+    n_dropped: int  # cells left out this epoch over all ranks (remainder="drop")
+    n_padded: int  # repeated cells added this epoch over all ranks (remainder="pad")
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def chunk_bounds(shard_sizes: list[int] | np.ndarray, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Global [start, stop) row ranges of the chunks: ``chunk_size`` rows, never crossing a shard."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    sizes = np.asarray(shard_sizes, dtype=np.int64)
+    if sizes.ndim != 1 or np.any(sizes < 0):
+        raise ValueError(f"shard_sizes must be a list of non-negative ints, got {shard_sizes!r}")
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    starts = [np.arange(offsets[i], offsets[i + 1], chunk_size, dtype=np.int64) for i in range(len(sizes))]
+    starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    # A chunk ends at the next chunk start or at its shard's end, whichever comes first.
+    shard_end = offsets[np.searchsorted(offsets, starts, side="right")]
+    stops = np.minimum(starts + chunk_size, shard_end)
+    return starts, stops
+
+
+def epoch_order(shard_sizes: list[int] | np.ndarray, eligible: np.ndarray, *, seed: int, epoch: int,
+                shuffle: bool = True, chunk_size: int = 256, window_chunks: int = 16) -> np.ndarray:
+    """Global indices of the eligible cells in this epoch's order (store order when ``shuffle=False``)."""
+    eligible = np.asarray(eligible, dtype=bool)
+    n_total = int(np.sum(shard_sizes))
+    if eligible.shape != (n_total,):
+        raise ValueError(f"eligible mask has shape {eligible.shape}, expected ({n_total},) for shards "
+                         f"totalling {n_total} cells")
+    cells = np.flatnonzero(eligible).astype(np.int64)
+    if not shuffle or len(cells) == 0:
+        return cells
+    if window_chunks < 1:
+        raise ValueError(f"window_chunks must be >= 1, got {window_chunks}")
+    starts, _ = chunk_bounds(shard_sizes, chunk_size)
+    chunk_of_cell = np.searchsorted(starts, cells, side="right") - 1
+    # Independent streams for the two levels, both derived from (seed, epoch) only.
+    chunk_rng = np.random.default_rng([seed, epoch, 0])
+    cell_rng = np.random.default_rng([seed, epoch, 1])
+    position = np.empty(len(starts), dtype=np.int64)
+    position[chunk_rng.permutation(len(starts))] = np.arange(len(starts))
+    window_of_cell = position[chunk_of_cell] // window_chunks
+    # One lexsort does both levels: windows in permuted-chunk order, cells shuffled inside each window.
+    order = np.lexsort((cell_rng.random(len(cells)), window_of_cell))
+    return cells[order]
+
+
+def rank_batches(order: np.ndarray, *, batch_size: int, rank: int, world_size: int,
+                 remainder: str = "drop") -> EpochPlan:
+    """Cut an epoch order into this rank's batches following the remainder rule (module docstring)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if remainder not in REMAINDER_RULES:
+        raise ValueError(f"remainder must be one of {REMAINDER_RULES}, got {remainder!r}")
+    order = np.asarray(order, dtype=np.int64)
+    n = len(order)
+    n_dropped = n_padded = 0
+    if remainder == "none":
+        per_rank = -(-n // world_size)
+        mine = order[rank * per_rank:(rank + 1) * per_rank]
+        batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+        return EpochPlan(batches, n, 0, 0)
+    step = batch_size * world_size
+    if remainder == "drop":
+        n_batches = n // step
+        n_dropped = n - n_batches * step
+    else:
+        n_batches = -(-n // step)
+        n_padded = n_batches * step - n
+        if n_padded and n:
+            order = np.resize(order, n_batches * step)  # np.resize repeats from the start
+    # Contiguous block per rank keeps each rank's reads inside its own windows (no overread).
+    per_rank = n_batches * batch_size
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    batches = [mine[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+    return EpochPlan(batches, n, n_dropped, n_padded)
+
+
+def plan_epoch(shard_sizes: list[int] | np.ndarray, eligible: np.ndarray, *, batch_size: int, seed: int = 0,
+               epoch: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+               remainder: str = "drop", chunk_size: int = 256, window_chunks: int = 16) -> EpochPlan:
+    """This rank's batches for one epoch (see the module docstring for the rules)."""
+    order = epoch_order(shard_sizes, eligible, seed=seed, epoch=epoch, shuffle=shuffle,
+                        chunk_size=chunk_size, window_chunks=window_chunks)
+    return rank_batches(order, batch_size=batch_size, rank=rank, world_size=world_size, remainder=remainder)
+
+
+def worker_batch_ids(n_batches: int, *, worker_id: int, num_workers: int, start: int = 0) -> range:
+    """Positions (in the rank's sequence) that worker ``worker_id`` yields, resuming at ``start``.
+
+    Counting from ``start`` (not from 0) keeps torch's round-robin, which always begins with worker 0,
+    in the uninterrupted order after a mid-epoch resume.
+    """
+    if num_workers < 1 or not 0 <= worker_id < num_workers:
+        raise ValueError(f"need 0 <= worker_id < num_workers, got {worker_id}, {num_workers}")
+    if not 0 <= start <= n_batches:
+        raise ValueError(f"resume position {start} outside [0, {n_batches}]")
+    return range(start + worker_id, n_batches, num_workers)
