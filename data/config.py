@@ -1,0 +1,73 @@
+"""Typed configs of the data entry points (converted from Hydra with ``data.typed_config.to_typed``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SynthConfig:
+    """mva-synth: a synthetic multiome atlas written straight into a store (defaults = the demo)."""
+
+    out: str = "outputs/synth_demo.zarr"
+    n_cells: int = 4000
+    n_genes: int = 500
+    n_regions: int = 2000
+    n_batches: int = 2
+    n_cell_types: int = 6
+    # Modality mix; must sum to 1.
+    paired_fraction: float = 0.5
+    rna_only_fraction: float = 0.25
+    atac_only_fraction: float = 0.25
+    seed: int = 0
+    shard_size: int = 65_536
+    # Cells generated per step; bounds memory (a dense block of block_size x n_genes is sampled).
+    block_size: int = 4096
+    n_markers: int = 20  # marker genes per cell type
+    marker_fold: float = 8.0
+    n_type_peaks: int = 0  # type-specific open peaks per type; 0 = n_regions // (2 * n_cell_types)
+    peak_fold: float = 10.0
+    rna_library_median: float = 1500.0
+    atac_density: float = 0.04  # fraction of regions with a nonzero count in an average cell
+    batch_effect: float = 0.3  # sd of the per-batch log-scale shift of every gene / region
+    with_covariates: bool = False  # add categorical "site" and continuous "pct_mito"
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class InputConfig:
+    """One input of mva-build. ``kind``: h5mu | h5ad_pair | scvi | tenx_h5 (see docs/store.md)."""
+
+    kind: str = "h5ad_pair"
+    path: str | None = None  # h5mu / scvi .h5ad / 10x .h5
+    rna: str | None = None  # h5ad_pair: the RNA file (may be None for an ATAC-only input)
+    atac: str | None = None  # h5ad_pair: the ATAC file (may be None for an RNA-only input)
+    n_genes: int | None = None  # scvi layout without var['modality']: the first n_genes columns are genes
+    modality_key: str = "modality"  # scvi layout: var column naming "Gene Expression" / "Peaks"
+    batch: str | None = None  # a constant batch name for every cell of this input (overrides batch_key)
+
+
+@dataclass
+class BuildConfig:
+    """mva-build: convert one or several inputs into a store."""
+
+    out: str = "???"
+    inputs: list[InputConfig] = field(default_factory=list)
+    batch_key: str | None = "batch"  # obs column; None = one batch per input (named by InputConfig.batch)
+    cat_cov_keys: list[str] = field(default_factory=list)
+    cont_cov_keys: list[str] = field(default_factory=list)
+    label_key: str | None = None
+    # Feature rule for several inputs: "union" keeps every feature (absent -> zero counts in inputs that
+    # lack it: only safe when that input measured it), "intersection" keeps features in all inputs that
+    # measure the modality. Dropped features are reported.
+    feature_join: str = "intersection"
+    drop_empty_cells: bool = False  # a cell with no modality: error (False) or drop and report (True)
+    min_gene_fraction: float = 0.0  # filters (out of core, Dask): keep genes detected in >= this fraction
+    min_region_fraction: float = 0.0
+    preshuffle: bool = False
+    seed: int = 0
+    shard_size: int = 65_536
+    block_size: int = 8192
+    overwrite: bool = False
+    progress: bool = True

@@ -1,0 +1,182 @@
+"""Open an atlas store (docs/store.md) and read from it.
+
+``open_store(path)`` checks the format marker, the schema version and the ``complete`` flag before
+anything else, so a half-written build (``<out>.tmp-*``) or a foreign Zarr group fails with a message
+that says what is wrong. The :class:`Store` exposes the metadata as a dataclass, the per-cell table
+(``read_obs``), contiguous row blocks as scipy CSR (``read_rows``) and the raw per-shard zarr arrays
+(``csr_arrays`` / ``indptr``) for the streaming loader, which does its own fast gathers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+from anndata.io import read_elem
+
+from data import keys
+
+# The Rust codec pipeline is 2-10x faster on sharded stores (stack notes §4); it is a global setting.
+try:  # pragma: no cover - zarrs is a declared dependency, but a store must stay readable without it
+    import zarrs  # noqa: F401
+
+    zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+except ImportError:  # pragma: no cover
+    pass
+
+
+class StoreError(ValueError):
+    """The path is not a complete, readable atlas store of a supported schema version."""
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    n_cells: int
+    n_genes: int
+    n_regions: int
+    gene_names: list[str]
+    region_names: list[str]
+    batch_key: str
+    batch_categories: list[str]
+    cat_cov_keys: list[str]
+    cat_cov_categories: dict[str, list[str]]
+    cont_cov_keys: list[str]
+    label_key: str | None
+    label_categories: list[str]
+    shard_offsets: list[int]
+    n_cells_rna: int = 0
+    n_cells_atac: int = 0
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shard_offsets) - 1
+
+    @property
+    def n_batch(self) -> int:
+        return len(self.batch_categories)
+
+    @property
+    def n_cats_per_cov(self) -> tuple[int, ...]:
+        return tuple(len(self.cat_cov_categories[k]) for k in self.cat_cov_keys)
+
+    def shard_of(self, row: int) -> int:
+        """Shard holding global row ``row``."""
+        return int(np.searchsorted(self.shard_offsets, row, side="right") - 1)
+
+
+def open_store(path: str | os.PathLike) -> Store:
+    """Open and validate a store; raise :class:`StoreError` naming the path and the problem."""
+    p = Path(path)
+    if ".tmp-" in p.name:
+        raise StoreError(f"{p} is a temporary (unfinished) build directory, not a store")
+    if not (p / "zarr.json").is_file():
+        raise StoreError(f"{p} is not a Zarr v3 group (no zarr.json); is the path right?")
+    try:
+        root = zarr.open_group(str(p), mode="r")
+    except Exception as exc:  # noqa: BLE001 - re-raised with the path named
+        raise StoreError(f"cannot open {p} as a Zarr group: {exc}") from exc
+    attrs = dict(root.attrs)
+    if attrs.get("format") != keys.STORE_FORMAT:
+        raise StoreError(f"{p}: attribute 'format' is {attrs.get('format')!r}, expected {keys.STORE_FORMAT!r}")
+    if attrs.get("schema_version") != keys.SCHEMA_VERSION:
+        raise StoreError(f"{p}: schema_version {attrs.get('schema_version')!r} is not supported "
+                         f"(this code reads {keys.SCHEMA_VERSION})")
+    if attrs.get("complete") is not True:
+        raise StoreError(f"{p}: store is incomplete (complete != true): the build was interrupted")
+    return Store(p, root)
+
+
+class Store:
+    def __init__(self, path: Path, root: zarr.Group):
+        self.path = path
+        self.root = root
+        a = dict(root.attrs)
+        feats_rna = read_elem(root["features/rna"])
+        feats_atac = read_elem(root["features/atac"])
+        self.meta = StoreMeta(
+            n_cells=int(a["n_cells"]), n_genes=int(a["n_genes"]), n_regions=int(a["n_regions"]),
+            gene_names=[str(x) for x in feats_rna.index], region_names=[str(x) for x in feats_atac.index],
+            batch_key=a["batch_key"], batch_categories=list(a["batch_categories"]),
+            cat_cov_keys=list(a["cat_cov_keys"]), cat_cov_categories={k: list(v) for k, v in
+                                                                       a["cat_cov_categories"].items()},
+            cont_cov_keys=list(a["cont_cov_keys"]), label_key=a.get("label_key"),
+            label_categories=list(a.get("label_categories") or []),
+            shard_offsets=[int(o) for o in a["shard_offsets"]],
+            n_cells_rna=int(a.get("n_cells_rna", 0)), n_cells_atac=int(a.get("n_cells_atac", 0)),
+            source=dict(a.get("source") or {}),
+        )
+        self.features = {keys.RNA: feats_rna, keys.ATAC: feats_atac}
+        if self.meta.shard_offsets[-1] != self.meta.n_cells or len(self.meta.shard_offsets) - 1 != a["n_shards"]:
+            raise StoreError(f"{path}: shard_offsets {self.meta.shard_offsets[:3]}... disagree with "
+                             f"n_cells={self.meta.n_cells} / n_shards={a['n_shards']}")
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return (f"Store({self.path}, {m.n_cells} cells x {m.n_genes} genes x {m.n_regions} regions, "
+                f"{m.n_shards} shards)")
+
+    # ------------------------------------------------------------------------------ per shard
+    def shard_path(self, shard: int) -> Path:
+        return self.path / "shards" / f"{shard:05d}"
+
+    def shard_group(self, shard: int) -> zarr.Group:
+        return self.root[f"shards/{shard:05d}"]
+
+    def csr_arrays(self, modality: str, shard: int) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
+        """Raw (data, indices, indptr) zarr arrays of one shard's modality (indptr is shard-local)."""
+        if modality not in keys.MODALITIES:
+            raise KeyError(f"modality must be one of {keys.MODALITIES}, got {modality!r}")
+        x = self.root[f"shards/{shard:05d}/mod/{modality}/X"]
+        return x["data"], x["indices"], x["indptr"]
+
+    def indptr(self, modality: str, shard: int) -> np.ndarray:
+        """Shard-local CSR indptr (int64), cached: the loader needs it for every gather."""
+        return self._indptrs[(modality, shard)]
+
+    @cached_property
+    def _indptrs(self) -> _IndptrCache:
+        return _IndptrCache(self)
+
+    def read_rows(self, modality: str, shard: int, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``[start, stop)`` (shard-local) of one modality as CSR with the stored integer dtype."""
+        n_cols = self.meta.n_genes if modality == keys.RNA else self.meta.n_regions
+        size = self.meta.shard_offsets[shard + 1] - self.meta.shard_offsets[shard]
+        if not 0 <= start <= stop <= size:
+            raise IndexError(f"rows [{start}, {stop}) out of range for shard {shard} with {size} rows")
+        data, indices, _ = self.csr_arrays(modality, shard)
+        ptr = self.indptr(modality, shard)
+        lo, hi = int(ptr[start]), int(ptr[stop])
+        return sp.csr_matrix((data[lo:hi], indices[lo:hi], ptr[start:stop + 1] - lo), shape=(stop - start, n_cols))
+
+    def read_shard_obs(self, shard: int) -> pd.DataFrame:
+        return read_elem(self.root[f"shards/{shard:05d}/obs"])
+
+    def read_obs(self) -> pd.DataFrame:
+        """Every per-cell column over all shards, in global row order (index = cell id)."""
+        parts = [self.read_shard_obs(i) for i in range(self.meta.n_shards)]
+        obs = pd.concat(parts) if len(parts) > 1 else parts[0]
+        # Categoricals share categories across shards (the store fixes them), so concat keeps them.
+        return obs
+
+    def read_stats(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(read_elem(v)) for k, v in self.root["stats"].members()}
+
+
+class _IndptrCache(dict):
+    def __init__(self, store: Store):
+        super().__init__()
+        self._store = store
+
+    def __missing__(self, key: tuple[str, int]) -> np.ndarray:
+        _, _, ptr = self._store.csr_arrays(*key)
+        val = np.asarray(ptr[:], dtype=np.int64)
+        self[key] = val
+        return val

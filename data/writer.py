@@ -1,0 +1,323 @@
+"""StoreWriter: append blocks of cells, get a sharded Zarr v3 atlas store (schema in docs/store.md).
+
+Memory is bounded by one shard: blocks are buffered until ``shard_size`` cells are collected, the shard
+is written with anndata's element writers (so every shard opens with ``mudata.read_zarr``) and the
+buffer is dropped. Per-batch RNA library statistics and per-feature detection counts are accumulated
+as blocks arrive, so nothing is ever re-read. The store is written under ``<out>.tmp-<random>`` and
+renamed to ``<out>`` only by :meth:`StoreWriter.close`, after ``complete: true`` is set: a build that dies
+halfway leaves a ``.tmp-`` directory that :func:`data.store.open_store` refuses.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+from anndata.io import write_elem
+from zarr.codecs import BloscCodec
+
+from data import keys
+from data.split import cell_hash
+
+# Rows per Zarr chunk / shard of the CSR arrays (stack notes §4: small chunks for fast shuffled reads,
+# shards so that the directory does not explode into millions of files).
+CHUNK_ROWS = 256
+SHARD_CHUNKS = 64
+OBS_RESERVED = ("mask_rna", "mask_atac", "lib_rna", "lib_atac", "split_hash", "cell_index")
+
+
+class StoreExistsError(FileExistsError):
+    """The output path exists and overwrite was not requested."""
+
+
+@dataclass
+class StoreSchema:
+    """What every cell of the store carries besides counts (fixed before the first block)."""
+
+    gene_names: list[str]
+    region_names: list[str]
+    batch_key: str = "batch"
+    batch_categories: list[str] = field(default_factory=lambda: ["0"])
+    cat_cov_keys: list[str] = field(default_factory=list)
+    cat_cov_categories: dict[str, list[str]] = field(default_factory=dict)
+    cont_cov_keys: list[str] = field(default_factory=list)
+    label_key: str | None = None
+    label_categories: list[str] = field(default_factory=list)
+    rna_var: pd.DataFrame | None = None  # extra gene columns; index must equal gene_names
+    atac_var: pd.DataFrame | None = None  # region columns (chrom/start/end added when parseable)
+
+
+def smallest_uint(max_value: int) -> np.dtype:
+    """Smallest unsigned dtype (at least uint8) that holds ``max_value``."""
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if max_value <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise ValueError(f"count {max_value} does not fit in uint64")
+
+
+def parse_regions(names: list[str]) -> pd.DataFrame:
+    """chrom/start/end from region names like ``chr1:100-200`` or ``chr1-100-200`` (empty if not parseable)."""
+    s = pd.Series(names, dtype=str)
+    parts = s.str.extract(r"^(?P<chrom>.+?)[:\-_](?P<start>\d+)[\-_](?P<end>\d+)$")
+    if len(s) == 0 or parts.isna().any().any():
+        return pd.DataFrame(index=pd.Index(names, dtype=str))
+    return pd.DataFrame({"chrom": parts["chrom"].values, "start": parts["start"].astype(np.int64).values,
+                         "end": parts["end"].astype(np.int64).values}, index=pd.Index(names, dtype=str))
+
+
+def _feature_frame(names: list[str], extra: pd.DataFrame | None, parse: bool) -> pd.DataFrame:
+    df = parse_regions(names) if parse else pd.DataFrame(index=pd.Index(names, dtype=str))
+    if extra is not None:
+        extra = extra.copy()
+        extra.index = pd.Index(names, dtype=str)
+        for col in extra.columns:
+            if col not in df.columns:
+                df[col] = extra[col].values
+    if not df.index.is_unique:
+        dup = df.index[df.index.duplicated()][0]
+        raise ValueError(f"duplicate feature name {dup!r}")
+    df.index.name = None
+    return df
+
+
+def _empty_csr(n_rows: int, n_cols: int) -> sp.csr_matrix:
+    return sp.csr_matrix((n_rows, n_cols), dtype=np.uint8)
+
+
+class StoreWriter:
+    """Append cell blocks with :meth:`append`, then :meth:`close` (or use as a context manager).
+
+    ``append(rna, atac, obs)``: ``rna`` (n, n_genes) and ``atac`` (n, n_regions) CSR integer counts (or
+    None when no cell of the block has that modality), ``obs`` indexed by cell id with the batch column,
+    covariates, optional label, and boolean ``mask_rna`` / ``mask_atac``. Rows of an unmeasured
+    modality must be empty. Validation of user input lives in ``data.validate``; the writer only checks
+    the invariants it relies on.
+    """
+
+    def __init__(self, out: str | os.PathLike, schema: StoreSchema, *, shard_size: int = 65_536,
+                 overwrite: bool = False, source: dict[str, Any] | None = None):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise StoreExistsError(f"output {self.out} already exists (set overwrite=true to replace it)")
+        self.schema = schema
+        self.shard_size = int(shard_size)
+        self.source = dict(source or {})
+        self.tmp = self.out.with_name(f"{self.out.name}.tmp-{secrets.token_hex(4)}")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
+        self.root.attrs.update({"format": keys.STORE_FORMAT, "schema_version": keys.SCHEMA_VERSION,
+                                "complete": False})
+        self.rna_var = _feature_frame(list(schema.gene_names), schema.rna_var, parse=False)
+        self.atac_var = _feature_frame(list(schema.region_names), schema.atac_var, parse=True)
+        self.n_genes, self.n_regions = len(self.rna_var), len(self.atac_var)
+        with _settings():
+            write_elem(self.root, "features/rna", self.rna_var)
+            write_elem(self.root, "features/atac", self.atac_var)
+        self._buf: list[tuple[sp.csr_matrix, sp.csr_matrix, pd.DataFrame]] = []
+        self._buf_rows = 0
+        self.shard_offsets = [0]
+        self.n_cells = 0
+        nb = len(schema.batch_categories)
+        self._lib_sum, self._lib_sq, self._lib_n = np.zeros(nb), np.zeros(nb), np.zeros(nb, np.int64)
+        self._det = {keys.RNA: np.zeros(self.n_genes, np.int64), keys.ATAC: np.zeros(self.n_regions, np.int64)}
+        self._n_measured = {keys.RNA: 0, keys.ATAC: 0}
+        self._next_index = 0
+        self._closed = False
+
+    # ----------------------------------------------------------------------------------- appending
+    def append(self, rna: sp.spmatrix | None, atac: sp.spmatrix | None, obs: pd.DataFrame) -> None:
+        n = len(obs)
+        if n == 0:
+            return
+        rna = _empty_csr(n, self.n_genes) if rna is None else sp.csr_matrix(rna)
+        atac = _empty_csr(n, self.n_regions) if atac is None else sp.csr_matrix(atac)
+        if rna.shape != (n, self.n_genes) or atac.shape != (n, self.n_regions):
+            raise ValueError(f"block shapes rna {rna.shape}, atac {atac.shape} do not match "
+                             f"{n} cells x ({self.n_genes} genes, {self.n_regions} regions)")
+        obs = self._normalize_obs(obs)
+        for name, x, mask in ((keys.RNA, rna, obs["mask_rna"].values), (keys.ATAC, atac, obs["mask_atac"].values)):
+            row_nnz = np.diff(x.indptr)
+            if np.any(row_nnz[~mask] > 0):
+                bad = obs.index[np.flatnonzero((row_nnz > 0) & ~mask)[0]]
+                raise ValueError(f"cell {bad!r} has {name} counts but mask_{name} is False")
+            # Detection counts only over cells where the modality was measured (rows of others are empty).
+            self._det[name] += np.bincount(x.indices[x.data > 0], minlength=x.shape[1])
+            self._n_measured[name] += int(mask.sum())
+        lib = np.asarray(rna.sum(axis=1)).ravel().astype(np.int64)
+        obs["lib_rna"] = lib
+        obs["lib_atac"] = np.asarray(atac.sum(axis=1)).ravel().astype(np.int64)
+        m = obs["mask_rna"].values
+        codes = obs[self.schema.batch_key].cat.codes.values[m]
+        loglib = np.log(np.maximum(lib[m], 1).astype(np.float64))
+        nb = len(self.schema.batch_categories)
+        self._lib_sum += np.bincount(codes, loglib, minlength=nb)
+        self._lib_sq += np.bincount(codes, loglib ** 2, minlength=nb)
+        self._lib_n += np.bincount(codes, minlength=nb)
+        # Cut the block where it crosses shard boundaries so every shard has exactly shard_size cells.
+        start = 0
+        while start < n:
+            take = min(n - start, self.shard_size - self._buf_rows)
+            sl = slice(start, start + take)
+            self._buf.append((rna[sl], atac[sl], obs.iloc[sl]))
+            self._buf_rows += take
+            start += take
+            if self._buf_rows == self.shard_size:
+                self._flush()
+
+    def _normalize_obs(self, obs: pd.DataFrame) -> pd.DataFrame:
+        s = self.schema
+        out = pd.DataFrame(index=pd.Index(obs.index.astype(str), dtype=str))
+        needed = [s.batch_key, *s.cat_cov_keys, *s.cont_cov_keys, "mask_rna", "mask_atac"]
+        missing = [c for c in needed if c not in obs.columns]
+        if missing:
+            raise KeyError(f"obs block lacks column(s) {missing}")
+        cats = {s.batch_key: s.batch_categories, **s.cat_cov_categories}
+        if s.label_key is not None:
+            cats[s.label_key] = s.label_categories
+        for key in [s.batch_key, *s.cat_cov_keys] + ([s.label_key] if s.label_key else []):
+            vals = obs[key].astype(str).values if key in obs.columns else np.full(len(obs), np.nan, object)
+            col = pd.Categorical(vals, categories=list(cats[key]))
+            unknown = col.isna() & pd.notna(vals) if key == s.label_key else col.isna()
+            if np.any(unknown):
+                raise ValueError(f"column {key!r}: value {vals[np.flatnonzero(unknown)[0]]!r} of cell "
+                                 f"{out.index[np.flatnonzero(unknown)[0]]!r} is not a declared category")
+            out[key] = col
+        for key in s.cont_cov_keys:
+            out[key] = obs[key].to_numpy(dtype=np.float32)
+        out["mask_rna"] = obs["mask_rna"].to_numpy(dtype=bool)
+        out["mask_atac"] = obs["mask_atac"].to_numpy(dtype=bool)
+        out["split_hash"] = cell_hash(out.index)
+        # Global row index = order of arrival (cells in the shard buffer are numbered already).
+        out["cell_index"] = np.arange(self._next_index, self._next_index + len(obs), dtype=np.int64)
+        self._next_index += len(obs)
+        return out
+
+    # ----------------------------------------------------------------------------------- shards
+    def _flush(self) -> None:
+        if not self._buf_rows:
+            return
+        rna = sp.vstack([b[0] for b in self._buf], format="csr")
+        atac = sp.vstack([b[1] for b in self._buf], format="csr")
+        obs = pd.concat([b[2] for b in self._buf])
+        self._buf, self._buf_rows = [], 0
+        write_shard(self.root, len(self.shard_offsets) - 1, rna, atac, obs, self.rna_var, self.atac_var)
+        self.n_cells += len(obs)
+        self.shard_offsets.append(self.n_cells)
+
+    # ----------------------------------------------------------------------------------- finishing
+    def close(self) -> Path:
+        """Write the last shard, the stats and ``complete: true``, then rename into place."""
+        if self._closed:
+            return self.out
+        self._flush()
+        if self.n_cells == 0:
+            self.abort()
+            raise ValueError(f"no cells were written to {self.out} (empty input)")
+        s = self.schema
+        n = np.maximum(self._lib_n, 1)
+        mean = self._lib_sum / n
+        var = np.maximum(self._lib_sq / n - mean ** 2, 0.0)
+        stats = {
+            "rna_library_log_mean": mean.astype(np.float32),
+            "rna_library_log_var": var.astype(np.float32),
+            "rna_detection_rate": (self._det[keys.RNA] / max(self._n_measured[keys.RNA], 1)).astype(np.float32),
+            "atac_detection_rate": (self._det[keys.ATAC] / max(self._n_measured[keys.ATAC], 1)).astype(np.float32),
+            "rna_cells_per_batch": self._lib_n.astype(np.int64),
+        }
+        with _settings():
+            for name, arr in stats.items():
+                write_elem(self.root, f"stats/{name}", arr)
+        self.root.attrs.update({
+            "n_cells": self.n_cells, "n_genes": self.n_genes, "n_regions": self.n_regions,
+            "n_shards": len(self.shard_offsets) - 1, "shard_offsets": [int(o) for o in self.shard_offsets],
+            "batch_key": s.batch_key, "batch_categories": list(map(str, s.batch_categories)),
+            "cat_cov_keys": list(s.cat_cov_keys),
+            "cat_cov_categories": {k: list(map(str, v)) for k, v in s.cat_cov_categories.items()},
+            "cont_cov_keys": list(s.cont_cov_keys), "label_key": s.label_key,
+            "label_categories": list(map(str, s.label_categories)),
+            "n_cells_rna": self._n_measured[keys.RNA], "n_cells_atac": self._n_measured[keys.ATAC],
+            "source": self.source, "created_by": f"multivi-atlas {_version()}",
+        })
+        self.root.attrs["complete"] = True  # last write before the rename: only a finished store has it
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+        self._closed = True
+        return self.out
+
+    def abort(self) -> None:
+        """Remove the temporary directory (called on errors; a SIGKILL leaves a refused .tmp- dir)."""
+        self._closed = True
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _settings(**extra: Any):
+    """anndata write settings: zarr v3, and our own explicit shards instead of anndata's auto-sharding."""
+    return ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False, **extra)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("multivi-atlas")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _csr_kwargs(x: sp.csr_matrix) -> dict[str, Any]:
+    """Chunks of ~CHUNK_ROWS rows' worth of nnz, shards of SHARD_CHUNKS chunks, blosc-lz4."""
+    per_row = x.nnz / max(x.shape[0], 1)
+    chunk = max(1024, int(np.ceil(per_row * CHUNK_ROWS)))
+    return {"chunks": (chunk,), "shards": (chunk * SHARD_CHUNKS,),
+            "compressors": [BloscCodec(cname="lz4", clevel=3, shuffle="shuffle")]}
+
+
+def write_shard(root: zarr.Group, idx: int, rna: sp.csr_matrix, atac: sp.csr_matrix, obs: pd.DataFrame,
+                rna_var: pd.DataFrame, atac_var: pd.DataFrame) -> None:
+    """One MuData-layout group ``shards/<idx:05d>`` (what ``mudata.read_zarr`` expects)."""
+    g = root.require_group(f"shards/{idx:05d}")
+    n = len(obs)
+    g.attrs.update({"encoding-type": "MuData", "encoding-version": "0.1.0", "axis": 0})
+    index_only = pd.DataFrame(index=obs.index)
+    with _settings(write_csr_csc_indices_with_min_possible_dtype=True):
+        write_elem(g, "obs", obs)
+        var = pd.DataFrame(index=pd.Index(list(rna_var.index) + list(atac_var.index), dtype=str))
+        write_elem(g, "var", var)
+        for name in ("obsm", "varm", "obsp", "varp", "uns"):
+            write_elem(g, name, {})
+        ones = np.arange(1, n + 1, dtype=np.uint32)
+        write_elem(g, "obsmap", {keys.RNA: ones, keys.ATAC: ones})
+        G, R = len(rna_var), len(atac_var)
+        write_elem(g, "varmap", {
+            keys.RNA: np.concatenate([np.arange(1, G + 1), np.zeros(R, np.int64)]).astype(np.uint32),
+            keys.ATAC: np.concatenate([np.zeros(G, np.int64), np.arange(1, R + 1)]).astype(np.uint32)})
+        mod = g.require_group("mod")
+        mod.attrs.update({"mod-order": [keys.RNA, keys.ATAC]})
+        for name, x, var_df in ((keys.RNA, rna, rna_var), (keys.ATAC, atac, atac_var)):
+            write_elem(mod, name, ad.AnnData(obs=index_only, var=var_df))
+            x = sp.csr_matrix(x)
+            x.sort_indices()
+            maxc = int(x.data.max()) if x.nnz else 0
+            x = sp.csr_matrix((x.data.astype(smallest_uint(maxc)), x.indices, x.indptr.astype(np.int64)),
+                              shape=x.shape)
+            write_elem(mod[name], "X", x, dataset_kwargs=_csr_kwargs(x))
