@@ -107,6 +107,9 @@ class MultiVAE(nn.Module):
         self.latent_distribution = latent_distribution
         self.modality_weights, self.modality_penalty = modality_weights, modality_penalty
         self.encode_covariates, self.use_size_factor = encode_covariates, use_size_factor
+        self.deeply_inject_covariates, self.dropout_rate = deeply_inject_covariates, dropout_rate
+        self.use_batch_norm, self.use_layer_norm = use_batch_norm, use_layer_norm
+        self.n_layers_encoder, self.n_layers_decoder = n_layers_encoder, n_layers_decoder
         self.cat_list = [n_batch, *self.n_cats_per_cov]
         n_cov = covariate_width(self.cat_list)
         bn_enc, bn_dec = use_batch_norm in ("encoder", "both"), use_batch_norm in ("decoder", "both")
@@ -130,7 +133,8 @@ class MultiVAE(nn.Module):
         dec = dict(n_cov=n_cov, inject_deep=deep, batch_norm=bn_dec, layer_norm=ln_dec)
         self.rna_decoder = FCStack(d + C, H, n_layers_decoder, activation="relu", **dec)
         self.px_scale = nn.Linear(H, n_genes)
-        self.px_dropout = nn.Linear(H, n_genes)
+        # zero-inflation logits only where they are used (the reference always builds this head)
+        self.px_dropout = nn.Linear(H, n_genes) if gene_likelihood == "zinb" else None
         self.px_r_head = nn.Linear(H, n_genes) if dispersion == "gene-cell" else None
         self.atac_decoder = FCStack(d + C, H, n_layers_decoder, activation="leaky_relu", **dec)
         self.atac_out = nn.Linear(H, n_regions)
@@ -241,7 +245,8 @@ class MultiVAE(nn.Module):
         p = torch.sigmoid(self.atac_out(self.atac_decoder(h_in, cov)))
         return {
             "px_scale": px_scale, "px_rate": torch.exp(lib_rna) * px_scale,
-            "px_dropout": self.px_dropout(h_rna), "theta": theta, "p": p,
+            "px_dropout": self.px_dropout(h_rna) if self.px_dropout is not None else None,
+            "theta": theta, "p": p,
         }  # fmt: skip
 
     def region_factor_probs(self) -> torch.Tensor | None:
