@@ -43,12 +43,12 @@ class MetricsWriter:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-                 for k, v in record.items()}
+        clean = {k: (float(v) if isinstance(v, float) or hasattr(v, "item") else v) for k, v in record.items()}
         self._fh.write(json.dumps(clean) + "\n")
         if self._wandb is not None:
             step = int(record.get("step", 0))
-            self._wandb.log({k: v for k, v in clean.items() if isinstance(v, float)}, step=step)
+            self._wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float)) and k != "step"},
+                            step=step)
 
     def close(self, plot: bool = True) -> None:
         if not self.enabled:

@@ -1,0 +1,67 @@
+"""The portable final model: ``model.safetensors`` (weights) + ``model.json`` (constructor arguments,
+the resolved training config, feature names and categories). No pickle anywhere, so inference jobs
+(and other tools) load it without trusting code in the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer.config import TrainConfig
+from trainer.module import MultiVAE
+
+WEIGHTS, INFO = "model.safetensors", "model.json"
+
+
+def model_args(meta, cfg: TrainConfig) -> dict[str, Any]:
+    """MultiVAE constructor arguments: data sizes from the store, options from the config."""
+    return {"n_genes": meta.n_genes, "n_regions": meta.n_regions, "n_batch": max(1, meta.n_batch),
+            "n_cats_per_cov": list(meta.n_cats_per_cov), "n_continuous_cov": len(meta.cont_cov_keys),
+            "n_obs": meta.n_cells, **asdict(cfg.model)}
+
+
+def build_module(meta, cfg: TrainConfig) -> MultiVAE:
+    return MultiVAE(**model_args(meta, cfg))
+
+
+def weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # contiguous CPU fp32 copies: safetensors refuses shared/non-contiguous storage
+    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def export_model(weights: dict[str, torch.Tensor], meta, cfg: TrainConfig, out_dir: str | Path,
+                 extra: dict[str, Any] | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out / WEIGHTS))
+    info = {
+        "format": "multivi-atlas-model", "version": 1,
+        "model_args": model_args(meta, cfg),
+        "config": asdict(cfg),
+        "gene_names": list(meta.gene_names), "region_names": list(meta.region_names),
+        "batch_key": meta.batch_key, "batch_categories": list(meta.batch_categories),
+        "cat_cov_keys": list(meta.cat_cov_keys),
+        "cat_cov_categories": {k: list(v) for k, v in meta.cat_cov_categories.items()},
+        "cont_cov_keys": list(meta.cont_cov_keys),
+        "label_key": meta.label_key, "label_categories": list(meta.label_categories),
+        **(extra or {}),
+    }
+    (out / INFO).write_text(json.dumps(info, indent=1))
+    return out
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[MultiVAE, dict[str, Any]]:
+    """(MultiVAE in eval mode with the trained weights, the JSON info)."""
+    d = Path(model_dir)
+    if not (d / WEIGHTS).is_file() or not (d / INFO).is_file():
+        raise FileNotFoundError(f"{d} is not an exported model (needs {WEIGHTS} and {INFO})")
+    info = json.loads((d / INFO).read_text())
+    module = MultiVAE(**info["model_args"])
+    module.load_state_dict(load_file(str(d / WEIGHTS)))
+    return module.to(device).eval(), info

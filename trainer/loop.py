@@ -1,0 +1,267 @@
+"""The training loop, read top to bottom:
+
+build -> resume -> for epoch: for batch: step -> log -> [checkpoint] ; validate -> early stop -> checkpoint
+-> export.
+
+Backend differences live in ``trainer/parallel.py``; rank handling in ``trainer/dist.py``; the loop
+itself never branches on either. Every rank runs the same code and takes the same decisions because
+every decision that could differ (skip a step, stop) goes through a collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from data import keys
+from data.collate import to_device
+from data.store import open_store
+from data.stream import StoreStream
+from trainer import checkpoint as ckpt
+from trainer import dist
+from trainer.classifier import build_classifier
+from trainer.config import ConfigError, TrainConfig, config_to_json
+from trainer.export import build_module, export_model, weights_of
+from trainer.guard import StepGuard
+from trainer.metrics import MetricsWriter, memory_mb
+from trainer.parallel import Wrapped, wrap
+from trainer.schedules import kl_weight as kl_schedule
+
+VALIDATION_KEYS = ("reconstruction_loss_validation", "elbo_validation")
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    model_dir: str | None  # exported model (rank 0); None on other ranks
+    epochs: int  # epochs completed
+    steps: int  # optimizer steps taken (skipped ones included in the count)
+    stopped_early: bool
+    best: float | None  # best monitored validation value
+    skipped_steps: int
+    last_validation: dict[str, float]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_noise(seed: int, step: int, rank: int, world_size: int, batch_size: int, n_latent: int,
+               device: torch.device) -> torch.Tensor:
+    """Reparameterisation noise for this rank's slice of the GLOBAL batch of step ``step``.
+
+    Drawn from a generator keyed by (seed, step) only, so N ranks with batch B draw exactly what one
+    process with batch N*B draws: a 2-process run then equals a 1-process run on the concatenated
+    batch, and a resumed run draws what the uninterrupted one drew.
+    """
+    key = int.from_bytes(hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest(), "little")
+    g = torch.Generator().manual_seed(key % 2**63)
+    eps = torch.randn(world_size * batch_size, n_latent, generator=g)
+    return eps[rank * batch_size:(rank + 1) * batch_size].to(device)
+
+
+def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor | None, guard: StepGuard,
+                   step: int) -> dict[str, float] | None:
+    """Forward, guard, backward, step of the VAE, then the adversary's step. None if skipped."""
+    total, out, adversarial = w.forward(batch, kl_weight, eps)
+    terms = {"recon_rna": out.recon_rna.mean(), "recon_atac": out.recon_atac.mean(), "kl": out.kl.mean(),
+             "penalty": out.penalty.mean(), "adversarial": adversarial, "loss": total}
+    values = dict(zip(terms, torch.stack([t.detach().double() for t in terms.values()]).tolist(), strict=True))
+    w.zero_grad()
+    if guard.check(step, values):
+        return None
+    w.backward(total)
+    norm = w.grad_norm_before_step()
+    if norm is not None and guard.check(step, {"grad_norm": norm}):
+        w.zero_grad()
+        return None
+    w.step()
+    if norm is None:
+        norm = w.grad_norm_after_step()
+    values["grad_norm"] = float("nan") if norm is None else norm
+    if w.classifier is not None:
+        values["classifier"] = float(w.classifier_step(out.z, batch[keys.BATCH]))
+    return values
+
+
+@torch.no_grad()
+def validate(module: torch.nn.Module, stream, device: torch.device, kl_weight: float) -> dict[str, float]:
+    """Validation reconstruction and ELBO per cell, exact over ranks: sums and counts are all-reduced
+    (a mean of per-rank means would weight a short last rank wrongly)."""
+    module.eval()
+    sums = {"recon": 0.0, "elbo": 0.0, "n": 0.0}
+    for batch in stream:
+        out = module.loss(to_device(batch, device), kl_weight=kl_weight)
+        recon = (out.recon_rna + out.recon_atac).double()
+        sums["recon"] += float(recon.sum())
+        sums["elbo"] += float((recon + out.kl.double() + out.penalty.double()).sum())
+        sums["n"] += recon.shape[0]
+    module.train()
+    tot = dist.all_reduce_sums(sums)
+    if tot["n"] == 0:
+        return {}
+    return {"reconstruction_loss_validation": tot["recon"] / tot["n"],
+            "elbo_validation": tot["elbo"] / tot["n"], "n_validation": tot["n"]}
+
+
+def make_stream(store, cfg: TrainConfig, split: str, info: dist.DistInfo) -> StoreStream:
+    d = cfg.data
+    return StoreStream(store, d.batch_size, split=split, shuffle=split == "train", seed=cfg.run.seed,
+                       rank=info.rank, world_size=info.world_size, chunk_size=d.chunk_size,
+                       window_chunks=d.window_chunks, val_fraction=d.val_fraction, prefetch=d.prefetch,
+                       remainder=d.remainder if split == "train" else "none")
+
+
+def _loader(stream: StoreStream, cfg: TrainConfig):
+    # Workers read ahead in background processes; with 0 workers the stream is iterated directly.
+    if cfg.data.num_workers == 0:
+        return stream
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
+                                       prefetch_factor=cfg.data.prefetch, persistent_workers=False,
+                                       multiprocessing_context="spawn")
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    info = dist.init_distributed(cfg.dist.timeout_s)
+    run_dir = Path(cfg.run.output_dir)
+    if cfg.run.early_stopping and cfg.run.monitor not in VALIDATION_KEYS:
+        raise ConfigError(f"run.monitor must be one of {VALIDATION_KEYS}, got {cfg.run.monitor!r}")
+
+    # ---- build (same seed on every rank: identical initial weights before any broadcast)
+    seed_everything(cfg.run.seed)
+    store = open_store(cfg.data.store)
+    meta = store.meta
+    module = build_module(meta, cfg)
+    classifier = build_classifier(module, cfg.optim.adversarial)
+    w = wrap(module, classifier, cfg.optim, cfg.dist, info.device, cfg.data.batch_size)
+    seed_everything(cfg.run.seed + 1 + info.rank)  # per-rank streams for dropout
+    train_stream, val_stream = make_stream(store, cfg, "train", info), make_stream(store, cfg, "validation", info)
+    guard = StepGuard(max_bad_steps=cfg.run.max_bad_steps)
+
+    # ---- resume
+    epoch, step, batches_done, best, bad_epochs, stopped = 0, 0, 0, None, 0, False
+    path = dist.broadcast_object(str(ckpt.find_resume(run_dir, cfg.run.resume) or ""))
+    if path:
+        state, rank_state = ckpt.load_states(path, info.rank, info.world_size)
+        w.load(Path(path))
+        ckpt.set_rng_state(rank_state["rng"])
+        epoch, step, batches_done = int(state["epoch"]), int(state["step"]), int(state["batches_done"])
+        best = None if state["best"] == "" else float(state["best"])
+        bad_epochs, stopped = int(state["bad_epochs"]), bool(state["stopped"])
+        guard.load_state_dict(state["guard"])
+        guard.last_good_checkpoint = path
+        if batches_done:
+            train_stream.set_epoch(epoch)
+            train_stream.load_state_dict(rank_state["stream"])
+        dist.print0(f"[train] resumed from {path} (epoch {epoch}, step {step})")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(asdict(cfg))))
+    metrics = MetricsWriter(run_dir, enabled=info.is_main, wandb_mode=cfg.logger.wandb_mode,
+                            project=cfg.logger.project, tags=cfg.logger.tags, config=asdict(cfg))
+    dist.print0(f"[train] {meta.n_cells} cells, {meta.n_genes} genes, {meta.n_regions} regions; "
+                f"{info.world_size} process(es), backend {cfg.dist.backend}, device {info.device}; "
+                f"{len(train_stream)} steps/epoch/rank; run dir {run_dir}")
+
+    def save(mid_epoch: bool) -> None:
+        state = {"epoch": epoch, "step": step, "batches_done": batches_done if mid_epoch else 0,
+                 "config": config_to_json(cfg), "world_size": info.world_size,
+                 "best": "" if best is None else best, "bad_epochs": bad_epochs, "stopped": stopped,
+                 "guard": guard.state_dict()}
+        rank_state = {"rng": ckpt.rng_state(), "stream": train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}}
+        final = ckpt.save_checkpoint(run_dir, step, state, rank_state, w, keep=cfg.run.keep_checkpoints)
+        guard.last_good_checkpoint = str(final)
+
+    # ---- train
+    last_val: dict[str, float] = {}
+    t_log, cells_log, wait_log = time.perf_counter(), 0, 0.0
+    w.train()
+    while epoch < cfg.run.epochs and not stopped:
+        if batches_done == 0:
+            train_stream.set_epoch(epoch)
+        kl_w = kl_schedule(epoch, step, cfg.optim.n_epochs_kl_warmup, cfg.optim.n_steps_kl_warmup)
+        it = iter(_loader(train_stream, cfg))
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            wait_log += time.perf_counter() - t0
+            if batch is None:
+                break
+            batch = to_device(batch, info.device)
+            if cfg.optim.n_epochs_kl_warmup is None:  # step-based warm-up changes within the epoch
+                kl_w = kl_schedule(epoch, step, None, cfg.optim.n_steps_kl_warmup)
+            eps = step_noise(cfg.run.seed, step, info.rank, info.world_size, batch[keys.BATCH].shape[0],
+                             module.n_latent, info.device)
+            values = train_one_step(w, batch, kl_w, eps, guard, step)
+            step += 1
+            batches_done += 1
+            cells_log += batch[keys.BATCH].shape[0] * info.world_size
+            if values is not None and step % cfg.logger.log_every == 0:
+                dt = time.perf_counter() - t_log
+                metrics.log({"kind": "train", "step": step, "epoch": epoch, **values, "kl_weight": kl_w,
+                             "lr": w.lr, "cells_per_s": cells_log / dt, "data_wait_s": wait_log,
+                             "skipped_steps": guard.skipped_total, **memory_mb()})
+                t_log, cells_log, wait_log = time.perf_counter(), 0, 0.0
+            if cfg.run.max_steps is not None and step >= cfg.run.max_steps:
+                stopped = True
+                break
+            if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0 \
+                    and batches_done < len(train_stream):
+                save(mid_epoch=True)
+        epoch_complete = batches_done >= len(train_stream)
+        batches_done = 0
+        # ---- validate, early stopping decided once (rank 0) and shared
+        last_val = validate(module, val_stream, info.device, kl_w)
+        improved = False
+        if last_val:
+            value = last_val[cfg.run.monitor] if cfg.run.monitor in last_val else None
+            improved = best is None or value < best - cfg.run.min_delta
+            if improved:
+                best, bad_epochs = value, 0
+            else:
+                bad_epochs += 1
+            metrics.log({"kind": "validation", "step": step, "epoch": epoch, **last_val, "best": best})
+            if cfg.run.early_stopping and dist.shared_decision(bad_epochs >= cfg.run.patience):
+                dist.print0(f"[train] early stopping after epoch {epoch}: no {cfg.run.monitor} improvement "
+                            f"> {cfg.run.min_delta} for {bad_epochs} epochs (best {best:.4f})")
+                stopped = True
+        if improved and cfg.run.keep == "best" and info.is_main:
+            (run_dir / "best").mkdir(parents=True, exist_ok=True)
+            from safetensors.torch import save_file
+
+            save_file(weights_of(module), str(run_dir / "best" / "model.safetensors"))
+        if epoch_complete:
+            epoch += 1
+        save(mid_epoch=False)
+
+    # ---- export (rank 0)
+    model_dir = None
+    if info.is_main:
+        weights = weights_of(module)
+        if cfg.run.keep == "best" and (run_dir / "best" / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            weights = load_file(str(run_dir / "best" / "model.safetensors"))
+        model_dir = str(export_model(weights, meta, cfg, run_dir / "model",
+                                     extra={"epochs": epoch, "steps": step, "best": best,
+                                            "validation": last_val}))
+        (run_dir / "result.json").write_text(json.dumps(
+            {"epochs": epoch, "steps": step, "stopped": stopped, "best": best, "validation": last_val,
+             "skipped_steps": guard.skipped_total, "model_dir": model_dir, "world_size": info.world_size}))
+        dist.print0(f"[train] done: {epoch} epochs, {step} steps; model in {model_dir}")
+    metrics.close(plot=cfg.logger.plot)
+    dist.barrier()
+    return TrainResult(run_dir=str(run_dir), model_dir=model_dir, epochs=epoch, steps=step,
+                       stopped_early=stopped and (cfg.run.max_steps is None or step < cfg.run.max_steps),
+                       best=best, skipped_steps=guard.skipped_total, last_validation=last_val)

@@ -1,0 +1,268 @@
+"""The parallel wrapping, in ONE place: one function per backend returning a ``Wrapped`` object with a
+uniform API (``forward`` / ``backward`` / ``grad_norm`` / ``step`` / ``zero_grad`` / ``save`` / ``load``),
+so the training loop never branches on the backend.
+
+* VAE: DDP (gloo on CPU, NCCL on GPU) or a DeepSpeed engine (ZeRO 0-2, client torch AdamW so nothing
+  is JIT-compiled). Both only hook ``forward``, so the VAE is wrapped in ``LossModule`` whose
+  forward is ``MultiVAE.loss``.
+* Adversarial classifier: small, kept outside the engines in both backends, with its own torch
+  optimizer; its gradients are averaged across ranks by one flat all-reduce before its step, so every
+  rank holds the same classifier (the reference's manual-optimisation order is kept: VAE step with
+  the classifier frozen, then classifier step on the detached latent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from trainer import dist
+from trainer.config import DistConfig, OptimConfig
+from trainer.step import classifier_objective, vae_objective
+
+
+class LossModule(nn.Module):
+    """forward = ``step.vae_objective``: what DDP / DeepSpeed wrap (they only hook ``forward``).
+
+    The classifier is held but NOT registered as a submodule, so DDP does not all-reduce it and
+    DeepSpeed does not put it in the VAE optimizer; it is frozen during this forward (the fool term
+    only moves the VAE, as in the reference's manual optimisation).
+    """
+
+    def __init__(self, module: nn.Module, classifier: nn.Module | None, kappa: float):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "_classifier", classifier)
+        self.kappa = kappa
+
+    def forward(self, batch: dict, kl_weight: float, eps: torch.Tensor | None = None):
+        clf = self._classifier
+        if clf is not None:
+            clf.requires_grad_(False)
+        try:
+            return vae_objective(self.module, clf, batch, kl_weight, self.kappa, eps)
+        finally:
+            if clf is not None:
+                clf.requires_grad_(True)
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Mean of the gradients over ranks, as one flat all-reduce (the classifier's DDP)."""
+    if not dist.is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+    flat /= tdist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _total_norm(params) -> float:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(grads)))
+
+
+class Wrapped:
+    """Common part: the classifier and its optimizer, autocast, state of both optimizers."""
+
+    def __init__(self, module: nn.Module, classifier: nn.Module | None, optim: OptimConfig,
+                 dcfg: DistConfig, device: torch.device):
+        self.module, self.classifier, self.optim_cfg = module, classifier, optim
+        self.device = device
+        self.clf_optimizer = None
+        if classifier is not None:
+            self.clf_optimizer = torch.optim.Adam(classifier.parameters(), lr=optim.classifier_lr,
+                                                  eps=optim.classifier_eps,
+                                                  weight_decay=optim.classifier_weight_decay)
+        # bf16/fp16 autocast only on GPU: CPU autocast would change numerics without a speed-up here
+        self.amp_dtype = None
+        if device.type == "cuda" and dcfg.precision != "fp32":
+            self.amp_dtype = torch.bfloat16 if dcfg.precision == "bf16" else torch.float16
+        elif dcfg.precision != "fp32":
+            dist.print0(f"[parallel] precision={dcfg.precision} needs a GPU; training in fp32 on CPU")
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # --- classifier (identical in both backends) --------------------------------------------------
+    def classifier_step(self, z: torch.Tensor, batch_codes: torch.Tensor) -> torch.Tensor:
+        """One step of the adversary on the detached latent; returns its loss (detached)."""
+        with self.autocast():
+            loss = classifier_objective(self.classifier, z.float(), batch_codes, self.optim_cfg.kappa)
+        self.clf_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = list(self.classifier.parameters())
+        average_gradients(params)
+        self.clf_optimizer.step()
+        return loss.detach()
+
+    def grad_norm_after_step(self) -> float | None:
+        return None
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+        if self.classifier is not None:
+            self.classifier.train(mode)
+
+    def _clf_state(self) -> dict[str, Any]:
+        if self.classifier is None:
+            return {}
+        return {"classifier": self.classifier.state_dict(), "classifier_optimizer": self.clf_optimizer.state_dict()}
+
+    def _load_clf_state(self, state: dict[str, Any]) -> None:
+        if self.classifier is not None:
+            self.classifier.load_state_dict(state["classifier"])
+            self.clf_optimizer.load_state_dict(state["classifier_optimizer"])
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+class DDPWrapped(Wrapped):
+    def __init__(self, module, classifier, optim, dcfg, device):
+        super().__init__(module, classifier, optim, dcfg, device)
+        self.loss_module = LossModule(module, classifier, optim.kappa)
+        if dist.is_distributed():
+            self.engine = nn.parallel.DistributedDataParallel(
+                self.loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=dcfg.find_unused_parameters)
+        else:
+            self.engine = self.loss_module
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, eps=optim.eps,
+                                           weight_decay=optim.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.grad_clip = optim.grad_clip
+
+    def forward(self, batch, kl_weight, eps=None):
+        """(total loss, LossOutput, fool term) through the wrapper, so gradients get synchronised."""
+        with self.autocast():
+            return self.engine(batch, kl_weight, eps)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def grad_norm_before_step(self) -> float | None:
+        """Global norm of the (already all-reduced) VAE gradients; clips them if configured."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.grad_clip is not None:
+            return float(nn.utils.clip_grad_norm_(params, self.grad_clip))
+        return _total_norm(params)
+
+    def step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, directory: Path) -> None:
+        if dist.get_rank() == 0:
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict(), **self._clf_state()}
+            torch.save(state, Path(directory) / "model.pt")
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(Path(directory) / "model.pt", map_location=self.device, weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self._load_clf_state(state)
+
+
+def _patch_deepspeed_shm() -> None:
+    # DeepSpeed's CPU comm backend JIT-compiles a shm op (~150 s of g++) that only speeds up
+    # inference all-reduce; training collectives go through torch.distributed (stack notes §3).
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+class DeepSpeedWrapped(Wrapped):
+    def __init__(self, module, classifier, optim, dcfg, device, micro_batch: int):
+        super().__init__(module, classifier, optim, dcfg, device)
+        _patch_deepspeed_shm()
+        import deepspeed
+
+        self.amp_dtype = None  # DeepSpeed casts the weights itself when bf16/fp16 is on
+        on_gpu = device.type == "cuda"
+        ds_config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": dcfg.zero_stage},
+            "bf16": {"enabled": on_gpu and dcfg.precision == "bf16"},
+            "fp16": {"enabled": on_gpu and dcfg.precision == "fp16"},
+            "gradient_clipping": optim.grad_clip or 0.0,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        # a client torch optimizer: DeepSpeed's own Adam would JIT-compile FusedAdam (~185 s on CPU)
+        client_opt = torch.optim.AdamW(module.parameters(), lr=optim.lr, eps=optim.eps,
+                                       weight_decay=optim.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=LossModule(module, classifier, optim.kappa), optimizer=client_opt, config=ds_config,
+            dist_init_required=dist.is_distributed())
+
+    def forward(self, batch, kl_weight, eps=None):
+        return self.engine(batch, kl_weight, eps)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def grad_norm_before_step(self) -> float | None:
+        # ZeRO partitions gradients, so the global norm is only known inside DeepSpeed's step
+        return None
+
+    def grad_norm_after_step(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)
+        if dist.get_rank() == 0 and self.classifier is not None:
+            torch.save(self._clf_state(), Path(directory) / "classifier.pt")
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed")
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}")
+        if self.classifier is not None:
+            self._load_clf_state(torch.load(Path(directory) / "classifier.pt", map_location=self.device,
+                                            weights_only=True))
+
+
+def wrap(module: nn.Module, classifier: nn.Module | None, optim: OptimConfig, dcfg: DistConfig,
+         device: torch.device, micro_batch: int) -> Wrapped:
+    """The one place that picks the backend."""
+    module.to(device)
+    if classifier is not None:
+        classifier.to(device)
+    if dcfg.backend == "ddp":
+        return DDPWrapped(module, classifier, optim, dcfg, device)
+    if dcfg.backend == "deepspeed":
+        return DeepSpeedWrapped(module, classifier, optim, dcfg, device, micro_batch)
+    raise ValueError(f"unknown dist.backend {dcfg.backend!r}")
+

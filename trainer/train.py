@@ -1,0 +1,59 @@
+"""mva-train: train MultiVI on a store, on 1 process, N processes or N nodes with the same command.
+
+    python -m trainer.train data.store=outputs/demo/store run.output_dir=outputs/myrun
+    torchrun --standalone --nproc_per_node=2 -m trainer.train +experiment=demo run.output_dir=outputs/x
+    scripts/train.sh +experiment=demo                       # picks the run dir once, then torchrun
+    python -m trainer.train +experiment=demo +sweep=latent_lr   # multirun: one complete run per member
+
+The Hydra function only converts the config (unknown/missing keys fail here, naming the key) and calls
+``train(cfg)``, the plain function tests call. ``run.output_dir`` must be chosen before the ranks
+start (scripts/train.sh does it): Hydra's own timestamped directory is computed per process and can
+differ between ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from trainer import dist
+from trainer.config import TrainConfig, load_config
+from trainer.loop import TrainResult, run
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """One complete training run (joins the torchrun process group if there is one)."""
+    try:
+        return run(cfg)
+    finally:
+        dist.cleanup()
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import OmegaConf
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+    def _main(raw) -> None:
+        cfg = load_config(raw)
+        from hydra.core.hydra_config import HydraConfig
+
+        job_num = OmegaConf.select(HydraConfig.get(), "job.num", default=None)
+        if HydraConfig.get().mode.name == "MULTIRUN" and job_num is not None:
+            # each sweep member is a complete run in its own directory
+            cfg = replace(cfg, run=replace(cfg.run, output_dir=str(Path(cfg.run.output_dir) / str(job_num))))
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        train(cfg)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
