@@ -261,6 +261,8 @@ def run(cfg: TrainConfig) -> TrainResult:
              "skipped_steps": guard.skipped_total, "model_dir": model_dir, "world_size": info.world_size}))
         dist.print0(f"[train] done: {epoch} epochs, {step} steps; model in {model_dir}")
     metrics.close(plot=cfg.logger.plot)
+    # every rank reports: tests check that all ranks stop at the same epoch
+    print(f"[train] rank {info.rank} finished at epoch {epoch} step {step}", flush=True)
     dist.barrier()
     return TrainResult(run_dir=str(run_dir), model_dir=model_dir, epochs=epoch, steps=step,
                        stopped_early=stopped and (cfg.run.max_steps is None or step < cfg.run.max_steps),

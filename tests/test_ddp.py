@@ -1,0 +1,57 @@
+"""Real 2-process torchrun (gloo) runs of the trainer.
+
+    .venv/bin/python -m pytest tests/test_ddp.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train_utils import PY, ROOT, env, tiny_overrides, tiny_store, torchrun, train_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_process_ddp_equals_one_process_on_concatenated_batch(tmp_path):
+    store = tiny_store(tmp_path / "store")
+    worker = str(ROOT / "tests" / "workers" / "ddp_steps.py")
+    torchrun([worker, str(store), str(tmp_path), "ddp", "3"])
+    import subprocess
+
+    subprocess.run([PY, worker, str(store), str(tmp_path), "concat", "3"], cwd=ROOT, env=env(), check=True,
+                   capture_output=True)
+    start = load_file(str(tmp_path / "concat_step0.safetensors"))
+    for step in range(3):
+        a = load_file(str(tmp_path / f"ddp_step{step}.safetensors"))
+        b = load_file(str(tmp_path / f"concat_step{step}.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=f"{k} differs after step {step}")
+    moved = max(float((b[k] - start[k]).abs().max()) for k in b)
+    assert moved > 1e-3, "weights did not move: the comparison would be vacuous"
+
+
+def test_early_stopping_under_ddp_stops_all_ranks_at_the_same_epoch(tmp_path):
+    store = tiny_store(tmp_path / "store")
+    out = tmp_path / "run"
+    # min_delta huge: epoch 0 sets the best, epoch 1 cannot improve -> patience 1 stops after epoch 1
+    ov = tiny_overrides(store, out, **{"run.epochs": 6, "run.patience": 1, "run.min_delta": 1e9})
+    res = train_cli(ov, nproc=2)
+    log = res.stdout + res.stderr
+    finished = sorted(line for line in log.splitlines() if "finished at epoch" in line)
+    assert len(finished) == 2, log[-2000:]
+    assert all("finished at epoch 2 " in line for line in finished), finished
+    result = json.loads((out / "result.json").read_text())
+    assert result["epochs"] == 2 and result["stopped"] and result["world_size"] == 2
+    vals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "validation" for r in vals) == 2
+    # exact validation aggregation: the cell count summed over ranks is the whole validation split
+    from data.store import open_store
+    from data.stream import StoreStream
+
+    n_val = sum(b["index"].shape[0] for b in StoreStream(open_store(store), 64, split="validation", shuffle=False))
+    assert result["validation"]["n_validation"] == n_val

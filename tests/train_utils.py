@@ -1,0 +1,77 @@
+"""Shared helpers of the trainer tests: a tiny real store and a tiny config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from data.synthetic import write_synthetic_store
+from trainer.config import TrainConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def tiny_store(path: Path, n_cells: int = 1200, **kw) -> Path:
+    """A small multiome store (2 batches, paired + RNA-only + ATAC-only cells) written by mva-synth."""
+    return write_synthetic_store(path, n_cells=n_cells, n_genes=100, n_regions=300, progress=False, **kw)
+
+
+def tiny_overrides(store: Path, out: Path, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "data": {"store": str(store), "batch_size": 64, "chunk_size": 16, "prefetch": 0},
+        "model": {"n_hidden": 32, "n_latent": 6},
+        "optim": {"lr": 1e-3, "n_epochs_kl_warmup": 2},
+        "run": {"epochs": 2, "output_dir": str(out), "resume": "auto"},
+        "logger": {"log_every": 2, "plot": False},
+    }
+    for dotted, value in extra.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+def tiny_config(store: Path, out: Path, **extra: Any) -> TrainConfig:
+    return load_config(tiny_overrides(store, out, **extra))
+
+
+def as_cli(overrides: dict[str, Any], prefix: str = "") -> list[str]:
+    """Nested dict -> Hydra ``a.b=value`` arguments."""
+    out = []
+    for k, v in overrides.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += as_cli(v, key + ".")
+        else:
+            out.append(f"{key}={'null' if v is None else v}")
+    return out
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"),
+             DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    return e
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise AssertionError(f"torchrun failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res
+
+
+def train_cli(overrides: dict[str, Any], *more: str, nproc: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
+    args = ["-m", "trainer.train", *as_cli(overrides), *more]
+    if nproc > 1:
+        return torchrun(args, nproc=nproc, timeout=timeout)
+    res = subprocess.run([PY, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise AssertionError(f"mva-train failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res
