@@ -1,0 +1,91 @@
+"""1-process training end to end, the exported model, and exact resume after SIGKILL.
+
+    .venv/bin/python -m pytest tests/test_train.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.collate import to_device
+from data.stream import StoreStream
+from tests.train_utils import PY, ROOT, as_cli, env, tiny_config, tiny_overrides, tiny_store
+from trainer.export import load_model
+from trainer.metrics import read_metrics
+from trainer.train import train
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tiny_store(tmp_path_factory.mktemp("store") / "store")
+
+
+def test_one_process_run_writes_everything_and_the_model_loads(store, tmp_path):
+    cfg = tiny_config(store, tmp_path / "run", **{"logger.plot": True})
+    res = train(cfg)
+    run = tmp_path / "run"
+    assert res.epochs == 2 and res.steps > 0 and res.model_dir == str(run / "model")
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "result.json", "model/model.safetensors",
+                 "model/model.json"):
+        assert (run / name).is_file(), name
+    rows = read_metrics(run / "metrics.jsonl")
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    for key in ("loss", "recon_rna", "recon_atac", "kl", "penalty", "adversarial", "classifier", "kl_weight",
+                "lr", "grad_norm", "cells_per_s", "data_wait_s", "mem_rss_mb", "skipped_steps"):
+        assert key in train_rows[-1], key
+    assert train_rows[0]["kl_weight"] == 0.0 and train_rows[-1]["kl_weight"] == 0.5  # 2-epoch warm-up
+    val = [r for r in rows if r["kind"] == "validation"]
+    assert len(val) == 2 and val[-1]["reconstruction_loss_validation"] < val[0]["reconstruction_loss_validation"] * 1.5
+
+    module, info = load_model(run / "model")
+    assert info["gene_names"][:2] == ["gene_00000", "gene_00001"] and info["model_args"]["n_latent"] == 6
+    trained = load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.equal(module.state_dict()[k].float(), v) for k, v in trained.items())
+    batch = to_device(next(iter(StoreStream(store, 64, split="validation", shuffle=False))), "cpu")
+    with torch.no_grad():
+        assert torch.isfinite(module.loss(batch).loss)
+
+
+def test_config_errors_stop_the_cli_naming_the_key(store, tmp_path):
+    ov = tiny_overrides(store, tmp_path / "run")
+    r = subprocess.run([PY, "-m", "trainer.train", *as_cli(ov), "+run.epoch=3"], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "run.epoch" in (r.stdout + r.stderr)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_auto_gives_the_uninterrupted_weights(store, tmp_path):
+    extra = {"run.epochs": 4, "run.checkpoint_every_steps": 5, "run.keep_checkpoints": 3}
+    # uninterrupted reference (dropout on, adversarial classifier on: RNG + both optimizers must resume)
+    ref = train(tiny_config(store, tmp_path / "ref", **extra))
+    run = tmp_path / "run"
+    args = [PY, "-m", "trainer.train", *as_cli(tiny_overrides(store, run, **extra))]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    ck = run / "checkpoints"
+    while time.time() < deadline:  # kill as soon as a mid-epoch checkpoint (step 5, 10, ...) is complete
+        done = sorted(ck.glob("step_*")) if ck.exists() else []
+        if any(int(p.name.split("_")[1]) % 5 == 0 and int(p.name.split("_")[1]) < ref.steps for p in done):
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "result.json").exists(), "the run finished before it was killed: test did not test"
+    killed_at = max(int(p.name.split("_")[1]) for p in ck.glob("step_*"))
+    assert killed_at < ref.steps
+    r = subprocess.run(args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    b = load_file(str(run / "model" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=f"{k} differs after resume")
+    assert json.loads((run / "result.json").read_text())["steps"] == ref.steps
