@@ -187,12 +187,16 @@ class StoreWriter:
         if s.label_key is not None:
             cats[s.label_key] = s.label_categories
         for key in [s.batch_key, *s.cat_cov_keys] + ([s.label_key] if s.label_key else []):
-            vals = obs[key].astype(str).values if key in obs.columns else np.full(len(obs), np.nan, object)
+            raw = obs[key] if key in obs.columns else pd.Series(np.full(len(obs), None, object))
+            present = raw.notna().to_numpy()
+            vals = np.where(present, raw.astype(str).to_numpy(), None)
             col = pd.Categorical(vals, categories=list(cats[key]))
-            unknown = col.isna() & pd.notna(vals) if key == s.label_key else col.isna()
+            # Labels may be unknown (NaN); batch and covariates must be one of the declared categories.
+            unknown = pd.isna(col) & present if key == s.label_key else pd.isna(col)
             if np.any(unknown):
-                raise ValueError(f"column {key!r}: value {vals[np.flatnonzero(unknown)[0]]!r} of cell "
-                                 f"{out.index[np.flatnonzero(unknown)[0]]!r} is not a declared category")
+                i = np.flatnonzero(unknown)[0]
+                raise ValueError(f"column {key!r}: value {vals[i]!r} of cell {out.index[i]!r} is missing "
+                                 f"or not a declared category")
             out[key] = col
         for key in s.cont_cov_keys:
             out[key] = obs[key].to_numpy(dtype=np.float32)

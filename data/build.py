@@ -1,0 +1,185 @@
+"""mva-build (``python -m data.build``): convert one or several inputs into an atlas store.
+
+``build_store(cfg)`` is the plain function; ``main`` is the Hydra app over ``conf/build.yaml``.
+Steps: refuse an existing output -> open every input (obs and feature tables only) -> validate obs,
+ids, masks -> align features by name (rule in docs/store.md) -> optional detection filters (Dask) ->
+stream row blocks: validate counts, remap columns, append to the StoreWriter (optionally through the
+out-of-core preshuffle). Any error removes the temporary output; the result is renamed into place
+only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from data.config import BuildConfig, InputConfig
+from data.convert import open_input
+from data.convert.align import align, remap_columns
+from data.convert.shuffle import BucketShuffler
+from data.filters import apply_filters
+from data.validate import (ValidationError, cells_without_modality, check_columns, check_cont, check_counts,
+                           check_not_empty, check_output, check_unique)
+from data.writer import StoreSchema, StoreWriter
+
+log = logging.getLogger("mva-build")
+BATCH_COLUMN = "batch"  # the store's batch column name when batch_key is null (one batch per input)
+
+
+def _prepare_obs(src, inp: InputConfig, cfg: BuildConfig, batch_key: str) -> pd.DataFrame:
+    """Per-cell table of one input with the store's columns (batch, covariates, label, masks)."""
+    obs = src.obs
+    for mod in ("rna", "atac"):
+        if src.features[mod] is None:  # an input without that modality cannot have measured it
+            obs[f"mask_{mod}"] = False
+    out = pd.DataFrame(index=obs.index)
+    if cfg.batch_key is None or inp.batch is not None:
+        out[batch_key] = inp.batch if inp.batch is not None else Path(src.name.split(" + ")[0]).stem
+    else:
+        check_columns(obs, {cfg.batch_key: "batch_key"}, src.name)
+        out[batch_key] = obs[cfg.batch_key].astype(str).to_numpy()
+    check_columns(obs, {k: "cat_cov_keys" for k in cfg.cat_cov_keys}, src.name)
+    check_columns(obs, {k: "cont_cov_keys" for k in cfg.cont_cov_keys}, src.name)
+    check_cont(obs, cfg.cont_cov_keys, src.name)
+    for k in cfg.cat_cov_keys:
+        out[k] = obs[k].astype(str).to_numpy()
+    for k in cfg.cont_cov_keys:
+        out[k] = obs[k].to_numpy(dtype=np.float32)
+    if cfg.label_key is not None:
+        # Labels are optional per input: an unlabelled input gets "unknown" (NaN), never a fake class.
+        out[cfg.label_key] = obs[cfg.label_key].to_numpy(dtype=object) if cfg.label_key in obs.columns else None
+    out["mask_rna"] = obs["mask_rna"].to_numpy(bool)
+    out["mask_atac"] = obs["mask_atac"].to_numpy(bool)
+    return out
+
+
+def _categories(obs_list: list[pd.DataFrame], key: str) -> list[str]:
+    vals = set()
+    for o in obs_list:
+        vals.update(str(v) for v in pd.unique(o[key].dropna()))
+    return sorted(vals)
+
+
+def build_store(cfg: BuildConfig) -> Path:
+    check_output(cfg.out, cfg.overwrite)
+    if not cfg.inputs:
+        raise ValidationError("no inputs given (inputs: [...] is empty)")
+    sources = [open_input(i if isinstance(i, InputConfig) else InputConfig(**i)) for i in cfg.inputs]
+    try:
+        return _build(cfg, sources)
+    finally:
+        for s in sources:
+            s.close()
+
+
+def _build(cfg: BuildConfig, sources) -> Path:
+    batch_key = cfg.batch_key or BATCH_COLUMN
+    obs_list, keeps, dropped_cells = [], [], {}
+    for src, inp in zip(sources, cfg.inputs):
+        check_not_empty(len(src.obs), {m: 0 if f is None else len(f) for m, f in src.features.items()}, src.name)
+        check_unique(src.obs.index, src.name, "cell id")
+        obs = _prepare_obs(src, inp, cfg, batch_key)
+        keep = cells_without_modality(obs, src.name, cfg.drop_empty_cells)
+        if not keep.all():
+            dropped_cells[src.name] = int((~keep).sum())
+            log.warning("%s: dropped %d cells with neither RNA nor ATAC", src.name, (~keep).sum())
+        obs_list.append(obs)
+        keeps.append(keep)
+    all_ids = pd.Index(np.concatenate([o.index[k].to_numpy() for o, k in zip(obs_list, keeps)]))
+    if not all_ids.is_unique:
+        dup = all_ids[all_ids.duplicated()][0]
+        owners = [s.name for s, o in zip(sources, obs_list) if dup in o.index]
+        raise ValidationError(f"cell id {dup!r} appears more than once across inputs ({owners}); "
+                              "make ids unique (e.g. prefix each input's barcodes)")
+    if len(all_ids) == 0:
+        raise ValidationError("no cells left after dropping cells without any modality")
+
+    al = align([s.features for s in sources], [s.name for s in sources], cfg.feature_join)
+    for mod, per in al.dropped.items():
+        for where, names in per.items():
+            if names:
+                log.warning("%s: %d %s features not in the aligned set (%s rule), e.g. %s", where, len(names),
+                            mod, cfg.feature_join, names[:5])
+    filtered = apply_filters(sources, keeps, al, {"rna": cfg.min_gene_fraction, "atac": cfg.min_region_fraction},
+                             cfg.block_size)
+    schema = StoreSchema(
+        gene_names=list(al.names["rna"]), region_names=list(al.names["atac"]), batch_key=batch_key,
+        batch_categories=_categories(obs_list, batch_key), cat_cov_keys=list(cfg.cat_cov_keys),
+        cat_cov_categories={k: _categories(obs_list, k) for k in cfg.cat_cov_keys},
+        cont_cov_keys=list(cfg.cont_cov_keys), label_key=cfg.label_key,
+        label_categories=_categories(obs_list, cfg.label_key) if cfg.label_key else [],
+        rna_var=al.var["rna"], atac_var=al.var["atac"])
+    source = {"kind": "build", "config": _jsonable(asdict(cfg)), "inputs": [s.name for s in sources],
+              "dropped_features": {m: {w: {"n": len(v), "first": v[:20]} for w, v in per.items()}
+                                   for m, per in al.dropped.items()},
+              "filtered_features": {m: {"n": len(v), "first": v[:20]} for m, v in filtered.items()},
+              "dropped_cells": dropped_cells}
+    n_total = len(all_ids)
+    G, R = len(al.names["rna"]), len(al.names["atac"])
+    with StoreWriter(cfg.out, schema, shard_size=cfg.shard_size, overwrite=cfg.overwrite, source=source) as w:
+        shuffler = BucketShuffler(-(-n_total // cfg.shard_size), cfg.seed, Path(cfg.out).parent) \
+            if cfg.preshuffle else None
+        try:
+            bar = tqdm(total=n_total, unit="cell", desc="mva-build", disable=not cfg.progress)
+            for src, obs, keep, cm in zip(sources, obs_list, keeps, al.colmaps):
+                for start, rna, atac in src.blocks(cfg.block_size):
+                    stop = start + (rna.shape[0] if rna is not None else atac.shape[0])
+                    ids = obs.index[start:stop]
+                    blocks = []
+                    for mod, x, n_cols in (("rna", rna, G), ("atac", atac, R)):
+                        if x is None or cm[mod] is None:
+                            blocks.append(sp.csr_matrix((stop - start, n_cols), dtype=np.uint8))
+                            continue
+                        x = sp.csr_matrix(x)
+                        check_counts(x, src.name, mod, ids, src.features[mod].index)
+                        blocks.append(remap_columns(x, cm[mod], n_cols))
+                    k = keep[start:stop]
+                    sel = np.flatnonzero(k)
+                    b_rna, b_atac, b_obs = blocks[0][sel], blocks[1][sel], obs.iloc[start:stop].iloc[sel]
+                    if shuffler is not None:
+                        shuffler.add(b_rna, b_atac, b_obs)
+                    else:
+                        w.append(b_rna, b_atac, b_obs)
+                    bar.update(len(sel))
+            if shuffler is not None:
+                for b_rna, b_atac, b_obs in shuffler.buckets():
+                    w.append(b_rna, b_atac, b_obs)
+            bar.close()
+        finally:
+            if shuffler is not None:
+                shuffler.cleanup()
+    log.info("wrote %s: %d cells, %d genes, %d regions", cfg.out, n_total, G, R)
+    return Path(cfg.out)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x if isinstance(x, (str, int, float, bool, type(None))) else str(x)
+
+
+def main() -> None:
+    import hydra
+
+    from data.typed_config import to_typed
+
+    @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "conf"),
+                config_name="build")
+    def _run(cfg) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        out = build_store(to_typed(cfg, BuildConfig))
+        print(f"wrote {out}")
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Align the features of several inputs by name, and remap count blocks onto the aligned columns.
+
+Rule (documented in docs/store.md): per modality, only inputs that measure it take part.
+``intersection`` keeps the features every such input has, in the first input's order; ``union`` keeps
+all of them (first input's order, then new names in order of appearance) and leaves zeros where an
+input lacks a feature. What is dropped is reported, never silent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from data.validate import ValidationError, check_overlap, check_unique
+
+
+@dataclass
+class Alignment:
+    names: dict[str, pd.Index]  # modality -> aligned feature names
+    var: dict[str, pd.DataFrame]  # modality -> feature table (columns from the first input having it)
+    colmaps: list[dict[str, np.ndarray | None]]  # per input: input column -> aligned column (-1 = dropped)
+    dropped: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # modality -> input -> names
+
+    def restrict(self, modality: str, keep: np.ndarray) -> None:
+        """Keep only aligned features ``keep`` (bool) of a modality, e.g. after a detection filter."""
+        new_pos = np.cumsum(keep) - 1
+        new_pos[~keep] = -1
+        self.names[modality] = self.names[modality][keep]
+        self.var[modality] = self.var[modality].iloc[np.flatnonzero(keep)]
+        for cm in self.colmaps:
+            if cm[modality] is not None:
+                old = cm[modality]
+                cm[modality] = np.where(old >= 0, new_pos[np.maximum(old, 0)], -1)
+
+
+def align(features: list[dict[str, pd.DataFrame | None]], where: list[str], join: str) -> Alignment:
+    if join not in ("intersection", "union"):
+        raise ValidationError(f"feature_join must be 'intersection' or 'union', got {join!r}")
+    names, var, dropped = {}, {}, {}
+    colmaps: list[dict[str, np.ndarray | None]] = [{} for _ in features]
+    for mod in ("rna", "atac"):
+        have = [i for i, f in enumerate(features) if f[mod] is not None and len(f[mod])]
+        for i in have:
+            check_unique(features[i][mod].index, where[i], f"{mod} feature name")
+        idx = [features[i][mod].index for i in have]
+        check_overlap(idx, [where[i] for i in have], mod)
+        if not have:
+            names[mod], var[mod] = pd.Index([], dtype=str), pd.DataFrame(index=pd.Index([], dtype=str))
+        else:
+            first = idx[0]
+            if join == "intersection":
+                common = first
+                for ix in idx[1:]:
+                    common = common.intersection(ix, sort=False)
+                keep = first[first.isin(common)]
+            else:
+                keep = first
+                for ix in idx[1:]:
+                    keep = keep.append(ix[~ix.isin(keep)])
+            names[mod] = pd.Index(keep, dtype=str)
+            # Feature table: the first input that has the feature provides its columns.
+            parts = [features[i][mod] for i in have]
+            table = pd.concat([p.loc[p.index.isin(names[mod])] for p in parts])
+            table = table[~table.index.duplicated()].reindex(names[mod])
+            var[mod] = table[[c for c in table.columns if table[c].notna().all()]]
+            dropped[mod] = {where[i]: [str(n) for n in features[i][mod].index[~features[i][mod].index.isin(names[mod])]]
+                            for i in have}
+        for i, f in enumerate(features):
+            colmaps[i][mod] = names[mod].get_indexer(f[mod].index) if i in have else None
+    return Alignment(names, var, colmaps, dropped)
+
+
+def remap_columns(x: sp.csr_matrix, colmap: np.ndarray, n_cols: int) -> sp.csr_matrix:
+    """Move columns of ``x`` to ``colmap[col]`` in an ``n_cols``-wide matrix, dropping ``colmap == -1``."""
+    new = colmap[x.indices]
+    keep = new >= 0
+    row_of = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+    counts = np.bincount(row_of[keep], minlength=x.shape[0])
+    out = sp.csr_matrix((x.data[keep], new[keep], np.concatenate([[0], np.cumsum(counts)])),
+                        shape=(x.shape[0], n_cols))
+    out.sort_indices()
+    return out

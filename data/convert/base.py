@@ -1,0 +1,254 @@
+"""Input readers: .h5ad pair, .h5mu, scvi-tools single-AnnData layout, 10x Cell Ranger ARC .h5.
+
+Each reader turns one input into the same shape (see ``data/convert/__init__.py``): an obs table with
+explicit modality masks, one feature table per measured modality, and row blocks of counts in the
+input's own feature order. Feature alignment across inputs, validation and writing live in
+``data.build``; readers only read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from data.config import InputConfig
+from data.convert.h5 import H5AnnDataGroup, H5CSRRows
+
+RNA_MOD_NAMES = ("rna", "gex", "RNA", "GEX", "Gene Expression")
+ATAC_MOD_NAMES = ("atac", "peaks", "ATAC", "accessibility", "Peaks")
+
+
+def scatter_rows(compact: sp.csr_matrix, rows: np.ndarray, n: int) -> sp.csr_matrix:
+    """An (n, .) CSR whose rows ``rows`` are the rows of ``compact`` and whose other rows are empty."""
+    nnz = np.zeros(n, np.int64)
+    nnz[rows] = np.diff(compact.indptr)
+    order = np.argsort(rows, kind="stable")
+    if not np.array_equal(order, np.arange(len(rows))):
+        compact = compact[order]
+    return sp.csr_matrix((compact.data, compact.indices, np.concatenate([[0], np.cumsum(nnz)])),
+                         shape=(n, compact.shape[1]))
+
+
+class Source:
+    """Common interface; subclasses set name, obs, features and implement ``_rows``."""
+
+    name: str
+    obs: pd.DataFrame
+    features: dict[str, pd.DataFrame | None]
+
+    def _rows(self, start: int, stop: int) -> tuple[sp.csr_matrix | None, sp.csr_matrix | None]:
+        raise NotImplementedError
+
+    def blocks(self, block_size: int) -> Iterator[tuple[int, sp.csr_matrix | None, sp.csr_matrix | None]]:
+        for start in range(0, len(self.obs), block_size):
+            stop = min(start + block_size, len(self.obs))
+            yield (start, *self._rows(start, stop))
+
+    def close(self) -> None:
+        for h in getattr(self, "_handles", []):
+            h.close()
+
+
+class PairSource(Source):
+    """Two AnnData groups (RNA, ATAC) whose cells overlap partly: union of cells, RNA order first.
+
+    Used for a pair of .h5ad files and for the two modalities of an .h5mu. Either side may be None
+    (an RNA-only or ATAC-only dataset).
+    """
+
+    def __init__(self, rna: H5AnnDataGroup | None, atac: H5AnnDataGroup | None, name: str,
+                 extra_obs: pd.DataFrame | None = None):
+        if rna is None and atac is None:
+            raise ValueError(f"{name}: neither an RNA nor an ATAC matrix was given")
+        self.name, self._rna, self._atac = name, rna, atac
+        self._handles = [g for g in (rna, atac) if g is not None]
+        rna_ids = rna.obs.index if rna is not None else pd.Index([], dtype=str)
+        atac_ids = atac.obs.index if atac is not None else pd.Index([], dtype=str)
+        for g in self._handles:
+            if not g.obs.index.is_unique:
+                dup = g.obs.index[g.obs.index.duplicated()][0]
+                raise ValueError(f"{g.where}: duplicate cell id {dup!r} in obs index")
+        atac_only = atac_ids[~atac_ids.isin(rna_ids)]
+        parts = []
+        if rna is not None:
+            parts.append(rna.obs)
+        if atac is not None:
+            parts.append(atac.obs.loc[atac_only])
+        obs = pd.concat(parts) if len(parts) > 1 else parts[0].copy()
+        if extra_obs is not None:  # e.g. the global obs of an .h5mu
+            extra_obs = extra_obs.reindex(obs.index)
+            for col in extra_obs.columns:
+                if col not in obs.columns:
+                    obs[col] = extra_obs[col].values
+        obs["mask_rna"] = obs.index.isin(rna_ids)
+        obs["mask_atac"] = obs.index.isin(atac_ids)
+        self.obs = obs
+        self.n_rna = len(rna_ids)
+        # Position of every union cell in the ATAC matrix (-1 = not measured).
+        self._atac_pos = atac_ids.get_indexer(obs.index) if atac is not None else None
+        self.features = {"rna": rna.var if rna is not None else None,
+                         "atac": atac.var if atac is not None else None}
+
+    def _rows(self, start, stop):
+        n = stop - start
+        rna = None
+        if self._rna is not None:
+            hi = min(stop, self.n_rna)
+            if hi > start:
+                rna = self._rna.X.rows(start, hi)
+                if hi < stop:
+                    rna = sp.vstack([rna, sp.csr_matrix((stop - hi, rna.shape[1]), dtype=rna.dtype)], format="csr")
+            else:
+                rna = sp.csr_matrix((n, self._rna.X.n_cols), dtype=np.int32)
+        atac = None
+        if self._atac is not None:
+            pos = self._atac_pos[start:stop]
+            have = np.flatnonzero(pos >= 0)
+            if len(have) == n and n and np.all(np.diff(pos) == 1):
+                atac = self._atac.X.rows(int(pos[0]), int(pos[-1]) + 1)  # same order: one slice
+            else:
+                atac = scatter_rows(self._atac.X.take(pos[have]), have, n)
+        return rna, atac
+
+
+def _open_pair(cfg: InputConfig) -> PairSource:
+    rna = H5AnnDataGroup(cfg.rna) if cfg.rna else None
+    atac = H5AnnDataGroup(cfg.atac) if cfg.atac else None
+    return PairSource(rna, atac, name=" + ".join(str(p) for p in (cfg.rna, cfg.atac) if p))
+
+
+def _open_h5mu(cfg: InputConfig) -> PairSource:
+    from anndata.io import read_elem
+
+    with h5py.File(cfg.path, "r") as f:
+        if "mod" not in f:
+            raise ValueError(f"{cfg.path}: not an .h5mu (no 'mod' group)")
+        mods = list(f["mod"].keys())
+        extra = read_elem(f["obs"]) if "obs" in f else None
+    rna_name = next((m for m in RNA_MOD_NAMES if m in mods), None)
+    atac_name = next((m for m in ATAC_MOD_NAMES if m in mods), None)
+    if rna_name is None and atac_name is None:
+        raise ValueError(f"{cfg.path}: modalities {mods} contain neither RNA {RNA_MOD_NAMES} nor ATAC "
+                         f"{ATAC_MOD_NAMES}")
+    rna = H5AnnDataGroup(cfg.path, f"mod/{rna_name}") if rna_name else None
+    atac = H5AnnDataGroup(cfg.path, f"mod/{atac_name}") if atac_name else None
+    if extra is not None:
+        extra.index = extra.index.astype(str)
+        # MuData prefixes modality columns with "<mod>:"; those are already in the modality obs.
+        extra = extra[[c for c in extra.columns if ":" not in str(c)]]
+    return PairSource(rna, atac, name=str(cfg.path), extra_obs=extra)
+
+
+def _split_columns(var: pd.DataFrame, types: np.ndarray | None, n_genes: int | None, where: str):
+    """Column indices of genes and of peaks in a genes-then-peaks matrix."""
+    if types is not None:
+        t = pd.Series(types).astype(str).str.lower()
+        genes = np.flatnonzero(t.str.contains("gene").to_numpy())
+        peaks = np.flatnonzero(t.str.contains("peak|atac|accessib").to_numpy())
+        other = np.setdiff1d(np.arange(len(t)), np.concatenate([genes, peaks]))
+        if len(other):
+            raise ValueError(f"{where}: feature {var.index[other[0]]!r} has modality {types[other[0]]!r}, "
+                             "expected 'Gene Expression' or 'Peaks'")
+        return genes, peaks
+    if n_genes is None:
+        raise ValueError(f"{where}: no var modality column; set n_genes (genes come first in the scvi layout)")
+    if not 0 < n_genes <= len(var):
+        raise ValueError(f"{where}: n_genes={n_genes} is outside 1..{len(var)}")
+    return np.arange(n_genes), np.arange(n_genes, len(var))
+
+
+class SplitSource(Source):
+    """One matrix whose columns are genes then peaks (scvi-tools layout, 10x ARC .h5)."""
+
+    def __init__(self, name, X, obs, var, genes, peaks, handles):
+        self.name, self._X, self._genes, self._peaks, self._handles = name, X, genes, peaks, handles
+        self.obs = obs
+        self.features = {"rna": var.iloc[genes] if len(genes) else None,
+                         "atac": var.iloc[peaks] if len(peaks) else None}
+
+    def _rows(self, start, stop):
+        x = self._X.rows(start, stop)
+        rna = x[:, self._genes] if len(self._genes) else None
+        atac = x[:, self._peaks] if len(self._peaks) else None
+        return rna, atac
+
+
+def _masks_from_obs(obs: pd.DataFrame, where: str) -> pd.DataFrame:
+    obs = obs.copy()
+    if "mask_rna" in obs.columns and "mask_atac" in obs.columns:
+        obs["mask_rna"] = obs["mask_rna"].astype(bool)
+        obs["mask_atac"] = obs["mask_atac"].astype(bool)
+    elif "modality" in obs.columns:
+        m = obs["modality"].astype(str).str.lower()
+        known = m.isin(["paired", "expression", "accessibility"])
+        if not known.all():
+            raise ValueError(f"{where}: obs['modality'] of cell {obs.index[~known.to_numpy()][0]!r} is "
+                             f"{obs['modality'].iloc[np.flatnonzero(~known.to_numpy())[0]]!r}; expected "
+                             "paired / expression / accessibility")
+        obs["mask_rna"] = m.isin(["paired", "expression"]).to_numpy()
+        obs["mask_atac"] = m.isin(["paired", "accessibility"]).to_numpy()
+    else:
+        obs["mask_rna"] = True
+        obs["mask_atac"] = True
+    return obs
+
+
+def _open_scvi(cfg: InputConfig) -> SplitSource:
+    g = H5AnnDataGroup(cfg.path)
+    types = g.var[cfg.modality_key].to_numpy() if cfg.modality_key in g.var.columns else None
+    genes, peaks = _split_columns(g.var, types, cfg.n_genes, g.where)
+    return SplitSource(str(cfg.path), g.X, _masks_from_obs(g.obs, g.where), g.var, genes, peaks, [g])
+
+
+def _decode(a: np.ndarray) -> np.ndarray:
+    return np.array([x.decode() if isinstance(x, bytes) else str(x) for x in a], dtype=object)
+
+
+def _open_tenx(cfg: InputConfig) -> SplitSource:
+    path = Path(cfg.path)
+    f = h5py.File(path, "r")
+    if "matrix" not in f:
+        f.close()
+        raise ValueError(f"{path}: not a Cell Ranger feature-barcode matrix (no 'matrix' group)")
+    m = f["matrix"]
+    barcodes = _decode(m["barcodes"][:])
+    names = _decode(m["features/name"][:])
+    ids = _decode(m["features/id"][:])
+    types = _decode(m["features/feature_type"][:])
+    n_feat, n_bc = (int(s) for s in m["shape"][:])
+    # The matrix is CSC over barcodes (features x barcodes), i.e. CSR over cells: read it as rows.
+    X = H5CSRRows(m["data"], m["indices"], m["indptr"], n_feat, f"{path} matrix")
+    if X.n_rows != n_bc or len(barcodes) != n_bc:
+        raise ValueError(f"{path}: matrix/shape {n_feat}x{n_bc} disagrees with indptr/barcodes")
+    # Gene symbols repeat in Cell Ranger references; make them unique with the feature id.
+    names = pd.Series(names)
+    dup = names.duplicated(keep=False).to_numpy() & (types == "Gene Expression")
+    names[dup] = [f"{n}_{i}" for n, i in zip(names[dup], ids[dup])]
+    var = pd.DataFrame({"gene_ids": ids, "feature_types": types}, index=pd.Index(names.to_numpy(), dtype=str))
+    genes, peaks = _split_columns(var, types, None, str(path))
+    obs = pd.DataFrame(index=pd.Index(barcodes, dtype=str))
+    obs["mask_rna"] = len(genes) > 0
+    obs["mask_atac"] = len(peaks) > 0
+    return SplitSource(str(path), X, obs, var, genes, peaks, [f])
+
+
+OPENERS = {"h5ad_pair": _open_pair, "h5mu": _open_h5mu, "scvi": _open_scvi, "tenx_h5": _open_tenx}
+
+
+def open_input(cfg: InputConfig) -> Source:
+    """Open one input; raise ValueError naming the file when it is missing or of the wrong kind."""
+    if cfg.kind not in OPENERS:
+        raise ValueError(f"unknown input kind {cfg.kind!r}; expected one of {sorted(OPENERS)}")
+    paths = [cfg.rna, cfg.atac] if cfg.kind == "h5ad_pair" else [cfg.path]
+    if not any(paths):
+        raise ValueError(f"input of kind {cfg.kind!r} needs " + ("rna= and/or atac=" if cfg.kind == "h5ad_pair"
+                                                                   else "path="))
+    for p in paths:
+        if p and not Path(p).is_file():
+            raise FileNotFoundError(f"input file {p} does not exist")
+    return OPENERS[cfg.kind](cfg)

@@ -1,0 +1,102 @@
+"""Row-block access to count matrices inside HDF5 files (.h5ad, .h5mu modalities, 10x .h5).
+
+Everything here reads with h5py: the CSR ``indptr`` (n_cells + 1 integers) is held in memory and the
+``data`` / ``indices`` of a block are read as one slice, so memory is bounded by the block, whatever
+the file size. Arbitrary row sets (needed when two files order their cells differently) are read as
+runs of consecutive rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata.io import read_elem
+
+
+class H5CSRRows:
+    """CSR rows of an on-disk matrix given its ``data``, ``indices`` and ``indptr`` datasets."""
+
+    def __init__(self, data: h5py.Dataset, indices: h5py.Dataset, indptr: h5py.Dataset, n_cols: int,
+                 where: str):
+        self.data, self.indices = data, indices
+        self.indptr = np.asarray(indptr[:], dtype=np.int64)
+        self.n_rows, self.n_cols, self.where = len(self.indptr) - 1, int(n_cols), where
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        return sp.csr_matrix((self.data[lo:hi], self.indices[lo:hi], self.indptr[start:stop + 1] - lo),
+                             shape=(stop - start, self.n_cols))
+
+    def take(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Rows in the given order (any order; consecutive runs are read in one slice each)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return sp.csr_matrix((0, self.n_cols), dtype=self.data.dtype)
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        breaks = np.flatnonzero(np.diff(srt) != 1) + 1
+        parts = [self.rows(int(r[0]), int(r[-1]) + 1) for r in np.split(srt, breaks)]
+        got = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        inv = np.empty_like(order)
+        inv[order] = np.arange(len(order))
+        return got[inv] if not np.array_equal(order, np.arange(len(order))) else got
+
+
+class H5DenseRows:
+    """Dense 2-D dataset read in row blocks and returned as CSR."""
+
+    def __init__(self, ds: h5py.Dataset, where: str):
+        self.ds, self.n_rows, self.n_cols, self.where = ds, ds.shape[0], ds.shape[1], where
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        return sp.csr_matrix(self.ds[start:stop])
+
+    def take(self, rows: np.ndarray) -> sp.csr_matrix:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return sp.csr_matrix((0, self.n_cols), dtype=self.ds.dtype)
+        uniq, inv = np.unique(rows, return_inverse=True)  # h5py wants increasing indices
+        return sp.csr_matrix(self.ds[uniq][inv])
+
+
+def matrix_rows(x: h5py.Group | h5py.Dataset, where: str) -> H5CSRRows | H5DenseRows:
+    """Row reader for an AnnData-encoded ``X`` (CSR group or dense dataset)."""
+    if isinstance(x, h5py.Dataset):
+        if x.ndim != 2:
+            raise ValueError(f"{where}: X has {x.ndim} dimensions, expected 2")
+        return H5DenseRows(x, where)
+    enc = x.attrs.get("encoding-type", "")
+    shape = tuple(int(s) for s in x.attrs.get("shape", (0, 0)))
+    if enc == "csr_matrix":
+        return H5CSRRows(x["data"], x["indices"], x["indptr"], shape[1], where)
+    if enc == "csc_matrix":
+        raise ValueError(f"{where}: X is stored as CSC; row blocks need CSR. Convert once with "
+                         "adata.X = adata.X.tocsr(); adata.write_h5ad(...)")
+    raise ValueError(f"{where}: unsupported X encoding {enc!r}")
+
+
+class H5AnnDataGroup:
+    """An AnnData stored in an HDF5 group (an .h5ad root, or ``mod/<name>`` of an .h5mu)."""
+
+    def __init__(self, file: str | Path, group: str = "/"):
+        self.file = Path(file)
+        self.where = f"{self.file}" + ("" if group == "/" else f":{group}")
+        self._h5 = h5py.File(self.file, "r")
+        g = self._h5[group]
+        if "X" not in g:
+            raise ValueError(f"{self.where}: no X matrix")
+        self.obs: pd.DataFrame = read_elem(g["obs"])
+        self.var: pd.DataFrame = read_elem(g["var"])
+        self.obs.index = self.obs.index.astype(str)
+        self.var.index = self.var.index.astype(str)
+        self.X = matrix_rows(g["X"], f"{self.where} X")
+        if (self.X.n_rows, self.X.n_cols) != (len(self.obs), len(self.var)):
+            raise ValueError(f"{self.where}: X shape {(self.X.n_rows, self.X.n_cols)} does not match "
+                             f"obs ({len(self.obs)}) x var ({len(self.var)})")
+
+    def close(self) -> None:
+        self._h5.close()
