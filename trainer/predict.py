@@ -1,0 +1,171 @@
+"""Pure tensor functions for inference on one minibatch (reused by the inference jobs).
+
+Every function runs the module without gradients and returns tensors; callers put the module in eval
+mode and iterate over batches. Differences from the reference accessors (spec §5, Part A.3), each
+tested in ``tests/test_improvements.py``:
+
+* ``n_samples > 1`` really draws posterior samples (the reference silently decodes one z);
+* ``library_size`` scales normalized expression (a number, or ``"observed"`` = the cell's own RNA count);
+* ``transform_batch`` accepts batch labels or integer codes, and a list is averaged (also for
+  accessibility, where the reference used only the first element).
+
+As in the reference, ``use_z_mean=True`` decodes the joint mean mu itself (for ``ln`` latents the
+decoder then sees mu, not softmax(mu): spec gotcha 22).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.nn import functional as F
+
+from data import keys
+from trainer.module import MultiVAE
+
+BatchSpec = int | str | Sequence[int | str] | None
+
+
+def resolve_batch_codes(transform_batch: BatchSpec, categories: Sequence[str] | None = None) -> list[int | None]:
+    """Normalise ``transform_batch`` to a list of integer codes ([None] = the cells' own batches).
+
+    Labels are looked up in ``categories`` (the store's batch categories); integers are codes.
+    """
+    if transform_batch is None:
+        return [None]
+    items = [transform_batch] if isinstance(transform_batch, (int, str)) else list(transform_batch)
+    if not items:
+        raise ValueError("transform_batch is an empty list")
+    codes = []
+    for item in items:
+        if isinstance(item, str):
+            if categories is None or item not in list(categories):
+                raise ValueError(f"unknown batch label {item!r}; known: {list(categories or [])}")
+            codes.append(list(categories).index(item))
+        else:
+            codes.append(int(item))
+    return codes
+
+
+def _check_codes(module: MultiVAE, codes: list[int | None]) -> None:
+    for c in codes:
+        if c is not None and not 0 <= c < module.n_batch:
+            raise ValueError(f"batch code {c} out of range [0, {module.n_batch})")
+
+
+def _latent_draws(module: MultiVAE, inf: dict, n_samples: int, use_z_mean: bool) -> torch.Tensor:
+    """(S, B, d) latents to decode: the mean once, or S independent posterior samples."""
+    if use_z_mean:
+        if n_samples != 1:
+            raise ValueError("n_samples > 1 draws posterior samples: pass use_z_mean=False")
+        return inf["qz_m"].unsqueeze(0)
+    qz_m, qz_v = inf["qz_m"], inf["qz_v"]
+    untran = qz_m + torch.randn((n_samples, *qz_m.shape), dtype=qz_m.dtype, device=qz_m.device) * qz_v.sqrt()
+    return F.softmax(untran, dim=-1) if module.latent_distribution == "ln" else untran
+
+
+def _repeat_batch(batch: dict, n: int) -> dict:
+    """The covariate entries of ``batch`` tiled n times along cells (to decode S samples at once)."""
+    out = {}
+    for key in (keys.BATCH, keys.CAT_COVS, keys.CONT_COVS):
+        if key in batch:
+            t = batch[key]
+            out[key] = t.repeat(n, *([1] * (t.dim() - 1)))
+    return out
+
+
+def _decode(module: MultiVAE, batch: dict, inf: dict, z: torch.Tensor, code: int | None) -> dict:
+    s, b = z.shape[:2]
+    tiled = _repeat_batch(batch, s)
+    codes = None if code is None else torch.full((s * b,), code, dtype=torch.long, device=z.device)
+    lib = inf["lib_rna"].repeat(s, 1)
+    gen = module.generative(z.reshape(s * b, -1), tiled, lib, batch_codes=codes)
+    return {k: v.reshape(s, b, *v.shape[1:]) for k, v in gen.items() if v is not None and v.dim() == 2}
+
+
+@torch.no_grad()
+def latent(
+    module: MultiVAE, batch: dict, modality: str = "joint", give_mean: bool = True, n_samples: int = 1
+) -> torch.Tensor:
+    """Latent means (B, d), or ``n_samples`` posterior samples (S, B, d) when ``give_mean=False``.
+
+    ``modality``: "joint", "rna" or "atac" (per-modality posteriors are computed for every cell,
+    including cells lacking that modality: mask with ``batch["mask"]``).
+    """
+    if modality not in ("joint", "rna", "atac"):
+        raise ValueError(f"modality must be 'joint', 'rna' or 'atac', got {modality!r}")
+    inf = module.inference(batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype))
+    m, v = (inf["qz_m"], inf["qz_v"]) if modality == "joint" else (inf[f"qzm_{modality}"], inf[f"qzv_{modality}"])
+    if give_mean:
+        return m
+    untran = m + torch.randn((n_samples, *m.shape), dtype=m.dtype, device=m.device) * v.sqrt()
+    return F.softmax(untran, dim=-1) if module.latent_distribution == "ln" else untran
+
+
+@torch.no_grad()
+def normalized_expression(
+    module: MultiVAE,
+    batch: dict,
+    transform_batch: BatchSpec = None,
+    categories: Sequence[str] | None = None,
+    library_size: float | str | None = None,
+    n_samples: int = 1,
+    use_z_mean: bool = True,
+    gene_index: torch.Tensor | Sequence[int] | None = None,
+    return_mean: bool = True,
+) -> torch.Tensor:
+    """Decoded expression scale rho (B, G) (rows sum to 1 without size factors).
+
+    ``library_size``: None -> rho (reference); a number L -> L * rho (rows sum to L); "observed" ->
+    rho times the cell's observed RNA count (cells without RNA: the model's library exp(l_rna)).
+    ``n_samples`` > 1 with ``use_z_mean=False`` decodes that many posterior samples; with
+    ``return_mean`` they are averaged, else (S, B, G) is returned. A list ``transform_batch`` averages.
+    """
+    codes = resolve_batch_codes(transform_batch, categories)
+    _check_codes(module, codes)
+    inf = module.inference(batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype))
+    z = _latent_draws(module, inf, n_samples, use_z_mean)
+    scale = torch.stack([_decode(module, batch, inf, z, c)["px_scale"] for c in codes]).mean(0)  # (S, B, G)
+    if library_size is not None:
+        if library_size == "observed":
+            x = batch[keys.RNA]
+            total = (torch.sparse.sum(x, dim=1).to_dense() if x.layout == torch.sparse_csr else x.sum(1)).to(scale.dtype)
+            lib = torch.where(inf["mask"][:, 0], total, torch.exp(inf["lib_rna"][:, 0]))
+        elif isinstance(library_size, (int, float)) and library_size > 0:
+            lib = torch.full((scale.shape[1],), float(library_size), dtype=scale.dtype)
+        else:
+            raise ValueError(f"library_size must be None, a positive number or 'observed', got {library_size!r}")
+        scale = scale * lib.view(1, -1, 1)
+    if gene_index is not None:
+        scale = scale[..., torch.as_tensor(gene_index, dtype=torch.long)]
+    return scale.mean(0) if return_mean else scale
+
+
+@torch.no_grad()
+def normalized_accessibility(
+    module: MultiVAE,
+    batch: dict,
+    transform_batch: BatchSpec = None,
+    categories: Sequence[str] | None = None,
+    normalize_cells: bool = False,
+    normalize_regions: bool = False,
+    n_samples: int = 1,
+    use_z_mean: bool = True,
+    region_index: torch.Tensor | Sequence[int] | None = None,
+    return_mean: bool = True,
+) -> torch.Tensor:
+    """Accessibility probability p (B, R); optionally times l_acc (cells) and sigmoid(r) (regions)."""
+    codes = resolve_batch_codes(transform_batch, categories)
+    _check_codes(module, codes)
+    if normalize_regions and module.region_factors is None:
+        raise ValueError("normalize_regions=True needs a model trained with region_factors=True")
+    inf = module.inference(batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype))
+    z = _latent_draws(module, inf, n_samples, use_z_mean)
+    p = torch.stack([_decode(module, batch, inf, z, c)["p"] for c in codes]).mean(0)
+    if normalize_cells:
+        p = p * inf["lib_atac"].view(1, -1, 1)
+    if normalize_regions:
+        p = p * torch.sigmoid(module.region_factors).view(1, 1, -1)
+    if region_index is not None:
+        p = p[..., torch.as_tensor(region_index, dtype=torch.long)]
+    return p.mean(0) if return_mean else p
