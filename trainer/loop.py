@@ -74,7 +74,16 @@ def step_noise(seed: int, step: int, rank: int, world_size: int, batch_size: int
 def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor | None, guard: StepGuard,
                    step: int) -> dict[str, float] | None:
     """Forward, guard, backward, step of the VAE, then the adversary's step. None if skipped."""
-    total, out, adversarial = w.forward(batch, kl_weight, eps)
+    try:
+        total, out, adversarial = w.forward(batch, kl_weight, eps)
+    except RuntimeError as exc:
+        # F.binary_cross_entropy (the ATAC likelihood) raises on NaN probabilities instead of returning
+        # NaN; that is a non-finite forward, so it is skipped and counted like any other.
+        if "between 0 and 1" not in str(exc):
+            raise
+        w.zero_grad()
+        guard.check(step, {"forward (NaN reached the ATAC likelihood)": float("nan")})
+        return None
     terms = {"recon_rna": out.recon_rna.mean(), "recon_atac": out.recon_atac.mean(), "kl": out.kl.mean(),
              "penalty": out.penalty.mean(), "adversarial": adversarial, "loss": total}
     values = dict(zip(terms, torch.stack([t.detach().double() for t in terms.values()]).tolist(), strict=True))

@@ -1,0 +1,65 @@
+"""Non-finite guard: a NaN loss skips the step (weights untouched) and K in a row stop the run with
+a message naming the step, the bad loss term and the last good checkpoint.
+
+    .venv/bin/python -m pytest tests/test_guard.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data.collate import to_device
+from data.stream import StoreStream
+from tests.train_utils import tiny_store
+from trainer.config import load_config
+from trainer.export import build_module
+from trainer.guard import NonFiniteError, StepGuard
+from trainer.loop import train_one_step
+from trainer.parallel import wrap
+from trainer.classifier import build_classifier
+
+
+def test_nan_steps_are_skipped_then_stop_with_a_useful_message(tmp_path):
+    store = tiny_store(tmp_path / "store", n_cells=300)
+    cfg = load_config({"data": {"store": str(store)}, "model": {"n_hidden": 16, "n_latent": 4}})
+    torch.manual_seed(0)
+    stream = StoreStream(store, 32, chunk_size=16, prefetch=0)
+    module = build_module(stream.meta, cfg)
+    w = wrap(module, build_classifier(module), cfg.optim, cfg.dist, torch.device("cpu"), 32)
+    guard = StepGuard(max_bad_steps=3, last_good_checkpoint="/runs/x/checkpoints/step_000000001")
+    batches = [to_device(b, "cpu", dense=True) for b, _ in zip(stream, range(5), strict=False)]
+
+    assert train_one_step(w, batches[0], 1.0, None, guard, 0) is not None  # a good step
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    clf_before = {k: v.clone() for k, v in w.classifier.state_dict().items()}
+    bad = dict(batches[1])
+    bad["rna"] = bad["rna"].clone()
+    bad["rna"][0, 0] = float("nan")  # one corrupt count poisons the whole forward
+    assert train_one_step(w, bad, 1.0, None, guard, 1) is None
+    assert train_one_step(w, bad, 1.0, None, guard, 2) is None
+    assert guard.skipped_total == 2 and guard.consecutive == 2
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed on a skipped step"
+    for k, v in w.classifier.state_dict().items():
+        assert torch.equal(v, clf_before[k]), f"classifier {k} changed on a skipped step"
+
+    assert train_one_step(w, batches[2], 1.0, None, guard, 3) is not None  # a good step resets the streak
+    assert guard.consecutive == 0 and guard.skipped_total == 2
+    for step in (4, 5):
+        assert train_one_step(w, bad, 1.0, None, guard, step) is None
+    with pytest.raises(NonFiniteError) as err:
+        train_one_step(w, bad, 1.0, None, guard, 6)
+    msg = str(err.value)
+    assert "step 6" in msg and "forward" in msg and "step_000000001" in msg
+
+
+def test_the_bad_term_is_named_and_a_nonfinite_gradient_is_caught():
+    guard = StepGuard(max_bad_steps=2)
+    assert guard.check(0, {"loss": 1.0, "recon_atac": 2.0}) is False
+    assert guard.check(1, {"loss": float("nan"), "recon_atac": torch.tensor(float("inf"))}) is True
+    assert guard.history[-1] == "step 1: non-finite loss, recon_atac"
+    assert guard.check(2, {"loss": 1.0}) is False
+    assert guard.check(3, {"grad_norm": float("inf")}) is True
+    with pytest.raises(NonFiniteError, match="step 4.*grad_norm"):
+        guard.check(4, {"grad_norm": float("nan")})
