@@ -25,16 +25,24 @@ def build_optimizers(
     classifier_lr: float = 1e-3,
     classifier_eps: float = 0.01,
     classifier_weight_decay: float = 1e-3,
+    fused: bool | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
-    """AdamW over every trainable module parameter, Adam over the classifier (None without one)."""
-    vae_opt = torch.optim.AdamW(
-        [p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, eps=eps
-    )
+    """AdamW over every trainable module parameter, Adam over the classifier (None without one).
+
+    ``fused`` (default: on for CPU/CUDA float parameters) uses torch's single-kernel implementation,
+    same math as the loop version (the reference's AdamW is fused too); per-parameter Python loops
+    otherwise cost ~10 % of a step at these sizes.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    if fused is None:
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    vae_opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps, fused=fused)
     cls_opt = None
     if classifier is not None:
         cls_opt = torch.optim.Adam(
-            classifier.parameters(), lr=classifier_lr, eps=classifier_eps, weight_decay=classifier_weight_decay
-        )
+            classifier.parameters(), lr=classifier_lr, eps=classifier_eps, weight_decay=classifier_weight_decay,
+            fused=fused,
+        )  # fmt: skip
     return vae_opt, cls_opt
 
 

@@ -1,0 +1,148 @@
+"""Benchmark: cells per CPU-second of one MultiVI training step, ours vs the reference (scvi-tools 1.5.1).
+
+Both in one run, one torch thread, same sizes and weights: 2,000 genes, 10,000 regions, batch 128,
+50 % paired / 25 % RNA-only / 25 % ATAC-only cells, ~35 % RNA and ~3.5 % ATAC density, 2 batches
+(adversarial classifier on). The reference step is the body of its AdversarialTrainingPlan
+(VAE AdamW step, then classifier Adam step) on dense tensors, as its data loader yields them; ours is
+``trainer.step.train_step`` on sparse CSR input (the loader's format) and, for comparison, on dense
+input. CPU time is ``time.process_time()``.
+
+Usage: ``OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/model_step.py --out outputs/bench/model_step.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+from data import keys  # noqa: E402
+from trainer.classifier import build_classifier  # noqa: E402
+from trainer.module import MultiVAE  # noqa: E402
+from trainer.reference import build_reference, reference_tensors  # noqa: E402
+from trainer.step import build_optimizers, train_step  # noqa: E402
+
+
+def synthetic_batch(g: torch.Generator, n_cells: int, n_genes: int, n_regions: int, n_batch: int) -> dict:
+    """One minibatch with the benchmark's composition and densities (dense float32 counts)."""
+    mask = torch.ones(n_cells, 2, dtype=torch.bool)
+    mask[n_cells // 2 : 3 * n_cells // 4, 1] = False
+    mask[3 * n_cells // 4 :, 0] = False
+    rna = (torch.rand(n_cells, n_genes, generator=g) < 0.35) * (1 + torch.poisson(torch.full((n_cells, n_genes), 1.5), generator=g))
+    atac = (torch.rand(n_cells, n_regions, generator=g) < 0.035) * (1 + (torch.rand(n_cells, n_regions, generator=g) < 0.3))
+    perm = torch.randperm(n_cells, generator=g)
+    mask = mask[perm]
+    return {
+        keys.RNA: (rna * mask[:, :1]).float(),
+        keys.ATAC: (atac * mask[:, 1:]).float(),
+        keys.MASK: mask,
+        keys.BATCH: torch.randint(0, n_batch, (n_cells,), generator=g),
+        keys.CAT_COVS: torch.zeros(n_cells, 0, dtype=torch.long),
+        keys.CONT_COVS: torch.zeros(n_cells, 0),
+        keys.INDEX: torch.arange(n_cells),
+    }
+
+
+def sparse(batch: dict) -> dict:
+    out = dict(batch)
+    out[keys.RNA], out[keys.ATAC] = batch[keys.RNA].to_sparse_csr(), batch[keys.ATAC].to_sparse_csr()
+    return out
+
+
+def time_steps(step, batches: list, warmup: int, steps: int) -> float:
+    """Cells per CPU-second over ``steps`` timed calls after ``warmup`` untimed ones."""
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    start = time.process_time()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    cpu = time.process_time() - start
+    return steps * batches[0]["batch"].shape[0] / cpu
+
+
+def reference_stepper(ours: MultiVAE):
+    from scvi.train import AdversarialTrainingPlan
+
+    ref = build_reference(ours).train()
+    plan = AdversarialTrainingPlan(
+        ref, lr=1e-4, weight_decay=1e-3, eps=1e-8, optimizer="AdamW",
+        adversarial_classifier=True, scale_adversarial_loss=1, n_epochs_kl_warmup=50,
+    )  # fmt: skip
+    opt1, opt2 = plan.configure_optimizers()
+
+    def step(tensors: dict) -> None:
+        # body of AdversarialTrainingPlan.training_step (manual optimisation), kappa = 1
+        _, _, loss_out = ref.forward(tensors, loss_kwargs={"kl_weight": 0.5})
+        inf = ref._last_inf
+        loss = loss_out.loss + plan.loss_adversarial_classifier(inf["z"], tensors["batch"], False)
+        opt1.zero_grad()
+        loss.backward()
+        opt1.step()
+        cls = plan.loss_adversarial_classifier(inf["z"].detach(), tensors["batch"], True)
+        opt2.zero_grad()
+        cls.backward()
+        opt2.step()
+
+    # keep the inference outputs of the last forward (the plan reads z from them)
+    original = ref.inference
+
+    def inference(*args, **kwargs):
+        ref._last_inf = original(*args, **kwargs)
+        return ref._last_inf
+
+    ref.inference = inference
+    return ref, step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--genes", type=int, default=2000)
+    ap.add_argument("--regions", type=int, default=10000)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("outputs/bench/model_step.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    g = torch.Generator().manual_seed(0)
+    dense = [synthetic_batch(g, args.batch_size, args.genes, args.regions, 2) for _ in range(4)]
+    torch.manual_seed(0)
+    ours = MultiVAE(args.genes, args.regions, n_batch=2).train()
+    ref, ref_step = reference_stepper(ours)
+    cls = build_classifier(ours)
+    opts = build_optimizers(ours, cls)
+
+    def our_step(batch):
+        train_step(ours, cls, *opts, batch, kl_weight=0.5)
+
+    ref_batches = [reference_tensors(b) for b in dense]
+    results = {
+        "reference (dense input)": time_steps(ref_step, ref_batches, args.warmup, args.steps),
+        "ours (sparse CSR input)": time_steps(our_step, [sparse(b) for b in dense], args.warmup, args.steps),
+        "ours (dense input)": time_steps(our_step, dense, args.warmup, args.steps),
+    }
+    base = results["reference (dense input)"]
+    rows = [{"implementation": k, "cells_per_cpu_s": round(v, 1), "ratio_vs_reference": round(v / base, 2)} for k, v in results.items()]
+    print(f"{'implementation':<28} {'cells/CPU-s':>12} {'x reference':>12}")
+    for r in rows:
+        print(f"{r['implementation']:<28} {r['cells_per_cpu_s']:>12.1f} {r['ratio_vs_reference']:>12.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "genes": args.genes, "regions": args.regions, "batch_size": args.batch_size, "steps": args.steps,
+        "warmup": args.warmup, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(), "n_hidden": ours.n_hidden, "n_latent": ours.n_latent,
+    }  # fmt: skip
+    args.out.write_text(json.dumps({"config": meta, "results": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
