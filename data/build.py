@@ -145,7 +145,10 @@ def _build(cfg: BuildConfig, sources) -> Path:
                     if shuffler is not None:
                         shuffler.add(b_rna, b_atac, b_obs)
                     else:
-                        w.append(b_rna, b_atac, b_obs)
+                        try:
+                            w.append(b_rna, b_atac, b_obs)
+                        except (ValueError, KeyError) as exc:  # name the input, not just the cell
+                            raise ValidationError(f"{src.name}: {exc}") from exc
                     bar.update(len(sel))
             if shuffler is not None:
                 for b_rna, b_atac, b_obs in shuffler.buckets():
