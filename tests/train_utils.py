@@ -68,7 +68,7 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.
 
 
 def train_cli(overrides: dict[str, Any], *more: str, nproc: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
-    args = ["-m", "trainer.train", *as_cli(overrides), *more]
+    args = ["-m", "trainer.train", *more, *as_cli(overrides)]  # flags (--multirun) before overrides
     if nproc > 1:
         return torchrun(args, nproc=nproc, timeout=timeout)
     res = subprocess.run([PY, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
