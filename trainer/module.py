@@ -278,10 +278,7 @@ class MultiVAE(nn.Module):
             rl_rna = D.nb_nll(x_rna, gen["px_rate"], gen["theta"])
         else:
             rl_rna = D.poisson_nll(x_rna, gen["px_rate"])
-        q = gen["p"] * inf["lib_atac"]
-        if self.region_factors is not None:
-            q = q * torch.sigmoid(self.region_factors)
-        rl_atac = D.bernoulli_nll(x_atac, q)
+        rl_atac = D.product_bernoulli_nll(x_atac, gen["p"], inf["lib_atac"], self.region_factor_probs())
         mask = inf["mask"].to(rl_rna.dtype)
         recon_rna, recon_atac = rl_rna * mask[:, 0], rl_atac * mask[:, 1]
         qz_m, qz_v = inf["qz_m"], inf["qz_v"]
