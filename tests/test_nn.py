@@ -26,13 +26,14 @@ def test_first_layer_widths_follow_the_reference_asymmetry():
     m = MultiVAE(60, 400, n_batch=2, n_cats_per_cov=(3,), n_continuous_cov=2, encode_covariates=True)
     assert m.n_latent == 4 and m.n_hidden == 20
     assert m.rna_decoder.linears[0].in_features == 4 + 2 + 2 + 3
-    assert m.rna_encoder.z_stack.linears[0].in_features == 60 + 2 + 2 + 3
+    enc = m.rna_encoder  # counts columns live in the fused input weight, covariate columns in the Linear
+    assert enc.input_weight.shape == (60, 2 * 20) and enc.z_stack.linears[0].in_features == 2 + 2 + 3
     assert m.rna_encoder.z_stack.linears[1].in_features == 20  # RNA: deeper blocks only if deep
     assert m.atac_encoder.z_stack.linears[1].in_features == 20 + 5  # ATAC: every block when encoding
     assert m.atac_encoder.lib_stack.linears[1].in_features == 20
     deep = MultiVAE(60, 400, n_batch=2, n_cats_per_cov=(3,), n_continuous_cov=2, deeply_inject_covariates=True)
     assert deep.rna_decoder.linears[1].in_features == 20 + 5  # one-hots only: continuous enter once
-    assert deep.rna_encoder.z_stack.linears[0].in_features == 60  # not encoding covariates
+    assert deep.rna_encoder.z_stack.linears[0].in_features == 0  # not encoding covariates: bias only
 
 
 def test_fcstack_equals_concatenated_input_reference_math():
@@ -47,18 +48,29 @@ def test_fcstack_equals_concatenated_input_reference_math():
     torch.testing.assert_close(stack(x, cov, extra), h, rtol=1e-12, atol=1e-12)
 
 
-def test_fused_encoder_pair_equals_separate_stacks():
+def test_fused_encoder_pair_equals_two_plain_stacks():
+    """One matmul against the fused (n_in, 2H) weight == two nn.Linear first layers on [x, cov]."""
     torch.manual_seed(0)
     pair = EncoderPair(30, 3, 8, 2, n_cov=2, n_extra=0, z_inject_deep=False, lib_inject_deep=False,
                        dropout=0.0, batch_norm=False, layer_norm=True, library_head="sigmoid").double()  # fmt: skip
     x = torch.poisson(torch.rand(6, 30, dtype=torch.float64))
     cov = F.one_hot(torch.tensor([0, 1, 0, 1, 1, 0]), 2).double()
+
+    def plain(stack, cols):
+        w = torch.cat([pair.input_weight[:, cols].t(), stack.linears[0].weight], dim=1)
+        h = F.leaky_relu(F.layer_norm(torch.cat([x, cov], 1) @ w.t() + stack.linears[0].bias, (8,)))
+        return F.leaky_relu(F.layer_norm(stack.linears[1](h), (8,)))
+
     m, v, lib = pair(x, cov)
-    h = pair.z_stack(x, cov)
+    h = plain(pair.z_stack, slice(0, 8))
     torch.testing.assert_close(m, pair.mean(h), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(v, torch.exp(pair.var(h)), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(lib, torch.sigmoid(pair.lib_out(pair.lib_stack(x, cov))), rtol=1e-12, atol=1e-12)
+    expected_lib = torch.sigmoid(pair.lib_out(plain(pair.lib_stack, slice(8, 16))))
+    torch.testing.assert_close(lib, expected_lib, rtol=1e-12, atol=1e-12)
     assert ((lib > 0) & (lib < 1)).all()
+    bound = 1 / (30 + 2) ** 0.5  # nn.Linear's init for the whole first layer
+    assert pair.input_weight.abs().max() <= bound and pair.z_stack.linears[0].bias.abs().max() <= bound
+    assert pair.z_stack.linears[0].bias.abs().max() > 0
 
 
 def test_batch_norm_and_dropout_layers():

@@ -63,29 +63,65 @@ def _key_to_reference(key: str, table: list, params: tuple = ()) -> str | None:
 
 
 def reference_key(key: str) -> str:
-    """Reference state-dict key of one of our module's keys (KeyError if it has no counterpart)."""
+    """Reference key of one of our keys that maps 1:1 (not the fused encoder input weights)."""
     ref = _key_to_reference(key, _MODULE_MAP, _PARAMS)
     if ref is None:
         raise KeyError(f"no reference counterpart for {key!r}")
     return ref
 
 
-def reference_state_from_ours(ours: dict, reference_template: dict) -> dict:
-    """Our state dict -> a full reference state dict (reference-only entries kept from the template)."""
-    out = dict(reference_template)
+_FUSED = re.compile(r"(rna_encoder|atac_encoder)\.(z_stack|lib_stack)\.linears\.0\.weight")
+
+
+def to_reference_layout(ours: dict) -> dict:
+    """Our tensors (state dict, or gradients keyed like named_parameters) -> reference keys and shapes.
+
+    Each encoder's fused ``input_weight`` (n_in, k*H) is split and transposed back into the counts
+    columns of the reference's two first-layer weights, ahead of their covariate columns.
+    """
+    out = {}
     for key, value in ours.items():
-        ref = reference_key(key)
-        if ref not in out:
-            raise KeyError(f"reference has no {ref!r} (from {key!r}); are the options the same?")
-        if tuple(out[ref].shape) != tuple(value.shape):
-            raise ValueError(f"shape mismatch {key} {tuple(value.shape)} vs {ref} {tuple(out[ref].shape)}")
-        out[ref] = value.clone()
+        if key.endswith(".input_weight"):
+            continue
+        m = _FUSED.fullmatch(key)
+        if m is not None:
+            fused = ours[f"{m.group(1)}.input_weight"]
+            H = value.shape[0]
+            part = fused[:, :H] if m.group(2) == "z_stack" else fused[:, H : 2 * H]
+            value = torch.cat([part.t(), value], dim=1)
+        out[reference_key(key)] = value
     return out
 
 
-def ours_state_from_reference(reference: dict, our_keys: list[str]) -> dict:
-    """Reference state dict -> ours; ``our_keys`` = ``module.state_dict().keys()`` of the target."""
-    return {key: reference[reference_key(key)].clone() for key in our_keys}
+def reference_state_from_ours(ours: dict, reference_template: dict) -> dict:
+    """Our state dict -> a full reference state dict (reference-only entries kept from the template)."""
+    out = dict(reference_template)
+    for ref, value in to_reference_layout(ours).items():
+        if ref not in out:
+            raise KeyError(f"reference has no {ref!r}; are the options the same?")
+        if tuple(out[ref].shape) != tuple(value.shape):
+            raise ValueError(f"shape mismatch for {ref}: ours {tuple(value.shape)}, reference {tuple(out[ref].shape)}")
+        out[ref] = value.detach().clone()
+    return out
+
+
+def ours_state_from_reference(reference: dict, our_template: dict) -> dict:
+    """Reference state dict -> ours; ``our_template`` = the target's ``state_dict()`` (for shapes)."""
+    out = {}
+    for key, value in our_template.items():
+        if key.endswith(".input_weight"):
+            enc = key[: -len(".input_weight")]
+            n_in = value.shape[0]
+            parts = [reference[reference_key(f"{enc}.z_stack.linears.0.weight")][:, :n_in].t()]
+            if f"{enc}.lib_stack.linears.0.weight" in our_template:
+                parts.append(reference[reference_key(f"{enc}.lib_stack.linears.0.weight")][:, :n_in].t())
+            out[key] = torch.cat(parts, dim=1).contiguous()
+        elif _FUSED.fullmatch(key):
+            n_in = our_template[key.split(".")[0] + ".input_weight"].shape[0]
+            out[key] = reference[reference_key(key)][:, n_in:].clone()
+        else:
+            out[key] = reference[reference_key(key)].clone()
+    return out
 
 
 def classifier_state_to_reference(ours: dict) -> dict:
