@@ -35,7 +35,7 @@ def test_nan_steps_are_skipped_then_stop_with_a_useful_message(tmp_path):
     clf_before = {k: v.clone() for k, v in w.classifier.state_dict().items()}
     bad = dict(batches[1])
     bad["rna"] = bad["rna"].clone()
-    bad["rna"][0, 0] = float("nan")  # one corrupt count poisons the whole forward
+    bad["rna"][0, 0] = float("nan")  # one corrupt count: NaN loss terms (and NaN batch-norm statistics)
     assert train_one_step(w, bad, 1.0, None, guard, 1) is None
     assert train_one_step(w, bad, 1.0, None, guard, 2) is None
     assert guard.skipped_total == 2 and guard.consecutive == 2
@@ -51,7 +51,7 @@ def test_nan_steps_are_skipped_then_stop_with_a_useful_message(tmp_path):
     with pytest.raises(NonFiniteError) as err:
         train_one_step(w, bad, 1.0, None, guard, 6)
     msg = str(err.value)
-    assert "step 6" in msg and "forward" in msg and "step_000000001" in msg
+    assert "step 6" in msg and "recon_rna" in msg and "step_000000001" in msg
 
 
 def test_the_bad_term_is_named_and_a_nonfinite_gradient_is_caught():

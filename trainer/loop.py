@@ -73,7 +73,21 @@ def step_noise(seed: int, step: int, rank: int, world_size: int, batch_size: int
 
 def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor | None, guard: StepGuard,
                    step: int) -> dict[str, float] | None:
-    """Forward, guard, backward, step of the VAE, then the adversary's step. None if skipped."""
+    """Forward, guard, backward, step of the VAE, then the adversary's step. None if skipped.
+
+    A skipped step must leave no trace: batch-norm running statistics (classifier, optional VAE batch
+    norm) are updated by the forward itself, so they are snapshotted and restored on a skip;
+    otherwise one NaN batch would poison them for the rest of the run.
+    """
+    buffers = [b for m in (w.module, w.classifier) if m is not None for b in m.buffers()]
+    saved = [b.detach().clone() for b in buffers]
+
+    def skip() -> None:
+        w.zero_grad()
+        with torch.no_grad():
+            for b, s in zip(buffers, saved, strict=True):
+                b.copy_(s)
+
     try:
         total, out, adversarial = w.forward(batch, kl_weight, eps)
     except RuntimeError as exc:
@@ -81,7 +95,7 @@ def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor 
         # NaN; that is a non-finite forward, so it is skipped and counted like any other.
         if "between 0 and 1" not in str(exc):
             raise
-        w.zero_grad()
+        skip()
         guard.check(step, {"forward (NaN reached the ATAC likelihood)": float("nan")})
         return None
     terms = {"recon_rna": out.recon_rna.mean(), "recon_atac": out.recon_atac.mean(), "kl": out.kl.mean(),
@@ -89,11 +103,12 @@ def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor 
     values = dict(zip(terms, torch.stack([t.detach().double() for t in terms.values()]).tolist(), strict=True))
     w.zero_grad()
     if guard.check(step, values):
+        skip()
         return None
     w.backward(total)
     norm = w.grad_norm_before_step()
     if norm is not None and guard.check(step, {"grad_norm": norm}):
-        w.zero_grad()
+        skip()
         return None
     w.step()
     if norm is None:
