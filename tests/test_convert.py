@@ -214,3 +214,19 @@ def test_preshuffle_and_filters(tmp_path, bmmc):
     _assert_modality(df, obs, "atac", atac, st.meta.region_names)
     np.testing.assert_array_equal(obs["cell_index"].to_numpy(), np.arange(500))
     assert st.meta.source["filtered_features"]["rna"]["n"] == rna.n_vars - len(st.meta.gene_names)
+
+
+def test_dense_x_is_read_in_blocks_and_csc_is_refused_clearly(tmp_path, bmmc):
+    rna, atac = bmmc
+    dense = ad.AnnData(X=rna.X.toarray(), obs=rna.obs, var=rna.var)
+    dense.write_h5ad(tmp_path / "dense.h5ad")
+    build_store(BuildConfig(out=str(tmp_path / "s.zarr"), block_size=77, progress=False,
+                            inputs=[InputConfig(kind="h5ad_pair", rna=str(tmp_path / "dense.h5ad"))]))
+    st, obs, df = _dense_store(tmp_path / "s.zarr")
+    _assert_modality(df, obs, "rna", rna)
+    assert st.meta.n_regions == 0 and not obs["mask_atac"].any()
+    ad.AnnData(X=sp.csc_matrix(rna.X), obs=rna.obs, var=rna.var).write_h5ad(tmp_path / "csc.h5ad")
+    with pytest.raises(ValueError, match="csc.h5ad: X is stored as CSC"):
+        build_store(BuildConfig(out=str(tmp_path / "t.zarr"), progress=False,
+                                inputs=[InputConfig(kind="h5ad_pair", rna=str(tmp_path / "csc.h5ad"))]))
+    assert not (tmp_path / "t.zarr").exists()

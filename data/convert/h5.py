@@ -93,7 +93,7 @@ class H5AnnDataGroup:
         self.var: pd.DataFrame = read_elem(g["var"])
         self.obs.index = self.obs.index.astype(str)
         self.var.index = self.var.index.astype(str)
-        self.X = matrix_rows(g["X"], f"{self.where} X")
+        self.X = matrix_rows(g["X"], self.where)
         if (self.X.n_rows, self.X.n_cols) != (len(self.obs), len(self.var)):
             raise ValueError(f"{self.where}: X shape {(self.X.n_rows, self.X.n_cols)} does not match "
                              f"obs ({len(self.obs)}) x var ({len(self.var)})")
