@@ -12,8 +12,10 @@ The order of an epoch is built in two seeded levels, both from ``(seed, epoch)``
    permuted together (the in-memory buffer of the reader holds one window at a time).
 
 The per-rank batch sequence therefore depends on (seed, epoch, rank, world_size) and never on the number
-of DataLoader workers: worker ``w`` of ``W`` yields the rank's batches ``w, w+W, w+2W, ...`` and torch's
-round-robin over workers puts them back in the same order.
+of DataLoader workers. Inside a batch the cells are sorted by store row: membership is what the shuffle
+decides, row order inside a batch carries no information, and sorted rows let the reader gather each
+chunk's rows as one run. Worker ``w`` of ``W`` yields the rank's batches ``w, w+W, w+2W, ...`` and
+torch's round-robin over workers puts them back in the same order.
 
 Remainder rule (``remainder=``) for training, where every rank must take the same number of steps
 (otherwise DDP collectives hang or abort, stack notes §2):
@@ -105,7 +107,7 @@ def rank_batches(order: np.ndarray, *, batch_size: int, rank: int, world_size: i
     if remainder == "none":
         per_rank = -(-n // world_size)
         mine = order[rank * per_rank:(rank + 1) * per_rank]
-        batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+        batches = [np.sort(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
         return EpochPlan(batches, n, 0, 0)
     step = batch_size * world_size
     if remainder == "drop":
@@ -119,7 +121,7 @@ def rank_batches(order: np.ndarray, *, batch_size: int, rank: int, world_size: i
     # Contiguous block per rank keeps each rank's reads inside its own windows (no overread).
     per_rank = n_batches * batch_size
     mine = order[rank * per_rank:(rank + 1) * per_rank]
-    batches = [mine[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+    batches = [np.sort(mine[i * batch_size:(i + 1) * batch_size]) for i in range(n_batches)]
     return EpochPlan(batches, n, n_dropped, n_padded)
 
 

@@ -1,0 +1,214 @@
+"""StoreStream: the IterableDataset that feeds training, validation and inference from a store.
+
+Which cells a (rank, worker) yields is decided by ``data.plan`` (pure); this module only wires the plan
+to the reader, the collate step and a background prefetch thread.
+
+* ``split="train"`` (default remainder ``"drop"``): every training cell at most once per epoch, exactly
+  once up to the ``< world_size * batch_size`` cells dropped (counted in ``plan.n_dropped``; use
+  ``remainder="pad"`` to repeat a few cells instead); ``len(stream)`` is equal on every rank.
+* ``split="validation"`` / ``"all"`` (default remainder ``"none"``): every selected cell exactly once
+  across ranks; rank ``r`` gets a contiguous block of the order, so **ranks may differ by a batch or
+  more** and the last batch may be short. Aggregate validation with summed losses and cell counts
+  (all-reduce both), never with a mean of per-rank means. With ``shuffle=False`` and ``split="all"``
+  the blocks concatenate in store order: the inference mode.
+* Resume: ``state_dict()`` records (epoch, batches consumed on this rank); ``load_state_dict()`` makes
+  the next iteration yield exactly the rest of that epoch. With ``num_workers=0`` the stream counts
+  consumed batches itself; with DataLoader workers it cannot see what the trainer took, so pass
+  ``state_dict(batches_consumed=n)``. A state from another world size is refused (ValueError).
+* Workers: with ``DataLoader(num_workers=W)`` worker ``w`` yields batches ``w, w+W, ...`` of the rank's
+  sequence and the DataLoader's round-robin restores the W=0 order. Each worker reads whole chunks of
+  the windows it touches, so W workers read up to W times the bytes; ``num_workers=0`` (the default
+  recommendation) relies on the prefetch thread instead. Forked workers read through zarr's default
+  codec pipeline (zarrs' thread pool does not survive a fork); spawned workers keep zarrs. Use ``batch_size=None`` in the DataLoader:
+  the stream already yields whole minibatches.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data import keys
+from data.collate import collate
+from data.plan import EpochPlan, chunk_bounds, plan_epoch, worker_batch_ids
+from data.reader import ChunkReader, as_store, read_cell_table, read_split_hash
+from data.split import is_validation
+from data.store import Store
+
+SPLITS = ("train", "validation", "all")
+_DONE = object()
+_DEFAULT_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
+
+
+class StoreStream(IterableDataset):
+    def __init__(self, store: Store | str | os.PathLike, batch_size: int, split: str = "train",
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, *,
+                 val_fraction: float = 0.1, remainder: str | None = None, chunk_size: int = 256,
+                 window_chunks: int = 16, prefetch: int = 4, dense: bool = False, size_factor: bool = False,
+                 modalities: tuple[str, ...] = keys.MODALITIES, read_threads: int = 4):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        bad = [m for m in modalities if m not in keys.MODALITIES]
+        if bad:
+            raise ValueError(f"unknown modalities {bad}; choose from {keys.MODALITIES}")
+        self._store = as_store(store)
+        self.path = self._store.path
+        self.meta = self._store.meta
+        self.batch_size, self.split, self.shuffle, self.seed = int(batch_size), split, bool(shuffle), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.val_fraction = float(val_fraction)
+        self.remainder = remainder or ("drop" if split == "train" else "none")
+        self.chunk_size, self.window_chunks = int(chunk_size), int(window_chunks)
+        self.prefetch, self.dense, self.size_factor = int(prefetch), bool(dense), bool(size_factor)
+        self.modalities, self.read_threads = tuple(modalities), int(read_threads)
+        self.n_features = {keys.RNA: self.meta.n_genes, keys.ATAC: self.meta.n_regions}
+        self.shard_sizes = np.diff(np.asarray(self.meta.shard_offsets, dtype=np.int64))
+        # Split by id hash only: independent of shard layout, world size and workers.
+        if split == "all":
+            self.eligible = np.ones(self.meta.n_cells, dtype=bool)
+        else:
+            val = is_validation(read_split_hash(self._store), self.val_fraction)
+            self.eligible = val if split == "validation" else ~val
+        self.table = read_cell_table(self._store)
+        self.epoch = 0
+        self._resume_at = 0  # first batch of the next iteration (set by load_state_dict)
+        self._consumed = 0  # batches handed out in the current epoch (num_workers=0)
+        self._plan_cache: tuple[int, EpochPlan] | None = None
+        self._reader: ChunkReader | None = None
+        self._pid = os.getpid()
+        plan = self.plan()
+        if split == "train" and len(plan) == 0:
+            raise ValueError(f"split 'train' has {plan.n_cells} cells, fewer than world_size x batch_size = "
+                             f"{self.world_size} x {self.batch_size}: lower batch_size or use remainder='pad'")
+
+    # ------------------------------------------------------------------------------------ plan
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """This rank's batches for ``epoch`` (default: the current one); cached for the current epoch."""
+        e = self.epoch if epoch is None else int(epoch)
+        if self._plan_cache is not None and self._plan_cache[0] == e:
+            return self._plan_cache[1]
+        plan = plan_epoch(self.shard_sizes, self.eligible, batch_size=self.batch_size, seed=self.seed, epoch=e,
+                          rank=self.rank, world_size=self.world_size, shuffle=self.shuffle,
+                          remainder=self.remainder, chunk_size=self.chunk_size, window_chunks=self.window_chunks)
+        if e == self.epoch:
+            self._plan_cache = (e, plan)
+        return plan
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; a pending resume position is kept only if it is for this same epoch."""
+        if int(epoch) != self.epoch:
+            self.epoch, self._resume_at, self._consumed = int(epoch), 0, 0
+
+    def __len__(self) -> int:
+        return len(self.plan())
+
+    # ------------------------------------------------------------------------------------ resume
+    def state_dict(self, batches_consumed: int | None = None) -> dict[str, Any]:
+        done = self._consumed if batches_consumed is None else int(batches_consumed)
+        return {"epoch": self.epoch, "batches_consumed": done, "world_size": self.world_size,
+                "rank": self.rank, "seed": self.seed, "batch_size": self.batch_size, "split": self.split,
+                "shuffle": self.shuffle, "remainder": self.remainder, "n_batches": len(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["world_size"]) != self.world_size:
+            raise ValueError(f"loader state was saved with world_size={state['world_size']} but this run has "
+                             f"world_size={self.world_size}; the per-rank cell assignment would differ, so a "
+                             f"mid-epoch resume cannot be exact (restart the epoch instead)")
+        for k in ("seed", "batch_size", "split", "shuffle", "remainder"):
+            if state[k] != getattr(self, k):
+                raise ValueError(f"loader state has {k}={state[k]!r} but this stream has {k}={getattr(self, k)!r}")
+        self.epoch = int(state["epoch"])
+        self._plan_cache = None
+        n = len(self)
+        if not 0 <= int(state["batches_consumed"]) <= n:
+            raise ValueError(f"batches_consumed={state['batches_consumed']} outside [0, {n}]")
+        self._resume_at = self._consumed = int(state["batches_consumed"])
+
+    # ------------------------------------------------------------------------------------ reading
+    def _get_reader(self) -> ChunkReader:
+        # A DataLoader worker reopens the store: the parent's handles and threads are not its own.
+        if self._reader is None or self._pid != os.getpid():
+            if self._pid != os.getpid():
+                if self._pid != -1:
+                    # Forked (not spawned) worker: zarrs' Rust thread pool did not survive the fork and
+                    # its first read would hang forever, so this process falls back to zarr's own
+                    # pipeline (slower; prefer num_workers=0 or multiprocessing_context="spawn").
+                    zarr.config.set({"codec_pipeline.path": _DEFAULT_PIPELINE})
+                self._store, self._pid = as_store(self.path), os.getpid()
+            starts, stops = chunk_bounds(self.shard_sizes, self.chunk_size)
+            # Two windows of chunks: a batch at a window boundary touches both.
+            self._reader = ChunkReader(self._store, starts, stops, cache_chunks=2 * self.window_chunks + 2,
+                                       modalities=self.modalities, threads=self.read_threads)
+        return self._reader
+
+    def make_batch(self, cells: np.ndarray) -> dict[str, torch.Tensor]:
+        blocks = self._get_reader().gather(cells)
+        return collate(cells, blocks, self.table, self.n_features, dense=self.dense, size_factor=self.size_factor)
+
+    def __iter__(self):
+        plan = self.plan()
+        start, self._resume_at = self._resume_at, 0
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        ids = worker_batch_ids(len(plan), worker_id=wid, num_workers=nw, start=start)
+        self._consumed = start
+        source = (self.make_batch(plan.batches[i]) for i in ids)
+        it = _prefetched(source, self.prefetch) if self.prefetch > 0 else source
+        for batch in it:
+            self._consumed += 1
+            yield batch
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned workers reopen the store by path; open handles and threads do not pickle.
+        state = self.__dict__.copy()
+        state["_store"], state["_reader"], state["_pid"] = None, None, -1
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def _prefetched(source, depth: int):
+    """Run ``source`` in a background thread, ``depth`` items ahead; errors re-raise in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        # Never block forever: the consumer may have stopped early (break, error, generator closed).
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in source:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
+            put(exc)
+
+    t = threading.Thread(target=produce, name="mva-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)

@@ -1,0 +1,160 @@
+"""StoreStream on real stores on disk: exactly once, contents, determinism, resume, splits, inference.
+
+Run: .venv/bin/python -m pytest tests/test_stream.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from data import keys
+from data.collate import to_device
+from data.store import open_store
+from data.stream import StoreStream
+from data.synthetic import write_synthetic_store
+
+N_CELLS = 2500
+
+
+def _store(root, shard_size):
+    return write_synthetic_store(root / f"s{shard_size}.zarr", n_cells=N_CELLS, n_genes=60, n_regions=300, seed=4,
+                                 shard_size=shard_size, block_size=1000, with_covariates=True, progress=False)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    return {s: _store(root, s) for s in (700, 1024)}
+
+
+def _indices(stream, **dl):
+    if dl:
+        stream = DataLoader(stream, batch_size=None, **dl)
+    return [b[keys.INDEX].numpy() for b in stream]
+
+
+@pytest.mark.parametrize("shard_size", [700, 1024])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_train_cells_exactly_once_equal_counts(stores, shard_size, world_size):
+    per_rank = [_indices(StoreStream(stores[shard_size], 50, seed=2, rank=r, world_size=world_size, chunk_size=64,
+                                     window_chunks=4)) for r in range(world_size)]
+    assert len({len(b) for b in per_rank}) == 1, "ranks must yield the same number of batches"
+    seen = np.concatenate([np.concatenate(b) for b in per_rank])
+    s = StoreStream(stores[shard_size], 50, seed=2, world_size=world_size, chunk_size=64, window_chunks=4)
+    train = np.flatnonzero(s.eligible)
+    assert len(seen) == len(np.unique(seen)), "a cell was yielded twice"
+    assert np.isin(seen, train).all()
+    assert len(seen) + s.plan().n_dropped == len(train)
+    assert s.plan().n_dropped < 50 * world_size
+
+
+def test_batch_contents_match_the_store(stores):
+    path = stores[700]
+    st = open_store(path)
+    obs = st.read_obs()
+    b = next(iter(StoreStream(path, 40, seed=0, size_factor=True)))
+    idx = b[keys.INDEX].numpy()
+    assert b[keys.RNA].layout == torch.sparse_csr and b[keys.RNA].shape == (40, 60)
+    for mod, col in ((keys.RNA, 0), (keys.ATAC, 1)):
+        want = []
+        for i in idx:
+            sh = st.meta.shard_of(int(i))
+            lo = int(i) - st.meta.shard_offsets[sh]
+            want.append(st.read_rows(mod, sh, lo, lo + 1).toarray())
+        assert np.array_equal(np.vstack(want), b[mod].to_dense().numpy())
+        assert np.array_equal(b[keys.MASK][:, col].numpy(), obs[f"mask_{mod}"].values[idx])
+    assert np.array_equal(b[keys.BATCH].numpy(), obs["batch"].cat.codes.values[idx])
+    assert np.array_equal(b[keys.CAT_COVS][:, 0].numpy(), obs["site"].cat.codes.values[idx])
+    assert np.allclose(b[keys.CONT_COVS][:, 0].numpy(), obs["pct_mito"].values[idx])
+    assert np.array_equal(b[keys.LABEL].numpy(), obs["cell_type"].cat.codes.values[idx])
+    assert np.array_equal(b[keys.SIZE_FACTOR][:, 0].numpy()[obs["mask_rna"].values[idx]],
+                          obs["lib_rna"].values[idx][obs["mask_rna"].values[idx]].astype(np.float32))
+    dense = to_device(b, "cpu", dense=True)
+    assert dense[keys.ATAC].layout == torch.strided
+    assert torch.equal(dense[keys.ATAC], b[keys.ATAC].to_dense())
+
+
+def test_deterministic_and_reshuffled_per_epoch(stores):
+    a = StoreStream(stores[700], 64, seed=7)
+    b = StoreStream(stores[700], 64, seed=7)
+    first = _indices(a)
+    assert all(np.array_equal(x, y) for x, y in zip(first, _indices(b), strict=True))
+    a.set_epoch(1)
+    second = _indices(a)
+    assert not np.array_equal(np.concatenate(first), np.concatenate(second))
+
+
+def test_dataloader_workers_reproduce_the_single_process_sequence(stores):
+    ref = _indices(StoreStream(stores[700], 64, seed=1, rank=1, world_size=2))
+    got = _indices(StoreStream(stores[700], 64, seed=1, rank=1, world_size=2), num_workers=2)
+    assert len(ref) == len(got) and all(np.array_equal(x, y) for x, y in zip(ref, got))
+
+
+def test_resume_mid_epoch_yields_the_uninterrupted_rest(stores):
+    full = StoreStream(stores[700], 48, seed=3, rank=0, world_size=2)
+    full.set_epoch(2)
+    want = list(full)
+    part = StoreStream(stores[700], 48, seed=3, rank=0, world_size=2)
+    part.set_epoch(2)
+    it = iter(part)
+    for _ in range(5):
+        next(it)
+    state = part.state_dict()
+    assert state["batches_consumed"] == 5 and state["epoch"] == 2
+    it.close()
+    resumed = StoreStream(stores[700], 48, seed=3, rank=0, world_size=2)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # what a trainer's epoch loop does: must keep the resume position
+    rest = list(resumed)
+    assert len(rest) == len(want) - 5
+    for x, y in zip(want[5:], rest, strict=True):
+        for k in (keys.INDEX, keys.BATCH, keys.MASK):
+            assert torch.equal(x[k], y[k])
+        assert torch.equal(x[keys.ATAC].to_dense(), y[keys.ATAC].to_dense())
+    # Through DataLoader workers the trainer passes the count it consumed.
+    resumed.load_state_dict(part.state_dict(batches_consumed=7))
+    got = _indices(resumed, num_workers=2)
+    assert all(np.array_equal(x[keys.INDEX].numpy(), y) for x, y in zip(want[7:], got, strict=True))
+
+
+def test_state_from_another_world_size_is_refused(stores):
+    state = StoreStream(stores[700], 32, world_size=2).state_dict()
+    with pytest.raises(ValueError, match="world_size=2.*world_size=3"):
+        StoreStream(stores[700], 32, world_size=3).load_state_dict(state)
+
+
+def test_split_stable_under_shard_layout_and_disjoint(stores):
+    def cells(path, split):
+        return set(np.flatnonzero(StoreStream(path, 8, split=split, val_fraction=0.2).eligible).tolist())
+
+    train_a, train_b = cells(stores[700], "train"), cells(stores[1024], "train")
+    val = cells(stores[700], "validation")
+    assert train_a == train_b and val == cells(stores[1024], "validation")
+    assert not train_a & val and len(train_a | val) == N_CELLS and 0 < len(val) < N_CELLS
+
+
+def test_validation_every_cell_once_across_ranks(stores):
+    per_rank = [np.concatenate(_indices(StoreStream(stores[700], 64, split="validation", shuffle=False,
+                                                    val_fraction=0.2, rank=r, world_size=3))) for r in range(3)]
+    want = np.flatnonzero(StoreStream(stores[700], 64, split="validation", val_fraction=0.2).eligible)
+    assert np.array_equal(np.concatenate(per_rank), want)
+
+
+def test_inference_mode_covers_every_cell_in_store_order(stores):
+    blocks = []
+    for r in range(3):
+        s = StoreStream(stores[1024], 100, split="all", shuffle=False, rank=r, world_size=3)
+        idx = np.concatenate(_indices(s))
+        assert np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))), "rank block must be contiguous"
+        blocks.append(idx)
+    assert np.array_equal(np.concatenate(blocks), np.arange(N_CELLS))
+
+
+def test_bad_arguments(stores):
+    with pytest.raises(ValueError, match="split must be one of"):
+        StoreStream(stores[700], 8, split="test")
+    with pytest.raises(ValueError, match="fewer than world_size x batch_size"):
+        StoreStream(stores[700], 5000)
