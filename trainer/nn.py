@@ -40,11 +40,29 @@ def input_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x @ weight.t()
 
 
+class _CsrMatmul(torch.autograd.Function):
+    """``x @ w`` for CSR ``x`` (no gradient) and dense ``w`` (n_in, n_out).
+
+    torch's generic backward for ``sparse.mm`` zero-fills and copies a dense (n_in, n_out) buffer
+    around the product; here the weight gradient is one CSR(x^T) @ grad product written once.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.x = x
+        return torch.sparse.mm(x, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xt = ctx.x.t().to_sparse_csr()  # transposed structure, O(nnz)
+        return None, torch.sparse.mm(xt, grad.contiguous())
+
+
 def input_matmul_t(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """``x @ weight_t`` with ``weight_t`` stored (n_in, n_out): no transpose copy for sparse x."""
     if x.layout == torch.sparse_csr:
         if x.values().numel() <= DENSIFY_ABOVE * x.shape[0] * x.shape[1]:
-            return torch.sparse.mm(x, weight_t)
+            return _CsrMatmul.apply(x, weight_t)
         x = x.to_dense()
     return x @ weight_t
 
