@@ -74,7 +74,7 @@ def test_windows_hold_whole_chunks():
     sizes = [300, 200]
     mask = np.ones(500, bool)
     order = epoch_order(sizes, mask, seed=0, epoch=0, chunk_size=25, window_chunks=4)
-    starts, stops = chunk_bounds(sizes, 25)
+    starts, _ = chunk_bounds(sizes, 25)
     chunk = np.searchsorted(starts, order, side="right") - 1
     for w in range(0, 20, 4):
         window = chunk[w * 25:(w + 4) * 25]
