@@ -5,7 +5,7 @@ Both in one run, one torch thread, same sizes and weights: 2,000 genes, 10,000 r
 (adversarial classifier on). The reference step is the body of its AdversarialTrainingPlan
 (VAE AdamW step, then classifier Adam step) on dense tensors, as its data loader yields them; ours is
 ``trainer.step.train_step`` on sparse CSR input (the loader's format) and, for comparison, on dense
-input. CPU time is ``time.process_time()``.
+input. CPU time is ``time.process_time()``; the three are timed in alternating chunks of 5 steps.
 
 Usage: ``OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/model_step.py --out outputs/bench/model_step.json``
 """
@@ -56,15 +56,23 @@ def sparse(batch: dict) -> dict:
     return out
 
 
-def time_steps(step, batches: list, warmup: int, steps: int) -> float:
-    """Cells per CPU-second over ``steps`` timed calls after ``warmup`` untimed ones."""
-    for i in range(warmup):
-        step(batches[i % len(batches)])
-    start = time.process_time()
-    for i in range(steps):
-        step(batches[i % len(batches)])
-    cpu = time.process_time() - start
-    return steps * batches[0]["batch"].shape[0] / cpu
+def time_interleaved(steppers: dict, warmup: int, steps: int, chunk: int = 5) -> dict[str, float]:
+    """Cells per CPU-second of each stepper; chunks of ``chunk`` steps alternate between them so that
+    load from other processes on a shared machine hits every implementation alike."""
+    cpu = dict.fromkeys(steppers, 0.0)
+    done = dict.fromkeys(steppers, 0)
+    for step, batches in steppers.values():
+        for i in range(warmup):
+            step(batches[i % len(batches)])
+    while min(done.values()) < steps:
+        for name, (step, batches) in steppers.items():
+            n = min(chunk, steps - done[name])
+            start = time.process_time()
+            for i in range(done[name], done[name] + n):
+                step(batches[i % len(batches)])
+            cpu[name] += time.process_time() - start
+            done[name] += n
+    return {name: done[name] * steppers[name][1][0]["batch"].shape[0] / cpu[name] for name in steppers}
 
 
 def reference_stepper(ours: MultiVAE):
@@ -124,11 +132,15 @@ def main() -> None:
         train_step(ours, cls, *opts, batch, kl_weight=0.5)
 
     ref_batches = [reference_tensors(b) for b in dense]
-    results = {
-        "reference (dense input)": time_steps(ref_step, ref_batches, args.warmup, args.steps),
-        "ours (sparse CSR input)": time_steps(our_step, [sparse(b) for b in dense], args.warmup, args.steps),
-        "ours (dense input)": time_steps(our_step, dense, args.warmup, args.steps),
-    }
+    results = time_interleaved(
+        {
+            "reference (dense input)": (ref_step, ref_batches),
+            "ours (sparse CSR input)": (our_step, [sparse(b) for b in dense]),
+            "ours (dense input)": (our_step, dense),
+        },
+        args.warmup,
+        args.steps,
+    )
     base = results["reference (dense input)"]
     rows = [{"implementation": k, "cells_per_cpu_s": round(v, 1), "ratio_vs_reference": round(v / base, 2)} for k, v in results.items()]
     print(f"{'implementation':<28} {'cells/CPU-s':>12} {'x reference':>12}")
