@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.test_parity import make_batch, pbmc_counts  # noqa: F401  (real-data fixture)
 
 from data import keys
+from tests.test_parity import load_pbmc_counts, make_batch
 from trainer import predict
 from trainer.classifier import build_classifier
 from trainer.module import MultiVAE
 from trainer.step import build_optimizers, train_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+
+
+@pytest.fixture
+def pbmc_counts():
+    return load_pbmc_counts()
 
 
 def _module(**kw) -> MultiVAE:
@@ -46,7 +51,9 @@ def test_dispersion_variants_train(pbmc_counts, dispersion):
         assert module.px_r.grad[:, :2].abs().sum() > 0 and module.px_r.grad[:, 2].abs().sum() == 0
         theta = out.outputs["theta"]
         assert theta.shape == (12, 45)
-        assert torch.equal(theta[0], torch.exp(before[:, 0])) and torch.equal(theta[1], torch.exp(before[:, 1]))
+        assert torch.equal(theta[0], torch.exp(before[:, 0])) and torch.equal(
+            theta[1], torch.exp(before[:, 1])
+        )
     else:
         assert out.outputs["theta"].shape == (12, 45)
         assert module.px_r_head.weight.grad.abs().sum() > 0
@@ -95,7 +102,9 @@ def test_transform_batch_labels_codes_and_lists(pbmc_counts):
     torch.testing.assert_close(averaged, (singles[0] + singles[1]) / 2)
     assert not torch.allclose(singles[0], singles[1])  # the batch really changes the decoder
     acc = [predict.normalized_accessibility(module, batch, transform_batch=c) for c in (0, 1)]
-    torch.testing.assert_close(predict.normalized_accessibility(module, batch, transform_batch=[0, 1]), (acc[0] + acc[1]) / 2)
+    torch.testing.assert_close(
+        predict.normalized_accessibility(module, batch, transform_batch=[0, 1]), (acc[0] + acc[1]) / 2
+    )
     with pytest.raises(ValueError, match="unknown batch label"):
         predict.normalized_expression(module, batch, transform_batch="nope", categories=cats)
     with pytest.raises(ValueError, match="out of range"):

@@ -10,12 +10,17 @@ import math
 
 import pytest
 import torch
-from tests.test_parity import make_batch, pbmc_counts  # noqa: F401  (real-data fixture)
 
 from data import keys
+from tests.test_parity import load_pbmc_counts, make_batch
 from trainer.module import LossOutput, MultiVAE
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+
+
+@pytest.fixture
+def pbmc_counts():
+    return load_pbmc_counts()
 
 
 def _module(**kw) -> MultiVAE:
@@ -41,7 +46,9 @@ def test_masked_softmax_weights_reproduce_the_reference_third_slot():
     alpha = module.modality_alpha(mask, None)
     torch.testing.assert_close(alpha[0, :2], torch.tensor([0.5, 0.5], dtype=torch.float64))
     assert 0 < alpha[0, 2] < 1e-30  # protein slot: 1e-30 / (2e + 1e-30)
-    torch.testing.assert_close(alpha[1, :2], torch.tensor([1.0, 0.0], dtype=torch.float64), atol=1e-29, rtol=0)
+    torch.testing.assert_close(
+        alpha[1, :2], torch.tensor([1.0, 0.0], dtype=torch.float64), atol=1e-29, rtol=0
+    )
     torch.testing.assert_close(alpha[3], torch.full((3,), 0.25, dtype=torch.float64))  # no modality: 1/4 each
 
 
@@ -75,11 +82,11 @@ def test_cell_weights_need_n_obs_and_index(pbmc_counts):
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        (dict(gene_likelihood="gaussian"), "gene_likelihood"),
-        (dict(dispersion="gene-label"), "dispersion"),
-        (dict(modality_penalty="KL"), "modality_penalty"),
-        (dict(use_layer_norm="all"), "use_layer_norm"),
-        (dict(n_batch=0), "n_batch"),
+        ({"gene_likelihood": "gaussian"}, "gene_likelihood"),
+        ({"dispersion": "gene-label"}, "dispersion"),
+        ({"modality_penalty": "KL"}, "modality_penalty"),
+        ({"use_layer_norm": "all"}, "use_layer_norm"),
+        ({"n_batch": 0}, "n_batch"),
     ],
 )
 def test_bad_options_are_named(kw, match):

@@ -31,7 +31,9 @@ def test_first_layer_widths_follow_the_reference_asymmetry():
     assert m.rna_encoder.z_stack.linears[1].in_features == 20  # RNA: deeper blocks only if deep
     assert m.atac_encoder.z_stack.linears[1].in_features == 20 + 5  # ATAC: every block when encoding
     assert m.atac_encoder.lib_stack.linears[1].in_features == 20
-    deep = MultiVAE(60, 400, n_batch=2, n_cats_per_cov=(3,), n_continuous_cov=2, deeply_inject_covariates=True)
+    deep = MultiVAE(
+        60, 400, n_batch=2, n_cats_per_cov=(3,), n_continuous_cov=2, deeply_inject_covariates=True
+    )
     assert deep.rna_decoder.linears[1].in_features == 20 + 5  # one-hots only: continuous enter once
     assert deep.rna_encoder.z_stack.linears[0].in_features == 0  # not encoding covariates: bias only
 
@@ -39,7 +41,9 @@ def test_first_layer_widths_follow_the_reference_asymmetry():
 def test_fcstack_equals_concatenated_input_reference_math():
     """Split-weight first layer == Linear on [x, extra, cov], then LayerNorm(no affine), LeakyReLU."""
     torch.manual_seed(0)
-    stack = FCStack(7, 5, 2, n_cov=3, n_extra=2, inject_deep=True, activation="leaky_relu", layer_norm=True).double()
+    stack = FCStack(
+        7, 5, 2, n_cov=3, n_extra=2, inject_deep=True, activation="leaky_relu", layer_norm=True
+    ).double()
     x, extra = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     cov = F.one_hot(torch.tensor([0, 2, 1, 2]), 3).double()
     h = torch.cat([x, extra, cov], 1) @ stack.linears[0].weight.t() + stack.linears[0].bias
@@ -51,8 +55,20 @@ def test_fcstack_equals_concatenated_input_reference_math():
 def test_fused_encoder_pair_equals_two_plain_stacks():
     """One matmul against the fused (n_in, 2H) weight == two nn.Linear first layers on [x, cov]."""
     torch.manual_seed(0)
-    pair = EncoderPair(30, 3, 8, 2, n_cov=2, n_extra=0, z_inject_deep=False, lib_inject_deep=False,
-                       dropout=0.0, batch_norm=False, layer_norm=True, library_head="sigmoid").double()  # fmt: skip
+    pair = EncoderPair(
+        30,
+        3,
+        8,
+        2,
+        n_cov=2,
+        n_extra=0,
+        z_inject_deep=False,
+        lib_inject_deep=False,
+        dropout=0.0,
+        batch_norm=False,
+        layer_norm=True,
+        library_head="sigmoid",
+    ).double()
     x = torch.poisson(torch.rand(6, 30, dtype=torch.float64))
     cov = F.one_hot(torch.tensor([0, 1, 0, 1, 1, 0]), 2).double()
 

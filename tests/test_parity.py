@@ -13,6 +13,7 @@ Run: ``.venv/bin/python -m pytest tests/test_parity.py -q``
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -41,14 +42,20 @@ PBMC = Path("/work/shared/data/pbmc_10x_multiome_muon_testsubset")
 RTOL = 1e-6
 
 
-@pytest.fixture(scope="module")
-def pbmc_counts():
+@functools.lru_cache(maxsize=1)
+def load_pbmc_counts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Real PBMC multiome counts (float64), cells with both modalities non-empty; read once per session."""
     rna = ad.read_h5ad(PBMC / "pbmc_muon_test_rna.h5ad")
     atac = ad.read_h5ad(PBMC / "pbmc_muon_test_atac.h5ad")
     assert list(rna.obs_names) == list(atac.obs_names)
     x_rna, x_atac = rna.X.toarray().astype(np.float64), atac.X.toarray().astype(np.float64)
     keep = (x_rna.sum(1) > 0) & (x_atac.sum(1) > 0)
     return torch.from_numpy(x_rna[keep]), torch.from_numpy(x_atac[keep])
+
+
+@pytest.fixture
+def pbmc_counts():
+    return load_pbmc_counts()
 
 
 def make_batch(counts, n_cells=12, n_batch=2, n_cats=(), n_cont=0, n_obs=40, seed=0, size_factor=False):
@@ -80,7 +87,9 @@ def randomize(module: MultiVAE, seed: int = 1) -> None:
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name in ("mod_weights", "region_factors") or "batch_norms" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (1.0 if "weight" in name else 0))
+                p.copy_(
+                    torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (1.0 if "weight" in name else 0)
+                )
         for name, b in module.named_buffers():
             if name.endswith("running_mean"):
                 b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.1)
@@ -112,9 +121,14 @@ def run_parity(counts, monkeypatch, train_mode=False, kl_weight=0.7, batch_kw=No
     torch.manual_seed(0)
     batch_kw = dict(batch_kw or {})
     n_batch = options.setdefault("n_batch", 2)
-    batch = make_batch(counts, n_batch=n_batch, n_cats=options.get("n_cats_per_cov", ()),
-                       n_cont=options.get("n_continuous_cov", 0), size_factor=options.get("use_size_factor", False),
-                       **batch_kw)  # fmt: skip
+    batch = make_batch(
+        counts,
+        n_batch=n_batch,
+        n_cats=options.get("n_cats_per_cov", ()),
+        n_cont=options.get("n_continuous_cov", 0),
+        size_factor=options.get("use_size_factor", False),
+        **batch_kw,
+    )
     if options.get("modality_weights") == "cell":
         options["n_obs"] = 40
     ours = MultiVAE(counts[0].shape[1], counts[1].shape[1], **options).double()
@@ -124,14 +138,29 @@ def run_parity(counts, monkeypatch, train_mode=False, kl_weight=0.7, batch_kw=No
     noise = torch.randn(batch[keys.RNA].shape[0], ours.n_latent, dtype=torch.float64)
     fixed_noise(monkeypatch, noise)
 
-    ref_inf, ref_gen, ref_loss = reference_forward(ref, reference_tensors(batch, len(ours.n_cats_per_cov)), kl_weight)
+    ref_inf, ref_gen, ref_loss = reference_forward(
+        ref, reference_tensors(batch, len(ours.n_cats_per_cov)), kl_weight
+    )
     out = ours.loss(batch, kl_weight=kl_weight, eps=noise)
     o = out.outputs
-    for ours_key, ref_key in [("qzm_rna", "qzm_expr"), ("qzv_rna", "qzv_expr"), ("qzm_atac", "qzm_acc"),
-                              ("qzv_atac", "qzv_acc"), ("qz_m", "qz_m"), ("qz_v", "qz_v"), ("z", "z"),
-                              ("lib_rna", "libsize_expr"), ("lib_atac", "libsize_acc")]:  # fmt: skip
+    for ours_key, ref_key in [
+        ("qzm_rna", "qzm_expr"),
+        ("qzv_rna", "qzv_expr"),
+        ("qzm_atac", "qzm_acc"),
+        ("qzv_atac", "qzv_acc"),
+        ("qz_m", "qz_m"),
+        ("qz_v", "qz_v"),
+        ("z", "z"),
+        ("lib_rna", "libsize_expr"),
+        ("lib_atac", "libsize_acc"),
+    ]:
         rel_close(o[ours_key], ref_inf[ref_key], ours_key)
-    for ours_key, ref_key in [("p", "p"), ("px_scale", "px_scale"), ("px_rate", "px_rate"), ("px_dropout", "px_dropout")]:
+    for ours_key, ref_key in [
+        ("p", "p"),
+        ("px_scale", "px_scale"),
+        ("px_rate", "px_rate"),
+        ("px_dropout", "px_dropout"),
+    ]:
         if o[ours_key] is None:  # zero-inflation head only built for zinb
             continue
         rel_close(o[ours_key], ref_gen[ref_key], ours_key)
@@ -148,10 +177,15 @@ def run_parity(counts, monkeypatch, train_mode=False, kl_weight=0.7, batch_kw=No
     ref_loss.loss.backward()
     ref_params = dict(ref.named_parameters())
     # zero-width covariate parts of fused first layers (no covariates) get no gradient: use zeros
-    named = {n: p.grad if p.grad is not None or p.numel() else torch.zeros_like(p) for n, p in ours.named_parameters()}
+    named = {
+        n: p.grad if p.grad is not None or p.numel() else torch.zeros_like(p)
+        for n, p in ours.named_parameters()
+    }
     unused = [n for n, g in named.items() if g is None]
     for name in unused:  # unused by this likelihood (e.g. px_r with poisson): unused there too
-        assert ref_params[reference_key(name)].grad is None, f"no gradient for {name} but the reference has one"
+        assert ref_params[reference_key(name)].grad is None, (
+            f"no gradient for {name} but the reference has one"
+        )
     grads = to_reference_layout({n: g for n, g in named.items() if g is not None})
     mapped = set(grads) | {reference_key(n) for n in unused}
     for rk, grad in grads.items():
@@ -163,29 +197,42 @@ def run_parity(counts, monkeypatch, train_mode=False, kl_weight=0.7, batch_kw=No
     return ours, ref
 
 
-GRID = list(itertools.product(("zinb", "nb", "poisson"), ("equal", "universal", "cell"), ("Jeffreys", "None")))
+GRID = list(
+    itertools.product(("zinb", "nb", "poisson"), ("equal", "universal", "cell"), ("Jeffreys", "None"))
+)
 
 
 @pytest.mark.parametrize(("likelihood", "weights", "penalty"), GRID)
 def test_parity_likelihood_weights_penalty(pbmc_counts, monkeypatch, likelihood, weights, penalty):
-    run_parity(pbmc_counts, monkeypatch, gene_likelihood=likelihood, modality_weights=weights, modality_penalty=penalty)
+    run_parity(
+        pbmc_counts,
+        monkeypatch,
+        gene_likelihood=likelihood,
+        modality_weights=weights,
+        modality_penalty=penalty,
+    )
 
 
 @pytest.mark.parametrize(
     "options",
     [
-        dict(n_cats_per_cov=(3, 1), n_continuous_cov=2),
-        dict(n_cats_per_cov=(3,), n_continuous_cov=2, encode_covariates=True),
-        dict(n_cats_per_cov=(3,), n_continuous_cov=2, deeply_inject_covariates=True),
-        dict(n_cats_per_cov=(3, 4), n_continuous_cov=2, encode_covariates=True, deeply_inject_covariates=True),
-        dict(n_cats_per_cov=(3,), encode_covariates=True, n_layers_encoder=3, n_layers_decoder=3),
-        dict(n_batch=1),
-        dict(n_batch=1, n_cats_per_cov=(2,), n_continuous_cov=1, encode_covariates=True),
-        dict(latent_distribution="ln"),
-        dict(use_size_factor=True, gene_likelihood="nb"),
-        dict(region_factors=False),
-        dict(use_layer_norm="encoder", use_batch_norm="decoder"),
-        dict(use_layer_norm="none", use_batch_norm="both", n_hidden=9, n_latent=3),
+        {"n_cats_per_cov": (3, 1), "n_continuous_cov": 2},
+        {"n_cats_per_cov": (3,), "n_continuous_cov": 2, "encode_covariates": True},
+        {"n_cats_per_cov": (3,), "n_continuous_cov": 2, "deeply_inject_covariates": True},
+        {
+            "n_cats_per_cov": (3, 4),
+            "n_continuous_cov": 2,
+            "encode_covariates": True,
+            "deeply_inject_covariates": True,
+        },
+        {"n_cats_per_cov": (3,), "encode_covariates": True, "n_layers_encoder": 3, "n_layers_decoder": 3},
+        {"n_batch": 1},
+        {"n_batch": 1, "n_cats_per_cov": (2,), "n_continuous_cov": 1, "encode_covariates": True},
+        {"latent_distribution": "ln"},
+        {"use_size_factor": True, "gene_likelihood": "nb"},
+        {"region_factors": False},
+        {"use_layer_norm": "encoder", "use_batch_norm": "decoder"},
+        {"use_layer_norm": "none", "use_batch_norm": "both", "n_hidden": 9, "n_latent": 3},
     ],
     ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
 )
@@ -209,19 +256,44 @@ def test_reference_has_the_documented_sizes(pbmc_counts):
 
 def test_state_dict_mapping_round_trip():
     """ours -> reference -> ours is the identity, and every reference weight we map is really used."""
-    ours = MultiVAE(45, 174, n_batch=3, n_cats_per_cov=(2,), n_continuous_cov=1, encode_covariates=True,
-                    modality_weights="universal", use_batch_norm="both").double()  # fmt: skip
+    ours = MultiVAE(
+        45,
+        174,
+        n_batch=3,
+        n_cats_per_cov=(2,),
+        n_continuous_cov=1,
+        encode_covariates=True,
+        modality_weights="universal",
+        use_batch_norm="both",
+    ).double()
     randomize(ours)
     ref = build_reference(ours)
     back = ours_state_from_reference(ref.state_dict(), ours.state_dict())
     for k, v in ours.state_dict().items():
         assert torch.equal(back[k], v), k
     # reverse direction from an independently initialised reference
-    fresh = build_reference(MultiVAE(45, 174, n_batch=3, n_cats_per_cov=(2,), n_continuous_cov=1,
-                                     encode_covariates=True, modality_weights="universal",
-                                     use_batch_norm="both").double())  # fmt: skip
-    ours2 = MultiVAE(45, 174, n_batch=3, n_cats_per_cov=(2,), n_continuous_cov=1, encode_covariates=True,
-                     modality_weights="universal", use_batch_norm="both").double()  # fmt: skip
+    fresh = build_reference(
+        MultiVAE(
+            45,
+            174,
+            n_batch=3,
+            n_cats_per_cov=(2,),
+            n_continuous_cov=1,
+            encode_covariates=True,
+            modality_weights="universal",
+            use_batch_norm="both",
+        ).double()
+    )
+    ours2 = MultiVAE(
+        45,
+        174,
+        n_batch=3,
+        n_cats_per_cov=(2,),
+        n_continuous_cov=1,
+        encode_covariates=True,
+        modality_weights="universal",
+        use_batch_norm="both",
+    ).double()
     ours2.load_state_dict(ours_state_from_reference(fresh.state_dict(), ours2.state_dict()))
     again = reference_state_from_ours(ours2.state_dict(), fresh.state_dict())
     for k, v in fresh.state_dict().items():

@@ -33,5 +33,11 @@ def test_min_max_and_bad_input():
 def test_agrees_with_the_reference_function():
     from scvi.train._trainingplans import _compute_kl_weight
 
-    for epoch, step, ne, ns in [(0, 0, 50, None), (7, 3, 50, None), (0, 30, None, 100), (2, 500, None, 100), (9, 9, None, None)]:
+    for epoch, step, ne, ns in [
+        (0, 0, 50, None),
+        (7, 3, 50, None),
+        (0, 30, None, 100),
+        (2, 500, None, 100),
+        (9, 9, None, None),
+    ]:
         assert kl_weight(epoch, step, ne, ns) == pytest.approx(_compute_kl_weight(epoch, step, ne, ns))

@@ -90,7 +90,9 @@ def test_likelihoods_with_explicit_stored_zeros():
     g = torch.Generator().manual_seed(1)
     x = torch.poisson(torch.rand(6, 9, generator=g, dtype=torch.float64) * 2)
     crow = torch.arange(0, 6 * 9 + 1, 9)
-    full = torch.sparse_csr_tensor(crow, torch.arange(9).repeat(6), x.reshape(-1), size=(6, 9))  # all stored
+    full = torch.sparse_csr_tensor(
+        crow, torch.arange(9).repeat(6), x.reshape(-1), size=(6, 9), check_invariants=True
+    )  # every entry stored, zeros included
     mu = torch.rand(6, 9, generator=g, dtype=torch.float64) * 3 + 0.1
     theta = torch.rand(9, generator=g, dtype=torch.float64) + 0.5
     pi = torch.randn(6, 9, generator=g, dtype=torch.float64)

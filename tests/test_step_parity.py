@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.test_parity import fixed_noise, make_batch, pbmc_counts, randomize, rel_close  # noqa: F401
 
-from data import keys
+from tests.test_parity import fixed_noise, load_pbmc_counts, make_batch, randomize, rel_close
 from trainer.classifier import build_classifier
 from trainer.module import MultiVAE
 from trainer.reference import (
@@ -34,6 +33,11 @@ from trainer.schedules import kl_weight
 from trainer.step import build_optimizers, train_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors", "ignore:.*fused.*")
+
+
+@pytest.fixture
+def pbmc_counts():
+    return load_pbmc_counts()
 
 
 def _reference_plan(ours: MultiVAE, classifier):
@@ -49,9 +53,15 @@ def _reference_plan(ours: MultiVAE, classifier):
             parent = ref.z_decoder_pro.get_submodule(name.rsplit(".", 1)[0])
             parent[int(name.rsplit(".", 1)[1])] = torch.nn.Identity()
     plan = AdversarialTrainingPlan(
-        ref, lr=1e-4, weight_decay=1e-3, eps=1e-8, optimizer="AdamW",
-        adversarial_classifier=classifier is not None, scale_adversarial_loss=1, n_epochs_kl_warmup=2,
-    )  # fmt: skip
+        ref,
+        lr=1e-4,
+        weight_decay=1e-3,
+        eps=1e-8,
+        optimizer="AdamW",
+        adversarial_classifier=classifier is not None,
+        scale_adversarial_loss=1,
+        n_epochs_kl_warmup=2,
+    )
     if classifier is not None:
         plan.adversarial_classifier.double()
         plan.adversarial_classifier.load_state_dict(classifier_state_to_reference(classifier.state_dict()))
@@ -80,7 +90,10 @@ def _reference_step(ref, plan, opt1, opt2, tensors, beta):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(n_batch=3, n_cats_per_cov=(2,), n_continuous_cov=1, encode_covariates=True), dict(n_batch=1)],
+    [
+        {"n_batch": 3, "n_cats_per_cov": (2,), "n_continuous_cov": 1, "encode_covariates": True},
+        {"n_batch": 1},
+    ],
     ids=["3-batches-adversarial", "single-batch-no-classifier"],
 )
 def test_three_steps_leave_identical_weights(pbmc_counts, monkeypatch, options):
@@ -97,14 +110,21 @@ def test_three_steps_leave_identical_weights(pbmc_counts, monkeypatch, options):
     initial = ours.atac_out.weight.detach().clone()
 
     for step in range(3):
-        batch = make_batch(pbmc_counts, n_batch=options["n_batch"], n_cats=options.get("n_cats_per_cov", ()),
-                           n_cont=options.get("n_continuous_cov", 0), seed=step)  # fmt: skip
+        batch = make_batch(
+            pbmc_counts,
+            n_batch=options["n_batch"],
+            n_cats=options.get("n_cats_per_cov", ()),
+            n_cont=options.get("n_continuous_cov", 0),
+            seed=step,
+        )
         beta = kl_weight(epoch=step, n_epochs_kl_warmup=2)
         assert beta == _compute_kl_weight(step, step, 2, None)
         noise = torch.randn(12, ours.n_latent, dtype=torch.float64)
         fixed_noise(monkeypatch, noise)
         torch.manual_seed(100 + step)
-        ref_loss = _reference_step(ref, plan, ref_opt1, ref_opt2, reference_tensors(batch, len(ours.n_cats_per_cov)), beta)
+        ref_loss = _reference_step(
+            ref, plan, ref_opt1, ref_opt2, reference_tensors(batch, len(ours.n_cats_per_cov)), beta
+        )
         torch.manual_seed(100 + step)
         terms = train_step(ours, classifier, vae_opt, cls_opt, batch, beta, eps=noise)
         assert abs(terms["loss"] - ref_loss) <= 1e-9 * abs(ref_loss)

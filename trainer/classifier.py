@@ -15,12 +15,16 @@ from trainer.nn import FCStack
 
 
 class BatchClassifier(nn.Module):
-    def __init__(self, n_latent: int, n_batch: int, n_hidden: int = 32, n_layers: int = 2, dropout: float = 0.1):
+    def __init__(
+        self, n_latent: int, n_batch: int, n_hidden: int = 32, n_layers: int = 2, dropout: float = 0.1
+    ):
         super().__init__()
         if n_batch < 2:
             raise ValueError(f"the adversarial classifier needs n_batch >= 2, got {n_batch}")
         self.n_batch = n_batch
-        self.hidden = FCStack(n_latent, n_hidden, n_layers, activation="relu", dropout=dropout, batch_norm=True)
+        self.hidden = FCStack(
+            n_latent, n_hidden, n_layers, activation="relu", dropout=dropout, batch_norm=True
+        )
         self.out = nn.Linear(n_hidden, n_batch)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

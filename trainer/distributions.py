@@ -59,7 +59,14 @@ def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: 
     spi = softplus_pi[rows, cols]
     ptl = pi_theta_log[rows, cols]
     lmt = log_theta_mu_eps[rows, cols]
-    nz = -spi + ptl + v * (torch.log(m + EPS) - lmt) + torch.lgamma(v + th) - torch.lgamma(th) - torch.lgamma(v + 1)
+    nz = (
+        -spi
+        + ptl
+        + v * (torch.log(m + EPS) - lmt)
+        + torch.lgamma(v + th)
+        - torch.lgamma(th)
+        - torch.lgamma(v + 1)
+    )
     # every entry was counted as a zero; swap in the nonzero term where the stored value is > eps
     corr = (v > EPS).to(mu.dtype) * nz - (v >= EPS).to(mu.dtype) * case_zero[rows, cols]
     return -(case_zero.sum(-1) + _row_sum(corr, rows, x.shape[0]))
@@ -155,7 +162,9 @@ class _ProductBernoulliNLL(torch.autograd.Function):
         return grad_p, grad_lib, grad_s, None, None
 
 
-def product_bernoulli_nll(x: torch.Tensor, p: torch.Tensor, lib: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+def product_bernoulli_nll(
+    x: torch.Tensor, p: torch.Tensor, lib: torch.Tensor, s: torch.Tensor | None
+) -> torch.Tensor:
     """sum_j BCE(p_cj * lib_c * s_j, 1[x_cj > 0]) per cell; x dense or CSR; lib (B, 1); s (R,) or None."""
     if x.layout == torch.sparse_csr:
         rows, cols, v = _nonzeros(x)

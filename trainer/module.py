@@ -83,11 +83,15 @@ class MultiVAE(nn.Module):
         use_size_factor: bool = False,
     ):
         super().__init__()
-        opts = dict(
-            gene_likelihood=gene_likelihood, dispersion=dispersion, use_batch_norm=use_batch_norm,
-            use_layer_norm=use_layer_norm, latent_distribution=latent_distribution,
-            modality_weights=modality_weights, modality_penalty=modality_penalty,
-        )  # fmt: skip
+        opts = {
+            "gene_likelihood": gene_likelihood,
+            "dispersion": dispersion,
+            "use_batch_norm": use_batch_norm,
+            "use_layer_norm": use_layer_norm,
+            "latent_distribution": latent_distribution,
+            "modality_weights": modality_weights,
+            "modality_penalty": modality_penalty,
+        }
         for name, value in opts.items():
             if value not in _CHOICES[name]:
                 raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}")
@@ -96,7 +100,9 @@ class MultiVAE(nn.Module):
         if n_batch < 1:
             raise ValueError(f"n_batch must be >= 1, got {n_batch}")
         if modality_weights == "cell" and n_obs < 1:
-            raise ValueError("modality_weights='cell' learns one weight row per training cell: pass n_obs > 0")
+            raise ValueError(
+                "modality_weights='cell' learns one weight row per training cell: pass n_obs > 0"
+            )
         self.n_genes, self.n_regions, self.n_batch = n_genes, n_regions, n_batch
         self.n_cats_per_cov = tuple(int(n) for n in n_cats_per_cov)
         self.n_continuous_cov = n_continuous_cov
@@ -116,21 +122,33 @@ class MultiVAE(nn.Module):
         ln_enc, ln_dec = use_layer_norm in ("encoder", "both"), use_layer_norm in ("decoder", "both")
         H, d, C, deep = self.n_hidden, self.n_latent, n_continuous_cov, deeply_inject_covariates
 
-        enc = dict(
-            n_latent=d, n_hidden=H, n_layers=n_layers_encoder, n_cov=n_cov if encode_covariates else 0,
-            n_extra=C if encode_covariates else 0, dropout=dropout_rate, batch_norm=bn_enc, layer_norm=ln_enc,
-        )  # fmt: skip
+        enc = {
+            "n_latent": d,
+            "n_hidden": H,
+            "n_layers": n_layers_encoder,
+            "n_cov": n_cov if encode_covariates else 0,
+            "n_extra": C if encode_covariates else 0,
+            "dropout": dropout_rate,
+            "batch_norm": bn_enc,
+            "layer_norm": ln_enc,
+        }
         # Reference asymmetry (spec §2.3, gotcha 10): the ATAC z-encoder injects covariates into every
         # block whatever `deeply_inject_covariates` says; the RNA z-encoder and both library nets obey it.
         self.rna_encoder = EncoderPair(
-            n_genes, z_inject_deep=deep, lib_inject_deep=deep,
-            library_head=None if use_size_factor else "leaky_relu", **enc,
-        )  # fmt: skip
+            n_genes,
+            z_inject_deep=deep,
+            lib_inject_deep=deep,
+            library_head=None if use_size_factor else "leaky_relu",
+            **enc,
+        )
         self.atac_encoder = EncoderPair(
-            n_regions, z_inject_deep=True, lib_inject_deep=deep,
-            library_head=None if use_size_factor else "sigmoid", **enc,
-        )  # fmt: skip
-        dec = dict(n_cov=n_cov, inject_deep=deep, batch_norm=bn_dec, layer_norm=ln_dec)
+            n_regions,
+            z_inject_deep=True,
+            lib_inject_deep=deep,
+            library_head=None if use_size_factor else "sigmoid",
+            **enc,
+        )
+        dec = {"n_cov": n_cov, "inject_deep": deep, "batch_norm": bn_dec, "layer_norm": ln_dec}
         self.rna_decoder = FCStack(d + C, H, n_layers_decoder, activation="relu", **dec)
         self.px_scale = nn.Linear(H, n_genes)
         # zero-inflation logits only where they are used (the reference always builds this head)
@@ -217,10 +235,18 @@ class MultiVAE(nn.Module):
         untran_z = qz_m + eps * qz_v.sqrt()
         z = F.softmax(untran_z, dim=-1) if self.latent_distribution == "ln" else untran_z
         return {
-            "z": z, "qz_m": qz_m, "qz_v": qz_v, "alpha": alpha, "mask": mask,
-            "qzm_rna": qzm_rna, "qzv_rna": qzv_rna, "qzm_atac": qzm_atac, "qzv_atac": qzv_atac,
-            "lib_rna": lib_rna, "lib_atac": lib_atac,
-        }  # fmt: skip
+            "z": z,
+            "qz_m": qz_m,
+            "qz_v": qz_v,
+            "alpha": alpha,
+            "mask": mask,
+            "qzm_rna": qzm_rna,
+            "qzv_rna": qzv_rna,
+            "qzm_atac": qzm_atac,
+            "qzv_atac": qzv_atac,
+            "lib_rna": lib_rna,
+            "lib_atac": lib_atac,
+        }
 
     def generative(
         self, z: torch.Tensor, batch: dict, lib_rna: torch.Tensor, batch_codes: torch.Tensor | None = None
@@ -244,10 +270,12 @@ class MultiVAE(nn.Module):
             theta = torch.exp(self.px_r_head(h_rna))
         p = torch.sigmoid(self.atac_out(self.atac_decoder(h_in, cov)))
         return {
-            "px_scale": px_scale, "px_rate": torch.exp(lib_rna) * px_scale,
+            "px_scale": px_scale,
+            "px_rate": torch.exp(lib_rna) * px_scale,
             "px_dropout": self.px_dropout(h_rna) if self.px_dropout is not None else None,
-            "theta": theta, "p": p,
-        }  # fmt: skip
+            "theta": theta,
+            "p": p,
+        }
 
     def region_factor_probs(self) -> torch.Tensor | None:
         return None if self.region_factors is None else torch.sigmoid(self.region_factors)
@@ -271,7 +299,10 @@ class MultiVAE(nn.Module):
         """Per-cell mean of recon_rna + recon_atac + kl_weight * KL + penalty (spec §3.5)."""
         inf = self.inference(batch, eps)
         gen = self.generative(inf["z"], batch, inf["lib_rna"])
-        x_rna, x_atac = self._counts(batch, keys.RNA, self.n_genes), self._counts(batch, keys.ATAC, self.n_regions)
+        x_rna, x_atac = (
+            self._counts(batch, keys.RNA, self.n_genes),
+            self._counts(batch, keys.ATAC, self.n_regions),
+        )
         if self.gene_likelihood == "zinb":
             rl_rna = D.zinb_nll(x_rna, gen["px_rate"], gen["theta"], gen["px_dropout"])
         elif self.gene_likelihood == "nb":
@@ -286,6 +317,13 @@ class MultiVAE(nn.Module):
         penalty = self.penalty(inf)
         loss = torch.mean((recon_rna + recon_atac) + (kl_weight * kl + penalty))
         return LossOutput(
-            loss=loss, recon_rna=recon_rna, recon_atac=recon_atac, kl=kl, penalty=penalty,
-            z=inf["z"], qz_m=qz_m, qz_v=qz_v, outputs={**inf, **gen},
-        )  # fmt: skip
+            loss=loss,
+            recon_rna=recon_rna,
+            recon_atac=recon_atac,
+            kl=kl,
+            penalty=penalty,
+            z=inf["z"],
+            qz_m=qz_m,
+            qz_v=qz_v,
+            outputs={**inf, **gen},
+        )

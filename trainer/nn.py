@@ -67,13 +67,17 @@ def input_matmul_t(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     return x @ weight_t
 
 
-def one_hot_covariates(codes: list[torch.Tensor], n_cats: list[int], dtype: torch.dtype) -> torch.Tensor | None:
+def one_hot_covariates(
+    codes: list[torch.Tensor], n_cats: list[int], dtype: torch.dtype
+) -> torch.Tensor | None:
     """Concatenate one-hot encodings of categorical codes; categories with one level are dropped.
 
     Dropping single-level covariates mirrors the reference (they carry no information), which keeps
     the first-layer widths identical so weights map 1:1.
     """
-    parts = [F.one_hot(c.reshape(-1).long(), n).to(dtype) for c, n in zip(codes, n_cats, strict=True) if n > 1]
+    parts = [
+        F.one_hot(c.reshape(-1).long(), n).to(dtype) for c, n in zip(codes, n_cats, strict=True) if n > 1
+    ]
     if not parts:
         return None
     return torch.cat(parts, dim=-1)
@@ -193,14 +197,22 @@ class EncoderPair(nn.Module):
         library_head: str | None,
     ):
         super().__init__()
-        common = dict(n_cov=n_cov, n_extra=n_extra, activation="leaky_relu", batch_norm=batch_norm, layer_norm=layer_norm)
+        common = {
+            "n_cov": n_cov,
+            "n_extra": n_extra,
+            "activation": "leaky_relu",
+            "batch_norm": batch_norm,
+            "layer_norm": layer_norm,
+        }
         self.z_stack = FCStack(0, n_hidden, n_layers, inject_deep=z_inject_deep, dropout=dropout, **common)
         self.mean = nn.Linear(n_hidden, n_latent)
         self.var = nn.Linear(n_hidden, n_latent)
         self.library_head = library_head
         stacks = [self.z_stack]
         if library_head is not None:
-            self.lib_stack = FCStack(0, n_hidden, n_layers, inject_deep=lib_inject_deep, dropout=0.0, **common)
+            self.lib_stack = FCStack(
+                0, n_hidden, n_layers, inject_deep=lib_inject_deep, dropout=0.0, **common
+            )
             self.lib_out = nn.Linear(n_hidden, 1)
             stacks.append(self.lib_stack)
         self.n_hidden, self.n_in = n_hidden, n_in

@@ -26,7 +26,9 @@ from trainer.module import MultiVAE
 BatchSpec = int | str | Sequence[int | str] | None
 
 
-def resolve_batch_codes(transform_batch: BatchSpec, categories: Sequence[str] | None = None) -> list[int | None]:
+def resolve_batch_codes(
+    transform_batch: BatchSpec, categories: Sequence[str] | None = None
+) -> list[int | None]:
     """Normalise ``transform_batch`` to a list of integer codes ([None] = the cells' own batches).
 
     Labels are looked up in ``categories`` (the store's batch categories); integers are codes.
@@ -94,8 +96,14 @@ def latent(
     """
     if modality not in ("joint", "rna", "atac"):
         raise ValueError(f"modality must be 'joint', 'rna' or 'atac', got {modality!r}")
-    inf = module.inference(batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype))
-    m, v = (inf["qz_m"], inf["qz_v"]) if modality == "joint" else (inf[f"qzm_{modality}"], inf[f"qzv_{modality}"])
+    inf = module.inference(
+        batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype)
+    )
+    m, v = (
+        (inf["qz_m"], inf["qz_v"])
+        if modality == "joint"
+        else (inf[f"qzm_{modality}"], inf[f"qzv_{modality}"])
+    )
     if give_mean:
         return m
     untran = m + torch.randn((n_samples, *m.shape), dtype=m.dtype, device=m.device) * v.sqrt()
@@ -123,18 +131,24 @@ def normalized_expression(
     """
     codes = resolve_batch_codes(transform_batch, categories)
     _check_codes(module, codes)
-    inf = module.inference(batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype))
+    inf = module.inference(
+        batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype)
+    )
     z = _latent_draws(module, inf, n_samples, use_z_mean)
     scale = torch.stack([_decode(module, batch, inf, z, c)["px_scale"] for c in codes]).mean(0)  # (S, B, G)
     if library_size is not None:
         if library_size == "observed":
             x = batch[keys.RNA]
-            total = (torch.sparse.sum(x, dim=1).to_dense() if x.layout == torch.sparse_csr else x.sum(1)).to(scale.dtype)
+            total = (torch.sparse.sum(x, dim=1).to_dense() if x.layout == torch.sparse_csr else x.sum(1)).to(
+                scale.dtype
+            )
             lib = torch.where(inf["mask"][:, 0], total, torch.exp(inf["lib_rna"][:, 0]))
         elif isinstance(library_size, (int, float)) and library_size > 0:
             lib = torch.full((scale.shape[1],), float(library_size), dtype=scale.dtype)
         else:
-            raise ValueError(f"library_size must be None, a positive number or 'observed', got {library_size!r}")
+            raise ValueError(
+                f"library_size must be None, a positive number or 'observed', got {library_size!r}"
+            )
         scale = scale * lib.view(1, -1, 1)
     if gene_index is not None:
         scale = scale[..., torch.as_tensor(gene_index, dtype=torch.long)]
@@ -159,7 +173,9 @@ def normalized_accessibility(
     _check_codes(module, codes)
     if normalize_regions and module.region_factors is None:
         raise ValueError("normalize_regions=True needs a model trained with region_factors=True")
-    inf = module.inference(batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype))
+    inf = module.inference(
+        batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype)
+    )
     z = _latent_draws(module, inf, n_samples, use_z_mean)
     p = torch.stack([_decode(module, batch, inf, z, c)["p"] for c in codes]).mean(0)
     if normalize_cells:

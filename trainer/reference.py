@@ -100,7 +100,9 @@ def reference_state_from_ours(ours: dict, reference_template: dict) -> dict:
         if ref not in out:
             raise KeyError(f"reference has no {ref!r}; are the options the same?")
         if tuple(out[ref].shape) != tuple(value.shape):
-            raise ValueError(f"shape mismatch for {ref}: ours {tuple(value.shape)}, reference {tuple(out[ref].shape)}")
+            raise ValueError(
+                f"shape mismatch for {ref}: ours {tuple(value.shape)}, reference {tuple(out[ref].shape)}"
+            )
         out[ref] = value.detach().clone()
     return out
 
@@ -230,7 +232,9 @@ def float64_compat(dtype: torch.dtype):
     original = torch.nn.BCELoss.forward
 
     def forward(self, input, target):
-        return F.binary_cross_entropy(input, target.to(input.dtype), weight=self.weight, reduction=self.reduction)
+        return F.binary_cross_entropy(
+            input, target.to(input.dtype), weight=self.weight, reduction=self.reduction
+        )
 
     torch.set_default_dtype(dtype)
     torch.nn.BCELoss.forward = forward

@@ -40,9 +40,12 @@ def build_optimizers(
     cls_opt = None
     if classifier is not None:
         cls_opt = torch.optim.Adam(
-            classifier.parameters(), lr=classifier_lr, eps=classifier_eps, weight_decay=classifier_weight_decay,
+            classifier.parameters(),
+            lr=classifier_lr,
+            eps=classifier_eps,
+            weight_decay=classifier_weight_decay,
             fused=fused,
-        )  # fmt: skip
+        )
     return vae_opt, cls_opt
 
 

@@ -21,13 +21,13 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-import torch  # noqa: E402
+import torch
 
-from data import keys  # noqa: E402
-from trainer.classifier import build_classifier  # noqa: E402
-from trainer.module import MultiVAE  # noqa: E402
-from trainer.reference import build_reference, reference_tensors  # noqa: E402
-from trainer.step import build_optimizers, train_step  # noqa: E402
+from data import keys
+from trainer.classifier import build_classifier
+from trainer.module import MultiVAE
+from trainer.reference import build_reference, reference_tensors
+from trainer.step import build_optimizers, train_step
 
 
 def synthetic_batch(g: torch.Generator, n_cells: int, n_genes: int, n_regions: int, n_batch: int) -> dict:
@@ -35,8 +35,12 @@ def synthetic_batch(g: torch.Generator, n_cells: int, n_genes: int, n_regions: i
     mask = torch.ones(n_cells, 2, dtype=torch.bool)
     mask[n_cells // 2 : 3 * n_cells // 4, 1] = False
     mask[3 * n_cells // 4 :, 0] = False
-    rna = (torch.rand(n_cells, n_genes, generator=g) < 0.35) * (1 + torch.poisson(torch.full((n_cells, n_genes), 1.5), generator=g))
-    atac = (torch.rand(n_cells, n_regions, generator=g) < 0.035) * (1 + (torch.rand(n_cells, n_regions, generator=g) < 0.3))
+    rna = (torch.rand(n_cells, n_genes, generator=g) < 0.35) * (
+        1 + torch.poisson(torch.full((n_cells, n_genes), 1.5), generator=g)
+    )
+    atac = (torch.rand(n_cells, n_regions, generator=g) < 0.035) * (
+        1 + (torch.rand(n_cells, n_regions, generator=g) < 0.3)
+    )
     perm = torch.randperm(n_cells, generator=g)
     mask = mask[perm]
     return {
@@ -80,9 +84,15 @@ def reference_stepper(ours: MultiVAE):
 
     ref = build_reference(ours).train()
     plan = AdversarialTrainingPlan(
-        ref, lr=1e-4, weight_decay=1e-3, eps=1e-8, optimizer="AdamW",
-        adversarial_classifier=True, scale_adversarial_loss=1, n_epochs_kl_warmup=50,
-    )  # fmt: skip
+        ref,
+        lr=1e-4,
+        weight_decay=1e-3,
+        eps=1e-8,
+        optimizer="AdamW",
+        adversarial_classifier=True,
+        scale_adversarial_loss=1,
+        n_epochs_kl_warmup=50,
+    )
     opt1, opt2 = plan.configure_optimizers()
 
     def step(tensors: dict) -> None:
@@ -124,7 +134,7 @@ def main() -> None:
     dense = [synthetic_batch(g, args.batch_size, args.genes, args.regions, 2) for _ in range(4)]
     torch.manual_seed(0)
     ours = MultiVAE(args.genes, args.regions, n_batch=2).train()
-    ref, ref_step = reference_stepper(ours)
+    _ref, ref_step = reference_stepper(ours)
     cls = build_classifier(ours)
     opts = build_optimizers(ours, cls)
 
@@ -142,16 +152,26 @@ def main() -> None:
         args.steps,
     )
     base = results["reference (dense input)"]
-    rows = [{"implementation": k, "cells_per_cpu_s": round(v, 1), "ratio_vs_reference": round(v / base, 2)} for k, v in results.items()]
+    rows = [
+        {"implementation": k, "cells_per_cpu_s": round(v, 1), "ratio_vs_reference": round(v / base, 2)}
+        for k, v in results.items()
+    ]
     print(f"{'implementation':<28} {'cells/CPU-s':>12} {'x reference':>12}")
     for r in rows:
         print(f"{r['implementation']:<28} {r['cells_per_cpu_s']:>12.1f} {r['ratio_vs_reference']:>12.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "genes": args.genes, "regions": args.regions, "batch_size": args.batch_size, "steps": args.steps,
-        "warmup": args.warmup, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "n_hidden": ours.n_hidden, "n_latent": ours.n_latent,
-    }  # fmt: skip
+        "genes": args.genes,
+        "regions": args.regions,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "n_hidden": ours.n_hidden,
+        "n_latent": ours.n_latent,
+    }
     args.out.write_text(json.dumps({"config": meta, "results": rows}, indent=2))
     print(f"wrote {args.out}")
 
