@@ -44,13 +44,25 @@ class LossModule(nn.Module):
 
     def forward(self, batch: dict, kl_weight: float, eps: torch.Tensor | None = None):
         clf = self._classifier
-        if clf is not None:
-            clf.requires_grad_(False)
+        if clf is None:
+            return vae_objective(self.module, None, batch, kl_weight, self.kappa, eps)
+        clf.requires_grad_(False)
         try:
-            return vae_objective(self.module, clf, batch, kl_weight, self.kappa, eps)
+            return vae_objective(self.module, _InputCast(clf), batch, kl_weight, self.kappa, eps)
         finally:
-            if clf is not None:
-                clf.requires_grad_(True)
+            clf.requires_grad_(True)
+
+
+class _InputCast:
+    """Calls the classifier on z cast to the classifier's dtype: under DeepSpeed bf16 the VAE (and z)
+    are bf16 while the classifier, outside the engine, stays fp32."""
+
+    def __init__(self, classifier: nn.Module):
+        self.classifier = classifier
+        self.dtype = next(classifier.parameters()).dtype
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.classifier(z.to(self.dtype))
 
 
 def average_gradients(params: list[nn.Parameter]) -> None:
