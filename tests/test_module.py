@@ -121,3 +121,25 @@ def test_float32_sparse_training_input_is_accepted(pbmc_counts):
     out = module.loss(batch)
     out.loss.backward()
     assert torch.isfinite(out.loss) and module.atac_out.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"gene_likelihood": "nb"},
+        {"gene_likelihood": "poisson"},
+        {"use_size_factor": True},
+        {"dispersion": "gene-cell", "modality_weights": "universal"},
+        {"n_cats_per_cov": (3,), "n_continuous_cov": 2, "encode_covariates": True},
+    ],
+    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "defaults",
+)
+def test_every_parameter_gets_a_gradient(pbmc_counts, kw):
+    """DDP without find_unused_parameters stalls on a parameter the loss never touches: build none."""
+    module = _module(**kw).train()
+    batch = make_batch(pbmc_counts, n_cats=kw.get("n_cats_per_cov", ()), n_cont=kw.get("n_continuous_cov", 0),
+                       size_factor=kw.get("use_size_factor", False))  # fmt: skip
+    module.loss(batch).loss.backward()
+    missing = [n for n, p in module.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"

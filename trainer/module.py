@@ -153,13 +153,16 @@ class MultiVAE(nn.Module):
         self.px_scale = nn.Linear(H, n_genes)
         # zero-inflation logits only where they are used (the reference always builds this head)
         self.px_dropout = nn.Linear(H, n_genes) if gene_likelihood == "zinb" else None
-        self.px_r_head = nn.Linear(H, n_genes) if dispersion == "gene-cell" else None
+        # No parameter is built that the loss never touches (DDP without find_unused_parameters
+        # would stall on it): Poisson has no dispersion at all.
+        has_theta = gene_likelihood != "poisson"
+        self.px_r_head = nn.Linear(H, n_genes) if has_theta and dispersion == "gene-cell" else None
         self.atac_decoder = FCStack(d + C, H, n_layers_decoder, activation="leaky_relu", **dec)
         self.atac_out = nn.Linear(H, n_regions)
 
-        if dispersion == "gene":
+        if has_theta and dispersion == "gene":
             self.px_r = nn.Parameter(torch.randn(n_genes))
-        elif dispersion == "gene-batch":
+        elif has_theta and dispersion == "gene-batch":
             self.px_r = nn.Parameter(torch.randn(n_genes, n_batch))
         else:
             self.px_r = None
@@ -262,7 +265,9 @@ class MultiVAE(nn.Module):
         h_rna = self.rna_decoder(h_in, cov)
         pre = self.px_scale(h_rna)
         px_scale = F.softplus(pre) if self.use_size_factor else F.softmax(pre, dim=-1)
-        if self.dispersion == "gene":
+        if self.gene_likelihood == "poisson":
+            theta = None
+        elif self.dispersion == "gene":
             theta = torch.exp(self.px_r)
         elif self.dispersion == "gene-batch":
             theta = torch.exp(self.px_r.t()[codes.reshape(-1).long()])

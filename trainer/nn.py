@@ -121,6 +121,9 @@ class FCStack(nn.Module):
             self.linears = nn.ModuleList(
                 nn.Linear(dims[i] + (n_cov if self.inject[i] else 0), dims[i + 1]) for i in range(n_layers)
             )
+        if self.linears[0].in_features == 0:
+            # no weight at all rather than an unused (H, 0) parameter (DDP would wait for its gradient)
+            self.linears[0].register_parameter("weight", None)
         self.batch_norms = (
             nn.ModuleList(nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3) for _ in range(n_layers))
             if batch_norm
@@ -222,7 +225,8 @@ class EncoderPair(nn.Module):
         with torch.no_grad():
             self.input_weight.uniform_(-bound, bound)
             for stack in stacks:
-                stack.linears[0].weight.uniform_(-bound, bound)
+                if stack.linears[0].weight is not None:
+                    stack.linears[0].weight.uniform_(-bound, bound)
                 stack.linears[0].bias.uniform_(-bound, bound)
 
     def forward(

@@ -77,19 +77,22 @@ def to_reference_layout(ours: dict) -> dict:
     """Our tensors (state dict, or gradients keyed like named_parameters) -> reference keys and shapes.
 
     Each encoder's fused ``input_weight`` (n_in, k*H) is split and transposed back into the counts
-    columns of the reference's two first-layer weights, ahead of their covariate columns.
+    columns of the reference's two first-layer weights, ahead of their covariate columns (a stack
+    without covariates has no weight of its own).
     """
     out = {}
     for key, value in ours.items():
         if key.endswith(".input_weight"):
-            continue
-        m = _FUSED.fullmatch(key)
-        if m is not None:
-            fused = ours[f"{m.group(1)}.input_weight"]
-            H = value.shape[0]
-            part = fused[:, :H] if m.group(2) == "z_stack" else fused[:, H : 2 * H]
-            value = torch.cat([part.t(), value], dim=1)
-        out[reference_key(key)] = value
+            enc = key[: -len(".input_weight")]
+            H = value.shape[1] // (2 if f"{enc}.lib_stack.linears.0.bias" in ours else 1)
+            for i, stack in enumerate(("z_stack", "lib_stack")[: value.shape[1] // H]):
+                part = value[:, i * H : (i + 1) * H].t()
+                side = ours.get(f"{enc}.{stack}.linears.0.weight")
+                out[reference_key(f"{enc}.{stack}.linears.0.weight")] = (
+                    part if side is None else torch.cat([part, side], dim=1)
+                )
+        elif _FUSED.fullmatch(key) is None:
+            out[reference_key(key)] = value
     return out
 
 
