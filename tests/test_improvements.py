@@ -125,3 +125,26 @@ def test_mmd_penalty_does_not_scale_with_batch_size(pbmc_counts):
     expected = torch.linalg.norm(o["qzm_rna"] - o["qzm_atac"], dim=1) * batch[keys.MASK].all(1)
     torch.testing.assert_close(one.penalty, expected)
     assert (one.penalty[~batch[keys.MASK].all(1)] == 0).all() and (one.penalty[:6] > 0).all()
+
+
+def test_accessibility_normalisations_and_feature_subsets(pbmc_counts):
+    """normalize_cells multiplies by l_acc, normalize_regions by sigmoid(r); subsets select columns."""
+    module = _train(_module(), pbmc_counts)
+    with torch.no_grad():
+        module.region_factors.normal_()
+    batch = make_batch(pbmc_counts, seed=6)
+    p = predict.normalized_accessibility(module, batch)
+    lib = module.inference(batch, eps=torch.zeros(12, module.n_latent, dtype=torch.float64))["lib_atac"]
+    torch.testing.assert_close(predict.normalized_accessibility(module, batch, normalize_cells=True), p * lib)
+    both = predict.normalized_accessibility(module, batch, normalize_cells=True, normalize_regions=True)
+    torch.testing.assert_close(both, p * lib * torch.sigmoid(module.region_factors))
+    sub = predict.normalized_accessibility(module, batch, region_index=[3, 0, 7])
+    torch.testing.assert_close(sub, p[:, [3, 0, 7]])
+    rho = predict.normalized_expression(module, batch)
+    torch.testing.assert_close(
+        predict.normalized_expression(module, batch, gene_index=[5, 1]), rho[:, [5, 1]]
+    )
+    z_rna = predict.latent(module, batch, modality="rna")
+    assert z_rna.shape == (12, module.n_latent) and not torch.allclose(z_rna, predict.latent(module, batch))
+    with pytest.raises(ValueError, match="region_factors"):
+        predict.normalized_accessibility(_module(region_factors=False), batch, normalize_regions=True)
