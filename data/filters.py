@@ -37,8 +37,7 @@ def detection_fraction(sources, keeps, alignment: Alignment, modality: str, bloc
         n_measured += int((src.obs[f"mask_{modality}"].to_numpy(bool) & keep).sum())
         for start in range(0, len(src.obs), block_size):
             stop = min(start + block_size, len(src.obs))
-            # Rows of a dropped cell are empty in a measured modality only if unmeasured; subtract
-            # nothing: dropped cells have no modality at all, hence no counts.
+            # Dropped cells (no modality at all) carry no counts, so whole blocks can be counted.
             d = dask.delayed(_block_detection)(src, start, stop, modality, cm[modality], n_cols)
             pieces.append(da.from_delayed(d, shape=(1, n_cols), dtype=np.int64))
     if not pieces or n_measured == 0:
