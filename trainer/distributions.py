@@ -31,8 +31,14 @@ def _theta_2d(theta: torch.Tensor) -> torch.Tensor:
 
 
 def _gather(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Entries of a (B, F) or broadcastable (1, F) tensor at (rows, cols)."""
-    return t[0, cols] if t.shape[0] == 1 else t[rows, cols]
+    """Entries of a (B, F) or broadcastable (1, F) tensor at (rows, cols).
+
+    Flat ``index_select`` rather than ``t[rows, cols]``: its backward is an ``index_add_`` instead of
+    the much slower accumulating ``index_put_`` (measured ~2 ms per step at batch 128 x 2,000 genes).
+    """
+    if t.shape[0] == 1:
+        return t.reshape(-1).index_select(0, cols)
+    return t.reshape(-1).index_select(0, rows * t.shape[1] + cols)
 
 
 def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:
@@ -55,10 +61,10 @@ def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: 
     rows, cols, v = _nonzeros(x)
     v = v.to(mu.dtype)
     th = _gather(theta, rows, cols)
-    m = mu[rows, cols]
-    spi = softplus_pi[rows, cols]
-    ptl = pi_theta_log[rows, cols]
-    lmt = log_theta_mu_eps[rows, cols]
+    m = _gather(mu, rows, cols)
+    spi = _gather(softplus_pi, rows, cols)
+    ptl = _gather(pi_theta_log, rows, cols)
+    lmt = _gather(log_theta_mu_eps, rows, cols)
     nz = (
         -spi
         + ptl
@@ -68,7 +74,7 @@ def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: 
         - torch.lgamma(v + 1)
     )
     # every entry was counted as a zero; swap in the nonzero term where the stored value is > eps
-    corr = (v > EPS).to(mu.dtype) * nz - (v >= EPS).to(mu.dtype) * case_zero[rows, cols]
+    corr = (v > EPS).to(mu.dtype) * nz - (v >= EPS).to(mu.dtype) * _gather(case_zero, rows, cols)
     return -(case_zero.sum(-1) + _row_sum(corr, rows, x.shape[0]))
 
 
@@ -90,7 +96,7 @@ def nb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tens
     v = v.to(mu.dtype)
     th = _gather(theta, rows, cols)
     nz = (
-        v * (torch.log(mu[rows, cols] + EPS) - log_theta_mu_eps[rows, cols])
+        v * (torch.log(_gather(mu, rows, cols) + EPS) - _gather(log_theta_mu_eps, rows, cols))
         + torch.lgamma(v + th)
         - torch.lgamma(th)
         - torch.lgamma(v + 1)
@@ -104,7 +110,7 @@ def poisson_nll(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         return -(torch.xlogy(x, mu) - mu - torch.lgamma(x + 1)).sum(-1)
     rows, cols, v = _nonzeros(x)
     v = v.to(mu.dtype)
-    nz = torch.xlogy(v, mu[rows, cols]) - torch.lgamma(v + 1)
+    nz = torch.xlogy(v, _gather(mu, rows, cols)) - torch.lgamma(v + 1)
     return -(-mu.sum(-1) + _row_sum(nz, rows, x.shape[0]))
 
 
@@ -118,8 +124,8 @@ def bernoulli_nll(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy(q, (x > 0).to(q.dtype), reduction="none").sum(-1)
     log_1mq = torch.clamp(torch.log(1 - q), min=-100)
     rows, cols, v = _nonzeros(x)
-    qn = q[rows, cols]
-    corr = (v > 0).to(q.dtype) * (torch.clamp(torch.log(qn), min=-100) - log_1mq[rows, cols])
+    qn = _gather(q, rows, cols)
+    corr = (v > 0).to(q.dtype) * (torch.clamp(torch.log(qn), min=-100) - _gather(log_1mq, rows, cols))
     return -(log_1mq.sum(-1) + _row_sum(corr, rows, x.shape[0]))
 
 
@@ -138,7 +144,7 @@ class _ProductBernoulliNLL(torch.autograd.Function):
         ls = lib * s if s is not None else lib.expand_as(p)
         q = p * ls
         log_1mq = torch.rsub(q, 1).log_().clamp_min_(-100)
-        corr = torch.log(q[rows, cols]).clamp_min_(-100) - log_1mq[rows, cols]
+        corr = torch.log(_gather(q, rows, cols)).clamp_min_(-100) - _gather(log_1mq, rows, cols)
         loss = -(log_1mq.sum(-1) + _row_sum(corr, rows, p.shape[0]))
         ctx.save_for_backward(p, lib, s if s is not None else torch.empty(0), ls, q, rows, cols)
         ctx.has_s = s is not None
@@ -148,9 +154,9 @@ class _ProductBernoulliNLL(torch.autograd.Function):
     def backward(ctx, grad_out):
         p, lib, s, ls, q, rows, cols = ctx.saved_tensors
         den = torch.rsub(q, 1).mul_(q).clamp_min_(1e-12)
-        qn, dn = q[rows, cols], den[rows, cols]
+        qn, dn = _gather(q, rows, cols), _gather(den, rows, cols)
         g = torch.div(q, den, out=den)  # target 0 everywhere ...
-        g[rows, cols] = (qn - 1) / dn  # ... and target 1 at the nonzeros
+        g.view(-1).index_copy_(0, rows * g.shape[1] + cols, (qn - 1) / dn)  # ... and target 1 at the nonzeros
         g.mul_(grad_out.unsqueeze(1))
         grad_p = g * ls if ctx.needs_input_grad[0] else None
         gp = g.mul_(p)  # reuse the buffer: g is not needed any more
