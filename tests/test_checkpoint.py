@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer.classifier import build_classifier
 from trainer.config import load_config
 from trainer.module import MultiVAE
-from trainer.classifier import build_classifier
 from trainer.parallel import wrap
 
 

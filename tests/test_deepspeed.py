@@ -29,7 +29,7 @@ def test_zero_stage_trains_and_resumes_exactly(store, tmp_path, stage):
     assert "backend deepspeed" in res.stdout
     result = json.loads((full / "result.json").read_text())
     assert result["epochs"] == 2 and result["world_size"] == 2
-    first, last = sorted((full / "checkpoints").glob("step_*"))
+    first, _last = sorted((full / "checkpoints").glob("step_*"))
     shards = sorted(p.name for p in (first / "deepspeed").glob("zero_pp_rank_*_optim_states.pt"))
     assert len(shards) == 2, shards  # ZeRO partitions the optimizer state over the 2 ranks
     rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]

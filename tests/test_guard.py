@@ -12,12 +12,12 @@ import torch
 from data.collate import to_device
 from data.stream import StoreStream
 from tests.train_utils import tiny_store
+from trainer.classifier import build_classifier
 from trainer.config import load_config
 from trainer.export import build_module
 from trainer.guard import NonFiniteError, StepGuard
 from trainer.loop import train_one_step
 from trainer.parallel import wrap
-from trainer.classifier import build_classifier
 
 
 def test_nan_steps_are_skipped_then_stop_with_a_useful_message(tmp_path):

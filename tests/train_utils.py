@@ -61,7 +61,7 @@ def env() -> dict[str, str]:
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(cmd, cwd=ROOT, env=env(), check=False, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
         raise AssertionError(f"torchrun failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     return res
@@ -71,7 +71,7 @@ def train_cli(overrides: dict[str, Any], *more: str, nproc: int = 1, timeout: in
     args = ["-m", "trainer.train", *more, *as_cli(overrides)]  # flags (--multirun) before overrides
     if nproc > 1:
         return torchrun(args, nproc=nproc, timeout=timeout)
-    res = subprocess.run([PY, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run([PY, *args], cwd=ROOT, env=env(), check=False, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
         raise AssertionError(f"mva-train failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     return res

@@ -34,7 +34,7 @@ def checkpoints_root(run_dir: str | Path) -> Path:
 
 def rng_state() -> dict[str, Any]:
     """RNG states as tensors/ints (numpy's key array converted to a tensor: no pickled ndarray)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    _kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, py_state, gauss = random.getstate()
     out: dict[str, Any] = {
         "torch": torch.get_rng_state(),

@@ -16,7 +16,6 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -203,7 +202,8 @@ def run(cfg: TrainConfig) -> TrainResult:
                  "config": config_to_json(cfg), "world_size": info.world_size,
                  "best": "" if best is None else best, "bad_epochs": bad_epochs, "stopped": stopped,
                  "guard": guard.state_dict()}
-        rank_state = {"rng": ckpt.rng_state(), "stream": train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}}
+        stream = train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}
+        rank_state = {"rng": ckpt.rng_state(), "stream": stream}
         final = ckpt.save_checkpoint(run_dir, step, state, rank_state, w, keep=cfg.run.keep_checkpoints)
         guard.last_good_checkpoint = str(final)
 
@@ -249,7 +249,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         last_val = validate(module, val_stream, info.device, kl_w)
         improved = False
         if last_val:
-            value = last_val[cfg.run.monitor] if cfg.run.monitor in last_val else None
+            value = last_val[cfg.run.monitor]
             improved = best is None or value < best - cfg.run.min_delta
             if improved:
                 best, bad_epochs = value, 0

@@ -36,7 +36,7 @@ class MetricsWriter:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", buffering=1)  # line-buffered: a killed run keeps its lines
+        self._fh = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the run; line-buffered: a killed run keeps its lines
         if wandb_mode != "disabled":
             self._wandb = _start_wandb(Path(run_dir), wandb_mode, project, tags or [], config or {}, run_name)
 
