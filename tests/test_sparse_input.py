@@ -102,6 +102,20 @@ def test_likelihoods_with_explicit_stored_zeros():
         assert_close(D.nb_nll(sp, mu, theta), D.nb_nll(x, mu, theta), "nb")
         assert_close(D.poisson_nll(sp, mu), D.poisson_nll(x, mu), "poisson")
         assert_close(D.bernoulli_nll(sp, q), D.bernoulli_nll(x, q), "bernoulli")
+        # the fused ATAC loss: value and gradients (p, lib, s) equal torch's dense BCE on the product
+        p = (q + 0.05).requires_grad_()
+        lib = torch.rand(6, 1, generator=g, dtype=torch.float64).requires_grad_()
+        s = torch.rand(9, generator=g, dtype=torch.float64).requires_grad_()
+        fused = D.product_bernoulli_nll(sp, p, lib, s)
+        plain = torch.nn.functional.binary_cross_entropy(p * lib * s, (x > 0).double(), reduction="none").sum(
+            1
+        )
+        assert_close(fused, plain, "product bernoulli")
+        w = torch.randn(6, generator=g, dtype=torch.float64)
+        for a, b in zip(
+            torch.autograd.grad(fused @ w, (p, lib, s)), torch.autograd.grad(plain @ w, (p, lib, s))
+        ):
+            assert_close(a, b, "product bernoulli grad")
 
 
 def test_input_matmul_sparse_gradient_matches_dense():

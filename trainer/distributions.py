@@ -18,7 +18,10 @@ EPS = 1e-8
 def _nonzeros(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row, col, value) of the stored entries of a CSR matrix."""
     crow = x.crow_indices()
-    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), crow[1:] - crow[:-1])
+    # output_size given: no device->host sync on GPU
+    rows = torch.repeat_interleave(
+        torch.arange(x.shape[0], device=x.device), crow[1:] - crow[:-1], output_size=x.values().numel()
+    )
     return rows, x.col_indices(), x.values()
 
 
@@ -139,24 +142,24 @@ class _ProductBernoulliNLL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, p, lib, s, rows, cols):
+    def forward(ctx, p, lib, s, rows, cols, pos):
         # in-place ops on the (B, R) temporaries: fresh multi-MB allocations cost as much as the math
         ls = lib * s if s is not None else lib.expand_as(p)
         q = p * ls
         log_1mq = torch.rsub(q, 1).log_().clamp_min_(-100)
-        corr = torch.log(_gather(q, rows, cols)).clamp_min_(-100) - _gather(log_1mq, rows, cols)
+        corr = (torch.log(_gather(q, rows, cols)).clamp_min_(-100) - _gather(log_1mq, rows, cols)) * pos
         loss = -(log_1mq.sum(-1) + _row_sum(corr, rows, p.shape[0]))
-        ctx.save_for_backward(p, lib, s if s is not None else torch.empty(0), ls, q, rows, cols)
+        ctx.save_for_backward(p, lib, s if s is not None else torch.empty(0), ls, q, rows, cols, pos)
         ctx.has_s = s is not None
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        p, lib, s, ls, q, rows, cols = ctx.saved_tensors
+        p, lib, s, ls, q, rows, cols, pos = ctx.saved_tensors
         den = torch.rsub(q, 1).mul_(q).clamp_min_(1e-12)
         qn, dn = _gather(q, rows, cols), _gather(den, rows, cols)
         g = torch.div(q, den, out=den)  # target 0 everywhere ...
-        g.view(-1).index_copy_(0, rows * g.shape[1] + cols, (qn - 1) / dn)  # ... and target 1 at the nonzeros
+        g.view(-1).index_copy_(0, rows * g.shape[1] + cols, (qn - pos) / dn)  # ... target 1 where x > 0
         g.mul_(grad_out.unsqueeze(1))
         grad_p = g * ls if ctx.needs_input_grad[0] else None
         gp = g.mul_(p)  # reuse the buffer: g is not needed any more
@@ -165,7 +168,7 @@ class _ProductBernoulliNLL(torch.autograd.Function):
             grad_lib = (gp @ s if ctx.has_s else gp.sum(1)).unsqueeze(1)
         if ctx.has_s and ctx.needs_input_grad[2]:
             grad_s = (lib.reshape(1, -1) @ gp).reshape(-1)
-        return grad_p, grad_lib, grad_s, None, None
+        return grad_p, grad_lib, grad_s, None, None, None
 
 
 def product_bernoulli_nll(
@@ -174,8 +177,8 @@ def product_bernoulli_nll(
     """sum_j BCE(p_cj * lib_c * s_j, 1[x_cj > 0]) per cell; x dense or CSR; lib (B, 1); s (R,) or None."""
     if x.layout == torch.sparse_csr:
         rows, cols, v = _nonzeros(x)
-        keep = v > 0
-        rows, cols = rows[keep], cols[keep]
+        pos = (v > 0).to(p.dtype)  # stored zeros stay targets 0 (a weight, not a filter: no GPU sync)
     else:
         rows, cols = (x > 0).nonzero(as_tuple=True)
-    return _ProductBernoulliNLL.apply(p, lib, s, rows, cols)
+        pos = torch.ones(rows.shape, dtype=p.dtype, device=p.device)
+    return _ProductBernoulliNLL.apply(p, lib, s, rows, cols, pos)
