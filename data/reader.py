@@ -9,19 +9,20 @@ and memory (stack notes §4):
 * the per-cell table keeps only compact numeric arrays (codes, masks, covariates), never the string cell
   ids, so memory grows by a few bytes per cell and a 1M-cell store costs about the same as a 50k one.
 
-A small LRU of decoded chunks (the in-memory "window" of the plan) serves the batches of a window; the
-gather of a batch's rows from those chunks is vectorised numpy.
+A bounded pool of decoded chunks (the in-memory "window" of the plan) serves the batches of a window;
+the gather of a batch's rows from the pool is one vectorised numpy step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from data import keys
 from data.store import Store, open_store
@@ -94,18 +95,27 @@ def read_cell_table(store: Store) -> CellTable:
 
 
 class ChunkReader:
-    """Reads and caches whole plan chunks (shard-local contiguous row ranges) of both modalities."""
+    """Reads whole plan chunks (shard-local contiguous row ranges) into one in-memory pool.
+
+    The pool is the plan's window: the chunks the current batches draw from, concatenated per modality
+    so a batch is one vectorised gather however many chunks it spans. When a batch needs chunks that are
+    not in the pool, all their slices are read concurrently (one zarr event-loop round) and the pool is rebuilt from the
+    ``cache_chunks`` most recently used chunks, which bounds memory whatever the store size.
+    """
 
     def __init__(self, store: Store, chunk_starts: np.ndarray, chunk_stops: np.ndarray, *, cache_chunks: int,
-                 modalities: tuple[str, ...] = keys.MODALITIES, threads: int = 4):
+                 modalities: tuple[str, ...] = keys.MODALITIES):
         self.store = store
         self.starts, self.stops = chunk_starts, chunk_stops
         self.offsets = np.asarray(store.meta.shard_offsets, dtype=np.int64)
         self.modalities = modalities
         self.cache_chunks = max(int(cache_chunks), 1)
-        self._cache: OrderedDict[int, dict[str, Block]] = OrderedDict()
+        self._chunks: OrderedDict[int, dict[str, Block]] = OrderedDict()  # LRU of decoded chunks
         self._arrays = {}  # (modality, shard) -> (data, indices, indptr) zarr arrays, opened once
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mva-read")
+        self._indptrs: dict[tuple[str, int], np.ndarray] = {}
+        # Pool: slot (pool row offset) of each chunk, -1 when absent, plus the concatenated CSR per modality.
+        self._row_of_chunk = np.full(len(chunk_starts), -1, dtype=np.int64)
+        self._pooled: dict[str, Block] = {}
 
     def _zarr(self, modality: str, shard: int):
         key = (modality, shard)
@@ -113,72 +123,92 @@ class ChunkReader:
             self._arrays[key] = self.store.csr_arrays(modality, shard)
         return self._arrays[key]
 
-    def _read_chunk(self, chunk: int) -> dict[str, Block]:
+    def _requests(self, chunk: int) -> list[tuple[str, zarr.Array, int, int, np.ndarray]]:
+        """(modality, array, start, stop, chunk indptr) of the data and indices slices of one chunk."""
         start = int(self.starts[chunk])
         shard = int(np.searchsorted(self.offsets, start, side="right") - 1)
         lo, hi = start - int(self.offsets[shard]), int(self.stops[chunk]) - int(self.offsets[shard])
-        ptr_f = {m: self._pool.submit(lambda a: np.asarray(a[lo:hi + 1], np.int64), self._zarr(m, shard)[2])
-                 for m in self.modalities}
-        ptrs = {m: f.result() for m, f in ptr_f.items()}
-        futs = {}
+        out = []
         for m in self.modalities:
             data, indices, _ = self._zarr(m, shard)
-            a, b = int(ptrs[m][0]), int(ptrs[m][-1])
-            futs[m] = (self._pool.submit(data.__getitem__, slice(a, b)),
-                       self._pool.submit(indices.__getitem__, slice(a, b)))
-        return {m: Block(np.asarray(fd.result()), np.asarray(fi.result()), ptrs[m] - ptrs[m][0])
-                for m, (fd, fi) in futs.items()}
+            ptr = self._indptr(m, shard)[lo:hi + 1].astype(np.int64)
+            a, b = int(ptr[0]), int(ptr[-1])
+            out += [(m, data, a, b, ptr - a), (m, indices, a, b, ptr - a)]
+        return out
 
-    def chunk(self, chunk: int) -> dict[str, Block]:
-        hit = self._cache.get(chunk)
-        if hit is not None:
-            self._cache.move_to_end(chunk)
-            return hit
-        blocks = self._read_chunk(chunk)
-        self._cache[chunk] = blocks
-        while len(self._cache) > self.cache_chunks:
-            self._cache.popitem(last=False)
-        return blocks
+    def _indptr(self, modality: str, shard: int) -> np.ndarray:
+        """A shard's indptr, read once: saves one dependent read per chunk (a third of all reads).
+
+        Kept as uint32 when the shard's nnz fits (4 bytes per cell per modality, the only per-cell cost
+        of the reader besides the cell table)."""
+        key = (modality, shard)
+        ptr = self._indptrs.get(key)
+        if ptr is None:
+            ptr = np.asarray(self._zarr(modality, shard)[2][:], dtype=np.int64)
+            if ptr[-1] < 2**32:
+                ptr = ptr.astype(np.uint32)
+            self._indptrs[key] = ptr
+        return ptr
+
+    def _load(self, needed: np.ndarray) -> None:
+        """Make every chunk of ``needed`` resident, read the missing ones concurrently, rebuild the pool."""
+        missing = [int(c) for c in needed if int(c) not in self._chunks]
+        for c in needed:
+            if int(c) in self._chunks:
+                self._chunks.move_to_end(int(c))
+        if missing:
+            reqs = [self._requests(c) for c in missing]
+            flat = [r for per_chunk in reqs for r in per_chunk]
+            # All slices of all missing chunks in one event-loop round: zarr overlaps the fetches and
+            # the (zarrs) decodes; measured ~2x faster than a thread per chunk and ~10x faster than
+            # sequential reads on this machine.
+            arrays = sync(_fetch_all([(arr, a, b) for _, arr, a, b, _ in flat]))
+            k = 0
+            for c, per_chunk in zip(missing, reqs, strict=True):
+                blocks = {}
+                for i in range(0, len(per_chunk), 2):
+                    m, ptr = per_chunk[i][0], per_chunk[i][4]
+                    blocks[m] = Block(np.asarray(arrays[k]), np.asarray(arrays[k + 1]), ptr)
+                    k += 2
+                self._chunks[c] = blocks
+        while len(self._chunks) > max(self.cache_chunks, len(needed)):
+            self._chunks.popitem(last=False)
+        self._row_of_chunk[:] = -1
+        ids = list(self._chunks)
+        rows = np.array([0] + [self.stops[c] - self.starts[c] for c in ids], dtype=np.int64).cumsum()
+        self._row_of_chunk[ids] = rows[:-1]
+        for m in self.modalities:
+            blocks = [self._chunks[c][m] for c in ids]
+            nnz = np.array([0] + [len(b.data) for b in blocks], dtype=np.int64).cumsum()
+            indptr = np.concatenate([[0]] + [b.indptr[1:] + nnz[i] for i, b in enumerate(blocks)])
+            self._pooled[m] = Block(np.concatenate([b.data for b in blocks]),
+                                    np.concatenate([b.indices for b in blocks]), indptr.astype(np.int64))
 
     def gather(self, cells: np.ndarray) -> dict[str, Block]:
-        """CSR rows of ``cells`` (sorted global indices) for each modality, in the order given."""
+        """CSR rows of ``cells`` (global indices) for each modality, in the order given."""
         cells = np.asarray(cells, dtype=np.int64)
         chunk_ids = np.searchsorted(self.starts, cells, side="right") - 1
-        # Rows are sorted, so each chunk's rows form one run of the batch.
-        bounds = np.flatnonzero(np.diff(chunk_ids)) + 1
-        runs = np.split(np.arange(len(cells)), bounds)
-        parts: dict[str, list[tuple[Block, np.ndarray]]] = {m: [] for m in self.modalities}
-        for run in runs:
-            if len(run) == 0:
-                continue
-            c = int(chunk_ids[run[0]])
-            blocks = self.chunk(c)
-            local = cells[run] - self.starts[c]
-            for m in self.modalities:
-                parts[m].append((blocks[m], local))
-        return {m: _gather_rows(parts[m]) for m in self.modalities}
+        if np.any(self._row_of_chunk[chunk_ids] < 0):
+            self._load(np.unique(chunk_ids))
+        rows = self._row_of_chunk[chunk_ids] + (cells - self.starts[chunk_ids])
+        return {m: _gather_rows(self._pooled[m], rows) for m in self.modalities}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._cache.clear()
+        self._chunks.clear()
+        self._pooled.clear()
 
 
-def _gather_rows(parts: list[tuple[Block, np.ndarray]]) -> Block:
-    """Concatenate selected rows of several CSR blocks without a Python loop over rows."""
-    lens, datas, idxs = [], [], []
-    for block, rows in parts:
-        starts = block.indptr[rows]
-        n_row = block.indptr[rows + 1] - starts
-        total = int(n_row.sum())
-        # Position of every kept entry: each row's start, repeated per entry, plus the offset in the row.
-        first = np.cumsum(n_row) - n_row
-        pos = np.repeat(starts - first, n_row) + np.arange(total, dtype=np.int64)
-        datas.append(block.data[pos])
-        idxs.append(block.indices[pos])
-        lens.append(n_row)
-    n_row = np.concatenate(lens) if lens else np.zeros(0, np.int64)
-    indptr = np.zeros(len(n_row) + 1, dtype=np.int64)
+async def _fetch_all(requests: list[tuple[zarr.Array, int, int]]) -> list:
+    """Read ``array[a:b]`` for every request concurrently on zarr's event loop."""
+    return await asyncio.gather(*[arr._async_array.getitem(slice(a, b)) for arr, a, b in requests])
+
+
+def _gather_rows(block: Block, rows: np.ndarray) -> Block:
+    """Selected rows of a CSR block, without a Python loop over rows."""
+    starts = block.indptr[rows]
+    n_row = block.indptr[rows + 1] - starts
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(n_row, out=indptr[1:])
-    data = np.concatenate(datas) if datas else np.zeros(0, np.float32)
-    indices = np.concatenate(idxs) if idxs else np.zeros(0, np.int64)
-    return Block(data, indices, indptr)
+    # Position of every kept entry: its row's start, repeated per entry, plus its offset in the row.
+    pos = np.repeat(starts - indptr[:-1], n_row) + np.arange(int(indptr[-1]), dtype=np.int64)
+    return Block(block.data[pos], block.indices[pos], indptr)

@@ -19,8 +19,8 @@ to the reader, the collate step and a background prefetch thread.
   sequence and the DataLoader's round-robin restores the W=0 order. Each worker reads whole chunks of
   the windows it touches, so W workers read up to W times the bytes; ``num_workers=0`` (the default
   recommendation) relies on the prefetch thread instead. Forked workers read through zarr's default
-  codec pipeline (zarrs' thread pool does not survive a fork); spawned workers keep zarrs. Use ``batch_size=None`` in the DataLoader:
-  the stream already yields whole minibatches.
+  codec pipeline (zarrs' thread pool does not survive a fork); spawned workers keep zarrs. Use
+  ``batch_size=None`` in the DataLoader: the stream already yields whole minibatches.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class StoreStream(IterableDataset):
                  shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, *,
                  val_fraction: float = 0.1, remainder: str | None = None, chunk_size: int = 256,
                  window_chunks: int = 16, prefetch: int = 4, dense: bool = False, size_factor: bool = False,
-                 modalities: tuple[str, ...] = keys.MODALITIES, read_threads: int = 4):
+                 modalities: tuple[str, ...] = keys.MODALITIES):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         bad = [m for m in modalities if m not in keys.MODALITIES]
@@ -67,7 +67,7 @@ class StoreStream(IterableDataset):
         self.remainder = remainder or ("drop" if split == "train" else "none")
         self.chunk_size, self.window_chunks = int(chunk_size), int(window_chunks)
         self.prefetch, self.dense, self.size_factor = int(prefetch), bool(dense), bool(size_factor)
-        self.modalities, self.read_threads = tuple(modalities), int(read_threads)
+        self.modalities = tuple(modalities)
         self.n_features = {keys.RNA: self.meta.n_genes, keys.ATAC: self.meta.n_regions}
         self.shard_sizes = np.diff(np.asarray(self.meta.shard_offsets, dtype=np.int64))
         # Split by id hash only: independent of shard layout, world size and workers.
@@ -145,7 +145,7 @@ class StoreStream(IterableDataset):
             starts, stops = chunk_bounds(self.shard_sizes, self.chunk_size)
             # Two windows of chunks: a batch at a window boundary touches both.
             self._reader = ChunkReader(self._store, starts, stops, cache_chunks=2 * self.window_chunks + 2,
-                                       modalities=self.modalities, threads=self.read_threads)
+                                       modalities=self.modalities)
         return self._reader
 
     def make_batch(self, cells: np.ndarray) -> dict[str, torch.Tensor]:

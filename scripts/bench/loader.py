@@ -1,0 +1,213 @@
+"""Loader benchmark: cells/s and peak RSS of StoreStream vs scvi-tools' AnnDataLoader vs annbatch.
+
+Every measurement runs in its own child process (``--worker ...``), so peak RSS (``ru_maxrss`` from
+``wait4``) is that loader's own. Shuffled RNA + ATAC minibatches of 128 and 1,024 cells from a synthetic
+store (2,000 genes x 10,000 peaks). Our stream yields sparse CSR tensors (the model's input); scvi's
+AnnDataLoader yields what MULTIVI trains on (dense tensors of the in-memory MuData); annbatch (Python
+3.12 only: ``.venv-annbatch``) streams the same cells stored as one genes-then-peaks matrix in its own
+sharded format. The memory check streams the 1,000,000-cell store and the 50,000-cell store with the
+same settings and compares peak RSS.
+
+  .venv/bin/python scripts/bench/loader.py --out outputs/bench/loader.json
+  .venv/bin/python scripts/bench/loader.py --small 20000 --large 0     # quick, no 1M store
+Stores are created under outputs/bench/ if missing (the 1M store takes a few minutes) and kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ANNBATCH_PY = ROOT / ".venv-annbatch" / "bin" / "python"
+GENES, PEAKS = 2000, 10_000
+
+
+# ----------------------------------------------------------------------------------- child workers
+def _result(n_cells: int, seconds: float, **extra) -> None:
+    print("RESULT " + json.dumps({"cells": n_cells, "seconds": seconds, "cells_per_s": n_cells / seconds, **extra}))
+
+
+def worker_ours(store: str, batch: int, max_cells: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT))
+    from data.stream import StoreStream
+
+    stream = StoreStream(store, batch, split="train", shuffle=True, seed=0)
+    n = 0
+    t0 = time.perf_counter()
+    for b in stream:
+        n += len(b["index"])
+        if n >= max_cells:
+            break
+    _result(n, time.perf_counter() - t0, nnz_last=int(b["rna"].values().numel() + b["atac"].values().numel()))
+
+
+def _load_mudata(store: str, max_cells: int):
+    import anndata as ad
+    import mudata as md
+    import scipy.sparse as sp
+
+    sys.path.insert(0, str(ROOT))
+    from data.store import open_store
+
+    st = open_store(store)
+    obs = st.read_obs()
+    n = min(max_cells, st.meta.n_cells)
+    mats = {}
+    for mod in ("rna", "atac"):
+        parts, got = [], 0
+        for s in range(st.meta.n_shards):
+            size = st.meta.shard_offsets[s + 1] - st.meta.shard_offsets[s]
+            take = min(size, n - got)
+            if take <= 0:
+                break
+            parts.append(st.read_rows(mod, s, 0, take).astype("float32"))
+            got += take
+        mats[mod] = sp.vstack(parts, format="csr")
+    obs = obs.iloc[:n].copy()
+    return md.MuData({m: ad.AnnData(X=x, obs=obs) for m, x in mats.items()}), st.meta.batch_key
+
+
+def worker_scvi(store: str, batch: int, max_cells: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    import scvi
+
+    mdata, batch_key = _load_mudata(store, max_cells)
+    scvi.model.MULTIVI.setup_mudata(mdata, batch_key=batch_key,
+                                    modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"})
+    manager = scvi.model.MULTIVI._get_most_recent_anndata_manager(mdata, required=True)
+    loader = scvi.dataloaders.AnnDataLoader(manager, batch_size=batch, shuffle=True)
+    n = 0
+    t0 = time.perf_counter()
+    for b in loader:
+        n += len(b["X"])
+        if n >= max_cells:
+            break
+    _result(n, time.perf_counter() - t0)
+
+
+def worker_annbatch(store: str, batch: int, max_cells: int) -> None:
+    """Runs under .venv-annbatch (Python 3.12, no torch): annbatch's own sharded copy of the cells."""
+    import annbatch
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+    import zarr
+
+    zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})  # annbatch's fast path
+    copy = Path(store).with_suffix(".annbatch.zarr")
+    if not copy.exists():
+        root = zarr.open_group(store, mode="r")
+        parts = []
+        for name in sorted(root["shards"].keys()):
+            g = root[f"shards/{name}/mod"]
+            x = [ad.io.read_elem(g[f"{m}/X"]) for m in ("rna", "atac")]
+            parts.append(sp.hstack(x, format="csr").astype(np.float32))
+        X = sp.vstack(parts, format="csr")
+        adata = ad.AnnData(X=X)
+        annbatch.write_sharded(zarr.open_group(str(copy), mode="w"), adata)
+        del X, adata, parts
+    ds = ad.io.sparse_dataset(zarr.open_group(str(copy), mode="r")["X"])
+    # The stack notes' settings: 64-row chunks, 32 chunks preloaded and shuffled together.
+    loader = annbatch.Loader(batch_size=batch, chunk_size=64, preload_nchunks=32, shuffle=True)
+    loader.add_dataset(ds)
+    n = 0
+    t0 = time.perf_counter()
+    for b in loader:
+        x = b["X"] if isinstance(b, dict) else (b[0] if isinstance(b, tuple) else b)
+        n += x.shape[0]
+        if n >= max_cells:
+            break
+    _result(n, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------- driver
+def ensure_store(n_cells: int) -> Path:
+    path = ROOT / "outputs" / "bench" / f"loader_{n_cells}.zarr"
+    if not (path / "zarr.json").exists():
+        print(f"writing synthetic store {path} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "data.synthetic", f"out={path}", f"n_cells={n_cells}",
+                        f"n_genes={GENES}", f"n_regions={PEAKS}", "overwrite=true", "progress=false"],
+                       cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return path
+
+
+def _measure(python, loader, store, batch, max_cells) -> dict:
+    # Popen + wait4 so that ru_maxrss is this child's own peak (KiB on Linux).
+    cmd = [str(python), str(Path(__file__).resolve()), "--worker", loader, "--store", str(store),
+           "--batch", str(batch), "--max-cells", str(max_cells)]
+    with open(os.devnull, "w") as devnull:
+        r, w = os.pipe()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=w, stderr=devnull, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        os.close(w)
+        with os.fdopen(r) as f:
+            out = f.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    line = [x for x in out.splitlines() if x.startswith("RESULT ")]
+    row = {"loader": loader, "batch": batch, "store": Path(store).name}
+    if os.waitstatus_to_exitcode(status) != 0 or not line:
+        row["error"] = f"exit {os.waitstatus_to_exitcode(status)}: {out[-400:]}"
+        return row
+    row.update(json.loads(line[-1][7:]))
+    row["peak_rss_mib"] = usage.ru_maxrss / 1024
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", choices=["ours", "scvi", "annbatch"])
+    ap.add_argument("--store")
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--max-cells", type=int, default=10**9)
+    ap.add_argument("--small", type=int, default=50_000, help="cells of the comparison store")
+    ap.add_argument("--large", type=int, default=1_000_000, help="cells of the memory-check store (0 = skip)")
+    ap.add_argument("--large-cells", type=int, default=300_000, help="cells streamed from the large store")
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "loader.json"))
+    args = ap.parse_args()
+    if args.worker:
+        {"ours": worker_ours, "scvi": worker_scvi, "annbatch": worker_annbatch}[args.worker](
+            args.store, args.batch, args.max_cells)
+        return
+
+    small = ensure_store(args.small)
+    rows = []
+    for batch in (128, 1024):
+        rows.append(_measure(sys.executable, "ours", small, batch, args.small))
+        rows.append(_measure(sys.executable, "scvi", small, batch, args.small))
+        if ANNBATCH_PY.exists():
+            rows.append(_measure(ANNBATCH_PY, "annbatch", small, batch, args.small))
+        else:
+            rows.append({"loader": "annbatch", "batch": batch, "store": small.name,
+                         "error": f"skipped: {ANNBATCH_PY} not found (annbatch needs Python >= 3.12)"})
+    if args.large:
+        large = ensure_store(args.large)
+        rows.append(_measure(sys.executable, "ours", large, 1024, args.large_cells))
+        # The same streamed amount from the small store, for the like-for-like RSS comparison.
+        rows.append(_measure(sys.executable, "ours", small, 1024, args.large_cells))
+
+    print(f"| {'loader':<9} | {'store':<20} | {'batch':>5} | {'cells':>9} | {'cells/s':>9} | {'peak RSS MiB':>12} |")
+    print("|-----------|----------------------|-------|-----------|-----------|--------------|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['loader']:<9} | {r['store']:<20} | {r['batch']:>5} | {r['error'][:70]}")
+            continue
+        print(f"| {r['loader']:<9} | {r['store']:<20} | {r['batch']:>5} | {r['cells']:>9,} | "
+              f"{r['cells_per_s']:>9,.0f} | {r['peak_rss_mib']:>12,.0f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "python": sys.version.split()[0],
+                                          "cpu_count": os.cpu_count()}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
