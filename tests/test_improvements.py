@@ -15,7 +15,9 @@ from trainer.classifier import build_classifier
 from trainer.module import MultiVAE
 from trainer.step import build_optimizers, train_step
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Initializing zero-element tensors", "ignore:Sparse CSR tensor support is in beta"
+)
 
 
 @pytest.fixture
@@ -86,6 +88,12 @@ def test_library_size_scales_expression(pbmc_counts):
     observed = predict.normalized_expression(module, batch, library_size="observed")
     has_rna = batch[keys.MASK][:, 0]
     torch.testing.assert_close(observed.sum(1)[has_rna], batch[keys.RNA].sum(1)[has_rna])
+    sparse = dict(
+        batch, **{keys.RNA: batch[keys.RNA].to_sparse_csr(), keys.ATAC: batch[keys.ATAC].to_sparse_csr()}
+    )
+    torch.testing.assert_close(
+        predict.normalized_expression(module, sparse, library_size="observed"), observed
+    )
     with pytest.raises(ValueError, match="library_size"):
         predict.normalized_expression(module, batch, library_size=-1)
 

@@ -29,6 +29,14 @@ def _row_sum(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Ten
     return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add_(0, rows, values)
 
 
+def row_totals(x: torch.Tensor) -> torch.Tensor:
+    """Per-row sums of a dense or CSR matrix (torch.sparse.sum does not accept CSR)."""
+    if x.layout != torch.sparse_csr:
+        return x.sum(-1)
+    rows, _, v = _nonzeros(x)
+    return _row_sum(v, rows, x.shape[0])
+
+
 def _theta_2d(theta: torch.Tensor) -> torch.Tensor:
     return theta.view(1, -1) if theta.dim() == 1 else theta
 

@@ -21,6 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from data import keys
+from trainer.distributions import row_totals
 from trainer.module import MultiVAE
 
 BatchSpec = int | str | Sequence[int | str] | None
@@ -139,9 +140,7 @@ def normalized_expression(
     if library_size is not None:
         if library_size == "observed":
             x = batch[keys.RNA]
-            total = (torch.sparse.sum(x, dim=1).to_dense() if x.layout == torch.sparse_csr else x.sum(1)).to(
-                scale.dtype
-            )
+            total = row_totals(x).to(scale.dtype)
             lib = torch.where(inf["mask"][:, 0], total, torch.exp(inf["lib_rna"][:, 0]))
         elif isinstance(library_size, (int, float)) and library_size > 0:
             lib = torch.full((scale.shape[1],), float(library_size), dtype=scale.dtype)
