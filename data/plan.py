@@ -80,16 +80,20 @@ def epoch_order(shard_sizes: list[int] | np.ndarray, eligible: np.ndarray, *, se
     if window_chunks < 1:
         raise ValueError(f"window_chunks must be >= 1, got {window_chunks}")
     starts, _ = chunk_bounds(shard_sizes, chunk_size)
-    chunk_of_cell = np.searchsorted(starts, cells, side="right") - 1
+    # Eligible cells of chunk i are cells[first[i]:first[i + 1]] (cells is sorted).
+    first = np.append(np.searchsorted(cells, starts), len(cells))
     # Independent streams for the two levels, both derived from (seed, epoch) only.
-    chunk_rng = np.random.default_rng([seed, epoch, 0])
+    chunk_order = np.random.default_rng([seed, epoch, 0]).permutation(len(starts))
     cell_rng = np.random.default_rng([seed, epoch, 1])
-    position = np.empty(len(starts), dtype=np.int64)
-    position[chunk_rng.permutation(len(starts))] = np.arange(len(starts))
-    window_of_cell = position[chunk_of_cell] // window_chunks
-    # One lexsort does both levels: windows in permuted-chunk order, cells shuffled inside each window.
-    order = np.lexsort((cell_rng.random(len(cells)), window_of_cell))
-    return cells[order]
+    out = np.empty_like(cells)
+    pos = 0
+    # A loop over windows (not cells) keeps the temporaries to one window: O(n) memory is just `out`.
+    for w in range(0, len(chunk_order), window_chunks):
+        window = np.concatenate([cells[first[c]:first[c + 1]] for c in chunk_order[w:w + window_chunks]])
+        cell_rng.shuffle(window)
+        out[pos:pos + len(window)] = window
+        pos += len(window)
+    return out
 
 
 def rank_batches(order: np.ndarray, *, batch_size: int, rank: int, world_size: int,

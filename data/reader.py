@@ -25,6 +25,7 @@ import zarr
 from zarr.core.sync import sync
 
 from data import keys
+from data.split import is_validation
 from data.store import Store, open_store
 
 
@@ -61,10 +62,13 @@ def as_store(store: Store | str | os.PathLike) -> Store:
     return store if isinstance(store, Store) else open_store(store)
 
 
-def read_split_hash(store: Store) -> np.ndarray:
-    """uint64 ``split_hash`` of every cell (global row order), read shard by shard."""
-    parts = [_column(store.shard_group(i)["obs"], "split_hash") for i in range(store.meta.n_shards)]
-    return np.concatenate(parts).astype(np.uint64, copy=False)
+def read_validation_mask(store: Store, val_fraction: float) -> np.ndarray:
+    """Boolean validation mask of every cell (global row order), from the stored ``split_hash``.
+
+    Shard by shard, so the only per-cell array kept is the 1-byte mask, not the 8-byte hashes."""
+    parts = [is_validation(_column(store.shard_group(i)["obs"], "split_hash").astype(np.uint64, copy=False),
+                           val_fraction) for i in range(store.meta.n_shards)]
+    return np.concatenate(parts) if parts else np.zeros(0, bool)
 
 
 def read_cell_table(store: Store) -> CellTable:

@@ -38,8 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from data import keys
 from data.collate import collate
 from data.plan import EpochPlan, chunk_bounds, plan_epoch, worker_batch_ids
-from data.reader import ChunkReader, as_store, read_cell_table, read_split_hash
-from data.split import is_validation
+from data.reader import ChunkReader, as_store, read_cell_table, read_validation_mask
 from data.store import Store
 
 SPLITS = ("train", "validation", "all")
@@ -74,7 +73,7 @@ class StoreStream(IterableDataset):
         if split == "all":
             self.eligible = np.ones(self.meta.n_cells, dtype=bool)
         else:
-            val = is_validation(read_split_hash(self._store), self.val_fraction)
+            val = read_validation_mask(self._store, self.val_fraction)
             self.eligible = val if split == "validation" else ~val
         self.table = read_cell_table(self._store)
         self.epoch = 0
