@@ -39,8 +39,7 @@ def _store_arrays(store_path: str):
     import numpy as np
     import scipy.sparse as sp
 
-    from data.reader import read_split_hash
-    from data.split import is_validation
+    from data.reader import read_validation_mask
     from data.store import open_store
     from data.stream import StoreStream
 
@@ -54,7 +53,7 @@ def _store_arrays(store_path: str):
                                          shape=tuple(t.shape)))
         batch.append(b["batch"].numpy())
     return (store, sp.vstack(mats["rna"]).tocsr(), sp.vstack(mats["atac"]).tocsr(), np.concatenate(batch),
-            is_validation(read_split_hash(store), 0.1))
+            read_validation_mask(store, 0.1))
 
 
 def _evaluate(module, store_path: str, batch_size: int = 512) -> float:
