@@ -9,7 +9,7 @@ sharded format. The memory check streams the 1,000,000-cell store and the 50,000
 same settings and compares peak RSS.
 
   .venv/bin/python scripts/bench/loader.py --out outputs/bench/loader.json
-  .venv/bin/python scripts/bench/loader.py --small 20000 --large 0     # quick, no 1M store
+  .venv/bin/python scripts/bench/loader.py --small 20000 --large 0 --repeat 1   # quick, no 1M store
 Stores are created under outputs/bench/ if missing (the 1M store takes a few minutes) and kept.
 """
 
@@ -41,13 +41,19 @@ def worker_ours(store: str, batch: int, max_cells: int) -> None:
     from data.stream import StoreStream
 
     stream = StoreStream(store, batch, split="train", shuffle=True, seed=0)
-    n = 0
+    n, epoch = 0, 0
     t0 = time.perf_counter()
-    for b in stream:
-        n += len(b["index"])
-        if n >= max_cells:
+    while n < max_cells:  # several epochs when the store is smaller than max_cells
+        stream.set_epoch(epoch)
+        for b in stream:
+            n += len(b["index"])
+            if n >= max_cells:
+                break
+        epoch += 1
+        if max_cells >= 10**9:
             break
-    _result(n, time.perf_counter() - t0, nnz_last=int(b["rna"].values().numel() + b["atac"].values().numel()))
+    _result(n, time.perf_counter() - t0, epochs=epoch,
+            nnz_per_cell=(b["rna"].values().numel() + b["atac"].values().numel()) / len(b["index"]))
 
 
 def _load_mudata(store: str, max_cells: int):
@@ -172,6 +178,7 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=50_000, help="cells of the comparison store")
     ap.add_argument("--large", type=int, default=1_000_000, help="cells of the memory-check store (0 = skip)")
     ap.add_argument("--large-cells", type=int, default=300_000, help="cells streamed from the large store")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per loader and batch size (best is shown)")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "loader.json"))
     args = ap.parse_args()
     if args.worker:
@@ -182,13 +189,22 @@ def main() -> None:
     small = ensure_store(args.small)
     rows = []
     for batch in (128, 1024):
-        rows.append(_measure(sys.executable, "ours", small, batch, args.small))
-        rows.append(_measure(sys.executable, "scvi", small, batch, args.small))
+        loaders = [(sys.executable, "ours"), (sys.executable, "scvi")]
         if ANNBATCH_PY.exists():
-            rows.append(_measure(ANNBATCH_PY, "annbatch", small, batch, args.small))
+            loaders.append((ANNBATCH_PY, "annbatch"))
         else:
             rows.append({"loader": "annbatch", "batch": batch, "store": small.name,
                          "error": f"skipped: {ANNBATCH_PY} not found (annbatch needs Python >= 3.12)"})
+        # Repetitions interleaved across loaders (the VM is shared, so load drifts); the best run of each
+        # loader is reported, all runs are kept in the JSON.
+        runs = {name: [] for _, name in loaders}
+        for _ in range(args.repeat):
+            for py, name in loaders:
+                runs[name].append(_measure(py, name, small, batch, 10**9))  # one full pass each
+        for name, rs in runs.items():
+            ok = [r for r in rs if "error" not in r]
+            best = max(ok, key=lambda r: r["cells_per_s"]) if ok else rs[-1]
+            rows.append({**best, "all_cells_per_s": [round(r.get("cells_per_s", 0)) for r in rs]})
     if args.large:
         large = ensure_store(args.large)
         rows.append(_measure(sys.executable, "ours", large, 1024, args.large_cells))
