@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -120,6 +121,7 @@ class ChunkReader:
         # Pool: slot (pool row offset) of each chunk, -1 when absent, plus the concatenated CSR per modality.
         self._row_of_chunk = np.full(len(chunk_starts), -1, dtype=np.int64)
         self._pooled: dict[str, Block] = {}
+        self._lock = threading.Lock()
 
     def _zarr(self, modality: str, shard: int):
         key = (modality, shard)
@@ -192,10 +194,12 @@ class ChunkReader:
         """CSR rows of ``cells`` (global indices) for each modality, in the order given."""
         cells = np.asarray(cells, dtype=np.int64)
         chunk_ids = np.searchsorted(self.starts, cells, side="right") - 1
-        if np.any(self._row_of_chunk[chunk_ids] < 0):
-            self._load(np.unique(chunk_ids))
-        rows = self._row_of_chunk[chunk_ids] + (cells - self.starts[chunk_ids])
-        return {m: _gather_rows(self._pooled[m], rows) for m in self.modalities}
+        # A prefetch thread of an abandoned iteration may still be finishing a batch: one gather at a time.
+        with self._lock:
+            if np.any(self._row_of_chunk[chunk_ids] < 0):
+                self._load(np.unique(chunk_ids))
+            rows = self._row_of_chunk[chunk_ids] + (cells - self.starts[chunk_ids])
+            return {m: _gather_rows(self._pooled[m], rows) for m in self.modalities}
 
     def close(self) -> None:
         self._chunks.clear()
