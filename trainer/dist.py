@@ -47,7 +47,18 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun (scripts/train.sh)")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = None
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart > 0:
+            # After a `torchrun --max-restarts` restart the launcher's store still holds the previous
+            # group's gloo addresses under the same keys, and the new ranks hang connecting to the
+            # dead ones (seen with --standalone); a per-restart key prefix gives them a clean slate.
+            base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=False, timeout=timeout)
+            store = tdist.PrefixStore(f"mva/restart{restart}/", base)
+        tdist.init_process_group(backend, timeout=timeout, store=store, rank=rank if store else -1,
+                                 world_size=world if store else -1,
                                  device_id=device if device.type == "cuda" else None)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
