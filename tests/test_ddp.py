@@ -55,3 +55,34 @@ def test_early_stopping_under_ddp_stops_all_ranks_at_the_same_epoch(tmp_path):
 
     n_val = sum(b["index"].shape[0] for b in StoreStream(open_store(store), 64, split="validation", shuffle=False))
     assert result["validation"]["n_validation"] == n_val
+
+
+def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
+    """Kill one worker (SIGKILL) after a mid-epoch checkpoint: torchrun restarts the group and the
+    new workers continue from that checkpoint (resume=auto) to the end."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from tests.train_utils import as_cli
+
+    store = tiny_store(tmp_path / "store")
+    out = tmp_path / "run"
+    ov = tiny_overrides(store, out, **{"run.epochs": 4, "run.checkpoint_every_steps": 3})
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "-m", "trainer.train", *as_cli(ov)]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "checkpoints").glob("step_*")):
+        time.sleep(0.02)
+    victim = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+              if p.environ().get("LOCAL_RANK") == "1"]
+    assert victim, "no rank-1 worker found"
+    victim[0].send_signal(signal.SIGKILL)
+    log, _ = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, log[-3000:]
+    assert "resumed from" in log, log[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["epochs"] == 4 and result["world_size"] == 2
