@@ -24,8 +24,16 @@ from data.convert import open_input
 from data.convert.align import align, remap_columns
 from data.convert.shuffle import BucketShuffler
 from data.filters import apply_filters
-from data.validate import (ValidationError, cells_without_modality, check_columns, check_cont, check_counts,
-                           check_not_empty, check_output, check_unique)
+from data.validate import (
+    ValidationError,
+    cells_without_modality,
+    check_columns,
+    check_cont,
+    check_counts,
+    check_not_empty,
+    check_output,
+    check_unique,
+)
 from data.writer import StoreSchema, StoreWriter
 
 log = logging.getLogger("mva-build")

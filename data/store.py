@@ -81,7 +81,7 @@ def open_store(path: str | os.PathLike) -> Store:
         raise StoreError(f"{p} is not a Zarr v3 group (no zarr.json); is the path right?")
     try:
         root = zarr.open_group(str(p), mode="r")
-    except Exception as exc:  # noqa: BLE001 - re-raised with the path named
+    except Exception as exc:
         raise StoreError(f"cannot open {p} as a Zarr group: {exc}") from exc
     attrs = dict(root.attrs)
     if attrs.get("format") != keys.STORE_FORMAT:
