@@ -151,6 +151,14 @@ class StoreStream(IterableDataset):
         blocks = self._get_reader().gather(cells)
         return collate(cells, blocks, self.table, self.n_features, dense=self.dense, size_factor=self.size_factor)
 
+    def _batches(self, plan: EpochPlan, ids: list[int]):
+        # Read ahead about one window of cells: its chunks decode while this window is gathered.
+        ahead = max(1, -(-self.window_chunks * self.chunk_size // self.batch_size))
+        for j, i in enumerate(ids):
+            if j + ahead < len(ids):
+                self._get_reader().read_ahead(plan.batches[ids[j + ahead]])
+            yield self.make_batch(plan.batches[i])
+
     def __iter__(self):
         plan = self.plan()
         start, self._resume_at = self._resume_at, 0
@@ -158,7 +166,7 @@ class StoreStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         ids = worker_batch_ids(len(plan), worker_id=wid, num_workers=nw, start=start)
         self._consumed = start
-        source = (self.make_batch(plan.batches[i]) for i in ids)
+        source = self._batches(plan, list(ids))
         it = _prefetched(source, self.prefetch) if self.prefetch > 0 else source
         for batch in it:
             self._consumed += 1
