@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +90,19 @@ def test_sigkill_mid_epoch_then_resume_auto_gives_the_uninterrupted_weights(stor
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=f"{k} differs after resume")
     assert json.loads((run / "result.json").read_text())["steps"] == ref.steps
+
+
+def test_keep_best_exports_the_best_validation_weights(store, tmp_path):
+    # min_delta huge: only epoch 0 counts as an improvement, so "best" = the epoch-0 weights, which
+    # differ from the final ones; early stopping off so training goes on after it
+    extra = {"run.epochs": 3, "run.keep": "best", "run.min_delta": 1e9, "run.early_stopping": False}
+    run = tmp_path / "run"
+    res = train(tiny_config(store, run, **extra))
+    vals = [r["reconstruction_loss_validation"] for r in read_metrics(run / "metrics.jsonl")
+            if r["kind"] == "validation"]
+    assert res.epochs == 3 and res.best == vals[0]
+    exported = load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.equal(v, exported[k]) for k, v in load_file(str(run / "best" / "model.safetensors")).items())
+    last = train(tiny_config(store, tmp_path / "last", **{**extra, "run.keep": "last"}))
+    final = load_file(str(Path(last.model_dir) / "model.safetensors"))
+    assert any(not torch.equal(final[k], exported[k]) for k in final), "best == last: test would be vacuous"
