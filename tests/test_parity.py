@@ -254,46 +254,27 @@ def test_reference_has_the_documented_sizes(pbmc_counts):
     assert MultiVAE(100, 100_000).n_hidden == 128
 
 
-def test_state_dict_mapping_round_trip():
-    """ours -> reference -> ours is the identity, and every reference weight we map is really used."""
-    ours = MultiVAE(
-        45,
-        174,
-        n_batch=3,
-        n_cats_per_cov=(2,),
-        n_continuous_cov=1,
-        encode_covariates=True,
-        modality_weights="universal",
-        use_batch_norm="both",
-    ).double()
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(n_batch=3, n_cats_per_cov=(2,), n_continuous_cov=1, encode_covariates=True,
+             modality_weights="universal", use_batch_norm="both"),
+        # no encoder covariates: the encoders' first Linear has no weight key of its own
+        dict(n_batch=2),
+    ],
+    ids=["covariates", "plain"],
+)
+def test_state_dict_mapping_round_trip(opts):
+    """ours -> reference -> ours is the identity in both directions, with and without encoder covariates."""
+    ours = MultiVAE(45, 174, **opts).double()
     randomize(ours)
     ref = build_reference(ours)
     back = ours_state_from_reference(ref.state_dict(), ours.state_dict())
     for k, v in ours.state_dict().items():
         assert torch.equal(back[k], v), k
     # reverse direction from an independently initialised reference
-    fresh = build_reference(
-        MultiVAE(
-            45,
-            174,
-            n_batch=3,
-            n_cats_per_cov=(2,),
-            n_continuous_cov=1,
-            encode_covariates=True,
-            modality_weights="universal",
-            use_batch_norm="both",
-        ).double()
-    )
-    ours2 = MultiVAE(
-        45,
-        174,
-        n_batch=3,
-        n_cats_per_cov=(2,),
-        n_continuous_cov=1,
-        encode_covariates=True,
-        modality_weights="universal",
-        use_batch_norm="both",
-    ).double()
+    fresh = build_reference(MultiVAE(45, 174, **opts).double())
+    ours2 = MultiVAE(45, 174, **opts).double()
     ours2.load_state_dict(ours_state_from_reference(fresh.state_dict(), ours2.state_dict()))
     again = reference_state_from_ours(ours2.state_dict(), fresh.state_dict())
     for k, v in fresh.state_dict().items():

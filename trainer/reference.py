@@ -118,7 +118,9 @@ def ours_state_from_reference(reference: dict, our_template: dict) -> dict:
             enc = key[: -len(".input_weight")]
             n_in = value.shape[0]
             parts = [reference[reference_key(f"{enc}.z_stack.linears.0.weight")][:, :n_in].t()]
-            if f"{enc}.lib_stack.linears.0.weight" in our_template:
+            # The fused weight holds the library stack's half too, whether or not that stack's
+            # Linear has its own covariate columns (it has no weight key without covariates).
+            if value.shape[1] > parts[0].shape[1]:
                 parts.append(reference[reference_key(f"{enc}.lib_stack.linears.0.weight")][:, :n_in].t())
             out[key] = torch.cat(parts, dim=1).contiguous()
         elif _FUSED.fullmatch(key):
