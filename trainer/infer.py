@@ -1,0 +1,58 @@
+"""mva-infer: offline inference with a trained model (``job=embed``; more jobs follow, see issue 5).
+
+    python -m trainer.infer model_dir=outputs/demo/run-X store=outputs/demo/store output=outputs/demo/embed.zarr
+    torchrun --standalone --nproc_per_node=2 -m trainer.infer model_dir=... store=... output=...
+
+The Hydra function only converts the config and calls ``infer(cfg)``, the plain function tests call.
+Bad input (missing model, a store whose features differ from the model's, ...) ends with one line
+``mva-infer: error: ...`` and exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from data.store import StoreError
+from data.typed_config import ConfigError
+from trainer import dist
+from trainer.infer_config import InferConfig, load_infer_config
+from trainer.jobs.common import InferError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def infer(cfg: InferConfig) -> dict:
+    """Run ``cfg.job`` (joins the torchrun process group if there is one); returns a small summary."""
+    try:
+        if cfg.job == "embed":
+            from trainer.jobs.embed import run_embed
+
+            return run_embed(cfg)
+        raise ConfigError(f"job {cfg.job!r} is not implemented yet")
+    finally:
+        dist.cleanup()
+
+
+def main() -> None:
+    import hydra
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="infer")
+    def _main(raw) -> None:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        try:
+            infer(load_infer_config(raw))
+        except (InferError, ConfigError, StoreError, FileNotFoundError) as exc:
+            print(f"mva-infer: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Offline inference jobs of mva-infer; shared pieces (model/store checks, chunked output) in common.py."""

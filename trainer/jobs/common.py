@@ -1,0 +1,100 @@
+"""What every inference job shares: resolving the model, checking the store against it, and the
+chunk bookkeeping that makes a job restartable.
+
+Output chunks are fixed global row ranges ``[k * rows, (k + 1) * rows)``, independent of the world
+size; rank ``r`` takes a contiguous block of chunk ids, so ranks write disjoint rows (and disjoint
+Zarr chunks: the output arrays are chunked by the same rows). A chunk is recorded as done by an empty
+marker file written only after its rows are stored, so a rerun after a crash redoes at most the
+chunks that were in flight, with any world size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from data.store import Store, StoreError, open_store
+from trainer.export import INFO, WEIGHTS
+
+
+class InferError(ValueError):
+    """Bad input to an inference job (model, store, output); the message is one line."""
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """An exported model directory, given either it or a training run directory (which holds model/)."""
+    p = Path(path)
+    for d in (p, p / "model"):
+        if (d / WEIGHTS).is_file() and (d / INFO).is_file():
+            return d
+    if not p.exists():
+        raise InferError(f"model directory {p} does not exist")
+    raise InferError(f"{p} is neither an exported model ({WEIGHTS} + {INFO}) nor a run directory with model/ "
+                     f"(did training finish?)")
+
+
+def open_checked_store(path: str | os.PathLike, info: dict) -> Store:
+    """Open the store and refuse it unless its features and categories are the model's."""
+    try:
+        store = open_store(path)
+    except StoreError as exc:
+        raise InferError(str(exc)) from None
+    m = store.meta
+    for what, ours, theirs in (("genes", m.gene_names, info["gene_names"]),
+                               ("regions", m.region_names, info["region_names"])):
+        if list(ours) != list(theirs):
+            n_diff = len(set(ours) ^ set(theirs))
+            raise InferError(f"store {store.path} has {len(ours)} {what} but the model was trained on "
+                             f"{len(theirs)} ({n_diff} names differ or the order differs): the store must "
+                             f"have the model's features in the model's order")
+    if list(m.batch_categories) != list(info["batch_categories"]):
+        # batch codes in the store index the model's batch embedding: they must mean the same batches
+        raise InferError(f"store batch categories {m.batch_categories[:5]} differ from the model's "
+                         f"{info['batch_categories'][:5]} (mapping new batches is not supported yet)")
+    theirs_cov = {k: list(v) for k, v in info["cat_cov_categories"].items()}
+    if list(m.cat_cov_keys) != list(info["cat_cov_keys"]) or m.cat_cov_categories != theirs_cov \
+            or list(m.cont_cov_keys) != list(info["cont_cov_keys"]):
+        raise InferError(f"store covariates ({m.cat_cov_keys}, {m.cont_cov_keys}) or their categories "
+                         f"differ from the model's ({info['cat_cov_keys']}, {info['cont_cov_keys']})")
+    return store
+
+
+def chunk_ranges(n_cells: int, rows: int) -> list[tuple[int, int]]:
+    return [(s, min(s + rows, n_cells)) for s in range(0, n_cells, rows)]
+
+
+def my_chunks(n_chunks: int, rank: int, world_size: int) -> range:
+    """Rank ``rank``'s contiguous block of chunk ids (blocks concatenate in order over ranks)."""
+    base, extra = divmod(n_chunks, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+class Progress:
+    """Done markers of one job's output: ``<dir>/chunk-<k>.done``, plus the job's fingerprint."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+
+    def start(self, fingerprint: dict) -> None:
+        """Create the directory, or check that an existing one belongs to the same job settings."""
+        f = self.dir / "job.json"
+        if f.is_file():
+            old = json.loads(f.read_text())
+            if old != fingerprint:
+                changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                raise InferError(f"an unfinished output from different settings ({changed}) is in the way; "
+                                 f"rerun with overwrite=true to start over")
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+
+    def is_done(self, k: int) -> bool:
+        return (self.dir / f"chunk-{k:07d}.done").is_file()
+
+    def mark_done(self, k: int) -> None:
+        (self.dir / f"chunk-{k:07d}.done").touch()
+
+    def n_done(self) -> int:
+        return sum(1 for _ in self.dir.glob("chunk-*.done"))
