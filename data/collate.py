@@ -20,10 +20,14 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 
 
 def csr_tensor(block: Block, n_cols: int, *, dense: bool = False) -> torch.Tensor:
-    """float32 CSR tensor (int64 indices) of ``block``; dense when ``dense`` is set."""
+    """float32 CSR tensor of ``block`` without copies (int32 or int64 indices, as gathered); dense if asked.
+
+    torch's CSR kernels (``sparse.mm``, transposes, ``crow_indices`` arithmetic) take int32 indices, which
+    halve the index bytes of every batch; ``indptr`` and ``indices`` only need to share one dtype."""
     n_rows = len(block.indptr) - 1
-    t = torch.sparse_csr_tensor(torch.from_numpy(np.ascontiguousarray(block.indptr, dtype=np.int64)),
-                                torch.from_numpy(np.ascontiguousarray(block.indices, dtype=np.int64)),
+    itype = np.int64 if block.indices.dtype == np.int64 or block.indptr.dtype == np.int64 else np.int32
+    t = torch.sparse_csr_tensor(torch.from_numpy(np.ascontiguousarray(block.indptr, dtype=itype)),
+                                torch.from_numpy(np.ascontiguousarray(block.indices, dtype=itype)),
                                 torch.from_numpy(np.ascontiguousarray(block.data, dtype=np.float32)),
                                 size=(n_rows, n_cols), check_invariants=False)
     return t.to_dense() if dense else t
@@ -44,7 +48,7 @@ def collate(cells: np.ndarray, blocks: dict[str, Block], table: CellTable, n_fea
         if m in blocks:
             out[m] = csr_tensor(blocks[m], n_features[m], dense=dense)
         else:
-            empty = Block(np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(n + 1, np.int64))
+            empty = Block(np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(n + 1, np.int32))
             out[m] = csr_tensor(empty, n_features[m], dense=dense)
             mask[:, keys.MASK_COLUMN[m]] = False
     out[keys.MASK] = torch.from_numpy(mask)
