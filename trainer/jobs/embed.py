@@ -32,8 +32,14 @@ from data.stream import StoreStream
 from trainer import dist
 from trainer.export import load_model
 from trainer.infer_config import LATENTS, InferConfig
-from trainer.jobs.common import (InferError, Progress, chunk_ranges, my_chunks, open_checked_store,
-                                 resolve_model_dir)
+from trainer.jobs.common import (
+    InferError,
+    Progress,
+    chunk_ranges,
+    my_chunks,
+    open_checked_store,
+    resolve_model_dir,
+)
 from trainer.predict import latent
 
 # Test hook: raise after this many chunks were written by this process (simulates a crash mid-job).
@@ -47,13 +53,6 @@ def obsm_key(modality: str) -> str:
 def _paths(output: str) -> tuple[Path, Path, Path]:
     final = Path(output)
     return final, final.with_name(final.name + ".partial"), final.with_name(final.name + ".progress")
-
-
-def _is_complete(path: Path) -> bool:
-    try:
-        return zarr.open_group(str(path), mode="r").attrs.get("mva_complete") is True
-    except Exception:
-        return False
 
 
 def _write_skeleton(path: Path, store, cfg: InferConfig, n_latent: int, model_dir: Path) -> None:

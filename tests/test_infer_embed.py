@@ -1,0 +1,173 @@
+"""mva-infer job=embed: a model trained by the real trainer on a real store, embedded chunk by chunk.
+
+    .venv/bin/python -m pytest tests/test_infer_embed.py -q            # (-m 'not slow' skips torchrun)
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+import zarr
+
+from data import keys
+from data.store import open_store
+from data.synthetic import write_synthetic_store
+from data.typed_config import ConfigError
+from tests.train_utils import PY, ROOT, env, tiny_config, tiny_store, torchrun
+from trainer.export import load_model
+from trainer.infer import infer
+from trainer.infer_config import InferConfig, load_infer_config
+from trainer.jobs.common import InferError
+from trainer.jobs.embed import FAIL_AFTER_ENV
+from trainer.train import train
+
+N_CELLS, BATCH = 700, 96  # 8 output chunks, the last one short; 2 shards so chunks cross a shard boundary
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    store = tiny_store(root / "store", n_cells=N_CELLS, shard_size=400)
+    res = train(tiny_config(store, root / "run"))
+    return store, Path(res.run_dir)
+
+
+def _cfg(store, run, out, **kw) -> InferConfig:
+    return InferConfig(model_dir=str(run), store=str(store), output=str(out), batch_size=BATCH,
+                       progress=False, **kw)
+
+
+def _in_memory_latents(store_path, model_dir):
+    """Every cell in one dense batch built straight from the store's CSR rows and obs (no loader)."""
+    module, info = load_model(model_dir)
+    st = open_store(store_path)
+    obs = st.read_obs()
+    mats = {m: sp.vstack([st.read_rows(m, s, 0, st.meta.shard_offsets[s + 1] - st.meta.shard_offsets[s])
+                          for s in range(st.meta.n_shards)]).toarray() for m in keys.MODALITIES}
+    n = len(obs)
+    batch = {keys.RNA: torch.tensor(mats[keys.RNA], dtype=torch.float32),
+             keys.ATAC: torch.tensor(mats[keys.ATAC], dtype=torch.float32),
+             keys.MASK: torch.tensor(np.stack([obs["mask_rna"].to_numpy(bool), obs["mask_atac"].to_numpy(bool)], 1)),
+             keys.BATCH: torch.tensor(obs[info["batch_key"]].cat.codes.to_numpy(np.int64)),
+             keys.CAT_COVS: torch.zeros(n, 0, dtype=torch.long), keys.CONT_COVS: torch.zeros(n, 0)}
+    with torch.no_grad():
+        inf = module.inference(batch, eps=torch.zeros(n, module.n_latent))
+    return obs, {"X_multivi": inf["qz_m"].numpy(), "X_multivi_expression": inf["qzm_rna"].numpy(),
+                 "X_multivi_accessibility": inf["qzm_atac"].numpy()}
+
+
+def _obsm(path) -> dict[str, np.ndarray]:
+    a = ad.read_zarr(str(path))
+    return {k: np.asarray(v) for k, v in a.obsm.items()}
+
+
+def test_embed_equals_in_memory_latents_and_opens_in_scanpy(trained, tmp_path):
+    store, run = trained
+    out = tmp_path / "emb.zarr"
+    summary = infer(_cfg(store, run, out))
+    assert summary["n_chunks"] == 8 and summary["chunks_written"] == 8 and summary["chunks_skipped"] == 0
+    assert not (tmp_path / "emb.zarr.partial").exists() and not (tmp_path / "emb.zarr.progress").exists()
+    assert zarr.open_group(str(out), mode="r").attrs["mva_complete"] is True
+
+    adata = ad.read_zarr(str(out))
+    obs, expected = _in_memory_latents(store, run / "model")
+    assert adata.n_obs == N_CELLS
+    pd.testing.assert_frame_equal(adata.obs, obs)  # copied in store order, dtypes and categories kept
+    assert set(adata.obsm) == set(expected)
+    for k, v in expected.items():
+        got = np.asarray(adata.obsm[k])
+        assert got.shape == (N_CELLS, 6) and got.dtype == np.float32
+        np.testing.assert_allclose(got, v, rtol=1e-4, atol=1e-5, err_msg=k)
+    assert np.abs(expected["X_multivi"] - expected["X_multivi_expression"]).max() > 1e-3  # distinct latents
+
+    import scanpy as sc
+
+    sc.pp.neighbors(adata, use_rep="X_multivi", n_neighbors=10)
+    assert adata.obsp["connectivities"].shape == (N_CELLS, N_CELLS)
+
+
+def test_crashed_run_resumes_to_the_clean_output(trained, tmp_path, monkeypatch):
+    store, run = trained
+    infer(_cfg(store, run, tmp_path / "clean.zarr"))
+    clean = _obsm(tmp_path / "clean.zarr")
+    out = tmp_path / "emb.zarr"
+    monkeypatch.setenv(FAIL_AFTER_ENV, "3")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        infer(_cfg(store, run, out))
+    assert not out.exists() and (tmp_path / "emb.zarr.partial").is_dir()  # never marked complete
+    assert len(list((tmp_path / "emb.zarr.progress").glob("chunk-*.done"))) == 3
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    summary = infer(_cfg(store, run, out))
+    assert summary["chunks_skipped"] == 3 and summary["chunks_written"] == 5
+    got = _obsm(out)
+    adata = ad.read_zarr(str(out))
+    assert adata.obs_names.is_unique and adata.n_obs == N_CELLS
+    for k, v in clean.items():
+        assert not np.isnan(got[k]).any(), k  # no missing rows (arrays start as NaN)
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def test_other_settings_refuse_an_unfinished_output_and_overwrite_replaces(trained, tmp_path, monkeypatch):
+    store, run = trained
+    out = tmp_path / "emb.zarr"
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    with pytest.raises(RuntimeError):
+        infer(_cfg(store, run, out, modalities=["joint"]))
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    with pytest.raises(InferError, match="different settings"):
+        infer(_cfg(store, run, out))
+    infer(_cfg(store, run, out, overwrite=True))
+    with pytest.raises(InferError, match="already exists"):
+        infer(_cfg(store, run, out))
+    assert set(_obsm(out)) == {"X_multivi", "X_multivi_expression", "X_multivi_accessibility"}
+
+
+def test_posterior_samples_have_a_sample_axis(trained, tmp_path):
+    store, run = trained
+    out = tmp_path / "s.zarr"
+    infer(_cfg(store, run, out, give_mean=False, n_samples=3, modalities=["joint"]))
+    z = _obsm(out)["X_multivi"]
+    assert z.shape == (N_CELLS, 3, 6) and not np.isnan(z).any()
+    mean = _in_memory_latents(store, run / "model")[1]["X_multivi"]
+    assert np.abs(z[:, 0] - z[:, 1]).max() > 1e-3  # independent draws around the mean
+    assert np.abs(z.mean(1) - mean).mean() < np.abs(z[:, 0] - mean).mean()
+
+
+def test_bad_inputs_give_one_clear_line(trained, tmp_path):
+    store, run = trained
+    with pytest.raises(InferError, match="does not exist"):
+        infer(_cfg(store, tmp_path / "no_such_run", tmp_path / "a.zarr"))
+    other = write_synthetic_store(tmp_path / "other", n_cells=50, n_genes=80, n_regions=300, progress=False)
+    with pytest.raises(InferError, match="100 genes.*80|80 genes.*100") as exc:
+        infer(_cfg(other, run, tmp_path / "b.zarr"))
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="not implemented yet"):
+        load_infer_config({"model_dir": str(run), "store": str(store), "output": "x", "job": "de"})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_infer_config({"model_dir": str(run), "store": str(store), "output": "x", "bogus": 1})
+    # the CLI: exit status 2 and exactly one line on stderr, no traceback
+    res = subprocess.run([PY, "-m", "trainer.infer", f"model_dir={run}", f"store={other}",
+                          f"output={tmp_path / 'c.zarr'}"], cwd=ROOT, env=env(), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mva-infer: error: store "), res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_in_cell_order(trained, tmp_path):
+    store, run = trained
+    infer(_cfg(store, run, tmp_path / "one.zarr"))
+    torchrun(["-m", "trainer.infer", f"model_dir={run}", f"store={store}", f"output={tmp_path / 'two.zarr'}",
+              f"batch_size={BATCH}", "progress=false"], nproc=2)
+    one, two = ad.read_zarr(str(tmp_path / "one.zarr")), ad.read_zarr(str(tmp_path / "two.zarr"))
+    pd.testing.assert_frame_equal(one.obs, two.obs)
+    for k in one.obsm:
+        np.testing.assert_allclose(np.asarray(two.obsm[k]), np.asarray(one.obsm[k]), rtol=1e-5, atol=1e-6)
