@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make demo: write a synthetic multiome store, train MultiVI briefly on 2 processes, show the model.
+# make demo: write a synthetic multiome store, train MultiVI briefly on 2 processes, embed every cell.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -14,9 +14,10 @@ if [ ! -f "$STORE/zarr.json" ]; then
 fi
 echo "[demo] training on 2 processes (torchrun, gloo)"
 NPROC_PER_NODE=2 bash scripts/train.sh +experiment=demo data.store="$STORE" run.output_dir="$RUN"
-if [ -f trainer/infer.py ] && "$PY" -m trainer.infer --help >/dev/null 2>&1; then
-  echo "[demo] inference entry point found: see README (mva-infer) to write the embedding"
-fi
+echo "[demo] writing the joint embedding (mva-infer job=embed, 2 processes)"
+"$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m trainer.infer \
+  model_dir="$RUN" store="$STORE" output="$RUN/embed.zarr"
 echo "[demo] done. run directory: $RUN"
 echo "[demo]   model:    $RUN/model/ (model.safetensors + model.json)"
+echo "[demo]   embedding: $RUN/embed.zarr (anndata.read_zarr; obsm['X_multivi'])"
 echo "[demo]   metrics:  $RUN/metrics.jsonl, loss curves: $RUN/loss.png"
