@@ -26,6 +26,7 @@ from trainer.infer import infer
 from trainer.infer_config import InferConfig, load_infer_config
 from trainer.jobs.common import InferError
 from trainer.jobs.embed import FAIL_AFTER_ENV
+from trainer.predict import latent
 from trainer.train import train
 
 N_CELLS, BATCH = 700, 96  # 8 output chunks, the last one short; 2 shards so chunks cross a shard boundary
@@ -59,8 +60,9 @@ def _in_memory_latents(store_path, model_dir):
              keys.CAT_COVS: torch.zeros(n, 0, dtype=torch.long), keys.CONT_COVS: torch.zeros(n, 0)}
     with torch.no_grad():
         inf = module.inference(batch, eps=torch.zeros(n, module.n_latent))
-    return obs, {"X_multivi": inf["qz_m"].numpy(), "X_multivi_expression": inf["qzm_rna"].numpy(),
-                 "X_multivi_accessibility": inf["qzm_atac"].numpy()}
+    # joint: the module's own posterior mean; per modality: the notebook API (trainer.predict.latent)
+    return obs, {"X_multivi": inf["qz_m"].numpy(), "X_multivi_expression": latent(module, batch, "rna").numpy(),
+                 "X_multivi_accessibility": latent(module, batch, "atac").numpy()}
 
 
 def _obsm(path) -> dict[str, np.ndarray]:

@@ -92,6 +92,24 @@ def _fingerprint(cfg: InferConfig, model_dir: Path, store) -> dict:
             "store": str(Path(store.path).resolve()), "n_cells": store.meta.n_cells}
 
 
+# predict.latent's posterior means, read from ONE encoder pass (calling it per modality encodes 3x)
+_MEAN_KEYS = {"joint": "qz_m", "rna": "qzm_rna", "atac": "qzm_atac"}
+
+
+@torch.no_grad()
+def _latents(module, batch: dict, cfg: InferConfig) -> dict[str, torch.Tensor]:
+    """modality -> (B, d) means, (B, d) one sample, or (B, S, d) samples."""
+    if cfg.give_mean:
+        inf = module.inference(batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent,
+                                                      dtype=module.dtype, device=batch[keys.MASK].device))
+        return {m: inf[_MEAN_KEYS[LATENTS[m]]] for m in cfg.modalities}
+    out = {}
+    for m in cfg.modalities:
+        z = latent(module, batch, modality=LATENTS[m], give_mean=False, n_samples=cfg.n_samples)
+        out[m] = z[0] if cfg.n_samples == 1 else z.transpose(0, 1)  # (S, B, d) -> (B, S, d)
+    return out
+
+
 def run_embed(cfg: InferConfig) -> dict:
     info = dist.init_distributed()
     model_dir = resolve_model_dir(cfg.model_dir)
@@ -137,10 +155,7 @@ def run_embed(cfg: InferConfig) -> dict:
             raise RuntimeError(f"loader returned other cells than rows [{lo}, {hi})")  # order is the contract
         if not cfg.give_mean:
             torch.manual_seed(cfg.seed * 1_000_003 + k)  # samples independent of world size and restarts
-        for m in cfg.modalities:
-            z = latent(module, batch, modality=LATENTS[m], give_mean=cfg.give_mean, n_samples=cfg.n_samples)
-            if not cfg.give_mean:
-                z = z[0] if cfg.n_samples == 1 else z.transpose(0, 1)  # (S, B, d) -> (B, S, d)
+        for m, z in _latents(module, batch, cfg).items():
             arrays[m][lo:hi] = z.to("cpu", torch.float32).numpy()
         progress.mark_done(k)
         written += 1
