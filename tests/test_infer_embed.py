@@ -173,3 +173,19 @@ def test_two_ranks_equal_one_rank_in_cell_order(trained, tmp_path):
     pd.testing.assert_frame_equal(one.obs, two.obs)
     for k in one.obsm:
         np.testing.assert_allclose(np.asarray(two.obsm[k]), np.asarray(one.obsm[k]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_one_rank_crash_finished_by_two_ranks(trained, tmp_path, monkeypatch):
+    """Chunks are global row ranges, so a rerun with another world size completes the same output."""
+    store, run = trained
+    infer(_cfg(store, run, tmp_path / "clean.zarr"))
+    monkeypatch.setenv(FAIL_AFTER_ENV, "5")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        infer(_cfg(store, run, tmp_path / "emb.zarr"))
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    torchrun(["-m", "trainer.infer", f"model_dir={run}", f"store={store}", f"output={tmp_path / 'emb.zarr'}",
+              f"batch_size={BATCH}", "progress=false"], nproc=2)
+    clean, got = _obsm(tmp_path / "clean.zarr"), _obsm(tmp_path / "emb.zarr")
+    for k, v in clean.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
