@@ -223,8 +223,6 @@ class ChunkReader:
         results: list[tuple[list[int], list, list]] = []
         for fut, chunks, reqs in rounds.values():
             results.append((chunks, reqs, fut.result()))
-            for c in chunks:
-                self._pending.pop(c, None)
         covered = {c for chunks, _, _ in results for c in chunks}
         rest = [c for c in missing if c not in covered]
         if rest:
@@ -234,8 +232,8 @@ class ChunkReader:
             # sequential reads on this machine.
             results.append((rest, reqs, sync(_fetch_all(_flat(reqs)))))
         want, keep = set(missing), set(needed)
-        # The needed chunks first; a read-ahead round may also hold chunks of later batches, kept while
-        # a slot is free or evictable (otherwise they are simply read again when needed).
+        # The needed chunks first; a read-ahead round also holds chunks of later batches: they take free
+        # slots only, otherwise they stay pending (decoded) until a batch needs them.
         for first in (True, False):
             for chunks, reqs, arrays in results:
                 k = 0
@@ -243,15 +241,20 @@ class ChunkReader:
                     if (c in want) == first and c not in self._lru:
                         self._put(c, per_chunk, arrays[k:k + len(per_chunk)], keep, required=first)
                     k += len(per_chunk)
+        # A round's chunks that found no slot stay pending (already decoded) until a batch needs them.
+        for chunks, _, _ in results:
+            for c in chunks:
+                if c in self._lru:
+                    self._pending.pop(c, None)
 
-    def _put(self, chunk: int, per_chunk: list, arrays: list, keep: set[int], required: bool = True) -> None:
+    def _put(self, chunk: int, per_chunk: list, arrays: list, keep: set[int], required: bool = True) -> bool:
         """Cast one decoded chunk into a slot (evicting the least recently used chunk not in ``keep``)."""
         if not self._free:
+            if not required:  # never evict for a later batch's chunk: it could push out this window's
+                return False
             victim = next((c for c in self._lru if c not in keep), None)
-            if victim is None:
-                if required:  # _load grew the pool to hold every needed chunk; this cannot happen
-                    raise RuntimeError("ChunkReader: no slot left for a needed chunk")
-                return
+            if victim is None:  # _load grew the pool to hold every needed chunk; this cannot happen
+                raise RuntimeError("ChunkReader: no slot left for a needed chunk")
             self._free.append(self._lru.pop(victim))
             self._slot_of_chunk[victim] = -1
         slot = self._free.pop()
@@ -266,6 +269,7 @@ class ChunkReader:
             pool.indptr[slot * R + len(ptr):(slot + 1) * R] = base + n
         self._slot_of_chunk[chunk] = slot
         self._lru[chunk] = slot
+        return True
 
     def read_ahead(self, cells: np.ndarray) -> None:
         """Start fetching the chunks of upcoming ``cells`` in the background (zarr's event loop).

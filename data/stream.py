@@ -153,10 +153,16 @@ class StoreStream(IterableDataset):
 
     def _batches(self, plan: EpochPlan, ids: list[int]):
         # Read ahead about one window of cells: its chunks decode while this window is gathered.
+        # Issued one window's worth of batches at a time (not per batch): one event-loop round per window
+        # keeps the wake-ups and per-round overhead off small batches, and reads 1-2 windows ahead.
         ahead = max(1, -(-self.window_chunks * self.chunk_size // self.batch_size))
+        reader = self._get_reader()
+        issued = 1  # batches [0, issued) are read on demand or already requested
         for j, i in enumerate(ids):
-            if j + ahead < len(ids):
-                self._get_reader().read_ahead(plan.batches[ids[j + ahead]])
+            if j + ahead >= issued and issued < len(ids):
+                stop = min(issued + ahead, len(ids))
+                reader.read_ahead(np.concatenate([plan.batches[k] for k in ids[issued:stop]]))
+                issued = stop
             yield self.make_batch(plan.batches[i])
 
     def __iter__(self):

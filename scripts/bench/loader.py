@@ -36,14 +36,15 @@ def _result(n_cells: int, seconds: float, **extra) -> None:
     print("RESULT " + json.dumps({"cells": n_cells, "seconds": seconds, "cells_per_s": n_cells / seconds, **extra}))
 
 
-def worker_ours(store: str, batch: int, max_cells: int) -> None:
+def worker_ours(store: str, batch: int, max_cells: int, chunk_size: int = 256, window_chunks: int = 16) -> None:
     import torch
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT))
     from data.stream import StoreStream
 
-    stream = StoreStream(store, batch, split="train", shuffle=True, seed=0)
+    stream = StoreStream(store, batch, split="train", shuffle=True, seed=0, chunk_size=chunk_size,
+                         window_chunks=window_chunks)
     n, epoch, total = 0, 0, 0.0
     t0 = time.perf_counter()
     while n < max_cells:  # several epochs when the store is smaller than max_cells
@@ -154,10 +155,10 @@ def ensure_store(n_cells: int) -> Path:
     return path
 
 
-def _measure(python, loader, store, batch, max_cells) -> dict:
+def _measure(python, loader, store, batch, max_cells, extra: tuple[str, ...] = ()) -> dict:
     # Popen + wait4 so that ru_maxrss is this child's own peak (KiB on Linux).
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", loader, "--store", str(store),
-           "--batch", str(batch), "--max-cells", str(max_cells)]
+           "--batch", str(batch), "--max-cells", str(max_cells), *extra]
     with open(os.devnull, "w") as devnull:
         r, w = os.pipe()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=w, stderr=devnull, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -166,7 +167,7 @@ def _measure(python, loader, store, batch, max_cells) -> dict:
             out = f.read()
         _, status, usage = os.wait4(proc.pid, 0)
     line = [x for x in out.splitlines() if x.startswith("RESULT ")]
-    row = {"loader": loader, "batch": batch, "store": Path(store).name}
+    row = {"loader": loader + ("-c" + extra[1] if extra else ""), "batch": batch, "store": Path(store).name}
     if os.waitstatus_to_exitcode(status) != 0 or not line:
         row["error"] = f"exit {os.waitstatus_to_exitcode(status)}: {out[-400:]}"
         return row
@@ -181,6 +182,10 @@ def main() -> None:
     ap.add_argument("--store")
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--max-cells", type=int, default=10**9)
+    ap.add_argument("--chunk-size", type=int, default=256, help="ours: rows per chunk (worker)")
+    ap.add_argument("--window-chunks", type=int, default=16, help="ours: chunks per shuffle window (worker)")
+    ap.add_argument("--variant", type=int, default=1024,
+                    help="also run ours with this chunk size and the same 4,096-cell window (0 = skip)")
     ap.add_argument("--small", type=int, default=50_000, help="cells of the comparison store")
     ap.add_argument("--large", type=int, default=1_000_000, help="cells of the memory-check store (0 = skip)")
     ap.add_argument("--large-cells", type=int, default=300_000, help="cells streamed from the large store")
@@ -188,26 +193,31 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "loader.json"))
     args = ap.parse_args()
     if args.worker:
-        {"ours": worker_ours, "scvi": worker_scvi, "annbatch": worker_annbatch}[args.worker](
-            args.store, args.batch, args.max_cells)
+        if args.worker == "ours":
+            worker_ours(args.store, args.batch, args.max_cells, args.chunk_size, args.window_chunks)
+            return
+        {"scvi": worker_scvi, "annbatch": worker_annbatch}[args.worker](args.store, args.batch, args.max_cells)
         return
 
     small = ensure_store(args.small)
     rows = []
     for batch in (128, 1024):
-        loaders = [(sys.executable, "ours"), (sys.executable, "scvi")]
+        loaders = [(sys.executable, "ours", ()), (sys.executable, "scvi", ())]
+        if args.variant:  # coarser chunks, same window of cells: fewer, larger reads
+            loaders.append((sys.executable, "ours", ("--chunk-size", str(args.variant), "--window-chunks",
+                                                     str(max(1, 16 * 256 // args.variant)))))
         if ANNBATCH_PY.exists():
-            loaders.append((ANNBATCH_PY, "annbatch"))
+            loaders.append((ANNBATCH_PY, "annbatch", ()))
         else:
             rows.append({"loader": "annbatch", "batch": batch, "store": small.name,
                          "error": f"skipped: {ANNBATCH_PY} not found (annbatch needs Python >= 3.12)"})
         # Repetitions interleaved across loaders (the VM is shared, so load drifts); the best run of each
         # loader is reported, all runs are kept in the JSON.
-        runs = {name: [] for _, name in loaders}
+        runs = {(name, extra): [] for _, name, extra in loaders}
         for _ in range(args.repeat):
-            for py, name in loaders:
-                runs[name].append(_measure(py, name, small, batch, 10**9))  # one full pass each
-        for name, rs in runs.items():
+            for py, name, extra in loaders:
+                runs[name, extra].append(_measure(py, name, small, batch, 10**9, extra))  # one full pass each
+        for rs in runs.values():
             ok = [r for r in rs if "error" not in r]
             best = max(ok, key=lambda r: r["cells_per_s"]) if ok else rs[-1]
             rows.append({**best, "all_cells_per_s": [round(r.get("cells_per_s", 0)) for r in rs]})
@@ -217,13 +227,13 @@ def main() -> None:
         # The same streamed amount from the small store, for the like-for-like RSS comparison.
         rows.append(_measure(sys.executable, "ours", small, 1024, args.large_cells))
 
-    print(f"| {'loader':<9} | {'store':<20} | {'batch':>5} | {'cells':>9} | {'cells/s':>9} | {'peak RSS MiB':>12} |")
-    print("|-----------|----------------------|-------|-----------|-----------|--------------|")
+    print(f"| {'loader':<13} | {'store':<20} | {'batch':>5} | {'cells':>9} | {'cells/s':>9} | {'peak RSS MiB':>12} |")
+    print("|---------------|----------------------|-------|-----------|-----------|--------------|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['loader']:<9} | {r['store']:<20} | {r['batch']:>5} | {r['error'][:70]}")
+            print(f"| {r['loader']:<13} | {r['store']:<20} | {r['batch']:>5} | {r['error'][:70]}")
             continue
-        print(f"| {r['loader']:<9} | {r['store']:<20} | {r['batch']:>5} | {r['cells']:>9,} | "
+        print(f"| {r['loader']:<13} | {r['store']:<20} | {r['batch']:>5} | {r['cells']:>9,} | "
               f"{r['cells_per_s']:>9,.0f} | {r['peak_rss_mib']:>12,.0f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "python": sys.version.split()[0],
