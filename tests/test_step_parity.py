@@ -41,9 +41,7 @@ def pbmc_counts():
 
 
 def _reference_plan(ours: MultiVAE, classifier):
-    from scvi.train import AdversarialTrainingPlan
-
-    from trainer.reference import build_reference
+    from trainer.reference import build_reference, reference_training_plan
 
     ref = build_reference(ours)
     # The protein decoder has a hard-coded dropout 0.1 whose outputs never reach the loss without
@@ -52,23 +50,12 @@ def _reference_plan(ours: MultiVAE, classifier):
         if isinstance(mod, torch.nn.Dropout):
             parent = ref.z_decoder_pro.get_submodule(name.rsplit(".", 1)[0])
             parent[int(name.rsplit(".", 1)[1])] = torch.nn.Identity()
-    plan = AdversarialTrainingPlan(
-        ref,
-        lr=1e-4,
-        weight_decay=1e-3,
-        eps=1e-8,
-        optimizer="AdamW",
-        adversarial_classifier=classifier is not None,
-        scale_adversarial_loss=1,
-        n_epochs_kl_warmup=2,
-    )
+    plan, opt_vae, opt_cls = reference_training_plan(ref, classifier is not None, n_epochs_kl_warmup=2)
     if classifier is not None:
         plan.adversarial_classifier.double()
         plan.adversarial_classifier.load_state_dict(classifier_state_to_reference(classifier.state_dict()))
-    opts = plan.configure_optimizers()
-    opts = opts if isinstance(opts, list) else [opts]
-    opts = [o["optimizer"] if isinstance(o, dict) else o for o in opts]
-    return ref, plan, opts[0], (opts[1] if len(opts) > 1 else None)
+        # the optimizers hold the parameter objects; .double() and load_state_dict update them in place
+    return ref, plan, opt_vae, opt_cls
 
 
 def _reference_step(ref, plan, opt1, opt2, tensors, beta):

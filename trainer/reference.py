@@ -248,3 +248,24 @@ def float64_compat(dtype: torch.dtype):
     finally:
         torch.nn.BCELoss.forward = original
         torch.set_default_dtype(previous)
+
+
+def reference_training_plan(ref, adversarial: bool, n_epochs_kl_warmup: int = 50):
+    """The reference's ``AdversarialTrainingPlan`` configured as ``MULTIVI.train()`` hard-codes it
+    (AdamW 1e-4 / 1e-3 / 1e-8, kappa 1), with its own optimizers: ``(plan, vae_opt, classifier_opt|None)``."""
+    from scvi.train import AdversarialTrainingPlan
+
+    plan = AdversarialTrainingPlan(
+        ref,
+        lr=1e-4,
+        weight_decay=1e-3,
+        eps=1e-8,
+        optimizer="AdamW",
+        adversarial_classifier=adversarial,
+        scale_adversarial_loss=1,
+        n_epochs_kl_warmup=n_epochs_kl_warmup,
+    )
+    opts = plan.configure_optimizers()
+    opts = opts if isinstance(opts, list | tuple) else [opts]
+    opts = [o["optimizer"] if isinstance(o, dict) else o for o in opts]
+    return plan, opts[0], (opts[1] if len(opts) > 1 else None)

@@ -26,7 +26,7 @@ import torch
 from data import keys
 from trainer.classifier import build_classifier
 from trainer.module import MultiVAE
-from trainer.reference import build_reference, reference_tensors
+from trainer.reference import build_reference, reference_tensors, reference_training_plan
 from trainer.step import build_optimizers, train_step
 
 
@@ -80,20 +80,8 @@ def time_interleaved(steppers: dict, warmup: int, steps: int, chunk: int = 5) ->
 
 
 def reference_stepper(ours: MultiVAE):
-    from scvi.train import AdversarialTrainingPlan
-
     ref = build_reference(ours).train()
-    plan = AdversarialTrainingPlan(
-        ref,
-        lr=1e-4,
-        weight_decay=1e-3,
-        eps=1e-8,
-        optimizer="AdamW",
-        adversarial_classifier=True,
-        scale_adversarial_loss=1,
-        n_epochs_kl_warmup=50,
-    )
-    opt1, opt2 = plan.configure_optimizers()
+    plan, opt1, opt2 = reference_training_plan(ref, adversarial=True)
 
     def step(tensors: dict) -> None:
         # body of AdversarialTrainingPlan.training_step (manual optimisation), kappa = 1
