@@ -11,3 +11,15 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Re-pin one intra-op thread before every test: some libraries change it in-process
+    (scanpy.pp.neighbors -> numba/pynndescent leaves torch at 2 threads), and a different thread count
+    changes reduction order, so an in-process run would no longer equal a 1-thread subprocess run bit
+    for bit (seen: the SIGKILL-resume test failed after the embed test in the same session)."""
+    torch.set_num_threads(1)
+    yield
