@@ -52,6 +52,18 @@ def _gather(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Te
     return t.reshape(-1).index_select(0, rows * t.shape[1] + cols)
 
 
+def _zinb_nonzero(x, mu, theta, softplus_pi, pi_theta_log, log_theta_mu_eps):
+    """log ZINB(x) for x > 0, elementwise: shared by the dense path and the CSR path (on gathered nonzeros)."""
+    return (
+        -softplus_pi
+        + pi_theta_log
+        + x * (torch.log(mu + EPS) - log_theta_mu_eps)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1)
+    )
+
+
 def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:
     """-sum_g log ZINB(x | mu, theta, pi) per cell. theta: (G,) or (B, G)."""
     theta = _theta_2d(theta)
@@ -60,14 +72,7 @@ def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: 
     pi_theta_log = -zi_logits + theta * (torch.log(theta + EPS) - log_theta_mu_eps)
     case_zero = F.softplus(pi_theta_log) - softplus_pi
     if x.layout != torch.sparse_csr:
-        case_non_zero = (
-            -softplus_pi
-            + pi_theta_log
-            + x * (torch.log(mu + EPS) - log_theta_mu_eps)
-            + torch.lgamma(x + theta)
-            - torch.lgamma(theta)
-            - torch.lgamma(x + 1)
-        )
+        case_non_zero = _zinb_nonzero(x, mu, theta, softplus_pi, pi_theta_log, log_theta_mu_eps)
         return -((x < EPS).to(mu.dtype) * case_zero + (x > EPS).to(mu.dtype) * case_non_zero).sum(-1)
     rows, cols, v = _nonzeros(x)
     v = v.to(mu.dtype)
@@ -76,14 +81,7 @@ def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: 
     spi = _gather(softplus_pi, rows, cols)
     ptl = _gather(pi_theta_log, rows, cols)
     lmt = _gather(log_theta_mu_eps, rows, cols)
-    nz = (
-        -spi
-        + ptl
-        + v * (torch.log(m + EPS) - lmt)
-        + torch.lgamma(v + th)
-        - torch.lgamma(th)
-        - torch.lgamma(v + 1)
-    )
+    nz = _zinb_nonzero(v, m, th, spi, ptl, lmt)
     # every entry was counted as a zero; swap in the nonzero term where the stored value is > eps
     corr = (v > EPS).to(mu.dtype) * nz - (v >= EPS).to(mu.dtype) * _gather(case_zero, rows, cols)
     return -(case_zero.sum(-1) + _row_sum(corr, rows, x.shape[0]))
