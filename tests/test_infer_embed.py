@@ -150,8 +150,10 @@ def test_bad_inputs_give_one_clear_line(trained, tmp_path):
     with pytest.raises(InferError, match="100 genes.*80|80 genes.*100") as exc:
         infer(_cfg(other, run, tmp_path / "b.zarr"))
     assert "\n" not in str(exc.value)
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        load_infer_config({"model_dir": str(run), "store": str(store), "output": "x", "job": "de"})
+    with pytest.raises(ConfigError, match="job must be one of"):
+        load_infer_config({"model_dir": str(run), "store": str(store), "output": "x", "job": "nope"})
+    with pytest.raises(ConfigError, match="unknown config key: expression.bogus"):
+        load_infer_config({"model_dir": str(run), "store": str(store), "output": "x", "expression": {"bogus": 1}})
     with pytest.raises(ConfigError, match="unknown config key"):
         load_infer_config({"model_dir": str(run), "store": str(store), "output": "x", "bogus": 1})
     # the CLI: exit status 2 and exactly one line on stderr, no traceback

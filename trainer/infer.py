@@ -1,4 +1,4 @@
-"""mva-infer: offline inference with a trained model (``job=embed``; more jobs follow, see issue 5).
+"""mva-infer: offline inference with a trained model (``job=`` embed, expression, accessibility, de, da, export).
 
     python -m trainer.infer model_dir=outputs/demo/run-X store=outputs/demo/store output=outputs/demo/embed.zarr
     torchrun --standalone --nproc_per_node=2 -m trainer.infer model_dir=... store=... output=...
@@ -10,6 +10,7 @@ Bad input (missing model, a store whose features differ from the model's, ...) e
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 from data.store import StoreError
 from data.typed_config import ConfigError
 from trainer import dist
-from trainer.infer_config import InferConfig, load_infer_config
+from trainer.infer_config import RUNNERS, InferConfig, load_infer_config
 from trainer.jobs.common import InferError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -26,11 +27,14 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def infer(cfg: InferConfig) -> dict:
     """Run ``cfg.job`` (joins the torchrun process group if there is one); returns a small summary."""
     try:
-        if cfg.job == "embed":
-            from trainer.jobs.embed import run_embed
-
-            return run_embed(cfg)
-        raise ConfigError(f"job {cfg.job!r} is not implemented yet")
+        module_name, func = RUNNERS[cfg.job].split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            raise ConfigError(f"job {cfg.job!r} is not implemented in this version") from None
+        return getattr(module, func)(cfg)
     finally:
         dist.cleanup()
 
