@@ -54,21 +54,46 @@ class AccessibilityOptions:
 
 @dataclass
 class DiffOptions:
-    groupby: Optional[str] = None  # obs column; with group1=None: one-vs-rest for every group
+    """``de`` / ``da`` (docs/inference_de.md). Defaults are the reference's (scvi-tools 1.5 MULTIVI)."""
+
+    groupby: Optional[str] = None  # obs column of the store; with group1=None: one-vs-rest for every group
     group1: Optional[list[str]] = None
     group2: Optional[str] = None  # None = the rest of the cells
-    cells1: Optional[str] = None  # explicit cell sets: a text file of cell ids, one per line
-    cells2: Optional[str] = None
-    mode: str = "vanilla"  # vanilla | change
-    delta: Optional[float] = None  # change mode; None = the reference's default
-    pseudocounts: float = 0.0
+    cells1: Optional[str] = None  # explicit cell sets instead of groupby: a text file of cell ids, one per line
+    cells2: Optional[str] = None  # None = every cell not in cells1
+    mode: str = "change"  # vanilla | change
+    delta: Any = None  # change mode: a number; null = the reference's default (de 0.25, da 0.05); "auto"
+    pseudocounts: Any = 1e-6  # change mode: a number, or "auto" (estimated from non-expressed features)
+    test_mode: str = "three"  # change mode: three = max(P(up), P(down)), two = their sum
     fdr_target: float = 0.05
-    batch_correction: bool = False
-    n_samples_overall: Optional[int] = None
-    max_cells_per_group: int = 5000  # cells sampled per group (the reference's default subsampling)
-    features: Optional[list[str]] = None  # gene/region subset
-    two_sided: bool = True  # da only
+    batch_correction: bool = False  # decode each group under every batch and pair samples within batch
+    n_samples_overall: int = 5000  # scale samples per group (cells drawn with replacement, seeded by `seed`)
+    features: Optional[list[str]] = None  # gene (de) / region (da) subset, by name
+    block_mb: int = 1024  # memory for both groups' (samples x features) blocks; more features -> feature blocks
     format: str = "csv"  # csv | parquet
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("vanilla", "change"):
+            raise ConfigError(f"de.mode must be 'vanilla' or 'change', got {self.mode!r}")
+        if self.test_mode not in ("two", "three"):
+            raise ConfigError(f"de.test_mode must be 'two' or 'three', got {self.test_mode!r}")
+        if self.format not in ("csv", "parquet"):
+            raise ConfigError(f"de.format must be 'csv' or 'parquet', got {self.format!r}")
+        for name in ("delta", "pseudocounts"):
+            v = getattr(self, name)
+            if isinstance(v, str) and v != "auto" or isinstance(v, bool) \
+                    or isinstance(v, (int, float)) and not v >= 0:
+                raise ConfigError(f"de.{name} must be a number >= 0 or 'auto', got {v!r}")
+        if self.pseudocounts is None:
+            raise ConfigError("de.pseudocounts must be a number or 'auto', got null")
+        if self.n_samples_overall < 1 or self.block_mb < 1:
+            raise ConfigError("de.n_samples_overall and de.block_mb must be >= 1")
+        if not 0.0 <= self.fdr_target <= 1.0:
+            raise ConfigError(f"de.fdr_target must be in [0, 1], got {self.fdr_target}")
+        if self.group1 is not None and isinstance(self.group1, str):
+            self.group1 = [self.group1]
+        if self.cells1 is None and self.cells2 is not None:
+            raise ConfigError("de.cells2 needs de.cells1")
 
 
 @dataclass
