@@ -1,0 +1,81 @@
+"""UMAP picture of a real embed output (tiny store -> trained model -> job=embed -> draw_umap).
+
+    .venv/bin/python -m pytest tests/test_umap.py -q        # ~15 s (numba compiles UMAP once)
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from tests.train_utils import tiny_config, tiny_store
+from trainer.infer import infer
+from trainer.infer_config import InferConfig
+from trainer.jobs.common import InferError
+from trainer.jobs.umap import DPI, PANEL_INCHES, draw_umap
+from trainer.train import train
+
+N_CELLS = 600
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def embedding(tmp_path_factory):
+    root = tmp_path_factory.mktemp("umap")
+    store = tiny_store(root / "store", n_cells=N_CELLS)
+    run = train(tiny_config(store, root / "run")).run_dir
+    out = root / "emb.zarr"
+    infer(InferConfig(model_dir=str(run), store=str(store), output=str(out), batch_size=128, progress=False))
+    return out
+
+
+def _image(png) -> np.ndarray:
+    with open(png, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    return mpimg.imread(str(png))  # decodes the whole file: a truncated PNG fails here
+
+
+def test_three_panels_coloured_by_batch_modality_label(embedding, tmp_path):
+    res = draw_umap(str(embedding), str(tmp_path / "u.png"))
+    assert res["panels"] == ["batch (batch)", "modality", "label (cell_type)"]  # keys from the model's json
+    assert res["n_cells"] == res["n_drawn"] == N_CELLS and "subsample" not in res["title"]
+    img = _image(tmp_path / "u.png")
+    panel = int(PANEL_INCHES * DPI)
+    assert img.shape[:2] == (panel, 3 * panel)
+    # every panel holds drawn points in several colours (not blank white)
+    for k in range(3):
+        tile = img[50:-20, k * panel + 20:(k + 1) * panel - 20, :3].reshape(-1, 3)
+        coloured = tile[(tile.max(1) - tile.min(1)) > 0.2]
+        assert len(coloured) > 200, k
+        assert len(np.unique(np.round(coloured * 8), axis=0)) >= 2, k
+
+
+def test_large_output_is_subsampled_with_a_seed_and_says_so(embedding, tmp_path):
+    a = draw_umap(str(embedding), str(tmp_path / "a.png"), max_cells=250, seed=3)
+    b = draw_umap(str(embedding), str(tmp_path / "b.png"), max_cells=250, seed=3)
+    assert a["n_drawn"] == 250 and a["n_cells"] == N_CELLS
+    assert "random subsample of 250 of 600 cells (seed 3)" in a["title"]
+    np.testing.assert_array_equal(_image(tmp_path / "a.png"), _image(tmp_path / "b.png"))  # same seed, same picture
+
+
+def test_absent_column_skips_its_panel(embedding, tmp_path):
+    res = draw_umap(str(embedding), str(tmp_path / "u.png"), label_key="no_such_column")
+    assert res["panels"] == ["batch (batch)", "modality"]
+    assert _image(tmp_path / "u.png").shape[1] == 2 * int(PANEL_INCHES * DPI)
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")
+def test_bad_inputs_fail_with_a_clear_message(embedding, tmp_path):
+    with pytest.raises(InferError, match="not an embed output"):
+        draw_umap(str(tmp_path / "missing.zarr"), str(tmp_path / "u.png"))
+    unfinished = tmp_path / "unfinished.zarr"
+    shutil.copytree(embedding, unfinished)
+    import zarr
+
+    zarr.open_group(str(unfinished), mode="r+", use_consolidated=False).attrs["mva_complete"] = False
+    zarr.consolidate_metadata(str(unfinished))
+    with pytest.raises(InferError, match="not marked complete"):
+        draw_umap(str(unfinished), str(tmp_path / "u.png"))
