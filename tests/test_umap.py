@@ -55,7 +55,7 @@ def test_three_panels_coloured_by_batch_modality_label(embedding, tmp_path):
 
 def test_large_output_is_subsampled_with_a_seed_and_says_so(embedding, tmp_path):
     a = draw_umap(str(embedding), str(tmp_path / "a.png"), max_cells=250, seed=3)
-    b = draw_umap(str(embedding), str(tmp_path / "b.png"), max_cells=250, seed=3)
+    draw_umap(str(embedding), str(tmp_path / "b.png"), max_cells=250, seed=3)
     assert a["n_drawn"] == 250 and a["n_cells"] == N_CELLS
     assert "random subsample of 250 of 600 cells (seed 3)" in a["title"]
     np.testing.assert_array_equal(_image(tmp_path / "a.png"), _image(tmp_path / "b.png"))  # same seed, same picture

@@ -141,4 +141,4 @@ def draw_umap(embed_output: str, png: str, max_cells: int = 100_000, seed: int =
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=DPI)
     plt.close(fig)
-    return {"png": str(png), "n_cells": int(n), "n_drawn": int(len(xy)), "panels": list(panels), "title": title}
+    return {"png": str(png), "n_cells": int(n), "n_drawn": len(xy), "panels": list(panels), "title": title}
