@@ -28,6 +28,10 @@ PREFIX = "step_"
 TMP_PREFIX = ".tmp_step_"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...) or is not safe / not valid to load."""
+
+
 def checkpoints_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -126,7 +130,7 @@ def load_states(path: str | Path, rank: int, world_size: int) -> tuple[dict[str,
     trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     saved_world = int(trainer_state["world_size"])
     if saved_world != world_size:
-        raise RuntimeError(f"checkpoint {path} was written by {saved_world} processes but this run has "
+        raise CheckpointError(f"checkpoint {path} was written by {saved_world} processes but this run has "
                            f"{world_size}; resume with the same number of processes")
     rank_state = torch.load(path / f"rank_{rank}.pt", map_location="cpu", weights_only=True)
     return trainer_state, rank_state

@@ -122,6 +122,9 @@ class RunConfig:
     output_dir: str = "outputs/run"  # chosen ONCE before ranks start (never Hydra's per-process timestamp)
     resume: str = "auto"  # auto | none | <path of a checkpoint directory>
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    # take over the output-dir lock of a job proven dead (same host, pid gone/reused); false = stop and
+    # say how to clear it (trainer/lock.py). A live holder or one on another host is never taken over.
+    clear_stale_lock: bool = True
 
     def __post_init__(self) -> None:
         if self.keep not in ("last", "best"):

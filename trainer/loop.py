@@ -31,6 +31,8 @@ from trainer.classifier import build_classifier
 from trainer.config import ConfigError, TrainConfig, config_to_json
 from trainer.export import build_module, export_model, weights_of
 from trainer.guard import StepGuard
+from trainer.lock import LockError
+from trainer.lock import acquire as acquire_lock
 from trainer.metrics import MetricsWriter, memory_mb
 from trainer.parallel import Wrapped, wrap
 from trainer.schedules import kl_weight as kl_schedule
@@ -156,7 +158,26 @@ def _loader(stream: StoreStream, cfg: TrainConfig):
 
 
 def run(cfg: TrainConfig) -> TrainResult:
+    """One training run. Rank 0 holds an exclusive lock on ``run.output_dir`` for the whole run, so a
+    second job on the same directory stops before it reads or writes anything (trainer/lock.py)."""
     info = dist.init_distributed(cfg.dist.timeout_s)
+    lock, error = None, ""
+    if info.is_main:
+        try:
+            lock = acquire_lock(cfg.run.output_dir, "mva-train", clear_stale=cfg.run.clear_stale_lock)
+        except LockError as exc:
+            error = str(exc)
+    error = dist.broadcast_object(error)  # every rank stops, not only rank 0
+    if error:
+        raise LockError(error)
+    try:
+        return _run(cfg, info)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     run_dir = Path(cfg.run.output_dir)
     if cfg.run.early_stopping and cfg.run.monitor not in VALIDATION_KEYS:
         raise ConfigError(f"run.monitor must be one of {VALIDATION_KEYS}, got {cfg.run.monitor!r}")

@@ -14,11 +14,15 @@ differ between ranks.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
+from data.store import StoreError
 from trainer import dist
-from trainer.config import TrainConfig, load_config
+from trainer.checkpoint import CheckpointError
+from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.lock import LockError
 from trainer.loop import TrainResult, run
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -40,7 +44,11 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
     def _main(raw) -> None:
-        cfg = load_config(raw)
+        try:
+            cfg = load_config(raw)
+        except ConfigError as exc:
+            print(f"mva-train: error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
         from hydra.core.hydra_config import HydraConfig
 
         job_num = OmegaConf.select(HydraConfig.get(), "job.num", default=None)
@@ -50,7 +58,12 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        train(cfg)
+        try:
+            train(cfg)
+        except (ConfigError, StoreError, LockError, CheckpointError, FileNotFoundError) as exc:
+            # bad input / a busy run dir: one line naming the problem, not a traceback
+            print(f"mva-train: error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     _main()
 

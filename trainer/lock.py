@@ -1,0 +1,265 @@
+"""An exclusive lock on a run or output directory, so two jobs never write into the same place.
+
+    with locked(run_dir, "mva-train"):          # or: lock = acquire(run_dir, "mva-train"); lock.release()
+        ...
+
+The lock is a file ``<dir>/.mva.lock`` holding JSON (host, pid, process start time, boot id, command,
+what, time). It appears atomically and complete: the record is written to a private temporary file
+which is then hard-linked to the lock name; ``link`` fails with EEXIST if another job holds it, so
+there is no window in which a reader sees an empty or half-written lock.
+
+A job killed with SIGKILL cannot remove its lock. Such a *stale* lock is detected, never silently
+taken over: the holder is on this host and its pid is gone (or is a zombie, or belongs to a newer
+process: the pid was reused, detected by comparing the kernel's process start time; or the machine
+rebooted, detected by the boot id). A stale lock is reported with how to clear it:
+
+* ``clear_stale=True`` or the env var ``MVA_CLEAR_STALE_LOCK=1`` removes a stale lock (printing one
+  line naming the dead holder) and takes it. Training does this by default (``run.clear_stale_lock``,
+  default true) because resuming after a crash (SLURM requeue, ``torchrun --max-restarts``) is the
+  normal way to continue a run, and a holder proven dead cannot be writing; ``run.clear_stale_lock=false``
+  makes a stale lock stop the run instead. The library default is to refuse;
+* ``python -m trainer.lock clear <dir>`` removes a stale lock by hand (``--force`` also removes a lock
+  whose holder cannot be checked: another host, which only the user can know is dead).
+
+A lock held by a live process is never removed by any of these, except ``--force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+LOCK_NAME = ".mva.lock"
+CLEAR_ENV = "MVA_CLEAR_STALE_LOCK"
+
+
+class LockError(RuntimeError):
+    """The directory is locked by another job (live, stale, or on another host)."""
+
+
+@dataclass
+class Lock:
+    path: Path
+    record: dict[str, Any]
+    released: bool = False
+
+    def release(self) -> None:
+        """Remove the lock file if it is still ours (never someone else's that replaced a cleared one)."""
+        if self.released:
+            return
+        self.released = True
+        holder = read_holder(self.path.parent)
+        if holder is not None and holder.get("token") == self.record["token"]:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_start_time(pid: int) -> int | None:
+    """Kernel start time of ``pid`` (clock ticks since boot; field 22 of /proc/<pid>/stat), None if gone.
+
+    Together with the boot id it identifies a process uniquely, so a recycled pid is not mistaken for
+    the job that wrote the lock."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return None
+    # the command name (field 2) is in parentheses and may contain spaces: split after the last ')'
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":  # zombie: killed, waiting to be reaped; it holds nothing
+        return None
+    return int(fields[19])
+
+
+def _record(what: str) -> dict[str, Any]:
+    pid = os.getpid()
+    return {"what": what, "host": socket.gethostname(), "pid": pid, "start_time": process_start_time(pid),
+            "boot_id": _boot_id(), "command": " ".join(sys.argv)[:500],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
+
+
+def read_holder(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The lock record of ``directory`` (None if unlocked). An unreadable record is returned as
+    ``{"unreadable": reason}`` so callers report it instead of crashing."""
+    path = Path(directory) / LOCK_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        rec = json.loads(text)
+        if not isinstance(rec, dict):
+            raise ValueError("not a JSON object")
+        return rec
+    except ValueError as exc:
+        return {"unreadable": f"{exc}"}
+
+
+def stale_reason(holder: dict[str, Any]) -> str | None:
+    """Why the holder is certainly dead (a string), or None if it is alive or cannot be checked."""
+    if "unreadable" in holder:
+        return None
+    if holder.get("host") != socket.gethostname():
+        return None  # another machine: we cannot see its processes
+    if holder.get("boot_id") and holder.get("boot_id") != _boot_id():
+        return "the machine has rebooted since"
+    pid = int(holder.get("pid", -1))
+    now = process_start_time(pid) if pid > 0 else None
+    if now is None:
+        return f"process {pid} is no longer running"
+    if holder.get("start_time") is not None and now != int(holder["start_time"]):
+        return f"pid {pid} now belongs to another process (start time differs)"
+    return None
+
+
+def describe(holder: dict[str, Any]) -> str:
+    if "unreadable" in holder:
+        return f"an unreadable lock record ({holder['unreadable']})"
+    return (f"{holder.get('what', '?')} (host {holder.get('host')}, pid {holder.get('pid')}, "
+            f"started {holder.get('created')}, command: {holder.get('command')})")
+
+
+def _try_link(path: Path, record: dict[str, Any]) -> bool:
+    """Create the lock file atomically with its full content; False if it already exists."""
+    tmp = path.with_name(f"{LOCK_NAME}.{record['token']}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(record, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        # a filesystem without hard links: fall back to O_EXCL creation (a reader may briefly see
+        # an empty file, which read_holder reports as unreadable, never as stale)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def acquire(directory: str | os.PathLike, what: str, *, clear_stale: bool = False) -> Lock:
+    """Lock ``directory`` (created if missing) for this process, or raise :class:`LockError`
+    naming the holder (and, for a stale lock, how to clear it)."""
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LockError(f"cannot create directory {d} for the lock: {exc.strerror or exc}") from None
+    path = d / LOCK_NAME
+    clear_stale = clear_stale or os.environ.get(CLEAR_ENV, "") not in ("", "0", "false")
+    record = _record(what)
+    for _ in range(3):  # a cleared stale lock may be re-taken by a racing job; retry a few times
+        try:
+            if _try_link(path, record):
+                return Lock(path=path, record=record)
+        except OSError as exc:
+            raise LockError(f"cannot write the lock file in {d}: {exc.strerror or exc}") from None
+        holder = read_holder(d)
+        if holder is None:
+            continue  # released between our attempt and the read
+        reason = stale_reason(holder)
+        if reason is None:
+            raise LockError(f"{d} is in use by {describe(holder)}; wait for it to finish or use another "
+                            f"directory (if you are sure it is dead: python -m trainer.lock clear --force {d})")
+        if not clear_stale:
+            raise LockError(f"{d} has a stale lock from {describe(holder)}: {reason}. Clear it with "
+                            f"{CLEAR_ENV}=1 or "
+                            f"`python -m trainer.lock clear {d}`")
+        clear(d, expected_token=holder.get("token"))
+        print(f"[lock] cleared a stale lock on {d} from {describe(holder)}: {reason}", file=sys.stderr,
+              flush=True)
+    raise LockError(f"{d}: could not take the lock after clearing a stale one (another job raced for it)")
+
+
+def clear(directory: str | os.PathLike, *, force: bool = False, expected_token: str | None = None) -> str:
+    """Remove the lock of ``directory`` if its holder is dead (or ``force``). Returns what was done."""
+    d = Path(directory)
+    holder = read_holder(d)
+    if holder is None:
+        return f"{d} is not locked"
+    reason = stale_reason(holder)
+    if reason is None and not force:
+        raise LockError(f"{d} is locked by {describe(holder)}, which is alive or cannot be checked; "
+                        f"refusing to clear it (add --force if you are sure it is dead)")
+    if expected_token is not None and holder.get("token") != expected_token:
+        return f"{d}: the lock changed hands meanwhile; left alone"
+    # rename first, so a concurrent clear of the same stale lock cannot remove a fresh one
+    grave = d / f"{LOCK_NAME}.{uuid.uuid4().hex}.cleared"
+    try:
+        os.rename(d / LOCK_NAME, grave)
+    except FileNotFoundError:
+        return f"{d} is not locked"
+    grave.unlink(missing_ok=True)
+    return f"cleared the lock of {d} ({describe(holder)}; {reason or 'forced'})"
+
+
+@contextmanager
+def locked(directory: str | os.PathLike, what: str, *, clear_stale: bool = False) -> Iterator[Lock]:
+    lock = acquire(directory, what, clear_stale=clear_stale)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer.lock status|clear [--force] DIR``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m trainer.lock", description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=("status", "clear"))
+    p.add_argument("directory")
+    p.add_argument("--force", action="store_true", help="clear even a lock whose holder looks alive")
+    a = p.parse_args(argv)
+    try:
+        if a.action == "status":
+            holder = read_holder(a.directory)
+            if holder is None:
+                print(f"{a.directory} is not locked")
+            else:
+                reason = stale_reason(holder)
+                print(f"{a.directory} locked by {describe(holder)}" + (f" [STALE: {reason}]" if reason else ""))
+        else:
+            print(clear(a.directory, force=a.force))
+    except LockError as exc:
+        print(f"trainer.lock: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
