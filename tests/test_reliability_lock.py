@@ -38,7 +38,7 @@ def _holder(directory: Path) -> subprocess.Popen:
 
 def _train(overrides: dict, *extra: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", "trainer.train", *as_cli(overrides), *extra], cwd=ROOT,
-                          env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=300)
+                          env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_a_second_job_is_refused_then_a_sigkilled_holder_is_stale_clearable_and_the_rerun_works(store, tmp_path):
@@ -67,10 +67,10 @@ def test_a_second_job_is_refused_then_a_sigkilled_holder_is_stale_clearable_and_
     r = _train(ov)
     assert r.returncode == 2 and "stale lock" in r.stderr and "trainer.lock clear" in r.stderr, r.stderr[-2000:]
     st = subprocess.run([PY, "-m", "trainer.lock", "status", str(run)], cwd=ROOT, env=env(), capture_output=True,
-                        text=True, timeout=60)
+                        text=True, timeout=60, check=False)
     assert "STALE" in st.stdout and str(holder.pid) in st.stdout
     cl = subprocess.run([PY, "-m", "trainer.lock", "clear", str(run)], cwd=ROOT, env=env(), capture_output=True,
-                        text=True, timeout=60)
+                        text=True, timeout=60, check=False)
     assert cl.returncode == 0 and "cleared" in cl.stdout and not (run / lk.LOCK_NAME).exists()
     # rerun completes and releases its own lock
     r = _train(ov)

@@ -32,10 +32,11 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Self
 
 LOCK_NAME = ".mva.lock"
 CLEAR_ENV = "MVA_CLEAR_STALE_LOCK"
@@ -63,7 +64,7 @@ class Lock:
             except FileNotFoundError:
                 pass
 
-    def __enter__(self) -> Lock:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -112,11 +113,9 @@ def read_holder(directory: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         rec = json.loads(text)
-        if not isinstance(rec, dict):
-            raise ValueError("not a JSON object")
-        return rec
     except ValueError as exc:
         return {"unreadable": f"{exc}"}
+    return rec if isinstance(rec, dict) else {"unreadable": "not a JSON object"}
 
 
 def stale_reason(holder: dict[str, Any]) -> str | None:
