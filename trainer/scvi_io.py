@@ -1,0 +1,334 @@
+"""Model interchange with scvi-tools 1.5.1 ``MULTIVI``, in both directions.
+
+* ``export_to_scvi(model_dir, out_dir)`` writes a directory that ``scvi.model.MULTIVI.load(out_dir,
+  adata=mdata)`` accepts, so a model trained here at scale can be analysed in scvi-tools.
+* ``store_to_mudata(store)`` builds that ``mdata`` in memory from a (small) store.
+* ``import_from_scvi(scvi_dir, out_dir)`` turns a trained scvi-tools MULTIVI directory into our
+  exported model format (``trainer/export.py``) so every ``mva-infer`` job and ``trainer.api`` run on it.
+
+Layout choice: the **MuData** layout (``MULTIVI.setup_mudata`` with modalities ``rna`` and ``atac``,
+batch and covariates in the top-level ``mdata.obs``). scvi-tools 1.4+ no longer supports the single
+genes-then-peaks AnnData: ``MULTIVI.setup_anndata`` only warns and registers nothing, so a model saved
+with that registry could not be loaded. The MuData is fully paired (every cell in both modalities) and a
+missing modality is an all-zero row, because that is how the reference detects missing modalities
+(spec Part B 1.4); our store has exactly those empty rows, plus the explicit ``mask_rna``/``mask_atac``
+columns that scvi-tools ignores.
+
+The registry is produced by scvi-tools itself: we run ``setup_mudata`` on a small skeleton MuData with the
+model's features and categories, build ``MULTIVI`` with the model's options, load our weights through the
+name mapping of ``trainer/reference.py`` and call scvi's own ``save``. So the file format is whatever the
+installed scvi-tools writes, never a hand-made imitation. The registry's cell counts are the skeleton's
+(scvi-tools recomputes them from the ``adata`` given to ``load``).
+
+Importing never runs code from the file: scvi's ``model.pt`` is a pickle, loaded with
+``torch.load(weights_only=True)`` and the explicit allowlist ``SAFE_GLOBALS`` (numpy array reconstruction
+and plain builtins). The pandas DataFrames of the training history are replaced by an inert placeholder
+(``Opaque``) that ignores its state; anything else outside the list is refused with ``ScviIOError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from safetensors.torch import save_file
+
+from data import keys
+from trainer.export import INFO, WEIGHTS, load_model, weights_of
+from trainer.module import MultiVAE
+from trainer.reference import ours_state_from_reference, reference_state_from_ours, to_reference_layout
+
+SCVI_FILE = "model.pt"
+# obs columns holding the size factors when a model uses them (what our collate computes, spec gotcha 21)
+SIZE_FACTOR_COLUMNS = ("_mva_size_factor_rna", "_mva_size_factor_atac")
+MODALITY_NAMES = {"rna_layer": keys.RNA, "atac_layer": keys.ATAC}
+# MULTIVI constructor options with the same name and meaning as our MultiVAE options
+_OPTIONS = ("modality_weights", "modality_penalty", "n_hidden", "n_latent", "n_layers_encoder",
+            "n_layers_decoder", "dropout_rate", "region_factors", "gene_likelihood", "dispersion",
+            "use_batch_norm", "use_layer_norm", "latent_distribution", "deeply_inject_covariates",
+            "encode_covariates")
+
+
+class ScviIOError(ValueError):
+    """A model directory that cannot be converted (or a checkpoint refused as unsafe); one-line message."""
+
+
+# --------------------------------------------------------------------------- safe checkpoint reading
+class Opaque:
+    """Inert stand-in for pandas objects (the training history): keeps nothing, runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _opaque(*args: Any, **kwargs: Any) -> Opaque:
+    return Opaque()
+
+
+def _plain_dict(*args: Any) -> dict:
+    # defaultdict -> dict: the unpickler fills only plain dicts, and the default factory is not needed
+    return {}
+
+
+_NUMPY_DTYPES = ("O", "?", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8", "U", "S")
+SAFE_GLOBALS: list = [
+    np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype,
+    *[type(np.dtype(c)) for c in _NUMPY_DTYPES],
+    dict, bytes, slice,
+    (_plain_dict, "collections.defaultdict"),
+    *[(Opaque, name) for name in ("pandas.core.frame.DataFrame", "pandas.core.series.Series",
+                                  "pandas.core.internals.managers.BlockManager",
+                                  "pandas.core.internals.managers.SingleBlockManager",
+                                  "pandas.core.indexes.base.Index", "pandas.core.indexes.range.RangeIndex")],
+    *[(_opaque, name) for name in ("pandas.core.indexes.base._new_Index", "pandas._libs.internals._unpickle_block")],
+]
+
+
+def read_scvi_checkpoint(path: str | os.PathLike) -> dict:
+    """scvi-tools' ``model.pt`` -> {model_state_dict, var_names, attr_dict}, without running code from it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ScviIOError(f"{p} does not exist (a scvi-tools model directory holds {SCVI_FILE})")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ck = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = next((ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln
+                       or "Unsupported global" in ln), str(exc).splitlines()[-1])
+        raise ScviIOError(f"refused to load {p}: it needs a Python object outside the allowlist of safe types "
+                          f"(tensors, numpy arrays, plain containers), so it is not a plain scvi-tools model "
+                          f"and could run code [{reason[:300]}]") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ScviIOError(f"{p} is not a readable torch checkpoint ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(ck, dict) or not {"model_state_dict", "attr_dict"} <= set(ck):
+        raise ScviIOError(f"{p} is not a scvi-tools model file (expected model_state_dict and attr_dict)")
+    return ck
+
+
+# --------------------------------------------------------------------------- our store -> scvi data
+def store_to_mudata(store, cells: np.ndarray | None = None):
+    """The MuData that ``MULTIVI.load(dir, adata=...)`` expects, for ``cells`` (default all) of a store.
+
+    In memory (cells x features, sparse): meant for small stores and subsets. Fully paired, missing
+    modalities as empty rows; top-level obs = the store's obs (batch, covariates, masks) plus the size
+    factor columns. Warns if a measured cell has an all-zero row: scvi-tools will treat it as missing.
+    """
+    import anndata as ad
+    import mudata as md
+
+    from data.reader import as_store
+
+    st = as_store(store)
+    m = st.meta
+    obs = st.read_obs()
+    mats = {mod: sp.vstack([st.read_rows(mod, s, 0, m.shard_offsets[s + 1] - m.shard_offsets[s])
+                            for s in range(m.n_shards)], format="csr").astype(np.float32)
+            for mod in keys.MODALITIES}
+    if cells is not None:
+        cells = np.asarray(cells, dtype=np.int64)
+        obs = obs.iloc[cells]
+        mats = {k: v[cells] for k, v in mats.items()}
+    obs = obs.copy()
+    for mod, col in zip(keys.MODALITIES, SIZE_FACTOR_COLUMNS):
+        total = np.asarray(mats[mod].sum(axis=1)).ravel()
+        measured = obs[f"mask_{mod}"].to_numpy(bool)
+        obs[col] = np.where(measured, np.maximum(total, 1.0), 1.0).astype(np.float32)
+        n_bad = int((measured & (total == 0)).sum())
+        if n_bad:
+            warnings.warn(f"{n_bad} cells measured in {mod} have an all-zero row: scvi-tools will treat that "
+                          f"modality as missing for them (our model uses the explicit mask)", stacklevel=2)
+    names = {keys.RNA: m.gene_names, keys.ATAC: m.region_names}
+    mods = {mod: ad.AnnData(mats[mod], obs=pd.DataFrame(index=obs.index.copy()),
+                            var=pd.DataFrame(index=pd.Index(names[mod], dtype=object)))
+            for mod in keys.MODALITIES}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        mdata = md.MuData(mods)
+    mdata.obs = obs
+    return mdata
+
+
+def _skeleton_mudata(info: dict, n_obs: int):
+    """A tiny MuData with the model's features and categories (each category present), for setup_mudata."""
+    import anndata as ad
+    import mudata as md
+
+    n = max(n_obs, 1)
+    obs = pd.DataFrame(index=[f"cell{i}" for i in range(n)])
+    cats = {info["batch_key"]: info["batch_categories"]} if info["batch_categories"] else {}
+    cats.update(info["cat_cov_categories"])
+    for key, values in cats.items():
+        obs[key] = pd.Categorical.from_codes(np.arange(n) % len(values), categories=list(values))
+    for key in info["cont_cov_keys"]:
+        obs[key] = np.zeros(n, dtype=np.float32)
+    for col in SIZE_FACTOR_COLUMNS:
+        obs[col] = np.ones(n, dtype=np.float32)
+    mods = {mod: ad.AnnData(sp.csr_matrix((n, len(names)), dtype=np.float32), obs=pd.DataFrame(index=obs.index),
+                            var=pd.DataFrame(index=pd.Index(names, dtype=object)))
+            for mod, names in ((keys.RNA, info["gene_names"]), (keys.ATAC, info["region_names"]))}
+    mdata = md.MuData(mods)
+    mdata.obs = obs
+    return mdata
+
+
+def setup_kwargs(info: dict, use_size_factor: bool) -> dict:
+    """``MULTIVI.setup_mudata`` arguments for data laid out as ``store_to_mudata`` builds it."""
+    return {"batch_key": info["batch_key"] if info["batch_categories"] else None,
+            "categorical_covariate_keys": list(info["cat_cov_keys"]) or None,
+            "continuous_covariate_keys": list(info["cont_cov_keys"]) or None,
+            "size_factor_key": list(SIZE_FACTOR_COLUMNS) if use_size_factor else None,
+            "modalities": {k: v for k, v in MODALITY_NAMES.items()}}
+
+
+def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
+    final = Path(out_dir)
+    if final.exists() and not overwrite:
+        raise ScviIOError(f"{final} already exists: pass overwrite=True to replace it")
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    return final, tmp
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    """Rename the finished temporary directory to its final name (the old output goes only now)."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def export_to_scvi(model_dir: str | os.PathLike, out_dir: str | os.PathLike, store=None,
+                   overwrite: bool = False) -> Path:
+    """Write ``out_dir`` (scvi-tools' own ``model.pt``) for ``MULTIVI.load(out_dir, adata=mdata)``.
+
+    ``store`` (optional) is checked against the model (features, categories) so a mismatch shows here.
+    """
+    import scvi
+
+    from trainer.jobs.common import open_checked_store, resolve_model_dir
+
+    src = resolve_model_dir(model_dir)
+    module, info = load_model(src)
+    if store is not None:
+        open_checked_store(store, info)
+    n_obs = module.mod_weights.shape[0] if module.modality_weights == "cell" else \
+        max(len(info["batch_categories"]), *[len(v) for v in info["cat_cov_categories"].values()], 3)
+    mdata = _skeleton_mudata(info, n_obs)
+    opts = {o: getattr(module, o) for o in _OPTIONS}
+    opts["region_factors"] = module.region_factors is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "category has fewer than 3 cells" etc. concern the skeleton only
+        scvi.model.MULTIVI.setup_mudata(mdata, **setup_kwargs(info, module.use_size_factor))
+        model = scvi.model.MULTIVI(mdata, n_genes=module.n_genes, n_regions=module.n_regions, **opts)
+    ref = model.module
+    ref.load_state_dict(reference_state_from_ours(module.state_dict(), ref.state_dict()))
+    model.is_trained_ = True
+    final, tmp = _atomic_dir(out_dir, overwrite)
+    try:
+        model.save(str(tmp), save_anndata=False, overwrite=True)
+        (tmp / "multivi_atlas.json").write_text(json.dumps({
+            "exported_from": str(src.resolve()), "scvi_tools_version": scvi.__version__, "layout": "mudata",
+            "setup_mudata": setup_kwargs(info, module.use_size_factor),
+            "note": "load with scvi.model.MULTIVI.load(dir, adata=mdata); build mdata with "
+                    "trainer.scvi_io.store_to_mudata(store)"}, indent=1))
+        return _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- scvi -> our format
+def _names(values) -> list[str]:
+    return [str(v) for v in np.asarray(values, dtype=object).tolist()]
+
+
+def _model_spec(ck: dict) -> dict:
+    """Our model.json (minus weights) from scvi's registry and init params; refuses what we cannot run."""
+    attr = ck["attr_dict"]
+    registry, init = attr.get("registry_"), attr.get("init_params_")
+    if not isinstance(registry, dict) or not isinstance(init, dict):
+        raise ScviIOError("the checkpoint has no registry_/init_params_ (not a scvi-tools model save)")
+    if registry.get("model_name", "MULTIVI") != "MULTIVI":
+        raise ScviIOError(f"this is a scvi-tools {registry.get('model_name')} model, not MULTIVI")
+    fields = registry.get("field_registries", {})
+    if fields.get("proteins", {}).get("data_registry"):
+        raise ScviIOError("the model has a protein modality, which this project's model does not have")
+    params = dict(init.get("non_kwargs", init))
+    extra = {k: v for d in init.get("kwargs", {}).values() if isinstance(d, dict) for k, v in d.items()}
+    if extra:
+        raise ScviIOError(f"unsupported MULTIVAE keyword arguments {sorted(extra)}")
+    genes = _names(fields["X"]["state_registry"]["column_names"])
+    if "atac" in fields and fields["atac"].get("data_registry"):
+        regions = _names(fields["atac"]["state_registry"]["column_names"])
+    else:  # legacy (< 1.4) setup_anndata: one genes-then-peaks matrix, split at n_genes
+        n_g = int(params["n_genes"])
+        genes, regions = genes[:n_g], genes[n_g:]
+    sd = ck["model_state_dict"]
+    batch = fields.get("batch", {}).get("state_registry", {})
+    cats = fields.get("extra_categorical_covs", {}).get("state_registry", {})
+    cat_keys = list(cats.get("field_keys") or [])
+    cat_categories = {k: _names(cats["mappings"][k]) for k in cat_keys}
+    cont_keys = _names(fields.get("extra_continuous_covs", {}).get("state_registry", {}).get("columns", []))
+    # sizes from the weights themselves (init params may say None = "reference default")
+    n_hidden, n_latent = (int(s) for s in (sd["z_encoder_expression.mean_encoder.weight"].shape[1],
+                                            sd["z_encoder_expression.mean_encoder.weight"].shape[0]))
+    modality_weights = params.get("modality_weights", "equal")
+    opts = {o: params[o] for o in _OPTIONS if o in params}
+    opts.update(n_hidden=n_hidden, n_latent=n_latent,
+                use_size_factor=bool(fields.get("size_factor", {}).get("data_registry")))
+    model_args = {"n_genes": len(genes), "n_regions": len(regions),
+                  "n_batch": max(1, len(batch.get("categorical_mapping", []))),
+                  "n_cats_per_cov": [len(cat_categories[k]) for k in cat_keys], "n_continuous_cov": len(cont_keys),
+                  "n_obs": int(sd["mod_weights"].shape[0]) if modality_weights == "cell"
+                  else int(fields["X"]["state_registry"].get("n_obs", 0)), **opts}
+    return {"format": "multivi-atlas-model", "version": 1, "model_args": model_args, "config": None,
+            "gene_names": genes, "region_names": regions,
+            "batch_key": str(batch.get("original_key", "batch")),
+            "batch_categories": _names(batch.get("categorical_mapping", [])),
+            "cat_cov_keys": cat_keys, "cat_cov_categories": cat_categories, "cont_cov_keys": cont_keys,
+            "label_key": None, "label_categories": []}
+
+
+_REFERENCE_ONLY = ("z_encoder_protein.", "z_decoder_pro.", "background_pro_", "py_r")
+
+
+def import_from_scvi(scvi_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A trained scvi-tools MULTIVI directory -> our exported model (model.safetensors + model.json)."""
+    src = Path(scvi_dir)
+    ck = read_scvi_checkpoint(src / SCVI_FILE if src.is_dir() else src)
+    info = _model_spec(ck)
+    ref = {k: v for k, v in ck["model_state_dict"].items() if isinstance(v, torch.Tensor)}
+    try:
+        module = MultiVAE(**info["model_args"])
+        ours = ours_state_from_reference(ref, module.state_dict())
+        module.load_state_dict(ours)
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise ScviIOError(f"the scvi-tools weights do not fit the model its registry describes: "
+                          f"{str(exc).splitlines()[0][:300]}") from None
+    used = set(to_reference_layout(ours))
+    # the reference always builds its per-cell dispersion head; only dispersion="gene-cell" uses it
+    idle = _REFERENCE_ONLY + (() if module.dispersion == "gene-cell" else ("z_decoder_expression.px_r_decoder.",))
+    unused = [k for k, v in ref.items() if k not in used and v.numel() and not k.startswith(idle)]
+    if unused:  # a weight we would silently drop means the model is not the one we rebuild
+        raise ScviIOError(f"{len(unused)} scvi-tools weights have no counterpart here (first: {unused[:3]})")
+    info["imported_from"] = {"scvi_dir": str(src.resolve()),
+                             "scvi_version": str(ck["attr_dict"]["registry_"].get("scvi_version", "?"))}
+    final, tmp = _atomic_dir(out_dir, overwrite)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(weights_of(module), str(tmp / WEIGHTS))
+        (tmp / INFO).write_text(json.dumps(info, indent=1))
+        return _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
