@@ -1,0 +1,113 @@
+"""Runs -> Markdown table (mean +- sd over seeds, ours vs reference per metric and fraction) and a
+figure (metric vs paired fraction, error bars = sd over seeds).
+
+"Worse beyond noise" (the flag in the table): ours is worse than the reference in EVERY seed (same
+split and seed on both sides, so seeds pair up) AND the mean gap exceeds the larger of the two
+seed standard deviations. Both conditions, so one unlucky seed or a gap inside the spread is not
+reported as a regression.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# metric -> (label, higher is better)
+METRICS = {
+    "heldout_elbo": ("held-out -ELBO / cell", False),
+    "heldout_recon_rna": ("held-out RNA recon. NLL", False),
+    "heldout_recon_atac": ("held-out ATAC recon. NLL", False),
+    "knn_label_accuracy": ("kNN label accuracy", True),
+    "transfer_to_rna_only": ("label transfer paired -> RNA-only", True),
+    "transfer_to_atac_only": ("label transfer paired -> ATAC-only", True),
+    "label_asw": ("label silhouette (0-1)", True),
+    "batch_asw": ("batch mixing ASW (0-1)", True),
+    "modality_asw": ("modality mixing ASW (0-1)", True),
+    "rna_pearson_per_gene": ("imputed RNA Pearson, per gene", True),
+    "rna_pearson_per_cell": ("imputed RNA Pearson, per cell", True),
+    "atac_auroc": ("imputed ATAC AUROC", True),
+    "foscttm": ("FOSCTTM RNA vs ATAC version", False),
+    "relative_match_distance": ("RNA-ATAC version distance (rel.)", False),
+}
+
+
+def _values(runs: list[dict], side: str, metric: str, fraction: float) -> np.ndarray:
+    rs = sorted((r for r in runs if r["fraction"] == fraction), key=lambda r: r["seed"])
+    return np.array([r[side].get(metric, np.nan) for r in rs], dtype=float)
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (metric, fraction) that has a finite value on some side."""
+    rows = []
+    for metric, (label, higher) in METRICS.items():
+        for f in sorted({r["fraction"] for r in runs}, reverse=True):
+            o, ref = _values(runs, "ours", metric, f), _values(runs, "reference", metric, f)
+            if not (np.isfinite(o).any() or np.isfinite(ref).any()):
+                continue
+            sign = 1.0 if higher else -1.0
+            gap = sign * (o - ref)  # > 0: ours better
+            worse = bool(len(gap) and np.all(gap < 0) and -np.mean(gap) > max(np.std(o), np.std(ref)))
+            rows.append({"metric": metric, "label": label, "higher_is_better": higher, "fraction": f,
+                         "ours_mean": float(np.nanmean(o)), "ours_sd": float(np.nanstd(o)),
+                         "ref_mean": float(np.nanmean(ref)), "ref_sd": float(np.nanstd(ref)),
+                         "n_seeds": int(len(o)), "worse_beyond_noise": worse})
+    return rows
+
+
+def _fmt(m: float, s: float) -> str:
+    if not np.isfinite(m):
+        return "n/a"
+    digits = 1 if abs(m) >= 100 else 3
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def markdown(runs: list[dict], title: str) -> str:
+    rows = summarize(runs)
+    n_bad = {side: sum(not r[side]["finite_loss"] for r in runs) for side in ("ours", "reference")}
+    seeds = sorted({r["seed"] for r in runs})
+    lines = [f"### {title}", "",
+             f"{len(runs)} runs per side (seeds {seeds}); mean ± sd over seeds. Runs with a non-finite loss: "
+             f"ours {n_bad['ours']}, reference {n_bad['reference']}. `worse` = ours worse than the reference "
+             "in every seed by more than the seed spread.", "",
+             "| metric | paired fraction | ours | reference | |", "|---|---|---|---|---|"]
+    for r in rows:
+        arrow = "↑" if r["higher_is_better"] else "↓"
+        flag = "**worse**" if r["worse_beyond_noise"] else ""
+        lines.append(f"| {r['label']} {arrow} | {r['fraction']:g} | {_fmt(r['ours_mean'], r['ours_sd'])} | "
+                     f"{_fmt(r['ref_mean'], r['ref_sd'])} | {flag} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(runs: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summarize(runs)
+    metrics = [m for m in METRICS if any(r["metric"] == m for r in rows)]
+    ncol = 4
+    nrow = -(-len(metrics) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False)
+    for ax, m in zip(axes.ravel(), metrics):
+        for side, key, color in (("ours", "ours", "tab:blue"), ("reference", "ref", "tab:orange")):
+            rs = [r for r in rows if r["metric"] == m]
+            x = [r["fraction"] for r in rs]
+            ax.errorbar(x, [r[f"{key}_mean"] for r in rs], yerr=[r[f"{key}_sd"] for r in rs], marker="o",
+                        ms=3, capsize=2, label=side, color=color)
+        ax.set_title(METRICS[m][0], fontsize=8)
+        if min(r["fraction"] for r in runs) > 0:
+            ax.set_xscale("log")
+        ax.set_xticks(sorted({r["fraction"] for r in runs}))
+        ax.set_xticklabels([f"{f:g}" for f in sorted({r["fraction"] for r in runs})], fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.axis("off")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{title}: metric vs paired fraction (mean ± sd over seeds)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return path

@@ -1,0 +1,22 @@
+"""What both sides are trained with: one dataclass, so the two runners cannot drift apart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3  # both sides; the reference's default is 1e-4, raised so short runs converge
+    n_epochs_kl_warmup: int = 10
+    val_fraction: float = 0.1  # held-out cells (hash of the cell id, data/split.py), never trained on
+    seed: int = 0
+    # model sizes/options are the reference's defaults on both sides (n_hidden, n_latent derived)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
