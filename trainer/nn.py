@@ -40,22 +40,42 @@ def input_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x @ weight.t()
 
 
+def _bag_matmul(indices, offsets, values, table):
+    """``CSR @ table`` as a weighted ``embedding_bag`` sum: row i = sum_k values_k * table[indices_k].
+
+    One fused gather-scale-add kernel (fbgemm on CPU); torch's CSR ``sparse.mm`` is ~2-5x slower here.
+    """
+    if indices.dtype != offsets.dtype:
+        indices, offsets = indices.long(), offsets.long()
+    return F.embedding_bag(
+        indices, table, offsets, mode="sum", per_sample_weights=values.to(table.dtype), include_last_offset=True
+    )
+
+
 class _CsrMatmul(torch.autograd.Function):
     """``x @ w`` for CSR ``x`` (no gradient) and dense ``w`` (n_in, n_out).
 
-    torch's generic backward for ``sparse.mm`` zero-fills and copies a dense (n_in, n_out) buffer
-    around the product; here the weight gradient is one CSR(x^T) @ grad product written once.
+    Forward and backward are both weighted embedding-bag sums: the weight gradient x^T @ grad uses the
+    transposed structure (entries sorted by column, stable), built in O(nnz log nnz) without a device
+    sync. torch's generic ``sparse.mm`` backward instead zero-fills and copies a dense (n_in, n_out)
+    buffer around a slow CSR product (~5 ms per step at 10^4 regions vs ~1 ms this way).
     """
 
     @staticmethod
     def forward(ctx, x, w):
         ctx.x = x
-        return torch.sparse.mm(x, w)
+        return _bag_matmul(x.col_indices(), x.crow_indices(), x.values(), w)
 
     @staticmethod
     def backward(ctx, grad):
-        xt = ctx.x.t().to_sparse_csr()  # transposed structure, O(nnz)
-        return None, torch.sparse.mm(xt, grad.contiguous())
+        x = ctx.x
+        crow, cols, vals = x.crow_indices(), x.col_indices(), x.values()
+        rows = torch.repeat_interleave(
+            torch.arange(x.shape[0], device=grad.device), crow[1:] - crow[:-1], output_size=vals.numel()
+        )
+        sorted_cols, perm = torch.sort(cols.long(), stable=True)
+        offsets = torch.searchsorted(sorted_cols, torch.arange(x.shape[1] + 1, device=grad.device))
+        return None, _bag_matmul(rows[perm], offsets, vals[perm], grad.contiguous())
 
 
 def input_matmul_t(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
