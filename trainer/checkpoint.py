@@ -14,8 +14,10 @@ Everything is loadable with ``torch.load(weights_only=True)``: tensors, numbers,
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,15 @@ from trainer import dist
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp_step_"
+
+
+# DeepSpeed's ZeRO optimizer files pickle these plain classes and DeepSpeed loads them with
+# weights_only=False; they are allowed by exact name (constructing them runs no user code), anything
+# else in any file of a checkpoint is refused before DeepSpeed or torch unpickles it.
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+})
 
 
 class CheckpointError(RuntimeError):
@@ -70,19 +81,31 @@ def _save_file(obj: Any, path: Path) -> None:
 
 def save_checkpoint(run_dir: str | Path, step: int, trainer_state: dict[str, Any],
                     rank_state: dict[str, Any], wrapper, keep: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+    """Collective: every rank calls it. Returns the final directory.
+
+    A failed write (disk full, quota, I/O error) removes the partial ``.tmp`` directory and raises
+    :class:`CheckpointError` naming the cause and the newest complete checkpoint, which is untouched:
+    older checkpoints are pruned only after the new one is complete and renamed."""
     root = checkpoints_root(run_dir)
     tmp, final = root / f"{TMP_PREFIX}{step:09d}", root / f"{PREFIX}{step:09d}"
     rank = dist.get_rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    wrapper.save(tmp)
-    _save_file(rank_state, tmp / f"rank_{rank}.pt")
-    if rank == 0:
-        _save_file(trainer_state, tmp / "trainer.pt")
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+        wrapper.save(tmp)
+        _fault_pause(tmp)
+        _save_file(rank_state, tmp / f"rank_{rank}.pt")
+        if rank == 0:
+            _save_file(trainer_state, tmp / "trainer.pt")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial write took
+        done = complete_checkpoints(run_dir)
+        kept = f"the newest complete checkpoint {done[-1]} is intact" if done else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint step {step} under {root}: "
+                              f"{exc.strerror or exc} ({getattr(exc, 'filename', None) or tmp}); {kept}") from None
     dist.barrier()
     if rank == 0:
         if final.exists():  # same step saved twice (e.g. end of epoch == interval): replace it
@@ -91,6 +114,19 @@ def save_checkpoint(run_dir: str | Path, step: int, trainer_state: dict[str, Any
         _prune(root, keep)
     dist.barrier()
     return final
+
+
+def _fault_pause(tmp: Path) -> None:
+    """Test hook (fault injection, tests/test_reliability_checkpoint.py): with
+    ``MVA_FAULT_PAUSE_CHECKPOINT=N`` the N-th checkpoint write of this process stops half-written
+    (weights saved, trainer state not yet) and sleeps, so a test can SIGKILL it there for real."""
+    target = os.environ.get("MVA_FAULT_PAUSE_CHECKPOINT")
+    if not target:
+        return
+    _fault_pause.count = getattr(_fault_pause, "count", 0) + 1
+    if _fault_pause.count == int(target):
+        print(f"[fault] paused in checkpoint write {tmp}", flush=True)
+        time.sleep(3600)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -123,14 +159,44 @@ def find_resume(run_dir: str | Path, resume: str) -> Path | None:
     return path
 
 
+def check_pickle_free(path: str | Path) -> None:
+    """Refuse a checkpoint file whose pickle names any global beyond torch's tensor allow-list.
+
+    Reads only the pickle opcodes (nothing is executed, the tensors are not loaded); the real load
+    then uses ``weights_only=True`` as a second line of defence. A downloaded or tampered checkpoint
+    carrying e.g. an object with ``__reduce__`` is therefore refused before any code could run."""
+    path = Path(path)
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as exc:  # not a torch zip, truncated
+        raise CheckpointError(f"checkpoint file {path} is not a readable torch file: {exc}") from None
+    unsafe = [g for g in unsafe if g not in DEEPSPEED_GLOBALS]
+    if unsafe:
+        raise CheckpointError(f"checkpoint file {path} contains pickled Python objects ({', '.join(unsafe[:3])}); "
+                              f"refusing to load it (checkpoints hold only tensors, numbers and strings)")
+
+
+def safe_load(path: str | Path) -> Any:
+    """``torch.load`` of a checkpoint file that can only yield tensors and plain containers."""
+    check_pickle_free(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"checkpoint file {path} refused by the weights-only loader: "
+                              f"{str(exc).splitlines()[0]}") from None
+
+
 def load_states(path: str | Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainer_state, this rank's state); refuses a checkpoint written by a different world size,
-    because the stream positions and ZeRO shards are per rank."""
+    because the stream positions and ZeRO shards are per rank, and refuses any file of the checkpoint
+    directory that carries pickled objects (the backend wrapper loads the weights files next)."""
     path = Path(path)
-    trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    for f in sorted(path.rglob("*.pt")):
+        check_pickle_free(f)
+    trainer_state = safe_load(path / "trainer.pt")
     saved_world = int(trainer_state["world_size"])
     if saved_world != world_size:
         raise CheckpointError(f"checkpoint {path} was written by {saved_world} processes but this run has "
-                           f"{world_size}; resume with the same number of processes")
-    rank_state = torch.load(path / f"rank_{rank}.pt", map_location="cpu", weights_only=True)
+                              f"{world_size}; resume with the same number of processes")
+    rank_state = safe_load(path / f"rank_{rank}.pt")
     return trainer_state, rank_state

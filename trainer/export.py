@@ -11,12 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from trainer.config import TrainConfig
 from trainer.module import MultiVAE
 
 WEIGHTS, INFO = "model.safetensors", "model.json"
+
+
+class ModelFileError(ValueError):
+    """An exported model whose files are malformed, tampered with, or disagree with each other."""
 
 
 def model_args(meta, cfg: TrainConfig) -> dict[str, Any]:
@@ -61,7 +66,18 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     d = Path(model_dir)
     if not (d / WEIGHTS).is_file() or not (d / INFO).is_file():
         raise FileNotFoundError(f"{d} is not an exported model (needs {WEIGHTS} and {INFO})")
-    info = json.loads((d / INFO).read_text())
-    module = MultiVAE(**info["model_args"])
-    module.load_state_dict(load_file(str(d / WEIGHTS)))
+    try:
+        info = json.loads((d / INFO).read_text())
+        args = info["model_args"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{d / INFO} is not a valid model description: {exc}") from None
+    try:
+        weights = load_file(str(d / WEIGHTS))  # safetensors: a header + raw tensor bytes, never code
+    except SafetensorError as exc:
+        raise ModelFileError(f"{d / WEIGHTS} is not a valid safetensors file ({exc}); refusing to load it") from None
+    module = MultiVAE(**args)
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ModelFileError(f"{d / WEIGHTS} does not match {d / INFO}: {str(exc).splitlines()[0]}") from None
     return module.to(device).eval(), info
