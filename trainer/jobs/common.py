@@ -98,3 +98,60 @@ class Progress:
 
     def n_done(self) -> int:
         return sum(1 for _ in self.dir.glob("chunk-*.done"))
+
+
+def select_features(wanted: list[str] | None, names: list[str], what: str) -> tuple[list[int] | None, list[str]]:
+    """(column indices in the given order or None for all, the output's feature names).
+
+    Unknown or repeated names are refused with the first few named (var_names must be unique)."""
+    names = list(names)
+    if wanted is None:
+        return None, names
+    wanted = [str(w) for w in wanted]
+    if not wanted:
+        raise InferError(f"the {what} subset is an empty list (leave it null for all {what}s)")
+    pos = {n: i for i, n in enumerate(names)}
+    unknown = [w for w in wanted if w not in pos]
+    if unknown:
+        raise InferError(f"{len(unknown)} unknown {what} name(s) not in the model: {unknown[:10]}"
+                         f"{' ...' if len(unknown) > 10 else ''}")
+    seen, dup = set(), []
+    for w in wanted:
+        if w in seen:
+            dup.append(w)
+        seen.add(w)
+    if dup:
+        raise InferError(f"{what} name(s) listed more than once: {dup[:10]}")
+    return [pos[w] for w in wanted], wanted
+
+
+def batch_codes(transform_batch, categories: list[str], n_batch: int) -> list[int] | None:
+    """``transform_batch`` (None, a label/code, or a list of them) -> batch codes, or None (own batch).
+
+    Strings are batch labels of the model (its batch categories), integers are codes."""
+    if transform_batch is None:
+        return None
+    items = [transform_batch] if isinstance(transform_batch, (str, int)) else list(transform_batch)
+    if not items:
+        raise InferError("transform_batch is an empty list (leave it null for each cell's own batch)")
+    cats = [str(c) for c in categories]
+    codes = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise InferError(f"transform_batch entries must be batch labels or integer codes, got {item!r}")
+        if isinstance(item, str):
+            if item not in cats:
+                shown = cats[:10] + (["..."] if len(cats) > 10 else [])
+                raise InferError(f"unknown batch label {item!r} in transform_batch; the model's batches: {shown}")
+            codes.append(cats.index(item))
+        else:
+            if not 0 <= item < n_batch:
+                raise InferError(f"batch code {item} in transform_batch is out of range [0, {n_batch})")
+            codes.append(int(item))
+    return codes
+
+
+def check_dtype(dtype: str, allowed: tuple[str, ...], section: str) -> str:
+    if dtype not in allowed:
+        raise InferError(f"{section}.dtype must be one of {list(allowed)}, got {dtype!r}")
+    return dtype

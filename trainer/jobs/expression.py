@@ -1,0 +1,81 @@
+"""expression: normalized (denoised for RNA cells, imputed for ATAC-only cells) expression of every cell.
+
+Output ``<output>``: an AnnData Zarr with X = cells x genes (all genes in model order, or the
+``expression.genes`` subset in the given order), obs copied from the store, var = the gene names,
+uns['multivi'] = the settings. X is float32 or float16 (``expression.dtype``), chunked by
+``batch_size`` rows x a bounded number of columns (``runner.MAX_CHUNK_ELEMENTS``).
+
+Semantics (reference: ``MULTIVI.get_normalized_expression``, spec 5.2; math in ``trainer.predict``):
+
+* value = the decoder's expression scale rho (rows sum to 1 over all genes without size factors),
+  times ``expression.library_size``: a positive number L (default 1.0 = rho itself, the reference's
+  output) or ``"observed"`` (the cell's own RNA count; cells without RNA: the model's library);
+* ``expression.transform_batch``: null = each cell's own batch; a batch label or integer code, or a
+  list of them, decodes every cell as if from that batch, and a list is averaged (as the reference);
+* ``give_mean=true`` (default) decodes the posterior mean of z (the reference's ``use_z_mean=True``,
+  deterministic); ``give_mean=false`` decodes ``n_samples`` posterior draws of z and writes their
+  average (a Monte Carlo posterior mean of rho; one draw when ``n_samples=1``). Unlike embed there is no
+  sample axis: X is always cells x genes. Draws seed from (seed, chunk id) as in embed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from trainer.infer_config import InferConfig
+from trainer.jobs.common import InferError, batch_codes, check_dtype, select_features
+from trainer.jobs.runner import ChunkJob, JobContext, create_dense, feature_chunk_cols, open_job, run_chunked
+from trainer.predict import normalized_expression
+
+DTYPES = ("float32", "float16")
+
+
+def check_library_size(value) -> float | str:
+    if value == "observed":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InferError(f"expression.library_size must be a positive number or 'observed', got {value!r}")
+    return float(value)
+
+
+class ExpressionJob(ChunkJob):
+    name = "expression"
+    section = "expression"
+
+    def __init__(self, ctx: JobContext):
+        super().__init__(ctx)
+        opts, meta = ctx.cfg.expression, ctx.store.meta
+        self.dtype = np.dtype(check_dtype(opts.dtype, DTYPES, "expression"))
+        self.index, self.names = select_features(opts.genes, meta.gene_names, "gene")
+        self.codes = batch_codes(opts.transform_batch, meta.batch_categories, ctx.module.n_batch)
+        self.library_size = check_library_size(opts.library_size)
+        self.X: zarr.Array | None = None
+
+    def var_names(self) -> list[str]:
+        return self.names
+
+    def uns(self) -> dict:
+        out = {"library_size": self.library_size, "dtype": self.dtype.name}
+        if self.codes is not None:
+            out["transform_batch"] = [str(self.ctx.store.meta.batch_categories[c]) for c in self.codes]
+        return out
+
+    def create_arrays(self, root: zarr.Group) -> None:
+        rows, n_genes = self.ctx.cfg.batch_size, len(self.names)
+        create_dense(root, "X", (self.ctx.n_cells, n_genes), self.dtype, rows=rows,
+                     cols=feature_chunk_cols(rows, n_genes), fill_value=np.nan)
+
+    def open_arrays(self, root: zarr.Group, work_dir) -> None:
+        self.X = root["X"]
+
+    def write_chunk(self, k: int, lo: int, hi: int, batch: dict) -> None:
+        cfg = self.ctx.cfg
+        x = normalized_expression(self.ctx.module, batch, transform_batch=self.codes,
+                                  library_size=self.library_size, n_samples=cfg.n_samples,
+                                  use_z_mean=cfg.give_mean, gene_index=self.index)
+        self.X[lo:hi] = x.cpu().numpy().astype(self.dtype, copy=False)
+
+
+def run_expression(cfg: InferConfig) -> dict:
+    return run_chunked(ExpressionJob(open_job(cfg)))

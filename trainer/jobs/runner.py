@@ -1,0 +1,300 @@
+"""The restartable, rank-sharded, in-order chunk machinery every cells-by-something job shares.
+
+A job (``ChunkJob`` subclass) says what its output holds and how one chunk of cells is computed; the
+runner (``run_chunked``) does everything else, identically for embed, expression and accessibility:
+
+* output ``<output>.partial`` (an AnnData Zarr: obs copied from the store, var = the job's feature
+  names, uns['multivi'] = the settings) whose skeleton rank 0 writes before anyone computes;
+* done markers and a settings fingerprint in ``<output>.progress`` (``common.Progress``): a rerun after
+  a crash skips finished chunks (with any world size: chunks are global row ranges) and refuses an
+  unfinished output that was started with other settings;
+* rank ``r`` computes its contiguous block of chunk ids (``common.my_chunks``), so ranks write disjoint
+  rows and the output is in store order whatever the world size;
+* finalize on rank 0 once every chunk is done: the job's ``finish`` hook (e.g. assembling a sparse X),
+  consolidated metadata, ``mva_complete``, rename to ``<output>``. ``<output>`` existing therefore
+  always means complete;
+* rank 0 holds an exclusive lock (``trainer.lock``) on ``<output>.progress`` for the whole job, so two
+  jobs never write the same output; a lock left by a killed job is cleared (its holder is provably
+  dead), because rerunning after a crash is the normal way to finish an output.
+
+Memory per rank is one batch of cells plus the job's per-batch result, never cells x features.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+
+from data import keys
+from data.collate import to_device
+from data.store import Store
+from data.stream import StoreStream
+from trainer import dist
+from trainer.export import WEIGHTS, load_model
+from trainer.infer_config import InferConfig
+from trainer.jobs.common import (
+    InferError,
+    Progress,
+    chunk_ranges,
+    my_chunks,
+    open_checked_store,
+    resolve_model_dir,
+)
+from trainer.lock import LOCK_NAME, LockError
+from trainer.lock import acquire as acquire_lock
+from trainer.module import MultiVAE
+
+# Test hook: raise after this many chunks were written by this process (simulates a crash mid-job).
+FAIL_AFTER_ENV = "MVA_INFER_FAIL_AFTER_CHUNKS"
+# Top-level config keys that do not change the output (and so are not part of the fingerprint).
+_NOT_SETTINGS = ("output", "overwrite", "progress", "model_dir", "store", "embed", "expression",
+                 "accessibility", "de", "export")
+
+
+@dataclass
+class JobContext:
+    cfg: InferConfig
+    info: dist.DistInfo
+    model_dir: Path
+    module: MultiVAE
+    model_info: dict
+    store: Store
+
+    @property
+    def n_cells(self) -> int:
+        return self.store.meta.n_cells
+
+
+def open_job(cfg: InferConfig) -> JobContext:
+    """Join the process group (if any), load the model and open the store checked against it."""
+    info = dist.init_distributed()
+    model_dir = resolve_model_dir(cfg.model_dir)
+    module, minfo = load_model(model_dir, device=info.device)
+    store = open_checked_store(cfg.store, minfo)
+    return JobContext(cfg, info, model_dir, module, minfo, store)
+
+
+class ChunkJob:
+    """One job's part; subclasses set ``name`` / ``section`` and override the hooks they need.
+
+    ``__init__`` of a subclass validates the job's options (every rank raises the same InferError
+    before anything is written), so bad input never leaves a half-made output behind.
+    """
+
+    name = ""
+    section: str | None = None  # attribute of InferConfig holding this job's options
+
+    def __init__(self, ctx: JobContext):
+        self.ctx = ctx
+
+    def settings(self) -> dict:
+        """Extra fingerprint entries (the job's section is included automatically)."""
+        return {}
+
+    def uns(self) -> dict:
+        """Small JSON-like settings written to uns['multivi'] (no None values: anndata can't write them)."""
+        return {}
+
+    def var_names(self) -> list[str] | None:
+        return None
+
+    def create_arrays(self, root: zarr.Group) -> None:
+        """Rank 0: the empty output arrays in the skeleton."""
+
+    def open_arrays(self, root: zarr.Group, work_dir: Path) -> None:
+        """Every rank: get handles on the arrays (``work_dir`` = the progress directory, for side files)."""
+
+    def write_chunk(self, k: int, lo: int, hi: int, batch: dict) -> None:
+        raise NotImplementedError
+
+    def finish(self, root: zarr.Group, work_dir: Path) -> None:
+        """Rank 0, after every chunk is done and before consolidation (idempotent: may be rerun)."""
+
+
+def output_paths(output: str) -> tuple[Path, Path, Path]:
+    """(final, partial, progress) paths of one output."""
+    final = Path(output)
+    return final, final.with_name(final.name + ".partial"), final.with_name(final.name + ".progress")
+
+
+def consolidate(path: Path) -> None:
+    with warnings.catch_warnings():
+        # zarr warns that v3 consolidated metadata is not in the spec; anndata relies on it all the same
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        zarr.consolidate_metadata(str(path))
+
+
+def create_dense(root: zarr.Group, name: str, shape: tuple[int, ...], dtype, rows: int, cols: int | None = None,
+                 fill_value=None) -> zarr.Array:
+    """An anndata-encoded dense array chunked by output chunk rows (and ``cols`` columns if given)."""
+    n = shape[0]
+    chunks = [min(rows, max(n, 1)), *shape[1:]]
+    if cols is not None and len(shape) > 1:
+        chunks[1] = max(1, min(cols, shape[1]))
+    arr = root.create_array(name, shape=shape, dtype=dtype, chunks=tuple(chunks), fill_value=fill_value,
+                            overwrite=True)
+    arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    return arr
+
+
+def _write_skeleton(job: ChunkJob, path: Path) -> None:
+    """obs (small: cells x columns) + var + uns through anndata, then the job's empty arrays."""
+    ctx = job.ctx
+    var_names = job.var_names()
+    var = None if var_names is None else pd.DataFrame(index=pd.Index(var_names, dtype=str))
+    uns = {"model": str(ctx.model_dir), "store": str(ctx.store.path), "job": job.name,
+           "give_mean": ctx.cfg.give_mean, "n_samples": ctx.cfg.n_samples, **job.uns()}
+    adata = ad.AnnData(obs=ctx.store.read_obs(), var=var, uns={"multivi": uns})
+    with ad.settings.override(zarr_write_format=3), warnings.catch_warnings():
+        # v3 = the store's format (anndata deprecates v2); its autosharding notice is about obs here
+        warnings.filterwarnings("ignore", message=".*autosharding.*")
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        adata.write_zarr(str(path))
+    job.create_arrays(zarr.open_group(str(path), mode="r+", use_consolidated=False))
+    consolidate(path)  # anndata opens through the consolidated metadata
+
+
+def _fingerprint(job: ChunkJob) -> dict:
+    ctx = job.ctx
+    c = {k: v for k, v in asdict(ctx.cfg).items() if k not in _NOT_SETTINGS}
+    if job.section is not None:
+        c[job.section] = asdict(getattr(ctx.cfg, job.section))
+    w = ctx.model_dir / WEIGHTS
+    return {**c, **job.settings(), "model_dir": str(ctx.model_dir.resolve()),
+            "model_mtime_ns": w.stat().st_mtime_ns, "store": str(Path(ctx.store.path).resolve()),
+            "n_cells": ctx.n_cells}
+
+
+def _empty_dir(d: Path) -> None:
+    """Remove everything in ``d`` except our lock file (the lock guards the whole job)."""
+    if not d.is_dir():
+        return
+    for p in d.iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _take_lock(prog_dir: Path, info: dist.DistInfo):
+    """Rank 0 locks the progress directory; every rank raises the same error if that fails."""
+    lock, error = None, ""
+    if info.is_main:
+        try:
+            lock = acquire_lock(prog_dir, "mva-infer", clear_stale=True)
+        except LockError as exc:
+            error = str(exc)
+    error = dist.broadcast_object(error)
+    if error:
+        raise InferError(error)
+    return lock
+
+
+def run_chunked(job: ChunkJob) -> dict:
+    """Run ``job`` over every cell of the store; returns a small summary (this rank's view)."""
+    ctx, cfg, info = job.ctx, job.ctx.cfg, job.ctx.info
+    final, partial, prog_dir = output_paths(cfg.output)
+    if final.exists() and not cfg.overwrite:
+        raise InferError(f"{final} already exists: pass overwrite=true to replace it")
+    dist.barrier()  # every rank has checked the output before rank 0 starts deleting things
+    lock = _take_lock(prog_dir, info)
+    finished = False
+    try:
+        summary = _run_locked(job, final, partial, prog_dir)
+        finished = True
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()
+            if finished:
+                try:
+                    prog_dir.rmdir()  # empty unless another job took the lock meanwhile: then leave it
+                except OSError:
+                    pass
+
+
+def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> dict:
+    ctx, cfg, info = job.ctx, job.ctx.cfg, job.ctx.info
+    progress = Progress(prog_dir)
+    if info.is_main:
+        if cfg.overwrite:
+            shutil.rmtree(final, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            _empty_dir(prog_dir)
+        if not (prog_dir / "job.json").is_file():
+            # no finished skeleton (job.json is written last): start from scratch
+            shutil.rmtree(partial, ignore_errors=True)
+            _empty_dir(prog_dir)
+            _write_skeleton(job, partial)
+        progress.start(_fingerprint(job))  # raises if an unfinished output has other settings
+    dist.barrier()
+
+    job.open_arrays(zarr.open_group(str(partial), mode="r+", use_consolidated=False), prog_dir)
+    stream = StoreStream(ctx.store, batch_size=cfg.batch_size, split="all", shuffle=False, rank=info.rank,
+                         world_size=info.world_size, prefetch=0)
+    chunks = chunk_ranges(ctx.n_cells, cfg.batch_size)
+    block = my_chunks(len(chunks), info.rank, info.world_size)
+    mine = [k for k in block if not progress.is_done(k)]
+    fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
+    bar = None
+    if info.is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), desc=f"[infer] {job.name} (rank 0)", unit="chunk")
+    t0, written = time.perf_counter(), 0
+    for k in mine:
+        lo, hi = chunks[k]
+        batch = to_device(stream.make_batch(np.arange(lo, hi, dtype=np.int64)), info.device)
+        if not np.array_equal(batch[keys.INDEX].cpu().numpy(), np.arange(lo, hi)):
+            raise RuntimeError(f"loader returned other cells than rows [{lo}, {hi})")  # order is the contract
+        if not cfg.give_mean:
+            torch.manual_seed(cfg.seed * 1_000_003 + k)  # samples independent of world size and restarts
+        with torch.no_grad():
+            job.write_chunk(k, lo, hi, batch)
+        progress.mark_done(k)
+        written += 1
+        if bar is not None:
+            bar.update(1)
+        if fail_after and written >= fail_after:
+            raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash after {written} chunks")
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    dist.barrier()
+
+    if info.is_main:
+        missing = [k for k in range(len(chunks)) if not progress.is_done(k)]
+        if missing:
+            raise InferError(f"{len(missing)} chunks were not written (first: {missing[:5]}); rerun to finish")
+        root = zarr.open_group(str(partial), mode="r+", use_consolidated=False)
+        job.finish(root, prog_dir)
+        root.attrs.update({"mva_complete": True, "mva_job": job.name})
+        consolidate(partial)
+        partial.rename(final)
+        _empty_dir(prog_dir)
+        dist.print0(f"[infer] {job.name}: {ctx.n_cells} cells -> {final}")
+    dist.barrier()
+    return {"output": str(final), "n_cells": ctx.n_cells, "n_chunks": len(chunks), "chunks_written": written,
+            "chunks_skipped": len(block) - len(mine), "seconds": seconds, "rank": info.rank,
+            "world_size": info.world_size}
+
+
+# Elements per output chunk of a cells x features X (2M = 8 MiB of float32): chunks are
+# ``batch_size`` rows by as many columns as fit, so a 100k-region output is not one huge chunk per row block.
+MAX_CHUNK_ELEMENTS = 1 << 21
+
+
+def feature_chunk_cols(rows: int, n_features: int) -> int:
+    return max(1, min(n_features, MAX_CHUNK_ELEMENTS // max(rows, 1)))
