@@ -1,0 +1,146 @@
+"""mva-infer job=expression on a model trained by the real trainer, against the reference (scvi-tools
+MULTIVI holding the same weights, on the same cells) and against itself (crash + rerun, float16, subsets).
+
+    .venv/bin/python -m pytest tests/test_infer_expression.py -q
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from tests.infer_utils import N_CELLS, infer_cfg, reference_model, store_arrays, trained  # noqa: F401  (trained: fixture)
+from trainer.infer import infer
+from trainer.infer_config import ExpressionOptions
+from trainer.jobs import runner
+from trainer.jobs.common import InferError
+from trainer.jobs.runner import FAIL_AFTER_ENV
+
+pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+
+TOL = {"rtol": 1e-4, "atol": 1e-7}  # float32 on both sides; rho ~ 1/100
+
+
+def _run(store, run, out, **opts) -> ad.AnnData:
+    infer(infer_cfg(store, run, out, job="expression", expression=ExpressionOptions(**opts)))
+    return ad.read_zarr(str(out))
+
+
+def test_expression_equals_the_reference_with_and_without_transform_batch(trained, tmp_path):
+    store, run = trained
+    model, mdata = reference_model(store, run / "model")
+    got = _run(store, run, tmp_path / "own.zarr")
+    assert got.shape == (N_CELLS, 100) and got.X.dtype == np.float32
+    assert list(got.var_names) == list(mdata["rna"].var_names)
+    assert list(got.obs_names) == list(mdata.obs_names)  # store order
+    assert zarr.open_group(str(tmp_path / "own.zarr"), mode="r").attrs["mva_complete"] is True
+    np.testing.assert_allclose(got.X, model.get_normalized_expression(return_numpy=True), **TOL)
+    np.testing.assert_allclose(got.X.sum(1), 1.0, rtol=1e-5)  # rho: rows sum to one
+
+    one = _run(store, run, tmp_path / "b1.zarr", transform_batch=["batch_1"])
+    ref_one = model.get_normalized_expression(transform_batch="batch_1", return_numpy=True)
+    np.testing.assert_allclose(one.X, ref_one, **TOL)
+    assert np.abs(one.X - got.X).max() > 1e-4  # the batch changes something
+    # a list is averaged (as the reference does for expression); codes mean the same as labels
+    both = _run(store, run, tmp_path / "b01.zarr", transform_batch=[0, "batch_1"])
+    ref_both = model.get_normalized_expression(transform_batch=["batch_0", "batch_1"], return_numpy=True)
+    np.testing.assert_allclose(both.X, ref_both, **TOL)
+    assert both.uns["multivi"]["transform_batch"].tolist() == ["batch_0", "batch_1"]
+
+
+def test_gene_subset_in_given_order_library_size_and_float16(trained, tmp_path):
+    store, run = trained
+    model, _ = reference_model(store, run / "model")
+    full = model.get_normalized_expression(return_numpy=False)
+    genes = ["gene_00042", "gene_00007", "gene_00099"]
+    sub = _run(store, run, tmp_path / "sub.zarr", genes=genes, library_size=1e4)
+    assert list(sub.var_names) == genes  # the given order, not the model's
+    np.testing.assert_allclose(sub.X, 1e4 * full[genes].to_numpy(), rtol=1e-4)
+    half = _run(store, run, tmp_path / "half.zarr", dtype="float16")
+    assert half.X.dtype == np.float16
+    np.testing.assert_allclose(half.X.astype(np.float32), full.to_numpy(), rtol=2e-3, atol=1e-6)
+    obs = _run(store, run, tmp_path / "obs.zarr", library_size="observed")
+    totals = store_arrays(store)[1].sum(1)
+    has_rna = obs.obs["mask_rna"].to_numpy(bool)
+    # observed: rows sum to the cell's own RNA count (cells without RNA: the model's library, positive)
+    np.testing.assert_allclose(obs.X.sum(1)[has_rna], totals[has_rna], rtol=1e-4)
+    assert (obs.X.sum(1)[~has_rna] > 0).all()
+
+
+def test_posterior_draws_are_averaged_and_reproducible(trained, tmp_path):
+    store, run = trained
+    mean = _run(store, run, tmp_path / "mean.zarr").X
+    infer(infer_cfg(store, run, tmp_path / "s.zarr", job="expression", give_mean=False, n_samples=4, seed=3))
+    draws = ad.read_zarr(str(tmp_path / "s.zarr")).X
+    assert draws.shape == mean.shape and np.isfinite(draws).all()
+    assert np.abs(draws - mean).max() > 1e-5  # not the mean's decoding
+    np.testing.assert_allclose(draws.sum(1), 1.0, rtol=1e-5)
+    infer(infer_cfg(store, run, tmp_path / "s2.zarr", job="expression", give_mean=False, n_samples=4, seed=3))
+    np.testing.assert_array_equal(ad.read_zarr(str(tmp_path / "s2.zarr")).X, draws)
+
+
+def test_crash_and_rerun_equals_a_clean_run_with_column_chunks(trained, tmp_path, monkeypatch):
+    store, run = trained
+    clean = _run(store, run, tmp_path / "clean.zarr", genes=[f"gene_{i:05d}" for i in range(0, 100, 2)])
+    # a bounded column width: 96 rows x 960 elements -> 10-column chunks, so a row block spans 5 chunks
+    monkeypatch.setattr(runner, "MAX_CHUNK_ELEMENTS", 960)
+    out = tmp_path / "x.zarr"
+    cfg = infer_cfg(store, run, out, job="expression",
+                    expression=ExpressionOptions(genes=[f"gene_{i:05d}" for i in range(0, 100, 2)]))
+    monkeypatch.setenv(FAIL_AFTER_ENV, "3")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        infer(cfg)
+    assert not out.exists()
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    summary = infer(cfg)
+    assert summary["chunks_skipped"] == 3 and summary["chunks_written"] == 5
+    assert zarr.open_group(str(out), mode="r")["X"].chunks == (96, 10)
+    got = ad.read_zarr(str(out))
+    assert got.obs_names.is_unique and got.n_obs == N_CELLS and not np.isnan(got.X).any()
+    pd.testing.assert_frame_equal(got.obs, clean.obs)
+    np.testing.assert_array_equal(got.X, clean.X)
+
+
+def test_a_locked_output_is_refused_and_a_stale_lock_cleared(trained, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from trainer import lock
+
+    store, run = trained
+    out = tmp_path / "x.zarr"
+    held = lock.acquire(tmp_path / "x.zarr.progress", "another job")  # a live holder: this process
+    with pytest.raises(InferError, match="in use by another job"):
+        infer(infer_cfg(store, run, out, job="expression"))
+    held.release()
+    # a job killed with SIGKILL leaves its lock behind: its pid is gone, so the rerun clears it
+    monkeypatch.setenv(FAIL_AFTER_ENV, "2")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        infer(infer_cfg(store, run, out, job="expression"))
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    record = lock._record("mva-infer (killed)")
+    record.update(pid=int(dead.stdout), start_time=1)
+    (tmp_path / "x.zarr.progress" / lock.LOCK_NAME).write_text(__import__("json").dumps(record))
+    summary = infer(infer_cfg(store, run, out, job="expression"))
+    assert summary["chunks_skipped"] == 2 and out.is_dir() and not (tmp_path / "x.zarr.progress").exists()
+
+
+def test_bad_expression_inputs_give_one_line(trained, tmp_path):
+    store, run = trained
+    cases = [({"genes": ["gene_00001", "NOPE1", "NOPE2"]}, r"2 unknown gene name\(s\).*NOPE1.*NOPE2"),
+             ({"genes": ["gene_00001", "gene_00001"]}, "more than once"),
+             ({"transform_batch": ["batch_9"]}, r"unknown batch label 'batch_9'.*batch_0"),
+             ({"transform_batch": [7]}, r"batch code 7 .*out of range"),
+             ({"dtype": "float64"}, r"expression.dtype must be one of \['float32', 'float16'\]"),
+             ({"library_size": -1.0}, "library_size must be a positive number"),
+             ({"library_size": "counts"}, "library_size must be a positive number")]
+    for opts, match in cases:
+        with pytest.raises(InferError, match=match) as exc:
+            _run(store, run, tmp_path / "bad.zarr", **opts)
+        assert "\n" not in str(exc.value)
+        assert not (tmp_path / "bad.zarr").exists() and not (tmp_path / "bad.zarr.partial").exists()
