@@ -142,6 +142,9 @@ def store_to_mudata(store, cells: np.ndarray | None = None):
         obs = obs.iloc[cells]
         mats = {k: v[cells] for k, v in mats.items()}
     obs = obs.copy()
+    # setup_mudata writes this column itself, but scvi-tools' registry *transfer* (model.get_...(mdata) on
+    # a MuData it has not seen) expects it already present and fails without it
+    obs["_indices"] = np.arange(len(obs), dtype=np.int64)
     for mod, col in zip(keys.MODALITIES, SIZE_FACTOR_COLUMNS):
         total = np.asarray(mats[mod].sum(axis=1)).ravel()
         measured = obs[f"mask_{mod}"].to_numpy(bool)

@@ -1,0 +1,184 @@
+"""scvi-tools interchange (trainer/scvi_io.py, mva-infer job=export) against the installed scvi-tools 1.5.1.
+
+    .venv/bin/python -m pytest tests/test_scvi_io.py -q
+
+A model trained by our trainer on a real store (with a categorical and a continuous covariate) is exported
+and loaded by ``scvi.model.MULTIVI.load``; a MULTIVI trained by scvi-tools is imported and run by our
+embed job and notebook API; a booby-trapped ``model.pt`` is refused without running its payload.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from tests.train_utils import tiny_config
+from trainer import api
+from trainer.export import INFO, WEIGHTS
+from trainer.infer import infer
+from trainer.infer_config import ExportOptions, InferConfig
+from trainer.jobs.common import InferError
+from trainer.scvi_io import ScviIOError, import_from_scvi, read_scvi_checkpoint, store_to_mudata
+from trainer.train import train
+
+N_CELLS = 300
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from data.synthetic import write_synthetic_store
+
+    root = tmp_path_factory.mktemp("scvi_io")
+    store = write_synthetic_store(root / "store", n_cells=N_CELLS, n_genes=100, n_regions=300, progress=False,
+                                  with_covariates=True)
+    res = train(tiny_config(store, root / "run"))
+    return store, Path(res.run_dir)
+
+
+@pytest.fixture(scope="module")
+def scvi_trained(trained, tmp_path_factory):
+    """A MULTIVI trained by scvi-tools itself (2 epochs) on the same store's cells, saved to disk."""
+    import scvi
+
+    store, _ = trained
+    mdata = store_to_mudata(store)
+    scvi.settings.seed = 0
+    scvi.model.MULTIVI.setup_mudata(mdata, batch_key="batch", categorical_covariate_keys=["site"],
+                                    continuous_covariate_keys=["pct_mito"],
+                                    modalities={"rna_layer": "rna", "atac_layer": "atac"})
+    model = scvi.model.MULTIVI(mdata, n_hidden=24, n_latent=5)
+    model.train(max_epochs=2, accelerator="cpu", batch_size=128, enable_progress_bar=False)
+    out = tmp_path_factory.mktemp("scvi") / "multivi"
+    model.save(str(out))
+    return out, model
+
+
+def _export_cfg(out, **kw) -> InferConfig:
+    return InferConfig(job="export", output=str(out), progress=False, **kw)
+
+
+def _embed(store, model_dir, out) -> np.ndarray:
+    infer(InferConfig(model_dir=str(model_dir), store=str(store), output=str(out), batch_size=128, progress=False,
+                      modalities=["joint"]))
+    return np.asarray(ad.read_zarr(str(out)).obsm["X_multivi"])
+
+
+def test_exported_model_loads_in_scvi_and_gives_our_numbers(trained, tmp_path):
+    import scvi
+
+    store, run = trained
+    out = tmp_path / "for_scvi"
+    infer(_export_cfg(out, model_dir=str(run), store=str(store), export=ExportOptions(direction="to_scvi")))
+    assert (out / "model.pt").is_file() and not list(tmp_path.glob(".for_scvi.tmp-*"))
+
+    ref = scvi.model.MULTIVI.load(str(out), adata=store_to_mudata(store))
+    ours = api.load(run)
+    z_job = _embed(store, run, tmp_path / "emb.zarr")
+    np.testing.assert_allclose(ref.get_latent_representation(), z_job, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ref.get_latent_representation(modality="accessibility"),
+                               ours.latent(store, modality="accessibility"), rtol=1e-4, atol=1e-5)
+    for tb in (None, "batch_1"):
+        np.testing.assert_allclose(ref.get_normalized_expression(return_numpy=True, transform_batch=tb),
+                                   ours.expression(store, transform_batch=tb), rtol=1e-4, atol=1e-7, err_msg=str(tb))
+    np.testing.assert_allclose(
+        ref.get_normalized_accessibility(return_numpy=True, normalize_cells=True, normalize_regions=True),
+        ours.accessibility(store, normalize_cells=True, normalize_regions=True), rtol=1e-4, atol=1e-7)
+    # the registry carries the store's categories and covariates, read back by scvi-tools
+    reg = ref.registry["field_registries"]
+    assert list(reg["batch"]["state_registry"]["categorical_mapping"]) == ["batch_0", "batch_1"]
+    assert list(reg["extra_continuous_covs"]["state_registry"]["columns"]) == ["pct_mito"]
+
+    with pytest.raises(InferError, match="already exists"):
+        infer(_export_cfg(out, model_dir=str(run), store=str(store)))
+
+
+def test_scvi_trained_model_imports_and_our_jobs_reproduce_it(trained, scvi_trained, tmp_path):
+    store, _ = trained
+    scvi_dir, ref = scvi_trained
+    ours_dir = tmp_path / "imported"
+    infer(_export_cfg(ours_dir, model_dir="-", store="-",
+                      export=ExportOptions(direction="from_scvi", source=str(scvi_dir))))
+    assert (ours_dir / WEIGHTS).is_file() and (ours_dir / INFO).is_file()
+
+    adata = store_to_mudata(store)
+    z_ref = ref.get_latent_representation(adata)
+    np.testing.assert_allclose(_embed(store, ours_dir, tmp_path / "emb.zarr"), z_ref, rtol=1e-4, atol=1e-5)
+    model = api.load(scvi_dir)  # the API imports a scvi-tools directory on the fly
+    assert model.module.n_latent == 5 and model.info["cat_cov_keys"] == ["site"]
+    np.testing.assert_allclose(model.latent(adata), z_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(model.expression(store, transform_batch="batch_0"),
+                               ref.get_normalized_expression(adata, transform_batch="batch_0", return_numpy=True),
+                               rtol=1e-4, atol=1e-7)
+
+
+class _Payload:
+    """Unpickling this runs ``os.system('touch <marker>')``: what a booby-trapped model.pt does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("container", ["torch_zip", "plain_pickle"])
+def test_malicious_checkpoint_is_refused_without_running_it(tmp_path, container):
+    marker = tmp_path / "pwned"
+    scvi_dir = tmp_path / "evil"
+    scvi_dir.mkdir()
+    payload = {"model_state_dict": {"px_r": torch.zeros(3)}, "var_names": np.array(["g"], dtype=object),
+               "attr_dict": {"registry_": _Payload(marker), "init_params_": {}}}
+    if container == "torch_zip":
+        torch.save(payload, scvi_dir / "model.pt")
+    else:
+        (scvi_dir / "model.pt").write_bytes(pickle.dumps(payload))
+
+    with pytest.raises(ScviIOError, match="refused to load.*allowlist"):
+        read_scvi_checkpoint(scvi_dir / "model.pt")
+    with pytest.raises(ScviIOError, match="refused"):
+        import_from_scvi(scvi_dir, tmp_path / "out")
+    with pytest.raises(InferError, match="refused"):
+        infer(_export_cfg(tmp_path / "out2", model_dir="-", store="-",
+                          export=ExportOptions(direction="from_scvi", source=str(scvi_dir))))
+    with pytest.raises(ScviIOError, match="refused"):
+        api.load(scvi_dir)
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+    # the file really is armed: full unpickling (what scvi-tools' own load does) fires it
+    if container == "plain_pickle":
+        pickle.loads((scvi_dir / "model.pt").read_bytes())
+    else:
+        torch.load(scvi_dir / "model.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_export_job_rejects_bad_requests(trained, tmp_path):
+    store, run = trained
+    with pytest.raises(InferError, match="export.direction"):
+        infer(_export_cfg(tmp_path / "a", model_dir=str(run), store=str(store),
+                          export=ExportOptions(direction="sideways")))
+    with pytest.raises(InferError, match="needs export.source"):
+        infer(_export_cfg(tmp_path / "b", model_dir="-", store="-", export=ExportOptions(direction="from_scvi")))
+    with pytest.raises(InferError, match="does not exist"):
+        infer(_export_cfg(tmp_path / "c", model_dir="-", store="-",
+                          export=ExportOptions(direction="from_scvi", source=str(tmp_path / "nothing"))))
+    not_a_model = tmp_path / "junk"
+    not_a_model.mkdir()
+    (not_a_model / "model.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(InferError, match="not a readable torch checkpoint|refused"):
+        infer(_export_cfg(tmp_path / "d", model_dir="-", store="-",
+                          export=ExportOptions(direction="from_scvi", source=str(not_a_model))))
+    other = tmp_path / "other_store"
+    from tests.train_utils import tiny_store
+
+    tiny_store(other, n_cells=50)  # no covariates, other features: not the model's store
+    with pytest.raises(InferError, match="covariates|genes|regions"):
+        infer(_export_cfg(tmp_path / "e", model_dir=str(run), store=str(other)))
+    assert not any((tmp_path / x).exists() for x in "abcde")
