@@ -3,7 +3,7 @@ figure (metric vs paired fraction, error bars = sd over seeds).
 
 "Worse beyond noise" (the flag in the table): ours is worse than the reference in EVERY seed (same
 split and seed on both sides, so seeds pair up) AND the mean gap exceeds the larger of the two
-seed standard deviations. Both conditions, so one unlucky seed or a gap inside the spread is not
+seed standard deviations (needs >= 2 seeds). Both conditions, so one unlucky seed or a gap inside the spread is not
 reported as a regression.
 """
 
@@ -47,7 +47,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 continue
             sign = 1.0 if higher else -1.0
             gap = sign * (o - ref)  # > 0: ours better
-            worse = bool(len(gap) and np.all(gap < 0) and -np.mean(gap) > max(np.std(o), np.std(ref)))
+            worse = bool(len(gap) >= 2 and np.all(gap < 0) and -np.mean(gap) > max(np.std(o), np.std(ref)))
             rows.append({"metric": metric, "label": label, "higher_is_better": higher, "fraction": f,
                          "ours_mean": float(np.nanmean(o)), "ours_sd": float(np.nanstd(o)),
                          "ref_mean": float(np.nanmean(ref)), "ref_sd": float(np.nanstd(ref)),
