@@ -1,0 +1,180 @@
+"""Notebook API (trainer/api.py) on a model trained by the real trainer on a real store with covariates.
+
+    .venv/bin/python -m pytest tests/test_api.py -q
+
+Store inputs must give the embed job's numbers and trainer.predict's (the expression / accessibility
+jobs' math) on the same batches; in-memory AnnData / MuData / dict inputs, in another cell and feature
+order, must give the store's numbers; the modality mask follows the documented rules and never turns an
+all-zero row into "missing" silently; bad inputs fail with one clear message.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import mudata as md
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from data.stream import StoreStream
+from tests.train_utils import tiny_config, tiny_store
+from trainer import predict
+from trainer.api import APIError, load
+from trainer.infer import infer
+from trainer.infer_config import InferConfig
+from trainer.jobs.common import InferError
+from trainer.scvi_io import store_to_mudata
+from trainer.train import train
+
+N_CELLS, BATCH = 260, 64
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from data.synthetic import write_synthetic_store
+
+    root = tmp_path_factory.mktemp("api")
+    store = write_synthetic_store(root / "store", n_cells=N_CELLS, n_genes=100, n_regions=300, progress=False,
+                                  with_covariates=True)
+    res = train(tiny_config(store, root / "run"))
+    return store, Path(res.run_dir), load(res.run_dir)
+
+
+def _predict_on_store(model, store, fn, **kw) -> np.ndarray:
+    """trainer.predict over the store's own batches (what the expression / accessibility jobs compute)."""
+    stream = StoreStream(store, batch_size=BATCH, split="all", shuffle=False, prefetch=0)
+    return np.concatenate([fn(model.module, stream.make_batch(np.arange(lo, min(lo + BATCH, N_CELLS))), **kw).numpy()
+                           for lo in range(0, N_CELLS, BATCH)])
+
+
+def test_store_input_equals_the_jobs(trained, tmp_path):
+    store, run, model = trained
+    out = tmp_path / "emb.zarr"
+    infer(InferConfig(model_dir=str(run), store=str(store), output=str(out), batch_size=BATCH, progress=False))
+    emb = ad.read_zarr(str(out))
+    for modality, key in (("joint", "X_multivi"), ("expression", "X_multivi_expression"),
+                          ("accessibility", "X_multivi_accessibility")):
+        np.testing.assert_allclose(model.latent(store, modality=modality, batch_size=BATCH), emb.obsm[key],
+                                   err_msg=modality, **TOL)
+
+    # posterior samples: same (seed, chunk) seeding as the job, so equal draws with equal batch_size
+    out2 = tmp_path / "samples.zarr"
+    infer(InferConfig(model_dir=str(run), store=str(store), output=str(out2), batch_size=BATCH, progress=False,
+                      give_mean=False, n_samples=2, seed=3, modalities=["joint"]))
+    z = model.latent(store, give_mean=False, n_samples=2, seed=3, batch_size=BATCH)
+    assert z.shape == (N_CELLS, 2, model.module.n_latent)
+    np.testing.assert_allclose(z, ad.read_zarr(str(out2)).obsm["X_multivi"], **TOL)
+
+    genes = ["gene_00007", "gene_00002", "gene_00050"]
+    got = model.expression(store, transform_batch=["batch_0", "batch_1"], library_size="observed", genes=genes,
+                           batch_size=BATCH)
+    want = _predict_on_store(model, store, predict.normalized_expression, transform_batch=[0, 1],
+                             library_size="observed", gene_index=[7, 2, 50])
+    np.testing.assert_allclose(got, want, **TOL)
+    regions = model.region_names[10:20]
+    got = model.accessibility(store, normalize_cells=True, normalize_regions=True, regions=regions,
+                              transform_batch="batch_1", batch_size=BATCH)
+    want = _predict_on_store(model, store, predict.normalized_accessibility, transform_batch=[1],
+                             normalize_cells=True, normalize_regions=True, region_index=list(range(10, 20)))
+    np.testing.assert_allclose(got, want, **TOL)
+    sparse = model.accessibility(store, threshold=0.3, batch_size=BATCH)
+    dense = model.accessibility(store, batch_size=BATCH)
+    assert sp.issparse(sparse) and 0 < sparse.nnz < dense.size
+    np.testing.assert_array_equal(sparse.toarray(), np.where(dense >= 0.3, dense, 0))
+
+
+def test_in_memory_layouts_equal_the_store(trained):
+    store, _, model = trained
+    z_store = model.latent(store)
+    e_store = model.expression(store, transform_batch="batch_0")
+    rng = np.random.default_rng(0)
+    cells = rng.permutation(N_CELLS)[:200]  # another cell order, a subset
+
+    mdata = store_to_mudata(store, cells)
+    perm = rng.permutation(mdata["rna"].n_vars)  # another gene order: mapped back by name
+    mdata.mod["rna"] = mdata["rna"][:, perm].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # mask columns present: nothing inferred, no warning
+        np.testing.assert_allclose(model.latent(mdata, batch_size=BATCH), z_store[cells], **TOL)
+    np.testing.assert_allclose(model.expression(mdata, transform_batch="batch_0"), e_store[cells], **TOL)
+
+    # genes-then-peaks AnnData, mask from a 'modality' column; covariates as plain strings
+    obs = mdata.obs.copy()
+    both, rna_only = obs["mask_rna"] & obs["mask_atac"], obs["mask_rna"] & ~obs["mask_atac"]
+    obs["modality"] = np.where(both, "paired", np.where(rna_only, "expression", "accessibility"))
+    obs = obs.drop(columns=["mask_rna", "mask_atac"]).astype({"site": str, "batch": str})
+    full = store_to_mudata(store, cells)
+    x = sp.hstack([full["rna"].X, full["atac"].X]).tocsr()
+    adata = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=model.gene_names + model.region_names))
+    res = model.latent(adata, as_anndata=True)
+    assert list(res.obs_names) == list(adata.obs_names)
+    np.testing.assert_allclose(res.obsm["X_multivi"], z_store[cells], **TOL)
+
+    # separate AnnData per modality holding only the cells measured there: membership is the mask
+    parts = {}
+    for mod in ("rna", "atac"):
+        keep = full.obs[f"mask_{mod}"].to_numpy()
+        a = full[mod][keep].copy()
+        a.obs = full.obs.loc[keep, ["batch", "site", "pct_mito"]]
+        parts[mod] = a
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        res = model.latent(parts, as_anndata=True)
+    order = res.obs_names.get_indexer(full.obs_names)
+    np.testing.assert_allclose(res.obsm["X_multivi"][order], z_store[cells], **TOL)
+    expr = model.expression(parts, genes=["gene_00001"], as_anndata=True)
+    assert list(expr.var_names) == ["gene_00001"] and expr.n_obs == len(cells)
+
+
+def test_mask_is_never_inferred_silently(trained):
+    store, _, model = trained
+    z_store = model.latent(store)
+    mdata = store_to_mudata(store)  # fully paired: missing modalities are all-zero rows
+    masks = mdata.obs[["mask_rna", "mask_atac"]].to_numpy()
+    mdata.obs = mdata.obs.drop(columns=["mask_rna", "mask_atac"])
+    n_zero = int((~masks[:, 0]).sum())
+    with pytest.warns(UserWarning, match=f"{n_zero} cells with an all-zero RNA row .* treated as MEASURED"):
+        z_all = model.latent(mdata)
+    lacking = ~masks.all(axis=1)
+    # counted as measured, the zero rows change those cells' joint latent (and only theirs)
+    assert np.abs(z_all[lacking] - z_store[lacking]).max() > 1e-3
+    np.testing.assert_allclose(z_all[~lacking], z_store[~lacking], **TOL)
+    # the explicit mask= (rule 1) restores the store's numbers, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        np.testing.assert_allclose(model.latent(mdata, mask=masks), z_store, **TOL)
+
+
+def test_bad_inputs_fail_clearly(trained, tmp_path):
+    store, _, model = trained
+    mdata = store_to_mudata(store, np.arange(40))
+    with pytest.raises(APIError, match="features differ.*1 missing"):
+        model.latent(md.MuData({"rna": mdata["rna"][:, 1:].copy(), "atac": mdata["atac"]}))
+    bad = store_to_mudata(store, np.arange(40))
+    bad.obs["batch"] = bad.obs["batch"].astype(str).replace({"batch_1": "batch_9"})
+    with pytest.raises(APIError, match=r"labels the model was not trained on: \['batch_9'\]"):
+        model.latent(bad)
+    nobatch = store_to_mudata(store, np.arange(40))
+    nobatch.obs = nobatch.obs.drop(columns=["batch"])
+    with pytest.raises(APIError, match="no column 'batch'"):
+        model.latent(nobatch)
+    with pytest.raises(APIError, match="unknown batch label"):
+        model.expression(mdata, transform_batch="batch_7")
+    with pytest.raises(APIError, match="modality must be"):
+        model.latent(mdata, modality="protein")
+    with pytest.raises(APIError, match="mask must be a boolean array of shape"):
+        model.latent(mdata, mask=np.ones((3, 2), bool))
+    with pytest.raises(APIError, match="unknown.*gene_xyz"):
+        model.expression(mdata, genes=["gene_xyz"])
+    with pytest.raises(APIError, match="give_mean=False"):
+        model.latent(mdata, n_samples=3)
+    with pytest.raises(APIError, match="data must be"):
+        model.latent(np.zeros((3, 3)))
+    other = tiny_store(tmp_path / "other", n_cells=30)  # no covariates: not the model's store
+    with pytest.raises(InferError, match="covariates"):
+        model.latent(other)
