@@ -18,17 +18,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
 from scipy.stats import spearmanr
 
 from data.build import build_store
 from data.config import BuildConfig, InputConfig
 from data.store import open_store
-from tests.train_utils import PY, ROOT, env, tiny_config
+from tests.train_utils import PY, ROOT, env, tiny_config, torchrun
 from trainer import differential as D
 from trainer.infer import infer
 from trainer.infer_config import DiffOptions, InferConfig
 from trainer.jobs.common import InferError
+from trainer.jobs.de import FAIL_AFTER_ENV
 from trainer.train import train
 
 DATA = Path("/work/shared/data/neurips2021_bmmc_multiome_starter")
@@ -179,7 +179,8 @@ def test_one_vs_rest_every_group_in_one_call(trained, tmp_path):
 
 def test_feature_blocks_equal_one_block(trained, tmp_path):
     """block_mb=1 splits 600 regions into 3 blocks (decoded 3 times, same seeded draws): same table."""
-    kw = dict(job="da", groupby="cell_type", group1=[BCELL], n_samples_overall=600, delta="auto", pseudocounts="auto")
+    kw = {"job": "da", "groupby": "cell_type", "group1": [BCELL], "n_samples_overall": 600, "delta": "auto",
+          "pseudocounts": "auto"}
     one = _run(trained, tmp_path / "one.csv", **kw)
     blocks = _run(trained, tmp_path / "blocks.csv", block_mb=1, **kw)
     assert (1 << 20) // (4 * 1200) < 600  # really several blocks
@@ -201,6 +202,37 @@ def test_explicit_cell_sets_and_feature_subset(trained, tmp_path):
     for c in RAW_DE:
         np.testing.assert_allclose(sets[c], grp[c], rtol=1e-12, err_msg=c)
     _close_scales(sets["scale1"].to_numpy(), grp["scale1"].to_numpy(), rtol=0.05)
+
+
+def test_crash_then_rerun_equals_clean_run(trained, tmp_path, monkeypatch):
+    kw = {"groupby": "cell_type", "group1": [NK, MONO, BCELL], "n_samples_overall": 500}
+    clean = _run(trained, tmp_path / "clean.csv", **kw)
+    out = tmp_path / "crash.csv"
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(trained, out, **kw)
+    assert not out.exists() and len(list((tmp_path / "crash.csv.parts").glob("comp-*.parquet"))) == 1
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    with pytest.raises(InferError, match="different settings"):  # never mixes parts of other settings
+        _run(trained, out, **{**kw, "mode": "vanilla"})
+    store, run = trained
+    summary = infer(InferConfig(model_dir=str(run), store=str(store), output=str(out), job="de", progress=False,
+                                batch_size=128, de=DiffOptions(**kw)))
+    assert summary["computed"] == 2  # the finished comparison was skipped
+    pd.testing.assert_frame_equal(pd.read_csv(out, index_col=0), clean)
+    assert not (tmp_path / "crash.csv.parts").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank(trained, tmp_path):
+    """torchrun, 2 ranks: raw sums all-reduced, 3 comparisons dealt over ranks; same table as 1 rank."""
+    store, run = trained
+    kw = {"groupby": "cell_type", "group1": ["NK", "ILC", "HSC"], "n_samples_overall": 300}
+    one = _run(trained, tmp_path / "one.csv", job="da", **kw)
+    torchrun(["-m", "trainer.infer", "job=da", f"model_dir={run}", f"store={store}", f"output={tmp_path / 'two.csv'}",
+              "batch_size=128", "progress=false", "de.groupby=cell_type", "de.group1=[NK,ILC,HSC]",
+              "de.n_samples_overall=300"], nproc=2, timeout=300)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "two.csv", index_col=0), one)
 
 
 # ------------------------------------------------------------------------------ pure statistics
@@ -287,7 +319,7 @@ def test_empty_or_unknown_cell_set_and_cli_error(trained, tmp_path):
     store, run = trained
     res = subprocess.run([PY, "-m", "trainer.infer", "job=de", f"model_dir={run}", f"store={store}",
                           f"output={tmp_path / 'x.csv'}", "de.groupby=cell_type", "de.group1=[Martian]"],
-                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("mva-infer: error: group 'Martian'")
     assert not (tmp_path / "x.csv").exists()
 

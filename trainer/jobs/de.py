@@ -40,6 +40,8 @@ from trainer.jobs.common import InferError, Progress, open_checked_store, resolv
 from trainer.predict import normalized_accessibility, normalized_expression
 
 RAW_ROWS = 4096  # store rows per step of the raw-statistics pass
+# Test hook (same name as embed's): raise after this many comparisons were written by this process.
+FAIL_AFTER_ENV = "MVA_INFER_FAIL_AFTER_CHUNKS"
 REST = "Rest"
 
 
@@ -313,9 +315,11 @@ def _run(cfg: InferConfig, job: str) -> dict:
 
     sums = raw_sums(store, modality, sets, feat, with_norm=job == "de", rank=info.rank, world_size=info.world_size)
     n = {j: len(s) for j, s in enumerate(sets)} | {"all": store.meta.n_cells}
-    stream = StoreStream(store, batch_size=cfg.batch_size, split="all", shuffle=False, prefetch=0)
+    # small reader chunks: sampled cells are scattered over the store, so read few rows around each
+    stream = StoreStream(store, batch_size=cfg.batch_size, split="all", shuffle=False, prefetch=0, chunk_size=32)
     names = [all_names[i] for i in feat]
     mine = [k for k in range(len(comps)) if k % info.world_size == info.rank and not progress.is_done(k)]
+    fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
     bar = None
     if info.is_main and cfg.progress:
         from tqdm import tqdm
@@ -337,6 +341,8 @@ def _run(cfg: InferConfig, job: str) -> dict:
         progress.mark_done(k)
         if bar is not None:
             bar.update(1)
+        if fail_after and mine.index(k) + 1 >= fail_after:
+            raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash after {fail_after} comparisons")
     if bar is not None:
         bar.close()
     dist.barrier()
