@@ -71,12 +71,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class _RecordingWriter:
+    """File wrapper that remembers the OSError of a failed write: torch.save turns it into an opaque
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``; we re-raise the real one."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def _save_file(obj: Any, path: Path) -> None:
     # fsync before the directory rename so a crash cannot leave a renamed dir with a truncated file.
     with open(path, "wb") as fh:
-        torch.save(obj, fh)
+        rec = _RecordingWriter(fh)
+        try:
+            torch.save(obj, rec)
+        except RuntimeError:
+            if rec.error is not None:
+                raise rec.error from None
+            raise
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _write_failure(exc: BaseException, directory: Path) -> str | None:
+    """A one-line cause for a failed checkpoint write, or None if ``exc`` is not a write failure.
+
+    torch.save given a path (the backend wrappers' model files) reports a short write (disk full,
+    quota) only as ``RuntimeError ... unexpected pos``; the free space tells the user what happened."""
+    try:
+        st = os.statvfs(directory if directory.exists() else directory.parent)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = -1
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc} ({exc.filename or directory})"
+    text = str(exc)
+    if "unexpected pos" in text or "PytorchStreamWriter" in text or "file write failed" in text:
+        hint = "No space left on device" if 0 <= free < 1 << 20 else "short write (I/O error or quota?)"
+        return f"{hint}: torch could not write under {directory} ({free} bytes free; {text.splitlines()[0]})"
+    return None
 
 
 def save_checkpoint(run_dir: str | Path, step: int, trainer_state: dict[str, Any],
@@ -100,12 +143,14 @@ def save_checkpoint(run_dir: str | Path, step: int, trainer_state: dict[str, Any
         _save_file(rank_state, tmp / f"rank_{rank}.pt")
         if rank == 0:
             _save_file(trainer_state, tmp / "trainer.pt")
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
+        cause = _write_failure(exc, tmp)
+        if cause is None:  # not a write failure: a real bug, keep its traceback
+            raise
         shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial write took
         done = complete_checkpoints(run_dir)
         kept = f"the newest complete checkpoint {done[-1]} is intact" if done else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write checkpoint step {step} under {root}: "
-                              f"{exc.strerror or exc} ({getattr(exc, 'filename', None) or tmp}); {kept}") from None
+        raise CheckpointError(f"could not write checkpoint step {step} under {root}: {cause}; {kept}") from None
     dist.barrier()
     if rank == 0:
         if final.exists():  # same step saved twice (e.g. end of epoch == interval): replace it

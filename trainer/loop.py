@@ -211,7 +211,10 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         dist.print0(f"[train] resumed from {path} (epoch {epoch}, step {step})")
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(asdict(cfg))))
+        # tmp + rename: a full disk must not truncate the config.yaml of the run being resumed
+        tmp_cfg = run_dir / ".config.yaml.tmp"
+        tmp_cfg.write_text(OmegaConf.to_yaml(OmegaConf.create(asdict(cfg))))
+        tmp_cfg.replace(run_dir / "config.yaml")
     metrics = MetricsWriter(run_dir, enabled=info.is_main, wandb_mode=cfg.logger.wandb_mode,
                             project=cfg.logger.project, tags=cfg.logger.tags, config=asdict(cfg))
     dist.print0(f"[train] {meta.n_cells} cells, {meta.n_genes} genes, {meta.n_regions} regions; "

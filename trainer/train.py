@@ -60,8 +60,8 @@ def main() -> None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         try:
             train(cfg)
-        except (ConfigError, StoreError, LockError, CheckpointError, FileNotFoundError) as exc:
-            # bad input / a busy run dir: one line naming the problem, not a traceback
+        except (ConfigError, StoreError, LockError, CheckpointError, OSError) as exc:
+            # bad input, a busy run dir, a full disk: one line naming the problem, not a traceback
             print(f"mva-train: error: {exc}", file=sys.stderr, flush=True)
             sys.exit(2)
 

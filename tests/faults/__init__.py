@@ -1,0 +1,1 @@
+"""Fault-injection helpers of the reliability tests (tests/test_reliability_*.py)."""
