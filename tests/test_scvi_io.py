@@ -182,3 +182,31 @@ def test_export_job_rejects_bad_requests(trained, tmp_path):
     with pytest.raises(InferError, match="covariates|genes|regions"):
         infer(_export_cfg(tmp_path / "e", model_dir=str(run), store=str(other)))
     assert not any((tmp_path / x).exists() for x in "abcde")
+
+
+@pytest.mark.slow  # three Hydra subprocesses, one importing scvi-tools: ~25 s unloaded, more on a busy box
+def test_mva_infer_cli_export_round_trip(trained, tmp_path):
+    """The Hydra entry point: to_scvi then from_scvi gives back our weights; a bad call is one error line."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from tests.train_utils import PY, ROOT, env
+
+    store, run = trained
+
+    def cli(*args):
+        return subprocess.run([PY, "-m", "trainer.infer", "job=export", *args], check=False, cwd=ROOT,
+                              env=env(), capture_output=True, text=True, timeout=300)
+
+    res = cli(f"model_dir={run}", f"store={store}", f"output={tmp_path / 'scvi'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = cli("model_dir=-", "store=-", "export.direction=from_scvi", f"export.source={tmp_path / 'scvi'}",
+              f"output={tmp_path / 'back'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    ours, back = load_file(str(run / "model" / WEIGHTS)), load_file(str(tmp_path / "back" / WEIGHTS))
+    assert ours.keys() == back.keys()
+    for k in ours:
+        assert torch.equal(ours[k], back[k]), k
+    res = cli("model_dir=-", "store=-", "export.direction=from_scvi", f"output={tmp_path / 'x'}")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("mva-infer: error: direction=from_scvi")
