@@ -20,29 +20,16 @@ from data import keys
 from data.store import open_store
 from data.synthetic import write_synthetic_store
 from data.typed_config import ConfigError
-from tests.train_utils import PY, ROOT, env, tiny_config, tiny_store, torchrun
+from tests.infer_utils import BATCH, N_CELLS, infer_cfg, reference_model, trained  # noqa: F401  (fixture)
+from tests.train_utils import PY, ROOT, env, torchrun
 from trainer.export import load_model
 from trainer.infer import infer
-from trainer.infer_config import InferConfig, load_infer_config
+from trainer.infer_config import EmbedOptions, load_infer_config
 from trainer.jobs.common import InferError
 from trainer.jobs.embed import FAIL_AFTER_ENV
 from trainer.predict import latent
-from trainer.train import train
 
-N_CELLS, BATCH = 700, 96  # 8 output chunks, the last one short; 2 shards so chunks cross a shard boundary
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("infer")
-    store = tiny_store(root / "store", n_cells=N_CELLS, shard_size=400)
-    res = train(tiny_config(store, root / "run"))
-    return store, Path(res.run_dir)
-
-
-def _cfg(store, run, out, **kw) -> InferConfig:
-    return InferConfig(model_dir=str(run), store=str(store), output=str(out), batch_size=BATCH,
-                       progress=False, **kw)
+_cfg = infer_cfg
 
 
 def _in_memory_latents(store_path, model_dir):
@@ -93,6 +80,21 @@ def test_embed_equals_in_memory_latents_and_opens_in_scanpy(trained, tmp_path):
 
     sc.pp.neighbors(adata, use_rep="X_multivi", n_neighbors=10)
     assert adata.obsp["connectivities"].shape == (N_CELLS, N_CELLS)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_embed_equals_the_reference_latents(trained, tmp_path):
+    """scvi-tools' get_latent_representation (joint and per modality) with our weights on the same cells."""
+    store, run = trained
+    model, mdata = reference_model(store, run / "model")
+    out = tmp_path / "emb.zarr"
+    infer(_cfg(store, run, out))
+    got = _obsm(out)
+    assert list(ad.read_zarr(str(out)).obs_names) == list(mdata.obs_names)
+    for modality, key in (("joint", "X_multivi"), ("expression", "X_multivi_expression"),
+                          ("accessibility", "X_multivi_accessibility")):
+        ref = model.get_latent_representation(modality=modality)
+        np.testing.assert_allclose(got[key], ref, rtol=1e-4, atol=1e-5, err_msg=modality)
 
 
 def test_crashed_run_resumes_to_the_clean_output(trained, tmp_path, monkeypatch):
@@ -191,3 +193,11 @@ def test_one_rank_crash_finished_by_two_ranks(trained, tmp_path, monkeypatch):
     clean, got = _obsm(tmp_path / "clean.zarr"), _obsm(tmp_path / "emb.zarr")
     for k, v in clean.items():
         np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+@pytest.mark.slow
+def test_umap_png_is_drawn_after_the_embedding(trained, tmp_path):
+    store, run = trained
+    png = tmp_path / "umap.png"
+    summary = infer(_cfg(store, run, tmp_path / "emb.zarr", embed=EmbedOptions(umap_png=str(png))))
+    assert png.is_file() and png.stat().st_size > 1000 and summary["umap"]["n_cells"] == N_CELLS
