@@ -37,7 +37,8 @@ class EmbedOptions:
 @dataclass
 class ExpressionOptions:
     genes: Optional[list[str]] = None  # gene-name subset (None = all genes, model order)
-    transform_batch: Optional[list[Any]] = None  # batch labels/codes; several are averaged; None = own
+    # a batch label or integer code, or a list of them (averaged); None = each cell's own batch
+    transform_batch: Any = None
     library_size: Any = 1.0  # a positive number, or "observed" (the cell's own RNA count)
     dtype: str = "float32"  # float32 | float16
 
@@ -45,11 +46,11 @@ class ExpressionOptions:
 @dataclass
 class AccessibilityOptions:
     regions: Optional[list[str]] = None  # region-name subset (None = all regions, model order)
-    transform_batch: Optional[list[Any]] = None
+    transform_batch: Any = None  # as in expression (a list is averaged)
     normalize_cells: bool = False
     normalize_regions: bool = False
-    threshold: Optional[float] = None  # keep p >= threshold only, written sparse (CSR)
-    dtype: str = "float32"  # float32 | float16 | uint8 (p quantised to round(255 p))
+    threshold: Optional[float] = None  # keep p >= threshold only, written sparse (CSR); 0 = null (dense)
+    dtype: str = "float32"  # float32 | float16 | uint8 (round(255 p); uns['multivi']['scale'] = 1/255)
 
 
 @dataclass
