@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from data.typed_config import ConfigError
 from tests.train_utils import tiny_config
 from trainer import api
 from trainer.export import INFO, WEIGHTS
 from trainer.infer import infer
-from trainer.infer_config import ExportOptions, InferConfig
+from trainer.infer_config import ExportOptions, InferConfig, load_infer_config
 from trainer.jobs.common import InferError
 from trainer.scvi_io import ScviIOError, import_from_scvi, read_scvi_checkpoint, store_to_mudata
 from trainer.train import train
@@ -161,9 +162,9 @@ def test_malicious_checkpoint_is_refused_without_running_it(tmp_path, container)
 
 def test_export_job_rejects_bad_requests(trained, tmp_path):
     store, run = trained
-    with pytest.raises(InferError, match="export.direction"):
-        infer(_export_cfg(tmp_path / "a", model_dir=str(run), store=str(store),
-                          export=ExportOptions(direction="sideways")))
+    with pytest.raises(ConfigError, match="export.direction"):
+        load_infer_config({"job": "export", "model_dir": str(run), "store": str(store), "output": str(tmp_path / "a"),
+                           "export": {"direction": "sideways"}})
     with pytest.raises(InferError, match="needs export.source"):
         infer(_export_cfg(tmp_path / "b", model_dir="-", store="-", export=ExportOptions(direction="from_scvi")))
     with pytest.raises(InferError, match="does not exist"):

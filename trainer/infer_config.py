@@ -99,8 +99,15 @@ class DiffOptions:
 
 @dataclass
 class ExportOptions:
-    direction: str = "to_scvi"  # to_scvi: write a MULTIVI.load() directory; from_scvi: import one
-    source: Optional[str] = None  # from_scvi: the scvi-tools model directory to import
+    # to_scvi: write model_dir as a directory scvi.model.MULTIVI.load(output, adata=mdata) accepts (store, if
+    # given, is checked against the model); from_scvi: import a trained scvi-tools MULTIVI directory into
+    # our model format at output (trainer/scvi_io.py)
+    direction: str = "to_scvi"
+    source: Optional[str] = None  # from_scvi: the scvi-tools model directory (holding model.pt) to import
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("to_scvi", "from_scvi"):
+            raise ConfigError(f"export.direction must be 'to_scvi' or 'from_scvi', got {self.direction!r}")
 
 
 @dataclass
