@@ -40,7 +40,7 @@ def test_expression_equals_the_reference_with_and_without_transform_batch(traine
     np.testing.assert_allclose(got.X, model.get_normalized_expression(return_numpy=True), **TOL)
     np.testing.assert_allclose(got.X.sum(1), 1.0, rtol=1e-5)  # rho: rows sum to one
 
-    one = _run(store, run, tmp_path / "b1.zarr", transform_batch=["batch_1"])
+    one = _run(store, run, tmp_path / "b1.zarr", transform_batch="batch_1")  # one label, no list
     ref_one = model.get_normalized_expression(transform_batch="batch_1", return_numpy=True)
     np.testing.assert_allclose(one.X, ref_one, **TOL)
     assert np.abs(one.X - got.X).max() > 1e-4  # the batch changes something
