@@ -69,7 +69,7 @@ def test_worse_flag_needs_every_seed_and_a_gap_beyond_the_spread():
         return [{"fraction": 0.5, "seed": i, "ours": {"atac_auroc": o}, "reference": {"atac_auroc": r}}
                 for i, (o, r) in enumerate(zip(ours, ref))]
 
-    flag = lambda rs: summarize(rs)[0]["worse_beyond_noise"]  # noqa: E731
+    flag = lambda rs: summarize(rs)[0]["worse_beyond_noise"]
     assert flag(runs([0.70, 0.71, 0.69], [0.80, 0.81, 0.79]))  # clearly worse in every seed
     assert not flag(runs([0.70, 0.82, 0.69], [0.80, 0.81, 0.79]))  # better in one seed
     assert not flag(runs([0.60, 0.80, 0.70], [0.72, 0.83, 0.71]))  # worse each time, but within the spread

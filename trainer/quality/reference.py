@@ -74,8 +74,8 @@ def train_reference(data: PairedData, sc: Scenario, s: TrainSettings, train_cell
 def _latent_check(model, mdata, ours: MultiVAE, batch_categories: list[str]) -> float:
     """Max |latent difference| between MULTIVI and the mapped module on the training cells whose
     visible modalities are non-empty (MULTIVI infers masks from row sums, we use explicit masks)."""
-    from trainer.quality.evaluate import _map
     from trainer import predict
+    from trainer.quality.evaluate import _map
 
     ref_z = model.get_latent_representation(mdata)
     rna, atac = sp.csr_matrix(mdata["rna"].X), sp.csr_matrix(mdata["atac"].X)

@@ -51,7 +51,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             rows.append({"metric": metric, "label": label, "higher_is_better": higher, "fraction": f,
                          "ours_mean": float(np.nanmean(o)), "ours_sd": float(np.nanstd(o)),
                          "ref_mean": float(np.nanmean(ref)), "ref_sd": float(np.nanstd(ref)),
-                         "n_seeds": int(len(o)), "worse_beyond_noise": worse})
+                         "n_seeds": len(o), "worse_beyond_noise": worse})
     return rows
 
 
@@ -66,10 +66,10 @@ def markdown(runs: list[dict], title: str) -> str:
     rows = summarize(runs)
     n_bad = {side: sum(not r[side]["finite_loss"] for r in runs) for side in ("ours", "reference")}
     seeds = sorted({r["seed"] for r in runs})
-    lines = [f"### {title}", "",
-             f"{len(runs)} runs per side (seeds {seeds}); mean ± sd over seeds. Runs with a non-finite loss: "
+    intro = (f"{len(runs)} runs per side (seeds {seeds}); mean ± sd over seeds. Runs with a non-finite loss: "
              f"ours {n_bad['ours']}, reference {n_bad['reference']}. `worse` = ours worse than the reference "
-             "in every seed by more than the seed spread.", "",
+             "in every seed by more than the seed spread.")
+    lines = [f"### {title}", "", intro, "",
              "| metric | paired fraction | ours | reference | |", "|---|---|---|---|---|"]
     for r in rows:
         arrow = "↑" if r["higher_is_better"] else "↓"
@@ -91,9 +91,9 @@ def figure(runs: list[dict], path: Path, title: str) -> Path:
     nrow = -(-len(metrics) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False)
     for ax, m in zip(axes.ravel(), metrics):
-        for side, key, color in (("ours", "ours", "tab:blue"), ("reference", "ref", "tab:orange")):
+        for side, key, color, shift in (("ours", "ours", "tab:blue", 0.96), ("reference", "ref", "tab:orange", 1.04)):
             rs = [r for r in rows if r["metric"] == m]
-            x = [r["fraction"] for r in rs]
+            x = [r["fraction"] * shift for r in rs]  # side by side, not on top of each other
             ax.errorbar(x, [r[f"{key}_mean"] for r in rs], yerr=[r[f"{key}_sd"] for r in rs], marker="o",
                         ms=3, capsize=2, label=side, color=color)
         ax.set_title(METRICS[m][0], fontsize=8)
@@ -101,7 +101,11 @@ def figure(runs: list[dict], path: Path, title: str) -> Path:
             ax.set_xscale("log")
         ax.set_xticks(sorted({r["fraction"] for r in runs}))
         ax.set_xticklabels([f"{f:g}" for f in sorted({r["fraction"] for r in runs})], fontsize=7)
+        fr = [r["fraction"] for r in runs]
+        ax.set_xlim(min(fr) * 0.8, max(fr) * 1.25)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.tick_params(labelsize=7)
+        ax.set_xlabel("paired fraction", fontsize=7)
     for ax in axes.ravel()[len(metrics):]:
         ax.axis("off")
     axes[0, 0].legend(fontsize=7)

@@ -56,7 +56,7 @@ def make_scenario(n_cells: int, fraction: float, seed: int) -> Scenario:
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"paired fraction must be in [0, 1], got {fraction}")
     perm = np.random.default_rng([seed, 6]).permutation(n_cells)
-    n_paired = int(round(fraction * n_cells))
+    n_paired = round(fraction * n_cells)
     rest = perm[n_paired:]
     half = len(rest) // 2
     return Scenario(fraction=float(fraction), seed=int(seed), paired=np.sort(perm[:n_paired]),
