@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from data.config import BuildConfig, InputConfig
 from data.convert import open_input
 from data.convert.align import align, remap_columns
 from data.convert.shuffle import BucketShuffler
+from data.dask_build import close_sources, detection_filters, executor, write_shards
 from data.filters import apply_filters
 from data.validate import (
     ValidationError,
@@ -78,15 +80,25 @@ def build_store(cfg: BuildConfig) -> Path:
     check_output(cfg.out, cfg.overwrite)
     if not cfg.inputs:
         raise ValidationError("no inputs given (inputs: [...] is empty)")
-    sources = [open_input(i if isinstance(i, InputConfig) else InputConfig(**i)) for i in cfg.inputs]
+    if cfg.preshuffle and cfg.dask_scheduler:
+        raise ValidationError(f"preshuffle=true runs in one process; unset dask_scheduler={cfg.dask_scheduler!r} "
+                              "or preshuffle")
+    inputs = [i if isinstance(i, InputConfig) else InputConfig(**i) for i in cfg.inputs]
+    sources = [open_input(i) for i in inputs]
     try:
-        return _build(cfg, sources)
+        if cfg.preshuffle:  # the out-of-core shuffle is one sequential pass over every cell
+            return _build(cfg, sources, apply_filters, None)
+        with executor(cfg.dask_scheduler, cfg.dask_workers) as compute:
+            filters = partial(detection_filters, compute, inputs)
+            return _build(cfg, sources, filters, partial(write_shards, compute, inputs=inputs))
     finally:
         for s in sources:
             s.close()
+        close_sources()
 
 
-def _build(cfg: BuildConfig, sources) -> Path:
+def _build(cfg: BuildConfig, sources, filters, write_dask) -> Path:
+    """Validate and align, then write the shards: as Dask tasks (``write_dask``) or here, block by block."""
     batch_key = cfg.batch_key or BATCH_COLUMN
     obs_list, keeps, dropped_cells = [], [], {}
     for src, inp in zip(sources, cfg.inputs):
@@ -114,8 +126,8 @@ def _build(cfg: BuildConfig, sources) -> Path:
             if names:
                 log.warning("%s: %d %s features not in the aligned set (%s rule), e.g. %s", where, len(names),
                             mod, cfg.feature_join, names[:5])
-    filtered = apply_filters(sources, keeps, al, {"rna": cfg.min_gene_fraction, "atac": cfg.min_region_fraction},
-                             cfg.block_size)
+    filtered = filters(sources, keeps, al, {"rna": cfg.min_gene_fraction, "atac": cfg.min_region_fraction},
+                       cfg.block_size)
     schema = StoreSchema(
         gene_names=list(al.names["rna"]), region_names=list(al.names["atac"]), batch_key=batch_key,
         batch_categories=_categories(obs_list, batch_key), cat_cov_keys=list(cfg.cat_cov_keys),
@@ -131,6 +143,10 @@ def _build(cfg: BuildConfig, sources) -> Path:
     n_total = len(all_ids)
     G, R = len(al.names["rna"]), len(al.names["atac"])
     with StoreWriter(cfg.out, schema, shard_size=cfg.shard_size, overwrite=cfg.overwrite, source=source) as w:
+        if write_dask is not None:
+            write_dask(w, al=al, obs_list=obs_list, keeps=keeps, block_size=cfg.block_size)
+            log.info("wrote %s: %d cells, %d genes, %d regions (Dask)", cfg.out, n_total, G, R)
+            return Path(cfg.out)  # the with-block closes the writer: stats, complete: true, rename
         shuffler = BucketShuffler(-(-n_total // cfg.shard_size), cfg.seed, Path(cfg.out).parent) \
             if cfg.preshuffle else None
         try:

@@ -71,3 +71,9 @@ class BuildConfig:
     block_size: int = 8192
     overwrite: bool = False
     progress: bool = True
+    # Where the block-wise work runs as Dask tasks (data/dask_build.py, docs/cluster.md): null = in this
+    # process (synchronous scheduler), "local" = a LocalCluster of dask_workers processes, or the address
+    # of a running scheduler ("tcp://host:8786"; inputs and out on a disk all workers share).
+    # preshuffle=true runs in this process only.
+    dask_scheduler: str | None = None
+    dask_workers: int = 2

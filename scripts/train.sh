@@ -3,10 +3,21 @@
 #
 #   scripts/train.sh +experiment=demo                         # all local GPUs (or 1 CPU process)
 #   NPROC_PER_NODE=2 scripts/train.sh +experiment=demo dist=deepspeed
-#   NNODES=4 NODE_RANK=$i RDZV_ENDPOINT=host:29500 scripts/train.sh +experiment=atlas_1m   # see slurm/
+#   # multi-node (run the same line on every node; see docs/cluster.md and slurm/train.sbatch):
+#   NNODES=2 RDZV_ENDPOINT=node1:29400 RUN_DIR=/shared/runs/r1 scripts/train.sh +experiment=atlas_1m
+#   scripts/train.sh --nnodes=2 --rdzv-endpoint=node1:29400 run.output_dir=/shared/runs/r1 +experiment=...
 #
-# The run directory is chosen ONCE here, before the ranks start (RUN_DIR, or run.output_dir=...,
-# else outputs/train-<timestamp>); each rank computing its own timestamp could split a run in two.
+# Launcher options, as env or as leading --flags: NNODES (--nnodes, N or MIN:MAX), RDZV_ENDPOINT
+# (--rdzv-endpoint, host:port of the c10d rendezvous, on one of the nodes), RDZV_ID (--rdzv-id, same on
+# all nodes of one job), LOCAL_ADDR (--local-addr, this node's address as the others reach it; needed
+# when the hostname does not resolve to it), RDZV_CONF (--rdzv-conf, e.g. is_host=true on the node
+# that serves the rendezvous store when torchrun cannot tell from its hostname), NODE_RANK (--node-rank, optional: c10d assigns node ranks),
+# NPROC_PER_NODE (--nproc-per-node), MAX_RESTARTS (--max-restarts). Node rank, local rank and world size
+# reach the trainer only through torchrun's env.
+#
+# The run directory is chosen ONCE, before the ranks start (RUN_DIR, or run.output_dir=...). Single node:
+# default outputs/train-<timestamp>. Multi-node: required and on a disk every node shares, because each
+# node computing its own timestamp would split the run in two.
 # MAX_RESTARTS=n lets torchrun restart failed workers; they resume from the newest checkpoint (resume=auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,27 +25,40 @@ PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
-  [ "$NPROC_PER_NODE" -gt 0 ] || NPROC_PER_NODE=1
-fi
 RUN_DIR=${RUN_DIR:-}
 ARGS=()
 for a in "$@"; do
   case "$a" in
+    --nnodes=*) NNODES=${a#*=} ;;
+    --rdzv-endpoint=*|--rdzv_endpoint=*) RDZV_ENDPOINT=${a#*=} ;;
+    --rdzv-id=*|--rdzv_id=*) RDZV_ID=${a#*=} ;;
+    --local-addr=*|--local_addr=*) LOCAL_ADDR=${a#*=} ;;
+    --node-rank=*|--node_rank=*) NODE_RANK=${a#*=} ;;
+    --rdzv-conf=*|--rdzv_conf=*) RDZV_CONF=${a#*=} ;;
+    --nproc-per-node=*|--nproc_per_node=*) NPROC_PER_NODE=${a#*=} ;;
+    --max-restarts=*|--max_restarts=*) MAX_RESTARTS=${a#*=} ;;
+    --*) echo "train.sh: unknown launcher option $a" >&2; exit 2 ;;
     run.output_dir=*) RUN_DIR=${a#run.output_dir=} ;;
     *) ARGS+=("$a") ;;
   esac
 done
-RUN_DIR=${RUN_DIR:-outputs/train-$(date +%Y%m%d-%H%M%S)}
 
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  NPROC_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+  [ "$NPROC_PER_NODE" -gt 0 ] || NPROC_PER_NODE=1
+fi
 NNODES=${NNODES:-1}
-if [ "$NNODES" -gt 1 ]; then
-  LAUNCH=(--nnodes="$NNODES" --node_rank="${NODE_RANK:?set NODE_RANK}" --rdzv_backend=c10d
-          --rdzv_endpoint="${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port}" --rdzv_id="${RDZV_ID:-mva}")
+if [ "$NNODES" != 1 ]; then
+  : "${RDZV_ENDPOINT:?multi-node: set RDZV_ENDPOINT=host:port (or --rdzv-endpoint=) of the c10d rendezvous}"
+  : "${RUN_DIR:?multi-node: set RUN_DIR (or run.output_dir=) to a directory all nodes share}"
+  LAUNCH=(--nnodes="$NNODES" --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-mva}")
+  [ -z "${NODE_RANK:-}" ] || LAUNCH+=(--node-rank="$NODE_RANK")
+  [ -z "${LOCAL_ADDR:-}" ] || LAUNCH+=(--local-addr="$LOCAL_ADDR")
+  [ -z "${RDZV_CONF:-}" ] || LAUNCH+=(--rdzv-conf="$RDZV_CONF")
 else
   LAUNCH=(--standalone)
+  RUN_DIR=${RUN_DIR:-outputs/train-$(date +%Y%m%d-%H%M%S)}
 fi
 echo "[train.sh] $NNODES node(s) x $NPROC_PER_NODE process(es); run dir $RUN_DIR"
-exec "$PY" -m torch.distributed.run "${LAUNCH[@]}" --nproc_per_node="$NPROC_PER_NODE" \
+exec "$PY" -m torch.distributed.run "${LAUNCH[@]}" --nproc-per-node="$NPROC_PER_NODE" \
   --max-restarts="${MAX_RESTARTS:-0}" -m trainer.train "${ARGS[@]}" run.output_dir="$RUN_DIR"

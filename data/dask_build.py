@@ -1,0 +1,276 @@
+"""mva-build's block-wise work as Dask tasks: per-block detection counts (filters) and one task per
+output shard (read its input rows block by block, validate counts, remap to the aligned features, drop
+cells, write the shard into the temporary store).
+
+Where the tasks run (``dask_scheduler`` in conf/build.yaml):
+  * null        - in this process, Dask's synchronous scheduler (one shard in memory at a time);
+  * ``local``   - a LocalCluster of ``dask_workers`` single-threaded worker processes;
+  * an address  - an existing cluster, e.g. ``tcp://10.77.0.1:8786``. Inputs and the output must be on a
+                  path every worker reaches under the same name (a shared disk).
+Workers open the inputs themselves from their paths (an open HDF5 handle cannot travel between
+processes) and keep them open per worker for the next tasks.
+
+Why the result is one valid store whoever writes what: the client plans every shard (its cells, its
+first global cell index) before any task runs; a task writes its shard into a private staging group
+and renames it into ``shards/<i>`` as the last step, so a shard at its final name is always whole. A
+task whose worker died is rerun by Dask (up to ``distributed.scheduler.allowed-failures`` times) and
+overwrites whatever an earlier attempt left; if it still fails, the client's StoreWriter aborts and
+removes the temporary store. Only the client sums the per-shard statistics, in shard order, and writes
+``complete: true`` and renames the store, so a build that failed never looks valid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+
+from data import keys
+from data.config import InputConfig
+from data.convert import open_input
+from data.convert.align import Alignment, remap_columns
+from data.validate import ValidationError, check_counts
+from data.writer import StoreSchema, StoreWriter, write_shard
+
+log = logging.getLogger("mva-build")
+Compute = Callable[[list], list]
+
+
+# ----------------------------------------------------------------------------------- where tasks run
+@contextmanager
+def executor(address: str | None, n_workers: int = 2, connect_timeout_s: float = 30) -> Iterator[Compute]:
+    """A ``compute(list_of_delayed) -> list of results`` bound to the scheduler named by ``address``."""
+    if not address:
+        yield lambda tasks: list(dask.compute(*tasks, scheduler="synchronous"))
+        return
+    from distributed import Client, LocalCluster
+
+    if address == "local":
+        if n_workers < 1:
+            raise ValidationError(f"dask_workers must be >= 1, got {n_workers}")
+        # Single-threaded workers: each holds one shard in memory, and h5py serialises reads anyway.
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
+                Client(cl) as client:
+            yield lambda tasks: list(client.compute(tasks, sync=True))
+        return
+    if "://" not in address:
+        raise ValidationError(f"dask_scheduler={address!r}: expected null, 'local' or an address like "
+                              "tcp://host:8786")
+    try:
+        client = Client(address, timeout=connect_timeout_s)
+    except OSError as exc:
+        raise ValidationError(f"dask_scheduler={address!r}: cannot reach the scheduler ({exc})") from exc
+    with client:
+        log.info("Dask cluster %s: %d worker(s)", address, len(client.scheduler_info()["workers"]))
+        yield lambda tasks: list(client.compute(tasks, sync=True))
+
+
+# ----------------------------------------------------------------------------------- worker side
+_OPEN: dict[tuple, object] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def _source(inp: InputConfig):
+    """The opened input on this worker, reused across tasks; reopened if a file changed on disk."""
+    paths = [p for p in (inp.path, inp.rna, inp.atac) if p]
+    key = (repr(inp), *((p, os.stat(p).st_mtime_ns) for p in paths))
+    with _OPEN_LOCK:
+        if key not in _OPEN:
+            _OPEN[key] = open_input(inp)
+        return _OPEN[key]
+
+
+def close_sources() -> None:
+    """Close the inputs this process opened for tasks (the synchronous scheduler runs them here)."""
+    with _OPEN_LOCK:
+        for src in _OPEN.values():
+            src.close()
+        _OPEN.clear()
+
+
+def _detection(inp: InputConfig, start: int, stop: int, modality: str, colmap: np.ndarray, n_cols: int) -> np.ndarray:
+    rna, atac = _source(inp)._rows(start, stop)
+    x = rna if modality == keys.RNA else atac
+    if x is None:
+        return np.zeros(n_cols, np.int64)
+    x = remap_columns(sp.csr_matrix(x), colmap, n_cols)
+    return np.bincount(x.indices[x.data > 0], minlength=n_cols).astype(np.int64)
+
+
+@dataclass
+class BuildContext:
+    """What every shard task needs; one Dask key shared by all tasks."""
+
+    inputs: list[InputConfig]
+    colmaps: list[dict[str, np.ndarray | None]]
+    schema: StoreSchema
+    rna_var: pd.DataFrame  # the writer's normalised feature tables
+    atac_var: pd.DataFrame
+    tmp: str  # the temporary store every shard goes into
+    block_size: int
+
+
+@dataclass
+class ShardJob:
+    idx: int
+    first_index: int  # global index of its first cell
+    pieces: list[tuple[int, int, int, np.ndarray]]  # (input, first source row, stop row, keep mask of the rows)
+    obs: pd.DataFrame  # the store columns of its cells (kept cells only, in order)
+
+
+class _ObsNormaliser:
+    """StoreWriter's obs normalisation (categories, split hash, cell_index) for a shard whose first
+    global index is known up front instead of counted by arrival."""
+
+    _normalize_obs = StoreWriter._normalize_obs
+
+    def __init__(self, schema: StoreSchema, first_index: int):
+        self.schema, self._next_index = schema, first_index
+
+
+def _read_shard(ctx: BuildContext, job: ShardJob) -> tuple[sp.csr_matrix, sp.csr_matrix, list[str]]:
+    G, R = len(ctx.rna_var), len(ctx.atac_var)
+    parts: dict[str, list[sp.csr_matrix]] = {keys.RNA: [], keys.ATAC: []}
+    names = []
+    for i, start, stop, keep in job.pieces:
+        src, cm = _source(ctx.inputs[i]), ctx.colmaps[i]
+        names.append(src.name)
+        for b0 in range(start, stop, ctx.block_size):
+            b1 = min(b0 + ctx.block_size, stop)
+            sel = np.flatnonzero(keep[b0 - start:b1 - start])
+            for mod, x, n_cols in zip((keys.RNA, keys.ATAC), src._rows(b0, b1), (G, R)):
+                if x is None or cm[mod] is None:
+                    parts[mod].append(sp.csr_matrix((len(sel), n_cols), dtype=np.uint8))
+                    continue
+                x = sp.csr_matrix(x)
+                check_counts(x, src.name, mod, src.obs.index[b0:b1], src.features[mod].index)
+                parts[mod].append(remap_columns(x, cm[mod], n_cols)[sel])
+    rna, atac = (sp.vstack(parts[m], format="csr") for m in (keys.RNA, keys.ATAC))
+    return rna, atac, names
+
+
+def shard_task(ctx: BuildContext, job: ShardJob) -> dict:
+    """Write shard ``job.idx``; return its cell count and its partial statistics."""
+    rna, atac, names = _read_shard(ctx, job)
+    try:
+        obs = _ObsNormaliser(ctx.schema, job.first_index)._normalize_obs(job.obs)
+    except (ValueError, KeyError) as exc:  # name the input, not just the cell
+        raise ValidationError(f"{' / '.join(dict.fromkeys(names))}: {exc}") from exc
+    det, n_measured = {}, {}
+    for name, x, mask in ((keys.RNA, rna, obs["mask_rna"].values), (keys.ATAC, atac, obs["mask_atac"].values)):
+        row_nnz = np.diff(x.indptr)
+        if np.any(row_nnz[~mask] > 0):
+            bad = obs.index[np.flatnonzero((row_nnz > 0) & ~mask)[0]]
+            raise ValidationError(f"cell {bad!r} has {name} counts but mask_{name} is False")
+        det[name] = np.bincount(x.indices[x.data > 0], minlength=x.shape[1]).astype(np.int64)
+        n_measured[name] = int(mask.sum())
+    lib = np.asarray(rna.sum(axis=1)).ravel().astype(np.int64)
+    obs["lib_rna"] = lib
+    obs["lib_atac"] = np.asarray(atac.sum(axis=1)).ravel().astype(np.int64)
+    m = obs["mask_rna"].values
+    codes = obs[ctx.schema.batch_key].cat.codes.values[m]
+    loglib = np.log(np.maximum(lib[m], 1).astype(np.float64))
+    nb = len(ctx.schema.batch_categories)
+    stats = {"lib_sum": np.bincount(codes, loglib, minlength=nb), "lib_sq": np.bincount(codes, loglib ** 2, minlength=nb),
+             "lib_n": np.bincount(codes, minlength=nb).astype(np.int64)}
+    _write_atomically(ctx, job.idx, rna, atac, obs)
+    return {"idx": job.idx, "n": len(obs), "det": det, "n_measured": n_measured, **stats}
+
+
+def _write_atomically(ctx: BuildContext, idx: int, rna, atac, obs) -> None:
+    tmp = Path(ctx.tmp)
+    stage = tmp / ".staging" / f"{idx:05d}-{secrets.token_hex(4)}"
+    write_shard(zarr.open_group(str(stage), mode="w", zarr_format=3), idx, rna, atac, obs, ctx.rna_var, ctx.atac_var)
+    final = tmp / "shards" / f"{idx:05d}"
+    if final.exists():  # left by an earlier attempt of this task (a worker that died after its rename)
+        shutil.rmtree(final)
+    os.replace(stage / "shards" / f"{idx:05d}", final)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------- client side
+def detection_filters(compute: Compute, inputs: Sequence[InputConfig], sources, keeps, al: Alignment,
+                      min_fraction: dict[str, float], block_size: int) -> dict[str, list[str]]:
+    """data.filters.apply_filters with the per-block counting done as Dask tasks (same rule)."""
+    removed = {}
+    for mod, frac in min_fraction.items():
+        n_cols = len(al.names[mod])
+        if frac <= 0 or n_cols == 0:
+            continue
+        tasks, n_measured = [], 0
+        for inp, src, keep, cm in zip(inputs, sources, keeps, al.colmaps):
+            if cm[mod] is None:
+                continue
+            n_measured += int((src.obs[f"mask_{mod}"].to_numpy(bool) & keep).sum())
+            for start in range(0, len(src.obs), block_size):  # dropped cells carry no counts
+                stop = min(start + block_size, len(src.obs))
+                tasks.append(dask.delayed(_detection, pure=True)(inp, start, stop, mod, cm[mod], n_cols))
+        counts = np.sum(compute(tasks), axis=0) if tasks else np.zeros(n_cols)
+        det = counts / max(n_measured, 1)
+        keep = det >= frac
+        removed[mod] = [str(n) for n in al.names[mod][~keep]]
+        if not keep.any():
+            raise ValidationError(f"filter min_{'gene' if mod == 'rna' else 'region'}_fraction={frac} removes every "
+                                  f"{mod} feature (max detection fraction {det.max():.4f})")
+        al.restrict(mod, keep)
+    return removed
+
+
+def plan_shards(obs_list: list[pd.DataFrame], keeps: list[np.ndarray], shard_size: int) -> list[ShardJob]:
+    """Cut the kept cells (inputs in order, rows in order) into shards of exactly ``shard_size`` cells."""
+    kept_rows = [np.flatnonzero(k) for k in keeps]
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in kept_rows])])
+    jobs = []
+    for idx, lo in enumerate(range(0, int(offsets[-1]), shard_size)):
+        hi = min(lo + shard_size, int(offsets[-1]))
+        pieces, obs = [], []
+        for i, rows in enumerate(kept_rows):
+            a, b = max(lo, offsets[i]) - offsets[i], min(hi, offsets[i + 1]) - offsets[i]
+            if a >= b:
+                continue
+            start, stop = int(rows[a]), int(rows[b - 1]) + 1
+            pieces.append((i, start, stop, keeps[i][start:stop].copy()))
+            obs.append(obs_list[i].iloc[rows[a:b]])
+        jobs.append(ShardJob(idx, lo, pieces, pd.concat(obs)))
+    return jobs
+
+
+def write_shards(compute: Compute, writer: StoreWriter, inputs: Sequence[InputConfig], al: Alignment,
+                 obs_list: list[pd.DataFrame], keeps: list[np.ndarray], block_size: int) -> None:
+    """Run every shard task, then hand the writer the totals so that its ``close()`` finishes the store."""
+    if writer.n_cells or writer._buf_rows:
+        raise RuntimeError("write_shards needs a fresh StoreWriter")
+    jobs = plan_shards(obs_list, keeps, writer.shard_size)
+    writer.root.require_group("shards")  # created once here, not raced by the tasks
+    ctx = BuildContext(list(inputs), al.colmaps, writer.schema, writer.rna_var, writer.atac_var, str(writer.tmp),
+                       block_size)
+    ctx_key = dask.delayed(ctx, pure=True)  # one copy sent to each worker, not one per task
+    results = sorted(compute([dask.delayed(shard_task, pure=True)(ctx_key, j) for j in jobs]), key=lambda r: r["idx"])
+    if [r["idx"] for r in results] != list(range(len(jobs))):
+        raise RuntimeError("a shard task result is missing")
+    for r in results:  # summed in shard order: the same numbers whichever worker wrote what
+        writer._lib_sum += r["lib_sum"]
+        writer._lib_sq += r["lib_sq"]
+        writer._lib_n += r["lib_n"]
+        for mod in (keys.RNA, keys.ATAC):
+            writer._det[mod] += r["det"][mod]
+            writer._n_measured[mod] += r["n_measured"][mod]
+        writer.shard_offsets.append(writer.shard_offsets[-1] + r["n"])
+    writer.n_cells = writer._next_index = writer.shard_offsets[-1]
+    shutil.rmtree(Path(writer.tmp) / ".staging", ignore_errors=True)
+    missing = [j.idx for j in jobs if not (Path(writer.tmp) / "shards" / f"{j.idx:05d}" / "zarr.json").exists()]
+    if missing:
+        raise RuntimeError(f"shards {missing[:5]} are missing on disk after their tasks finished: is the output "
+                           "on a disk every worker shares under the same path?")
