@@ -138,7 +138,7 @@ def test_malicious_checkpoint_is_refused_without_running_it(tmp_path, container)
     if container == "torch_zip":
         torch.save(payload, scvi_dir / "model.pt")
     else:
-        (scvi_dir / "model.pt").write_bytes(pickle.dumps(payload))
+        (scvi_dir / "model.pt").write_bytes(pickle.dumps(payload, protocol=2))  # torch reads protocol 2 plain pickles
 
     with pytest.raises(ScviIOError, match="refused to load.*allowlist"):
         read_scvi_checkpoint(scvi_dir / "model.pt")
@@ -173,7 +173,7 @@ def test_export_job_rejects_bad_requests(trained, tmp_path):
     not_a_model = tmp_path / "junk"
     not_a_model.mkdir()
     (not_a_model / "model.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(InferError, match="not a readable torch checkpoint|refused"):
+    with pytest.raises(InferError, match="not a readable torch checkpoint"):
         infer(_export_cfg(tmp_path / "d", model_dir="-", store="-",
                           export=ExportOptions(direction="from_scvi", source=str(not_a_model))))
     other = tmp_path / "other_store"

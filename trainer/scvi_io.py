@@ -106,11 +106,16 @@ def read_scvi_checkpoint(path: str | os.PathLike) -> dict:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             ck = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = next((ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln
-                       or "Unsupported global" in ln), str(exc).splitlines()[-1])
+        # torch's message = advice paragraphs around the one line that says what was refused
+        boiler = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)")
+        lines = [ln.strip() for ln in str(exc).splitlines()
+                 if ln.strip() and not ln.strip().startswith(boiler) and "weights_only" not in ln]
+        reason = " ".join(ln.replace("WeightsUnpickler error:", "").strip() for ln in lines)[:300]
+        if not any(s in reason.lower() for s in ("global", "can only build", "allowlist")):
+            raise ScviIOError(f"{p} is not a readable torch checkpoint ({reason})") from None
         raise ScviIOError(f"refused to load {p}: it needs a Python object outside the allowlist of safe types "
                           f"(tensors, numpy arrays, plain containers), so it is not a plain scvi-tools model "
-                          f"and could run code [{reason[:300]}]") from None
+                          f"and could run code [{reason}]") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise ScviIOError(f"{p} is not a readable torch checkpoint ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(ck, dict) or not {"model_state_dict", "attr_dict"} <= set(ck):
