@@ -35,7 +35,9 @@ Rules 4 and 5 may count a cell as measured although its row is all zero (scvi-to
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -68,7 +70,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Model:
     if (p / "model.pt").is_file() and not (p / INFO).is_file():
         from trainer.scvi_io import import_from_scvi
 
-        p = import_from_scvi(p, Path(tempfile.mkdtemp(prefix="mva-import-")) / "model")
+        tmp = tempfile.mkdtemp(prefix="mva-import-")
+        atexit.register(shutil.rmtree, tmp, True)  # the converted copy lives as long as this Python session
+        p = import_from_scvi(p, Path(tmp) / "model")
     model_dir = resolve_model_dir(p)
     module, info = load_model(model_dir, device=device)
     return Model(module, info, model_dir)
