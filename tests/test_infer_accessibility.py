@@ -7,6 +7,9 @@ and (slow) 2-rank torchrun output == 1-rank output for both new jobs.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -15,7 +18,8 @@ import scipy.sparse as sp
 import zarr
 
 from tests.infer_utils import BATCH, N_CELLS, infer_cfg, reference_model, trained  # noqa: F401  (fixture)
-from tests.train_utils import torchrun
+from tests.train_utils import PY, ROOT, env, torchrun
+from trainer import lock
 from trainer.infer import infer
 from trainer.infer_config import AccessibilityOptions, ExpressionOptions
 from trainer.jobs.common import InferError
@@ -109,6 +113,43 @@ def test_sparse_output_after_a_crash_equals_a_clean_run(trained, dense, tmp_path
     assert (got.X != clean.X).nnz == 0 and got.X.nnz == clean.X.nnz
     np.testing.assert_array_equal(got.X.indptr, clean.X.indptr)
     assert not (tmp_path / "s.zarr.progress").exists()  # the pieces are gone once the output is complete
+
+
+def test_a_job_killed_with_sigkill_is_finished_by_a_rerun(trained, dense, tmp_path):
+    """A real SIGKILL after chunk 3's sparse pieces are written but before its done marker: the rerun
+    clears the dead job's lock, redoes chunk 3 only, and the output equals a clean run's."""
+    store, run = trained
+    t = float(np.quantile(dense, 0.5))
+    clean = _run(store, run, tmp_path / "clean.zarr", threshold=t)
+    out = tmp_path / "k.zarr"
+    code = f"""
+import os, signal
+import torch
+torch.set_num_threads(1)
+from trainer.infer import infer
+from trainer.infer_config import load_infer_config
+from trainer.jobs.common import Progress
+mark_done = Progress.mark_done
+def mark(self, k):
+    if k == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    mark_done(self, k)
+Progress.mark_done = mark
+infer(load_infer_config({{"model_dir": {str(run)!r}, "store": {str(store)!r}, "output": {str(out)!r},
+                         "job": "accessibility", "batch_size": {BATCH}, "progress": False,
+                         "accessibility": {{"threshold": {t!r}}}}}))
+"""
+    res = subprocess.run([PY, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    prog = tmp_path / "k.zarr.progress"
+    assert (prog / lock.LOCK_NAME).is_file() and lock.stale_reason(lock.read_holder(prog)) is not None
+    assert len(list(prog.glob("chunk-*.done"))) == 3 and (prog / "sparse-0000003-data.npy").is_file()
+    summary = infer(infer_cfg(store, run, out, job="accessibility", accessibility=AccessibilityOptions(threshold=t)))
+    assert summary["chunks_skipped"] == 3 and summary["chunks_written"] == 5
+    got = ad.read_zarr(str(out))
+    pd.testing.assert_frame_equal(got.obs, clean.obs)
+    assert got.X.nnz == clean.X.nnz and (got.X != clean.X).nnz == 0
+    assert not prog.exists()
 
 
 def test_bad_accessibility_inputs_give_one_line(trained, tmp_path):

@@ -202,6 +202,21 @@ def _take_lock(prog_dir: Path, info: dist.DistInfo):
     return lock
 
 
+def _on_main(info: dist.DistInfo, fn) -> None:
+    """Run ``fn`` on rank 0 while the others wait; if it fails, every rank raises (none waits forever)."""
+    error, failure = "", None
+    if info.is_main:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on rank 0 unchanged
+            error, failure = (str(exc) if isinstance(exc, InferError) else f"{type(exc).__name__}: {exc}"), exc
+    error = dist.broadcast_object(error)  # a collective: also the barrier after rank 0's work
+    if failure is not None:
+        raise failure
+    if error:
+        raise InferError(f"rank 0 failed: {error}")
+
+
 def run_chunked(job: ChunkJob) -> dict:
     """Run ``job`` over every cell of the store; returns a small summary (this rank's view)."""
     ctx, cfg, info = job.ctx, job.ctx.cfg, job.ctx.info
@@ -228,7 +243,8 @@ def run_chunked(job: ChunkJob) -> dict:
 def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> dict:
     ctx, cfg, info = job.ctx, job.ctx.cfg, job.ctx.info
     progress = Progress(prog_dir)
-    if info.is_main:
+
+    def setup() -> None:
         if cfg.overwrite:
             shutil.rmtree(final, ignore_errors=True)
             shutil.rmtree(partial, ignore_errors=True)
@@ -239,7 +255,8 @@ def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> di
             _empty_dir(prog_dir)
             _write_skeleton(job, partial)
         progress.start(_fingerprint(job))  # raises if an unfinished output has other settings
-    dist.barrier()
+
+    _on_main(info, setup)
 
     job.open_arrays(zarr.open_group(str(partial), mode="r+", use_consolidated=False), prog_dir)
     stream = StoreStream(ctx.store, batch_size=cfg.batch_size, split="all", shuffle=False, rank=info.rank,
@@ -274,7 +291,7 @@ def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> di
     seconds = time.perf_counter() - t0
     dist.barrier()
 
-    if info.is_main:
+    def finalize() -> None:
         missing = [k for k in range(len(chunks)) if not progress.is_done(k)]
         if missing:
             raise InferError(f"{len(missing)} chunks were not written (first: {missing[:5]}); rerun to finish")
@@ -285,7 +302,8 @@ def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> di
         partial.rename(final)
         _empty_dir(prog_dir)
         dist.print0(f"[infer] {job.name}: {ctx.n_cells} cells -> {final}")
-    dist.barrier()
+
+    _on_main(info, finalize)
     return {"output": str(final), "n_cells": ctx.n_cells, "n_chunks": len(chunks), "chunks_written": written,
             "chunks_skipped": len(block) - len(mine), "seconds": seconds, "rank": info.rank,
             "world_size": info.world_size}
