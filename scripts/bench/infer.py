@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 T0 = time.perf_counter()  # before the heavy imports: workers report their import time apart
@@ -179,6 +180,96 @@ def worker_reference(job: str, model_dir: str, store: str, batch: int, check: st
            "output_shape": list(np.shape(out))})
 
 
+# ----------------------------------------------------------------------------------- stage profile
+def profile_stages(job: str, model_dir: str, store_path: str, batch: int, n_batches: int) -> list[tuple[str, float]]:
+    """CPU microseconds per cell of each stage of one job's per-batch work (process CPU time, all threads:
+    steadier than wall time on a shared machine), plus what cheaper variants of each stage would cost.
+    Stages that the job does: read, encode, decode (all heads, as trainer.predict does), the predict call
+    end to end (encode + decode + its copies), the Zarr write as the job writes it. Variants: the one
+    decoder head the job needs, and writes without compression or in smaller dtypes."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    import zarr
+    from torch.nn import functional as F
+
+    from data import keys
+    from data.collate import to_device
+    from data.stream import StoreStream
+    from trainer.export import load_model
+    from trainer.jobs.common import open_checked_store
+    from trainer.jobs.runner import create_dense, feature_chunk_cols
+    from trainer.predict import normalized_accessibility, normalized_expression
+
+    torch.set_num_threads(1)
+    module, info = load_model(model_dir)
+    store = open_checked_store(store_path, info)
+    stream = StoreStream(store, batch_size=batch, split="all", shuffle=False, prefetch=0)
+    n_feat = {"embed": module.n_latent, "expression": module.n_genes, "accessibility": module.n_regions}[job]
+    tmp = tempfile.mkdtemp(dir=BENCH)
+    root = zarr.open_group(f"{tmp}/p.zarr", mode="w")
+    cols = feature_chunk_cols(batch, n_feat)
+    arrays = {"write (job: float32, zstd)": create_dense(root, "a", (batch * n_batches, n_feat), "float32", batch, cols)}
+    if job != "embed":
+        arrays["write float32, no compression"] = root.create_array(
+            "b", shape=(batch * n_batches, n_feat), dtype="float32", chunks=(batch, cols), compressors=None)
+        arrays["write float16 (job option), zstd"] = create_dense(root, "c", (batch * n_batches, n_feat), "float16",
+                                                                   batch, cols)
+        if job == "accessibility":
+            arrays["write uint8 (job option), zstd"] = create_dense(root, "d", (batch * n_batches, n_feat), "uint8",
+                                                                     batch, cols)
+    cost: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str):
+        c0 = _cpu()
+        yield
+        cost[name] = cost.get(name, 0.0) + _cpu() - c0
+
+    cells = 0
+    with torch.no_grad():
+        for k in range(n_batches):
+            lo, hi = k * batch, min((k + 1) * batch, store.meta.n_cells)
+            if lo >= hi:
+                break
+            with stage("read + collate batch"):
+                b = to_device(stream.make_batch(np.arange(lo, hi)), "cpu")
+            with stage("encode (module.inference)"):
+                inf = module.inference(b, eps=torch.zeros(hi - lo, module.n_latent))
+            z = inf["qz_m"]
+            if job == "embed":
+                out = z.numpy()
+            else:
+                with stage("decode, all heads (module.generative)"):
+                    module.generative(z, b, inf["lib_rna"])
+                cov = module.covariates(b, b[keys.BATCH])
+                if job == "expression":
+                    with stage("  variant: RNA head only"):
+                        F.softmax(module.px_scale(module.rna_decoder(z, cov)), -1)
+                    with stage("predict.normalized_expression (end to end)"):
+                        out = normalized_expression(module, b, library_size=1.0).numpy()
+                else:
+                    with stage("  variant: ATAC head only"):
+                        torch.sigmoid(module.atac_out(module.atac_decoder(z, cov)))
+                    with stage("predict.normalized_accessibility (end to end)"):
+                        out = normalized_accessibility(module, b).numpy()
+            for name, arr in arrays.items():
+                val = out
+                if "uint8" in name:
+                    with stage("  uint8 quantisation as the job does it (numpy)"):
+                        val = np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+                    with stage("  variant: uint8 quantisation in torch"):
+                        torch.from_numpy(out).mul(255.0).round_().to(torch.uint8)
+                elif "float16" in name:
+                    val = out.astype(np.float16)
+                with stage(name if name.startswith("write (job") else "  variant: " + name):
+                    arr[lo:hi] = val
+            cells += hi - lo
+    shutil.rmtree(tmp, ignore_errors=True)
+    return [(name, 1e6 * c / cells) for name, c in cost.items()]
+
+
 # ----------------------------------------------------------------------------------- driver
 def _child(args: list[str], log: Path, timeout: float) -> dict:
     """Run one worker; its own peak RSS comes from wait4 (ru_maxrss, KiB on Linux)."""
@@ -250,6 +341,8 @@ def _compare(a: Path, b: Path) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", choices=["ours", "reference"])
+    ap.add_argument("--profile", choices=JOBS, help="print the per-stage CPU cost of one of our jobs and exit")
+    ap.add_argument("--profile-batches", type=int, default=10)
     ap.add_argument("--job", choices=JOBS)
     ap.add_argument("--store")
     ap.add_argument("--output")
@@ -270,6 +363,16 @@ def main() -> None:
         return worker_ours(a.job, a.model, a.store, a.output, a.batch, a.subset, a.check)
     if a.worker == "reference":
         return worker_reference(a.job, a.model, a.store, a.batch, a.check)
+
+    if a.profile:
+        store = ensure_store(a.n_cells)
+        ensure_model(Path(a.model), store)
+        rows = profile_stages(a.profile, a.model, str(store), a.batch, a.profile_batches)
+        print(f"{a.profile}: CPU per cell by stage ({a.profile_batches} batches of {a.batch}, {store.name}, "
+              f"load average {os.getloadavg()[0]:.1f})")
+        for name, us in rows:
+            print(f"  {name:50s} {us:8.1f} us/cell  ({1e6 / us:9.0f} cells/CPU-s)")
+        return
 
     small = ensure_store(a.n_cells)
     weights = ensure_model(Path(a.model), small)
