@@ -371,7 +371,7 @@ def main() -> None:
         print(f"{a.profile}: CPU per cell by stage ({a.profile_batches} batches of {a.batch}, {store.name}, "
               f"load average {os.getloadavg()[0]:.1f})")
         for name, us in rows:
-            print(f"  {name:50s} {us:8.1f} us/cell  ({1e6 / us:9.0f} cells/CPU-s)")
+            print(f"  {name:50s} {us:8.1f} us/cell  ({1e6 / max(us, 1e-3):9.0f} cells/CPU-s)")
         return
 
     small = ensure_store(a.n_cells)
