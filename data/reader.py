@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover
     from scipy.sparse.sparsetools import csr_row_index
 
 from data import keys
+from data.retry import read_array, read_slice
 from data.split import is_validation
 from data.store import Store, open_store
 
@@ -61,8 +62,8 @@ def _column(obs: zarr.Group, name: str) -> np.ndarray:
     """One obs column: the codes of a categorical (-1 = missing) or the plain array."""
     node = obs[name]
     if isinstance(node, zarr.Group):  # anndata writes categoricals as {codes, categories}
-        return np.asarray(node["codes"][:])
-    return np.asarray(node[:])
+        return np.asarray(read_array(node["codes"]))
+    return np.asarray(read_array(node))
 
 
 def as_store(store: Store | str | os.PathLike) -> Store:
@@ -204,7 +205,7 @@ class ChunkReader:
         key = (modality, shard)
         ptr = self._indptrs.get(key)
         if ptr is None:
-            ptr = np.asarray(self._zarr(modality, shard)[2][:], dtype=np.int64)
+            ptr = np.asarray(read_array(self._zarr(modality, shard)[2]), dtype=np.int64)
             if ptr[-1] < 2**32:
                 ptr = ptr.astype(np.uint32)
             self._indptrs[key] = ptr
@@ -317,7 +318,8 @@ def _flat(reqs: list) -> list[tuple[zarr.Array, int, int]]:
 
 async def _fetch_all(requests: list[tuple[zarr.Array, int, int]]) -> list:
     """Read ``array[a:b]`` for every request concurrently on zarr's event loop."""
-    return await asyncio.gather(*[arr._async_array.getitem(slice(a, b)) for arr, a, b in requests])
+    # each slice retried on transient errors; a chunk that stays unreadable raises StoreReadError naming it
+    return await asyncio.gather(*[read_slice(arr, a, b) for arr, a, b in requests])
 
 
 def _gather_rows(block: Block, rows: np.ndarray) -> Block:

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import zarr
 from anndata.io import read_elem
 
-from data import keys
+from data import keys, retry
 
 # The Rust codec pipeline is 2-10x faster on sharded stores (stack notes §4); it is a global setting.
 try:  # pragma: no cover - zarrs is a declared dependency, but a store must stay readable without it
@@ -34,6 +34,10 @@ except ImportError:  # pragma: no cover
 
 class StoreError(ValueError):
     """The path is not a complete, readable atlas store of a supported schema version."""
+
+
+class StoreReadError(StoreError):
+    """A read that still failed after every retry (truncated/corrupted chunk, lost file): data/retry.py."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ def open_store(path: str | os.PathLike) -> Store:
     if not (p / "zarr.json").is_file():
         raise StoreError(f"{p} is not a Zarr v3 group (no zarr.json); is the path right?")
     try:
-        root = zarr.open_group(str(p), mode="r")
+        root = zarr.open_group(retry.store_for(p), mode="r")  # plain path = zarrs fast path (data/retry.py)
     except Exception as exc:
         raise StoreError(f"cannot open {p} as a Zarr group: {exc}") from exc
     attrs = dict(root.attrs)
@@ -177,6 +181,6 @@ class _IndptrCache(dict):
 
     def __missing__(self, key: tuple[str, int]) -> np.ndarray:
         _, _, ptr = self._store.csr_arrays(*key)
-        val = np.asarray(ptr[:], dtype=np.int64)
+        val = np.asarray(retry.read_array(ptr), dtype=np.int64)
         self[key] = val
         return val

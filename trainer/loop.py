@@ -23,6 +23,8 @@ from omegaconf import OmegaConf
 
 from data import keys
 from data.collate import to_device
+from data.retry import STATS as read_stats
+from data.retry import reset_stats as reset_read_stats
 from data.store import open_store
 from data.stream import StoreStream
 from trainer import checkpoint as ckpt
@@ -179,6 +181,7 @@ def run(cfg: TrainConfig) -> TrainResult:
 
 def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     run_dir = Path(cfg.run.output_dir)
+    reset_read_stats()  # the read retry counters this run reports are its own
     if cfg.run.early_stopping and cfg.run.monitor not in VALIDATION_KEYS:
         raise ConfigError(f"run.monitor must be one of {VALIDATION_KEYS}, got {cfg.run.monitor!r}")
 
@@ -259,7 +262,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                 dt = time.perf_counter() - t_log
                 metrics.log({"kind": "train", "step": step, "epoch": epoch, **values, "kl_weight": kl_w,
                              "lr": w.lr, "cells_per_s": cells_log / dt, "data_wait_s": wait_log,
-                             "skipped_steps": guard.skipped_total, **memory_mb()})
+                             "skipped_steps": guard.skipped_total, **memory_mb(), **read_stats.as_dict()})
                 t_log, cells_log, wait_log = time.perf_counter(), 0, 0.0
             if cfg.run.max_steps is not None and step >= cfg.run.max_steps:
                 stopped = True
@@ -306,9 +309,13 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                                             "validation": last_val}))
         (run_dir / "result.json").write_text(json.dumps(
             {"epochs": epoch, "steps": step, "stopped": stopped, "best": best, "validation": last_val,
-             "skipped_steps": guard.skipped_total, "model_dir": model_dir, "world_size": info.world_size}))
+             "skipped_steps": guard.skipped_total, "model_dir": model_dir, "world_size": info.world_size,
+             **read_stats.as_dict()}))
         dist.print0(f"[train] done: {epoch} epochs, {step} steps; model in {model_dir}")
     metrics.close(plot=cfg.logger.plot)
+    if read_stats.retries or read_stats.failures:  # transient store read errors this rank survived
+        print(f"[train] rank {info.rank}: {read_stats.retries} store reads retried "
+              f"({read_stats.injected} injected errors)", flush=True)
     # every rank reports: tests check that all ranks stop at the same epoch
     print(f"[train] rank {info.rank} finished at epoch {epoch} step {step}", flush=True)
     dist.barrier()

@@ -1,0 +1,109 @@
+"""Store reads under faults: transient errors are retried, counted and reported, and training over them
+equals a clean run; a truncated or corrupted chunk stops train and infer with one line naming the array.
+
+    .venv/bin/python -m pytest tests/test_reliability_reads.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data import retry
+from data.store import StoreReadError, open_store
+from data.stream import StoreStream
+from tests.train_utils import PY, ROOT, as_cli, env, tiny_config, tiny_overrides, tiny_store
+from trainer.train import train
+
+DATA = "shards/00000/mod/atac/X/data"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tiny_store(tmp_path_factory.mktemp("store") / "store", n_cells=600)
+
+
+def _train(store: Path, run: Path, extra_env: dict | None = None, **over) -> subprocess.CompletedProcess:
+    ov = tiny_overrides(store, run, **{"run.epochs": 2, **over})
+    return subprocess.run([PY, "-m", "trainer.train", *as_cli(ov)], cwd=ROOT, env={**env(), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def _chunk_file(store: Path) -> Path:
+    (f,) = (store / DATA / "c").iterdir()
+    return f
+
+
+@pytest.mark.slow
+def test_transient_read_errors_are_retried_counted_and_training_equals_a_clean_run(store, tmp_path):
+    clean = _train(store, tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    faulty = _train(store, tmp_path / "faulty", {retry.INJECT_ENV: "0.2:7", retry.BACKOFF_ENV: "0.001"})
+    assert faulty.returncode == 0, faulty.stderr[-3000:]
+    res = json.loads((tmp_path / "faulty" / "result.json").read_text())
+    # every injected error was retried (none given up), and there were plenty of them
+    assert res["read_errors_injected"] >= 20 and res["read_retries"] == res["read_errors_injected"]
+    assert res["read_failures"] == 0
+    assert f"{res['read_retries']} store reads retried ({res['read_errors_injected']} injected errors)" in faulty.stdout
+    metrics = [json.loads(ln) for ln in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("read_retries", 0) for r in metrics) > 0
+    assert json.loads((tmp_path / "clean" / "result.json").read_text())["read_retries"] == 0
+    a = load_file(str(tmp_path / "clean" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "faulty" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reads_that_keep_failing_give_up_with_a_clear_error(store, monkeypatch):
+    monkeypatch.setenv(retry.INJECT_ENV, "0.995:1:/X/data/")  # only count-matrix chunks: the hot path
+    monkeypatch.setenv(retry.RETRIES_ENV, "1")
+    monkeypatch.setenv(retry.BACKOFF_ENV, "0")
+    retry.reset_stats()
+    s = open_store(store)
+    assert isinstance(s.root.store, retry.RetryingStore)  # the wrapper is really on the read path
+    with pytest.raises(StoreReadError, match=r"cannot read .*store/shards/0000\d/.* after 2 attempts"):
+        for _ in StoreStream(s, 64, split="train"):
+            pass
+    assert retry.STATS.injected > 0 and retry.STATS.failures > 0
+    monkeypatch.delenv(retry.INJECT_ENV)
+    assert not isinstance(open_store(store).root.store, retry.RetryingStore)  # default: zarrs fast path
+
+
+@pytest.fixture(scope="module")
+def model_run(store, tmp_path_factory):
+    run = tmp_path_factory.mktemp("model") / "run"
+    train(tiny_config(store, run, **{"run.epochs": 1}))
+    return run
+
+
+@pytest.mark.parametrize("damage", ["truncate", pytest.param("flip", marks=pytest.mark.slow)])
+def test_corrupted_chunk_stops_train_and_infer_naming_the_array(store, model_run, tmp_path, damage):
+    bad = tmp_path / "bad"
+    shutil.copytree(store, bad)
+    f = _chunk_file(bad)
+    raw = bytearray(f.read_bytes())
+    if damage == "truncate":
+        raw = raw[:len(raw) // 2]
+    else:
+        raw[100:300] = bytes(b ^ 0xFF for b in raw[100:300])
+    f.write_bytes(bytes(raw))
+    r = _train(bad, tmp_path / "run", {retry.BACKOFF_ENV: "0.001"})
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and f"{bad}/{DATA}" in err[0] and "corrupted" in err[0], r.stderr[-3000:]
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+    out = tmp_path / "emb.zarr"
+    r = subprocess.run([PY, "-m", "trainer.infer", f"model_dir={model_run}", f"store={bad}", f"output={out}",
+                        "progress=false"],
+                       cwd=ROOT, env={**env(), retry.BACKOFF_ENV: "0.001"}, capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and f"{bad}/{DATA}" in err[0], r.stderr[-3000:]
+    assert not out.exists()
