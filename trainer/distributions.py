@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from trainer import fused
+
 EPS = 1e-8
 
 
@@ -173,7 +175,7 @@ class _ProductBernoulliNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         p, lib, s, ls, q, rows, cols, pos = ctx.saved_tensors
-        den = torch.rsub(q, 1).mul_(q).clamp_min_(1e-12)
+        den = torch.rsub(q, 1).mul_(q).clamp_min_(fused.BCE_DEN_MIN)
         qn, dn = _gather(q, rows, cols), _gather(den, rows, cols)
         g = torch.div(q, den, out=den)  # target 0 everywhere ...
         g.view(-1).index_copy_(0, rows * g.shape[1] + cols, (qn - pos) / dn)  # ... target 1 where x > 0
@@ -199,3 +201,54 @@ def product_bernoulli_nll(
         rows, cols = (x > 0).nonzero(as_tuple=True)
         pos = torch.ones(rows.shape, dtype=p.dtype, device=p.device)
     return _ProductBernoulliNLL.apply(p, lib, s, rows, cols, pos)
+
+
+class _ProductBernoulliLogitsNLL(torch.autograd.Function):
+    """The same per-cell BCE as ``_ProductBernoulliNLL``, from the decoder's logits (p = sigmoid).
+
+    Split into a dense part that scores every entry as a target 0 (``trainer.fused`` kernels: one
+    fused loop each when compiled; the sigmoid and its backward are folded in) and a sparse
+    correction at the stored nonzeros (target 1), so no (B, R) intermediate is saved for backward
+    and the compiled kernels see only fixed shapes. Gradient convention as torch's BCE.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, lib, s, rows, cols, pos, compiled):
+        s_ = s if s is not None else torch.ones(logits.shape[1], dtype=logits.dtype, device=logits.device)
+        dense = fused.atac_forward(logits, lib, s_, compiled=compiled)
+        qn = torch.sigmoid(_gather(logits, rows, cols)) * (lib.reshape(-1)[rows] * s_[cols])
+        corr = (torch.log(qn).clamp_min_(-100) - torch.log(1 - qn).clamp_min_(-100)) * pos
+        ctx.save_for_backward(logits, lib, s_, rows, cols, pos)
+        ctx.has_s, ctx.compiled = s is not None, compiled
+        return -(dense + _row_sum(corr, rows, logits.shape[0]))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, lib, s, rows, cols, pos = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_logits, grad_lib, grad_s = fused.atac_backward(logits, lib, s, grad_out, compiled=ctx.compiled)
+        # targets 1: dBCE/dq = (q - 1) / den instead of q / den, i.e. add -pos / den at the nonzeros
+        pn = torch.sigmoid(_gather(logits, rows, cols))
+        lib_n, s_n = lib.reshape(-1)[rows], s[cols]
+        lsn = lib_n * s_n
+        qn = pn * lsn
+        delta = -pos / torch.clamp(qn * (1 - qn), min=fused.BCE_DEN_MIN) * grad_out[rows]
+        dp = delta * pn
+        grad_logits.view(-1).index_add_(0, rows * logits.shape[1] + cols, dp * lsn * (1 - pn))
+        grad_lib = grad_lib + _row_sum(dp * s_n, rows, logits.shape[0]).unsqueeze(1)
+        grad_s = grad_s.index_add_(0, cols, dp * lib_n) if ctx.has_s else None
+        return grad_logits, grad_lib, grad_s, None, None, None, None
+
+
+def product_bernoulli_nll_logits(
+    x: torch.Tensor, logits: torch.Tensor, lib: torch.Tensor, s: torch.Tensor | None, compiled: bool = False
+) -> torch.Tensor:
+    """``product_bernoulli_nll(x, sigmoid(logits), lib, s)`` with the sigmoid fused in; ``compiled``
+    runs the dense part through ``torch.compile`` (see ``trainer.fused``)."""
+    if x.layout == torch.sparse_csr:
+        rows, cols, v = _nonzeros(x)
+        pos = (v > 0).to(logits.dtype)
+    else:
+        rows, cols = (x > 0).nonzero(as_tuple=True)
+        pos = torch.ones(rows.shape, dtype=logits.dtype, device=logits.device)
+    return _ProductBernoulliLogitsNLL.apply(logits, lib, s, rows.long(), cols.long(), pos, compiled)

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from data import keys
 from trainer import distributions as D
+from trainer import fused
 from trainer.nn import EncoderPair, FCStack, covariate_width, one_hot_covariates
 
 _CHOICES = {
@@ -81,6 +82,7 @@ class MultiVAE(nn.Module):
         modality_weights: str = "equal",
         modality_penalty: str = "Jeffreys",
         use_size_factor: bool = False,
+        compile_kernels: bool = False,
     ):
         super().__init__()
         opts = {
@@ -113,6 +115,8 @@ class MultiVAE(nn.Module):
         self.latent_distribution = latent_distribution
         self.modality_weights, self.modality_penalty = modality_weights, modality_penalty
         self.encode_covariates, self.use_size_factor = encode_covariates, use_size_factor
+        # torch.compile the dense ATAC-likelihood kernels (trainer/fused.py): same numbers, opt-in
+        self.compile_kernels = compile_kernels
         self.deeply_inject_covariates, self.dropout_rate = deeply_inject_covariates, dropout_rate
         self.use_batch_norm, self.use_layer_norm = use_batch_norm, use_layer_norm
         self.n_layers_encoder, self.n_layers_decoder = n_layers_encoder, n_layers_decoder
@@ -252,11 +256,17 @@ class MultiVAE(nn.Module):
         }
 
     def generative(
-        self, z: torch.Tensor, batch: dict, lib_rna: torch.Tensor, batch_codes: torch.Tensor | None = None
+        self,
+        z: torch.Tensor,
+        batch: dict,
+        lib_rna: torch.Tensor,
+        batch_codes: torch.Tensor | None = None,
+        return_logits: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Decode z (B, d) into RNA ZINB/NB/Poisson parameters and ATAC probabilities.
 
-        ``batch_codes`` replaces the batch covariate of the decoders (``transform_batch``).
+        ``batch_codes`` replaces the batch covariate of the decoders (``transform_batch``);
+        ``return_logits`` adds the ATAC logits ``p_logits`` (the loss scores them, sigmoid fused in).
         """
         cont = self._cont(batch)
         h_in = z if cont is None else torch.cat([z, cont], dim=-1)
@@ -273,14 +283,18 @@ class MultiVAE(nn.Module):
             theta = torch.exp(self.px_r.t()[codes.reshape(-1).long()])
         else:
             theta = torch.exp(self.px_r_head(h_rna))
-        p = torch.sigmoid(self.atac_out(self.atac_decoder(h_in, cov)))
-        return {
+        p_logits = self.atac_out(self.atac_decoder(h_in, cov))
+        p = torch.sigmoid(p_logits)
+        out = {
             "px_scale": px_scale,
             "px_rate": torch.exp(lib_rna) * px_scale,
             "px_dropout": self.px_dropout(h_rna) if self.px_dropout is not None else None,
             "theta": theta,
             "p": p,
         }
+        if return_logits:
+            out["p_logits"] = p_logits
+        return out
 
     def region_factor_probs(self) -> torch.Tensor | None:
         return None if self.region_factors is None else torch.sigmoid(self.region_factors)
@@ -303,7 +317,7 @@ class MultiVAE(nn.Module):
     def loss(self, batch: dict, kl_weight: float = 1.0, eps: torch.Tensor | None = None) -> LossOutput:
         """Per-cell mean of recon_rna + recon_atac + kl_weight * KL + penalty (spec §3.5)."""
         inf = self.inference(batch, eps)
-        gen = self.generative(inf["z"], batch, inf["lib_rna"])
+        gen = self.generative(inf["z"], batch, inf["lib_rna"], return_logits=True)
         x_rna, x_atac = (
             self._counts(batch, keys.RNA, self.n_genes),
             self._counts(batch, keys.ATAC, self.n_regions),
@@ -314,7 +328,11 @@ class MultiVAE(nn.Module):
             rl_rna = D.nb_nll(x_rna, gen["px_rate"], gen["theta"])
         else:
             rl_rna = D.poisson_nll(x_rna, gen["px_rate"])
-        rl_atac = D.product_bernoulli_nll(x_atac, gen["p"], inf["lib_atac"], self.region_factor_probs())
+        logits, lib_atac, s = gen.pop("p_logits"), inf["lib_atac"], self.region_factor_probs()
+        if self.compile_kernels and not fused.atac_backward.failed:
+            rl_atac = D.product_bernoulli_nll_logits(x_atac, logits, lib_atac, s, compiled=True)
+        else:  # eager: the hand-fused probability form makes fewer passes than the eager logits kernels
+            rl_atac = D.product_bernoulli_nll(x_atac, gen["p"], lib_atac, s)
         mask = inf["mask"].to(rl_rna.dtype)
         recon_rna, recon_atac = rl_rna * mask[:, 0], rl_atac * mask[:, 1]
         qz_m, qz_v = inf["qz_m"], inf["qz_v"]

@@ -47,8 +47,9 @@ def _bag_matmul(indices, offsets, values, table):
     """
     if indices.dtype != offsets.dtype:
         indices, offsets = indices.long(), offsets.long()
+    weights = values.to(table.dtype)
     return F.embedding_bag(
-        indices, table, offsets, mode="sum", per_sample_weights=values.to(table.dtype), include_last_offset=True
+        indices, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True
     )
 
 
@@ -56,9 +57,9 @@ class _CsrMatmul(torch.autograd.Function):
     """``x @ w`` for CSR ``x`` (no gradient) and dense ``w`` (n_in, n_out).
 
     Forward and backward are both weighted embedding-bag sums: the weight gradient x^T @ grad uses the
-    transposed structure (entries sorted by column, stable), built in O(nnz log nnz) without a device
-    sync. torch's generic ``sparse.mm`` backward instead zero-fills and copies a dense (n_in, n_out)
-    buffer around a slow CSR product (~5 ms per step at 10^4 regions vs ~1 ms this way).
+    transposed structure (entries sorted by column, stable; offsets from column counts), built
+    without a device sync. torch's generic ``sparse.mm`` backward instead zero-fills and copies a dense
+    (n_in, n_out) buffer around a slow CSR product (~5 ms per step at 10^4 regions vs ~2 ms this way).
     """
 
     @staticmethod
@@ -73,8 +74,10 @@ class _CsrMatmul(torch.autograd.Function):
         rows = torch.repeat_interleave(
             torch.arange(x.shape[0], device=grad.device), crow[1:] - crow[:-1], output_size=vals.numel()
         )
-        sorted_cols, perm = torch.sort(cols.long(), stable=True)
-        offsets = torch.searchsorted(sorted_cols, torch.arange(x.shape[1] + 1, device=grad.device))
+        # int32 sorts ~2x faster than int64; counts + cumsum beat searchsorted ~10x and never sync
+        _, perm = torch.sort(cols.int() if x.shape[1] < 2**31 else cols, stable=True)
+        counts = torch.zeros(x.shape[1] + 1, dtype=torch.long, device=grad.device)
+        offsets = counts.index_add_(0, cols.long() + 1, torch.ones_like(cols, dtype=torch.long)).cumsum_(0)
         return None, _bag_matmul(rows[perm], offsets, vals[perm], grad.contiguous())
 
 
