@@ -40,6 +40,9 @@ from trainer.jobs.common import InferError, Progress, open_checked_store, resolv
 from trainer.predict import normalized_accessibility, normalized_expression
 
 RAW_ROWS = 4096  # store rows per step of the raw-statistics pass
+READ_CHUNK = 256  # the loader's rows per read chunk (StoreStream's default chunk_size)
+MAX_READ_CHUNKS = 64  # reader chunks resident per read of sampled cells (memory: 64 x 256 rows of counts)
+STATS_COLUMNS = 2048  # features per statistics call: caps the (samples x features) temporaries
 # Test hook (same name as embed's): raise after this many comparisons were written by this process.
 FAIL_AFTER_ENV = "MVA_INFER_FAIL_AFTER_CHUNKS"
 REST = "Rest"
@@ -171,37 +174,58 @@ class Sampler:
 
     def block(self, feat: np.ndarray) -> np.ndarray:
         """(samples, len(feat)) float32."""
-        return np.concatenate([self._decode(code, cells, feat, p) for p, (code, cells) in enumerate(self.parts)])
+        out = np.empty((self.n, len(feat)), dtype=np.float32)
+        row = 0
+        for p, (code, cells) in enumerate(self.parts):
+            self._decode(code, cells, feat, p, out[row:row + len(cells)])
+            row += len(cells)
+        return out
 
     @torch.no_grad()
-    def _decode(self, code: int | None, cells: np.ndarray, feat: np.ndarray, part: int) -> np.ndarray:
+    def _decode(self, code: int | None, cells: np.ndarray, feat: np.ndarray, part: int, out: np.ndarray) -> None:
         idx = torch.as_tensor(feat, dtype=torch.long)
         dev = next(self.module.parameters()).device
         if self.job == "de":
             # decoded from the posterior mean (the reference's default): each distinct cell once
             uniq, inv = np.unique(cells, return_inverse=True)
-            out = np.empty((len(uniq), len(feat)), dtype=np.float32)
-            for lo in range(0, len(uniq), self.bs):
-                batch = self._batch(uniq[lo:lo + self.bs], dev)
-                out[lo:lo + self.bs] = normalized_expression(self.module, batch, transform_batch=code,
-                                                             gene_index=idx).cpu().numpy()
-            return out[inv]
+            dec = np.empty((len(uniq), len(feat)), dtype=np.float32)
+            for rows in read_groups(uniq, self.bs):
+                dec[rows] = normalized_expression(self.module, self._batch(uniq[rows], dev), transform_batch=code,
+                                                  gene_index=idx).cpu().numpy()
+            np.take(dec, inv, axis=0, out=out)
+            return
         # da: one posterior sample per sampled cell (use_z_mean=False, as the reference); rows read in
-        # cell order, draws seeded per chunk so every feature block sees the same draws
+        # cell order, draws seeded per read group so every feature block sees the same draws
         order = np.argsort(cells, kind="stable")
-        out = np.empty((len(cells), len(feat)), dtype=np.float32)
-        for c, lo in enumerate(range(0, len(cells), self.bs)):
-            rows = order[lo:lo + self.bs]
-            batch = self._batch(cells[rows], dev)
+        for c, rows in enumerate(read_groups(cells[order], self.bs)):
+            sel = order[rows]
+            batch = self._batch(cells[sel], dev)
             torch.manual_seed(D.derived_seed(self.seed, f"{self.key}|{part}|{c}"))
-            out[rows] = normalized_accessibility(self.module, batch, transform_batch=code, use_z_mean=False,
-                                                 region_index=idx).cpu().numpy()
-        return out
+            out[sel] = normalized_accessibility(self.module, batch, transform_batch=code, use_z_mean=False,
+                                                region_index=idx).cpu().numpy()
 
     def _batch(self, cells: np.ndarray, dev) -> dict:
         from data.collate import to_device
 
         return to_device(self.stream.make_batch(cells), dev)
+
+
+def read_groups(sorted_cells: np.ndarray, batch_size: int, chunk_rows: int = READ_CHUNK,
+                max_chunks: int = MAX_READ_CHUNKS) -> list[slice]:
+    """Consecutive slices of sorted cell ids, each at most ``batch_size`` cells touching at most
+    ``max_chunks`` reader chunks: the loader keeps every chunk of one read resident, so scattered
+    samples read in plain batches would hold ~batch_size chunks (GBs with many features)."""
+    out, lo, n = [], 0, len(sorted_cells)
+    chunk = sorted_cells // chunk_rows
+    while lo < n:
+        hi = min(lo + batch_size, n)
+        # the last position whose chunk is within max_chunks distinct chunks of lo's
+        distinct = np.flatnonzero(np.diff(chunk[lo:hi])) + 1  # starts of new chunks within [lo, hi)
+        if len(distinct) >= max_chunks:
+            hi = lo + int(distinct[max_chunks - 1])
+        out.append(slice(lo, hi))
+        lo = hi
+    return out
 
 
 # ------------------------------------------------------------------------------------- comparisons
@@ -222,7 +246,7 @@ def compare(s1: Sampler, s2: Sampler, feat: np.ndarray, names: list[str], raw1: 
         return got
 
     if o.mode == "vanilla":
-        stats = _concat([D.vanilla_stats(*pair(i)) for i in range(len(blocks))])
+        stats = _concat([_by_columns(D.vanilla_stats, *pair(i)) for i in range(len(blocks))])
     else:
         pc = o.pseudocounts
         if pc == "auto":
@@ -231,10 +255,11 @@ def compare(s1: Sampler, s2: Sampler, feat: np.ndarray, names: list[str], raw1: 
                                          raw1["mean"] < D.ZERO_COUNT_THRESHOLD, raw2["mean"] < D.ZERO_COUNT_THRESHOLD)
         delta = D.DEFAULT_DELTA[job] if o.delta is None else o.delta
         if delta == "auto":
-            means = np.concatenate([D.lfc(*pair(i), pc).mean(0) for i in range(len(blocks))])
+            means = np.concatenate([_by_columns(lambda a, b: {"m": D.lfc(a, b, pc).mean(0)}, *pair(i))["m"]
+                                    for i in range(len(blocks))])
             delta = D.estimate_delta(means, seed=cfg.seed)
-        stats = _concat([D.change_stats(*pair(i), delta=float(delta), pseudocounts=float(pc),
-                                        test_mode=o.test_mode) for i in range(len(blocks))])
+        stats = _concat([_by_columns(D.change_stats, *pair(i), delta=float(delta), pseudocounts=float(pc),
+                                     test_mode=o.test_mode) for i in range(len(blocks))])
     if job == "de":
         df = pd.DataFrame({**stats, "raw_mean1": raw1["mean"], "raw_mean2": raw2["mean"],
                            "non_zeros_proportion1": raw1["nonzero"], "non_zeros_proportion2": raw2["nonzero"],
@@ -254,6 +279,12 @@ def compare(s1: Sampler, s2: Sampler, feat: np.ndarray, names: list[str], raw1: 
         "est_prob1": stats["scale1"], "est_prob2": stats["scale2"],
         "emp_prob1": raw1["nonzero"], "emp_prob2": raw2["nonzero"],
     }, index=pd.Index(names))  # region order, as the reference
+
+
+def _by_columns(fn, s1: np.ndarray, s2: np.ndarray, **kw) -> dict[str, np.ndarray]:
+    """``fn`` (per-feature statistics) over column slices: same result, temporaries of bounded size."""
+    return _concat([fn(s1[:, a:a + STATS_COLUMNS], s2[:, a:a + STATS_COLUMNS], **kw)
+                    for a in range(0, s1.shape[1], STATS_COLUMNS)])
 
 
 def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
@@ -315,8 +346,8 @@ def _run(cfg: InferConfig, job: str) -> dict:
 
     sums = raw_sums(store, modality, sets, feat, with_norm=job == "de", rank=info.rank, world_size=info.world_size)
     n = {j: len(s) for j, s in enumerate(sets)} | {"all": store.meta.n_cells}
-    # small reader chunks: sampled cells are scattered over the store, so read few rows around each
-    stream = StoreStream(store, batch_size=cfg.batch_size, split="all", shuffle=False, prefetch=0, chunk_size=32)
+    stream = StoreStream(store, batch_size=cfg.batch_size, split="all", shuffle=False, prefetch=0,
+                         chunk_size=READ_CHUNK)
     names = [all_names[i] for i in feat]
     mine = [k for k in range(len(comps)) if k % info.world_size == info.rank and not progress.is_done(k)]
     fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
