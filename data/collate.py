@@ -59,10 +59,26 @@ def collate(cells: np.ndarray, blocks: dict[str, Block], table: CellTable, n_fea
     if table.label is not None:
         out[keys.LABEL] = torch.from_numpy(table.label[cells].astype(np.int64))
     if size_factor:
-        # Library size per modality (total counts); 1 for an unmeasured modality to keep logs finite.
-        lib = table.library[cells]
-        out[keys.SIZE_FACTOR] = torch.from_numpy(np.where(mask, np.maximum(lib, 1.0), 1.0).astype(np.float32))
+        out[keys.SIZE_FACTOR] = torch.from_numpy(_size_factors(table, cells, mask))
     return out
+
+
+def _size_factors(table, cells: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(B, 2) float32 [RNA, ATAC] size factors for ``use_size_factor`` models.
+
+    RNA: the total count (the model takes its log). ATAC: the model multiplies the accessibility
+    probability by this factor directly (spec 2.5), so it must lie in (0, 1]: the cell's total count
+    over the largest total of the store (computed once per table; the same on every rank). An
+    unmeasured modality gets 1 (logs stay finite; its loss is masked anyway).
+    """
+    top = getattr(table, "_atac_library_max", None)
+    if top is None:
+        measured = table.library[table.mask[:, 1], 1]
+        top = float(measured.max()) if measured.size else 1.0
+        table._atac_library_max = top = max(top, 1.0)
+    lib = table.library[cells]
+    sf = np.stack([np.maximum(lib[:, 0], 1.0), np.clip(lib[:, 1] / top, 1e-6, 1.0)], axis=1)
+    return np.where(mask, sf, 1.0).astype(np.float32)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str, dense: bool = False,

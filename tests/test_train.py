@@ -106,3 +106,17 @@ def test_keep_best_exports_the_best_validation_weights(store, tmp_path):
     last = train(tiny_config(store, tmp_path / "last", **{**extra, "run.keep": "last"}))
     final = load_file(str(Path(last.model_dir) / "model.safetensors"))
     assert any(not torch.equal(final[k], exported[k]) for k in final), "best == last: test would be vacuous"
+
+
+def test_size_factor_model_trains_and_its_library_is_the_observed_count(store, tmp_path):
+    # use_size_factor needs the loader's per-cell log counts: the training stream must ask for them
+    res = train(tiny_config(store, tmp_path / "run", **{"model.use_size_factor": True, "run.epochs": 1}))
+    module, _ = load_model(res.model_dir)
+    assert module.use_size_factor
+    batch = to_device(next(iter(StoreStream(store, 64, split="validation", shuffle=False, size_factor=True))), "cpu")
+    with torch.no_grad():
+        inf = module.inference(batch)
+        assert torch.isfinite(module.loss(batch).loss)
+    has_rna = batch["mask"][:, 0]
+    observed = torch.log(batch["rna"].to_dense().sum(1) if batch["rna"].is_sparse_csr else batch["rna"].sum(1))
+    assert torch.allclose(inf["lib_rna"][has_rna, 0], observed[has_rna].to(inf["lib_rna"].dtype), atol=1e-5)

@@ -147,7 +147,8 @@ def make_stream(store, cfg: TrainConfig, split: str, info: dist.DistInfo) -> Sto
     return StoreStream(store, d.batch_size, split=split, shuffle=split == "train", seed=cfg.run.seed,
                        rank=info.rank, world_size=info.world_size, chunk_size=d.chunk_size,
                        window_chunks=d.window_chunks, val_fraction=d.val_fraction, prefetch=d.prefetch,
-                       remainder=d.remainder if split == "train" else "none")
+                       remainder=d.remainder if split == "train" else "none",
+                       size_factor=cfg.model.use_size_factor)
 
 
 def _loader(stream: StoreStream, cfg: TrainConfig):
