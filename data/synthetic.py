@@ -15,6 +15,7 @@ Each block draws from its own generator ``default_rng([seed, block])``: the data
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -148,10 +149,14 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "conf"),
                 config_name="synth")
     def _run(cfg) -> None:
-        c = to_typed(cfg, SynthConfig)
-        d = asdict(c)
-        out = write_synthetic_store(d.pop("out"), d.pop("n_cells"), d.pop("n_genes"), d.pop("n_regions"),
-                                    d.pop("seed"), **d)
+        try:
+            c = to_typed(cfg, SynthConfig)
+            d = asdict(c)
+            out = write_synthetic_store(d.pop("out"), d.pop("n_cells"), d.pop("n_genes"), d.pop("n_regions"),
+                                        d.pop("seed"), **d)
+        except (ValueError, OSError) as exc:  # ConfigError/StoreError are ValueErrors; OSError: unwritable out
+            print(f"mva-synth: error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
         print(f"wrote {out}")
 
     _run()
