@@ -112,8 +112,9 @@ class ExportOptions:
 
 @dataclass
 class InferConfig:
-    model_dir: str = MISSING  # a run directory (its model/ is used) or an exported model directory
-    store: str = MISSING  # store to run on: the training store or one with the same features
+    # required by every job except export from_scvi (which reads export.source); checked below
+    model_dir: Optional[str] = None  # a run directory (its model/ is used) or an exported model directory
+    store: Optional[str] = None  # store to run on: the training store or one with the same features
     job: str = "embed"
     output: str = MISSING  # output path (embed: an AnnData .zarr directory)
     batch_size: int = 1024  # cells per forward pass = rows per output chunk (one done-marker each)
@@ -132,6 +133,11 @@ class InferConfig:
     def __post_init__(self) -> None:
         if self.job not in JOBS:
             raise ConfigError(f"job must be one of {JOBS}, got {self.job!r}")
+        from_scvi = self.job == "export" and self.export.direction == "from_scvi"
+        needed = [] if from_scvi else ["model_dir"] if self.job == "export" else ["model_dir", "store"]
+        missing = [k for k in needed if getattr(self, k) in (None, "", "???")]
+        if missing:
+            raise ConfigError(f"missing config value: {', '.join(missing)} (job={self.job})")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_samples < 1:
