@@ -411,8 +411,10 @@ def main() -> None:
                      "--batch", str(a.batch), "--check", check], work / f"reference_{job}.log", a.timeout)
                 show(f"{job} {small.name} {side} #{rep + 1}", r)
                 runs[side].append(r)
-        best = {s: max((r for r in rr if "error" not in r), key=lambda r: r["cells_per_s"], default=None)
-                for s, rr in runs.items()}
+        # best of the repetitions, per metric (a run slowed by a neighbour's burst is not the one kept)
+        ok = {s: [r for r in rr if "error" not in r] for s, rr in runs.items()}
+        best = {s: {m: max(r[m] for r in rr) for m in ("cells_per_s", "cells_per_cpu_s")}
+                | {"peak_rss_mib": max(r["peak_rss_mib"] for r in rr)} for s, rr in ok.items() if rr}
         entry = {"runs": runs, "best": best, "max_abs_diff_first_rows": _compare(work / f"reference_{job}.npy",
                                                                                   work / f"ours_{job}.npy")}
         if best.get("ours") and best.get("reference"):
@@ -421,7 +423,7 @@ def main() -> None:
             entry["speedup_cpu"] = o["cells_per_cpu_s"] / ref["cells_per_cpu_s"]
             entry["rss_ratio"] = o["peak_rss_mib"] / ref["peak_rss_mib"]
             print(f"{job}: ours/reference {entry['speedup']:.2f}x cells/s, {entry['speedup_cpu']:.2f}x cells/CPU-s "
-                  f"(target >= 3x); peak RSS {o['peak_rss_mib']:.0f} vs {ref['peak_rss_mib']:.0f} MiB; "
+                  f"(target >= 3x); peak RSS (highest) {o['peak_rss_mib']:.0f} vs {ref['peak_rss_mib']:.0f} MiB; "
                   f"max |diff| first {N_CHECK} rows {entry['max_abs_diff_first_rows']}", flush=True)
         elif "ours" not in sides:
             entry["ours"] = "job not implemented in this checkout"
@@ -436,8 +438,10 @@ def main() -> None:
             subset = 0 if job == "embed" else a.subset
             got = {}
             for store in (small, large):  # same settings on both stores
-                ref = res["compare"].get(job, {}).get("best", {}).get("ours")
-                r = ref if (store == small and subset == 0 and ref) else ours(job, store, subset)
+                runs = [r for r in res["compare"].get(job, {}).get("runs", {}).get("ours", []) if "error" not in r]
+                # the comparison's own runs have these settings already: keep the highest peak of them
+                r = max(runs, key=lambda r: r["peak_rss_mib"]) if (store == small and subset == 0 and runs) \
+                    else ours(job, store, subset)
                 show(f"{job} {store.name} ours (memory check)", r)
                 got[store.name] = r
             s, lg = got[small.name], got[large.name]
