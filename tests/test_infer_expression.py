@@ -15,7 +15,7 @@ import zarr
 from tests.infer_utils import N_CELLS, infer_cfg, reference_model, store_arrays, trained  # noqa: F401  (trained: fixture)
 from trainer.infer import infer
 from trainer.infer_config import ExpressionOptions
-from trainer.jobs import runner
+from trainer.jobs import common, runner
 from trainer.jobs.common import InferError
 from trainer.jobs.runner import FAIL_AFTER_ENV
 
@@ -70,7 +70,7 @@ def test_gene_subset_in_given_order_library_size_and_float16(trained, tmp_path):
     assert (obs.X.sum(1)[~has_rna] > 0).all()
 
 
-def test_posterior_draws_are_averaged_and_reproducible(trained, tmp_path):
+def test_posterior_draws_are_averaged_and_reproducible(trained, tmp_path, monkeypatch):
     store, run = trained
     mean = _run(store, run, tmp_path / "mean.zarr").X
     infer(infer_cfg(store, run, tmp_path / "s.zarr", job="expression", give_mean=False, n_samples=4, seed=3))
@@ -80,6 +80,32 @@ def test_posterior_draws_are_averaged_and_reproducible(trained, tmp_path):
     np.testing.assert_allclose(draws.sum(1), 1.0, rtol=1e-5)
     infer(infer_cfg(store, run, tmp_path / "s2.zarr", job="expression", give_mean=False, n_samples=4, seed=3))
     np.testing.assert_array_equal(ad.read_zarr(str(tmp_path / "s2.zarr")).X, draws)
+    # draws decoded in groups (bounded memory): one draw per decoder call here, the same average
+    monkeypatch.setattr(common, "MAX_DECODE_ELEMENTS", 1)
+    infer(infer_cfg(store, run, tmp_path / "s3.zarr", job="expression", give_mean=False, n_samples=4, seed=3))
+    grouped = ad.read_zarr(str(tmp_path / "s3.zarr")).X
+    np.testing.assert_allclose(grouped.sum(1), 1.0, rtol=1e-5)
+    # other random draws (the generator is consumed per group), the same Monte Carlo error around the mean
+    assert np.abs(grouped - mean).mean() < 1.5 * np.abs(draws - mean).mean()
+
+
+def test_average_of_draws_in_groups_is_the_overall_average(monkeypatch):
+    import torch
+
+    calls = []
+
+    def decode(n):  # draw i is the constant i: the average of n consecutive draws
+        start = sum(calls)
+        calls.append(n)
+        return torch.full((2, 3), float(np.mean(np.arange(start, start + n))))
+
+    monkeypatch.setattr(common, "MAX_DECODE_ELEMENTS", 2 * 6)  # 2 cells x 6 features: 1 draw per call
+    assert float(common.average_of_draws(decode, 5, rows=2, width=6)[0, 0]) == pytest.approx(2.0)
+    assert calls == [1, 1, 1, 1, 1]
+    calls.clear()
+    monkeypatch.setattr(common, "MAX_DECODE_ELEMENTS", 3 * 2 * 6)  # 3 draws per call: groups 3 + 2
+    assert float(common.average_of_draws(decode, 5, rows=2, width=6)[1, 2]) == pytest.approx(2.0)
+    assert calls == [3, 2]
 
 
 def test_crash_and_rerun_equals_a_clean_run_with_column_chunks(trained, tmp_path, monkeypatch):

@@ -29,7 +29,14 @@ import numpy as np
 import zarr
 
 from trainer.infer_config import InferConfig
-from trainer.jobs.common import InferError, batch_codes, check_dtype, chunk_ranges, select_features
+from trainer.jobs.common import (
+    InferError,
+    average_of_draws,
+    batch_codes,
+    check_dtype,
+    chunk_ranges,
+    select_features,
+)
 from trainer.jobs.runner import (
     ChunkJob,
     JobContext,
@@ -110,10 +117,14 @@ class AccessibilityJob(ChunkJob):
 
     def write_chunk(self, k: int, lo: int, hi: int, batch: dict) -> None:
         o, cfg = self.opts, self.ctx.cfg
-        p = normalized_accessibility(self.ctx.module, batch, transform_batch=self.codes,
-                                     normalize_cells=o.normalize_cells, normalize_regions=o.normalize_regions,
-                                     n_samples=cfg.n_samples, use_z_mean=cfg.give_mean,
-                                     region_index=self.index).cpu().numpy()
+        module = self.ctx.module
+
+        def decode(n: int):
+            return normalized_accessibility(module, batch, transform_batch=self.codes,
+                                            normalize_cells=o.normalize_cells, normalize_regions=o.normalize_regions,
+                                            n_samples=n, use_z_mean=cfg.give_mean, region_index=self.index)
+
+        p = average_of_draws(decode, cfg.n_samples, hi - lo, module.n_genes + module.n_regions).cpu().numpy()
         if self.threshold is None:
             self.X[lo:hi] = quantize(p, self.dtype)
             return

@@ -155,3 +155,24 @@ def check_dtype(dtype: str, allowed: tuple[str, ...], section: str) -> str:
     if dtype not in allowed:
         raise InferError(f"{section}.dtype must be one of {list(allowed)}, got {dtype!r}")
     return dtype
+
+
+# Bound on (posterior draws x cells x decoded features) per decoder call: S draws of a batch are decoded
+# at once, so without it memory would grow with n_samples (25 draws x 1024 cells x 100k regions = 10 GB).
+MAX_DECODE_ELEMENTS = 1 << 25
+
+
+def average_of_draws(decode, n_samples: int, rows: int, width: int):
+    """The average over ``n_samples`` posterior draws of ``decode(n)`` (which returns the (B, F) average of
+    n draws), computed in groups of draws so one call decodes at most MAX_DECODE_ELEMENTS values
+    (``width`` = features one decoder pass produces per cell). One group = exactly ``decode(n_samples)``."""
+    per = max(1, MAX_DECODE_ELEMENTS // max(1, rows * width))
+    if per >= n_samples:
+        return decode(n_samples)
+    total, done = None, 0
+    while done < n_samples:
+        n = min(per, n_samples - done)
+        part = decode(n) * n
+        total = part if total is None else total + part
+        done += n
+    return total / n_samples

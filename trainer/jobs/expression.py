@@ -24,7 +24,7 @@ import numpy as np
 import zarr
 
 from trainer.infer_config import InferConfig
-from trainer.jobs.common import InferError, batch_codes, check_dtype, select_features
+from trainer.jobs.common import InferError, average_of_draws, batch_codes, check_dtype, select_features
 from trainer.jobs.runner import ChunkJob, JobContext, create_dense, feature_chunk_cols, open_job, run_chunked
 from trainer.predict import normalized_expression
 
@@ -71,9 +71,13 @@ class ExpressionJob(ChunkJob):
 
     def write_chunk(self, k: int, lo: int, hi: int, batch: dict) -> None:
         cfg = self.ctx.cfg
-        x = normalized_expression(self.ctx.module, batch, transform_batch=self.codes,
-                                  library_size=self.library_size, n_samples=cfg.n_samples,
-                                  use_z_mean=cfg.give_mean, gene_index=self.index)
+        module = self.ctx.module
+
+        def decode(n: int):
+            return normalized_expression(module, batch, transform_batch=self.codes, library_size=self.library_size,
+                                         n_samples=n, use_z_mean=cfg.give_mean, gene_index=self.index)
+
+        x = average_of_draws(decode, cfg.n_samples, hi - lo, module.n_genes + module.n_regions)
         self.X[lo:hi] = x.cpu().numpy().astype(self.dtype, copy=False)
 
 
