@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import scipy.sparse as sp
 import torch
 
@@ -23,9 +22,9 @@ N_CELLS, BATCH = 700, 96  # 8 output chunks, the last one short; 2 shards so chu
 _CACHE: dict = {}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """(store, run directory) of a 2-epoch model on a 700-cell, 100-gene, 300-region store."""
+def trained_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(store, run directory) of a 2-epoch model on a 700-cell, 100-gene, 300-region store (each test
+    module wraps this in its own ``trained`` fixture; the model is trained once per session)."""
     if "trained" not in _CACHE:
         root = tmp_path_factory.mktemp("infer")
         store = tiny_store(root / "store", n_cells=N_CELLS, shard_size=400)

@@ -17,7 +17,7 @@ import pytest
 import scipy.sparse as sp
 import zarr
 
-from tests.infer_utils import BATCH, N_CELLS, infer_cfg, reference_model, trained  # noqa: F401  (fixture)
+from tests.infer_utils import BATCH, N_CELLS, infer_cfg, reference_model, trained_model
 from tests.train_utils import PY, ROOT, env, torchrun
 from trainer import lock
 from trainer.infer import infer
@@ -28,6 +28,10 @@ from trainer.jobs.runner import FAIL_AFTER_ENV
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 
 TOL = {"rtol": 1e-4, "atol": 1e-6}
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return trained_model(tmp_path_factory)
 
 
 def _run(store, run, out, **opts) -> ad.AnnData:
@@ -139,7 +143,8 @@ infer(load_infer_config({{"model_dir": {str(run)!r}, "store": {str(store)!r}, "o
                          "job": "accessibility", "batch_size": {BATCH}, "progress": False,
                          "accessibility": {{"threshold": {t!r}}}}}))
 """
-    res = subprocess.run([PY, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run([PY, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
+                         check=False)
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     prog = tmp_path / "k.zarr.progress"
     assert (prog / lock.LOCK_NAME).is_file() and lock.stale_reason(lock.read_holder(prog)) is not None

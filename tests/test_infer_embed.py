@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -20,7 +19,7 @@ from data import keys
 from data.store import open_store
 from data.synthetic import write_synthetic_store
 from data.typed_config import ConfigError
-from tests.infer_utils import BATCH, N_CELLS, infer_cfg, reference_model, trained  # noqa: F401  (fixture)
+from tests.infer_utils import BATCH, N_CELLS, infer_cfg, reference_model, trained_model
 from tests.train_utils import PY, ROOT, env, torchrun
 from trainer.export import load_model
 from trainer.infer import infer
@@ -30,6 +29,11 @@ from trainer.jobs.embed import FAIL_AFTER_ENV
 from trainer.predict import latent
 
 _cfg = infer_cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return trained_model(tmp_path_factory)
 
 
 def _in_memory_latents(store_path, model_dir):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import zarr
 
-from tests.infer_utils import N_CELLS, infer_cfg, reference_model, store_arrays, trained  # noqa: F401  (trained: fixture)
+from tests.infer_utils import N_CELLS, infer_cfg, reference_model, store_arrays, trained_model
 from trainer.infer import infer
 from trainer.infer_config import ExpressionOptions
 from trainer.jobs import common, runner
@@ -22,6 +22,10 @@ from trainer.jobs.runner import FAIL_AFTER_ENV
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 
 TOL = {"rtol": 1e-4, "atol": 1e-7}  # float32 on both sides; rho ~ 1/100
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return trained_model(tmp_path_factory)
 
 
 def _run(store, run, out, **opts) -> ad.AnnData:

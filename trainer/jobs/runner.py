@@ -227,7 +227,7 @@ def _on_main(info: dist.DistInfo, fn) -> None:
 
 def run_chunked(job: ChunkJob) -> dict:
     """Run ``job`` over every cell of the store; returns a small summary (this rank's view)."""
-    ctx, cfg, info = job.ctx, job.ctx.cfg, job.ctx.info
+    cfg, info = job.ctx.cfg, job.ctx.info
     final, partial, prog_dir = output_paths(cfg.output)
     if final.exists() and not cfg.overwrite:
         raise InferError(f"{final} already exists: pass overwrite=true to replace it")
