@@ -48,10 +48,14 @@ def test_quality_cli_end_to_end_pbmc(tmp_path):
     md = (out / "quality.md").read_text()
     assert "| imputed ATAC AUROC ↑ | 0.5 |" in md and "No cell-type labels" in md
     assert (out / "quality.png").stat().st_size > 1000
-    # a rerun with the same settings reuses the finished run instead of training again
+    # a rerun with the same settings reuses the finished run instead of training again; a stored run
+    # with other settings is kept in the file but not reported
+    other = {**r, "settings": {**r["settings"], "epochs": 999}}
+    (out / "quality.json").write_text(json.dumps([r, other]))
     rc = _cli().main(["--rna", str(PBMC / "pbmc_muon_test_rna.h5ad"), "--atac", str(PBMC / "pbmc_muon_test_atac.h5ad"),
                       "--fractions", "0.5", "--seeds", "0", "--epochs", "2", "--out", str(out)])
-    assert rc == 0 and json.loads((out / "quality.json").read_text()) == runs
+    assert rc == 0 and json.loads((out / "quality.json").read_text()) == [r, other]
+    assert "1 runs per side" in (out / "quality.md").read_text()
 
 
 def test_cli_rejects_bad_arguments():

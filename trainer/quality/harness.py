@@ -75,8 +75,9 @@ def run_sweep(data: PairedData, fractions: list[float], seeds: list[int], s: Tra
     """All (fraction, seed) runs, appended to ``out_dir/quality.json`` as they finish."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "quality.json"
-    done = json.loads(path.read_text()) if path.is_file() else []
-    done = [r for r in done if r["dataset"] == data.name and r["settings"] == asdict_seedless(s, r)]
+    stored = json.loads(path.read_text()) if path.is_file() else []
+    # runs of this data set with these settings are reused; others stay in the file untouched
+    done = [r for r in stored if r["dataset"] == data.name and r["settings"] == asdict_seedless(s, r)]
     for f in fractions:
         for seed in seeds:
             if any(r["fraction"] == f and r["seed"] == seed for r in done):
@@ -84,7 +85,10 @@ def run_sweep(data: PairedData, fractions: list[float], seeds: list[int], s: Tra
             st = TrainSettings(**{**asdict(s), "seed": seed})
             r = run_one(data, f, seed, st, out_dir / "work")
             done.append(r)
-            path.write_text(json.dumps(done, indent=1))
+            stored.append(r)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(stored, indent=1))
+            tmp.replace(path)  # atomic: an interrupted write never truncates finished runs
             log(f"[quality] {data.name} fraction {f} seed {seed}: " + "  ".join(
                 f"{side} elbo {r[side]['heldout_elbo']:.1f} finite={r[side]['finite_loss']}" for side in SIDES))
     return [r for r in done if r["fraction"] in fractions and r["seed"] in seeds]
