@@ -1,0 +1,102 @@
+"""One rank failing under torchrun: a dead rank stops the job promptly, a frozen rank (alive but stuck:
+SIGSTOP) is caught by the process-group timeout (``dist.timeout_s``) instead of hanging for 30 min,
+and the same command then resumes from the last checkpoint.
+
+    .venv/bin/python -m pytest tests/test_reliability_dist.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.train_utils import PY, ROOT, as_cli, env, tiny_overrides, tiny_store
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 15
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tiny_store(tmp_path_factory.mktemp("store") / "store", n_cells=800)
+
+
+def _launch(store: Path, out: Path, epochs: int) -> tuple[list[str], subprocess.Popen]:
+    ov = tiny_overrides(store, out, **{"run.epochs": epochs, "run.checkpoint_every_steps": 2,
+                                       "dist.timeout_s": TIMEOUT_S})
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.train",
+           *as_cli(ov)]
+    return cmd, subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+
+
+def _rank(launcher: subprocess.Popen, rank: str) -> psutil.Process:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if p.environ().get("RANK") == rank]
+        if found:
+            return found[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no rank-{rank} worker found")
+
+
+def _wait_for_checkpoint(out: Path, launcher: subprocess.Popen) -> None:
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((out / "checkpoints").glob("step_*")):
+        assert launcher.poll() is None, launcher.stdout.read()[-3000:]
+        time.sleep(0.05)
+    assert list((out / "checkpoints").glob("step_*")), "no checkpoint within 180 s"
+
+
+def _resume_and_finish(cmd: list[str], out: Path, epochs: int) -> None:
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400, check=False)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "resumed from" in r.stdout + r.stderr
+    res = json.loads((out / "result.json").read_text())
+    assert res["epochs"] == epochs and res["world_size"] == 2
+
+
+def test_a_frozen_rank_is_caught_by_the_configured_timeout_and_the_run_resumes(store, tmp_path):
+    out = tmp_path / "run"
+    cmd, launcher = _launch(store, out, epochs=30)
+    try:
+        _wait_for_checkpoint(out, launcher)
+        rank0, rank1 = _rank(launcher, "0"), _rank(launcher, "1")
+        rank1.send_signal(signal.SIGSTOP)  # alive but stuck: torchrun cannot see it, only a timeout can
+        t0 = time.time()
+        gone, _ = psutil.wait_procs([rank0], timeout=TIMEOUT_S + 90)
+        waited = time.time() - t0
+        assert gone, f"rank 0 still blocked {waited:.0f} s after rank 1 froze (dist.timeout_s={TIMEOUT_S})"
+        assert waited >= TIMEOUT_S * 0.8, f"rank 0 stopped after {waited:.0f} s: not the timeout"
+    finally:
+        for p in psutil.Process(launcher.pid).children(recursive=True):
+            p.send_signal(signal.SIGKILL)
+        log, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    assert "timed out" in log.lower() or "timeout" in log.lower(), log[-3000:]
+    _resume_and_finish([c.replace("run.epochs=30", "run.epochs=3") for c in cmd], out, epochs=3)
+
+
+def test_a_killed_rank_stops_the_others_promptly_and_the_run_resumes(store, tmp_path):
+    out = tmp_path / "run"
+    cmd, launcher = _launch(store, out, epochs=30)
+    try:
+        _wait_for_checkpoint(out, launcher)
+        _rank(launcher, "1").send_signal(signal.SIGKILL)
+        t0 = time.time()
+        launcher.wait(timeout=TIMEOUT_S + 90)
+        waited = time.time() - t0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        log = launcher.stdout.read()
+    assert launcher.returncode != 0 and waited < TIMEOUT_S + 90, log[-3000:]
+    _resume_and_finish([c.replace("run.epochs=30", "run.epochs=3") for c in cmd], out, epochs=3)
