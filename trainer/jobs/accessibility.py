@@ -115,7 +115,7 @@ class AccessibilityJob(ChunkJob):
         if self.threshold is None:
             self.X = root["X"]
 
-    def write_chunk(self, k: int, lo: int, hi: int, batch: dict) -> None:
+    def compute_chunk(self, k: int, lo: int, hi: int, batch: dict):
         o, cfg = self.opts, self.ctx.cfg
         module = self.ctx.module
 
@@ -126,8 +126,12 @@ class AccessibilityJob(ChunkJob):
 
         p = average_of_draws(decode, cfg.n_samples, hi - lo, module.n_genes + module.n_regions).cpu().numpy()
         if self.threshold is None:
-            self.X[lo:hi] = quantize(p, self.dtype)
-            return
+            values = quantize(p, self.dtype)
+
+            def store_dense() -> None:
+                self.X[lo:hi] = values
+
+            return store_dense
         keep = p >= self.threshold
         # flat positions in row-major order = CSR order; one 1-D flatnonzero is ~3x faster than a 2-D
         # nonzero + (rows, cols) fancy indexing (measured on 1024 x 10,000)
@@ -135,13 +139,17 @@ class AccessibilityJob(ChunkJob):
         pieces = {"data": quantize(p.ravel()[flat], self.dtype),
                   "indices": (flat % p.shape[1]).astype(self.index_dtype),
                   "rownnz": keep.sum(1, dtype=np.int64)}
-        for what, arr in pieces.items():
-            # write then rename: a crash mid-write never leaves a truncated piece under the final name
-            # (the chunk's done marker comes after all three anyway)
-            final = _piece(self.work_dir, k, what)
-            tmp = final.with_name(final.stem + f".{os.getpid()}.tmp.npy")
-            np.save(tmp, arr, allow_pickle=False)
-            os.replace(tmp, final)
+
+        def store_pieces() -> None:
+            for what, arr in pieces.items():
+                # write then rename: a crash mid-write never leaves a truncated piece under the final name
+                # (the chunk's done marker comes after all three anyway)
+                final = _piece(self.work_dir, k, what)
+                tmp = final.with_name(final.stem + f".{os.getpid()}.tmp.npy")
+                np.save(tmp, arr, allow_pickle=False)
+                os.replace(tmp, final)
+
+        return store_pieces
 
     def finish(self, root: zarr.Group, work_dir: Path) -> None:
         if self.threshold is None:

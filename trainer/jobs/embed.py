@@ -52,9 +52,14 @@ class EmbedJob(ChunkJob):
     def open_arrays(self, root: zarr.Group, work_dir) -> None:
         self.arrays = {m: root[f"obsm/{obsm_key(m)}"] for m in self.ctx.cfg.modalities}
 
-    def write_chunk(self, k: int, lo: int, hi: int, batch: dict) -> None:
-        for m, z in _latents(self.ctx.module, batch, self.ctx.cfg).items():
-            self.arrays[m][lo:hi] = z.to("cpu", torch.float32).numpy()
+    def compute_chunk(self, k: int, lo: int, hi: int, batch: dict):
+        out = {m: z.to("cpu", torch.float32).numpy() for m, z in _latents(self.ctx.module, batch, self.ctx.cfg).items()}
+
+        def store() -> None:
+            for m, z in out.items():
+                self.arrays[m][lo:hi] = z
+
+        return store
 
 
 @torch.no_grad()

@@ -69,7 +69,7 @@ class ExpressionJob(ChunkJob):
     def open_arrays(self, root: zarr.Group, work_dir) -> None:
         self.X = root["X"]
 
-    def write_chunk(self, k: int, lo: int, hi: int, batch: dict) -> None:
+    def compute_chunk(self, k: int, lo: int, hi: int, batch: dict):
         cfg = self.ctx.cfg
         module = self.ctx.module
 
@@ -78,7 +78,12 @@ class ExpressionJob(ChunkJob):
                                          n_samples=n, use_z_mean=cfg.give_mean, gene_index=self.index)
 
         x = average_of_draws(decode, cfg.n_samples, hi - lo, module.n_genes + module.n_regions)
-        self.X[lo:hi] = x.cpu().numpy().astype(self.dtype, copy=False)
+        values = x.cpu().numpy().astype(self.dtype, copy=False)
+
+        def store() -> None:
+            self.X[lo:hi] = values
+
+        return store
 
 
 def run_expression(cfg: InferConfig) -> dict:

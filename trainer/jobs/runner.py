@@ -26,6 +26,8 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,6 +66,9 @@ def output_compressors():
     return (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
 
 
+# Store chunk k on a writer thread while chunk k+1 is read and computed (one chunk in flight, so memory is
+# two chunks' results); False = store synchronously (debugging, A/B timing).
+OVERLAP_WRITES = True
 # Top-level config keys that do not change the output (and so are not part of the fingerprint).
 _NOT_SETTINGS = ("output", "overwrite", "progress", "model_dir", "store", "embed", "expression",
                  "accessibility", "de", "export")
@@ -122,7 +127,9 @@ class ChunkJob:
     def open_arrays(self, root: zarr.Group, work_dir: Path) -> None:
         """Every rank: get handles on the arrays (``work_dir`` = the progress directory, for side files)."""
 
-    def write_chunk(self, k: int, lo: int, hi: int, batch: dict) -> None:
+    def compute_chunk(self, k: int, lo: int, hi: int, batch: dict) -> Callable[[], None]:
+        """Compute rows [lo, hi) from ``batch``; return the action that stores them (the runner runs it on
+        its writer thread while the next chunk is computed, then records the chunk as done)."""
         raise NotImplementedError
 
     def finish(self, root: zarr.Group, work_dir: Path) -> None:
@@ -278,22 +285,45 @@ def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> di
         from tqdm import tqdm
 
         bar = tqdm(total=len(mine), desc=f"[infer] {job.name} (rank 0)", unit="chunk")
-    t0, written = time.perf_counter(), 0
-    for k in mine:
-        lo, hi = chunks[k]
-        batch = to_device(stream.make_batch(np.arange(lo, hi, dtype=np.int64)), info.device)
-        if not np.array_equal(batch[keys.INDEX].cpu().numpy(), np.arange(lo, hi)):
-            raise RuntimeError(f"loader returned other cells than rows [{lo}, {hi})")  # order is the contract
-        if not cfg.give_mean:
-            torch.manual_seed(cfg.seed * 1_000_003 + k)  # samples independent of world size and restarts
-        with torch.no_grad():
-            job.write_chunk(k, lo, hi, batch)
-        progress.mark_done(k)
+    reader = stream._get_reader()  # the loader's chunk reader: read_ahead() overlaps the next chunk's reads
+    written = 0
+
+    def store(action: Callable[[], None], k: int) -> None:
+        action()
+        progress.mark_done(k)  # only after the rows are stored: a crash redoes this chunk
+
+    def completed(fut: Future) -> None:
+        nonlocal written
+        fut.result()  # re-raises a failed store here, in the main thread
         written += 1
         if bar is not None:
             bar.update(1)
         if fail_after and written >= fail_after:
             raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash after {written} chunks")
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mva-infer-store") as pool:
+        pending: Future | None = None
+        for i, k in enumerate(mine):
+            lo, hi = chunks[k]
+            batch = to_device(stream.make_batch(np.arange(lo, hi, dtype=np.int64)), info.device)
+            if not np.array_equal(batch[keys.INDEX].cpu().numpy(), np.arange(lo, hi)):
+                raise RuntimeError(f"loader returned other cells than rows [{lo}, {hi})")  # order is the contract
+            if i + 1 < len(mine):
+                reader.read_ahead(np.arange(*chunks[mine[i + 1]], dtype=np.int64))
+            if not cfg.give_mean:
+                torch.manual_seed(cfg.seed * 1_000_003 + k)  # samples independent of world size and restarts
+            with torch.no_grad():
+                action = job.compute_chunk(k, lo, hi, batch)
+            if pending is not None:
+                fut, pending = pending, None
+                completed(fut)
+            pending = pool.submit(store, action, k)
+            if not OVERLAP_WRITES:
+                fut, pending = pending, None
+                completed(fut)
+        if pending is not None:
+            completed(pending)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
