@@ -85,7 +85,9 @@ def change_stats(s1: np.ndarray, s2: np.ndarray, delta: float, pseudocounts: flo
             "bayes_factor": np.log(proba_de + EPS) - np.log(1.0 - proba_de + EPS),
             "scale1": s1.mean(0), "scale2": s2.mean(0),
             "pseudocounts": np.full(f, pseudocounts), "delta": np.full(f, delta),
-            "lfc_mean": small.mean(0), "lfc_median": np.median(small, axis=0), "lfc_std": small.std(0),
+            "lfc_mean": small.mean(0),
+            "lfc_median": np.median(np.ascontiguousarray(small.T), axis=1),  # along rows: faster, same values
+            "lfc_std": small.std(0),
             "lfc_min": small.min(0), "lfc_max": small.max(0)}
 
 
