@@ -4,8 +4,10 @@ Both in one run, one torch thread, same sizes and weights: 2,000 genes, 10,000 r
 50 % paired / 25 % RNA-only / 25 % ATAC-only cells, ~35 % RNA and ~3.5 % ATAC density, 2 batches
 (adversarial classifier on). The reference step is the body of its AdversarialTrainingPlan
 (VAE AdamW step, then classifier Adam step) on dense tensors, as its data loader yields them; ours is
-``trainer.step.train_step`` on sparse CSR input (the loader's format) and, for comparison, on dense
-input. CPU time is ``time.process_time()``; the three are timed in alternating chunks of 5 steps.
+``trainer.step.train_step`` on sparse CSR input (the loader's format), the same with
+``compile_kernels=True`` (ATAC likelihood kernels compiled by torch.compile; its one-off compile time is
+reported separately, outside the per-step figure), and on dense input. CPU time is
+``time.process_time()``; all are timed in alternating chunks of 5 steps.
 
 Usage: ``OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/model_step.py --out outputs/bench/model_step.json``
 """
@@ -13,6 +15,7 @@ Usage: ``OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/model_step.py --out ou
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -114,6 +117,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="skip the compile_kernels=True row")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/model_step.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -122,31 +126,40 @@ def main() -> None:
     dense = [synthetic_batch(g, args.batch_size, args.genes, args.regions, 2) for _ in range(4)]
     torch.manual_seed(0)
     ours = MultiVAE(args.genes, args.regions, n_batch=2).train()
+    compiled = copy.deepcopy(ours)  # same weights, own optimizer state
+    compiled.compile_kernels = True
     _ref, ref_step = reference_stepper(ours)
-    cls = build_classifier(ours)
-    opts = build_optimizers(ours, cls)
 
-    def our_step(batch):
-        train_step(ours, cls, *opts, batch, kl_weight=0.5)
+    def stepper(module):
+        cls = build_classifier(module)
+        opts = build_optimizers(module, cls)
+        return lambda batch: train_step(module, cls, *opts, batch, kl_weight=0.5)
 
+    our_step = stepper(ours)
     ref_batches = [reference_tensors(b) for b in dense]
-    results = time_interleaved(
-        {
-            "reference (dense input)": (ref_step, ref_batches),
-            "ours (sparse CSR input)": (our_step, [sparse(b) for b in dense]),
-            "ours (dense input)": (our_step, dense),
-        },
-        args.warmup,
-        args.steps,
-    )
+    steppers = {
+        "reference (dense input)": (ref_step, ref_batches),
+        "ours (sparse CSR input)": (our_step, [sparse(b) for b in dense]),
+        "ours (sparse, compile_kernels)": (stepper(compiled), [sparse(b) for b in dense]),
+        "ours (dense input)": (our_step, dense),
+    }
+    compile_cpu_s = None
+    if args.no_compile:
+        del steppers["ours (sparse, compile_kernels)"]
+    else:  # the first step compiles (or loads inductor's on-disk cache): timed once, apart
+        start = time.process_time()
+        steppers["ours (sparse, compile_kernels)"][0](steppers["ours (sparse, compile_kernels)"][1][0])
+        compile_cpu_s = round(time.process_time() - start, 2)
+        print(f"compile_kernels: first step (compilation) took {compile_cpu_s} CPU-s in this process")
+    results = time_interleaved(steppers, args.warmup, args.steps)
     base = results["reference (dense input)"]
     rows = [
         {"implementation": k, "cells_per_cpu_s": round(v, 1), "ratio_vs_reference": round(v / base, 2)}
         for k, v in results.items()
     ]
-    print(f"{'implementation':<28} {'cells/CPU-s':>12} {'x reference':>12}")
+    print(f"{'implementation':<32} {'cells/CPU-s':>12} {'x reference':>12}")
     for r in rows:
-        print(f"{r['implementation']:<28} {r['cells_per_cpu_s']:>12.1f} {r['ratio_vs_reference']:>12.2f}")
+        print(f"{r['implementation']:<32} {r['cells_per_cpu_s']:>12.1f} {r['ratio_vs_reference']:>12.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "genes": args.genes,
@@ -159,6 +172,8 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "n_hidden": ours.n_hidden,
         "n_latent": ours.n_latent,
+        "compile_first_step_cpu_s": compile_cpu_s,
+        "loadavg": os.getloadavg(),
     }
     args.out.write_text(json.dumps({"config": meta, "results": rows}, indent=2))
     print(f"wrote {args.out}")
