@@ -201,7 +201,11 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "conf"),
                 config_name="build")
     def _run(cfg) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        # Hydra's "disabled" job logging disables loggers created before it ran; ours reports on stderr.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.handlers, log.disabled, log.propagate = [handler], False, False
+        log.setLevel(logging.INFO)
         out = build_store(to_typed(cfg, BuildConfig))
         print(f"wrote {out}")
 

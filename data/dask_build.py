@@ -26,9 +26,11 @@ import os
 import secrets
 import shutil
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import dask
@@ -63,7 +65,7 @@ def executor(address: str | None, n_workers: int = 2, connect_timeout_s: float =
         # Single-threaded workers: each holds one shard in memory, and h5py serialises reads anyway.
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
                 Client(cl) as client:
-            yield lambda tasks: list(client.compute(tasks, sync=True))
+            yield partial(_compute_on, client)
         return
     if "://" not in address:
         raise ValidationError(f"dask_scheduler={address!r}: expected null, 'local' or an address like "
@@ -74,7 +76,31 @@ def executor(address: str | None, n_workers: int = 2, connect_timeout_s: float =
         raise ValidationError(f"dask_scheduler={address!r}: cannot reach the scheduler ({exc})") from exc
     with client:
         log.info("Dask cluster %s: %d worker(s)", address, len(client.scheduler_info()["workers"]))
-        yield lambda tasks: list(client.compute(tasks, sync=True))
+        yield partial(_compute_on, client)
+
+
+def _compute_on(client, tasks: list, settle_s: float = 300) -> list:
+    """Results of ``tasks`` on the cluster. On failure, cancel what has not started and wait for what is
+    running before raising: a shard task finishing late must not write into a store that the caller is
+    about to remove. (Cancelling a running task does not stop its thread on the worker.)"""
+    from distributed import wait
+
+    futures = client.compute(tasks)
+    try:
+        return list(client.gather(futures))
+    except BaseException:
+        try:
+            busy = {k for ks in client.processing().values() for k in ks}
+        except OSError:  # the scheduler is gone: nothing more runs
+            raise
+        client.cancel([f for f in futures if f.key not in busy])
+        running = [f for f in futures if f.key in busy]
+        log.info("build failed: waiting for %d running task(s) before removing the output", len(running))
+        try:
+            wait(running, timeout=settle_s)
+        except TimeoutError:
+            log.warning("%d task(s) still running after %.0f s", len(running), settle_s)
+        raise
 
 
 # ----------------------------------------------------------------------------------- worker side
@@ -186,11 +212,22 @@ def shard_task(ctx: BuildContext, job: ShardJob) -> dict:
     stats = {"lib_sum": np.bincount(codes, loglib, minlength=nb), "lib_sq": np.bincount(codes, loglib ** 2, minlength=nb),
              "lib_n": np.bincount(codes, minlength=nb).astype(np.int64)}
     _write_atomically(ctx, job.idx, rna, atac, obs)
-    return {"idx": job.idx, "n": len(obs), "det": det, "n_measured": n_measured, **stats}
+    return {"idx": job.idx, "n": len(obs), "det": det, "n_measured": n_measured, "worker": _worker_address(), **stats}
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):  # not on a distributed worker (synchronous scheduler)
+        return "in-process"
 
 
 def _write_atomically(ctx: BuildContext, idx: int, rna, atac, obs) -> None:
     tmp = Path(ctx.tmp)
+    if not (tmp / "zarr.json").exists():  # the build was aborted (or the disk is not shared): write nothing
+        raise RuntimeError(f"temporary store {tmp} is gone or not visible on this worker")
     stage = tmp / ".staging" / f"{idx:05d}-{secrets.token_hex(4)}"
     write_shard(zarr.open_group(str(stage), mode="w", zarr_format=3), idx, rna, atac, obs, ctx.rna_var, ctx.atac_var)
     final = tmp / "shards" / f"{idx:05d}"
@@ -269,6 +306,7 @@ def write_shards(compute: Compute, writer: StoreWriter, inputs: Sequence[InputCo
             writer._n_measured[mod] += r["n_measured"][mod]
         writer.shard_offsets.append(writer.shard_offsets[-1] + r["n"])
     writer.n_cells = writer._next_index = writer.shard_offsets[-1]
+    log.info("%d shards written by %s", len(results), dict(Counter(r["worker"] for r in results)))
     shutil.rmtree(Path(writer.tmp) / ".staging", ignore_errors=True)
     missing = [j.idx for j in jobs if not (Path(writer.tmp) / "shards" / f"{j.idx:05d}" / "zarr.json").exists()]
     if missing:

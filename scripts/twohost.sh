@@ -20,7 +20,8 @@
 # rendezvous endpoint on host a: RDZV_ENDPOINT=$ADDR_A:29400.
 #
 # run: output lines are prefixed [a] / [b]; the exit status is a's if non-zero, else b's. With
-# TWOHOST_MAIN=a, host b is stopped as soon as a's command ends (for servers such as a dask worker).
+# TWOHOST_MAIN=a, host b is stopped as soon as a's command ends (for servers such as a dask worker)
+# and the exit status is a's.
 set -euo pipefail
 
 NET=${TWOHOST_NET:-10.77.0}
@@ -85,7 +86,7 @@ run() {
   if [ "${TWOHOST_MAIN:-}" = a ]; then names "$id"; kill_ns "$NS_B"; fi
   wait "$pid_b" || rc_b=$?
   echo "[twohost] $id: exit a=$rc_a b=$rc_b"
-  [ "$rc_a" -ne 0 ] && return "$rc_a"
+  [ "$rc_a" -ne 0 ] || [ "${TWOHOST_MAIN:-}" = a ] && return "$rc_a"
   return "$rc_b"
 }
 
