@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from data.store import StoreError, open_store
+from data.synthetic import write_synthetic_store
 from tests.faults.mounts import tmpfs
 from tests.train_utils import PY, ROOT, env, tiny_config, tiny_store
 from trainer.train import train
@@ -46,11 +47,14 @@ def world(tmp_path_factory):
     meta["attributes"]["schema_version"] = 99
     (old / "zarr.json").write_text(json.dumps(meta))
     (base / "a_file").write_text("not a directory")
+    other = write_synthetic_store(base / "other", n_cells=300, n_genes=80, n_regions=300, progress=False)
+    shutil.copytree(base / "run", base / "run_copy")  # resumed on the other store (must stay untouched)
     with tmpfs(base / "ro", "1m", read_only=True) as ro:
-        yield {"store": store, "run": base / "run", "old": old, "ro": ro, "file": base / "a_file", "tmp": base}
+        yield {"store": store, "run": base / "run", "old": old, "ro": ro, "file": base / "a_file", "tmp": base,
+               "other": other, "run_copy": base / "run_copy"}
 
 
-FAST = {"train-schema-version", "infer-unknown-batch", "infer-readonly-output", "synth-readonly-output"}
+FAST = {"train-schema-version", "train-resume-other-store", "infer-unknown-batch", "infer-readonly-output", "synth-readonly-output"}
 
 
 def _case(case: str, argv: list[str], expected: str, output: str, xfail: str | None = None):
@@ -67,6 +71,9 @@ CASES = [
           "is not a Zarr v3 group", "{tmp}/t1/model"),
     _case("train-schema-version", TRAIN + ["data.store={old}", "run.output_dir={tmp}/t2"],
           "schema_version 99 is not supported", "{tmp}/t2/model"),
+    _case("train-resume-other-store", ["-m", "trainer.train", "data.store={other}", "run.output_dir={run_copy}",
+                                       "model.n_hidden=32", "model.n_latent=6", "run.epochs=2"],
+          "was trained on a store with other features", "{run_copy}/checkpoints/step_000000010"),
     _case("train-readonly-output", TRAIN + ["data.store={store}", "run.output_dir={ro}/t3"],
           "Read-only file system", "{ro}/t3", xfail=HYDRA_MKDIR),
     _case("train-file-as-dir", TRAIN + ["data.store={store}", "run.output_dir={file}/t4"],

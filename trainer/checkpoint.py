@@ -13,6 +13,8 @@ Everything is loadable with ``torch.load(weights_only=True)``: tensors, numbers,
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import random
@@ -202,6 +204,25 @@ def find_resume(run_dir: str | Path, resume: str) -> Path | None:
     if not (path / "trainer.pt").is_file():
         raise FileNotFoundError(f"run.resume={resume!r} is not a complete checkpoint directory (no trainer.pt)")
     return path
+
+
+def data_fingerprint(meta) -> str:
+    """Hash of what the model's shape and meaning depend on: feature names, batch and covariate
+    categories. Stored in every checkpoint so a resume on another store is refused by name."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (meta.gene_names, meta.region_names, meta.batch_categories, meta.cat_cov_keys,
+                 [meta.cat_cov_categories[k] for k in meta.cat_cov_keys], meta.cont_cov_keys):
+        h.update(json.dumps(part).encode())
+    return h.hexdigest()
+
+
+def check_same_data(trainer_state: dict[str, Any], meta, path: str | Path, store: str) -> None:
+    """Refuse to resume a checkpoint trained on a store with other features/categories."""
+    saved = trainer_state.get("data_fingerprint")
+    if saved is not None and saved != data_fingerprint(meta):
+        raise CheckpointError(f"checkpoint {path} was trained on a store with other features or categories "
+                              f"than data.store={store} ({meta.n_genes} genes, {meta.n_regions} regions, "
+                              f"batches {meta.batch_categories[:3]}...); use the same store or a new run.output_dir")
 
 
 def check_pickle_free(path: str | Path) -> None:

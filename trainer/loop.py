@@ -202,7 +202,12 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     path = dist.broadcast_object(str(ckpt.find_resume(run_dir, cfg.run.resume) or ""))
     if path:
         state, rank_state = ckpt.load_states(path, info.rank, info.world_size)
-        w.load(Path(path))
+        ckpt.check_same_data(state, meta, path, cfg.data.store)
+        try:
+            w.load(Path(path))
+        except RuntimeError as exc:  # shapes differ (a checkpoint from before the data fingerprint)
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model / data.store="
+                                       f"{cfg.data.store}: {str(exc).splitlines()[0]}") from None
         ckpt.set_rng_state(rank_state["rng"])
         epoch, step, batches_done = int(state["epoch"]), int(state["step"]), int(state["batches_done"])
         best = None if state["best"] == "" else float(state["best"])
@@ -229,7 +234,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         state = {"epoch": epoch, "step": step, "batches_done": batches_done if mid_epoch else 0,
                  "config": config_to_json(cfg), "world_size": info.world_size,
                  "best": "" if best is None else best, "bad_epochs": bad_epochs, "stopped": stopped,
-                 "guard": guard.state_dict()}
+                 "guard": guard.state_dict(), "data_fingerprint": ckpt.data_fingerprint(meta)}
         stream = train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}
         rank_state = {"rng": ckpt.rng_state(), "stream": stream}
         final = ckpt.save_checkpoint(run_dir, step, state, rank_state, w, keep=cfg.run.keep_checkpoints)
