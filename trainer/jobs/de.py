@@ -141,10 +141,11 @@ def raw_sums(store, modality: str, sets: list[np.ndarray], feat: np.ndarray, wit
             scale = np.divide(1e4, total, out=np.zeros_like(total), where=total > 0)
             out["norm"] += (mt @ sp.diags(scale) @ xs).toarray()
     if dist.is_distributed():
+        dev = dist._collective_device()  # NCCL reduces CUDA tensors only
         for k, v in out.items():
-            t = torch.from_numpy(v)
+            t = torch.from_numpy(v).to(dev)
             torch.distributed.all_reduce(t)
-            out[k] = t.numpy()
+            out[k] = t.cpu().numpy()
     return out
 
 
@@ -183,7 +184,9 @@ class Sampler:
 
     @torch.no_grad()
     def _decode(self, code: int | None, cells: np.ndarray, feat: np.ndarray, part: int, out: np.ndarray) -> None:
-        idx = torch.as_tensor(feat, dtype=torch.long)
+        full = len(feat) == (self.module.n_genes if self.job == "de" else self.module.n_regions) \
+            and bool((np.diff(feat) == 1).all()) and feat[0] == 0
+        idx = None if full else torch.as_tensor(feat, dtype=torch.long)  # no copy of every column
         dev = next(self.module.parameters()).device
         if self.job == "de":
             # decoded from the posterior mean (the reference's default): each distinct cell once
