@@ -15,7 +15,7 @@ import zarr
 from tests.infer_utils import N_CELLS, infer_cfg, reference_model, store_arrays, trained_model
 from trainer.infer import infer
 from trainer.infer_config import ExpressionOptions
-from trainer.jobs import common, runner
+from trainer.jobs import common
 from trainer.jobs.common import InferError
 from trainer.jobs.runner import FAIL_AFTER_ENV
 
@@ -116,7 +116,7 @@ def test_crash_and_rerun_equals_a_clean_run_with_column_chunks(trained, tmp_path
     store, run = trained
     clean = _run(store, run, tmp_path / "clean.zarr", genes=[f"gene_{i:05d}" for i in range(0, 100, 2)])
     # a bounded column width: 96 rows x 960 elements -> 10-column chunks, so a row block spans 5 chunks
-    monkeypatch.setattr(runner, "MAX_CHUNK_ELEMENTS", 960)
+    monkeypatch.setattr(common, "MAX_CHUNK_ELEMENTS", 960)
     out = tmp_path / "x.zarr"
     cfg = infer_cfg(store, run, out, job="expression",
                     expression=ExpressionOptions(genes=[f"gene_{i:05d}" for i in range(0, 100, 2)]))

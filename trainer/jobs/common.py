@@ -1,5 +1,6 @@
-"""What every inference job shares: resolving the model, checking the store against it, and the
-chunk bookkeeping that makes a job restartable.
+"""What every inference job shares: resolving the model, checking the store against it, checking the
+job options (feature subsets, transform_batch, dtype), the chunk bookkeeping that makes a job
+restartable, and how output arrays are laid out (chunking, compression, consolidation).
 
 Output chunks are fixed global row ranges ``[k * rows, (k + 1) * rows)``, independent of the world
 size; rank ``r`` takes a contiguous block of chunk ids, so ranks write disjoint rows (and disjoint
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
+
+import zarr
 
 from data.store import Store, StoreError, open_store
 from trainer.export import INFO, WEIGHTS
@@ -176,3 +180,40 @@ def average_of_draws(decode, n_samples: int, rows: int, width: int):
         total = part if total is None else total + part
         done += n
     return total / n_samples
+
+
+# Compressor of every output array: blosc lz4 with byte shuffle compresses decoded floats as well as zarr's
+# default zstd (27.4 vs 27.6 MB for 32 MB of float32 expression) and writes about 3x faster (measured).
+def output_compressors():
+    from zarr.codecs import BloscCodec
+
+    return (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
+
+
+def consolidate(path: Path) -> None:
+    with warnings.catch_warnings():
+        # zarr warns that v3 consolidated metadata is not in the spec; anndata relies on it all the same
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        zarr.consolidate_metadata(str(path))
+
+
+def create_dense(root: zarr.Group, name: str, shape: tuple[int, ...], dtype, rows: int, cols: int | None = None,
+                 fill_value=None) -> zarr.Array:
+    """An anndata-encoded dense array chunked by output chunk rows (and ``cols`` columns if given)."""
+    n = shape[0]
+    chunks = [min(rows, max(n, 1)), *shape[1:]]
+    if cols is not None and len(shape) > 1:
+        chunks[1] = max(1, min(cols, shape[1]))
+    arr = root.create_array(name, shape=shape, dtype=dtype, chunks=tuple(chunks), fill_value=fill_value,
+                            compressors=output_compressors(), overwrite=True)
+    arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    return arr
+
+
+# Elements per output chunk of a cells x features X (2M = 8 MiB of float32): chunks are
+# ``batch_size`` rows by as many columns as fit, so a 100k-region output is not one huge chunk per row block.
+MAX_CHUNK_ELEMENTS = 1 << 21
+
+
+def feature_chunk_cols(rows: int, n_features: int) -> int:
+    return max(1, min(n_features, MAX_CHUNK_ELEMENTS // max(rows, 1)))

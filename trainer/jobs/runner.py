@@ -15,9 +15,12 @@ runner (``run_chunked``) does everything else, identically for embed, expression
   always means complete;
 * rank 0 holds an exclusive lock (``trainer.lock``) on ``<output>.progress`` for the whole job, so two
   jobs never write the same output; a lock left by a killed job is cleared (its holder is provably
-  dead), because rerunning after a crash is the normal way to finish an output.
+  dead), because rerunning after a crash is the normal way to finish an output;
+* pipelining: the job computes chunk k+1 (its store reads issued ahead) while a writer thread stores
+  chunk k; the chunk's done marker is written only after its rows are stored.
 
-Memory per rank is one batch of cells plus the job's per-batch result, never cells x features.
+Memory per rank is one batch of cells plus two chunks' results (computing + storing), never
+cells x features.
 """
 
 from __future__ import annotations
@@ -48,24 +51,23 @@ from trainer.jobs.common import (
     InferError,
     Progress,
     chunk_ranges,
+    consolidate,
+    create_dense,
+    feature_chunk_cols,
     my_chunks,
     open_checked_store,
+    output_compressors,
     resolve_model_dir,
 )
+
+__all__ = ["FAIL_AFTER_ENV", "ChunkJob", "JobContext", "consolidate", "create_dense", "feature_chunk_cols",
+           "open_job", "output_compressors", "run_chunked"]
 from trainer.lock import LOCK_NAME, LockError
 from trainer.lock import acquire as acquire_lock
 from trainer.module import MultiVAE
 
 # Test hook: raise after this many chunks were written by this process (simulates a crash mid-job).
 FAIL_AFTER_ENV = "MVA_INFER_FAIL_AFTER_CHUNKS"
-# Compressor of every output array: blosc lz4 with byte shuffle compresses decoded floats as well as zarr's
-# default zstd (27.4 vs 27.6 MB for 32 MB of float32 expression) and writes about 3x faster (measured).
-def output_compressors():
-    from zarr.codecs import BloscCodec
-
-    return (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
-
-
 # Store chunk k on a writer thread while chunk k+1 is read and computed (one chunk in flight, so memory is
 # two chunks' results); False = store synchronously (debugging, A/B timing).
 OVERLAP_WRITES = True
@@ -140,26 +142,6 @@ def output_paths(output: str) -> tuple[Path, Path, Path]:
     """(final, partial, progress) paths of one output."""
     final = Path(output)
     return final, final.with_name(final.name + ".partial"), final.with_name(final.name + ".progress")
-
-
-def consolidate(path: Path) -> None:
-    with warnings.catch_warnings():
-        # zarr warns that v3 consolidated metadata is not in the spec; anndata relies on it all the same
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        zarr.consolidate_metadata(str(path))
-
-
-def create_dense(root: zarr.Group, name: str, shape: tuple[int, ...], dtype, rows: int, cols: int | None = None,
-                 fill_value=None) -> zarr.Array:
-    """An anndata-encoded dense array chunked by output chunk rows (and ``cols`` columns if given)."""
-    n = shape[0]
-    chunks = [min(rows, max(n, 1)), *shape[1:]]
-    if cols is not None and len(shape) > 1:
-        chunks[1] = max(1, min(cols, shape[1]))
-    arr = root.create_array(name, shape=shape, dtype=dtype, chunks=tuple(chunks), fill_value=fill_value,
-                            compressors=output_compressors(), overwrite=True)
-    arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-    return arr
 
 
 def _write_skeleton(job: ChunkJob, path: Path) -> None:
@@ -345,12 +327,3 @@ def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> di
     return {"output": str(final), "n_cells": ctx.n_cells, "n_chunks": len(chunks), "chunks_written": written,
             "chunks_skipped": len(block) - len(mine), "seconds": seconds, "rank": info.rank,
             "world_size": info.world_size}
-
-
-# Elements per output chunk of a cells x features X (2M = 8 MiB of float32): chunks are
-# ``batch_size`` rows by as many columns as fit, so a 100k-region output is not one huge chunk per row block.
-MAX_CHUNK_ELEMENTS = 1 << 21
-
-
-def feature_chunk_cols(rows: int, n_features: int) -> int:
-    return max(1, min(n_features, MAX_CHUNK_ELEMENTS // max(rows, 1)))
