@@ -162,7 +162,8 @@ def test_bad_accessibility_inputs_give_one_line(trained, tmp_path):
     cases = [({"regions": ["chr1:1-501", "chr99:5-6"]}, r"1 unknown region name\(s\).*chr99:5-6"),
              ({"transform_batch": ["nope"]}, "unknown batch label 'nope'"),
              ({"dtype": "int8"}, r"accessibility.dtype must be one of \['float32', 'float16', 'uint8'\]"),
-             ({"threshold": 1.5}, "threshold must be between 0 and 1")]
+             ({"threshold": 1.5}, "threshold must be between 0 and 1"),
+             ({"threshold": 0.5, "dtype": "float16"}, "needs dtype float32 or uint8")]
     for opts, match in cases:
         with pytest.raises(InferError, match=match) as exc:
             _run(store, run, tmp_path / "bad.zarr", **opts)

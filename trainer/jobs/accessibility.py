@@ -14,7 +14,7 @@ Semantics (reference: ``MULTIVI.get_normalized_accessibility``, spec 5.3; math i
 * ``dtype``: float32 | float16 | uint8. uint8 stores round(255 p): read back as X * scale, with
   ``scale = 1/255`` in uns['multivi']['scale'] and in X's attrs ``mva_scale``;
 * ``threshold`` t in (0, 1]: keep only p >= t, written as a sparse CSR X (anndata's csr_matrix
-  encoding). The number of kept values is unknown until the end, so each chunk's CSR pieces (values,
+  encoding; float32 or uint8 values: scipy.sparse has no float16). The number of kept values is unknown until the end, so each chunk's CSR pieces (values,
   column indices, per-row counts) go to plain ``.npy`` files in ``<output>.progress``; rank 0 then
   streams them into X/data, X/indices, X/indptr in order, one Zarr chunk at a time. ``threshold=0``
   keeps everything and behaves like null (dense X), as in the reference.
@@ -79,6 +79,9 @@ class AccessibilityJob(ChunkJob):
         if t is not None and (isinstance(t, bool) or not 0.0 <= float(t) <= 1.0):
             raise InferError(f"accessibility.threshold must be between 0 and 1, got {t!r}")
         self.threshold = float(t) if t else None  # 0 keeps everything: dense, like the reference
+        if self.threshold is not None and self.dtype == np.float16:
+            raise InferError("accessibility.threshold (a sparse X) needs dtype float32 or uint8: scipy.sparse, "
+                             "which anndata reads it into, has no float16")
         if opts.normalize_regions and ctx.module.region_factors is None:
             raise InferError("accessibility.normalize_regions=true needs a model trained with region factors")
         # indices are column numbers < n_regions: int32 unless a store has more than 2^31 regions
