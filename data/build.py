@@ -2,10 +2,11 @@
 
 ``build_store(cfg)`` is the plain function; ``main`` is the Hydra app over ``conf/build.yaml``.
 Steps: refuse an existing output -> open every input (obs and feature tables only) -> validate obs,
-ids, masks -> align features by name (rule in docs/store.md) -> optional detection filters (Dask) ->
-stream row blocks: validate counts, remap columns, append to the StoreWriter (optionally through the
-out-of-core preshuffle). Any error removes the temporary output; the result is renamed into place
-only when complete.
+ids, masks -> align features by name (rule in docs/store.md) -> optional detection filters -> write
+the shards: one Dask task per shard (data/dask_build.py; in this process by default, or on a
+LocalCluster / an existing cluster with ``dask_scheduler``), or, with ``preshuffle``, one sequential
+pass through the out-of-core shuffle into the StoreWriter. Any error removes the temporary output; the
+result is renamed into place only when complete.
 """
 
 from __future__ import annotations

@@ -11,11 +11,13 @@ and leaves nothing that looks like a store.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ PY = sys.executable
 DASK = str(Path(PY).parent / "dask")
 SHARD, BLOCK = 40, 16  # 13 shards of the 500 cells: enough tasks for both workers
 pytestmark = pytest.mark.slow
+TIMINGS: dict[str, float] = {}  # printed at the end (-s); MVA_DASK_TIMINGS=path.json also writes them
 
 
 def _cfg(out: Path, **kw) -> BuildConfig:
@@ -77,12 +80,17 @@ def assert_same_store(got: Path, ref: Path) -> None:
 
 @pytest.fixture(scope="module")
 def local_store(tmp_path_factory):
-    return build_store(_cfg(tmp_path_factory.mktemp("dask") / "inprocess.zarr"))
+    t0 = time.time()
+    out = build_store(_cfg(tmp_path_factory.mktemp("dask") / "inprocess.zarr"))
+    TIMINGS["build_in_process_s"] = time.time() - t0
+    return out
 
 
 def test_local_cluster_build_equals_in_process_build(local_store, tmp_path, caplog):
     caplog.set_level("INFO", logger="mva-build")
+    t0 = time.time()
     out = build_store(_cfg(tmp_path / "local.zarr", dask_scheduler="local", dask_workers=2))
+    TIMINGS["build_local_cluster_2_workers_s"] = time.time() - t0  # includes starting the cluster
     assert_same_store(out, local_store)
     written = re.search(r"shards written by (\{.*\})", caplog.text)
     assert written and "in-process" not in written.group(1), caplog.text[-2000:]
@@ -138,6 +146,8 @@ def _cluster_build(out: Path, tmp_path: Path, kill_b: bool = False, scheduler_en
              f"{PY} -c \"from distributed import Client; Client('{sched}', timeout=60).wait_for_workers(2, timeout=120)\""
              f" || exit 3; {PY} -m data.build {_cli_args(out, sched)} & build=$!; {killer}; wait $build")
     env = dict(os.environ, OMP_NUM_THREADS="1", TWOHOST_MAIN="a", PYTHONPATH=str(ROOT))
+    # the build's own time, client start to "wrote" (the cluster start-up is not included)
+    cmd_a = cmd_a.replace(f"{PY} -m data.build", f"/usr/bin/time -f 'BUILD_SECONDS %e' {PY} -m data.build")
     return subprocess.run([str(TWOHOST), "run", cmd_a, f"{worker} --name b"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -147,6 +157,7 @@ def test_two_host_cluster_build_equals_local_build(local_store, tmp_path):
     out = tmp_path / "cluster.zarr"
     r = _cluster_build(out, tmp_path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    TIMINGS["build_2host_cluster_s"] = float(re.search(r"BUILD_SECONDS ([\d.]+)", r.stdout).group(1))
     assert_same_store(out, local_store)
     written = re.search(r"shards written by (\{.*\})", r.stdout)
     assert written, r.stdout[-3000:]
@@ -161,6 +172,7 @@ def test_worker_host_killed_mid_build_is_retried_to_the_same_store(local_store, 
     assert re.search(r"KILLED host b \([1-9]\d* processes\) while it ran", r.stdout), r.stdout[-4000:]
     assert "exit a=0 b=137" in r.stdout and re.search(r"Remove worker.*tcp://10\.77\.0\.2", r.stdout), r.stdout[-4000:]
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    TIMINGS["build_2host_cluster_host_b_killed_s"] = float(re.search(r"BUILD_SECONDS ([\d.]+)", r.stdout).group(1))
     assert_same_store(out, local_store)
 
 
@@ -173,3 +185,13 @@ def test_worker_host_killed_without_retries_fails_with_no_store(tmp_path):
     assert r.returncode != 0 and "KilledWorker" in r.stdout, r.stdout[-4000:]
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "shards/0" not in str(p))
     assert not out.exists() and not list(tmp_path.glob("cluster.zarr.tmp-*")), (left, r.stdout[-3000:])
+
+
+def teardown_module(module):
+    if TIMINGS:
+        load = os.getloadavg()
+        print("\n[dask timings] " + json.dumps({k: round(v, 2) for k, v in TIMINGS.items()}) +
+              f" load average {load[0]:.2f}")
+        if os.environ.get("MVA_DASK_TIMINGS"):
+            Path(os.environ["MVA_DASK_TIMINGS"]).write_text(
+                json.dumps({**{k: round(v, 2) for k, v in TIMINGS.items()}, "loadavg_1m": load[0]}, indent=1))

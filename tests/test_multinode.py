@@ -27,8 +27,8 @@ from data.store import open_store
 from tests.train_utils import PY, ROOT, as_cli, env, tiny_overrides, tiny_store, train_cli
 
 TWOHOST = ROOT / "scripts" / "twohost.sh"
-TIMEOUT_S = 20  # dist.timeout_s of these runs: how long a survivor may wait on a silent peer
-EXTRA = {"run.epochs": 4, "run.checkpoint_every_steps": 5, "run.keep_checkpoints": 3, "dist.timeout_s": TIMEOUT_S}
+TIMEOUT_S = 15  # dist.timeout_s of these runs: how long a survivor may wait on a silent peer
+EXTRA = {"run.epochs": 3, "run.checkpoint_every_steps": 5, "run.keep_checkpoints": 3, "dist.timeout_s": TIMEOUT_S}
 TIMINGS: dict[str, float] = {}
 
 
@@ -171,8 +171,11 @@ def test_host_lost_mid_epoch_survivor_exits_within_timeout_and_relaunch_resumes_
     assert f"resumed from {run / 'checkpoints' / f'step_{last:09d}'}" in log, log[-3000:]
     assert json.loads((run / "result.json").read_text())["steps"] == total
     ref, got = _weights(root / "two_hosts"), _weights(run)
+    TIMINGS["resumed_vs_uninterrupted_max_abs_diff"] = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+    # Usually bitwise equal; 2 of 6 kill+resume runs (also 1-host torchrun) ended ~1e-5 away, i.e. float
+    # summation order, not a wrong step or batch (those move weights by ~1e-3 per step at this lr).
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0, msg=f"{k} differs after host loss + resume")
+        torch.testing.assert_close(got[k], ref[k], atol=5e-5, rtol=1e-4, msg=f"{k} differs after host loss + resume")
 
 
 def teardown_module(module):
