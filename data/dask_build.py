@@ -89,10 +89,7 @@ def _compute_on(client, tasks: list, settle_s: float = 300) -> list:
     try:
         return list(client.gather(futures))
     except BaseException:
-        try:
-            busy = {k for ks in client.processing().values() for k in ks}
-        except OSError:  # the scheduler is gone: nothing more runs
-            raise
+        busy = {k for ks in client.processing().values() for k in ks}  # OSError: scheduler gone, nothing runs
         client.cancel([f for f in futures if f.key not in busy])
         running = [f for f in futures if f.key in busy]
         log.info("build failed: waiting for %d running task(s) before removing the output", len(running))
