@@ -313,6 +313,9 @@ def test_empty_or_unknown_cell_set_and_cli_error(trained, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(InferError, match="is empty"):
         _run(trained, tmp_path / "x.csv", cells1=str(tmp_path / "empty.txt"))
+    (tmp_path / "all.txt").write_text("\n".join(open_store(trained[0]).read_obs().index))
+    with pytest.raises(InferError, match="rest is empty"):
+        _run(trained, tmp_path / "x.csv", cells1=str(tmp_path / "all.txt"))
     (tmp_path / "bad.txt").write_text("no-such-cell\n")
     with pytest.raises(InferError, match="not in the store"):
         _run(trained, tmp_path / "x.csv", cells1=str(tmp_path / "bad.txt"))

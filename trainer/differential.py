@@ -93,7 +93,10 @@ def change_stats(s1: np.ndarray, s2: np.ndarray, delta: float, pseudocounts: flo
 
 def estimate_delta(lfc_means: np.ndarray, seed: int = 0, coef: float = 0.6, min_thres: float = 0.1) -> float:
     """Automatic LFC threshold from the per-feature mean LFCs (3-component Gaussian mixture)."""
-    from sklearn.mixture import GaussianMixture
+    try:
+        from sklearn.mixture import GaussianMixture
+    except ImportError:  # scikit-learn is only needed here
+        raise ValueError("delta='auto' needs scikit-learn (pip install scikit-learn)") from None
 
     m = np.asarray(lfc_means, dtype=np.float64)
     if m.ndim != 1 or m.size < 3:

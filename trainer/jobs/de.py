@@ -20,6 +20,7 @@ the comparisons whose part is already written.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -260,7 +261,10 @@ def compare(s1: Sampler, s2: Sampler, feat: np.ndarray, names: list[str], raw1: 
         if delta == "auto":
             means = np.concatenate([_by_columns(lambda a, b: {"m": D.lfc(a, b, pc).mean(0)}, *pair(i))["m"]
                                     for i in range(len(blocks))])
-            delta = D.estimate_delta(means, seed=cfg.seed)
+            try:
+                delta = D.estimate_delta(means, seed=cfg.seed)
+            except ValueError as exc:  # too few features, or no scikit-learn: one line, not a traceback
+                raise InferError(str(exc)) from None
         stats = _concat([_by_columns(D.change_stats, *pair(i), delta=float(delta), pseudocounts=float(pc),
                                      test_mode=o.test_mode) for i in range(len(blocks))])
     if job == "de":
@@ -327,9 +331,8 @@ def _run(cfg: InferConfig, job: str) -> dict:
     obs = store.read_obs()
     sets, comps, by_group = cell_sets(cfg, obs)
     for c in comps:
-        for j in (c.set1, c.set2):
-            if j is not None and len(sets[j]) == 0:
-                raise InferError(f"cell set {j + 1} is empty")
+        if c.set2 is None and len(sets[c.set1]) == store.meta.n_cells:
+            raise InferError(f"{c.group1} holds every cell of the store: the rest is empty")
 
     final = Path(cfg.output)
     parts_dir = final.with_name(final.name + ".parts")
@@ -339,6 +342,11 @@ def _run(cfg: InferConfig, job: str) -> dict:
     fp = {**{k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "progress")},
           "job": job, "model_dir": str(model_dir.resolve()),
           "model_mtime_ns": (model_dir / "model.safetensors").stat().st_mtime_ns}
+    old = parts_dir / "job.json"
+    if not cfg.overwrite and old.is_file() and json.loads(old.read_text()) != json.loads(json.dumps(fp)):
+        # checked on every rank (not only in Progress.start on rank 0): no rank waits for a failed one
+        raise InferError(f"an unfinished output from different settings is in {parts_dir}; "
+                         f"rerun with overwrite=true to start over")
     dist.barrier()
     if info.is_main:
         if cfg.overwrite:
