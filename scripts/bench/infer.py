@@ -437,14 +437,14 @@ def main() -> None:
                 continue
             subset = 0 if job == "embed" else a.subset
             got = {}
-            for store in (small, large):  # same settings on both stores
+            for size, store in (("small", small), ("large", large)):  # same settings on both stores
                 runs = [r for r in res["compare"].get(job, {}).get("runs", {}).get("ours", []) if "error" not in r]
                 # the comparison's own runs have these settings already: keep the highest peak of them
-                r = max(runs, key=lambda r: r["peak_rss_mib"]) if (store == small and subset == 0 and runs) \
+                r = max(runs, key=lambda r: r["peak_rss_mib"]) if (size == "small" and subset == 0 and runs) \
                     else ours(job, store, subset)
                 show(f"{job} {store.name} ours (memory check)", r)
-                got[store.name] = r
-            s, lg = got[small.name], got[large.name]
+                got[size] = r
+            s, lg = got["small"], got["large"]
             entry = {"subset_features": subset or None, "small": s, "large": lg}
             if "error" not in s and "error" not in lg:
                 entry["rss_growth"] = lg["peak_rss_mib"] / s["peak_rss_mib"] - 1
