@@ -27,7 +27,8 @@ Weights: ``--model`` (default outputs/bench/infer_model: a copy of the model tha
 benchmark trained for one epoch, outputs/bench/train_1m_run/model; if that is missing, one epoch on the
 50k store is trained here). Speed does not depend on the weights.
 
-  OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/infer.py                      # ~25 min on 2 cores
+  OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/infer.py --repeat 2          # ~35 min on 2 busy cores
+  OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/infer.py --profile accessibility   # CPU per stage
   OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/infer.py --jobs embed --large 0 --n-cells 5000  # smoke
 """
 
