@@ -111,6 +111,8 @@ def _source(inp: InputConfig):
     key = (repr(inp), *((p, os.stat(p).st_mtime_ns) for p in paths))
     with _OPEN_LOCK:
         if key not in _OPEN:
+            for old in [k for k in _OPEN if k[0] == key[0]]:  # the same input, changed on disk since
+                _OPEN.pop(old).close()
             _OPEN[key] = open_input(inp)
         return _OPEN[key]
 
@@ -251,7 +253,7 @@ def detection_filters(compute: Compute, inputs: Sequence[InputConfig], sources, 
             for start in range(0, len(src.obs), block_size):  # dropped cells carry no counts
                 stop = min(start + block_size, len(src.obs))
                 tasks.append(dask.delayed(_detection, pure=True)(inp, start, stop, mod, cm[mod], n_cols))
-        counts = np.sum(compute(tasks), axis=0) if tasks else np.zeros(n_cols)
+        counts = compute([_tree_sum(tasks)])[0] if tasks else np.zeros(n_cols)
         det = counts / max(n_measured, 1)
         keep = det >= frac
         removed[mod] = [str(n) for n in al.names[mod][~keep]]
@@ -260,6 +262,17 @@ def detection_filters(compute: Compute, inputs: Sequence[InputConfig], sources, 
                                   f"{mod} feature (max detection fraction {det.max():.4f})")
         al.restrict(mod, keep)
     return removed
+
+
+def _sum(*parts: np.ndarray) -> np.ndarray:
+    return np.sum(parts, axis=0)
+
+
+def _tree_sum(parts: list, split_every: int = 8):
+    """Sum delayed arrays in a tree: only a few count vectors are alive at once, whatever the blocks."""
+    while len(parts) > 1:
+        parts = [dask.delayed(_sum, pure=True)(*parts[i:i + split_every]) for i in range(0, len(parts), split_every)]
+    return parts[0]
 
 
 def plan_shards(obs_list: list[pd.DataFrame], keeps: list[np.ndarray], shard_size: int) -> list[ShardJob]:

@@ -28,6 +28,7 @@ import zarr
 from data.build import build_store
 from data.config import BuildConfig, InputConfig
 from data.store import open_store
+from data.validate import ValidationError
 
 ROOT = Path(__file__).resolve().parent.parent
 TWOHOST = ROOT / "scripts" / "twohost.sh"
@@ -35,7 +36,6 @@ DATA = Path("/work/shared/data/neurips2021_bmmc_multiome_starter")
 PY = sys.executable
 DASK = str(Path(PY).parent / "dask")
 SHARD, BLOCK = 40, 16  # 13 shards of the 500 cells: enough tasks for both workers
-pytestmark = pytest.mark.slow
 TIMINGS: dict[str, float] = {}  # printed at the end (-s); MVA_DASK_TIMINGS=path.json also writes them
 
 
@@ -78,6 +78,16 @@ def assert_same_store(got: Path, ref: Path) -> None:
         np.testing.assert_array_equal(gstats[k], rstats[k], err_msg=k)
 
 
+def test_bad_scheduler_settings_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ValidationError, match=r"dask_scheduler='10.0.0.1:8786': expected null, 'local' or an address"):
+        build_store(_cfg(tmp_path / "a.zarr", dask_scheduler="10.0.0.1:8786"))
+    with pytest.raises(ValidationError, match="preshuffle=true runs in one process"):
+        build_store(_cfg(tmp_path / "b.zarr", dask_scheduler="local", preshuffle=True))
+    with pytest.raises(ValidationError, match="dask_workers must be >= 1"):
+        build_store(_cfg(tmp_path / "c.zarr", dask_scheduler="local", dask_workers=0))
+    assert not list(tmp_path.iterdir()), "a refused build left files behind"
+
+
 @pytest.fixture(scope="module")
 def local_store(tmp_path_factory):
     t0 = time.time()
@@ -86,6 +96,24 @@ def local_store(tmp_path_factory):
     return out
 
 
+def test_detection_filter_tasks_keep_the_features_data_filters_keeps(local_store):
+    """The Dask filter tasks apply the same rule as data.filters (the preshuffle path's filters)."""
+    from data.convert import open_input
+    from data.convert.align import align
+    from data.filters import apply_filters
+
+    cfg = _cfg(Path("unused"))
+    src = open_input(cfg.inputs[0])
+    try:
+        al = align([src.features], [src.name], cfg.feature_join)
+        removed = apply_filters([src], [np.ones(len(src.obs), bool)], al, {"rna": cfg.min_gene_fraction}, BLOCK)
+    finally:
+        src.close()
+    meta = open_store(local_store).meta
+    assert removed["rna"] and list(meta.gene_names) == list(al.names["rna"])
+
+
+@pytest.mark.slow
 def test_local_cluster_build_equals_in_process_build(local_store, tmp_path, caplog):
     caplog.set_level("INFO", logger="mva-build")
     t0 = time.time()
@@ -152,6 +180,7 @@ def _cluster_build(out: Path, tmp_path: Path, kill_b: bool = False, scheduler_en
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @needs_netns
 def test_two_host_cluster_build_equals_local_build(local_store, tmp_path):
     out = tmp_path / "cluster.zarr"
@@ -165,6 +194,7 @@ def test_two_host_cluster_build_equals_local_build(local_store, tmp_path):
     assert "tcp://10.77.0.1:" in written.group(1) and "tcp://10.77.0.2:" in written.group(1), written.group(1)
 
 
+@pytest.mark.slow
 @needs_netns
 def test_worker_host_killed_mid_build_is_retried_to_the_same_store(local_store, tmp_path):
     out = tmp_path / "cluster.zarr"
@@ -176,6 +206,7 @@ def test_worker_host_killed_mid_build_is_retried_to_the_same_store(local_store, 
     assert_same_store(out, local_store)
 
 
+@pytest.mark.slow
 @needs_netns
 def test_worker_host_killed_without_retries_fails_with_no_store(tmp_path):
     out = tmp_path / "cluster.zarr"
