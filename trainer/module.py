@@ -268,13 +268,9 @@ class MultiVAE(nn.Module):
         ``batch_codes`` replaces the batch covariate of the decoders (``transform_batch``);
         ``return_logits`` adds the ATAC logits ``p_logits`` (the loss scores them, sigmoid fused in).
         """
-        cont = self._cont(batch)
-        h_in = z if cont is None else torch.cat([z, cont], dim=-1)
-        codes = batch[keys.BATCH] if batch_codes is None else batch_codes
-        cov = self.covariates(batch, codes)
+        h_in, cov, codes = self._decoder_input(z, batch, batch_codes)
         h_rna = self.rna_decoder(h_in, cov)
-        pre = self.px_scale(h_rna)
-        px_scale = F.softplus(pre) if self.use_size_factor else F.softmax(pre, dim=-1)
+        px_scale = self._px_scale(h_rna)
         if self.gene_likelihood == "poisson":
             theta = None
         elif self.dispersion == "gene":
@@ -295,6 +291,28 @@ class MultiVAE(nn.Module):
         if return_logits:
             out["p_logits"] = p_logits
         return out
+
+    def _decoder_input(self, z: torch.Tensor, batch: dict, batch_codes: torch.Tensor | None):
+        cont = self._cont(batch)
+        h_in = z if cont is None else torch.cat([z, cont], dim=-1)
+        codes = batch[keys.BATCH] if batch_codes is None else batch_codes
+        return h_in, self.covariates(batch, codes), codes
+
+    def _px_scale(self, h_rna: torch.Tensor) -> torch.Tensor:
+        pre = self.px_scale(h_rna)
+        return F.softplus(pre) if self.use_size_factor else F.softmax(pre, dim=-1)
+
+    def decode_expression_scale(self, z: torch.Tensor, batch: dict,
+                                batch_codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Only the RNA scale rho of ``generative`` (inference jobs skip the 10^4-10^5-wide ATAC head)."""
+        h_in, cov, _ = self._decoder_input(z, batch, batch_codes)
+        return self._px_scale(self.rna_decoder(h_in, cov))
+
+    def decode_accessibility(self, z: torch.Tensor, batch: dict,
+                             batch_codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Only the ATAC probabilities p of ``generative`` (no RNA heads)."""
+        h_in, cov, _ = self._decoder_input(z, batch, batch_codes)
+        return torch.sigmoid(self.atac_out(self.atac_decoder(h_in, cov)))
 
     def region_factor_probs(self) -> torch.Tensor | None:
         return None if self.region_factors is None else torch.sigmoid(self.region_factors)

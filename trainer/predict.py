@@ -77,13 +77,32 @@ def _repeat_batch(batch: dict, n: int) -> dict:
     return out
 
 
-def _decode(module: MultiVAE, batch: dict, inf: dict, z: torch.Tensor, code: int | None) -> dict:
+def _decode_head(module: MultiVAE, batch: dict, z: torch.Tensor, code: int | None, head: str) -> torch.Tensor:
+    """One decoder head for S x B latents: "rna" -> rho (S, B, G), "atac" -> p (S, B, R).
+
+    Only the requested head runs (the other modality's decoder would cost as much again: the ATAC
+    output layer is the widest in the model).
+    """
     s, b = z.shape[:2]
-    tiled = _repeat_batch(batch, s)
+    tiled = _repeat_batch(batch, s) if s > 1 else batch
     codes = None if code is None else torch.full((s * b,), code, dtype=torch.long, device=z.device)
-    lib = inf["lib_rna"].repeat(s, 1)
-    gen = module.generative(z.reshape(s * b, -1), tiled, lib, batch_codes=codes)
-    return {k: v.reshape(s, b, *v.shape[1:]) for k, v in gen.items() if v is not None and v.dim() == 2}
+    decode = module.decode_expression_scale if head == "rna" else module.decode_accessibility
+    out = decode(z.reshape(s * b, -1), tiled, batch_codes=codes)
+    return out.reshape(s, b, -1)
+
+
+def _mean_over_codes(module: MultiVAE, batch: dict, z: torch.Tensor, codes: list[int | None], head: str):
+    """(S, B, F) averaged over the transform_batch codes (no stacked copy for the usual single code)."""
+    out = _decode_head(module, batch, z, codes[0], head)
+    for c in codes[1:]:
+        out = out + _decode_head(module, batch, z, c, head)
+    return out / len(codes) if len(codes) > 1 else out
+
+
+def _reduce_draws(x: torch.Tensor, return_mean: bool) -> torch.Tensor:
+    if not return_mean:
+        return x
+    return x[0] if x.shape[0] == 1 else x.mean(0)
 
 
 @torch.no_grad()
@@ -136,7 +155,7 @@ def normalized_expression(
         batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype)
     )
     z = _latent_draws(module, inf, n_samples, use_z_mean)
-    scale = torch.stack([_decode(module, batch, inf, z, c)["px_scale"] for c in codes]).mean(0)  # (S, B, G)
+    scale = _mean_over_codes(module, batch, z, codes, "rna")  # (S, B, G)
     if library_size is not None:
         if library_size == "observed":
             x = batch[keys.RNA]
@@ -151,7 +170,7 @@ def normalized_expression(
         scale = scale * lib.view(1, -1, 1)
     if gene_index is not None:
         scale = scale[..., torch.as_tensor(gene_index, dtype=torch.long)]
-    return scale.mean(0) if return_mean else scale
+    return _reduce_draws(scale, return_mean)
 
 
 @torch.no_grad()
@@ -176,11 +195,11 @@ def normalized_accessibility(
         batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype)
     )
     z = _latent_draws(module, inf, n_samples, use_z_mean)
-    p = torch.stack([_decode(module, batch, inf, z, c)["p"] for c in codes]).mean(0)
+    p = _mean_over_codes(module, batch, z, codes, "atac")
     if normalize_cells:
         p = p * inf["lib_atac"].view(1, -1, 1)
     if normalize_regions:
         p = p * torch.sigmoid(module.region_factors).view(1, 1, -1)
     if region_index is not None:
         p = p[..., torch.as_tensor(region_index, dtype=torch.long)]
-    return p.mean(0) if return_mean else p
+    return _reduce_draws(p, return_mean)
