@@ -120,3 +120,10 @@ def test_size_factor_model_trains_and_its_library_is_the_observed_count(store, t
     has_rna = batch["mask"][:, 0]
     observed = torch.log(batch["rna"].to_dense().sum(1) if batch["rna"].is_sparse_csr else batch["rna"].sum(1))
     assert torch.allclose(inf["lib_rna"][has_rna, 0], observed[has_rna].to(inf["lib_rna"].dtype), atol=1e-5)
+    # the inference jobs feed the same size factors
+    from trainer.infer import infer
+    from trainer.infer_config import InferConfig
+
+    out = infer(InferConfig(model_dir=res.model_dir, store=str(store), output=str(tmp_path / "emb.zarr"),
+                            job="expression", batch_size=256, progress=False))
+    assert out["n_cells"] == 1200 and (tmp_path / "emb.zarr").is_dir()

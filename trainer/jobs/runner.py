@@ -151,14 +151,50 @@ def _write_skeleton(job: ChunkJob, path: Path) -> None:
     var = None if var_names is None else pd.DataFrame(index=pd.Index(var_names, dtype=str))
     uns = {"model": str(ctx.model_dir), "store": str(ctx.store.path), "job": job.name,
            "give_mean": ctx.cfg.give_mean, "n_samples": ctx.cfg.n_samples, **job.uns()}
-    adata = ad.AnnData(obs=ctx.store.read_obs(), var=var, uns={"multivi": uns})
+    # obs of the first shard only: the other shards' rows are appended array by array below, so the
+    # skeleton never holds the whole table (~100 B per cell as pandas: 1 GB at 10M cells)
+    adata = ad.AnnData(obs=ctx.store.read_shard_obs(0), var=var, uns={"multivi": uns})
     with ad.settings.override(zarr_write_format=3), warnings.catch_warnings():
         # v3 = the store's format (anndata deprecates v2); its autosharding notice is about obs here
         warnings.filterwarnings("ignore", message=".*autosharding.*")
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         adata.write_zarr(str(path))
-    job.create_arrays(zarr.open_group(str(path), mode="r+", use_consolidated=False))
+    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    _append_shard_obs(ctx.store, root["obs"])
+    job.create_arrays(root)
     consolidate(path)  # anndata opens through the consolidated metadata
+
+
+def _row_arrays(group: zarr.Group, prefix: str = "") -> list[str]:
+    """Paths of the per-row arrays of an anndata dataframe group (categories are not per row)."""
+    out = []
+    for name, member in group.members():
+        if isinstance(member, zarr.Group):
+            out += [p for p in _row_arrays(member, f"{prefix}{name}/") if not p.endswith("/categories")]
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def _append_shard_obs(store, obs: zarr.Group) -> None:
+    """Grow the skeleton's obs (written from shard 0) to every cell, copying one shard's rows at a time.
+
+    The store's shard obs groups were written by anndata from frames with the same columns and
+    store-wide categories, so each output array has a same-named source array in every shard.
+    """
+    meta = store.meta
+    if meta.n_shards == 1:
+        return
+    paths = _row_arrays(obs)
+    for p in paths:
+        a = obs[p]
+        a.resize((meta.n_cells, *a.shape[1:]))
+    for shard in range(1, meta.n_shards):
+        src = store.root[f"shards/{shard:05d}/obs"]
+        lo = meta.shard_offsets[shard]
+        for p in paths:
+            rows = src[p][...]
+            obs[p][lo:lo + len(rows)] = rows
 
 
 def _fingerprint(job: ChunkJob) -> dict:
@@ -257,7 +293,7 @@ def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> di
 
     job.open_arrays(zarr.open_group(str(partial), mode="r+", use_consolidated=False), prog_dir)
     stream = StoreStream(ctx.store, batch_size=cfg.batch_size, split="all", shuffle=False, rank=info.rank,
-                         world_size=info.world_size, prefetch=0)
+                         world_size=info.world_size, prefetch=0, size_factor=ctx.module.use_size_factor)
     chunks = chunk_ranges(ctx.n_cells, cfg.batch_size)
     block = my_chunks(len(chunks), info.rank, info.world_size)
     mine = [k for k in block if not progress.is_done(k)]
