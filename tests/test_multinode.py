@@ -4,6 +4,7 @@
 
 One torchrun agent per host (1 process each) with the c10d rendezvous on host a; store and run
 directory on the shared disk. Compared with 1-host torchrun runs of the same global batch and seed.
+The embed job and the relaunch after the host loss go through scripts/slurm/*.sbatch.
 Set MVA_MULTINODE_TIMINGS=path.json to also write the timings (docs/benchmarks.md "Multi-node").
 """
 
@@ -52,6 +53,22 @@ def _train_cmd(overrides: dict, run_dir: Path, host: str) -> str:
     return f"{launch} scripts/train.sh {' '.join(shlex.quote(a) for a in as_cli(ov))}"
 
 
+def _slurm_cmd(script: str, args: list[str], host: str, shims: Path, **env: str) -> str:
+    """scripts/slurm/<script> as the batch step of a 2-node job would run it on one host. There is no
+    Slurm here: ``srun`` runs its command once on this host (as srun does on each node) and ``scontrol``
+    names host a as the first node; everything after that is the real script and the real torchrun."""
+    shims.mkdir(exist_ok=True)
+    for name, body in (("srun", 'while [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"'),
+                       ("scontrol", 'echo "$ADDR_A"')):
+        (shims / name).write_text(f"#!/bin/sh\n{body}\n")
+        (shims / name).chmod(0o755)
+    pairs = {"PATH": f"{shims}:$PATH", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]",
+             "SLURM_SUBMIT_DIR": str(ROOT), "NPROC_PER_NODE": "1", "LOCAL_ADDR": "$HOST_ADDR",
+             "RDZV_CONF": f"is_host={'true' if host == 'a' else 'false'}", **env}
+    return " ".join(f"{k}={v}" for k, v in pairs.items()) + f" bash scripts/slurm/{script} " + " ".join(
+        shlex.quote(a) for a in args)
+
+
 def _twohost(cmd_a: str, cmd_b: str, run_id: str | None = None, **popen) -> subprocess.Popen:
     e = env()
     if run_id:
@@ -60,10 +77,20 @@ def _twohost(cmd_a: str, cmd_b: str, run_id: str | None = None, **popen) -> subp
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
+def _finish(p: subprocess.Popen, timeout: float) -> str:
+    """The harness's output once it ended; past ``timeout`` it is stopped (its trap tears both hosts down)."""
+    try:
+        return p.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        out = p.communicate(timeout=60)[0]
+        raise AssertionError(f"two-host run still going after {timeout} s:\n{out[-5000:]}") from None
+
+
 def _run_two_hosts(cmd_a: str, cmd_b: str, timeout: int = 300) -> tuple[str, float]:
     t0 = time.time()
     p = _twohost(cmd_a, cmd_b)
-    out, _ = p.communicate(timeout=timeout)
+    out = _finish(p, timeout)
     assert p.returncode == 0, out[-5000:]
     return out, time.time() - t0
 
@@ -111,14 +138,10 @@ def test_two_host_embed_writes_every_cell_once_in_order(runs, tmp_path):
     infer(InferConfig(model_dir=str(model), store=str(store), output=str(tmp_path / "one.zarr"), batch_size=96,
                       progress=False))
     out = tmp_path / "two.zarr"
-    job = f"-m trainer.infer model_dir={model} store={store} output={out} batch_size=96 progress=false"
-
-    def cmd(host):
-        return (f"{PY} -m torch.distributed.run --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d "
-                f"--rdzv-endpoint=$ADDR_A:29401 --rdzv-id=embed --local-addr=$HOST_ADDR "
-                f"--rdzv-conf=is_host={'true' if host == 'a' else 'false'} {job}")
-
-    _, TIMINGS["embed_2host_s"] = _run_two_hosts(cmd("a"), cmd("b"))
+    args = [f"model_dir={model}", f"store={store}", f"output={out}", "batch_size=96", "progress=false"]
+    # through scripts/slurm/infer.sbatch (see _slurm_cmd)
+    _, TIMINGS["embed_2host_s"] = _run_two_hosts(*(_slurm_cmd("infer.sbatch", args, h, tmp_path / "shims", PY=PY)
+                                                   for h in "ab"))
     one, two = ad.read_zarr(str(tmp_path / "one.zarr")), ad.read_zarr(str(out))
     cells = open_store(store).read_obs().index
     assert two.obs_names.is_unique and list(two.obs_names) == list(cells)  # every cell once, store order
@@ -157,7 +180,7 @@ def test_host_lost_mid_epoch_survivor_exits_within_timeout_and_relaunch_resumes_
     pids = subprocess.run(["ip", "netns", "pids", ns_b], check=False, capture_output=True, text=True).stdout.split()
     assert pids, "host b had no processes"
     subprocess.run(["kill", "-9", *pids], check=False)
-    out, _ = proc.communicate(timeout=TIMEOUT_S * 6)
+    out = _finish(proc, TIMEOUT_S * 6)
     TIMINGS["survivor_exit_after_host_loss_s"] = survivor = time.time() - t_lost
     assert proc.returncode != 0, out[-3000:]
     assert not (run / "result.json").exists(), "the run finished before host b was lost: nothing was tested"
@@ -167,7 +190,10 @@ def test_host_lost_mid_epoch_survivor_exits_within_timeout_and_relaunch_resumes_
     last = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
     assert killed_at <= last < total
 
-    log, TIMINGS["relaunch_2host_s"] = _run_two_hosts(_train_cmd(ov, run, "a"), _train_cmd(ov, run, "b"))
+    # the relaunch is a requeued Slurm job: scripts/slurm/train.sbatch (see _slurm_cmd), same run dir
+    args = as_cli({**ov, "run": {k: v for k, v in ov["run"].items() if k not in ("output_dir", "resume")}})
+    log, TIMINGS["relaunch_2host_s"] = _run_two_hosts(*(
+        _slurm_cmd("train.sbatch", args, h, root / "shims", PY=PY, RUN_DIR=str(run)) for h in "ab"))
     assert f"resumed from {run / 'checkpoints' / f'step_{last:09d}'}" in log, log[-3000:]
     assert json.loads((run / "result.json").read_text())["steps"] == total
     ref, got = _weights(root / "two_hosts"), _weights(run)
