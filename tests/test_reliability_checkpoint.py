@@ -45,6 +45,7 @@ def _cli(overrides: dict, extra_env: dict | None = None, **kw) -> subprocess.Com
                           capture_output=True, text=True, timeout=300, check=False, **kw)
 
 
+@pytest.mark.slow  # ~30 s on the loaded 2-core box
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_the_rerun_resumes(store, tmp_path):
     run = tmp_path / "run"
     ov = tiny_overrides(store, run, **{"run.epochs": 1, "run.checkpoint_every_steps": 2})
@@ -74,6 +75,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_the_rerun_
     assert (run / "model" / "model.safetensors").is_file() and not partial.exists()
 
 
+@pytest.mark.slow  # ~30 s on the loaded 2-core box
 def test_disk_full_during_a_checkpoint_is_one_line_and_loses_nothing(store, tmp_path):
     with tmpfs(tmp_path / "fs", "24m") as fs:
         run = fs / "run"
