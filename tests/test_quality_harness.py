@@ -23,7 +23,6 @@ def _cli():
     return mod
 
 
-@pytest.mark.slow
 @pytest.mark.reference
 def test_quality_cli_end_to_end_pbmc(tmp_path):
     pytest.importorskip("scvi")
