@@ -139,11 +139,13 @@ def test_de_vanilla_matches_reference(trained, reference, tmp_path):
     assert _jaccard_top(ours["bayes_factor"], ref["bayes_factor"]) >= 0.8
 
 
-@pytest.mark.parametrize("mode", ["change", "vanilla"])
-def test_da_matches_reference(trained, reference, tmp_path, mode):
+@pytest.mark.parametrize("mode, batch_correction", [("change", False), ("vanilla", False), ("change", True)])
+def test_da_matches_reference(trained, reference, tmp_path, mode, batch_correction):
     np.random.seed(2)
-    ref = reference.differential_accessibility(groupby="cell_type", group1=[MONO], mode=mode, silent=True)
-    ours = _run(trained, tmp_path / "da.csv", job="da", groupby="cell_type", group1=[MONO], mode=mode)
+    ref = reference.differential_accessibility(groupby="cell_type", group1=[MONO], mode=mode, silent=True,
+                                               batch_correction=batch_correction)
+    ours = _run(trained, tmp_path / "da.csv", job="da", groupby="cell_type", group1=[MONO], mode=mode,
+                batch_correction=batch_correction)
     assert list(ours.columns[:9]) == list(ref.columns) and list(ours.columns[9:]) == ["comparison", "group1", "group2"]
     assert list(ours.index) == list(ref.index)  # region order, as the reference
     for c in ("emp_prob1", "emp_prob2", "emp_effect"):
