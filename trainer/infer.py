@@ -18,8 +18,10 @@ from pathlib import Path
 from data.store import StoreError
 from data.typed_config import ConfigError
 from trainer import dist
+from trainer.export import ModelFileError
 from trainer.infer_config import RUNNERS, InferConfig, load_infer_config
 from trainer.jobs.common import InferError
+from trainer.lock import LockError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -51,7 +53,8 @@ def main() -> None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         try:
             infer(load_infer_config(raw))
-        except (InferError, ConfigError, StoreError, FileNotFoundError) as exc:
+        except (InferError, ConfigError, StoreError, ModelFileError, LockError, OSError) as exc:
+            # OSError: a full disk or an unwritable output names its path; a tampered model is refused
             print(f"mva-infer: error: {exc}", file=sys.stderr)
             sys.exit(2)
 
