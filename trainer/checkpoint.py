@@ -91,7 +91,7 @@ class _RecordingWriter:
         self.fh.flush()
 
 
-def _save_file(obj: Any, path: Path) -> None:
+def save_file(obj: Any, path: Path) -> None:
     # fsync before the directory rename so a crash cannot leave a renamed dir with a truncated file.
     with open(path, "wb") as fh:
         rec = _RecordingWriter(fh)
@@ -142,9 +142,9 @@ def save_checkpoint(run_dir: str | Path, step: int, trainer_state: dict[str, Any
         dist.barrier()
         wrapper.save(tmp)
         _fault_pause(tmp)
-        _save_file(rank_state, tmp / f"rank_{rank}.pt")
+        save_file(rank_state, tmp / f"rank_{rank}.pt")
         if rank == 0:
-            _save_file(trainer_state, tmp / "trainer.pt")
+            save_file(trainer_state, tmp / "trainer.pt")
     except (OSError, RuntimeError) as exc:
         cause = _write_failure(exc, tmp)
         if cause is None:  # not a write failure: a real bug, keep its traceback

@@ -24,6 +24,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from trainer import dist
+from trainer.checkpoint import save_file  # fsync + the real OSError of a full disk
 from trainer.config import DistConfig, OptimConfig
 from trainer.step import classifier_objective, vae_objective
 
@@ -189,7 +190,7 @@ class DDPWrapped(Wrapped):
         if dist.get_rank() == 0:
             state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scaler": self.scaler.state_dict(), **self._clf_state()}
-            torch.save(state, Path(directory) / "model.pt")
+            save_file(state, Path(directory) / "model.pt")
 
     def load(self, directory: Path) -> None:
         state = torch.load(Path(directory) / "model.pt", map_location=self.device, weights_only=True)
@@ -255,7 +256,7 @@ class DeepSpeedWrapped(Wrapped):
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)
         if dist.get_rank() == 0 and self.classifier is not None:
-            torch.save(self._clf_state(), Path(directory) / "classifier.pt")
+            save_file(self._clf_state(), Path(directory) / "classifier.pt")
 
     def load(self, directory: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed")
