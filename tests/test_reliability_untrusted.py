@@ -110,9 +110,7 @@ def test_configs_are_data_never_code(tmp_path):
                      r"yaml\.unsafe_load|marshal\.loads")
     hits = [f"{p}:{i}" for d in ("data", "trainer", "scripts") for p in (ROOT / d).rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line.split("#")[0])]
-    # the one exception: the preshuffle spill files, written and read back by the same process in its own
-    # private mkdtemp (0700) directory, never a user-supplied file (docs/reliability.md: to move to npz)
-    assert [h for h in hits if not h.startswith(str(ROOT / "data/convert/shuffle.py"))] == []
+    assert hits == []
 
 
 @pytest.mark.slow

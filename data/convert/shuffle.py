@@ -1,13 +1,13 @@
 """Out-of-core preshuffle: a seeded random cell order across the whole store with bounded memory.
 
-Pass 1 sends every cell of every block to a random bucket (one pickle file per block and bucket on
-disk); pass 2 loads one bucket at a time, permutes it in memory and hands it on. With about one bucket
+Pass 1 sends every cell of every block to a random bucket (per block and bucket: two ``.npz``
+CSR files and one Parquet obs file on disk, never pickles, so a tampered spill directory cannot run
+code); pass 2 loads one bucket at a time, permutes it in memory and hands it on. With about one bucket
 per output shard, memory is one shard's worth of cells and every shard mixes cells of all inputs.
 """
 
 from __future__ import annotations
 
-import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,23 +29,26 @@ class BucketShuffler:
         bucket = self.rng.integers(0, self.n_buckets, len(obs))
         for b in np.unique(bucket):
             sel = np.flatnonzero(bucket == b)
-            with open(self.dir / f"{b:06d}-{self._k:08d}.pkl", "wb") as fh:
-                pickle.dump((rna[sel], atac[sel], obs.iloc[sel]), fh, protocol=5)
+            stem = self.dir / f"{b:06d}-{self._k:08d}"
+            sp.save_npz(f"{stem}.rna.npz", rna[sel].tocsr(), compressed=False)
+            sp.save_npz(f"{stem}.atac.npz", atac[sel].tocsr(), compressed=False)
+            obs.iloc[sel].to_parquet(f"{stem}.obs.parquet")  # keeps categories, dtypes and the index
         self._k += 1
 
     def buckets(self) -> Iterator[tuple[sp.csr_matrix, sp.csr_matrix, pd.DataFrame]]:
         """Each non-empty bucket, its cells in a random order; files are deleted as they are read."""
         try:
-            files = sorted(self.dir.glob("*.pkl"))
-            by_bucket: dict[str, list[Path]] = {}
-            for f in files:
-                by_bucket.setdefault(f.name.split("-")[0], []).append(f)
+            stems = sorted(str(f)[: -len(".obs.parquet")] for f in self.dir.glob("*.obs.parquet"))
+            by_bucket: dict[str, list[str]] = {}
+            for stem in stems:
+                by_bucket.setdefault(Path(stem).name.split("-")[0], []).append(stem)
             for key in sorted(by_bucket):
                 parts = []
-                for f in by_bucket[key]:
-                    with open(f, "rb") as fh:
-                        parts.append(pickle.load(fh))
-                    f.unlink()
+                for stem in by_bucket[key]:
+                    files = [Path(f"{stem}.rna.npz"), Path(f"{stem}.atac.npz"), Path(f"{stem}.obs.parquet")]
+                    parts.append((sp.load_npz(files[0]), sp.load_npz(files[1]), pd.read_parquet(files[2])))
+                    for f in files:
+                        f.unlink()
                 rna = sp.vstack([p[0] for p in parts], format="csr")
                 atac = sp.vstack([p[1] for p in parts], format="csr")
                 obs = pd.concat([p[2] for p in parts])
