@@ -29,6 +29,7 @@ from data.store import open_store
 from data.stream import StoreStream
 from trainer import checkpoint as ckpt
 from trainer import dist
+from trainer.alloc import reuse_large_allocations
 from trainer.classifier import build_classifier
 from trainer.config import ConfigError, TrainConfig, config_to_json
 from trainer.export import build_module, export_model, weights_of
@@ -182,6 +183,7 @@ def run(cfg: TrainConfig) -> TrainResult:
 
 def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     run_dir = Path(cfg.run.output_dir)
+    reuse_large_allocations()  # big per-step temporaries reuse freed heap memory (trainer/alloc.py)
     reset_read_stats()  # the read retry counters this run reports are its own
     if cfg.run.early_stopping and cfg.run.monitor not in VALIDATION_KEYS:
         raise ConfigError(f"run.monitor must be one of {VALIDATION_KEYS}, got {cfg.run.monitor!r}")
