@@ -266,7 +266,8 @@ class MultiVAE(nn.Module):
         """Decode z (B, d) into RNA ZINB/NB/Poisson parameters and ATAC probabilities.
 
         ``batch_codes`` replaces the batch covariate of the decoders (``transform_batch``);
-        ``return_logits`` adds the ATAC logits ``p_logits`` (the loss scores them, sigmoid fused in).
+        ``return_logits`` adds the ATAC logits ``p_logits`` (the loss scores them, sigmoid fused in); with
+        ``compile_kernels`` it then leaves ``p`` None (the compiled loss never needs it).
         """
         h_in, cov, codes = self._decoder_input(z, batch, batch_codes)
         h_rna = self.rna_decoder(h_in, cov)
@@ -280,7 +281,8 @@ class MultiVAE(nn.Module):
         else:
             theta = torch.exp(self.px_r_head(h_rna))
         p_logits = self.atac_out(self.atac_decoder(h_in, cov))
-        p = torch.sigmoid(p_logits)
+        # the compiled loss scores the logits directly: a (B, R) sigmoid pass nobody reads is skipped
+        p = None if return_logits and self._compiled_atac() else torch.sigmoid(p_logits)
         out = {
             "px_scale": px_scale,
             "px_rate": torch.exp(lib_rna) * px_scale,
@@ -313,6 +315,9 @@ class MultiVAE(nn.Module):
         """Only the ATAC probabilities p of ``generative`` (no RNA heads)."""
         h_in, cov, _ = self._decoder_input(z, batch, batch_codes)
         return torch.sigmoid(self.atac_out(self.atac_decoder(h_in, cov)))
+
+    def _compiled_atac(self) -> bool:
+        return self.compile_kernels and not (fused.atac_forward.failed or fused.atac_backward.failed)
 
     def region_factor_probs(self) -> torch.Tensor | None:
         return None if self.region_factors is None else torch.sigmoid(self.region_factors)
@@ -347,7 +352,7 @@ class MultiVAE(nn.Module):
         else:
             rl_rna = D.poisson_nll(x_rna, gen["px_rate"])
         logits, lib_atac, s = gen.pop("p_logits"), inf["lib_atac"], self.region_factor_probs()
-        if self.compile_kernels and not fused.atac_backward.failed:
+        if self._compiled_atac():
             rl_atac = D.product_bernoulli_nll_logits(x_atac, logits, lib_atac, s, compiled=True)
         else:  # eager: the hand-fused probability form makes fewer passes than the eager logits kernels
             rl_atac = D.product_bernoulli_nll(x_atac, gen["p"], lib_atac, s)
