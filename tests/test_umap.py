@@ -1,6 +1,7 @@
 """UMAP picture of a real embed output (tiny store -> trained model -> job=embed -> draw_umap).
 
-    .venv/bin/python -m pytest tests/test_umap.py -q        # ~15 s (numba compiles UMAP once)
+    .venv/bin/python -m pytest tests/test_umap.py -q        # ~20 s (numba compiles UMAP once)
+    .venv/bin/python -m pytest tests/test_umap.py -q -m slow   # the >= 8,192-cell (pynndescent) path, ~1 min
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from tests.train_utils import tiny_config, tiny_store
 from trainer.infer import infer
 from trainer.infer_config import InferConfig
 from trainer.jobs.common import InferError
-from trainer.jobs.umap import DPI, PANEL_INCHES, draw_umap
+from trainer.jobs.umap import DPI, PANEL_INCHES, PYNNDESCENT_FROM, draw_umap
 from trainer.train import train
 
 N_CELLS = 600
@@ -23,13 +24,18 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def embedding(tmp_path_factory):
+def embedded(tmp_path_factory):
     root = tmp_path_factory.mktemp("umap")
     store = tiny_store(root / "store", n_cells=N_CELLS)
     run = train(tiny_config(store, root / "run")).run_dir
     out = root / "emb.zarr"
     infer(InferConfig(model_dir=str(run), store=str(store), output=str(out), batch_size=128, progress=False))
-    return out
+    return out, run
+
+
+@pytest.fixture(scope="module")
+def embedding(embedded):
+    return embedded[0]
 
 
 def _image(png) -> np.ndarray:
@@ -79,3 +85,17 @@ def test_bad_inputs_fail_with_a_clear_message(embedding, tmp_path):
     zarr.consolidate_metadata(str(unfinished))
     with pytest.raises(InferError, match="not marked complete"):
         draw_umap(str(unfinished), str(tmp_path / "u.png"))
+
+
+@pytest.mark.slow
+def test_atlas_sized_output_uses_pynndescent_and_draws(embedded, tmp_path):
+    # From 8,192 cells scanpy 1.11 switches to pynndescent, whose csr_array it cannot read under scipy
+    # 1.17 (AttributeError: getnnz): the 600-cell outputs above never reach that path.
+    _, run = embedded
+    n = PYNNDESCENT_FROM + 300
+    store = tiny_store(tmp_path / "big_store", n_cells=n, seed=1)  # same features as the trained model
+    out = tmp_path / "big.zarr"
+    infer(InferConfig(model_dir=str(run), store=str(store), output=str(out), batch_size=1024, progress=False))
+    res = draw_umap(str(out), str(tmp_path / "big.png"), max_cells=PYNNDESCENT_FROM + 100)
+    assert res["n_cells"] == n and res["n_drawn"] == PYNNDESCENT_FROM + 100 and "subsample" in res["title"]
+    assert _image(tmp_path / "big.png").shape[:2] == (int(PANEL_INCHES * DPI), 3 * int(PANEL_INCHES * DPI))

@@ -27,6 +27,7 @@ from trainer.jobs.common import InferError
 
 PANEL_INCHES, DPI = 5.0, 100  # one square panel = 500 x 500 px (+ legend room), tests rely on the width
 MAX_LEGEND = 30  # categories listed in a legend; more (e.g. fine cell types) -> no legend, colours only
+PYNNDESCENT_FROM = 8192  # scanpy 1.11 switches from exact sklearn kNN to pynndescent at this many cells
 
 
 def _keys_from_model(uns: dict) -> tuple[str | None, str | None]:
@@ -64,6 +65,25 @@ def panel_columns(obs: pd.DataFrame, uns: dict, batch_key: str | None = None,
     if label_key is not None and label_key in obs:
         panels[f"label ({label_key})"] = obs[label_key].astype(str).astype("category")
     return panels
+
+
+def _knn_transformer(n_obs: int, n_neighbors: int, seed: int):
+    """scanpy's own default for large data (pynndescent, UMAP's settings), returning a ``csr_matrix``.
+
+    Why: from 8,192 cells on, ``scanpy.pp.neighbors`` (1.11.5) uses pynndescent, whose 0.7 transformer
+    returns a scipy ``csr_array``; scanpy then calls ``getnnz``, which scipy 1.17 sparse *arrays* no longer
+    have (``AttributeError``). Same settings as scanpy's default (UMAP's ``n_trees`` / ``n_iters``).
+    """
+    import scipy.sparse as sp
+    from pynndescent import PyNNDescentTransformer
+
+    class _CsrMatrixNNDescent(PyNNDescentTransformer):
+        def fit_transform(self, X, y=None, **fit_params):
+            return sp.csr_matrix(super().fit_transform(X, y, **fit_params))
+
+    return _CsrMatrixNNDescent(n_neighbors=n_neighbors, metric="euclidean", random_state=seed, n_jobs=1,
+                               n_trees=min(64, 5 + round(n_obs ** 0.5 / 20.0)),
+                               n_iters=max(5, round(np.log2(n_obs))))
 
 
 def _read(embed_output: str) -> tuple[np.ndarray, pd.DataFrame, dict]:
@@ -116,7 +136,11 @@ def draw_umap(embed_output: str, png: str, max_cells: int = 100_000, seed: int =
         raise InferError(f"{embed_output}: obs has none of the batch / modality / label columns to colour by")
 
     adata = ad.AnnData(obs=pd.DataFrame(index=obs.index.astype(str)), obsm={"X_multivi": np.asarray(z, np.float32)})
-    sc.pp.neighbors(adata, use_rep="X_multivi", n_neighbors=min(n_neighbors, adata.n_obs - 1), random_state=seed)
+    k = min(n_neighbors, adata.n_obs - 1)
+    # below PYNNDESCENT_FROM cells scanpy's exact sklearn kNN works as is; from there on, its pynndescent
+    # default is replaced by the same search returning a type scanpy can read (see _knn_transformer)
+    transformer = _knn_transformer(adata.n_obs, k, seed) if adata.n_obs >= PYNNDESCENT_FROM else None
+    sc.pp.neighbors(adata, use_rep="X_multivi", n_neighbors=k, transformer=transformer, random_state=seed)
     sc.tl.umap(adata, random_state=seed)
     xy = adata.obsm["X_umap"]
 
