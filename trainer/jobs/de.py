@@ -9,8 +9,8 @@ How it streams (nothing of size cells x features is held):
 2. Per comparison and side, ``n_samples_overall`` cells are drawn with replacement by a seeded pure
    function; only those cells are read and decoded, in batches. The (samples x features) matrices of
    the two sides are the only large arrays; when they would exceed ``de.block_mb`` the features are
-   processed in blocks (each block decodes the sampled cells again; DA's latent draws are seeded per
-   sample chunk, so every block sees the same draws).
+   processed in blocks (da keeps the decoder's hidden states of its draws, samples x n_hidden, so a
+   block costs only its output-layer columns; de decodes the sampled cells again per block).
 
 Ranks under torchrun: the raw pass is sharded by rows (sums all-reduced); comparisons are dealt
 round-robin over ranks, each writing ``<output>.parts/comp-<k>.parquet``; rank 0 concatenates them in
