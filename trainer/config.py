@@ -25,15 +25,17 @@ class DataConfig:
     val_fraction: float = 0.1  # must match the split the store was built with (hash of the cell id)
     chunk_size: int = 64  # contiguous rows read together (shuffle granularity)
     window_chunks: int = 16  # chunks whose cells are shuffled together (reader buffer)
-    remainder: str = "drop"  # drop | pad: how every rank gets the same number of training batches
+    # drop | pad: how every rank gets the same number of training batches; none: keep a short last
+    # batch (the reference's drop_last=False; one process only, ranks could differ in batch count)
+    remainder: str = "drop"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.remainder not in ("drop", "pad"):
-            raise ConfigError(f"data.remainder must be drop or pad, got {self.remainder!r}")
+        if self.remainder not in ("drop", "pad", "none"):
+            raise ConfigError(f"data.remainder must be drop, pad or none, got {self.remainder!r}")
 
 
 @dataclass

@@ -187,6 +187,10 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     reset_read_stats()  # the read retry counters this run reports are its own
     if cfg.run.early_stopping and cfg.run.monitor not in VALIDATION_KEYS:
         raise ConfigError(f"run.monitor must be one of {VALIDATION_KEYS}, got {cfg.run.monitor!r}")
+    if cfg.data.remainder == "none" and info.world_size > 1:
+        # ranks would get different numbers of batches and the collectives of the last step would hang
+        raise ConfigError(f"data.remainder=none needs one process, got world_size {info.world_size}: "
+                          "use drop or pad")
 
     # ---- build (same seed on every rank: identical initial weights before any broadcast)
     seed_everything(cfg.run.seed)
