@@ -67,25 +67,32 @@ def build_view_store(data: PairedData, sc: Scenario, work: Path) -> tuple[Path, 
     return store, pos
 
 
+def ours_config(store: Path, s: TrainSettings, run_dir: Path):
+    """The trainer config of our side: the reference's training semantics (docs/quality.md, table of
+    differences) expressed in our config."""
+    from trainer.config import load_config
+
+    # chunk 4 / 4096-chunk window: the whole (small) store is shuffled each epoch at 4-cell granularity,
+    # close to the reference's per-cell shuffle. remainder none: a short last batch, as the reference's
+    # drop_last=False (pad would fill it with ~100 repeated cells: same step count, other gradients).
+    return load_config({
+        "data": {"store": str(store), "batch_size": s.batch_size, "chunk_size": 4, "window_chunks": 4096,
+                 "prefetch": 0, "val_fraction": s.val_fraction, "remainder": "none"},
+        "optim": {"lr": s.lr, "n_epochs_kl_warmup": s.n_epochs_kl_warmup},
+        "run": {"epochs": s.epochs, "seed": s.seed, "output_dir": str(run_dir), "resume": "none",
+                "early_stopping": False, "keep_checkpoints": 1},
+        "logger": {"log_every": 1, "plot": False}})
+
+
 def train_ours(data: PairedData, sc: Scenario, s: TrainSettings, work: Path) -> OursRun:
     import time
 
-    from trainer.config import load_config
     from trainer.export import load_model
     from trainer.train import train
 
     store, order = build_view_store(data, sc, work)
-    # chunk 4 / 4096-chunk window: the whole (small) store is shuffled each epoch at 4-cell granularity,
-    # close to the reference's per-cell shuffle. pad: as many steps per epoch as the reference.
-    cfg = load_config({
-        "data": {"store": str(store), "batch_size": s.batch_size, "chunk_size": 4, "window_chunks": 4096,
-                 "prefetch": 0, "val_fraction": s.val_fraction, "remainder": "pad"},
-        "optim": {"lr": s.lr, "n_epochs_kl_warmup": s.n_epochs_kl_warmup},
-        "run": {"epochs": s.epochs, "seed": s.seed, "output_dir": str(work / "run"), "resume": "none",
-                "early_stopping": False, "keep_checkpoints": 1},
-        "logger": {"log_every": 1, "plot": False}})
     t0 = time.perf_counter()
-    res = train(cfg)
+    res = train(ours_config(store, s, work / "run"))
     seconds = time.perf_counter() - t0
     module, _ = load_model(res.model_dir)
     return OursRun(module, store, order, res.skipped_steps, _all_finite(Path(res.run_dir), res.last_validation),
