@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -80,24 +81,36 @@ def executor(address: str | None, n_workers: int = 2, connect_timeout_s: float =
 
 
 def _compute_on(client, tasks: list, settle_s: float = 300) -> list:
-    """Results of ``tasks`` on the cluster. On failure, cancel what has not started and wait for what is
-    running before raising: a shard task finishing late must not write into a store that the caller is
-    about to remove. (Cancelling a running task does not stop its thread on the worker.)"""
-    from distributed import wait
-
+    """Results of ``tasks`` on the cluster. On failure, cancel them all and wait until no worker still
+    runs (or is about to run) one of them before raising: a shard task finishing late must not write
+    into a store that the caller is about to remove. Cancelling does not stop a running task's thread,
+    and the scheduler forgets a cancelled task at once, so the workers themselves are asked."""
     futures = client.compute(tasks)
     try:
         return list(client.gather(futures))
     except BaseException:
-        busy = {k for ks in client.processing().values() for k in ks}  # OSError: scheduler gone, nothing runs
-        client.cancel([f for f in futures if f.key not in busy])
-        running = [f for f in futures if f.key in busy]
-        log.info("build failed: waiting for %d running task(s) before removing the output", len(running))
-        try:
-            wait(running, timeout=settle_s)
-        except TimeoutError:
-            log.warning("%d task(s) still running after %.0f s", len(running), settle_s)
+        keys = {str(f.key) for f in futures}
+        client.cancel(futures)
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline:
+            try:
+                live = client.run(_live_task_keys, on_error="ignore")  # dead workers are skipped
+            except OSError:  # the scheduler is gone: nothing more is scheduled
+                break
+            left = keys & {k for ks in live.values() for k in ks}
+            if not left:
+                break
+            log.info("build failed: waiting for %d task(s) still on the workers", len(left))
+            time.sleep(0.2)
         raise
+
+
+_LIVE = {"waiting", "ready", "constrained", "executing", "long-running", "cancelled", "resumed"}
+
+
+def _live_task_keys(dask_worker) -> list[str]:
+    """Keys of the tasks a worker runs or may still start (a cancelled task keeps running to its end)."""
+    return [str(ts.key) for ts in dask_worker.state.tasks.values() if ts.state in _LIVE]
 
 
 # ----------------------------------------------------------------------------------- worker side
