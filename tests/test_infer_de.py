@@ -23,6 +23,7 @@ from scipy.stats import spearmanr
 from data.build import build_store
 from data.config import BuildConfig, InputConfig
 from data.store import open_store
+from data.synthetic import write_synthetic_store
 from tests.train_utils import PY, ROOT, env, tiny_config, torchrun
 from trainer import differential as D
 from trainer.infer import infer
@@ -236,6 +237,21 @@ def test_two_ranks_equal_one_rank(trained, tmp_path):
               "de.n_samples_overall=300"], nproc=2, timeout=300)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "two.csv", index_col=0), one)
 
+
+
+def test_size_factor_model(tmp_path):
+    """A model trained with use_size_factor reads the batch's size factors in module.inference: the
+    de/da loader must provide them (without, the job fails with a KeyError on the size factors)."""
+    store = write_synthetic_store(tmp_path / "store", n_cells=400, n_genes=60, n_regions=120, progress=False)
+    res = train(tiny_config(store, tmp_path / "run", **{"model.use_size_factor": True, "run.epochs": 1}))
+    for job, col in (("de", "proba_de"), ("da", "prob_da")):
+        out = tmp_path / f"{job}.csv"
+        infer(InferConfig(model_dir=str(res.run_dir), store=str(store), output=str(out), job=job, progress=False,
+                          batch_size=128, de=DiffOptions(groupby="cell_type", group1=["type_0"],
+                                                         n_samples_overall=200)))
+        df = pd.read_csv(out, index_col=0)
+        assert len(df) == (60 if job == "de" else 120) and df[col].between(0, 1).all(), job
+        assert np.isfinite(df["bayes_factor"]).all(), job
 
 # ------------------------------------------------------------------------------ pure statistics
 def test_statistics_known_answer():
