@@ -89,3 +89,15 @@ def test_short_last_batch_trains(view_store, tmp_path):
     losses = [json.loads(line)["loss"] for f in Path(res.run_dir).glob("metrics*.jsonl")
               for line in f.read_text().splitlines() if '"kind": "train"' in line]
     assert len(losses) == res.steps and np.all(np.isfinite(losses))
+
+
+def test_runs_of_an_older_harness_are_not_reused():
+    """A stored run trained with the padded last batch (no harness_version) must be rerun, not reused."""
+    from dataclasses import asdict
+
+    from trainer.quality.harness import asdict_seedless
+
+    s = TrainSettings(epochs=100, n_epochs_kl_warmup=50)
+    old = {k: v for k, v in asdict(s).items() if k != "harness_version"}
+    assert asdict_seedless(s, {"seed": 3, "settings": {**old, "seed": 3}}) != {**old, "seed": 3}
+    assert asdict_seedless(s, {"seed": 3}) == {**asdict(s), "seed": 3}

@@ -13,6 +13,9 @@ class TrainSettings:
     n_epochs_kl_warmup: int = 10
     val_fraction: float = 0.1  # held-out cells (hash of the cell id, data/split.py), never trained on
     seed: int = 0
+    # bumped when a side's training semantics change, so stored runs of an older harness are not reused
+    # (2: our last batch is short like the reference's, no longer padded with repeated cells)
+    harness_version: int = 2
     # model sizes/options are the reference's defaults on both sides (n_hidden, n_latent derived)
 
     def __post_init__(self) -> None:
