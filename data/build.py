@@ -12,6 +12,7 @@ result is renamed into place only when complete.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -207,7 +208,13 @@ def main() -> None:
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         log.handlers, log.disabled, log.propagate = [handler], False, False
         log.setLevel(logging.INFO)
-        out = build_store(to_typed(cfg, BuildConfig))
+        try:
+            out = build_store(to_typed(cfg, BuildConfig))
+        except (ValueError, OSError) as exc:
+            # bad config/input (ConfigError, ValidationError are ValueErrors), a missing input, an existing
+            # or unwritable output: one line naming it; build_store has already removed its temporary store
+            print(f"mva-build: error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
         print(f"wrote {out}")
 
     _run()

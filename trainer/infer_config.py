@@ -124,6 +124,7 @@ class InferConfig:
     modalities: list[str] = field(default_factory=lambda: ["joint", "expression", "accessibility"])
     overwrite: bool = False  # replace a complete output; an unfinished one is always resumed
     progress: bool = True  # progress bar on rank 0
+    timeout_s: int = 1800  # torchrun: a rank that stops answering (lost node) fails the others after this
     embed: EmbedOptions = field(default_factory=EmbedOptions)
     expression: ExpressionOptions = field(default_factory=ExpressionOptions)
     accessibility: AccessibilityOptions = field(default_factory=AccessibilityOptions)
@@ -138,6 +139,8 @@ class InferConfig:
         missing = [k for k in needed if getattr(self, k) in (None, "", "???")]
         if missing:
             raise ConfigError(f"missing config value: {', '.join(missing)} (job={self.job})")
+        if self.timeout_s < 1:
+            raise ConfigError(f"timeout_s must be >= 1, got {self.timeout_s}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_samples < 1:

@@ -137,7 +137,7 @@ def _features(cfg: InferConfig, all_names: list[str], job: str) -> np.ndarray:
 
 
 def _run(cfg: InferConfig, job: str) -> dict:
-    info = dist.init_distributed()
+    info = dist.init_distributed(cfg.timeout_s)
     model_dir = resolve_model_dir(cfg.model_dir)
     module, minfo = load_model(model_dir, device=info.device)
     store = open_checked_store(cfg.store, minfo)

@@ -36,7 +36,7 @@ def run_export(cfg: InferConfig) -> dict:
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:
         raise InferError(f"{out} already exists: pass overwrite=true to replace it")
-    info = dist.init_distributed()
+    info = dist.init_distributed(cfg.timeout_s)
     result: dict = {"output": str(out), "direction": opts.direction}
     try:
         if info.is_main:

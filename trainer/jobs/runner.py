@@ -72,7 +72,7 @@ FAIL_AFTER_ENV = "MVA_INFER_FAIL_AFTER_CHUNKS"
 # two chunks' results); False = store synchronously (debugging, A/B timing).
 OVERLAP_WRITES = True
 # Top-level config keys that do not change the output (and so are not part of the fingerprint).
-_NOT_SETTINGS = ("output", "overwrite", "progress", "model_dir", "store", "embed", "expression",
+_NOT_SETTINGS = ("output", "overwrite", "progress", "timeout_s", "model_dir", "store", "embed", "expression",
                  "accessibility", "de", "export")
 
 
@@ -92,7 +92,7 @@ class JobContext:
 
 def open_job(cfg: InferConfig) -> JobContext:
     """Join the process group (if any), load the model and open the store checked against it."""
-    info = dist.init_distributed()
+    info = dist.init_distributed(cfg.timeout_s)
     model_dir = resolve_model_dir(cfg.model_dir)
     module, minfo = load_model(model_dir, device=info.device)
     store = open_checked_store(cfg.store, minfo)
