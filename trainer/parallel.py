@@ -83,10 +83,16 @@ def average_gradients(params: list[nn.Parameter]) -> None:
 
 
 def _total_norm(params) -> float:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    return float(torch.linalg.vector_norm(torch.stack(grads)))
+    return float(nn.utils.get_total_norm(grads, foreach=True))  # one foreach kernel, not one norm per tensor
+
+
+def _fused(params) -> bool:
+    """torch's single-kernel Adam/AdamW where it exists (same math; the per-parameter loop version
+    costs ~12 ms of a ~45 ms CPU step at the benchmark sizes)."""
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
 class Wrapped:
@@ -98,9 +104,9 @@ class Wrapped:
         self.device = device
         self.clf_optimizer = None
         if classifier is not None:
-            self.clf_optimizer = torch.optim.Adam(classifier.parameters(), lr=optim.classifier_lr,
-                                                  eps=optim.classifier_eps,
-                                                  weight_decay=optim.classifier_weight_decay)
+            params = list(classifier.parameters())
+            self.clf_optimizer = torch.optim.Adam(params, lr=optim.classifier_lr, eps=optim.classifier_eps,
+                                                  weight_decay=optim.classifier_weight_decay, fused=_fused(params))
         # bf16/fp16 autocast only on GPU: CPU autocast would change numerics without a speed-up here
         self.amp_dtype = None
         if device.type == "cuda" and dcfg.precision != "fp32":
@@ -158,8 +164,9 @@ class DDPWrapped(Wrapped):
                 find_unused_parameters=dcfg.find_unused_parameters)
         else:
             self.engine = self.loss_module
-        self.optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, eps=optim.eps,
-                                           weight_decay=optim.weight_decay)
+        params = list(module.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, eps=optim.eps, weight_decay=optim.weight_decay,
+                                           fused=_fused(params))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.grad_clip = optim.grad_clip
 
