@@ -1,4 +1,5 @@
-"""SIGKILL (a real kill of the real CLI, not an exception) during ``mva-build`` and ``mva-infer embed``:
+"""SIGKILL (a real kill of the real CLI, not an exception) during ``mva-build``, ``mva-infer embed`` and
+``mva-infer de`` (expression / accessibility: tests/test_infer_expression.py, test_infer_accessibility.py):
 nothing valid-looking is left and the same command then completes correctly. (``mva-synth`` killed
 halfway: tests/test_build_cli.py; training and checkpoints: tests/test_train.py,
 tests/test_reliability_checkpoint.py.)
@@ -83,3 +84,31 @@ def test_sigkill_during_mva_infer_embed_leaves_no_output_and_the_rerun_equals_a_
     assert list(a.obs_names) == list(b.obs_names) and a.n_obs == 3000
     for key in b.obsm:
         np.testing.assert_array_equal(np.asarray(a.obsm[key]), np.asarray(b.obsm[key]))
+
+
+def test_sigkill_during_mva_infer_de_leaves_no_table_and_the_rerun_equals_a_clean_run(tmp_path):
+    import pandas as pd
+
+    store = tiny_store(tmp_path / "store", n_cells=600)
+    run = tmp_path / "run"
+    train(tiny_config(store, run, **{"run.epochs": 1, "run.max_steps": 3}))
+
+    def cmd(out: Path) -> list[str]:
+        # one-vs-rest over every cell type: one comparison (one part file) at a time
+        return [PY, "-m", "trainer.infer", "job=de", f"model_dir={run}", f"store={store}", f"output={out}",
+                "de.groupby=cell_type", "de.n_samples_overall=200", "batch_size=128", "progress=false"]
+
+    out = tmp_path / "de.csv"
+    parts = tmp_path / "de.csv.parts"
+    proc = subprocess.Popen(cmd(out), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    _kill_when(proc, lambda: len(list(parts.glob("comp-*.parquet"))) >= 1)
+    assert not out.exists() and not list(tmp_path.glob("de.csv.tmp*"))  # no table that looks complete
+    r = subprocess.run(cmd(out), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    clean = tmp_path / "clean.csv"
+    r = subprocess.run(cmd(clean), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = pd.read_csv(out), pd.read_csv(clean)
+    assert len(a) == len(b) and a["comparison"].nunique() >= 2 and not parts.exists()
+    pd.testing.assert_frame_equal(a, b)
