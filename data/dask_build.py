@@ -44,8 +44,10 @@ from data import keys
 from data.config import InputConfig
 from data.convert import open_input
 from data.convert.align import Alignment, remap_columns
+from data.filters import Block, apply_filters, block_detection, tree_sum
+from data.store_stats import block_stats
 from data.validate import ValidationError, check_counts
-from data.writer import StoreSchema, StoreWriter, write_shard
+from data.writer import StoreSchema, StoreWriter, normalize_obs, write_shard
 
 log = logging.getLogger("mva-build")
 Compute = Callable[[list], list]
@@ -139,12 +141,7 @@ def close_sources() -> None:
 
 
 def _detection(inp: InputConfig, start: int, stop: int, modality: str, colmap: np.ndarray, n_cols: int) -> np.ndarray:
-    rna, atac = _source(inp)._rows(start, stop)
-    x = rna if modality == keys.RNA else atac
-    if x is None:
-        return np.zeros(n_cols, np.int64)
-    x = remap_columns(sp.csr_matrix(x), colmap, n_cols)
-    return np.bincount(x.indices[x.data > 0], minlength=n_cols).astype(np.int64)
+    return block_detection(_source(inp)._rows(start, stop), modality, colmap, n_cols)
 
 
 @dataclass
@@ -166,16 +163,6 @@ class ShardJob:
     first_index: int  # global index of its first cell
     pieces: list[tuple[int, int, int, np.ndarray]]  # (input, first source row, stop row, keep mask of the rows)
     obs: pd.DataFrame  # the store columns of its cells (kept cells only, in order)
-
-
-class _ObsNormaliser:
-    """StoreWriter's obs normalisation (categories, split hash, cell_index) for a shard whose first
-    global index is known up front instead of counted by arrival."""
-
-    _normalize_obs = StoreWriter._normalize_obs
-
-    def __init__(self, schema: StoreSchema, first_index: int):
-        self.schema, self._next_index = schema, first_index
 
 
 def _read_shard(ctx: BuildContext, job: ShardJob) -> tuple[sp.csr_matrix, sp.csr_matrix, list[str]]:
@@ -203,28 +190,15 @@ def shard_task(ctx: BuildContext, job: ShardJob) -> dict:
     """Write shard ``job.idx``; return its cell count and its partial statistics."""
     rna, atac, names = _read_shard(ctx, job)
     try:
-        obs = _ObsNormaliser(ctx.schema, job.first_index)._normalize_obs(job.obs)
+        obs = normalize_obs(ctx.schema, job.obs, job.first_index)
     except (ValueError, KeyError) as exc:  # name the input, not just the cell
         raise ValidationError(f"{' / '.join(dict.fromkeys(names))}: {exc}") from exc
-    det, n_measured = {}, {}
-    for name, x, mask in ((keys.RNA, rna, obs["mask_rna"].values), (keys.ATAC, atac, obs["mask_atac"].values)):
-        row_nnz = np.diff(x.indptr)
-        if np.any(row_nnz[~mask] > 0):
-            bad = obs.index[np.flatnonzero((row_nnz > 0) & ~mask)[0]]
-            raise ValidationError(f"cell {bad!r} has {name} counts but mask_{name} is False")
-        det[name] = np.bincount(x.indices[x.data > 0], minlength=x.shape[1]).astype(np.int64)
-        n_measured[name] = int(mask.sum())
-    lib = np.asarray(rna.sum(axis=1)).ravel().astype(np.int64)
-    obs["lib_rna"] = lib
-    obs["lib_atac"] = np.asarray(atac.sum(axis=1)).ravel().astype(np.int64)
-    m = obs["mask_rna"].values
-    codes = obs[ctx.schema.batch_key].cat.codes.values[m]
-    loglib = np.log(np.maximum(lib[m], 1).astype(np.float64))
-    nb = len(ctx.schema.batch_categories)
-    stats = {"lib_sum": np.bincount(codes, loglib, minlength=nb), "lib_sq": np.bincount(codes, loglib ** 2, minlength=nb),
-             "lib_n": np.bincount(codes, minlength=nb).astype(np.int64)}
+    try:
+        stats = block_stats(rna, atac, obs, ctx.schema.batch_key, len(ctx.schema.batch_categories))
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from exc
     _write_atomically(ctx, job.idx, rna, atac, obs)
-    return {"idx": job.idx, "n": len(obs), "det": det, "n_measured": n_measured, "worker": _worker_address(), **stats}
+    return {"idx": job.idx, "n": len(obs), "stats": stats, "worker": _worker_address()}
 
 
 def _worker_address() -> str:
@@ -252,40 +226,13 @@ def _write_atomically(ctx: BuildContext, idx: int, rna, atac, obs) -> None:
 # ----------------------------------------------------------------------------------- client side
 def detection_filters(compute: Compute, inputs: Sequence[InputConfig], sources, keeps, al: Alignment,
                       min_fraction: dict[str, float], block_size: int) -> dict[str, list[str]]:
-    """data.filters.apply_filters with the per-block counting done as Dask tasks (same rule)."""
-    removed = {}
-    for mod, frac in min_fraction.items():
-        n_cols = len(al.names[mod])
-        if frac <= 0 or n_cols == 0:
-            continue
-        tasks, n_measured = [], 0
-        for inp, src, keep, cm in zip(inputs, sources, keeps, al.colmaps):
-            if cm[mod] is None:
-                continue
-            n_measured += int((src.obs[f"mask_{mod}"].to_numpy(bool) & keep).sum())
-            for start in range(0, len(src.obs), block_size):  # dropped cells carry no counts
-                stop = min(start + block_size, len(src.obs))
-                tasks.append(dask.delayed(_detection, pure=True)(inp, start, stop, mod, cm[mod], n_cols))
-        counts = compute([_tree_sum(tasks)])[0] if tasks else np.zeros(n_cols)
-        det = counts / max(n_measured, 1)
-        keep = det >= frac
-        removed[mod] = [str(n) for n in al.names[mod][~keep]]
-        if not keep.any():
-            raise ValidationError(f"filter min_{'gene' if mod == 'rna' else 'region'}_fraction={frac} removes every "
-                                  f"{mod} feature (max detection fraction {det.max():.4f})")
-        al.restrict(mod, keep)
-    return removed
+    """data.filters.apply_filters with the per-block counting done as Dask tasks on the workers."""
+    def count(modality: str, blocks: list[Block], n_cols: int) -> np.ndarray:
+        tasks = [dask.delayed(_detection, pure=True)(inputs[i], start, stop, modality, cm, n_cols)
+                 for i, start, stop, cm in blocks]
+        return compute([tree_sum(tasks)])[0]
 
-
-def _sum(*parts: np.ndarray) -> np.ndarray:
-    return np.sum(parts, axis=0)
-
-
-def _tree_sum(parts: list, split_every: int = 8):
-    """Sum delayed arrays in a tree: only a few count vectors are alive at once, whatever the blocks."""
-    while len(parts) > 1:
-        parts = [dask.delayed(_sum, pure=True)(*parts[i:i + split_every]) for i in range(0, len(parts), split_every)]
-    return parts[0]
+    return apply_filters(sources, keeps, al, min_fraction, block_size, count)
 
 
 def plan_shards(obs_list: list[pd.DataFrame], keeps: list[np.ndarray], shard_size: int) -> list[ShardJob]:
@@ -310,7 +257,7 @@ def plan_shards(obs_list: list[pd.DataFrame], keeps: list[np.ndarray], shard_siz
 def write_shards(compute: Compute, writer: StoreWriter, inputs: Sequence[InputConfig], al: Alignment,
                  obs_list: list[pd.DataFrame], keeps: list[np.ndarray], block_size: int) -> None:
     """Run every shard task, then hand the writer the totals so that its ``close()`` finishes the store."""
-    if writer.n_cells or writer._buf_rows:
+    if writer.n_appended:
         raise RuntimeError("write_shards needs a fresh StoreWriter")
     jobs = plan_shards(obs_list, keeps, writer.shard_size)
     writer.root.require_group("shards")  # created once here, not raced by the tasks
@@ -321,14 +268,7 @@ def write_shards(compute: Compute, writer: StoreWriter, inputs: Sequence[InputCo
     if [r["idx"] for r in results] != list(range(len(jobs))):
         raise RuntimeError("a shard task result is missing")
     for r in results:  # summed in shard order: the same numbers whichever worker wrote what
-        writer._lib_sum += r["lib_sum"]
-        writer._lib_sq += r["lib_sq"]
-        writer._lib_n += r["lib_n"]
-        for mod in (keys.RNA, keys.ATAC):
-            writer._det[mod] += r["det"][mod]
-            writer._n_measured[mod] += r["n_measured"][mod]
-        writer.shard_offsets.append(writer.shard_offsets[-1] + r["n"])
-    writer.n_cells = writer._next_index = writer.shard_offsets[-1]
+        writer.register_shard(r["n"], r["stats"])
     log.info("%d shards written by %s", len(results), dict(Counter(r["worker"] for r in results)))
     shutil.rmtree(Path(writer.tmp) / ".staging", ignore_errors=True)
     missing = [j.idx for j in jobs if not (Path(writer.tmp) / "shards" / f"{j.idx:05d}" / "zarr.json").exists()]

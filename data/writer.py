@@ -3,7 +3,8 @@
 Memory is bounded by one shard: blocks are buffered until ``shard_size`` cells are collected, the shard
 is written with anndata's element writers (so every shard opens with ``mudata.read_zarr``) and the
 buffer is dropped. Per-batch RNA library statistics and per-feature detection counts are accumulated
-as blocks arrive, so nothing is ever re-read. The store is written under ``<out>.tmp-<random>`` and
+as blocks arrive (data/store_stats.py), so nothing is ever re-read. Shards written elsewhere (the Dask
+build's tasks) are accounted for with :meth:`StoreWriter.register_shard`. The store is written under ``<out>.tmp-<random>`` and
 renamed to ``<out>`` only by :meth:`StoreWriter.close`, after ``complete: true`` is set: a build that dies
 halfway leaves a ``.tmp-`` directory that :func:`data.store.open_store` refuses.
 """
@@ -28,6 +29,7 @@ from zarr.codecs import BloscCodec
 
 from data import keys
 from data.split import cell_hash
+from data.store_stats import BlockStats, block_stats
 
 # Rows per Zarr chunk / shard of the CSR arrays (stack notes §4: small chunks for fast shuffled reads,
 # shards so that the directory does not explode into millions of files).
@@ -90,6 +92,40 @@ def _feature_frame(names: list[str], extra: pd.DataFrame | None, parse: bool) ->
     return df
 
 
+def normalize_obs(schema: StoreSchema, obs: pd.DataFrame, first_index: int) -> pd.DataFrame:
+    """The store's obs columns of a block: declared categories, masks, split hash, and ``cell_index``
+    numbered from ``first_index`` (the global row of the block's first cell). Raises KeyError / ValueError
+    on a missing column or an undeclared category."""
+    s = schema
+    out = pd.DataFrame(index=pd.Index(obs.index.astype(str), dtype=str))
+    needed = [s.batch_key, *s.cat_cov_keys, *s.cont_cov_keys, "mask_rna", "mask_atac"]
+    missing = [c for c in needed if c not in obs.columns]
+    if missing:
+        raise KeyError(f"obs block lacks column(s) {missing}")
+    cats = {s.batch_key: s.batch_categories, **s.cat_cov_categories}
+    if s.label_key is not None:
+        cats[s.label_key] = s.label_categories
+    for key in [s.batch_key, *s.cat_cov_keys] + ([s.label_key] if s.label_key else []):
+        raw = obs[key] if key in obs.columns else pd.Series(np.full(len(obs), None, object))
+        present = raw.notna().to_numpy()
+        vals = np.where(present, raw.astype(str).to_numpy(), None)
+        col = pd.Categorical(vals, categories=list(cats[key]))
+        # Labels may be unknown (NaN); batch and covariates must be one of the declared categories.
+        unknown = pd.isna(col) & present if key == s.label_key else pd.isna(col)
+        if np.any(unknown):
+            i = np.flatnonzero(unknown)[0]
+            raise ValueError(f"column {key!r}: value {vals[i]!r} of cell {out.index[i]!r} is missing "
+                             f"or not a declared category")
+        out[key] = col
+    for key in s.cont_cov_keys:
+        out[key] = obs[key].to_numpy(dtype=np.float32)
+    out["mask_rna"] = obs["mask_rna"].to_numpy(dtype=bool)
+    out["mask_atac"] = obs["mask_atac"].to_numpy(dtype=bool)
+    out["split_hash"] = cell_hash(out.index)
+    out["cell_index"] = np.arange(first_index, first_index + len(obs), dtype=np.int64)
+    return out
+
+
 def _empty_csr(n_rows: int, n_cols: int) -> sp.csr_matrix:
     return sp.csr_matrix((n_rows, n_cols), dtype=np.uint8)
 
@@ -129,10 +165,7 @@ class StoreWriter:
         self._buf_rows = 0
         self.shard_offsets = [0]
         self.n_cells = 0
-        nb = len(schema.batch_categories)
-        self._lib_sum, self._lib_sq, self._lib_n = np.zeros(nb), np.zeros(nb), np.zeros(nb, np.int64)
-        self._det = {keys.RNA: np.zeros(self.n_genes, np.int64), keys.ATAC: np.zeros(self.n_regions, np.int64)}
-        self._n_measured = {keys.RNA: 0, keys.ATAC: 0}
+        self.stats = BlockStats.zeros(self.n_genes, self.n_regions, len(schema.batch_categories))
         self._next_index = 0
         self._closed = False
 
@@ -146,25 +179,9 @@ class StoreWriter:
         if rna.shape != (n, self.n_genes) or atac.shape != (n, self.n_regions):
             raise ValueError(f"block shapes rna {rna.shape}, atac {atac.shape} do not match "
                              f"{n} cells x ({self.n_genes} genes, {self.n_regions} regions)")
-        obs = self._normalize_obs(obs)
-        for name, x, mask in ((keys.RNA, rna, obs["mask_rna"].values), (keys.ATAC, atac, obs["mask_atac"].values)):
-            row_nnz = np.diff(x.indptr)
-            if np.any(row_nnz[~mask] > 0):
-                bad = obs.index[np.flatnonzero((row_nnz > 0) & ~mask)[0]]
-                raise ValueError(f"cell {bad!r} has {name} counts but mask_{name} is False")
-            # Detection counts only over cells where the modality was measured (rows of others are empty).
-            self._det[name] += np.bincount(x.indices[x.data > 0], minlength=x.shape[1])
-            self._n_measured[name] += int(mask.sum())
-        lib = np.asarray(rna.sum(axis=1)).ravel().astype(np.int64)
-        obs["lib_rna"] = lib
-        obs["lib_atac"] = np.asarray(atac.sum(axis=1)).ravel().astype(np.int64)
-        m = obs["mask_rna"].values
-        codes = obs[self.schema.batch_key].cat.codes.values[m]
-        loglib = np.log(np.maximum(lib[m], 1).astype(np.float64))
-        nb = len(self.schema.batch_categories)
-        self._lib_sum += np.bincount(codes, loglib, minlength=nb)
-        self._lib_sq += np.bincount(codes, loglib ** 2, minlength=nb)
-        self._lib_n += np.bincount(codes, minlength=nb)
+        obs = normalize_obs(self.schema, obs, self._next_index)  # global row = order of arrival
+        self._next_index += n
+        self.stats.add(block_stats(rna, atac, obs, self.schema.batch_key, len(self.schema.batch_categories)))
         # Cut the block where it crosses shard boundaries so every shard has exactly shard_size cells.
         start = 0
         while start < n:
@@ -176,39 +193,22 @@ class StoreWriter:
             if self._buf_rows == self.shard_size:
                 self._flush()
 
-    def _normalize_obs(self, obs: pd.DataFrame) -> pd.DataFrame:
-        s = self.schema
-        out = pd.DataFrame(index=pd.Index(obs.index.astype(str), dtype=str))
-        needed = [s.batch_key, *s.cat_cov_keys, *s.cont_cov_keys, "mask_rna", "mask_atac"]
-        missing = [c for c in needed if c not in obs.columns]
-        if missing:
-            raise KeyError(f"obs block lacks column(s) {missing}")
-        cats = {s.batch_key: s.batch_categories, **s.cat_cov_categories}
-        if s.label_key is not None:
-            cats[s.label_key] = s.label_categories
-        for key in [s.batch_key, *s.cat_cov_keys] + ([s.label_key] if s.label_key else []):
-            raw = obs[key] if key in obs.columns else pd.Series(np.full(len(obs), None, object))
-            present = raw.notna().to_numpy()
-            vals = np.where(present, raw.astype(str).to_numpy(), None)
-            col = pd.Categorical(vals, categories=list(cats[key]))
-            # Labels may be unknown (NaN); batch and covariates must be one of the declared categories.
-            unknown = pd.isna(col) & present if key == s.label_key else pd.isna(col)
-            if np.any(unknown):
-                i = np.flatnonzero(unknown)[0]
-                raise ValueError(f"column {key!r}: value {vals[i]!r} of cell {out.index[i]!r} is missing "
-                                 f"or not a declared category")
-            out[key] = col
-        for key in s.cont_cov_keys:
-            out[key] = obs[key].to_numpy(dtype=np.float32)
-        out["mask_rna"] = obs["mask_rna"].to_numpy(dtype=bool)
-        out["mask_atac"] = obs["mask_atac"].to_numpy(dtype=bool)
-        out["split_hash"] = cell_hash(out.index)
-        # Global row index = order of arrival (cells in the shard buffer are numbered already).
-        out["cell_index"] = np.arange(self._next_index, self._next_index + len(obs), dtype=np.int64)
-        self._next_index += len(obs)
-        return out
+    @property
+    def n_appended(self) -> int:
+        """Cells appended or registered so far (written or still buffered)."""
+        return self._next_index
 
     # ----------------------------------------------------------------------------------- shards
+    def register_shard(self, n_cells: int, stats: BlockStats) -> None:
+        """Account for the next shard, ``shards/<n_shards:05d>`` of ``n_cells`` cells, written into
+        ``self.tmp`` by someone else (data/dask_build.py) with ``stats`` of its cells. Call in shard order."""
+        if self._buf_rows:
+            raise RuntimeError("register_shard after append: cells are buffered for a shard of their own")
+        self.stats.add(stats)
+        self.n_cells += int(n_cells)
+        self.shard_offsets.append(self.n_cells)
+        self._next_index = self.n_cells
+
     def _flush(self) -> None:
         if not self._buf_rows:
             return
@@ -230,18 +230,8 @@ class StoreWriter:
             self.abort()
             raise ValueError(f"no cells were written to {self.out} (empty input)")
         s = self.schema
-        n = np.maximum(self._lib_n, 1)
-        mean = self._lib_sum / n
-        var = np.maximum(self._lib_sq / n - mean ** 2, 0.0)
-        stats = {
-            "rna_library_log_mean": mean.astype(np.float32),
-            "rna_library_log_var": var.astype(np.float32),
-            "rna_detection_rate": (self._det[keys.RNA] / max(self._n_measured[keys.RNA], 1)).astype(np.float32),
-            "atac_detection_rate": (self._det[keys.ATAC] / max(self._n_measured[keys.ATAC], 1)).astype(np.float32),
-            "rna_cells_per_batch": self._lib_n.astype(np.int64),
-        }
         with _settings():
-            for name, arr in stats.items():
+            for name, arr in self.stats.arrays().items():
                 write_elem(self.root, f"stats/{name}", arr)
         self.root.attrs.update({
             "n_cells": self.n_cells, "n_genes": self.n_genes, "n_regions": self.n_regions,
@@ -251,7 +241,7 @@ class StoreWriter:
             "cat_cov_categories": {k: list(map(str, v)) for k, v in s.cat_cov_categories.items()},
             "cont_cov_keys": list(s.cont_cov_keys), "label_key": s.label_key,
             "label_categories": list(map(str, s.label_categories)),
-            "n_cells_rna": self._n_measured[keys.RNA], "n_cells_atac": self._n_measured[keys.ATAC],
+            "n_cells_rna": self.stats.n_measured[keys.RNA], "n_cells_atac": self.stats.n_measured[keys.ATAC],
             "source": self.source, "created_by": f"multivi-atlas {_version()}",
         })
         self.root.attrs["complete"] = True  # last write before the rename: only a finished store has it
