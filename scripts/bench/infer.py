@@ -199,6 +199,7 @@ def profile_stages(job: str, model_dir: str, store_path: str, batch: int, n_batc
     from data.collate import to_device
     from data.stream import StoreStream
     from trainer.export import load_model
+    from trainer.jobs.accessibility import quantize
     from trainer.jobs.common import open_checked_store
     from trainer.jobs.runner import create_dense, feature_chunk_cols
     from trainer.predict import normalized_accessibility, normalized_expression
@@ -211,14 +212,19 @@ def profile_stages(job: str, model_dir: str, store_path: str, batch: int, n_batc
     tmp = tempfile.mkdtemp(dir=BENCH)
     root = zarr.open_group(f"{tmp}/p.zarr", mode="w")
     cols = feature_chunk_cols(batch, n_feat)
-    arrays = {"write (job: float32, zstd)": create_dense(root, "a", (batch * n_batches, n_feat), "float32", batch, cols)}
+    # create_dense = the jobs' arrays (blosc lz4 + shuffle since 1e1df8a; zstd before, kept as a variant)
+    shape = (batch * n_batches, n_feat)
+    arrays = {"write (job: float32, blosc lz4)": create_dense(root, "a", shape, "float32", batch, cols)}
     if job != "embed":
         arrays["write float32, no compression"] = root.create_array(
             "b", shape=(batch * n_batches, n_feat), dtype="float32", chunks=(batch, cols), compressors=None)
-        arrays["write float16 (job option), zstd"] = create_dense(root, "c", (batch * n_batches, n_feat), "float16",
+        arrays["write float32, zstd (the codec before 1e1df8a)"] = root.create_array(
+            "e", shape=(batch * n_batches, n_feat), dtype="float32", chunks=(batch, cols),
+            compressors=zarr.codecs.ZstdCodec(level=0))
+        arrays["write float16 (job option), lz4"] = create_dense(root, "c", (batch * n_batches, n_feat), "float16",
                                                                    batch, cols)
         if job == "accessibility":
-            arrays["write uint8 (job option), zstd"] = create_dense(root, "d", (batch * n_batches, n_feat), "uint8",
+            arrays["write uint8 (job option), lz4"] = create_dense(root, "d", (batch * n_batches, n_feat), "uint8",
                                                                      batch, cols)
     cost: dict[str, float] = {}
 
@@ -242,26 +248,27 @@ def profile_stages(job: str, model_dir: str, store_path: str, batch: int, n_batc
             if job == "embed":
                 out = z.numpy()
             else:
-                with stage("decode, all heads (module.generative)"):
+                with stage("  variant: both heads (module.generative; predict before c9f3b45)"):
                     module.generative(z, b, inf["lib_rna"])
                 cov = module.covariates(b, b[keys.BATCH])
                 if job == "expression":
-                    with stage("  variant: RNA head only"):
+                    with stage("decode, RNA head only (what predict runs)"):
                         F.softmax(module.px_scale(module.rna_decoder(z, cov)), -1)
                     with stage("predict.normalized_expression (end to end)"):
                         out = normalized_expression(module, b, library_size=1.0).numpy()
                 else:
-                    with stage("  variant: ATAC head only"):
+                    with stage("decode, ATAC head only (what predict runs)"):
                         torch.sigmoid(module.atac_out(module.atac_decoder(z, cov)))
                     with stage("predict.normalized_accessibility (end to end)"):
                         out = normalized_accessibility(module, b).numpy()
             for name, arr in arrays.items():
                 val = out
                 if "uint8" in name:
-                    with stage("  uint8 quantisation as the job does it (numpy)"):
-                        val = np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
-                    with stage("  variant: uint8 quantisation in torch"):
-                        torch.from_numpy(out).mul(255.0).round_().to(torch.uint8)
+                    val = out.copy()  # quantize works in place; the copy is not the job's, so not counted
+                    with stage("  uint8 quantisation as the job does it (torch, in place)"):
+                        val = quantize(val, np.uint8)
+                    with stage("  variant: uint8 quantisation in numpy (before 97f9035)"):
+                        np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
                 elif "float16" in name:
                     val = out.astype(np.float16)
                 with stage(name if name.startswith("write (job") else "  variant: " + name):
@@ -359,6 +366,9 @@ def main() -> None:
     ap.add_argument("--model", default=str(BENCH / "infer_model"))
     ap.add_argument("--out", default=str(BENCH / "infer.json"))
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--work", default=str(BENCH / "infer_work"),
+                    help="scratch dir for our outputs and logs (wiped at start): give two concurrent runs "
+                         "different ones")
     a = ap.parse_args()
     if a.worker == "ours":
         return worker_ours(a.job, a.model, a.store, a.output, a.batch, a.subset, a.check)
@@ -377,7 +387,7 @@ def main() -> None:
 
     small = ensure_store(a.n_cells)
     weights = ensure_model(Path(a.model), small)
-    work = BENCH / "infer_work"  # outputs of ours (deleted after each run: 50k accessibility is 2 GB)
+    work = Path(a.work)  # outputs of ours (deleted after each run: 50k accessibility is 2 GB)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     res = {"n_cells": a.n_cells, "genes": GENES, "regions": PEAKS, "batch": a.batch, "weights": weights,
