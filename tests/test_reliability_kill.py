@@ -40,6 +40,13 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 180) -> None:
     pytest.fail("kill point not reached")
 
 
+def _rerun_and_clean_run(cmd, out: Path, clean: Path) -> None:
+    """The killed command rerun to completion, then the same job from scratch into ``clean``."""
+    for path in (out, clean):
+        r = subprocess.run(cmd(path), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400, check=False)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_sigkill_during_mva_build_leaves_nothing_valid_and_the_rerun_completes(tmp_path):
     out = tmp_path / "bmmc.zarr"
     cmd = [PY, "-m", "data.build", f"out={out}", "shard_size=10", "progress=false",
@@ -75,11 +82,8 @@ def test_sigkill_during_mva_infer_embed_leaves_no_output_and_the_rerun_equals_a_
     assert not out.exists()  # only the final name means complete; the partial output is not it
     partial = tmp_path / "emb.zarr.partial"
     assert partial.exists() and not (partial / "zarr.json").read_text().count('"mva_complete": true')
-    r = subprocess.run(cmd(out), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
     clean = tmp_path / "clean.zarr"
-    r = subprocess.run(cmd(clean), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _rerun_and_clean_run(cmd, out, clean)
     a, b = ad.read_zarr(out), ad.read_zarr(clean)
     assert list(a.obs_names) == list(b.obs_names) and a.n_obs == 3000
     for key in b.obsm:
@@ -104,11 +108,8 @@ def test_sigkill_during_mva_infer_de_leaves_no_table_and_the_rerun_equals_a_clea
                             text=True)
     _kill_when(proc, lambda: len(list(parts.glob("comp-*.parquet"))) >= 1)
     assert not out.exists() and not list(tmp_path.glob("de.csv.tmp*"))  # no table that looks complete
-    r = subprocess.run(cmd(out), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
     clean = tmp_path / "clean.csv"
-    r = subprocess.run(cmd(clean), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _rerun_and_clean_run(cmd, out, clean)
     a, b = pd.read_csv(out), pd.read_csv(clean)
     assert len(a) == len(b) and a["comparison"].nunique() >= 2 and not parts.exists()
     pd.testing.assert_frame_equal(a, b)
