@@ -69,12 +69,12 @@ class StoreStream(IterableDataset):
         self.modalities = tuple(modalities)
         self.n_features = {keys.RNA: self.meta.n_genes, keys.ATAC: self.meta.n_regions}
         self.shard_sizes = np.diff(np.asarray(self.meta.shard_offsets, dtype=np.int64))
-        # Split by id hash only: independent of shard layout, world size and workers.
-        if split == "all":
-            self.eligible = np.ones(self.meta.n_cells, dtype=bool)
-        else:
+        # Split by id hash only: independent of shard layout, world size and workers. For "all" the mask
+        # (all True) is built on first use: inference only calls make_batch and never needs it.
+        self._eligible: np.ndarray | None = None
+        if split != "all":
             val = read_validation_mask(self._store, self.val_fraction)
-            self.eligible = val if split == "validation" else ~val
+            self._eligible = val if split == "validation" else ~val
         self.table = read_cell_table(self._store)
         self.epoch = 0
         self._resume_at = 0  # first batch of the next iteration (set by load_state_dict)
@@ -82,10 +82,19 @@ class StoreStream(IterableDataset):
         self._plan_cache: tuple[int, EpochPlan] | None = None
         self._reader: ChunkReader | None = None
         self._pid = os.getpid()
-        plan = self.plan()
+        # The plan (8 bytes per planned cell) is built on first use for "all": the inference runner
+        # reads by make_batch only, and a 1M-cell plan would be its largest per-cell structure (issue #5).
+        plan = self.plan() if split != "all" else None
         if split == "train" and len(plan) == 0:
             raise ValueError(f"split 'train' has {plan.n_cells} cells, fewer than world_size x batch_size = "
                              f"{self.world_size} x {self.batch_size}: lower batch_size or use remainder='pad'")
+
+    @property
+    def eligible(self) -> np.ndarray:
+        """(n_cells,) bool: the cells of this stream's split (global row order)."""
+        if self._eligible is None:
+            self._eligible = np.ones(self.meta.n_cells, dtype=bool)
+        return self._eligible
 
     # ------------------------------------------------------------------------------------ plan
     def plan(self, epoch: int | None = None) -> EpochPlan:
