@@ -68,16 +68,11 @@ def _size_factors(table, cells: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
     RNA: the total count (the model takes its log). ATAC: the model multiplies the accessibility
     probability by this factor directly (spec 2.5), so it must lie in (0, 1]: the cell's total count
-    over the largest total of the store (computed once per table; the same on every rank). An
+    over the largest total of the store (``CellTable.atac_library_max``; the same on every rank). An
     unmeasured modality gets 1 (logs stay finite; its loss is masked anyway).
     """
-    top = getattr(table, "_atac_library_max", None)
-    if top is None:
-        measured = table.library[table.mask[:, 1], 1]
-        top = float(measured.max()) if measured.size else 1.0
-        table._atac_library_max = top = max(top, 1.0)
     lib = table.library[cells]
-    sf = np.stack([np.maximum(lib[:, 0], 1.0), np.clip(lib[:, 1] / top, 1e-6, 1.0)], axis=1)
+    sf = np.stack([np.maximum(lib[:, 0], 1.0), np.clip(lib[:, 1] / table.atac_library_max, 1e-6, 1.0)], axis=1)
     return np.where(mask, sf, 1.0).astype(np.float32)
 
 

@@ -47,6 +47,8 @@ class CellTable:
     label: np.ndarray | None  # (n,) signed integer codes, -1 unknown; None when the store has no labels
     mask: np.ndarray  # (n, 2) bool [RNA measured, ATAC measured]
     library: np.ndarray  # (n, 2) float32 [RNA, ATAC] total counts (for size factors)
+    # largest measured ATAC total (>= 1): the denominator of the ATAC size factor (data.collate)
+    atac_library_max: float = 1.0
 
 
 @dataclass
@@ -147,9 +149,7 @@ def read_cell_table(store: Store) -> CellTable:
         measured = table.library[lo:hi, 1][table.mask[lo:hi, 1]]
         if measured.size:
             top = max(top, float(measured.max()))
-    # The ATAC size-factor denominator that data.collate otherwise computes on first use with a
-    # whole-store fancy index (4 bytes per cell of transient); same value: max measured ATAC total, >= 1.
-    table._atac_library_max = max(top, 1.0)
+    table.atac_library_max = top  # accumulated per shard (starts at 1): no whole-store temporary
     return table
 
 
