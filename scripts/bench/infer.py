@@ -39,7 +39,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -47,10 +46,9 @@ from pathlib import Path
 
 T0 = time.perf_counter()  # before the heavy imports: workers report their import time apart
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[2]
+from bench_common import BENCH, GENES, PEAKS, ROOT, ensure_model, ensure_store, run_worker
+
 sys.path.insert(0, str(ROOT))
-BENCH = ROOT / "outputs" / "bench"
-GENES, PEAKS = 2000, 10_000
 JOBS = ("embed", "expression", "accessibility")
 N_CHECK = 2000  # rows of each output compared between the two sides
 
@@ -280,57 +278,11 @@ def profile_stages(job: str, model_dir: str, store_path: str, batch: int, n_batc
 
 # ----------------------------------------------------------------------------------- driver
 def _child(args: list[str], log: Path, timeout: float) -> dict:
-    """Run one worker; its own peak RSS comes from wait4 (ru_maxrss, KiB on Linux)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as err:
-        r, w = os.pipe()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=w, stderr=err, env=env)
-        os.close(w)
-        t_start = time.perf_counter()
-        with os.fdopen(r) as f:
-            out = f.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    line = [x for x in out.splitlines() if x.startswith("RESULT ")]
-    if os.waitstatus_to_exitcode(status) != 0 or not line:
-        return {"error": f"exit {os.waitstatus_to_exitcode(status)}; see {log}: "
-                         + log.read_text()[-600:].replace("\n", " | ")}
-    res = json.loads(line[-1][7:])
-    res["peak_rss_mib"] = usage.ru_maxrss / 1024
-    res["process_wall_s"] = time.perf_counter() - t_start
-    if res["process_wall_s"] > timeout:
+    """Run one worker of this script in a fresh process (bench_common.run_worker)."""
+    res = run_worker([sys.executable, str(Path(__file__).resolve()), *args], log)
+    if "error" not in res and res["process_wall_s"] > timeout:
         res["note"] = f"ran longer than {timeout} s"
     return res
-
-
-def ensure_store(n_cells: int) -> Path:
-    path = BENCH / f"loader_{n_cells}.zarr"  # the loader benchmark's stores: same generator and sizes
-    if not (path / "zarr.json").exists():
-        print(f"writing synthetic store {path} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "data.synthetic", f"out={path}", f"n_cells={n_cells}",
-                        f"n_genes={GENES}", f"n_regions={PEAKS}", "overwrite=true", "progress=false"],
-                       cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return path
-
-
-def ensure_model(path: Path, store: Path) -> str:
-    """Say where the weights come from; copy or train them once (kept under outputs/bench/)."""
-    if (path / "model.safetensors").is_file():
-        return (path / "SOURCE").read_text().strip() if (path / "SOURCE").is_file() else f"given: {path}"
-    src = BENCH / "train_1m_run" / "model"
-    if (src / "model.safetensors").is_file():
-        shutil.copytree(src, path)
-        how = f"copy of {src.relative_to(ROOT)} (ours, trained 1 epoch on 1M mva-synth cells)"
-    else:
-        run = BENCH / "infer_model_run"
-        subprocess.run([sys.executable, "-m", "trainer.train", f"data.store={store}", "run.epochs=1",
-                        f"run.output_dir={run}", "run.resume=none", "logger.plot=false"],
-                       cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
-        shutil.copytree(run / "model", path)
-        how = f"ours, trained 1 epoch on {store.name} by this script"
-    (path / "SOURCE").write_text(how + "\n")
-    return how
 
 
 def _implemented(job: str) -> bool:

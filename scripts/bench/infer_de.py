@@ -30,28 +30,18 @@ copies or trains it if missing; so does this script, through the same helper).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[2]
+from bench_common import BENCH, ROOT, ensure_model, ensure_store, run_worker
+
 sys.path.insert(0, str(ROOT))
-BENCH = ROOT / "outputs" / "bench"
 WORK = BENCH / "infer_de_work"  # our tables (deleted after each run)
-
-
-def _infer_bench():
-    """scripts/bench/infer.py (a script, not a package): its store / weights helpers, shared on purpose."""
-    spec = importlib.util.spec_from_file_location("bench_infer", Path(__file__).with_name("infer.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ----------------------------------------------------------------------------------- child worker
@@ -114,24 +104,9 @@ def worker(side: str, job: str, groups: list[str], model: str, store: str, batch
 
 # ----------------------------------------------------------------------------------- driver
 def _child(args: list[str], log: Path, timeout: float) -> dict:
-    """Run one worker in a fresh process; its peak RSS comes from wait4 (ru_maxrss, KiB on Linux)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as err:
-        r, w = os.pipe()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=w, stderr=err, env=env)
-        os.close(w)
-        with os.fdopen(r) as f:
-            out = f.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    line = [x for x in out.splitlines() if x.startswith("RESULT ")]
-    if os.waitstatus_to_exitcode(status) != 0 or not line:
-        return {"error": f"exit {os.waitstatus_to_exitcode(status)}; see {log}: "
-                         + log.read_text()[-600:].replace("\n", " | ")}
-    res = json.loads(line[-1][7:])
-    res["peak_rss_mib"] = usage.ru_maxrss / 1024
-    if res["wall_s"] + res["setup_s"] > timeout:
+    """Run one worker of this script in a fresh process (bench_common.run_worker)."""
+    res = run_worker([sys.executable, str(Path(__file__).resolve()), *args], log)
+    if "error" not in res and res["wall_s"] + res["setup_s"] > timeout:
         res["note"] = f"ran longer than {timeout} s"
     return res
 
@@ -161,9 +136,8 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         return
 
-    helpers = _infer_bench()
-    store = helpers.ensure_store(a.n_cells)
-    weights = helpers.ensure_model(Path(a.model), store)
+    store = ensure_store(a.n_cells)
+    weights = ensure_model(Path(a.model), store)
     res = {"store": str(store.relative_to(ROOT)), "n_cells": a.n_cells, "batch": a.batch, "n_samples": a.n_samples,
            "weights": weights, "loadavg_start": os.getloadavg(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": [], "ratios": {}}

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench_common import ROOT, ensure_store, run_worker
+
 ANNBATCH_PY = ROOT / ".venv-annbatch" / "bin" / "python"
-GENES, PEAKS = 2000, 10_000
 
 
 # ----------------------------------------------------------------------------------- child workers
@@ -145,34 +144,14 @@ def worker_annbatch(store: str, batch: int, max_cells: int) -> None:
 
 
 # ----------------------------------------------------------------------------------- driver
-def ensure_store(n_cells: int) -> Path:
-    path = ROOT / "outputs" / "bench" / f"loader_{n_cells}.zarr"
-    if not (path / "zarr.json").exists():
-        print(f"writing synthetic store {path} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "data.synthetic", f"out={path}", f"n_cells={n_cells}",
-                        f"n_genes={GENES}", f"n_regions={PEAKS}", "overwrite=true", "progress=false"],
-                       cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return path
-
-
 def _measure(python, loader, store, batch, max_cells, extra: tuple[str, ...] = ()) -> dict:
-    # Popen + wait4 so that ru_maxrss is this child's own peak (KiB on Linux).
+    # a fresh process per measurement: peak RSS is this child's own (bench_common.run_worker)
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", loader, "--store", str(store),
            "--batch", str(batch), "--max-cells", str(max_cells), *extra]
-    with open(os.devnull, "w") as devnull:
-        r, w = os.pipe()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=w, stderr=devnull, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        os.close(w)
-        with os.fdopen(r) as f:
-            out = f.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    line = [x for x in out.splitlines() if x.startswith("RESULT ")]
+    res = run_worker(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     row = {"loader": loader + ("-c" + extra[1] if extra else ""), "batch": batch, "store": Path(store).name}
-    if os.waitstatus_to_exitcode(status) != 0 or not line:
-        row["error"] = f"exit {os.waitstatus_to_exitcode(status)}: {out[-400:]}"
-        return row
-    row.update(json.loads(line[-1][7:]))
-    row["peak_rss_mib"] = usage.ru_maxrss / 1024
+    res.pop("process_wall_s", None)
+    row.update(res)
     return row
 
 
