@@ -1,0 +1,252 @@
+"""Input adapters of the notebook API (``trainer.api``): a store path, an AnnData (genes then peaks), a
+MuData or a ``{"rna": ..., "atac": ...}`` dict -> consecutive minibatches in the loader's format.
+
+Features are matched to the model's by name, categorical obs columns to the model's categories by
+label, and the modality mask follows the rules documented in ``trainer.api`` (never silently "an
+all-zero row means missing").
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from data import keys
+from trainer.jobs.common import open_checked_store
+
+if TYPE_CHECKING:
+    from trainer.api import Model
+
+_MODALITY_COLUMN = {"paired": (True, True), "expression": (True, False), "accessibility": (False, True)}
+
+
+class APIError(ValueError):
+    """Bad input to the notebook API (data layout, features, labels, arguments); one-line message."""
+
+
+class _Source:
+    """n_obs, obs and an iterator of (lo, hi, minibatch dict) over consecutive cells."""
+
+    def __init__(self, n_obs: int, obs: pd.DataFrame, batches):
+        self.n_obs, self.obs, self.batches = n_obs, obs, batches
+
+
+def source(model: Model, data, mask, batch_size: int) -> _Source:
+    if batch_size < 1:
+        raise APIError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(data, (str, os.PathLike)):
+        if mask is not None:
+            raise APIError("a store has its own modality columns: mask= is only for in-memory data")
+        return _store_source(model, data, batch_size)
+    import anndata as ad
+    import mudata as md
+
+    if isinstance(data, (dict, tuple, list)):
+        parts = dict(data) if isinstance(data, dict) else dict(zip(keys.MODALITIES, data))
+        bad = set(parts) - set(keys.MODALITIES)
+        if bad or not parts:
+            raise APIError(f"a dict of AnnData must have keys 'rna' and/or 'atac', got {sorted(parts)}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            data = md.MuData({k: v for k, v in parts.items() if v is not None})
+    if isinstance(data, md.MuData):
+        return _mudata_source(model, data, mask, batch_size)
+    if isinstance(data, ad.AnnData):
+        return _anndata_source(model, data, mask, batch_size)
+    raise APIError(f"data must be a store path, AnnData, MuData or {{'rna': AnnData, 'atac': AnnData}}, "
+                   f"got {type(data).__name__}")
+
+
+def _store_source(model: Model, path, batch_size: int) -> _Source:
+    from data.stream import StoreStream
+
+    store = open_checked_store(path, model.info)
+    stream = StoreStream(store, batch_size=batch_size, split="all", shuffle=False, prefetch=0,
+                         size_factor=model.module.use_size_factor)
+    n = store.meta.n_cells
+
+    def batches() -> Iterator:
+        for lo in range(0, n, batch_size):
+            hi = min(lo + batch_size, n)
+            yield lo, hi, stream.make_batch(np.arange(lo, hi, dtype=np.int64))
+
+    return _Source(n, store.read_obs(), batches)
+
+
+def _columns(var_names: pd.Index, names: list[str], what: str) -> np.ndarray | None:
+    """Column positions of the model's features (None = already in order); refuses other feature sets."""
+    if list(var_names) == names:
+        return None
+    if not var_names.is_unique:
+        raise APIError(f"the {what} var_names are not unique")
+    missing, extra = set(names) - set(var_names), set(var_names) - set(names)
+    if missing or extra:
+        raise APIError(f"{what} features differ from the model's: {len(missing)} missing (e.g. "
+                       f"{sorted(missing)[:5]}), {len(extra)} not in the model (e.g. {sorted(extra)[:5]})")
+    return var_names.get_indexer(names)
+
+
+def _anndata_source(model: Model, adata, mask, batch_size: int) -> _Source:
+    genes, regions = model.gene_names, model.region_names
+    cols = _columns(adata.var_names, genes + regions, "AnnData")
+    cols = np.arange(len(genes) + len(regions)) if cols is None else cols
+    rows = np.arange(adata.n_obs)
+    feats = {keys.RNA: (adata.X, rows, cols[: len(genes)]), keys.ATAC: (adata.X, rows, cols[len(genes):])}
+    m = _explicit_mask(mask, adata.obs, adata.n_obs)
+    inferred = m is None
+    if inferred:
+        m = np.ones((adata.n_obs, 2), dtype=bool)
+    return _memory_source(model, adata.obs, feats, m, batch_size, inferred=inferred)
+
+
+def _mudata_source(model: Model, mdata, mask, batch_size: int) -> _Source:
+    unknown = set(mdata.mod) - set(keys.MODALITIES)
+    if unknown:
+        raise APIError(f"MuData modalities must be 'rna' and/or 'atac' (our model has no {sorted(unknown)})")
+    obs, n = mdata.obs, mdata.n_obs
+    feats, member = {}, np.zeros((n, 2), dtype=bool)
+    for mod, names in ((keys.RNA, model.gene_names), (keys.ATAC, model.region_names)):
+        if mod not in mdata.mod:
+            continue
+        a = mdata.mod[mod]
+        rows = a.obs_names.get_indexer(mdata.obs_names)
+        cols = _columns(a.var_names, names, f"MuData '{mod}'")
+        feats[mod] = (a.X, rows, cols)
+        member[:, keys.MASK_COLUMN[mod]] = rows >= 0
+    m = _explicit_mask(mask, obs, n)
+    return _memory_source(model, obs, feats, member if m is None else m, batch_size, inferred=m is None)
+
+
+def _explicit_mask(mask, obs: pd.DataFrame, n: int) -> np.ndarray | None:
+    """Rules 1-3 of the module docstring, or None when none applies."""
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.shape != (n, 2) or m.dtype != bool:
+            raise APIError(f"mask must be a boolean array of shape ({n}, 2), got {m.dtype} {m.shape}")
+        return m
+    if "mask_rna" in obs and "mask_atac" in obs:
+        return np.stack([obs["mask_rna"].to_numpy(bool), obs["mask_atac"].to_numpy(bool)], axis=1)
+    if "modality" in obs:
+        values = obs["modality"].astype(str)
+        bad = sorted(set(values) - set(_MODALITY_COLUMN))
+        if bad:
+            raise APIError(f"obs['modality'] has values {bad[:5]}; expected {list(_MODALITY_COLUMN)}")
+        return np.array([_MODALITY_COLUMN[v] for v in values], dtype=bool).reshape(n, 2)
+    return None
+
+
+def _obs_values(obs: pd.DataFrame, key: str) -> pd.Series | None:
+    """A top-level column, or (MuData) the per-modality columns 'rna:key' / 'atac:key' combined."""
+    if key in obs:
+        return obs[key]
+    parts = [obs[f"{m}:{key}"] for m in keys.MODALITIES if f"{m}:{key}" in obs]
+    if not parts:
+        return None
+    out = parts[0].astype(object)
+    for p in parts[1:]:
+        out = out.where(out.notna(), p.astype(object))
+    return out
+
+
+def _codes_of(obs: pd.DataFrame, key: str, categories: list[str], what: str) -> np.ndarray:
+    values = _obs_values(obs, key)
+    if values is None:
+        if len(categories) <= 1:
+            return np.zeros(len(obs), dtype=np.int64)  # a single-category model: nothing to choose
+        raise APIError(f"obs has no column {key!r} ({what}); the model knows {categories[:10]}")
+    if values.isna().any():
+        raise APIError(f"obs[{key!r}] ({what}) is missing for {int(values.isna().sum())} cells")
+    labels = values.astype(str).to_numpy()
+    codes = pd.Categorical(labels, categories=categories).codes.astype(np.int64)
+    if (codes < 0).any():
+        unknown = sorted(set(labels[codes < 0]))
+        raise APIError(f"obs[{key!r}] ({what}) has labels the model was not trained on: {unknown[:10]}; "
+                       f"the model knows {categories[:10]}")
+    return codes
+
+
+def _rows(x, rows: np.ndarray, cols: np.ndarray | None, keep: np.ndarray) -> sp.csr_matrix:
+    """CSR of the given rows (-1 or keep=False: an empty row) and columns, in the model's feature order."""
+    n_cols = x.shape[1] if cols is None else len(cols)
+    take = (rows >= 0) & keep
+    sub = x[rows[take]] if take.any() else x[:0]
+    sub = sub.tocsr() if sp.issparse(sub) else sp.csr_matrix(np.asarray(sub))
+    if cols is not None:
+        sub = sub[:, cols]
+    nnz = np.zeros(len(rows), dtype=np.int64)
+    nnz[take] = np.diff(sub.indptr)
+    indptr = np.concatenate([[0], np.cumsum(nnz)])
+    return sp.csr_matrix((sub.data.astype(np.float32), sub.indices, indptr), shape=(len(rows), n_cols))
+
+
+def _torch_csr(x: sp.csr_matrix) -> torch.Tensor:
+    return torch.sparse_csr_tensor(torch.from_numpy(x.indptr.astype(np.int64)),
+                                   torch.from_numpy(x.indices.astype(np.int64)),
+                                   torch.from_numpy(x.data.astype(np.float32)), size=x.shape,
+                                   check_invariants=False)  # built by scipy: valid by construction
+
+
+def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask: np.ndarray, batch_size: int,
+                   inferred: bool) -> _Source:
+    info, n = model.info, len(obs)
+    width = {keys.RNA: len(model.gene_names), keys.ATAC: len(model.region_names)}
+    batch = _codes_of(obs, info["batch_key"], list(info["batch_categories"]), "batch")
+    cats = np.stack([_codes_of(obs, k, list(info["cat_cov_categories"][k]), "covariate")
+                     for k in info["cat_cov_keys"]], axis=1) if info["cat_cov_keys"] else np.zeros((n, 0), np.int64)
+    cont = []
+    for k in info["cont_cov_keys"]:
+        v = _obs_values(obs, k)
+        if v is None or v.isna().any():
+            raise APIError(f"obs column {k!r} (continuous covariate) is missing or has missing values")
+        cont.append(v.to_numpy(np.float32))
+    cont = np.stack(cont, axis=1) if cont else np.zeros((n, 0), np.float32)
+    mask = mask.copy()
+    for mod in keys.MODALITIES:
+        if mod not in feats:
+            mask[:, keys.MASK_COLUMN[mod]] = False
+
+    def chunk(lo: int, hi: int) -> dict:
+        m = mask[lo:hi]
+        out = {}
+        for mod in keys.MODALITIES:
+            if mod in feats:
+                x, rows, cols = feats[mod]
+                out[mod] = _rows(x, rows[lo:hi], cols, m[:, keys.MASK_COLUMN[mod]])
+            else:
+                out[mod] = sp.csr_matrix((hi - lo, width[mod]), dtype=np.float32)
+        b = {mod: _torch_csr(out[mod]) for mod in keys.MODALITIES}
+        b.update({keys.MASK: torch.from_numpy(m.copy()), keys.BATCH: torch.from_numpy(batch[lo:hi]),
+                  keys.CAT_COVS: torch.from_numpy(cats[lo:hi]), keys.CONT_COVS: torch.from_numpy(cont[lo:hi]),
+                  keys.INDEX: torch.arange(lo, hi, dtype=torch.int64)})
+        if model.module.use_size_factor:  # as data.collate: the row total, 1 for an unmeasured modality
+            tot = np.stack([np.asarray(out[mod].sum(axis=1)).ravel() for mod in keys.MODALITIES], axis=1)
+            b[keys.SIZE_FACTOR] = torch.from_numpy(np.where(m, np.maximum(tot, 1.0), 1.0).astype(np.float32))
+        return b, out
+
+    if inferred:  # rules 4-5 can count an all-zero row as measured: say so (one pass, a batch at a time)
+        zero = [0, 0]
+        for lo in range(0, n, batch_size):
+            _, out = chunk(lo, min(lo + batch_size, n))
+            m = mask[lo:lo + batch_size]
+            for mod in keys.MODALITIES:
+                j = keys.MASK_COLUMN[mod]
+                zero[j] += int((m[:, j] & (np.asarray(out[mod].sum(axis=1)).ravel() == 0)).sum())
+        if any(zero):
+            warnings.warn(f"{zero[0]} cells with an all-zero RNA row and {zero[1]} with an all-zero ATAC row are "
+                          f"treated as MEASURED (no mask= argument, no mask_rna/mask_atac or 'modality' obs "
+                          f"column); if they lack that modality, pass mask= or a 'modality' column",
+                          UserWarning, stacklevel=4)
+
+    def batches() -> Iterator:
+        for lo in range(0, n, batch_size):
+            hi = min(lo + batch_size, n)
+            yield lo, hi, chunk(lo, hi)[0]
+
+    return _Source(n, obs, batches)
