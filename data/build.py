@@ -12,7 +12,6 @@ result is renamed into place only when complete.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -22,6 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from data.cli import one_line_errors
 from data.config import BuildConfig, InputConfig
 from data.convert import open_input
 from data.convert.align import align, remap_columns
@@ -208,13 +208,10 @@ def main() -> None:
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         log.handlers, log.disabled, log.propagate = [handler], False, False
         log.setLevel(logging.INFO)
-        try:
+        # bad config/input (ConfigError, ValidationError are ValueErrors), a missing input, an existing or
+        # unwritable output; build_store has already removed its temporary store
+        with one_line_errors("mva-build", (ValueError, OSError)):
             out = build_store(to_typed(cfg, BuildConfig))
-        except (ValueError, OSError) as exc:
-            # bad config/input (ConfigError, ValidationError are ValueErrors), a missing input, an existing
-            # or unwritable output: one line naming it; build_store has already removed its temporary store
-            print(f"mva-build: error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(2)
         print(f"wrote {out}")
 
     _run()

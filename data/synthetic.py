@@ -15,7 +15,6 @@ Each block draws from its own generator ``default_rng([seed, block])``: the data
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from data.cli import one_line_errors
 from data.config import SynthConfig
 from data.writer import StoreSchema, StoreWriter
 
@@ -149,14 +149,11 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "conf"),
                 config_name="synth")
     def _run(cfg) -> None:
-        try:
-            c = to_typed(cfg, SynthConfig)
-            d = asdict(c)
+        # ConfigError/StoreError are ValueErrors; OSError: an unwritable output
+        with one_line_errors("mva-synth", (ValueError, OSError)):
+            d = asdict(to_typed(cfg, SynthConfig))
             out = write_synthetic_store(d.pop("out"), d.pop("n_cells"), d.pop("n_genes"), d.pop("n_regions"),
                                         d.pop("seed"), **d)
-        except (ValueError, OSError) as exc:  # ConfigError/StoreError are ValueErrors; OSError: unwritable out
-            print(f"mva-synth: error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(2)
         print(f"wrote {out}")
 
     _run()

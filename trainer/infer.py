@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from pathlib import Path
 
+from data.cli import one_line_errors
 from data.store import StoreError
 from data.typed_config import ConfigError
 from trainer import dist
@@ -51,12 +51,9 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        try:
+        # OSError: a full disk or an unwritable output names its path; a tampered model is refused
+        with one_line_errors("mva-infer", (InferError, ConfigError, StoreError, ModelFileError, LockError, OSError)):
             infer(load_infer_config(raw))
-        except (InferError, ConfigError, StoreError, ModelFileError, LockError, OSError) as exc:
-            # OSError: a full disk or an unwritable output names its path; a tampered model is refused
-            print(f"mva-infer: error: {exc}", file=sys.stderr)
-            sys.exit(2)
 
     _main()
 

@@ -14,10 +14,10 @@ differ between ranks.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
+from data.cli import one_line_errors
 from data.store import StoreError
 from trainer import dist
 from trainer.checkpoint import CheckpointError
@@ -44,11 +44,8 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
     def _main(raw) -> None:
-        try:
+        with one_line_errors("mva-train", (ConfigError,)):
             cfg = load_config(raw)
-        except ConfigError as exc:
-            print(f"mva-train: error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(2)
         from hydra.core.hydra_config import HydraConfig
 
         job_num = OmegaConf.select(HydraConfig.get(), "job.num", default=None)
@@ -58,12 +55,9 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        try:
+        # bad input, a busy run dir, a full disk
+        with one_line_errors("mva-train", (ConfigError, StoreError, LockError, CheckpointError, OSError)):
             train(cfg)
-        except (ConfigError, StoreError, LockError, CheckpointError, OSError) as exc:
-            # bad input, a busy run dir, a full disk: one line naming the problem, not a traceback
-            print(f"mva-train: error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(2)
 
     _main()
 
