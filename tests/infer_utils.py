@@ -57,38 +57,16 @@ def dense_batch(store_path, model_info: dict) -> dict:
 
 
 def reference_model(store_path, model_dir):
-    """scvi-tools' MULTIVI on an in-memory MuData of the store's cells, holding our trained weights.
-
-    The MuData is set up as the reference expects (missing modalities = zero rows, batch categories in
-    the model's order); the reference builds its own module, which is replaced by
-    ``trainer.reference.build_reference`` (same options, our weights mapped in)."""
+    """scvi-tools' MULTIVI on an in-memory MuData of the store's cells, holding our trained weights
+    (``trainer.scvi_io``: the MuData the reference expects, missing modalities as empty rows, and our
+    weights mapped into the reference's own module)."""
     key = ("reference", str(store_path), str(model_dir))
     if key in _CACHE:
         return _CACHE[key]
-    import anndata as ad
-    import mudata as md
-    import pandas as pd
-    import scvi
-
-    from trainer.reference import build_reference
+    from trainer.scvi_io import scvi_model, store_to_mudata
 
     module, info = load_model(model_dir)
-    obs, rna, atac = store_arrays(store_path)
-    # zero rows where a modality is missing: the reference infers missing modalities from row sums
-    rna = rna * obs["mask_rna"].to_numpy(bool)[:, None]
-    atac = atac * obs["mask_atac"].to_numpy(bool)[:, None]
-    ref_obs = pd.DataFrame({"batch": pd.Categorical(obs[info["batch_key"]].astype(str),
-                                                    categories=[str(c) for c in info["batch_categories"]])},
-                           index=obs.index.astype(str))
-    st = open_store(store_path)
-    mdata = md.MuData({
-        "rna": ad.AnnData(sp.csr_matrix(rna), obs=ref_obs.copy(), var=pd.DataFrame(index=st.meta.gene_names)),
-        "atac": ad.AnnData(sp.csr_matrix(atac), obs=ref_obs.copy(), var=pd.DataFrame(index=st.meta.region_names)),
-    })
-    scvi.model.MULTIVI.setup_mudata(mdata, batch_key="batch",
-                                    modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"})
-    model = scvi.model.MULTIVI(mdata, n_hidden=module.n_hidden, n_latent=module.n_latent)
-    model.module = build_reference(module, n_obs=mdata.n_obs).eval()
-    model.is_trained_ = True
+    mdata = store_to_mudata(store_path)
+    model = scvi_model(module, info, mdata)
     _CACHE[key] = (model, mdata)
     return model, mdata

@@ -57,28 +57,16 @@ def _matrix(st, modality):
 
 @pytest.fixture(scope="module")
 def reference(trained):
-    """scvi-tools MULTIVI on the store's raw counts (stored integer dtype) with our trained weights."""
-    import anndata as ad
-    import mudata as md
-    import scvi
-
+    """scvi-tools MULTIVI on the store's cells (trainer.scvi_io: obs incl. cell_type) with our trained weights."""
     from trainer.export import load_model
-    from trainer.reference import build_reference
+    from trainer.scvi_io import scvi_model, store_to_mudata
 
     store, run = trained
-    st = open_store(store)
-    obs = st.read_obs()[["batch", "cell_type"]]
-    mdata = md.MuData({
-        "rna": ad.AnnData(_matrix(st, "rna"), obs=obs.copy(), var=pd.DataFrame(index=st.meta.gene_names)),
-        "atac": ad.AnnData(_matrix(st, "atac"), obs=obs.copy(), var=pd.DataFrame(index=st.meta.region_names))})
-    mdata.obs["batch"], mdata.obs["cell_type"] = obs["batch"], obs["cell_type"]
-    scvi.model.MULTIVI.setup_mudata(mdata, modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"},
-                                    batch_key="batch")
-    module, _ = load_model(run / "model")
-    model = scvi.model.MULTIVI(mdata, n_hidden=module.n_hidden, n_latent=module.n_latent)
-    model.module = build_reference(module).eval()
-    model.is_trained_ = True
-    return model
+    module, info = load_model(run / "model")
+    mdata, st = store_to_mudata(store), open_store(store)
+    for m in ("rna", "atac"):  # the stored integer counts: the raw columns are compared to 1e-12
+        mdata.mod[m].X = _matrix(st, m)
+    return scvi_model(module, info, mdata)
 
 
 def _run(trained, out, job="de", **de) -> pd.DataFrame:

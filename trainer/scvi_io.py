@@ -201,6 +201,21 @@ def setup_kwargs(info: dict, use_size_factor: bool) -> dict:
             "modalities": {k: v for k, v in MODALITY_NAMES.items()}}
 
 
+def scvi_model(module, info: dict, mdata):
+    """A scvi-tools ``MULTIVI`` on ``mdata`` (laid out as ``store_to_mudata`` builds it) holding our
+    module's weights (``trainer.reference`` name mapping), in eval mode, marked trained."""
+    import scvi
+
+    opts = {o: getattr(module, o) for o in _OPTIONS}
+    opts["region_factors"] = module.region_factors is not None
+    scvi.model.MULTIVI.setup_mudata(mdata, **setup_kwargs(info, module.use_size_factor))
+    model = scvi.model.MULTIVI(mdata, n_genes=module.n_genes, n_regions=module.n_regions, **opts)
+    model.module.load_state_dict(reference_state_from_ours(module.state_dict(), model.module.state_dict()))
+    model.module.eval()
+    model.is_trained_ = True
+    return model
+
+
 def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
     final = Path(out_dir)
     if final.exists() and not overwrite:
@@ -233,16 +248,9 @@ def export_to_scvi(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sto
         open_checked_store(store, info)
     n_obs = module.mod_weights.shape[0] if module.modality_weights == "cell" else \
         max(len(info["batch_categories"]), *[len(v) for v in info["cat_cov_categories"].values()], 3)
-    mdata = _skeleton_mudata(info, n_obs)
-    opts = {o: getattr(module, o) for o in _OPTIONS}
-    opts["region_factors"] = module.region_factors is not None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "category has fewer than 3 cells" etc. concern the skeleton only
-        scvi.model.MULTIVI.setup_mudata(mdata, **setup_kwargs(info, module.use_size_factor))
-        model = scvi.model.MULTIVI(mdata, n_genes=module.n_genes, n_regions=module.n_regions, **opts)
-    ref = model.module
-    ref.load_state_dict(reference_state_from_ours(module.state_dict(), ref.state_dict()))
-    model.is_trained_ = True
+        model = scvi_model(module, info, _skeleton_mudata(info, n_obs))
     final, tmp = _atomic_dir(out_dir, overwrite)
     try:
         model.save(str(tmp), save_anndata=False, overwrite=True)
