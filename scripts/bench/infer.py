@@ -10,7 +10,7 @@ both sides): for each job, the reference call and ours run in alternating child 
   accessibility  scvi ``get_normalized_accessibility()``         vs  ``job=accessibility`` (float32 Zarr)
 
 What is counted. Reference: ``load`` = reading the store's cells into an in-memory MuData, setup_mudata,
-building MULTIVI and mapping our weights into it (trainer/reference.py); ``compute`` = the accessor call
+building MULTIVI and mapping our weights into it (trainer/scvi_io.py: store_to_mudata + scvi_model); ``compute`` = the accessor call
 alone, its result left in RAM (``return_numpy=True``: no DataFrame wrap). Ours: the whole
 ``trainer.infer.infer(cfg)`` call = model load + store open + compute + writing the output to disk
 (nothing is excluded, so the ratio is conservative). Python imports are reported apart for both.
@@ -112,44 +112,14 @@ def worker_ours(job: str, model: str, store: str, out: str, batch: int, subset: 
 
 
 def _reference_model(model_dir: str, store_path: str):
-    """scvi MULTIVI on an in-memory MuData of every cell of the store, with our weights mapped in."""
-    import anndata as ad
-    import mudata as md
-    import numpy as np
-    import pandas as pd
-    import scipy.sparse as sp
-    import scvi
-
-    from data import keys
-    from data.store import open_store
+    """scvi MULTIVI on an in-memory MuData of every cell of the store (float32 CSR, as a user's MuData
+    holds counts), with our weights mapped in (trainer.scvi_io)."""
     from trainer.export import load_model
-    from trainer.reference import reference_state_from_ours
+    from trainer.scvi_io import scvi_model, store_to_mudata
 
     ours, info = load_model(model_dir)
-    store = open_store(store_path)
-    meta = store.meta
-    mats = {}
-    for m in keys.MODALITIES:  # float32 CSR, as a user's MuData holds counts
-        parts = [store.read_rows(m, s, 0, meta.shard_offsets[s + 1] - meta.shard_offsets[s]) for s in range(meta.n_shards)]
-        mats[m] = sp.vstack(parts, format="csr").astype(np.float32)
-    obs = store.read_obs()
-    o = pd.DataFrame({"batch": pd.Categorical(obs[meta.batch_key].astype(str), categories=meta.batch_categories)},
-                     index=obs.index.astype(str))
-    mdata = md.MuData({"rna": ad.AnnData(mats[keys.RNA], obs=o.copy(), var=pd.DataFrame(index=meta.gene_names)),
-                       "atac": ad.AnnData(mats[keys.ATAC], obs=o.copy(), var=pd.DataFrame(index=meta.region_names))})
-    scvi.model.MULTIVI.setup_mudata(mdata, modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"},
-                                    batch_key="batch")
-    a = info["model_args"]
-    opts = {k: a[k] for k in ("modality_weights", "modality_penalty", "n_hidden", "n_latent", "n_layers_encoder",
-                              "n_layers_decoder", "dropout_rate", "region_factors", "gene_likelihood", "dispersion",
-                              "use_batch_norm", "use_layer_norm", "latent_distribution", "deeply_inject_covariates",
-                              "encode_covariates")}
-    opts["n_hidden"], opts["n_latent"] = ours.n_hidden, ours.n_latent  # resolved sizes (None = derived)
-    model = scvi.model.MULTIVI(mdata, **opts)
-    model.module.load_state_dict(reference_state_from_ours(ours.state_dict(), model.module.state_dict()))
-    model.module.eval()
-    model.is_trained_ = True  # weights are given, not trained here
-    return model, meta.n_cells
+    mdata = store_to_mudata(store_path)
+    return scvi_model(ours, info, mdata), mdata.n_obs
 
 
 def worker_reference(job: str, model_dir: str, store: str, batch: int, check: str) -> None:

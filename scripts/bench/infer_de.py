@@ -13,7 +13,7 @@ reference, ours, ...), so the peak RSS (``ru_maxrss`` from ``wait4``) is that ru
 changes hit both sides alike.
 
 What is counted. Reference: ``setup`` = reading the store's counts into an in-memory MuData,
-setup_mudata, building MULTIVI with our weights (trainer/reference.py), reported apart; ``wall`` = the
+setup_mudata, building MULTIVI with our weights (trainer/scvi_io.py: store_to_mudata + scvi_model), reported apart; ``wall`` = the
 differential calls alone, from the ready MuData (this favours the reference). Ours: ``wall`` = the
 whole ``trainer.infer.infer(cfg)`` call (model load, obs, raw pass, sampling, decoding, statistics,
 writing the table). ``ref/ours`` = reference wall / our wall of the same repetition.
@@ -64,33 +64,11 @@ def worker(side: str, job: str, groups: list[str], model: str, store: str, batch
         wall = time.perf_counter() - t0
         out.unlink(missing_ok=True)
     else:
-        import anndata as ad
-        import mudata as md
-        import pandas as pd
-        import scipy.sparse as sp
-        import scvi
-
-        from data.store import open_store
         from trainer.export import load_model
-        from trainer.reference import build_reference
+        from trainer.scvi_io import scvi_model, store_to_mudata
 
-        st = open_store(store)
-        obs = st.read_obs()[["batch", "cell_type"]]
-
-        def mat(m):
-            o = st.meta.shard_offsets
-            return sp.vstack([st.read_rows(m, s, 0, o[s + 1] - o[s]) for s in range(st.meta.n_shards)]).tocsr()
-
-        mdata = md.MuData({
-            "rna": ad.AnnData(mat("rna"), obs=obs.copy(), var=pd.DataFrame(index=st.meta.gene_names)),
-            "atac": ad.AnnData(mat("atac"), obs=obs.copy(), var=pd.DataFrame(index=st.meta.region_names))})
-        mdata.obs["batch"], mdata.obs["cell_type"] = obs["batch"], obs["cell_type"]
-        scvi.model.MULTIVI.setup_mudata(mdata, modalities={"rna_layer": "rna", "atac_layer": "atac",
-                                                           "batch_key": "rna"}, batch_key="batch")
-        module, _ = load_model(model)
-        ref = scvi.model.MULTIVI(mdata, n_hidden=module.n_hidden, n_latent=module.n_latent)
-        ref.module = build_reference(module).eval()
-        ref.is_trained_ = True
+        module, info = load_model(model)
+        ref = scvi_model(module, info, store_to_mudata(store))  # obs incl. cell_type
         setup = time.perf_counter() - t0
         t0 = time.perf_counter()
         np.random.seed(0)
