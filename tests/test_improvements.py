@@ -51,13 +51,14 @@ def test_dispersion_variants_train(pbmc_counts, dispersion):
     if dispersion == "gene-batch":
         assert module.px_r.shape == (45, 3)
         assert module.px_r.grad[:, :2].abs().sum() > 0 and module.px_r.grad[:, 2].abs().sum() == 0
+        # one theta row per decoded (RNA-measured) cell: cells 0-8 of make_batch, batches 0, 1, 0, ...
         theta = out.outputs["theta"]
-        assert theta.shape == (12, 45)
+        assert theta.shape == (9, 45) and torch.equal(out.outputs["rna_rows"], torch.arange(9))
         assert torch.equal(theta[0], torch.exp(before[:, 0])) and torch.equal(
             theta[1], torch.exp(before[:, 1])
         )
     else:
-        assert out.outputs["theta"].shape == (12, 45)
+        assert out.outputs["theta"].shape == (9, 45)
         assert module.px_r_head.weight.grad.abs().sum() > 0
         assert not torch.allclose(out.outputs["theta"][0], out.outputs["theta"][1])
     _train(module, pbmc_counts, steps=3, n_batch=3)

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from data import keys
 from trainer import distributions as D
 from trainer import fused
-from trainer.nn import EncoderPair, FCStack, covariate_width, one_hot_covariates
+from trainer.nn import EncoderPair, FCStack, covariate_width, one_hot_covariates, select_rows
 
 _CHOICES = {
     "gene_likelihood": ("zinb", "nb", "poisson"),
@@ -117,6 +117,10 @@ class MultiVAE(nn.Module):
         self.encode_covariates, self.use_size_factor = encode_covariates, use_size_factor
         # torch.compile the dense ATAC-likelihood kernels (trainer/fused.py): same numbers, opt-in
         self.compile_kernels = compile_kernels
+        # compute only what the loss can see (``loss``): decoders/likelihoods on measured rows, and
+        # (``skip_unmeasured_encoders``) encoders on measured rows; both exact up to float rounding
+        self.skip_unmeasured = True
+        self.skip_unmeasured_encoders = True
         self.deeply_inject_covariates, self.dropout_rate = deeply_inject_covariates, dropout_rate
         self.use_batch_norm, self.use_layer_norm = use_batch_norm, use_layer_norm
         self.n_layers_encoder, self.n_layers_decoder = n_layers_encoder, n_layers_decoder
@@ -216,19 +220,37 @@ class MultiVAE(nn.Module):
         return e / (e.sum(-1, keepdim=True) + _SOFTMAX_EPS)
 
     # ------------------------------------------------------------------ passes
-    def inference(self, batch: dict, eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def inference(
+        self, batch: dict, eps: torch.Tensor | None = None, measured_only: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Encode both modalities, mix them into the joint posterior and draw z.
 
         ``eps`` (B, n_latent): standard-normal noise for the reparameterised sample; drawn if None
         (passing it makes a step reproducible across implementations and lets predictors draw many).
+
+        ``measured_only``: run each encoder only on the rows where its modality is measured (and on
+        cells that measure neither, whose joint posterior averages both encoders with weight 1/4).
+        The other rows get placeholders qzm = 0, qzv = 1, library 0. They reach the joint posterior
+        only through the masked-softmax weight (``modality_alpha``): alpha ~ 1e-30 times the mean and
+        sqrt(alpha) ~ 1e-15 times the variance, so qz_m is unchanged to float64 precision and qz_v
+        (and the gradients through it) change by <= ~1e-15 relative; the penalty only reads paired
+        cells. Ignored (full computation) when the encoders use batch norm, which couples rows.
+        The per-modality outputs (``qzm_rna`` ...) then hold placeholders on the unmeasured rows.
         """
         x_rna = self._counts(batch, keys.RNA, self.n_genes)
         x_atac = self._counts(batch, keys.ATAC, self.n_regions)
         mask = batch[keys.MASK].bool()
         cov = self.covariates(batch) if self.encode_covariates else None
         extra = self._cont(batch) if self.encode_covariates else None
-        qzm_rna, qzv_rna, lib_rna = self.rna_encoder(x_rna, cov, extra)
-        qzm_atac, qzv_atac, lib_atac = self.atac_encoder(x_atac, cov, extra)
+        if measured_only and self.use_batch_norm not in ("encoder", "both"):
+            neither = ~mask.any(dim=1)
+            qzm_rna, qzv_rna, lib_rna = self._encode_rows(self.rna_encoder, x_rna, mask[:, 0] | neither, cov, extra)
+            qzm_atac, qzv_atac, lib_atac = self._encode_rows(
+                self.atac_encoder, x_atac, mask[:, 1] | neither, cov, extra
+            )
+        else:
+            qzm_rna, qzv_rna, lib_rna = self.rna_encoder(x_rna, cov, extra)
+            qzm_atac, qzv_atac, lib_atac = self.atac_encoder(x_atac, cov, extra)
         if self.use_size_factor:
             sf = batch[keys.SIZE_FACTOR].to(self.dtype)
             lib_rna, lib_atac = torch.log(sf[:, [0]] + 1e-6), sf[:, [1]]
@@ -255,6 +277,22 @@ class MultiVAE(nn.Module):
             "lib_atac": lib_atac,
         }
 
+    @staticmethod
+    def _encode_rows(encoder, x, keep: torch.Tensor, cov, extra):
+        """``encoder`` on the rows where ``keep``; placeholders (0, 1, 0) elsewhere (see ``inference``)."""
+        rows = keep.nonzero().squeeze(1)
+        if rows.numel() == keep.shape[0]:
+            return encoder(x, cov, extra)
+        pick = (lambda t: None if t is None else t.index_select(0, rows))
+        m, v, lib = encoder(select_rows(x, rows), pick(cov), pick(extra))
+        # an empty selection still runs the (0-row) networks: every parameter gets a zero gradient,
+        # as in the full computation (AdamW then still decays it, DDP still sees it used)
+        B = keep.shape[0]
+        m = m.new_zeros(B, m.shape[1]).index_copy(0, rows, m)
+        v = v.new_ones(B, v.shape[1]).index_copy(0, rows, v)
+        lib = None if lib is None else lib.new_zeros(B, 1).index_copy(0, rows, lib)
+        return m, v, lib
+
     def generative(
         self,
         z: torch.Tensor,
@@ -270,6 +308,16 @@ class MultiVAE(nn.Module):
         ``compile_kernels`` it then leaves ``p`` None (the compiled loss never needs it).
         """
         h_in, cov, codes = self._decoder_input(z, batch, batch_codes)
+        out = self._decode_rna(h_in, cov, codes, lib_rna)
+        p_logits = self.atac_out(self.atac_decoder(h_in, cov))
+        # the compiled loss scores the logits directly: a (B, R) sigmoid pass nobody reads is skipped
+        out["p"] = None if return_logits and self._compiled_atac() else torch.sigmoid(p_logits)
+        if return_logits:
+            out["p_logits"] = p_logits
+        return out
+
+    def _decode_rna(self, h_in, cov, codes, lib_rna) -> dict[str, torch.Tensor | None]:
+        """RNA heads of ``generative`` for the rows given (px_scale, px_rate, px_dropout, theta)."""
         h_rna = self.rna_decoder(h_in, cov)
         px_scale = self._px_scale(h_rna)
         if self.gene_likelihood == "poisson":
@@ -280,19 +328,12 @@ class MultiVAE(nn.Module):
             theta = torch.exp(self.px_r.t()[codes.reshape(-1).long()])
         else:
             theta = torch.exp(self.px_r_head(h_rna))
-        p_logits = self.atac_out(self.atac_decoder(h_in, cov))
-        # the compiled loss scores the logits directly: a (B, R) sigmoid pass nobody reads is skipped
-        p = None if return_logits and self._compiled_atac() else torch.sigmoid(p_logits)
-        out = {
+        return {
             "px_scale": px_scale,
             "px_rate": torch.exp(lib_rna) * px_scale,
             "px_dropout": self.px_dropout(h_rna) if self.px_dropout is not None else None,
             "theta": theta,
-            "p": p,
         }
-        if return_logits:
-            out["p_logits"] = p_logits
-        return out
 
     def _decoder_input(self, z: torch.Tensor, batch: dict, batch_codes: torch.Tensor | None):
         cont = self._cont(batch)
@@ -338,30 +379,59 @@ class MultiVAE(nn.Module):
         return torch.where(paired, j, torch.zeros_like(j))
 
     def loss(self, batch: dict, kl_weight: float = 1.0, eps: torch.Tensor | None = None) -> LossOutput:
-        """Per-cell mean of recon_rna + recon_atac + kl_weight * KL + penalty (spec §3.5)."""
-        inf = self.inference(batch, eps)
-        gen = self.generative(inf["z"], batch, inf["lib_rna"], return_logits=True)
-        x_rna, x_atac = (
-            self._counts(batch, keys.RNA, self.n_genes),
-            self._counts(batch, keys.ATAC, self.n_regions),
+        """Per-cell mean of recon_rna + recon_atac + kl_weight * KL + penalty (spec §3.5).
+
+        Only what the loss can see is computed (``skip_unmeasured``, on by default): the reference
+        decodes RNA and ATAC for every cell and multiplies each per-cell reconstruction by the mask,
+        so a quarter of each decoder, of the ZINB and of the dense (cell, region) Bernoulli work
+        (benchmark mix) is multiplied by 0 and its gradient is exactly 0 (0 * finite). Here each
+        decoder and likelihood runs on the rows that measured its modality, and the per-cell recon is
+        scattered back into zeros: the same loss and gradients up to float summation order. Where the
+        reference would give 0 * inf = NaN for an unmeasured row (e.g. an overflowing px_rate), we
+        give 0: right where it is broken. Decoders with batch norm (rows coupled) decode every row.
+        ``outputs`` then holds the RNA heads (px_*, theta) for ``outputs["rna_rows"]`` and ``p`` for
+        ``outputs["atac_rows"]`` only; ``generative()`` is the full decode.
+        """
+        skip = self.skip_unmeasured
+        inf = self.inference(batch, eps, measured_only=skip and self.skip_unmeasured_encoders)
+        mask = inf["mask"]
+        n = mask.shape[0]
+        h_in, cov, codes = self._decoder_input(inf["z"], batch, None)
+        by_rows = skip and self.use_batch_norm not in ("decoder", "both")
+        rna_rows = mask[:, 0].nonzero().squeeze(1) if by_rows else None
+        atac_rows = mask[:, 1].nonzero().squeeze(1) if by_rows else None
+        if rna_rows is not None and rna_rows.numel() == n:
+            rna_rows = None  # every row measured: no copies
+        if atac_rows is not None and atac_rows.numel() == n:
+            atac_rows = None
+
+        def pick(t, rows):
+            return t if t is None or rows is None else select_rows(t, rows)
+
+        x_rna = self._counts(batch, keys.RNA, self.n_genes)
+        gen = self._decode_rna(
+            pick(h_in, rna_rows), pick(cov, rna_rows), pick(codes, rna_rows), pick(inf["lib_rna"], rna_rows)
         )
-        if self.gene_likelihood == "zinb":
-            rl_rna = D.zinb_nll(x_rna, gen["px_rate"], gen["theta"], gen["px_dropout"])
-        elif self.gene_likelihood == "nb":
-            rl_rna = D.nb_nll(x_rna, gen["px_rate"], gen["theta"])
-        else:
-            rl_rna = D.poisson_nll(x_rna, gen["px_rate"])
-        logits, lib_atac, s = gen.pop("p_logits"), inf["lib_atac"], self.region_factor_probs()
-        if self._compiled_atac():
-            rl_atac = D.product_bernoulli_nll_logits(x_atac, logits, lib_atac, s, compiled=True)
+        rl_rna = self._rna_nll(pick(x_rna, rna_rows), gen)
+
+        x_atac = self._counts(batch, keys.ATAC, self.n_regions)
+        logits = self.atac_out(self.atac_decoder(pick(h_in, atac_rows), pick(cov, atac_rows)))
+        lib_atac, s = pick(inf["lib_atac"], atac_rows), self.region_factor_probs()
+        if self._compiled_atac():  # scores the logits directly: no (B, R) sigmoid pass
+            gen["p"] = None
+            rl_atac = D.product_bernoulli_nll_logits(pick(x_atac, atac_rows), logits, lib_atac, s, compiled=True)
         else:  # eager: the hand-fused probability form makes fewer passes than the eager logits kernels
-            rl_atac = D.product_bernoulli_nll(x_atac, gen["p"], lib_atac, s)
-        mask = inf["mask"].to(rl_rna.dtype)
-        recon_rna, recon_atac = rl_rna * mask[:, 0], rl_atac * mask[:, 1]
+            gen["p"] = torch.sigmoid(logits)
+            rl_atac = D.product_bernoulli_nll(pick(x_atac, atac_rows), gen["p"], lib_atac, s)
+        recon_rna = self._per_cell(rl_rna, rna_rows, mask[:, 0])
+        recon_atac = self._per_cell(rl_atac, atac_rows, mask[:, 1])
         qz_m, qz_v = inf["qz_m"], inf["qz_v"]
         kl = 0.5 * (qz_v + qz_m**2 - 1 - torch.log(qz_v)).sum(dim=1)
         penalty = self.penalty(inf)
         loss = torch.mean((recon_rna + recon_atac) + (kl_weight * kl + penalty))
+        all_rows = torch.arange(n, device=mask.device)
+        gen["rna_rows"] = all_rows if rna_rows is None else rna_rows
+        gen["atac_rows"] = all_rows if atac_rows is None else atac_rows
         return LossOutput(
             loss=loss,
             recon_rna=recon_rna,
@@ -373,3 +443,17 @@ class MultiVAE(nn.Module):
             qz_v=qz_v,
             outputs={**inf, **gen},
         )
+
+    def _rna_nll(self, x_rna: torch.Tensor, gen: dict) -> torch.Tensor:
+        if self.gene_likelihood == "zinb":
+            return D.zinb_nll(x_rna, gen["px_rate"], gen["theta"], gen["px_dropout"])
+        if self.gene_likelihood == "nb":
+            return D.nb_nll(x_rna, gen["px_rate"], gen["theta"])
+        return D.poisson_nll(x_rna, gen["px_rate"])
+
+    @staticmethod
+    def _per_cell(rl: torch.Tensor, rows: torch.Tensor | None, measured: torch.Tensor) -> torch.Tensor:
+        """Per-cell recon (B,): scattered into zeros from the decoded rows, or masked (full decode)."""
+        if rows is None:
+            return rl * measured.to(rl.dtype)  # the reference's product (NaN stays NaN)
+        return rl.new_zeros(measured.shape[0]).index_copy(0, rows, rl)

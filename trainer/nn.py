@@ -265,3 +265,30 @@ class EncoderPair(nn.Module):
         lib = self.lib_out(self.lib_stack(None, cov, extra, x_part=both[:, H:]))
         lib = F.leaky_relu(lib) if self.library_head == "leaky_relu" else torch.sigmoid(lib)
         return mean, var, lib
+
+
+def select_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (sorted int64 indices) of a dense or sparse-CSR matrix, CSR kept CSR.
+
+    torch has no CSR ``index_select``; this gathers the selected rows' stored entries directly
+    (crow differences -> counts, one ``repeat_interleave`` for their positions), never densifying.
+    Index dtypes (int32 from the loader, or int64) are kept.
+    """
+    if x.layout != torch.sparse_csr:
+        return x.index_select(0, rows)
+    crow = x.crow_indices()
+    start = crow[:-1].index_select(0, rows).long()
+    counts = crow[1:].index_select(0, rows).long() - start
+    new_crow = torch.zeros(rows.numel() + 1, dtype=torch.long, device=x.device)
+    torch.cumsum(counts, 0, out=new_crow[1:])
+    nnz = int(new_crow[-1])  # one host sync: the selected entry count sizes every buffer below
+    # entry k of the result (in row r) is entry start[r] + (k - new_crow[r]) of the input
+    pos = torch.repeat_interleave(start - new_crow[:-1], counts, output_size=nnz)
+    pos += torch.arange(nnz, device=x.device)
+    return torch.sparse_csr_tensor(
+        new_crow.to(crow.dtype),
+        x.col_indices().index_select(0, pos),
+        x.values().index_select(0, pos),
+        (rows.numel(), x.shape[1]),
+        check_invariants=False,  # built from a valid CSR: nothing to check, and no per-call warning
+    )
