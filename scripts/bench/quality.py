@@ -19,7 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# one thread everywhere, forced (not a default): a caller's OMP_NUM_THREADS=4 would make runs slower on a
+# shared box and change float reduction order; spawned children inherit the environment
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))

@@ -15,6 +15,7 @@ import numpy as np
 from data.split import cell_hash, is_validation
 from trainer.quality import metrics as M
 from trainer.quality.data import PairedData
+from trainer.quality.diagnose import diagnostics
 from trainer.quality.evaluate import Outputs, evaluate
 from trainer.quality.scenario import Scenario, make_scenario, training_view
 from trainer.quality.settings import TrainSettings
@@ -44,6 +45,16 @@ def score(out: Outputs, data: PairedData, sc: Scenario) -> dict[str, float]:
     return r
 
 
+def pin_threads() -> None:
+    """One torch thread (intra- and inter-op) in this process, before each side trains: the shared box's
+    other jobs and run-to-run reproducibility both need it; scvi/Lightning must not have changed it."""
+    import torch
+
+    torch.set_num_threads(1)
+    if torch.get_num_threads() != 1:
+        raise RuntimeError(f"torch uses {torch.get_num_threads()} threads, the harness needs 1")
+
+
 def run_one(data: PairedData, fraction: float, seed: int, s: TrainSettings, work: Path) -> dict:
     """Train ours and the reference on one scenario; return both sides' metrics and run facts."""
     from trainer.quality.ours import train_ours
@@ -54,7 +65,9 @@ def run_one(data: PairedData, fraction: float, seed: int, s: TrainSettings, work
     cats = sorted(set(data.batch.tolist()))  # the store's rule: sorted categories
     codes = np.searchsorted(cats, data.batch).astype(np.int64)
     view_rna, view_atac = training_view(sc, data.rna, data.atac)
+    pin_threads()
     ours = train_ours(data, sc, s, work)
+    pin_threads()
     ref = train_reference(data, sc, s, np.flatnonzero(~val), cats)
     res = {"dataset": data.name, "fraction": fraction, "seed": seed, "settings": asdict(s),
            "n_cells": data.n_cells, "n_validation": int(val.sum()), "n_paired": len(sc.paired),
@@ -63,7 +76,10 @@ def run_one(data: PairedData, fraction: float, seed: int, s: TrainSettings, work
     for side, run in (("ours", ours), ("reference", ref)):
         out = evaluate(run.module, view_rna, view_atac, data.rna, data.atac, sc.mask, codes, sc.rna_only,
                        sc.atac_only, val)
-        res[side] = {**score(out, data, sc), "finite_loss": bool(run.finite and np.isfinite(out.heldout["elbo"])),
+        diag = diagnostics(run.module, view_rna, view_atac, data.rna, data.atac, sc.mask, codes, ~val, sc.paired,
+                           np.concatenate([sc.rna_only, sc.atac_only]))
+        res[side] = {**score(out, data, sc), **diag,
+                     "finite_loss": bool(run.finite and np.isfinite(out.heldout["elbo"])),
                      "train_seconds": run.train_seconds}
     res["ours"]["skipped_steps"] = ours.skipped_steps
     shutil.rmtree(work, ignore_errors=True)  # the store and checkpoints are rebuilt on demand
