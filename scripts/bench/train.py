@@ -13,25 +13,38 @@ its own. Reported per side:
     number of epochs, computed by ONE evaluator for both (our module with the reference's weights
     mapped in by trainer/reference.py, same noise), plus the reference's own ``get_elbo``.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/train.py            # ~5-8 min on 2 cores
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/train.py --n-cells 4000 --epochs 1   # smoke
+Seeds: ``--seeds 0,1,2,3,4`` runs both sides once per seed (the reference with ``scvi.settings.seed = s``
+set before its model is built, ours with ``run.seed = s``) on the same cells and split, and reports per
+seed, each side's mean +- standard error (and sd) of the held-out ELBO, and the paired difference
+ours - reference (mean +- s.e., with a t 95 % interval, also relative to the reference's mean), from
+which the 1 % target is decided (see ``decide``). Speed and peak RSS are aggregated over seeds (mean,
+min, max). ``--check-repro`` runs both sides a second time with the first seed (same seed twice must give
+the same held-out ELBO). ``--jobs 2`` runs two workers at a time: the ELBO does not depend on it, but the
+speed figures then share the cores (they are secondary in that mode).
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/train.py            # batch 128 + 1024, seed 0
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/train.py --seeds 0,1,2,3,4 --check-repro --jobs 2
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/train.py --n-cells 4000 --epochs 1 --batch-sizes 512 \
+        --seeds 0,1 --out outputs/bench/train_smoke.json                 # smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+SIDES = ("reference", "ours")
 
 
 def _store_arrays(store_path: str):
@@ -69,7 +82,7 @@ def _evaluate(module, store_path: str, batch_size: int = 512) -> float:
     return validate(module, stream, torch.device("cpu"), 1.0)["elbo_validation"]
 
 
-def worker_ours(store: str, batch_size: int, epochs: int, out_dir: str) -> dict:
+def worker_ours(store: str, batch_size: int, epochs: int, out_dir: str, seed: int, remainder: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -77,22 +90,27 @@ def worker_ours(store: str, batch_size: int, epochs: int, out_dir: str) -> dict:
     from trainer.export import load_model
     from trainer.train import train
 
-    # remainder="pad": the last partial batch is filled up, so ours takes as many steps per epoch as the
-    # reference (which keeps a short last batch) and the ELBO comparison is at equal step counts
-    cfg = load_config({"data": {"store": store, "batch_size": batch_size, "chunk_size": 256, "remainder": "pad"},
+    # remainder="none" (default): a short last batch, exactly the reference's drop_last=False, so both
+    # sides take the same steps on the same cells per epoch; "pad" fills it up with repeated cells
+    cfg = load_config({"data": {"store": store, "batch_size": batch_size, "chunk_size": 256, "remainder": remainder},
                        "run": {"epochs": epochs, "output_dir": out_dir, "resume": "none", "early_stopping": False,
-                               "keep_checkpoints": 1},
+                               "keep_checkpoints": 1, "seed": seed},
                        "logger": {"log_every": 10**9, "plot": False}})
     cpu0, wall0 = time.process_time(), time.perf_counter()
     res = train(cfg)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     module, _ = load_model(res.model_dir)
-    cells = res.steps * batch_size
+    from data.reader import read_validation_mask
+    from data.store import open_store
+
+    # cells actually seen: with remainder=none the last batch is short, so steps * batch_size over-counts
+    n_train = int((~read_validation_mask(open_store(store), 0.1)).sum())
+    cells = n_train * epochs if remainder == "none" else res.steps * batch_size
     return {"cells_trained": cells, "cpu_s": cpu, "wall_s": wall, "cells_per_cpu_s": cells / cpu,
             "heldout_elbo": _evaluate(module, store), "steps": res.steps}
 
 
-def worker_reference(store_path: str, batch_size: int, epochs: int) -> dict:
+def worker_reference(store_path: str, batch_size: int, epochs: int, seed: int) -> dict:
     import anndata as ad
     import mudata as md
     import pandas as pd
@@ -120,6 +138,9 @@ def worker_reference(store_path: str, batch_size: int, epochs: int) -> dict:
         scvi.model.MULTIVI.setup_mudata(m, modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"},
                                         batch_key="batch")
     torch.set_num_threads(1)
+    # seeds python, numpy and torch (Lightning's seed_everything): initial weights, shuffling, dropout and
+    # the reparameterisation noise of the reference's run all follow from it
+    scvi.settings.seed = seed
     model = scvi.model.MULTIVI(train_m)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     model.train(max_epochs=epochs, batch_size=batch_size, train_size=1.0, early_stopping=False,
@@ -129,7 +150,7 @@ def worker_reference(store_path: str, batch_size: int, epochs: int) -> dict:
     ref_elbo = float(model.get_elbo(adata=held_m, batch_size=512))
     # same evaluator as ours: the reference's weights mapped into our module
     out = {"cells_trained": cells, "cpu_s": cpu, "wall_s": wall, "cells_per_cpu_s": cells / cpu,
-           "heldout_elbo_scvi_get_elbo": ref_elbo}
+           "heldout_elbo_scvi_get_elbo": ref_elbo, "steps": epochs * -(-int((~val).sum()) // batch_size)}
     cfg = load_config({"data": {"store": store_path}})
     ours = build_module(meta, cfg)
     try:
@@ -141,53 +162,175 @@ def worker_reference(store_path: str, batch_size: int, epochs: int) -> dict:
     return out
 
 
+def _stats(xs: list[float]) -> dict:
+    """mean, sd (n-1), standard error and a two-sided t 95 % half-width of ``xs``."""
+    from scipy.stats import t
+
+    n = len(xs)
+    mean = sum(xs) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
+    se = sd / math.sqrt(n) if n > 1 else float("nan")
+    half = float(t.ppf(0.975, n - 1)) * se if n > 1 else float("nan")
+    return {"n": n, "mean": mean, "sd": sd, "se": se, "ci95_half": half, "min": min(xs), "max": max(xs)}
+
+
+def decide(rel_mean: float, rel_half: float, tol: float = 0.01) -> str:
+    """The 1 % target from the 95 % interval of the relative paired difference (ours - ref) / |ref|.
+
+    Lower ELBO (a loss per cell) is better. ``within``: the whole interval inside +-tol; ``not worse``:
+    its upper end below +tol (ours may be better by more than 1 %); ``worse``: its lower end above +tol;
+    ``undecided``: the interval straddles +tol (too few seeds for the noise)."""
+    lo, hi = rel_mean - rel_half, rel_mean + rel_half
+    if math.isnan(rel_half):
+        return "undecided (one seed)"
+    if -tol < lo and hi < tol:
+        return "within 1 %"
+    if hi < tol:
+        return "not worse by 1 % (ours better by more than 1 %)" if hi < -tol else "not worse by 1 %"
+    if lo > tol:
+        return "worse by more than 1 %"
+    return "undecided"
+
+
+def summarise(runs: dict, bs: int, seeds: list[int]) -> dict:
+    """Per-seed ELBOs of one batch size -> each side's statistics and the paired difference."""
+    per = {s: (runs[f"reference_b{bs}_s{s}"], runs[f"ours_b{bs}_s{s}"]) for s in seeds}
+    out = {"seeds": seeds}
+    for i, side in enumerate(SIDES):
+        rs = [per[s][i] for s in seeds]
+        out[side] = {"heldout_elbo": _stats([r["heldout_elbo"] for r in rs]),
+                     "cells_per_cpu_s": _stats([r["cells_per_cpu_s"] for r in rs]),
+                     "peak_rss_mib": _stats([r["peak_rss_mib"] for r in rs])}
+    diffs = [per[s][1]["heldout_elbo"] - per[s][0]["heldout_elbo"] for s in seeds]
+    d = out["diff_ours_minus_ref"] = _stats(diffs)
+    ref_mean = abs(out["reference"]["heldout_elbo"]["mean"])
+    out["rel_diff"] = {"mean": d["mean"] / ref_mean, "se": d["se"] / ref_mean, "ci95_half": d["ci95_half"] / ref_mean}
+    out["decision"] = decide(out["rel_diff"]["mean"], out["rel_diff"]["ci95_half"])
+    out["speedup_of_means"] = out["ours"]["cells_per_cpu_s"]["mean"] / out["reference"]["cells_per_cpu_s"]["mean"]
+    return out
+
+
+def print_summary(bs: int, sm: dict) -> None:
+    print(f"\n== batch {bs}: held-out ELBO per cell (lower is better), {len(sm['seeds'])} seeds")
+    print("seed  reference      ours      ours-ref")
+    for s in sm["seeds"]:
+        r, o = sm["_per_seed"][s]
+        print(f"{s:4d}  {r:9.2f}  {o:9.2f}  {o - r:+9.2f}")
+    for side in SIDES:
+        e, c, m = (sm[side][k] for k in ("heldout_elbo", "cells_per_cpu_s", "peak_rss_mib"))
+        print(f"{side:9s}: ELBO {e['mean']:.2f} +- {e['se']:.2f} s.e. (sd {e['sd']:.2f}, {100 * e['sd'] / e['mean']:.2f} %); "
+              f"{c['mean']:.0f} cells/CPU-s ({c['min']:.0f}-{c['max']:.0f}); peak RSS {m['mean']:.0f} MiB "
+              f"({m['min']:.0f}-{m['max']:.0f})")
+    d, rel = sm["diff_ours_minus_ref"], sm["rel_diff"]
+    print(f"ours - ref: {d['mean']:+.2f} +- {d['se']:.2f} s.e. (sd {d['sd']:.2f}); relative {100 * rel['mean']:+.2f} % "
+          f"+- {100 * rel['se']:.2f} % s.e., 95 % CI [{100 * (rel['mean'] - rel['ci95_half']):+.2f}, "
+          f"{100 * (rel['mean'] + rel['ci95_half']):+.2f}] % -> {sm['decision']}; speed-up of means "
+          f"{sm['speedup_of_means']:.2f}x", flush=True)
+
+
+def _worker_cmd(a, side: str, bs: int, seed: int, tag: str) -> list[str]:
+    return [sys.executable, __file__, "--worker", side, "--batch-size", str(bs), "--epochs", str(a.epochs),
+            "--store", a.store, "--seed", str(seed), "--remainder", a.remainder,
+            "--run-dir", f"{a.store}_run_e{a.epochs}_b{bs}_s{seed}{tag}"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-cells", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2,3,4")
+    ap.add_argument("--check-repro", action="store_true", help="run both sides twice with the first seed")
+    ap.add_argument("--jobs", type=int, default=1, help="workers at a time (speed figures share the cores if > 1)")
+    ap.add_argument("--remainder", choices=["none", "pad"], default="none", help="ours' last partial batch")
     ap.add_argument("--store", default="outputs/bench/train_store")
     ap.add_argument("--out", default="outputs/bench/train.json")
-    ap.add_argument("--worker", choices=["ours", "reference"])
+    ap.add_argument("--reuse", action="store_true", help="keep the runs already in --out (same settings)")
+    ap.add_argument("--reuse-from", nargs="*", default=[], help="also keep the runs of these JSONs (same settings)")
+    ap.add_argument("--worker", choices=SIDES)
     ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run-dir")
     a = ap.parse_args()
-    if a.worker:  # one side in a fresh process: print its JSON (with its own peak RSS)
+    if a.worker:  # one side in a fresh process: print its JSON (the driver adds its own peak RSS)
         if a.worker == "ours":
-            r = worker_ours(a.store, a.batch_size, a.epochs, f"{a.store}_run_b{a.batch_size}")
+            r = worker_ours(a.store, a.batch_size, a.epochs, a.run_dir, a.seed, a.remainder)
         else:
-            r = worker_reference(a.store, a.batch_size, a.epochs)
-        r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            r = worker_reference(a.store, a.batch_size, a.epochs, a.seed)
+        r["peak_rss_mb_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(r), flush=True)
         return
+
+    try:
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds needs distinct seeds (use --check-repro to repeat one), got {a.seeds!r}")
+    if a.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {a.jobs}")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_common import run_worker
 
     from data.synthetic import write_synthetic_store
 
     if not (Path(a.store) / "zarr.json").is_file():
         write_synthetic_store(a.store, n_cells=a.n_cells, n_genes=2000, n_regions=10000, paired_fraction=0.5,
                               rna_only_fraction=0.25, atac_only_fraction=0.25, progress=False, overwrite=True)
-    results = {"n_cells": a.n_cells, "epochs": a.epochs, "genes": 2000, "regions": 10000,
-               "python": platform.python_version(), "machine": platform.machine(), "runs": {}}
+    settings = {"n_cells": a.n_cells, "epochs": a.epochs, "genes": 2000, "regions": 10000, "store": a.store,
+                "remainder": a.remainder}
+    results = {**settings, "python": platform.python_version(), "machine": platform.machine(), "runs": {},
+               "loadavg_start": os.getloadavg(), "jobs": a.jobs}
+    out = Path(a.out)
+    for prev in ([out] if a.reuse and out.is_file() else []) + [Path(p) for p in a.reuse_from]:
+        old = json.loads(prev.read_text())
+        bad = [k for k, v in settings.items() if old.get(k) != v]
+        if bad:
+            raise SystemExit(f"--reuse: {prev} was written with other settings ({', '.join(bad)}); use another --out")
+        results["runs"].update(old["runs"])
+    # interleaved: for each seed both sides back to back, so slow drifts of the load hit both alike
+    tasks = [(side, bs, s, "") for bs in a.batch_sizes for s in seeds for side in SIDES]
+    if a.check_repro:
+        tasks += [(side, bs, seeds[0], "_repeat") for bs in a.batch_sizes[:1] for side in SIDES]
+    tasks = [t for t in tasks if f"{t[0]}_b{t[1]}_s{t[2]}{t[3]}" not in results["runs"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    logs = out.with_suffix("").with_name(out.stem + "_logs")
+
+    def one(task):
+        side, bs, s, tag = task
+        key = f"{side}_b{bs}_s{s}{tag}"
+        t0 = time.time()
+        env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+        r = run_worker(_worker_cmd(a, side, bs, s, tag), log=logs / f"{key}.log", env=env)
+        if "error" in r:
+            raise SystemExit(f"{key} failed: {r['error']}")
+        r["loadavg_end"], r["started"] = os.getloadavg(), time.strftime("%H:%M:%S", time.gmtime(t0))
+        return key, r
+
+    with ThreadPoolExecutor(a.jobs) as pool:
+        for key, r in pool.map(one, tasks):
+            results["runs"][key] = r
+            out.write_text(json.dumps(results, indent=1))  # partial results survive an interrupted run
+            print(f"{key:24s}: held-out ELBO {r['heldout_elbo']:9.2f}, {r['cells_per_cpu_s']:6.0f} cells/CPU-s, "
+                  f"peak RSS {r['peak_rss_mib']:5.0f} MiB, {r['steps']} steps, load {r['loadavg_end'][0]:.1f}",
+                  flush=True)
+    results["loadavg_end"] = os.getloadavg()
     for bs in a.batch_sizes:
-        for side in ("reference", "ours"):
-            cmd = [sys.executable, __file__, "--worker", side, "--batch-size", str(bs), "--epochs", str(a.epochs),
-                   "--store", a.store]
-            p = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT,
-                               env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled"))
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            if p.returncode != 0 or not line:
-                raise SystemExit(f"{side} batch {bs} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-            results["runs"][f"{side}_b{bs}"] = r = json.loads(line[0][7:])
-            print(f"batch {bs:5d} {side:9s}: {r['cells_per_cpu_s']:8.0f} cells/CPU-s, peak RSS "
-                  f"{r['peak_rss_mb']:6.0f} MB, held-out ELBO {r['heldout_elbo']:.2f}", flush=True)
-        o, ref = results["runs"][f"ours_b{bs}"], results["runs"][f"reference_b{bs}"]
-        speed = o["cells_per_cpu_s"] / ref["cells_per_cpu_s"]
-        gap = (o["heldout_elbo"] - ref["heldout_elbo"]) / abs(ref["heldout_elbo"])
-        results[f"speedup_b{bs}"], results[f"elbo_rel_diff_b{bs}"] = speed, gap
-        print(f"batch {bs:5d}: speed-up {speed:.2f}x (target >= 3x), held-out ELBO difference {100 * gap:+.2f} % "
-              f"(target within 1 %)", flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=1))
-    print(f"wrote {a.out}")
+        sm = summarise(results["runs"], bs, seeds)
+        sm["_per_seed"] = {s: (results["runs"][f"reference_b{bs}_s{s}"]["heldout_elbo"],
+                               results["runs"][f"ours_b{bs}_s{s}"]["heldout_elbo"]) for s in seeds}
+        print_summary(bs, sm)
+        results[f"summary_b{bs}"] = sm
+    if a.check_repro:
+        bs, s = a.batch_sizes[0], seeds[0]
+        for side in SIDES:
+            x, y = (results["runs"][f"{side}_b{bs}_s{s}{t}"]["heldout_elbo"] for t in ("", "_repeat"))
+            results[f"repro_{side}"] = {"first": x, "repeat": y, "rel_diff": (y - x) / abs(x)}
+            print(f"reproducibility, {side} batch {bs} seed {s}: {x:.6f} then {y:.6f} "
+                  f"(relative difference {(y - x) / abs(x):+.1e})")
+    print(f"load average: start {results['loadavg_start']}, end {results['loadavg_end']}")
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
