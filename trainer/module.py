@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from data import keys
 from trainer import distributions as D
 from trainer import fused
-from trainer.nn import EncoderPair, FCStack, covariate_width, one_hot_covariates, select_rows
+from trainer.nn import EncoderPair, FCStack, covariate_width, multiplies_densely, one_hot_covariates, select_rows
 
 _CHOICES = {
     "gene_likelihood": ("zinb", "nb", "poisson"),
@@ -237,19 +237,27 @@ class MultiVAE(nn.Module):
         cells. Ignored (full computation) when the encoders use batch norm, which couples rows.
         The per-modality outputs (``qzm_rna`` ...) then hold placeholders on the unmeasured rows.
         """
+        return self._inference(batch, eps, measured_only, measured_only)
+
+    def _inference(self, batch: dict, eps: torch.Tensor | None, rna_rows_only: bool, atac_rows_only: bool):
+        """``inference`` with ``measured_only`` chosen per modality (the loss skips rows only where
+        that pays, see ``loss``)."""
         x_rna = self._counts(batch, keys.RNA, self.n_genes)
         x_atac = self._counts(batch, keys.ATAC, self.n_regions)
         mask = batch[keys.MASK].bool()
         cov = self.covariates(batch) if self.encode_covariates else None
         extra = self._cont(batch) if self.encode_covariates else None
-        if measured_only and self.use_batch_norm not in ("encoder", "both"):
-            neither = ~mask.any(dim=1)
+        bn = self.use_batch_norm in ("encoder", "both")  # couples rows: always the full computation
+        neither = ~mask.any(dim=1) if (rna_rows_only or atac_rows_only) and not bn else None
+        if neither is not None and rna_rows_only:
             qzm_rna, qzv_rna, lib_rna = self._encode_rows(self.rna_encoder, x_rna, mask[:, 0] | neither, cov, extra)
+        else:
+            qzm_rna, qzv_rna, lib_rna = self.rna_encoder(x_rna, cov, extra)
+        if neither is not None and atac_rows_only:
             qzm_atac, qzv_atac, lib_atac = self._encode_rows(
                 self.atac_encoder, x_atac, mask[:, 1] | neither, cov, extra
             )
         else:
-            qzm_rna, qzv_rna, lib_rna = self.rna_encoder(x_rna, cov, extra)
             qzm_atac, qzv_atac, lib_atac = self.atac_encoder(x_atac, cov, extra)
         if self.use_size_factor:
             sf = batch[keys.SIZE_FACTOR].to(self.dtype)
@@ -393,7 +401,16 @@ class MultiVAE(nn.Module):
         ``outputs["atac_rows"]`` only; ``generative()`` is the full decode.
         """
         skip = self.skip_unmeasured
-        inf = self.inference(batch, eps, measured_only=skip and self.skip_unmeasured_encoders)
+        # encoders: rows are skipped only where the first layer multiplies densely (dense input, or
+        # CSR RNA at ~35 % density); a sparse first layer costs nothing on an empty row and the
+        # selection would only add copies (measured: dense input -3 ms per step, CSR +-0)
+        skip_enc = skip and self.skip_unmeasured_encoders
+        inf = self._inference(
+            batch,
+            eps,
+            skip_enc and multiplies_densely(batch[keys.RNA]),
+            skip_enc and multiplies_densely(batch[keys.ATAC]),
+        )
         mask = inf["mask"]
         n = mask.shape[0]
         h_in, cov, codes = self._decoder_input(inf["z"], batch, None)

@@ -31,6 +31,12 @@ ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
 DENSIFY_ABOVE = 0.10
 
 
+def multiplies_densely(x: torch.Tensor) -> bool:
+    """Whether a first layer multiplies ``x`` as a dense matrix (dense, or CSR above DENSIFY_ABOVE):
+    then every row costs a full GEMM row, empty or not (so skipping rows pays)."""
+    return x.layout != torch.sparse_csr or x.values().numel() > DENSIFY_ABOVE * x.shape[0] * x.shape[1]
+
+
 def input_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` for dense or sparse-CSR ``x``; gradients flow to ``weight`` in both cases."""
     if x.layout == torch.sparse_csr:
