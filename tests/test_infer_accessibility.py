@@ -22,6 +22,7 @@ from tests.train_utils import PY, ROOT, env, torchrun
 from trainer import lock
 from trainer.infer import infer
 from trainer.infer_config import AccessibilityOptions, ExpressionOptions
+from trainer.jobs import runner
 from trainer.jobs.common import InferError
 from trainer.jobs.runner import FAIL_AFTER_ENV
 
@@ -96,6 +97,22 @@ def test_region_subset_threshold_sparse_and_uint8_against_float32(trained, dense
     np.testing.assert_array_equal(sq.X.toarray(), np.where(dense >= t, np.rint(dense * 255), 0).astype(np.uint8))
     # threshold 0 keeps everything: a dense output, as in the reference
     assert isinstance(_run(store, run, tmp_path / "t0.zarr", threshold=0.0).X, np.ndarray)
+
+
+def test_dense_float_output_is_raw_chunks_and_equals_compressed_and_zarr_written(trained, dense, tmp_path,
+                                                                                  monkeypatch):
+    """The default float32 X is uncompressed (written by direct_io.RawChunkWriter with O_DIRECT); lz4
+    (``compress=true``) and zarr's own writes (``runner.DIRECT_WRITES = False``) hold the same values."""
+    store, run = trained
+    z = _run(store, run, tmp_path / "lz4.zarr", compress=True)
+    np.testing.assert_array_equal(z.X, dense)
+    assert z.uns["multivi"]["compressed"] is True
+    assert zarr.open_group(str(tmp_path / "lz4.zarr"), mode="r")["X"].compressors
+    monkeypatch.setattr(runner, "DIRECT_WRITES", False)
+    plain = _run(store, run, tmp_path / "plain.zarr")
+    np.testing.assert_array_equal(plain.X, dense)
+    root = zarr.open_group(str(tmp_path / "plain.zarr"), mode="r")
+    assert root["X"].compressors == () and plain.uns["multivi"]["compressed"] is False
 
 
 def test_sparse_output_after_a_crash_equals_a_clean_run(trained, dense, tmp_path, monkeypatch):

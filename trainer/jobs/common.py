@@ -198,14 +198,15 @@ def consolidate(path: Path) -> None:
 
 
 def create_dense(root: zarr.Group, name: str, shape: tuple[int, ...], dtype, rows: int, cols: int | None = None,
-                 fill_value=None) -> zarr.Array:
-    """An anndata-encoded dense array chunked by output chunk rows (and ``cols`` columns if given)."""
+                 fill_value=None, compress: bool = True) -> zarr.Array:
+    """An anndata-encoded dense array chunked by output chunk rows (and ``cols`` columns if given);
+    ``compress=False``: no compressor (chunk = raw bytes, which ``direct_io.RawChunkWriter`` writes directly)."""
     n = shape[0]
     chunks = [min(rows, max(n, 1)), *shape[1:]]
     if cols is not None and len(shape) > 1:
         chunks[1] = max(1, min(cols, shape[1]))
     arr = root.create_array(name, shape=shape, dtype=dtype, chunks=tuple(chunks), fill_value=fill_value,
-                            compressors=output_compressors(), overwrite=True)
+                            compressors=output_compressors() if compress else None, overwrite=True)
     arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
     return arr
 
