@@ -54,7 +54,8 @@ def test_diagnostics_agree_with_the_module_on_real_cells():
     # the paired penalty is the module's own penalty of the paired training cells
     p = np.intersect1d(sc.paired, np.flatnonzero(train))
     with torch.no_grad():
-        lo = module.loss(_batch(data.rna[p], data.atac[p], sc.mask[p], codes[p]), eps=torch.zeros(len(p), module.n_latent))
+        b = _batch(data.rna[p], data.atac[p], sc.mask[p], codes[p])
+        lo = module.loss(b, eps=torch.zeros(len(p), module.n_latent))
     assert np.isclose(d["diag_penalty_paired"], float(lo.penalty.mean()), rtol=1e-5)
     assert np.isclose(d["diag_penalty_paired_var"] + d["diag_penalty_paired_mean"], d["diag_penalty_paired"],
                       rtol=1e-5)
