@@ -36,7 +36,7 @@ import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data import keys
-from data.collate import collate
+from data.collate import collate_many
 from data.plan import EpochPlan, chunk_bounds, plan_epoch, worker_batch_ids
 from data.reader import ChunkReader, as_store, read_cell_table, read_validation_mask
 from data.store import Store
@@ -44,6 +44,11 @@ from data.store import Store
 SPLITS = ("train", "validation", "all")
 _DONE = object()
 _DEFAULT_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
+# Consecutive batches gathered and collated together (cells per group, at most; a batch at least): one
+# row gather and one set of per-cell column lookups per group instead of per batch, batches handed out
+# as views. Bounded so a group spans at most two shuffle windows of the default layout (the pool holds
+# two) and its arrays stay a few MB.
+GROUP_CELLS = 2048
 
 
 class StoreStream(IterableDataset):
@@ -157,22 +162,32 @@ class StoreStream(IterableDataset):
         return self._reader
 
     def make_batch(self, cells: np.ndarray) -> dict[str, torch.Tensor]:
-        blocks = self._get_reader().gather(cells)
-        return collate(cells, blocks, self.table, self.n_features, dense=self.dense, size_factor=self.size_factor)
+        return self.make_batches([cells])[0]
 
-    def _batches(self, plan: EpochPlan, ids: list[int]):
+    def make_batches(self, batches: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """Minibatches of consecutive ``batches`` (global cell indices each) from one gather of their rows."""
+        cells = np.concatenate(batches) if len(batches) > 1 else batches[0]
+        blocks = self._get_reader().gather(cells)
+        return collate_many(batches, blocks, self.table, self.n_features, dense=self.dense,
+                            size_factor=self.size_factor)
+
+    def _batches(self, plan: EpochPlan, ids: list[int], num_workers: int = 1):
         # Read ahead about one window of cells: its chunks decode while this window is gathered.
         # Issued one window's worth of batches at a time (not per batch): one event-loop round per window
         # keeps the wake-ups and per-round overhead off small batches, and reads 1-2 windows ahead.
         ahead = max(1, -(-self.window_chunks * self.chunk_size // self.batch_size))
+        # Batches gathered together; a worker's ids are num_workers apart, so its group spans that many
+        # more cells of the order (keep it within about two windows).
+        group = max(1, GROUP_CELLS // (self.batch_size * num_workers))
         reader = self._get_reader()
-        issued = 1  # batches [0, issued) are read on demand or already requested
-        for j, i in enumerate(ids):
+        issued = min(group, len(ids))  # batches [0, issued) are read on demand or already requested
+        for j in range(0, len(ids), group):
             if j + ahead >= issued and issued < len(ids):
                 stop = min(issued + ahead, len(ids))
                 reader.read_ahead(np.concatenate([plan.batches[k] for k in ids[issued:stop]]))
                 issued = stop
-            yield self.make_batch(plan.batches[i])
+            # the same batches in the same order as one make_batch per batch: only the work is shared
+            yield from self.make_batches([plan.batches[i] for i in ids[j:j + group]])
 
     def __iter__(self):
         plan = self.plan()
@@ -181,7 +196,7 @@ class StoreStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         ids = worker_batch_ids(len(plan), worker_id=wid, num_workers=nw, start=start)
         self._consumed = start
-        source = self._batches(plan, list(ids))
+        source = self._batches(plan, list(ids), nw)
         it = _prefetched(source, self.prefetch) if self.prefetch > 0 else source
         for batch in it:
             self._consumed += 1

@@ -77,6 +77,34 @@ def test_batch_contents_match_the_store(stores):
     assert torch.equal(dense[keys.ATAC], b[keys.ATAC].to_dense())
 
 
+def test_every_batch_of_an_epoch_matches_the_store(stores):
+    """Grouped gathers (several batches per read round and per gather, handed out as views) give exactly
+    the store's rows and columns for every batch, across shard and inner-chunk boundaries."""
+    path = stores[700]
+    st = open_store(path)
+    obs = st.read_obs()
+    whole = {m: np.vstack([st.read_rows(m, s, 0, st.meta.shard_offsets[s + 1] - st.meta.shard_offsets[s]).toarray()
+                           for s in range(st.meta.n_shards)]) for m in (keys.RNA, keys.ATAC)}
+    stream = StoreStream(path, 16, seed=5, chunk_size=64, window_chunks=4, size_factor=True)
+    batches = list(stream)
+    plan = stream.plan()
+    assert len(batches) == len(plan) > 8
+    for b, want in zip(batches, plan.batches, strict=True):
+        idx = b[keys.INDEX].numpy()
+        assert np.array_equal(idx, want)
+        for m in (keys.RNA, keys.ATAC):
+            assert b[m].crow_indices()[0] == 0 and b[m].shape == (16, whole[m].shape[1])
+            assert np.array_equal(b[m].to_dense().numpy(), whole[m][idx])
+        assert np.array_equal(b[keys.MASK].numpy(), obs[["mask_rna", "mask_atac"]].values[idx])
+        assert np.array_equal(b[keys.BATCH].numpy(), obs["batch"].cat.codes.values[idx])
+        assert np.array_equal(b[keys.LABEL].numpy(), obs["cell_type"].cat.codes.values[idx])
+        assert np.allclose(b[keys.CONT_COVS][:, 0].numpy(), obs["pct_mito"].values[idx])
+        one = stream.make_batch(want)  # the one-batch path gives the same tensors
+        for k, v in one.items():
+            got = b[k].to_dense() if v.layout == torch.sparse_csr else b[k]
+            assert torch.equal(got, v.to_dense() if v.layout == torch.sparse_csr else v), k
+
+
 def test_deterministic_and_reshuffled_per_epoch(stores):
     a = StoreStream(stores[700], 64, seed=7)
     b = StoreStream(stores[700], 64, seed=7)
