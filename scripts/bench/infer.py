@@ -152,48 +152,61 @@ def worker_reference(job: str, model_dir: str, store: str, batch: int, check: st
 # ----------------------------------------------------------------------------------- stage profile
 def profile_stages(job: str, model_dir: str, store_path: str, batch: int, n_batches: int) -> list[tuple[str, float]]:
     """CPU microseconds per cell of each stage of one job's per-batch work (process CPU time, all threads:
-    steadier than wall time on a shared machine), plus what cheaper variants of each stage would cost.
-    Stages that the job does: read, encode, decode (all heads, as trainer.predict does), the predict call
-    end to end (encode + decode + its copies), the Zarr write as the job writes it. Variants: the one
-    decoder head the job needs, and writes without compression or in smaller dtypes."""
+    steadier than wall time on a shared machine), plus what the alternatives of each stage cost.
+
+    Set up like the job (trainer/jobs/runner.py): large freed blocks kept in the heap
+    (``trainer.alloc``), output on a ``DirectLocalStore``. Stages the job does: read, encode, the one
+    decoder head it needs, the ``trainer.predict`` call end to end, the Zarr write as the job writes it
+    (expression: blosc lz4 through the store, O_DIRECT for chunks >= 1 MiB; accessibility: uncompressed
+    chunks by ``RawChunkWriter``). Variants: encoders on measured rows only, both heads, and other writes
+    (zarr's own LocalStore = page cache, other codecs and dtypes)."""
     import tempfile
 
     import numpy as np
     import torch
     import zarr
-    from torch.nn import functional as F
 
-    from data import keys
     from data.collate import to_device
     from data.stream import StoreStream
+    from trainer.alloc import reuse_large_allocations
     from trainer.export import load_model
     from trainer.jobs.accessibility import quantize
     from trainer.jobs.common import open_checked_store
+    from trainer.jobs.direct_io import DirectLocalStore, RawChunkWriter
     from trainer.jobs.runner import create_dense, feature_chunk_cols
     from trainer.predict import normalized_accessibility, normalized_expression
 
     torch.set_num_threads(1)
+    reuse_large_allocations()  # as the runner does
     module, info = load_model(model_dir)
     store = open_checked_store(store_path, info)
     stream = StoreStream(store, batch_size=batch, split="all", shuffle=False, prefetch=0)
     n_feat = {"embed": module.n_latent, "expression": module.n_genes, "accessibility": module.n_regions}[job]
     tmp = tempfile.mkdtemp(dir=BENCH)
-    root = zarr.open_group(f"{tmp}/p.zarr", mode="w")
+    direct = zarr.open_group(DirectLocalStore(f"{tmp}/d.zarr"), mode="w")
+    cache = zarr.open_group(f"{tmp}/p.zarr", mode="w")  # zarr's own LocalStore: through the page cache
     cols = feature_chunk_cols(batch, n_feat)
-    # create_dense = the jobs' arrays (blosc lz4 + shuffle since 1e1df8a; zstd before, kept as a variant)
     shape = (batch * n_batches, n_feat)
-    arrays = {"write (job: float32, blosc lz4)": create_dense(root, "a", shape, "float32", batch, cols)}
-    if job != "embed":
-        arrays["write float32, no compression"] = root.create_array(
-            "b", shape=(batch * n_batches, n_feat), dtype="float32", chunks=(batch, cols), compressors=None)
-        arrays["write float32, zstd (the codec before 1e1df8a)"] = root.create_array(
-            "e", shape=(batch * n_batches, n_feat), dtype="float32", chunks=(batch, cols),
-            compressors=zarr.codecs.ZstdCodec(level=0))
-        arrays["write float16 (job option), lz4"] = create_dense(root, "c", (batch * n_batches, n_feat), "float16",
-                                                                   batch, cols)
-        if job == "accessibility":
-            arrays["write uint8 (job option), lz4"] = create_dense(root, "d", (batch * n_batches, n_feat), "uint8",
-                                                                     batch, cols)
+
+    def dense(root, name, dtype, compress):
+        return create_dense(root, name, shape, dtype, batch, cols, compress=compress)
+
+    # name -> (array, dtype written); the first entry is what the job does
+    writes = {}
+    if job == "accessibility":
+        writes["write (job: float32, raw chunks, O_DIRECT)"] = (dense(direct, "a", "float32", False), None)
+        writes["float32 lz4, O_DIRECT store"] = (dense(direct, "b", "float32", True), None)
+        writes["float32 uncompressed, page cache (zarr)"] = (dense(cache, "c", "float32", False), None)
+        writes["float32 lz4, page cache (the job before)"] = (dense(cache, "e", "float32", True), None)
+        writes["float16 raw chunks, O_DIRECT"] = (dense(direct, "f", "float16", False), np.float16)
+        writes["uint8 (job option: lz4), O_DIRECT store"] = (dense(direct, "u", "uint8", True), np.uint8)
+    elif job == "expression":
+        writes["write (job: float32 lz4, O_DIRECT store)"] = (dense(direct, "a", "float32", True), None)
+        writes["float32 raw chunks, O_DIRECT"] = (dense(direct, "b", "float32", False), None)
+        writes["float32 lz4, page cache (the job before)"] = (dense(cache, "e", "float32", True), None)
+    else:
+        writes["write (job: float32 lz4)"] = (dense(direct, "a", "float32", True), None)
+    writers = {name: RawChunkWriter(arr) for name, (arr, _) in writes.items()}
     cost: dict[str, float] = {}
 
     @contextmanager
@@ -206,41 +219,41 @@ def profile_stages(job: str, model_dir: str, store_path: str, batch: int, n_batc
     with torch.no_grad():
         for k in range(n_batches):
             lo, hi = k * batch, min((k + 1) * batch, store.meta.n_cells)
-            if lo >= hi:
-                break
+            if hi - lo < batch:
+                break  # whole chunks only (the job's last short chunk goes through zarr)
             with stage("read + collate batch"):
                 b = to_device(stream.make_batch(np.arange(lo, hi)), "cpu")
+            eps = torch.zeros(hi - lo, module.n_latent)
             with stage("encode (module.inference)"):
-                inf = module.inference(b, eps=torch.zeros(hi - lo, module.n_latent))
+                inf = module.inference(b, eps=eps)
+            with stage("  variant: encode measured rows only (inference(measured_only=True))"):
+                module.inference(b, eps=eps, measured_only=True)
             z = inf["qz_m"]
             if job == "embed":
                 out = z.numpy()
             else:
-                with stage("  variant: both heads (module.generative; predict before c9f3b45)"):
+                with stage("  variant: both heads (module.generative)"):
                     module.generative(z, b, inf["lib_rna"])
-                cov = module.covariates(b, b[keys.BATCH])
                 if job == "expression":
-                    with stage("decode, RNA head only (what predict runs)"):
-                        F.softmax(module.px_scale(module.rna_decoder(z, cov)), -1)
+                    with stage("decode, RNA head only"):
+                        module.decode_expression_scale(z, b)
                     with stage("predict.normalized_expression (end to end)"):
                         out = normalized_expression(module, b, library_size=1.0).numpy()
                 else:
-                    with stage("decode, ATAC head only (what predict runs)"):
-                        torch.sigmoid(module.atac_out(module.atac_decoder(z, cov)))
+                    with stage("decode, ATAC head only"):
+                        module.decode_accessibility(z, b)
                     with stage("predict.normalized_accessibility (end to end)"):
                         out = normalized_accessibility(module, b).numpy()
-            for name, arr in arrays.items():
+            for name, (_, dtype) in writes.items():
                 val = out
-                if "uint8" in name:
-                    val = out.copy()  # quantize works in place; the copy is not the job's, so not counted
-                    with stage("  uint8 quantisation as the job does it (torch, in place)"):
-                        val = quantize(val, np.uint8)
-                    with stage("  variant: uint8 quantisation in numpy (before 97f9035)"):
-                        np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
-                elif "float16" in name:
-                    val = out.astype(np.float16)
-                with stage(name if name.startswith("write (job") else "  variant: " + name):
-                    arr[lo:hi] = val
+                if dtype == np.uint8:
+                    with stage("  uint8 quantisation (torch)"):
+                        val = quantize(out, np.uint8)
+                elif dtype is not None:
+                    with stage("  float16 cast"):
+                        val = out.astype(dtype)
+                with stage(name if name.startswith("write (job") else "  variant: write " + name):
+                    writers[name].write(lo, hi, val)
             cells += hi - lo
     shutil.rmtree(tmp, ignore_errors=True)
     return [(name, 1e6 * c / cells) for name, c in cost.items()]
