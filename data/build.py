@@ -144,7 +144,8 @@ def _build(cfg: BuildConfig, sources, filters, write_dask) -> Path:
               "dropped_cells": dropped_cells}
     n_total = len(all_ids)
     G, R = len(al.names["rna"]), len(al.names["atac"])
-    with StoreWriter(cfg.out, schema, shard_size=cfg.shard_size, overwrite=cfg.overwrite, source=source) as w:
+    with StoreWriter(cfg.out, schema, shard_size=cfg.shard_size, overwrite=cfg.overwrite, source=source,
+                     preshuffled=cfg.preshuffle) as w:
         if write_dask is not None:
             write_dask(w, al=al, obs_list=obs_list, keeps=keeps, block_size=cfg.block_size)
             log.info("wrote %s: %d cells, %d genes, %d regions (Dask)", cfg.out, n_total, G, R)

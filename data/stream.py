@@ -15,6 +15,13 @@ to the reader, the collate step and a background prefetch thread.
   the next iteration yield exactly the rest of that epoch. With ``num_workers=0`` the stream counts
   consumed batches itself; with DataLoader workers it cannot see what the trainer took, so pass
   ``state_dict(batches_consumed=n)``. A state from another world size is refused (ValueError).
+* Chunking (``chunk_size`` rows per read, ``window_chunks`` chunks shuffled together): when the caller
+  sets neither, a store that records ``preshuffled: true`` is read in 1,024-row chunks, 4 per window,
+  others in 256-row chunks, 16 per window (``default_chunking``). ``state_dict`` records the chunking and
+  a resume under another one is refused (the epoch's order depends on it).
+* Speed: the slices of every chunk a read round needs go to zarr as one call per array, and consecutive
+  batches (up to ``GROUP_CELLS`` cells) are gathered and collated together, then handed out as views;
+  batch contents and order are exactly those of one gather per batch.
 * Workers: with ``DataLoader(num_workers=W)`` worker ``w`` yields batches ``w, w+W, ...`` of the rank's
   sequence and the DataLoader's round-robin restores the W=0 order. Each worker reads whole chunks of
   the windows it touches, so W workers read up to W times the bytes; ``num_workers=0`` (the default
@@ -49,13 +56,31 @@ _DEFAULT_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
 # as views. Bounded so a group spans at most two shuffle windows of the default layout (the pool holds
 # two) and its arrays stay a few MB.
 GROUP_CELLS = 2048
+# (chunk_size, window_chunks) when the caller sets neither: the same 4,096-row shuffle window either way.
+# A store that records ``preshuffled: true`` (cells written in random order: mva-synth, mva-build
+# preshuffle=true) is read in 4x coarser chunks: contiguous rows of such a store are as mixed as any, so
+# the shuffle loses nothing, and a quarter of the reads cost ~1.5x less CPU per cell. Stores sorted by
+# sample (or older stores without the attribute) keep 256-row chunks, 16 per window.
+CHUNKING = (256, 16)
+CHUNKING_PRESHUFFLED = (1024, 4)
+
+
+def default_chunking(store: Store, chunk_size: int | None, window_chunks: int | None) -> tuple[int, int]:
+    """The stream's (chunk_size, window_chunks): the caller's values, else the store's defaults above.
+
+    Store-dependent defaults apply only when both are unset; one set value keeps the other's fixed
+    default (so a caller's chunk_size never silently changes the window size behind it)."""
+    if chunk_size is None and window_chunks is None:
+        return CHUNKING_PRESHUFFLED if store.root.attrs.get("preshuffled", False) is True else CHUNKING
+    return (int(chunk_size) if chunk_size is not None else CHUNKING[0],
+            int(window_chunks) if window_chunks is not None else CHUNKING[1])
 
 
 class StoreStream(IterableDataset):
     def __init__(self, store: Store | str | os.PathLike, batch_size: int, split: str = "train",
                  shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, *,
-                 val_fraction: float = 0.1, remainder: str | None = None, chunk_size: int = 256,
-                 window_chunks: int = 16, prefetch: int = 4, dense: bool = False, size_factor: bool = False,
+                 val_fraction: float = 0.1, remainder: str | None = None, chunk_size: int | None = None,
+                 window_chunks: int | None = None, prefetch: int = 4, dense: bool = False, size_factor: bool = False,
                  modalities: tuple[str, ...] = keys.MODALITIES):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -69,7 +94,7 @@ class StoreStream(IterableDataset):
         self.rank, self.world_size = int(rank), int(world_size)
         self.val_fraction = float(val_fraction)
         self.remainder = remainder or ("drop" if split == "train" else "none")
-        self.chunk_size, self.window_chunks = int(chunk_size), int(window_chunks)
+        self.chunk_size, self.window_chunks = default_chunking(self._store, chunk_size, window_chunks)
         self.prefetch, self.dense, self.size_factor = int(prefetch), bool(dense), bool(size_factor)
         self.modalities = tuple(modalities)
         self.n_features = {keys.RNA: self.meta.n_genes, keys.ATAC: self.meta.n_regions}
@@ -127,15 +152,17 @@ class StoreStream(IterableDataset):
         done = self._consumed if batches_consumed is None else int(batches_consumed)
         return {"epoch": self.epoch, "batches_consumed": done, "world_size": self.world_size,
                 "rank": self.rank, "seed": self.seed, "batch_size": self.batch_size, "split": self.split,
-                "shuffle": self.shuffle, "remainder": self.remainder, "n_batches": len(self)}
+                "shuffle": self.shuffle, "remainder": self.remainder, "chunk_size": self.chunk_size,
+                "window_chunks": self.window_chunks, "n_batches": len(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["world_size"]) != self.world_size:
             raise ValueError(f"loader state was saved with world_size={state['world_size']} but this run has "
                              f"world_size={self.world_size}; the per-rank cell assignment would differ, so a "
                              f"mid-epoch resume cannot be exact (restart the epoch instead)")
-        for k in ("seed", "batch_size", "split", "shuffle", "remainder"):
-            if state[k] != getattr(self, k):
+        for k in ("seed", "batch_size", "split", "shuffle", "remainder", "chunk_size", "window_chunks"):
+            # chunking decides the epoch's order; states saved before it was recorded skip that check
+            if state.get(k, getattr(self, k)) != getattr(self, k):
                 raise ValueError(f"loader state has {k}={state[k]!r} but this stream has {k}={getattr(self, k)!r}")
         self.epoch = int(state["epoch"])
         self._plan_cache = None

@@ -131,7 +131,9 @@ def write_synthetic_store(path: str | Path, n_cells: int = 4000, n_genes: int = 
         label_key="cell_type", label_categories=[f"type_{i}" for i in range(c.n_cell_types)],
     )
     source = {"kind": "synthetic", "config": asdict(c)}
-    with StoreWriter(c.out, schema, shard_size=c.shard_size, overwrite=c.overwrite, source=source) as w:
+    # every cell's type, batch and modalities are drawn independently: store order is already random
+    with StoreWriter(c.out, schema, shard_size=c.shard_size, overwrite=c.overwrite, source=source,
+                     preshuffled=True) as w:
         bar = tqdm(total=c.n_cells, unit="cell", desc="mva-synth", disable=not c.progress)
         for b, start in enumerate(range(0, c.n_cells, c.block_size)):
             n = min(c.block_size, c.n_cells - start)

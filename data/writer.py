@@ -141,7 +141,7 @@ class StoreWriter:
     """
 
     def __init__(self, out: str | os.PathLike, schema: StoreSchema, *, shard_size: int = 65_536,
-                 overwrite: bool = False, source: dict[str, Any] | None = None):
+                 overwrite: bool = False, source: dict[str, Any] | None = None, preshuffled: bool = False):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.out = Path(out)
@@ -150,6 +150,9 @@ class StoreWriter:
         self.schema = schema
         self.shard_size = int(shard_size)
         self.source = dict(source or {})
+        # the writer's caller vouches that cells arrive in random order (mva-synth, mva-build preshuffle):
+        # recorded so the loader may read coarser chunks without losing shuffle quality (docs/store.md)
+        self.preshuffled = bool(preshuffled)
         self.tmp = self.out.with_name(f"{self.out.name}.tmp-{secrets.token_hex(4)}")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
@@ -242,7 +245,7 @@ class StoreWriter:
             "cont_cov_keys": list(s.cont_cov_keys), "label_key": s.label_key,
             "label_categories": list(map(str, s.label_categories)),
             "n_cells_rna": self.stats.n_measured[keys.RNA], "n_cells_atac": self.stats.n_measured[keys.ATAC],
-            "source": self.source, "created_by": f"multivi-atlas {_version()}",
+            "source": self.source, "created_by": f"multivi-atlas {_version()}", "preshuffled": self.preshuffled,
         })
         self.root.attrs["complete"] = True  # last write before the rename: only a finished store has it
         if self.out.exists():

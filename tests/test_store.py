@@ -149,3 +149,20 @@ def test_writer_rejects_counts_in_an_unmeasured_modality(tmp_path):
         with StoreWriter(tmp_path / "s.zarr", schema) as w:
             w.append(rna.tocsr(), atac, obs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_preshuffled_is_recorded_only_when_the_writer_is_told(tmp_path):
+    """``preshuffled`` (docs/store.md) is what the loader's chunking default trusts: the writer records
+    the caller's word (False unless told), mva-synth always says True (its cells are drawn i.i.d.)."""
+    from data.synthetic import write_synthetic_store
+
+    rna, atac, obs, schema = _random_cells(n=200)
+    plain = _write(tmp_path / "plain.zarr", rna, atac, obs, schema, 128)
+    shuffled = _write(tmp_path / "shuffled.zarr", rna, atac, obs, schema, 128, preshuffled=True)
+    synth = open_store(write_synthetic_store(tmp_path / "synth.zarr", n_cells=300, n_genes=20, n_regions=40,
+                                             progress=False))
+    assert plain.root.attrs["preshuffled"] is False
+    assert shuffled.root.attrs["preshuffled"] is True
+    assert synth.root.attrs["preshuffled"] is True
+    meta = json.loads((tmp_path / "shuffled.zarr" / "zarr.json").read_text())["attributes"]
+    assert meta["preshuffled"] is True and meta["complete"] is True  # plain zarr metadata, no code needed

@@ -148,6 +148,38 @@ def test_resume_mid_epoch_yields_the_uninterrupted_rest(stores):
     assert all(np.array_equal(x[keys.INDEX].numpy(), y) for x, y in zip(want[7:], got, strict=True))
 
 
+def test_chunking_follows_the_stores_preshuffled_attribute(stores, tmp_path):
+    """A preshuffled store (mva-synth) defaults to 1,024-row chunks x 4 per window; a store without the
+    attribute keeps 256 x 16 (the same 4,096-row window); a caller's value always wins."""
+    synth = stores[700]
+    assert open_store(synth).root.attrs["preshuffled"] is True
+    assert (StoreStream(synth, 32).chunk_size, StoreStream(synth, 32).window_chunks) == (1024, 4)
+    assert (StoreStream(synth, 32, chunk_size=64).chunk_size, StoreStream(synth, 32, chunk_size=64).window_chunks) \
+        == (64, 16)
+    assert StoreStream(synth, 32, window_chunks=8).chunk_size == 256
+    # An older store: the same cells with the attribute removed (stores written before it existed).
+    import shutil
+
+    import zarr
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(synth, old)
+    root = zarr.open_group(str(old), mode="r+")
+    attrs = dict(root.attrs)
+    del attrs["preshuffled"]
+    root.attrs.clear()
+    root.attrs.update(attrs)
+    s = StoreStream(old, 32)
+    assert (s.chunk_size, s.window_chunks) == (256, 16)
+    # The chunking decides the epoch's order: a resume state from another chunking is refused.
+    with pytest.raises(ValueError, match="chunk_size=1024 but this stream has chunk_size=256"):
+        s.load_state_dict(StoreStream(synth, 32).state_dict())
+    state = StoreStream(synth, 32).state_dict()
+    for k in ("chunk_size", "window_chunks"):  # a state saved before they were recorded still loads
+        state.pop(k)
+    StoreStream(synth, 32).load_state_dict(state)
+
+
 def test_state_from_another_world_size_is_refused(stores):
     state = StoreStream(stores[700], 32, world_size=2).state_dict()
     with pytest.raises(ValueError, match="world_size=2.*world_size=3"):
