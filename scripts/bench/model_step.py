@@ -7,7 +7,8 @@ Both in one run, one torch thread, same sizes and weights: 2,000 genes, 10,000 r
 ``trainer.step.train_step`` on sparse CSR input (the loader's format), the same with
 ``compile_kernels=True`` (ATAC likelihood kernels compiled by torch.compile; its one-off compile time is
 reported separately, outside the per-step figure), and on dense input. CPU time is
-``time.process_time()``; all are timed in alternating chunks of 5 steps.
+``time.process_time()``; all are timed in alternating chunks of 5 steps. ``--ab-skip`` adds our step
+with the skipping of unmeasured rows switched off (``MultiVAE.skip_unmeasured``), sparse and dense.
 
 Usage: ``OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/model_step.py --out outputs/bench/model_step.json``
 """
@@ -118,6 +119,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="skip the compile_kernels=True row")
+    ap.add_argument(
+        "--ab-skip",
+        action="store_true",
+        help="add rows with the module's skipping of unmeasured rows switched off (skip_unmeasured=False): "
+        "the same math on every row, as the reference computes it",
+    )
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/model_step.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -143,6 +150,12 @@ def main() -> None:
         "ours (sparse, compile_kernels)": (stepper(compiled), [sparse(b) for b in dense]),
         "ours (dense input)": (our_step, dense),
     }
+    if args.ab_skip:
+        full = copy.deepcopy(ours)  # same weights, own optimizer state; decodes/encodes every row
+        full.skip_unmeasured = full.skip_unmeasured_encoders = False
+        full_step = stepper(full)
+        steppers["ours (sparse, no skipping)"] = (full_step, [sparse(b) for b in dense])
+        steppers["ours (dense, no skipping)"] = (full_step, dense)
     compile_cpu_s = None
     if args.no_compile:
         del steppers["ours (sparse, compile_kernels)"]
