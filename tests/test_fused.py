@@ -1,6 +1,6 @@
 """The logits form of the ATAC likelihood and its compiled kernels compute torch's BCE exactly.
 
-``D.product_bernoulli_nll_logits`` (dense kernels of ``trainer/fused.py`` + sparse correction) must give
+``fused.product_bernoulli_nll_logits`` (dense kernels of ``trainer/fused.py`` + sparse correction) must give
 the value and the gradients (logits, lib, s) of ``F.binary_cross_entropy(sigmoid(logits) * lib * s,
 1[x > 0])`` in float64 (<= 1e-9), including saturated entries where torch clamps its logs at -100 and
 its gradient denominator at 1e-12; with ``compile_kernels=True`` a module's loss and every gradient
@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from trainer import distributions as D
 from trainer import fused
 from trainer.module import MultiVAE
 
@@ -50,7 +49,7 @@ def test_logits_form_equals_torch_bce(layout, with_s):
     lib.requires_grad_()
     s = s.requires_grad_() if with_s else None
     xin = x.to_sparse_csr() if layout == "csr" else x
-    ours = D.product_bernoulli_nll_logits(xin, logits, lib, s, compiled=False)
+    ours = fused.product_bernoulli_nll_logits(xin, logits, lib, s, compiled=False)
     q = torch.sigmoid(logits) * lib * (s if s is not None else 1.0)
     ref = F.binary_cross_entropy(q, (x > 0).double(), reduction="none").sum(1)
     _close(ours, ref, "value")

@@ -16,6 +16,7 @@ import torch
 
 from data import keys
 from trainer import distributions as D
+from trainer import fused
 from trainer.module import MultiVAE
 from trainer.nn import input_matmul, input_matmul_t
 
@@ -106,14 +107,14 @@ def test_likelihoods_with_explicit_stored_zeros():
         p = (q + 0.05).requires_grad_()
         lib = torch.rand(6, 1, generator=g, dtype=torch.float64).requires_grad_()
         s = torch.rand(9, generator=g, dtype=torch.float64).requires_grad_()
-        fused = D.product_bernoulli_nll(sp, p, lib, s)
+        fused_value = fused.product_bernoulli_nll(sp, p, lib, s)
         plain = torch.nn.functional.binary_cross_entropy(p * lib * s, (x > 0).double(), reduction="none").sum(
             1
         )
-        assert_close(fused, plain, "product bernoulli")
+        assert_close(fused_value, plain, "product bernoulli")
         w = torch.randn(6, generator=g, dtype=torch.float64)
         for a, b in zip(
-            torch.autograd.grad(fused @ w, (p, lib, s)), torch.autograd.grad(plain @ w, (p, lib, s))
+            torch.autograd.grad(fused_value @ w, (p, lib, s)), torch.autograd.grad(plain @ w, (p, lib, s))
         ):
             assert_close(a, b, "product bernoulli grad")
 

@@ -28,7 +28,14 @@ from torch.nn import functional as F
 from data import keys
 from trainer import distributions as D
 from trainer import fused
-from trainer.nn import EncoderPair, FCStack, covariate_width, multiplies_densely, one_hot_covariates, select_rows
+from trainer.nn import (
+    EncoderPair,
+    FCStack,
+    covariate_width,
+    multiplies_densely,
+    one_hot_covariates,
+    select_rows,
+)
 
 _CHOICES = {
     "gene_likelihood": ("zinb", "nb", "poisson"),
@@ -436,10 +443,10 @@ class MultiVAE(nn.Module):
         lib_atac, s = pick(inf["lib_atac"], atac_rows), self.region_factor_probs()
         if self._compiled_atac():  # scores the logits directly: no (B, R) sigmoid pass
             gen["p"] = None
-            rl_atac = D.product_bernoulli_nll_logits(pick(x_atac, atac_rows), logits, lib_atac, s, compiled=True)
+            rl_atac = fused.product_bernoulli_nll_logits(pick(x_atac, atac_rows), logits, lib_atac, s, compiled=True)
         else:  # eager: the hand-fused probability form makes fewer passes than the eager logits kernels
             gen["p"] = torch.sigmoid(logits)
-            rl_atac = D.product_bernoulli_nll(pick(x_atac, atac_rows), gen["p"], lib_atac, s)
+            rl_atac = fused.product_bernoulli_nll(pick(x_atac, atac_rows), gen["p"], lib_atac, s)
         recon_rna = self._per_cell(rl_rna, rna_rows, mask[:, 0])
         recon_atac = self._per_cell(rl_atac, atac_rows, mask[:, 1])
         qz_m, qz_v = inf["qz_m"], inf["qz_v"]
