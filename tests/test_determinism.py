@@ -109,10 +109,25 @@ def test_resume_from_any_checkpoint_is_bitwise_equal(store, reference, tmp_path,
     assert_bitwise_equal(run, reference)
 
 
-def test_resume_with_another_thread_count_says_so(store, reference, tmp_path, capsys):
+def test_a_resume_that_cannot_be_exact_says_why(store, reference, tmp_path, capsys):
+    """Two things a checkpoint cannot carry: the torch thread count (reduction order) and the code.
+    Both are recorded, and a resume with another value prints one line each; a plain resume none."""
     src = _resume_points(reference)["one_batch_left"]
+    plain = tmp_path / "plain"
+    shutil.copytree(src, ckpt.checkpoints_root(plain) / src.name)
+    train(tiny_config(store, plain, **EXTRA))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "torch threads" not in out
+    # in a shared checkout someone may edit trainer/ or data/ meanwhile: then the note is due
+    edited = torch.load(src / "trainer.pt", weights_only=True)["code_fingerprint"] != ckpt.code_fingerprint()
+    assert ("other trainer/loader code" in out) == edited, out[-2000:]
+
     run = tmp_path / "resumed"
-    shutil.copytree(src, ckpt.checkpoints_root(run) / src.name)
+    dst = ckpt.checkpoints_root(run) / src.name
+    shutil.copytree(src, dst)
+    state = torch.load(dst / "trainer.pt", weights_only=True)
+    assert state["torch_threads"] == 1 and state["code_fingerprint"] == ckpt.code_fingerprint()
+    torch.save({**state, "code_fingerprint": "written-by-an-older-version"}, dst / "trainer.pt")
     torch.set_num_threads(2)
     try:
         train(tiny_config(store, run, **EXTRA))
@@ -120,6 +135,7 @@ def test_resume_with_another_thread_count_says_so(store, reference, tmp_path, ca
         torch.set_num_threads(1)
     out = capsys.readouterr().out
     assert "written with 1 torch threads, this run uses 2" in out, out[-2000:]
+    assert "written by other trainer/loader code or another torch version" in out, out[-2000:]
 
 
 @pytest.mark.slow

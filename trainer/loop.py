@@ -215,6 +215,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     guard = StepGuard(max_bad_steps=cfg.run.max_bad_steps)
 
     # ---- resume
+    code = ckpt.code_fingerprint()  # at start, close to when the modules were imported
     epoch, step, batches_done, best, bad_epochs, stopped = 0, 0, 0, None, 0, False
     path = dist.broadcast_object(str(ckpt.find_resume(run_dir, cfg.run.resume) or ""))
     if path:
@@ -232,6 +233,9 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         guard.load_state_dict(state["guard"])
         guard.last_good_checkpoint = path
         _warn_if_threads_differ(state, path)
+        if state.get("code_fingerprint", code) != code:  # absent in checkpoints written before it was recorded
+            dist.print0(f"[train] note: {path} was written by other trainer/loader code or another torch "
+                        f"version: the run continues, but not bit for bit as the uninterrupted run would have")
         if batches_done:
             train_stream.set_epoch(epoch)
             train_stream.load_state_dict(rank_state["stream"])
@@ -253,7 +257,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                  "config": config_to_json(cfg), "world_size": info.world_size,
                  "best": "" if best is None else best, "bad_epochs": bad_epochs, "stopped": stopped,
                  "guard": guard.state_dict(), "data_fingerprint": ckpt.data_fingerprint(meta),
-                 "torch_threads": torch.get_num_threads()}
+                 "torch_threads": torch.get_num_threads(), "code_fingerprint": code}
         stream = train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}
         rank_state = {"rng": ckpt.rng_state(), "stream": stream}
         final = ckpt.save_checkpoint(run_dir, step, state, rank_state, w, keep=cfg.run.keep_checkpoints)
