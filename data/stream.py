@@ -53,9 +53,10 @@ _DONE = object()
 _DEFAULT_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
 # Consecutive batches gathered and collated together (cells per group, at most; a batch at least): one
 # row gather and one set of per-cell column lookups per group instead of per batch, batches handed out
-# as views. Bounded so a group spans at most two shuffle windows of the default layout (the pool holds
-# two) and its arrays stay a few MB.
-GROUP_CELLS = 2048
+# as views. Measured at batch 128 (2026-11-25, docs/benchmarks.md): groups of 128 / 512 / 2,048 cells
+# were within noise of each other in CPU per cell (the reads dominate); 2,048 added ~25-60 MiB of RSS,
+# so 512 (4 batches of 128; batches >= 512 are not grouped).
+GROUP_CELLS = 512
 # (chunk_size, window_chunks) when the caller sets neither: the same 4,096-row shuffle window either way.
 # A store that records ``preshuffled: true`` (cells written in random order: mva-synth, mva-build
 # preshuffle=true) is read in 4x coarser chunks: contiguous rows of such a store are as mixed as any, so
