@@ -179,3 +179,14 @@ def test_select_rows_keeps_csr(pbmc_counts):
     assert torch.equal(got.to_dense(), x[rows])
     empty = select_rows(csr, torch.zeros(0, dtype=torch.long))
     assert empty.shape == (0, x.shape[1]) and empty.values().numel() == 0
+
+
+def test_select_rows_fast_path_when_left_out_rows_are_empty(pbmc_counts):
+    """Rows left out are empty (an unmeasured modality): the entries are reused, not gathered."""
+    x = pbmc_counts[1][:10].clone()
+    x[[1, 4, 8]] = 0
+    csr = to_csr({keys.RNA: x, keys.ATAC: x})[keys.ATAC]
+    rows = torch.tensor([0, 2, 3, 5, 6, 7, 9])
+    got = select_rows(csr, rows)
+    assert got.values().data_ptr() == csr.values().data_ptr()  # no copy of the entries
+    assert torch.equal(got.to_dense(), x[rows]) and got.crow_indices().dtype == torch.int32

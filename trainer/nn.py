@@ -288,6 +288,13 @@ def select_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     new_crow = torch.zeros(rows.numel() + 1, dtype=torch.long, device=x.device)
     torch.cumsum(counts, 0, out=new_crow[1:])
     nnz = int(new_crow[-1])  # one host sync: the selected entry count sizes every buffer below
+    if nnz == x.values().numel():
+        # every stored entry is in a selected row (the rows left out are empty, as an unmeasured
+        # modality's rows are): the entries keep their order, only the row pointers change
+        return torch.sparse_csr_tensor(
+            new_crow.to(crow.dtype), x.col_indices(), x.values(), (rows.numel(), x.shape[1]),
+            check_invariants=False,
+        )
     # entry k of the result (in row r) is entry start[r] + (k - new_crow[r]) of the input
     pos = torch.repeat_interleave(start - new_crow[:-1], counts, output_size=nnz)
     pos += torch.arange(nnz, device=x.device)
