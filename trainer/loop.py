@@ -167,9 +167,14 @@ def _loader(stream: StoreStream, cfg: TrainConfig):
     # Workers read ahead in background processes; with 0 workers the stream is iterated directly.
     if cfg.data.num_workers == 0:
         return stream
+    # Its own generator: iter(DataLoader) draws the workers' base seed from the generator it is given,
+    # by default the GLOBAL torch RNG, which also drives dropout. A mid-epoch checkpoint holds the RNG
+    # after the epoch's draw and the resumed run drew once more: its dropout masks were shifted by one
+    # draw (1e-2 off after a few steps). The stream's order never depends on the worker seed.
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
                                        prefetch_factor=cfg.data.prefetch, persistent_workers=False,
-                                       multiprocessing_context="spawn")
+                                       multiprocessing_context="spawn",
+                                       generator=torch.Generator().manual_seed(cfg.run.seed))
 
 
 def run(cfg: TrainConfig) -> TrainResult:
