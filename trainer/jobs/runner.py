@@ -19,6 +19,9 @@ runner (``run_chunked``) does everything else, identically for embed, expression
 * pipelining: the job computes chunk k+1 (its store reads issued ahead) while a writer thread stores
   chunk k; the chunk's done marker is written only after its rows are stored.
 
+* I/O: output arrays are opened on ``direct_io.DirectLocalStore`` (chunks >= 1 MiB go to disk with
+  O_DIRECT, not through the page cache) and large freed blocks stay in the heap (``trainer.alloc``).
+
 Memory per rank is one batch of cells plus two chunks' results (computing + storing), never
 cells x features.
 """
