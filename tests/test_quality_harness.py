@@ -78,3 +78,26 @@ def test_worse_flag_needs_every_seed_and_a_gap_beyond_the_spread():
     assert not flag(runs([0.60, 0.80, 0.70], [0.72, 0.83, 0.71]))  # worse each time, but within the spread
     assert not flag(runs([0.9, 0.9, 0.9], [0.8, 0.8, 0.8]))  # better
     assert not flag(runs([0.7], [0.8]))  # one seed: no spread to judge against
+
+
+def test_report_from_several_sweeps_pairs_seeds(tmp_path):
+    """--report-from: one table over runs stored by two sweeps; only matching settings count, and
+    the paired column is ours - reference per seed (mean ± s.e., worse in k of n)."""
+
+    def run(seed, ours, ref, epochs=300, version=2):
+        return {"dataset": "synthetic", "fraction": 0.1, "seed": seed,
+                "settings": {"epochs": epochs, "harness_version": version},
+                "ours": {"foscttm": ours, "finite_loss": True}, "reference": {"foscttm": ref, "finite_loss": True}}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps([run(0, 0.20, 0.10), run(1, 0.30, 0.20), run(2, 0.9, 0.1, epochs=100)]))
+    b.write_text(json.dumps([run(2, 0.10, 0.20), run(3, 0.9, 0.1, version=1)]))
+    rc = _cli().main(["--report-from", str(a), str(b), "--epochs", "300", "--fractions", "0.1",
+                      "--seeds", "0,1,2,3", "--out", str(tmp_path / "rep")])
+    md = (tmp_path / "rep" / "quality.md").read_text()
+    assert rc == 0 and "3 runs per side (seeds [0, 1, 2])" in md  # 100-epoch and version-1 runs left out
+    # per-seed differences +0.1, +0.1, -0.1
+    d = np.array([0.1, 0.1, -0.1])
+    want = f"+{d.mean():.3f} ± {d.std(ddof=1) / np.sqrt(3):.3f} (2/3)"
+    assert f"| FOSCTTM RNA vs ATAC version ↓ | 0.1 | 0.200 ± 0.082 | 0.167 ± 0.047 | {want} |  |" in md
+    assert _cli().main(["--report-from", str(a), "--epochs", "7", "--out", str(tmp_path / "none")]) == 2

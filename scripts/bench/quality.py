@@ -55,8 +55,11 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--kl-warmup", type=int, default=None, help="KL warm-up epochs (default: epochs // 2)")
     ap.add_argument("--out", default="outputs/quality/run")
     ap.add_argument("--title", default=None)
+    ap.add_argument("--report-from", nargs="+", default=None, metavar="JSON",
+                    help="no training: tables + figure in --out from finished runs in these quality.json files "
+                         "(those with --epochs, --fractions, --seeds and the current harness version)")
     a = ap.parse_args(argv)
-    if not a.synthetic and not (a.rna and a.atac):
+    if not a.synthetic and not (a.rna and a.atac) and not a.report_from:
         ap.error("give --rna and --atac (paired .h5ad files), or --synthetic")
     return a
 
@@ -72,6 +75,8 @@ def main(argv=None) -> int:
     from trainer.quality.settings import TrainSettings
 
     out = Path(a.out)
+    if a.report_from:
+        return _report_only(a, out)
     data = (synthetic_pair(out / "data", n_cells=a.synthetic_cells) if a.synthetic
             else read_pair(a.rna, a.atac, a.batch_key, a.label_key))
     s = TrainSettings(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
@@ -96,6 +101,25 @@ def main(argv=None) -> int:
         print(f"[quality] NON-FINITE LOSS in runs (fraction, seed, side): {bad}", file=sys.stderr)
         return 1
     return 0
+
+
+def _report_only(a: argparse.Namespace, out: Path) -> int:
+    """--report-from: one table and figure over runs stored by several sweeps (e.g. extra seeds)."""
+    from trainer.quality.report import figure, markdown, stored_runs
+    from trainer.quality.settings import TrainSettings
+
+    runs = stored_runs(a.report_from, a.epochs, a.fractions, a.seeds, TrainSettings().harness_version)
+    if not runs:
+        print(f"[quality] no stored run in {a.report_from} matches --epochs {a.epochs}, --fractions, --seeds",
+              file=sys.stderr)
+        return 2
+    name = runs[0]["dataset"]
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(runs, a.title or f"{name} ({a.epochs} epochs)")
+    (out / "quality.md").write_text(md)
+    figure(runs, out / "quality.png", name)
+    print(md)
+    return 1 if any(not r[s]["finite_loss"] for r in runs for s in ("ours", "reference")) else 0
 
 
 if __name__ == "__main__":

@@ -32,6 +32,23 @@ METRICS = {
 }
 
 
+def stored_runs(paths: list[str | Path], epochs: int, fractions: list[float], seeds: list[int],
+                harness_version: int) -> list[dict]:
+    """Finished runs from several ``quality.json`` files (sweeps split over processes / out dirs):
+    those with these epochs, fractions, seeds and harness version; one run per (data set, fraction,
+    seed), the last one stored wins."""
+    import json
+
+    keep: dict[tuple, dict] = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text()):
+            st = r["settings"]
+            if (st["epochs"] == epochs and st.get("harness_version") == harness_version
+                    and r["fraction"] in fractions and r["seed"] in seeds):
+                keep[(r["dataset"], r["fraction"], r["seed"])] = r
+    return list(keep.values())
+
+
 def _values(runs: list[dict], side: str, metric: str, fraction: float) -> np.ndarray:
     rs = sorted((r for r in runs if r["fraction"] == fraction), key=lambda r: r["seed"])
     return np.array([r[side].get(metric, np.nan) for r in rs], dtype=float)
@@ -48,18 +65,25 @@ def summarize(runs: list[dict]) -> list[dict]:
             sign = 1.0 if higher else -1.0
             gap = sign * (o - ref)  # > 0: ours better
             worse = bool(len(gap) >= 2 and np.all(gap < 0) and -np.mean(gap) > max(np.std(o), np.std(ref)))
+            # the paired view: seeds share split and seed, so ours - ref per seed removes the scenario's
+            # own variance (the sd columns are dominated by it) and shows a small systematic gap
+            d = (o - ref)[np.isfinite(o - ref)]
             rows.append({"metric": metric, "label": label, "higher_is_better": higher, "fraction": f,
                          "ours_mean": float(np.nanmean(o)), "ours_sd": float(np.nanstd(o)),
                          "ref_mean": float(np.nanmean(ref)), "ref_sd": float(np.nanstd(ref)),
-                         "n_seeds": len(o), "worse_beyond_noise": worse})
+                         "n_seeds": len(o), "worse_beyond_noise": worse,
+                         "diff_mean": float(d.mean()) if len(d) else np.nan,
+                         "diff_se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) >= 2 else np.nan,
+                         "n_worse": int(np.sum(gap < 0)), "n_paired": len(d)})
     return rows
 
 
-def _fmt(m: float, s: float) -> str:
+def _fmt(m: float, s: float, signed: bool = False) -> str:
     if not np.isfinite(m):
         return "n/a"
-    digits = 1 if abs(m) >= 100 else 3
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    digits = 1 if abs(m) >= 100 or (signed and abs(m) >= 1) else 3
+    sign = "+" if signed else ""
+    return f"{m:{sign}.{digits}f} ± {s:.{digits}f}" if np.isfinite(s) else f"{m:{sign}.{digits}f}"
 
 
 def markdown(runs: list[dict], title: str) -> str:
@@ -68,14 +92,18 @@ def markdown(runs: list[dict], title: str) -> str:
     seeds = sorted({r["seed"] for r in runs})
     intro = (f"{len(runs)} runs per side (seeds {seeds}); mean ± sd over seeds. Runs with a non-finite loss: "
              f"ours {n_bad['ours']}, reference {n_bad['reference']}. `worse` = ours worse than the reference "
-             "in every seed by more than the seed spread.")
+             "in every seed by more than the seed spread. Paired: ours - reference per seed, mean ± "
+             "standard error, and in how many seeds ours was worse.")
     lines = [f"### {title}", "", intro, "",
-             "| metric | paired fraction | ours | reference | |", "|---|---|---|---|---|"]
+             "| metric | paired fraction | ours | reference | paired: ours - ref (worse in) | |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         arrow = "↑" if r["higher_is_better"] else "↓"
         flag = "**worse**" if r["worse_beyond_noise"] else ""
+        paired = (f"{_fmt(r['diff_mean'], r['diff_se'], signed=True)} ({r['n_worse']}/{r['n_paired']})"
+                  if r["n_paired"] else "n/a")
         lines.append(f"| {r['label']} {arrow} | {r['fraction']:g} | {_fmt(r['ours_mean'], r['ours_sd'])} | "
-                     f"{_fmt(r['ref_mean'], r['ref_sd'])} | {flag} |")
+                     f"{_fmt(r['ref_mean'], r['ref_sd'])} | {paired} | {flag} |")
     return "\n".join(lines) + "\n"
 
 
