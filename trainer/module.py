@@ -19,23 +19,17 @@ spec Part B §2-3), proven by ``tests/test_parity.py``. Differences, all deliber
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from data import keys
-from trainer import distributions as D
 from trainer import fused
-from trainer.nn import (
-    EncoderPair,
-    FCStack,
-    covariate_width,
-    multiplies_densely,
-    one_hot_covariates,
-    select_rows,
-)
+from trainer.module_loss import LossOutput, ObjectiveMixin
+from trainer.nn import EncoderPair, FCStack, covariate_width, one_hot_covariates
+
+__all__ = ["LossOutput", "MultiVAE"]
 
 _CHOICES = {
     "gene_likelihood": ("zinb", "nb", "poisson"),
@@ -49,22 +43,10 @@ _CHOICES = {
 _SOFTMAX_EPS = 1e-30  # the reference's masked-softmax epsilon (numerator of masked slots and denominator)
 
 
-@dataclass
-class LossOutput:
-    """Scalar objective plus every per-cell term (B,) and the latent used by the adversary."""
+class MultiVAE(ObjectiveMixin, nn.Module):
+    """Construction, covariates and the decoders live here; ``inference`` (the encoders, with the
+    measured-row selection) and ``loss`` in ``trainer/module_loss.py`` (``ObjectiveMixin``)."""
 
-    loss: torch.Tensor
-    recon_rna: torch.Tensor
-    recon_atac: torch.Tensor
-    kl: torch.Tensor
-    penalty: torch.Tensor
-    z: torch.Tensor
-    qz_m: torch.Tensor
-    qz_v: torch.Tensor
-    outputs: dict = field(default_factory=dict, repr=False)  # inference + generative tensors
-
-
-class MultiVAE(nn.Module):
     def __init__(
         self,
         n_genes: int,
@@ -226,87 +208,7 @@ class MultiVAE(nn.Module):
         e = torch.exp(w).masked_fill(~present, _SOFTMAX_EPS)
         return e / (e.sum(-1, keepdim=True) + _SOFTMAX_EPS)
 
-    # ------------------------------------------------------------------ passes
-    def inference(
-        self, batch: dict, eps: torch.Tensor | None = None, measured_only: bool = False
-    ) -> dict[str, torch.Tensor]:
-        """Encode both modalities, mix them into the joint posterior and draw z.
-
-        ``eps`` (B, n_latent): standard-normal noise for the reparameterised sample; drawn if None
-        (passing it makes a step reproducible across implementations and lets predictors draw many).
-
-        ``measured_only``: run each encoder only on the rows where its modality is measured (and on
-        cells that measure neither, whose joint posterior averages both encoders with weight 1/4).
-        The other rows get placeholders qzm = 0, qzv = 1, library 0. They reach the joint posterior
-        only through the masked-softmax weight (``modality_alpha``): alpha ~ 1e-30 times the mean and
-        sqrt(alpha) ~ 1e-15 times the variance, so qz_m is unchanged to float64 precision and qz_v
-        (and the gradients through it) change by <= ~1e-15 relative; the penalty only reads paired
-        cells. Ignored (full computation) when the encoders use batch norm, which couples rows.
-        The per-modality outputs (``qzm_rna`` ...) then hold placeholders on the unmeasured rows.
-        """
-        return self._inference(batch, eps, measured_only, measured_only)
-
-    def _inference(self, batch: dict, eps: torch.Tensor | None, rna_rows_only: bool, atac_rows_only: bool):
-        """``inference`` with ``measured_only`` chosen per modality (the loss skips rows only where
-        that pays, see ``loss``)."""
-        x_rna = self._counts(batch, keys.RNA, self.n_genes)
-        x_atac = self._counts(batch, keys.ATAC, self.n_regions)
-        mask = batch[keys.MASK].bool()
-        cov = self.covariates(batch) if self.encode_covariates else None
-        extra = self._cont(batch) if self.encode_covariates else None
-        bn = self.use_batch_norm in ("encoder", "both")  # couples rows: always the full computation
-        neither = ~mask.any(dim=1) if (rna_rows_only or atac_rows_only) and not bn else None
-        if neither is not None and rna_rows_only:
-            qzm_rna, qzv_rna, lib_rna = self._encode_rows(self.rna_encoder, x_rna, mask[:, 0] | neither, cov, extra)
-        else:
-            qzm_rna, qzv_rna, lib_rna = self.rna_encoder(x_rna, cov, extra)
-        if neither is not None and atac_rows_only:
-            qzm_atac, qzv_atac, lib_atac = self._encode_rows(
-                self.atac_encoder, x_atac, mask[:, 1] | neither, cov, extra
-            )
-        else:
-            qzm_atac, qzv_atac, lib_atac = self.atac_encoder(x_atac, cov, extra)
-        if self.use_size_factor:
-            sf = batch[keys.SIZE_FACTOR].to(self.dtype)
-            lib_rna, lib_atac = torch.log(sf[:, [0]] + 1e-6), sf[:, [1]]
-        alpha = self.modality_alpha(mask, batch.get(keys.INDEX))
-        # weighted mean of the modality posteriors; variances mix with sqrt(alpha) (spec §2.5-2.6)
-        qz_m = alpha[:, 0:1] * qzm_rna + alpha[:, 1:2] * qzm_atac
-        sa = alpha.sqrt()
-        qz_v = sa[:, 0:1] * qzv_rna + sa[:, 1:2] * qzv_atac
-        if eps is None:
-            eps = torch.randn_like(qz_m)
-        untran_z = qz_m + eps * qz_v.sqrt()
-        z = F.softmax(untran_z, dim=-1) if self.latent_distribution == "ln" else untran_z
-        return {
-            "z": z,
-            "qz_m": qz_m,
-            "qz_v": qz_v,
-            "alpha": alpha,
-            "mask": mask,
-            "qzm_rna": qzm_rna,
-            "qzv_rna": qzv_rna,
-            "qzm_atac": qzm_atac,
-            "qzv_atac": qzv_atac,
-            "lib_rna": lib_rna,
-            "lib_atac": lib_atac,
-        }
-
-    @staticmethod
-    def _encode_rows(encoder, x, keep: torch.Tensor, cov, extra):
-        """``encoder`` on the rows where ``keep``; placeholders (0, 1, 0) elsewhere (see ``inference``)."""
-        rows = keep.nonzero().squeeze(1)
-        if rows.numel() == keep.shape[0]:
-            return encoder(x, cov, extra)
-        pick = (lambda t: None if t is None else t.index_select(0, rows))
-        m, v, lib = encoder(select_rows(x, rows), pick(cov), pick(extra))
-        # an empty selection still runs the (0-row) networks: every parameter gets a zero gradient,
-        # as in the full computation (AdamW then still decays it, DDP still sees it used)
-        B = keep.shape[0]
-        m = m.new_zeros(B, m.shape[1]).index_copy(0, rows, m)
-        v = v.new_ones(B, v.shape[1]).index_copy(0, rows, v)
-        lib = None if lib is None else lib.new_zeros(B, 1).index_copy(0, rows, lib)
-        return m, v, lib
+    # ------------------------------------------------------------------ decoders
 
     def generative(
         self,
@@ -360,14 +262,16 @@ class MultiVAE(nn.Module):
         pre = self.px_scale(h_rna)
         return F.softplus(pre) if self.use_size_factor else F.softmax(pre, dim=-1)
 
-    def decode_expression_scale(self, z: torch.Tensor, batch: dict,
-                                batch_codes: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_expression_scale(
+        self, z: torch.Tensor, batch: dict, batch_codes: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Only the RNA scale rho of ``generative`` (inference jobs skip the 10^4-10^5-wide ATAC head)."""
         h_in, cov, _ = self._decoder_input(z, batch, batch_codes)
         return self._px_scale(self.rna_decoder(h_in, cov))
 
-    def decode_accessibility(self, z: torch.Tensor, batch: dict,
-                             batch_codes: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_accessibility(
+        self, z: torch.Tensor, batch: dict, batch_codes: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Only the ATAC probabilities p of ``generative`` (no RNA heads)."""
         h_in, cov, _ = self._decoder_input(z, batch, batch_codes)
         return torch.sigmoid(self.atac_out(self.atac_decoder(h_in, cov)))
@@ -377,107 +281,3 @@ class MultiVAE(nn.Module):
 
     def region_factor_probs(self) -> torch.Tensor | None:
         return None if self.region_factors is None else torch.sigmoid(self.region_factors)
-
-    def penalty(self, inf: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-cell modality-alignment penalty for paired cells (not KL-warmed)."""
-        m, paired = inf["qzm_rna"], inf["mask"].all(dim=1)
-        if self.modality_penalty == "None":
-            return torch.zeros(m.shape[0], dtype=m.dtype, device=m.device)
-        if self.modality_penalty == "MMD":
-            dist = torch.linalg.norm(inf["qzm_rna"] - inf["qzm_atac"], dim=1)
-            return torch.where(paired, dist, torch.zeros_like(dist))
-        # Jeffreys as the reference computes it: the std is used where a variance belongs, so the
-        # compared Gaussians have variances a = sqrt(v_rna), b = sqrt(v_atac) (spec §3.4 quirk)
-        a, b = inf["qzv_rna"].sqrt(), inf["qzv_atac"].sqrt()
-        d2 = (inf["qzm_rna"] - inf["qzm_atac"]) ** 2
-        j = 0.5 * (a / b + b / a - 2 + d2 * (1 / a + 1 / b)).sum(dim=1)
-        return torch.where(paired, j, torch.zeros_like(j))
-
-    def loss(self, batch: dict, kl_weight: float = 1.0, eps: torch.Tensor | None = None) -> LossOutput:
-        """Per-cell mean of recon_rna + recon_atac + kl_weight * KL + penalty (spec §3.5).
-
-        Only what the loss can see is computed (``skip_unmeasured``, on by default): the reference
-        decodes RNA and ATAC for every cell and multiplies each per-cell reconstruction by the mask,
-        so a quarter of each decoder, of the ZINB and of the dense (cell, region) Bernoulli work
-        (benchmark mix) is multiplied by 0 and its gradient is exactly 0 (0 * finite). Here each
-        decoder and likelihood runs on the rows that measured its modality, and the per-cell recon is
-        scattered back into zeros: the same loss and gradients up to float summation order. Where the
-        reference would give 0 * inf = NaN for an unmeasured row (e.g. an overflowing px_rate), we
-        give 0: right where it is broken. Decoders with batch norm (rows coupled) decode every row.
-        ``outputs`` then holds the RNA heads (px_*, theta) for ``outputs["rna_rows"]`` and ``p`` for
-        ``outputs["atac_rows"]`` only; ``generative()`` is the full decode.
-        """
-        skip = self.skip_unmeasured
-        # encoders: rows are skipped only where the first layer multiplies densely (dense input, or
-        # CSR RNA at ~35 % density); a sparse first layer costs nothing on an empty row and the
-        # selection would only add copies (measured: dense input -3 ms per step, CSR +-0)
-        skip_enc = skip and self.skip_unmeasured_encoders
-        inf = self._inference(
-            batch,
-            eps,
-            skip_enc and multiplies_densely(batch[keys.RNA]),
-            skip_enc and multiplies_densely(batch[keys.ATAC]),
-        )
-        mask = inf["mask"]
-        n = mask.shape[0]
-        h_in, cov, codes = self._decoder_input(inf["z"], batch, None)
-        by_rows = skip and self.use_batch_norm not in ("decoder", "both")
-        rna_rows = mask[:, 0].nonzero().squeeze(1) if by_rows else None
-        atac_rows = mask[:, 1].nonzero().squeeze(1) if by_rows else None
-        if rna_rows is not None and rna_rows.numel() == n:
-            rna_rows = None  # every row measured: no copies
-        if atac_rows is not None and atac_rows.numel() == n:
-            atac_rows = None
-
-        def pick(t, rows):
-            return t if t is None or rows is None else select_rows(t, rows)
-
-        x_rna = self._counts(batch, keys.RNA, self.n_genes)
-        gen = self._decode_rna(
-            pick(h_in, rna_rows), pick(cov, rna_rows), pick(codes, rna_rows), pick(inf["lib_rna"], rna_rows)
-        )
-        rl_rna = self._rna_nll(pick(x_rna, rna_rows), gen)
-
-        x_atac = self._counts(batch, keys.ATAC, self.n_regions)
-        logits = self.atac_out(self.atac_decoder(pick(h_in, atac_rows), pick(cov, atac_rows)))
-        lib_atac, s = pick(inf["lib_atac"], atac_rows), self.region_factor_probs()
-        if self._compiled_atac():  # scores the logits directly: no (B, R) sigmoid pass
-            gen["p"] = None
-            rl_atac = fused.product_bernoulli_nll_logits(pick(x_atac, atac_rows), logits, lib_atac, s, compiled=True)
-        else:  # eager: the hand-fused probability form makes fewer passes than the eager logits kernels
-            gen["p"] = torch.sigmoid(logits)
-            rl_atac = fused.product_bernoulli_nll(pick(x_atac, atac_rows), gen["p"], lib_atac, s)
-        recon_rna = self._per_cell(rl_rna, rna_rows, mask[:, 0])
-        recon_atac = self._per_cell(rl_atac, atac_rows, mask[:, 1])
-        qz_m, qz_v = inf["qz_m"], inf["qz_v"]
-        kl = 0.5 * (qz_v + qz_m**2 - 1 - torch.log(qz_v)).sum(dim=1)
-        penalty = self.penalty(inf)
-        loss = torch.mean((recon_rna + recon_atac) + (kl_weight * kl + penalty))
-        all_rows = torch.arange(n, device=mask.device)
-        gen["rna_rows"] = all_rows if rna_rows is None else rna_rows
-        gen["atac_rows"] = all_rows if atac_rows is None else atac_rows
-        return LossOutput(
-            loss=loss,
-            recon_rna=recon_rna,
-            recon_atac=recon_atac,
-            kl=kl,
-            penalty=penalty,
-            z=inf["z"],
-            qz_m=qz_m,
-            qz_v=qz_v,
-            outputs={**inf, **gen},
-        )
-
-    def _rna_nll(self, x_rna: torch.Tensor, gen: dict) -> torch.Tensor:
-        if self.gene_likelihood == "zinb":
-            return D.zinb_nll(x_rna, gen["px_rate"], gen["theta"], gen["px_dropout"])
-        if self.gene_likelihood == "nb":
-            return D.nb_nll(x_rna, gen["px_rate"], gen["theta"])
-        return D.poisson_nll(x_rna, gen["px_rate"])
-
-    @staticmethod
-    def _per_cell(rl: torch.Tensor, rows: torch.Tensor | None, measured: torch.Tensor) -> torch.Tensor:
-        """Per-cell recon (B,): scattered into zeros from the decoded rows, or masked (full decode)."""
-        if rows is None:
-            return rl * measured.to(rl.dtype)  # the reference's product (NaN stays NaN)
-        return rl.new_zeros(measured.shape[0]).index_copy(0, rows, rl)
