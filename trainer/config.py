@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
@@ -23,8 +23,11 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank (0 = read in the training process)
     prefetch: int = 2  # batches read ahead per worker
     val_fraction: float = 0.1  # must match the split the store was built with (hash of the cell id)
-    chunk_size: int = 64  # contiguous rows read together (shuffle granularity)
-    window_chunks: int = 16  # chunks whose cells are shuffled together (reader buffer)
+    # contiguous rows read together (shuffle granularity) and chunks whose cells are shuffled together;
+    # null = the store decides (data.stream.default_chunking: 1,024 x 4 for a preshuffled store, whose
+    # order is already random, 256 x 16 otherwise; the same 4,096-cell window either way)
+    chunk_size: Optional[int] = None
+    window_chunks: Optional[int] = None
     # drop | pad: how every rank gets the same number of training batches; none: keep a short last
     # batch (the reference's drop_last=False; one process only, ranks could differ in batch count)
     remainder: str = "drop"
@@ -36,6 +39,9 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.remainder not in ("drop", "pad", "none"):
             raise ConfigError(f"data.remainder must be drop, pad or none, got {self.remainder!r}")
+        for key in ("chunk_size", "window_chunks"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"data.{key} must be >= 1 or null, got {getattr(self, key)}")
 
 
 @dataclass
