@@ -16,7 +16,7 @@ from trainer import differential as D
 from trainer.infer_config import InferConfig
 from trainer.predict import latent, normalized_expression
 
-READ_CHUNK = 256  # the loader's rows per read chunk (StoreStream's default chunk_size)
+READ_CHUNK = 256  # rows per read chunk for the sampled cells (fixed; independent of the store-dependent stream default)
 MAX_READ_CHUNKS = 64  # reader chunks resident per read of sampled cells (memory: 64 x 256 rows of counts)
 HEAD_ROWS = 4096  # samples per output-layer product (da): caps its temporaries
 
