@@ -101,3 +101,19 @@ def test_runs_of_an_older_harness_are_not_reused():
     old = {k: v for k, v in asdict(s).items() if k != "harness_version"}
     assert asdict_seedless(s, {"seed": 3, "settings": {**old, "seed": 3}}) != {**old, "seed": 3}
     assert asdict_seedless(s, {"seed": 3}) == {**asdict(s), "seed": 3}
+
+
+def test_stored_runs_from_before_the_adversarial_field_are_reused_as_adversarial():
+    """Runs stored before TrainSettings.adversarial existed trained with the classifier: they match the
+    default settings, not the --no-adversarial ablation; a version-1 run still matches neither."""
+    from dataclasses import asdict
+
+    from trainer.quality.harness import asdict_seedless, stored_settings
+
+    on, off = TrainSettings(epochs=300, n_epochs_kl_warmup=150), TrainSettings(epochs=300, n_epochs_kl_warmup=150,
+                                                                            adversarial=False)
+    v2 = {"seed": 4, "settings": {k: v for k, v in {**asdict(on), "seed": 4}.items() if k != "adversarial"}}
+    assert stored_settings(v2) == asdict_seedless(on, v2)
+    assert stored_settings(v2) != asdict_seedless(off, v2)
+    v1 = {"seed": 4, "settings": {k: v for k, v in v2["settings"].items() if k != "harness_version"}}
+    assert stored_settings(v1) != asdict_seedless(on, v1)

@@ -93,7 +93,7 @@ def run_sweep(data: PairedData, fractions: list[float], seeds: list[int], s: Tra
     path = out_dir / "quality.json"
     stored = json.loads(path.read_text()) if path.is_file() else []
     # runs of this data set with these settings are reused; others stay in the file untouched
-    done = [r for r in stored if r["dataset"] == data.name and r["settings"] == asdict_seedless(s, r)]
+    done = [r for r in stored if r["dataset"] == data.name and stored_settings(r) == asdict_seedless(s, r)]
     for f in fractions:
         for seed in seeds:
             if any(r["fraction"] == f and r["seed"] == seed for r in done):
@@ -113,3 +113,8 @@ def run_sweep(data: PairedData, fractions: list[float], seeds: list[int], s: Tra
 def asdict_seedless(s: TrainSettings, r: dict) -> dict:
     """The settings a stored run must have had to be reused (its own seed, our other settings)."""
     return {**asdict(s), "seed": r["seed"]}
+
+
+def stored_settings(r: dict) -> dict:
+    """A stored run's settings, with fields added after it was written at the value it ran with."""
+    return {"adversarial": True, **r["settings"]}

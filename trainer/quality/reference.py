@@ -60,7 +60,7 @@ def train_reference(data: PairedData, sc: Scenario, s: TrainSettings, train_cell
     model = scvi.model.MULTIVI(mdata)
     t0 = time.perf_counter()
     model.train(max_epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, n_epochs_kl_warmup=s.n_epochs_kl_warmup,
-                train_size=1.0, early_stopping=False, accelerator="cpu", devices=1, enable_progress_bar=False,
+                train_size=1.0, early_stopping=False, adversarial_mixing=s.adversarial, accelerator="cpu", devices=1, enable_progress_bar=False,
                 datasplitter_kwargs={"drop_last": False})
     seconds = time.perf_counter() - t0
     finite = all(np.all(np.isfinite(np.asarray(h, dtype=float))) for k, h in model.history.items()

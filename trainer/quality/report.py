@@ -33,7 +33,7 @@ METRICS = {
 
 
 def stored_runs(paths: list[str | Path], epochs: int, fractions: list[float], seeds: list[int],
-                harness_version: int) -> list[dict]:
+                harness_version: int, adversarial: bool = True) -> list[dict]:
     """Finished runs from several ``quality.json`` files (sweeps split over processes / out dirs):
     those with these epochs, fractions, seeds and harness version; one run per (data set, fraction,
     seed), the last one stored wins."""
@@ -44,6 +44,7 @@ def stored_runs(paths: list[str | Path], epochs: int, fractions: list[float], se
         for r in json.loads(Path(path).read_text()):
             st = r["settings"]
             if (st["epochs"] == epochs and st.get("harness_version") == harness_version
+                    and st.get("adversarial", True) == adversarial
                     and r["fraction"] in fractions and r["seed"] in seeds):
                 keep[(r["dataset"], r["fraction"], r["seed"])] = r
     return list(keep.values())

@@ -16,6 +16,9 @@ class TrainSettings:
     # bumped when a side's training semantics change, so stored runs of an older harness are not reused
     # (2: our last batch is short like the reference's, no longer padded with repeated cells)
     harness_version: int = 2
+    # the adversarial batch classifier on both sides (off: an ablation, MULTIVI's adversarial_mixing=False);
+    # runs stored before this field existed had it on
+    adversarial: bool = True
     # model sizes/options are the reference's defaults on both sides (n_hidden, n_latent derived)
 
     def __post_init__(self) -> None:
