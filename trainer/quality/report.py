@@ -32,6 +32,20 @@ METRICS = {
 }
 
 
+# end-of-training diagnostics (trainer/quality/diagnose.py): explain gaps, are not flagged
+DIAGNOSTICS = {
+    "diag_train_loss": ("training loss / cell (KL weight 1, posterior mean)", False),
+    "diag_train_recon_rna": ("training RNA recon. NLL", False),
+    "diag_train_recon_atac": ("training ATAC recon. NLL", False),
+    "diag_train_kl": ("training KL / cell", False),
+    "diag_penalty_paired": ("Jeffreys penalty, paired training cells", False),
+    "diag_penalty_unpaired": ("Jeffreys RNA vs ATAC posterior, unpaired training cells", False),
+    "diag_qzv_rna": ("RNA encoder posterior variance (paired cells)", False),
+    "diag_qzv_atac": ("ATAC encoder posterior variance (paired cells)", False),
+    "diag_lib_rna": ("learned RNA log-library", False),
+}
+
+
 def stored_runs(paths: list[str | Path], epochs: int, fractions: list[float], seeds: list[int],
                 harness_version: int, adversarial: bool = True) -> list[dict]:
     """Finished runs from several ``quality.json`` files (sweeps split over processes / out dirs):
@@ -55,10 +69,10 @@ def _values(runs: list[dict], side: str, metric: str, fraction: float) -> np.nda
     return np.array([r[side].get(metric, np.nan) for r in rs], dtype=float)
 
 
-def summarize(runs: list[dict]) -> list[dict]:
+def summarize(runs: list[dict], metrics: dict[str, tuple[str, bool]] = METRICS) -> list[dict]:
     """One row per (metric, fraction) that has a finite value on some side."""
     rows = []
-    for metric, (label, higher) in METRICS.items():
+    for metric, (label, higher) in metrics.items():
         for f in sorted({r["fraction"] for r in runs}, reverse=True):
             o, ref = _values(runs, "ours", metric, f), _values(runs, "reference", metric, f)
             if not (np.isfinite(o).any() or np.isfinite(ref).any()):
@@ -105,6 +119,17 @@ def markdown(runs: list[dict], title: str) -> str:
                   if r["n_paired"] else "n/a")
         lines.append(f"| {r['label']} {arrow} | {r['fraction']:g} | {_fmt(r['ours_mean'], r['ours_sd'])} | "
                      f"{_fmt(r['ref_mean'], r['ref_sd'])} | {paired} | {flag} |")
+    diag = summarize(runs, DIAGNOSTICS)
+    if diag:
+        note = ("End-of-training diagnostics (`trainer/quality/diagnose.py`; they explain gaps and are not "
+                "compared): paired = ours - reference per seed, mean ± s.e., and in how many seeds ours is higher.")
+        lines += ["", note, "", "| diagnostic | paired fraction | ours | reference | paired: ours - ref (ours higher in) |",
+                  "|---|---|---|---|---|"]
+        for r in diag:
+            higher = r["n_worse"] if not r["higher_is_better"] else r["n_paired"] - r["n_worse"]
+            lines.append(f"| {r['label']} | {r['fraction']:g} | {_fmt(r['ours_mean'], r['ours_sd'])} | "
+                         f"{_fmt(r['ref_mean'], r['ref_sd'])} | "
+                         f"{_fmt(r['diff_mean'], r['diff_se'], signed=True)} ({higher}/{r['n_paired']}) |")
     return "\n".join(lines) + "\n"
 
 
