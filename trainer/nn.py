@@ -172,6 +172,10 @@ class FCStack(nn.Module):
             h = self.dropout(h)
         return h
 
+    @staticmethod
+    def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
     def forward(
         self,
         x: torch.Tensor | None,
@@ -186,12 +190,23 @@ class FCStack(nn.Module):
         ``x_part``: precomputed ``x @ W_x.T`` (fused first layer), then ``x`` is unused.
         """
         lin0 = self.linears[0]
-        pre = x_part if x_part is not None else input_matmul(x, lin0.weight[:, : self.n_in])
         side = [t for t in (extra if self.n_extra else None, cov if self.n_cov else None) if t is not None]
-        if side:
-            side_t = side[0] if len(side) == 1 else torch.cat(side, dim=-1)
-            pre = pre + side_t @ lin0.weight[:, self.n_in :].t()
-        h = self._block(0, pre + lin0.bias)
+        if x_part is not None:
+            # fused first layer (n_in = 0: the weight holds only covariate columns, the slice is the
+            # whole weight); the covariate product accumulates into x_part in one addmm
+            w = lin0.weight if self.n_in == 0 else lin0.weight[:, self.n_in :]
+            pre = x_part if not side else torch.addmm(x_part, self._cat(side), w.t())
+            pre = pre + lin0.bias
+        elif x is not None and x.layout != torch.sparse_csr:
+            # dense input: one Linear over [x, extra, cov] as the reference computes it (fewer autograd
+            # nodes than x @ W_x + cov @ W_c + b with two weight slices)
+            pre = F.linear(self._cat([x, *side]), lin0.weight, lin0.bias)
+        else:
+            pre = input_matmul(x, lin0.weight[:, : self.n_in])
+            if side:
+                pre = pre + self._cat(side) @ lin0.weight[:, self.n_in :].t()
+            pre = pre + lin0.bias
+        h = self._block(0, pre)
         for i in range(1, len(self.linears)):
             lin = self.linears[i]
             if self.inject[i] and self.n_cov and cov is not None:
@@ -263,12 +278,13 @@ class EncoderPair(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Return (mean, variance, library) with variance = exp(.) (var_eps = 0, as the reference)."""
         both = input_matmul_t(x, self.input_weight)
-        H = self.n_hidden
-        h = self.z_stack(None, cov, extra, x_part=both[:, :H])
+        # split (not two slices): its backward is one concatenation, not two zero-filled full-size copies
+        parts = both.split(self.n_hidden, dim=1)
+        h = self.z_stack(None, cov, extra, x_part=parts[0])
         mean, var = self.mean(h), torch.exp(self.var(h))
         if self.library_head is None:
             return mean, var, None
-        lib = self.lib_out(self.lib_stack(None, cov, extra, x_part=both[:, H:]))
+        lib = self.lib_out(self.lib_stack(None, cov, extra, x_part=parts[1]))
         lib = F.leaky_relu(lib) if self.library_head == "leaky_relu" else torch.sigmoid(lib)
         return mean, var, lib
 
@@ -292,7 +308,10 @@ def select_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         # every stored entry is in a selected row (the rows left out are empty, as an unmeasured
         # modality's rows are): the entries keep their order, only the row pointers change
         return torch.sparse_csr_tensor(
-            new_crow.to(crow.dtype), x.col_indices(), x.values(), (rows.numel(), x.shape[1]),
+            new_crow.to(crow.dtype),
+            x.col_indices(),
+            x.values(),
+            (rows.numel(), x.shape[1]),
             check_invariants=False,
         )
     # entry k of the result (in row r) is entry start[r] + (k - new_crow[r]) of the input
