@@ -38,7 +38,7 @@ from data.validate import (
     check_output,
     check_unique,
 )
-from data.writer import StoreSchema, StoreWriter
+from data.writer import StoreSchema, StoreWriter, check_codec
 
 log = logging.getLogger("mva-build")
 BATCH_COLUMN = "batch"  # the store's batch column name when batch_key is null (one batch per input)
@@ -80,6 +80,10 @@ def _categories(obs_list: list[pd.DataFrame], key: str) -> list[str]:
 
 def build_store(cfg: BuildConfig) -> Path:
     check_output(cfg.out, cfg.overwrite)
+    try:
+        check_codec(cfg.codec)  # before any input is opened
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
     if not cfg.inputs:
         raise ValidationError("no inputs given (inputs: [...] is empty)")
     if cfg.preshuffle and cfg.dask_scheduler:
@@ -145,7 +149,7 @@ def _build(cfg: BuildConfig, sources, filters, write_dask) -> Path:
     n_total = len(all_ids)
     G, R = len(al.names["rna"]), len(al.names["atac"])
     with StoreWriter(cfg.out, schema, shard_size=cfg.shard_size, overwrite=cfg.overwrite, source=source,
-                     preshuffled=cfg.preshuffle) as w:
+                     preshuffled=cfg.preshuffle, codec=cfg.codec) as w:
         if write_dask is not None:
             write_dask(w, al=al, obs_list=obs_list, keeps=keeps, block_size=cfg.block_size)
             log.info("wrote %s: %d cells, %d genes, %d regions (Dask)", cfg.out, n_total, G, R)

@@ -31,6 +31,9 @@ class SynthConfig:
     atac_density: float = 0.04  # fraction of regions with a nonzero count in an average cell
     batch_effect: float = 0.3  # sd of the per-batch log-scale shift of every gene / region
     with_covariates: bool = False  # add categorical "site" and continuous "pct_mito"
+    # Compression of the count arrays: lz4 (default) | zstd (smallest) | none (fastest reads, ~2x disk);
+    # data.writer.CODECS, docs/store.md
+    codec: str = "lz4"
     overwrite: bool = False
     progress: bool = True
 
@@ -69,6 +72,9 @@ class BuildConfig:
     seed: int = 0
     shard_size: int = 65_536
     block_size: int = 8192
+    # Compression of the count arrays: lz4 (default) | zstd (smallest) | none (fastest reads, ~2x disk);
+    # data.writer.CODECS, docs/store.md
+    codec: str = "lz4"
     overwrite: bool = False
     progress: bool = True
     # Where the block-wise work runs as Dask tasks (data/dask_build.py, docs/cluster.md): null = in this

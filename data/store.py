@@ -58,6 +58,8 @@ class StoreMeta:
     n_cells_rna: int = 0
     n_cells_atac: int = 0
     source: dict[str, Any] = field(default_factory=dict)
+    # count-array compression (data.writer.CODECS); stores written before the attribute are all "lz4"
+    codec: str = "lz4"
 
     @property
     def n_shards(self) -> int:
@@ -115,7 +117,7 @@ class Store:
             label_categories=list(a.get("label_categories") or []),
             shard_offsets=[int(o) for o in a["shard_offsets"]],
             n_cells_rna=int(a.get("n_cells_rna", 0)), n_cells_atac=int(a.get("n_cells_atac", 0)),
-            source=dict(a.get("source") or {}),
+            source=dict(a.get("source") or {}), codec=str(a.get("codec", "lz4")),
         )
         self.features = {keys.RNA: feats_rna, keys.ATAC: feats_atac}
         if self.meta.shard_offsets[-1] != self.meta.n_cells or len(self.meta.shard_offsets) - 1 != a["n_shards"]:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from data.cli import one_line_errors
 from data.config import SynthConfig
-from data.writer import StoreSchema, StoreWriter
+from data.writer import StoreSchema, StoreWriter, check_codec
 
 
 class _Params:
@@ -120,6 +120,7 @@ def write_synthetic_store(path: str | Path, n_cells: int = 4000, n_genes: int = 
         raise ValueError(f"paired/rna_only/atac_only fractions must be >= 0 and sum to 1, got {fr}")
     if c.n_cells < 1 or c.n_genes < 1 or c.n_regions < 1:
         raise ValueError(f"n_cells, n_genes, n_regions must be >= 1, got {c.n_cells}, {c.n_genes}, {c.n_regions}")
+    check_codec(c.codec)  # before any work: a typo fails at once
     p = _Params(c)
     schema = StoreSchema(
         gene_names=[f"gene_{i:05d}" for i in range(c.n_genes)],
@@ -133,7 +134,7 @@ def write_synthetic_store(path: str | Path, n_cells: int = 4000, n_genes: int = 
     source = {"kind": "synthetic", "config": asdict(c)}
     # every cell's type, batch and modalities are drawn independently: store order is already random
     with StoreWriter(c.out, schema, shard_size=c.shard_size, overwrite=c.overwrite, source=source,
-                     preshuffled=True) as w:
+                     preshuffled=True, codec=c.codec) as w:
         bar = tqdm(total=c.n_cells, unit="cell", desc="mva-synth", disable=not c.progress)
         for b, start in enumerate(range(0, c.n_cells, c.block_size)):
             n = min(c.block_size, c.n_cells - start)

@@ -12,6 +12,7 @@ halfway leaves a ``.tmp-`` directory that :func:`data.store.open_store` refuses.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import secrets
 import shutil
@@ -25,7 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 from anndata.io import write_elem
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from data import keys
 from data.split import cell_hash
@@ -35,7 +36,47 @@ from data.store_stats import BlockStats, block_stats
 # shards so that the directory does not explode into millions of files).
 CHUNK_ROWS = 256
 SHARD_CHUNKS = 64
+# Compression of the count arrays (data / indices / indptr), a store-level choice recorded in the root
+# attribute ``codec`` (docs/store.md). All three are decoded natively by zarrs (Rust), so none of them
+# drops reads into Python. "lz4" (blosc lz4 + byte shuffle) is what every store had before the option.
+CODECS = ("lz4", "zstd", "none")
+DEFAULT_CODEC = "lz4"
 OBS_RESERVED = ("mask_rna", "mask_atac", "lib_rna", "lib_atac", "split_hash", "cell_index")
+
+
+def check_codec(codec: str) -> str:
+    """``codec`` if it is one of :data:`CODECS`, else a ValueError that lists the choices."""
+    if codec not in CODECS:
+        raise ValueError(f"codec {codec!r} is not supported; choose one of {', '.join(CODECS)} "
+                         f"(lz4 = default, zstd = smallest on disk, none = uncompressed, fastest to read)")
+    return codec
+
+
+def count_compressors(codec: str) -> list:
+    """zarr v3 compressors of the count arrays for a store ``codec`` (see :data:`CODECS`)."""
+    check_codec(codec)
+    if codec == "lz4":
+        return [BloscCodec(cname="lz4", clevel=3, shuffle="shuffle")]
+    if codec == "zstd":  # zarr's own default level; ~1.3x smaller than lz4 here, ~1.7x slower to decode
+        return [ZstdCodec(level=0)]
+    return []  # "none": the sharding codec's bytes only (still checksummed shard indexes)
+
+
+def store_codec(root: zarr.Group) -> str:
+    """The codec a shard written into ``root`` must use: the store's ``codec`` attribute. ``root`` is the
+    store itself (StoreWriter) or a staging group inside the store's temporary directory
+    (``<tmp>/.staging/<id>``, data/dask_build.py), in which case the attribute is read from the nearest
+    enclosing store. A store written before the attribute existed is "lz4"."""
+    if root.attrs.get("format") == keys.STORE_FORMAT:
+        return check_codec(root.attrs.get("codec", DEFAULT_CODEC))
+    here = Path(str(root.store.root)) / root.path if hasattr(root.store, "root") else None
+    for parent in (here.parents if here is not None else []):
+        meta = parent / "zarr.json"
+        if meta.is_file():
+            attrs = json.loads(meta.read_text()).get("attributes", {})
+            if attrs.get("format") == keys.STORE_FORMAT:
+                return check_codec(attrs.get("codec", DEFAULT_CODEC))
+    raise ValueError(f"cannot tell the store codec for shard group {root}: pass codec= to write_shard")
 
 
 class StoreExistsError(FileExistsError):
@@ -141,9 +182,11 @@ class StoreWriter:
     """
 
     def __init__(self, out: str | os.PathLike, schema: StoreSchema, *, shard_size: int = 65_536,
-                 overwrite: bool = False, source: dict[str, Any] | None = None, preshuffled: bool = False):
+                 overwrite: bool = False, source: dict[str, Any] | None = None, preshuffled: bool = False,
+                 codec: str = DEFAULT_CODEC):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.codec = check_codec(codec)  # before anything touches the disk
         self.out = Path(out)
         if self.out.exists() and not overwrite:
             raise StoreExistsError(f"output {self.out} already exists (set overwrite=true to replace it)")
@@ -156,8 +199,9 @@ class StoreWriter:
         self.tmp = self.out.with_name(f"{self.out.name}.tmp-{secrets.token_hex(4)}")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
+        # codec is written first: shards staged by Dask tasks read it from here (store_codec)
         self.root.attrs.update({"format": keys.STORE_FORMAT, "schema_version": keys.SCHEMA_VERSION,
-                                "complete": False})
+                                "complete": False, "codec": self.codec})
         self.rna_var = _feature_frame(list(schema.gene_names), schema.rna_var, parse=False)
         self.atac_var = _feature_frame(list(schema.region_names), schema.atac_var, parse=True)
         self.n_genes, self.n_regions = len(self.rna_var), len(self.atac_var)
@@ -219,7 +263,8 @@ class StoreWriter:
         atac = sp.vstack([b[1] for b in self._buf], format="csr")
         obs = pd.concat([b[2] for b in self._buf])
         self._buf, self._buf_rows = [], 0
-        write_shard(self.root, len(self.shard_offsets) - 1, rna, atac, obs, self.rna_var, self.atac_var)
+        write_shard(self.root, len(self.shard_offsets) - 1, rna, atac, obs, self.rna_var, self.atac_var,
+                    codec=self.codec)
         self.n_cells += len(obs)
         self.shard_offsets.append(self.n_cells)
 
@@ -246,6 +291,7 @@ class StoreWriter:
             "label_categories": list(map(str, s.label_categories)),
             "n_cells_rna": self.stats.n_measured[keys.RNA], "n_cells_atac": self.stats.n_measured[keys.ATAC],
             "source": self.source, "created_by": f"multivi-atlas {_version()}", "preshuffled": self.preshuffled,
+            "codec": self.codec,
         })
         self.root.attrs["complete"] = True  # last write before the rename: only a finished store has it
         if self.out.exists():
@@ -281,17 +327,18 @@ def _version() -> str:
         return "unknown"
 
 
-def _csr_kwargs(x: sp.csr_matrix) -> dict[str, Any]:
-    """Chunks of ~CHUNK_ROWS rows' worth of nnz, shards of SHARD_CHUNKS chunks, blosc-lz4."""
+def _csr_kwargs(x: sp.csr_matrix, codec: str) -> dict[str, Any]:
+    """Chunks of ~CHUNK_ROWS rows' worth of nnz, shards of SHARD_CHUNKS chunks, the store's codec."""
     per_row = x.nnz / max(x.shape[0], 1)
     chunk = max(1024, int(np.ceil(per_row * CHUNK_ROWS)))
-    return {"chunks": (chunk,), "shards": (chunk * SHARD_CHUNKS,),
-            "compressors": [BloscCodec(cname="lz4", clevel=3, shuffle="shuffle")]}
+    return {"chunks": (chunk,), "shards": (chunk * SHARD_CHUNKS,), "compressors": count_compressors(codec)}
 
 
 def write_shard(root: zarr.Group, idx: int, rna: sp.csr_matrix, atac: sp.csr_matrix, obs: pd.DataFrame,
-                rna_var: pd.DataFrame, atac_var: pd.DataFrame) -> None:
-    """One MuData-layout group ``shards/<idx:05d>`` (what ``mudata.read_zarr`` expects)."""
+                rna_var: pd.DataFrame, atac_var: pd.DataFrame, *, codec: str | None = None) -> None:
+    """One MuData-layout group ``shards/<idx:05d>`` (what ``mudata.read_zarr`` expects). ``codec`` of the
+    count arrays: given, or the enclosing store's ``codec`` attribute (:func:`store_codec`)."""
+    codec = check_codec(codec) if codec is not None else store_codec(root)
     g = root.require_group(f"shards/{idx:05d}")
     n = len(obs)
     g.attrs.update({"encoding-type": "MuData", "encoding-version": "0.1.0", "axis": 0})
@@ -317,4 +364,4 @@ def write_shard(root: zarr.Group, idx: int, rna: sp.csr_matrix, atac: sp.csr_mat
             maxc = int(x.data.max()) if x.nnz else 0
             x = sp.csr_matrix((x.data.astype(smallest_uint(maxc)), x.indices, x.indptr.astype(np.int64)),
                               shape=x.shape)
-            write_elem(mod[name], "X", x, dataset_kwargs=_csr_kwargs(x))
+            write_elem(mod[name], "X", x, dataset_kwargs=_csr_kwargs(x, codec))

@@ -12,9 +12,14 @@ memory check streams the 1,000,000-cell store and the 50,000-cell store with the
 same settings and compares peak RSS. Ours uses the store's default chunking (mva-synth stores record
 ``preshuffled``: 1,024-row chunks, 4 per window) and, as ``ours-c256``, the 256-row x 16 chunking of
 stores that do not. Every row also has the process CPU time of its loop (``cells_per_cpu_s``).
+``--codecs lz4,none,zstd`` streams ours from one store per count-array codec (docs/store.md; the same
+cells: mva-synth, same seed), interleaved with the other loaders; lz4 is the existing
+``loader_<n>.zarr``, the others are written once as ``loader_<n>_<codec>.zarr`` (never the shared ones).
+scvi and annbatch read the lz4 store (their own in-memory / own-format copies do not depend on it).
 
   .venv/bin/python scripts/bench/loader.py --out outputs/bench/loader.json
   .venv/bin/python scripts/bench/loader.py --small 20000 --large 0 --repeat 1   # quick, no 1M store
+  .venv/bin/python scripts/bench/loader.py --codecs lz4,none,zstd --variant 0 --out outputs/bench/loader_codec.json
 Stores are created under outputs/bench/ if missing (the 1M store takes a few minutes) and kept.
 """
 
@@ -27,7 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import ROOT, ensure_store, run_worker
+import subprocess
+
+from bench_common import BENCH, GENES, PEAKS, ROOT, ensure_store, run_worker
 
 ANNBATCH_PY = ROOT / ".venv-annbatch" / "bin" / "python"
 
@@ -151,12 +158,34 @@ def worker_annbatch(store: str, batch: int, max_cells: int) -> None:
 
 
 # ----------------------------------------------------------------------------------- driver
+def codec_store(n_cells: int, codec: str) -> Path:
+    """The bench store of ``n_cells`` cells written with count-array ``codec`` (same cells as lz4's)."""
+    if codec == "lz4":  # the shared store every other benchmark uses (lz4 = the writer's default)
+        return ensure_store(n_cells)
+    path = BENCH / f"loader_{n_cells}_{codec}.zarr"
+    if not (path / "zarr.json").exists():
+        print(f"writing synthetic store {path} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "data.synthetic", f"out={path}", f"n_cells={n_cells}",
+                        f"n_genes={GENES}", f"n_regions={PEAKS}", f"codec={codec}", "overwrite=true",
+                        "progress=false"], cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return path
+
+
+def _du_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
 def _measure(python, loader, store, batch, max_cells, extra: tuple[str, ...] = ()) -> dict:
     # a fresh process per measurement: peak RSS is this child's own (bench_common.run_worker)
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", loader, "--store", str(store),
            "--batch", str(batch), "--max-cells", str(max_cells), *extra]
     res = run_worker(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     row = {"loader": loader + ("-c" + extra[1] if extra else ""), "batch": batch, "store": Path(store).name}
+    if loader == "ours":
+        sys.path.insert(0, str(ROOT))
+        from data.store import open_store
+
+        row["loader"] += f"[{open_store(store).meta.codec}]"
     res.pop("process_wall_s", None)
     row.update(res)
     return row
@@ -177,6 +206,9 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=1_000_000, help="cells of the memory-check store (0 = skip)")
     ap.add_argument("--large-cells", type=int, default=300_000, help="cells streamed from the large store")
     ap.add_argument("--repeat", type=int, default=3, help="runs per loader and batch size (best is shown)")
+    ap.add_argument("--codecs", default="lz4",
+                    help="comma-separated count-array codecs: ours streams one store per codec (lz4 | zstd | none)")
+    ap.add_argument("--large-codecs", default="lz4", help="codecs of the 1M memory check (comma-separated)")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "loader.json"))
     args = ap.parse_args()
     if args.worker:
@@ -187,48 +219,54 @@ def main() -> None:
         return
 
     small = ensure_store(args.small)
+    codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    smalls = {c: codec_store(args.small, c) for c in codecs}
+    disk = {p.name: round(_du_mib(p), 1) for p in smalls.values()}
     rows = []
     load = {"start": os.getloadavg()}
     for batch in (128, 1024):
-        loaders = [(sys.executable, "ours", ()), (sys.executable, "scvi", ())]
+        loaders = [(sys.executable, "ours", (), smalls[c]) for c in codecs] + [(sys.executable, "scvi", (), small)]
         if args.variant:  # coarser chunks, same window of cells: fewer, larger reads
             loaders.append((sys.executable, "ours", ("--chunk-size", str(args.variant), "--window-chunks",
-                                                     str(max(1, 16 * 256 // args.variant)))))
+                                                     str(max(1, 16 * 256 // args.variant))), small))
         if ANNBATCH_PY.exists():
-            loaders.append((ANNBATCH_PY, "annbatch", ()))
+            loaders.append((ANNBATCH_PY, "annbatch", (), small))
         else:
             rows.append({"loader": "annbatch", "batch": batch, "store": small.name,
                          "error": f"skipped: {ANNBATCH_PY} not found (annbatch needs Python >= 3.12)"})
         # Repetitions interleaved across loaders (the VM is shared, so load drifts); the best run of each
         # loader is reported, all runs are kept in the JSON.
-        runs = {(name, extra): [] for _, name, extra in loaders}
+        runs = {(name, extra, st): [] for _, name, extra, st in loaders}
         for _ in range(args.repeat):
-            for py, name, extra in loaders:
-                runs[name, extra].append(_measure(py, name, small, batch, 10**9, extra))  # one full pass each
+            for py, name, extra, st in loaders:
+                runs[name, extra, st].append(_measure(py, name, st, batch, 10**9, extra))  # one full pass each
         for rs in runs.values():
             ok = [r for r in rs if "error" not in r]
             best = max(ok, key=lambda r: r["cells_per_s"]) if ok else rs[-1]
             rows.append({**best, "all_cells_per_s": [round(r.get("cells_per_s", 0)) for r in rs],
                          "all_cells_per_cpu_s": [round(r.get("cells_per_cpu_s", 0)) for r in rs]})
     if args.large:
-        large = ensure_store(args.large)
-        rows.append(_measure(sys.executable, "ours", large, 1024, args.large_cells))
-        # The same streamed amount from the small store, for the like-for-like RSS comparison.
-        rows.append(_measure(sys.executable, "ours", small, 1024, args.large_cells))
+        for c in [c.strip() for c in args.large_codecs.split(",") if c.strip()]:
+            large = codec_store(args.large, c)
+            disk[large.name] = round(_du_mib(large), 1)
+            rows.append(_measure(sys.executable, "ours", large, 1024, args.large_cells))
+            # The same streamed amount from the small store, for the like-for-like RSS comparison.
+            rows.append(_measure(sys.executable, "ours", codec_store(args.small, c), 1024, args.large_cells))
 
     load["end"] = os.getloadavg()
     print(f"load average (1/5/15 min) at start {load['start']}, at end {load['end']}")
-    print(f"| {'loader':<13} | {'store':<20} | {'batch':>5} | {'cells':>9} | {'cells/s':>9} | {'cells/CPU-s':>11} "
+    print("disk MiB: " + ", ".join(f"{k} {v:,.1f}" for k, v in disk.items()))
+    print(f"| {'loader':<16} | {'store':<24} | {'batch':>5} | {'cells':>9} | {'cells/s':>9} | {'cells/CPU-s':>11} "
           f"| {'peak RSS MiB':>12} |")
-    print("|---------------|----------------------|-------|-----------|-----------|-------------|--------------|")
+    print("|------------------|--------------------------|-------|-----------|-----------|-------------|--------------|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['loader']:<13} | {r['store']:<20} | {r['batch']:>5} | {r['error'][:70]}")
+            print(f"| {r['loader']:<16} | {r['store']:<24} | {r['batch']:>5} | {r['error'][:70]}")
             continue
-        print(f"| {r['loader']:<13} | {r['store']:<20} | {r['batch']:>5} | {r['cells']:>9,} | "
+        print(f"| {r['loader']:<16} | {r['store']:<24} | {r['batch']:>5} | {r['cells']:>9,} | "
               f"{r['cells_per_s']:>9,.0f} | {r['cells_per_cpu_s']:>11,.0f} | {r['peak_rss_mib']:>12,.0f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "load_average": load, "python": sys.version.split()[0],
+    Path(args.out).write_text(json.dumps({"rows": rows, "load_average": load, "disk_mib": disk, "python": sys.version.split()[0],
                                           "cpu_count": os.cpu_count()}, indent=2))
     print(f"wrote {args.out}")
 
