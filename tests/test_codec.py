@@ -177,3 +177,15 @@ def test_store_without_codec_attribute_opens_as_lz4(synth_stores, tmp_path):
     st = open_store(old)
     assert st.meta.codec == "lz4"
     assert (_all_rows(st, "rna") != _all_rows(open_store(synth_stores["lz4"]), "rna")).nnz == 0
+
+
+def test_cli_refuses_an_unknown_codec_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "data.synthetic", f"out={tmp_path / 's.zarr'}", "codec=gzip",
+                        "n_cells=10", "progress=false"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "mva-synth: error: codec 'gzip' is not supported; choose one of lz4, zstd, none" in r.stderr
+    assert "Traceback" not in r.stderr and list(tmp_path.iterdir()) == []

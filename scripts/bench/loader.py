@@ -208,6 +208,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per loader and batch size (best is shown)")
     ap.add_argument("--codecs", default="lz4",
                     help="comma-separated count-array codecs: ours streams one store per codec (lz4 | zstd | none)")
+    ap.add_argument("--batches", default="128,1024", help="batch sizes of the comparison ('' = memory check only)")
     ap.add_argument("--large-codecs", default="lz4", help="codecs of the 1M memory check (comma-separated)")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "loader.json"))
     args = ap.parse_args()
@@ -224,7 +225,7 @@ def main() -> None:
     disk = {p.name: round(_du_mib(p), 1) for p in smalls.values()}
     rows = []
     load = {"start": os.getloadavg()}
-    for batch in (128, 1024):
+    for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
         loaders = [(sys.executable, "ours", (), smalls[c]) for c in codecs] + [(sys.executable, "scvi", (), small)]
         if args.variant:  # coarser chunks, same window of cells: fewer, larger reads
             loaders.append((sys.executable, "ours", ("--chunk-size", str(args.variant), "--window-chunks",
