@@ -25,7 +25,7 @@ speed figures then share the cores (they are secondary in that mode).
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/train.py            # batch 128 + 1024, seed 0
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/train.py --seeds 0,1,2,3,4 --check-repro --jobs 2
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/train.py --n-cells 4000 --epochs 1 --batch-sizes 512 \
-        --seeds 0,1 --out outputs/bench/train_smoke.json                 # smoke
+        --seeds 0,1 --store outputs/bench/train_store_smoke --out outputs/bench/train_smoke.json   # smoke
 """
 
 from __future__ import annotations
@@ -277,6 +277,12 @@ def main() -> None:
     if not (Path(a.store) / "zarr.json").is_file():
         write_synthetic_store(a.store, n_cells=a.n_cells, n_genes=2000, n_regions=10000, paired_fraction=0.5,
                               rna_only_fraction=0.25, atac_only_fraction=0.25, progress=False, overwrite=True)
+    from data.store import open_store
+
+    n_store = open_store(a.store).meta.n_cells
+    if n_store != a.n_cells:  # an existing store is reused as it is: say so rather than mislabel the results
+        raise SystemExit(f"{a.store} holds {n_store} cells, not --n-cells {a.n_cells}: pass --n-cells {n_store} "
+                         "or another --store")
     settings = {"n_cells": a.n_cells, "epochs": a.epochs, "genes": 2000, "regions": 10000, "store": a.store,
                 "remainder": a.remainder}
     results = {**settings, "python": platform.python_version(), "machine": platform.machine(), "runs": {},
