@@ -55,6 +55,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--kl-warmup", type=int, default=None, help="KL warm-up epochs (default: epochs // 2)")
     ap.add_argument("--no-adversarial", action="store_true",
                     help="ablation: no adversarial batch classifier on either side")
+    ap.add_argument("--dropout-rate", type=float, default=0.1,
+                    help="the z-encoders' dropout on both sides (default: the reference's 0.1; 0: ablation)")
     ap.add_argument("--out", default="outputs/quality/run")
     ap.add_argument("--title", default=None)
     ap.add_argument("--report-from", nargs="+", default=None, metavar="JSON",
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
     data = (synthetic_pair(out / "data", n_cells=a.synthetic_cells) if a.synthetic
             else read_pair(a.rna, a.atac, a.batch_key, a.label_key))
     s = TrainSettings(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, adversarial=not a.no_adversarial,
+                      dropout_rate=a.dropout_rate,
                       n_epochs_kl_warmup=a.kl_warmup if a.kl_warmup is not None else max(1, a.epochs // 2))
     t0 = time.perf_counter()
     runs = run_sweep(data, a.fractions, a.seeds, s, out, log=lambda m: print(m, flush=True))
@@ -111,7 +114,7 @@ def _report_only(a: argparse.Namespace, out: Path) -> int:
     from trainer.quality.settings import TrainSettings
 
     runs = stored_runs(a.report_from, a.epochs, a.fractions, a.seeds, TrainSettings().harness_version,
-                       adversarial=not a.no_adversarial)
+                       adversarial=not a.no_adversarial, dropout_rate=a.dropout_rate)
     if not runs:
         print(f"[quality] no stored run in {a.report_from} matches --epochs {a.epochs}, --fractions, --seeds",
               file=sys.stderr)

@@ -78,6 +78,7 @@ def ours_config(store: Path, s: TrainSettings, run_dir: Path):
     return load_config({
         "data": {"store": str(store), "batch_size": s.batch_size, "chunk_size": 4, "window_chunks": 4096,
                  "prefetch": 0, "val_fraction": s.val_fraction, "remainder": "none"},
+        "model": {"dropout_rate": s.dropout_rate},
         "optim": {"lr": s.lr, "n_epochs_kl_warmup": s.n_epochs_kl_warmup, "adversarial": s.adversarial},
         "run": {"epochs": s.epochs, "seed": s.seed, "output_dir": str(run_dir), "resume": "none",
                 "early_stopping": False, "keep_checkpoints": 1},

@@ -57,7 +57,7 @@ def train_reference(data: PairedData, sc: Scenario, s: TrainSettings, train_cell
     mdata = reference_mudata(data, sc, train_cells, batch_categories)
     scvi.model.MULTIVI.setup_mudata(mdata, modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"},
                                     batch_key="batch")
-    model = scvi.model.MULTIVI(mdata)
+    model = scvi.model.MULTIVI(mdata, dropout_rate=s.dropout_rate)
     t0 = time.perf_counter()
     model.train(max_epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, n_epochs_kl_warmup=s.n_epochs_kl_warmup,
                 train_size=1.0, early_stopping=False, adversarial_mixing=s.adversarial, accelerator="cpu", devices=1, enable_progress_bar=False,

@@ -19,6 +19,7 @@ class TrainSettings:
     # the adversarial batch classifier on both sides (off: an ablation, MULTIVI's adversarial_mixing=False);
     # runs stored before this field existed had it on
     adversarial: bool = True
+    dropout_rate: float = 0.1  # the z-encoders' dropout on both sides (0: an ablation); the reference's default
     # model sizes/options are the reference's defaults on both sides (n_hidden, n_latent derived)
 
     def __post_init__(self) -> None:
