@@ -57,7 +57,7 @@ def count_compressors(codec: str) -> list:
     check_codec(codec)
     if codec == "lz4":
         return [BloscCodec(cname="lz4", clevel=3, shuffle="shuffle")]
-    if codec == "zstd":  # zarr's own default level; ~1.3x smaller than lz4 here, ~1.7x slower to decode
+    if codec == "zstd":  # zarr's own default level; ~15 % smaller than lz4 here, ~1.7x slower to decode
         return [ZstdCodec(level=0)]
     return []  # "none": the sharding codec's bytes only (still checksummed shard indexes)
 
