@@ -35,6 +35,8 @@ def _opt(o) -> dict | None:
     g = groups[0]
     return {"class": type(o).__name__, "lr": g["lr"], "weight_decay": g["weight_decay"], "betas": g["betas"],
             "eps": g["eps"], "amsgrad": g.get("amsgrad"), "maximize": g.get("maximize"),
+            # fused / foreach pick a kernel, not the math (same update up to rounding)
+            "kernel": "fused" if g.get("fused") else "foreach" if g.get("foreach") else "default",
             "n_params": sum(p.numel() for pg in o.param_groups for p in pg["params"])}
 
 
@@ -93,7 +95,7 @@ def check_objective(module, batch: dict, kl_weight: float, eps: torch.Tensor) ->
             "grad_max_rel_diff": worst, "grad_worst_param": worst_name}
 
 
-def trace_ours(data, sc, s, work: Path, check_every: int = 0) -> list[dict]:
+def trace_ours(data, sc, s, work: Path, run_facts: dict, check_every: int = 0) -> list[dict]:
     import trainer.loop as loop
     from data import keys
     from trainer.quality.ours import build_view_store, ours_config
@@ -117,11 +119,16 @@ def trace_ours(data, sc, s, work: Path, check_every: int = 0) -> list[dict]:
         return real(w, batch, kl_weight, eps, guard, step)
 
     store, _ = build_view_store(data, sc, work)
+    cfg = ours_config(store, s, work / "run")
+    run_facts.update({"max_epochs": cfg.run.epochs, "early_stopping": cfg.run.early_stopping, "keep": cfg.run.keep,
+                      "max_steps": cfg.run.max_steps, "val_fraction": cfg.data.val_fraction,
+                      "remainder": cfg.data.remainder, "lr_schedule": "none (trainer has no scheduler)"})
     loop.train_one_step = hooked
     try:
-        train(ours_config(store, s, work / "run"))
+        res = train(cfg)
     finally:
         loop.train_one_step = real
+    run_facts["exported"] = f"keep={cfg.run.keep}: weights after step {res.steps}"
     epochs = _epochs_of(rows, work / "run")
     for r, e in zip(rows, epochs, strict=True):
         r["epoch"] = e
@@ -136,7 +143,7 @@ def _epochs_of(rows: list[dict], run_dir: Path) -> list[int]:
     return [by_step.get(r["step"] + 1, -1) for r in rows]
 
 
-def trace_reference(data, sc, s, train_cells, cats) -> list[dict]:
+def trace_reference(data, sc, s, train_cells, cats, run_facts: dict) -> list[dict]:
     from scvi import REGISTRY_KEYS
     from scvi.train import AdversarialTrainingPlan
 
@@ -151,6 +158,16 @@ def trace_reference(data, sc, s, train_cells, cats) -> list[dict]:
         x_rna, x_atac = batch[REGISTRY_KEYS.X_KEY], batch[REGISTRY_KEYS.ATAC_X_KEY]
         kl = float(self.kl_weight)
         scale = self.scale_adversarial_loss
+        if not rows:
+            t = self.trainer
+            run_facts.update({"max_epochs": t.max_epochs, "callbacks": sorted(type(c).__name__ for c in t.callbacks),
+                              "val_batches": [len(d) for d in (t.val_dataloaders or [])] if
+                              isinstance(t.val_dataloaders, list) else (len(t.val_dataloaders) if t.val_dataloaders
+                                                                        else 0),
+                              "reduce_lr_on_plateau": self.reduce_lr_on_plateau, "loss_kwargs": sorted(self.loss_kwargs),
+                              "n_train_cells": len(t.train_dataloader.dataset) if t.train_dataloader is not None
+                              and hasattr(t.train_dataloader, "dataset") else None,
+                              "exported": "final weights (model.module after fit)"})
         rows.append({"step": len(rows), "epoch": int(self.current_epoch), "global_step": int(self.global_step),
                      "kl_weight": kl, "vae_opt": _opt(getattr(opt1, "optimizer", opt1)),
                      "clf_opt": _opt(getattr(opt2, "optimizer", opt2)) if opt2 is not None else None,
@@ -199,6 +216,38 @@ def summarize(ours: list[dict], ref: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_trace(out: Path, n_cells: int = 600, epochs: int = 20, fraction: float = 0.1, seed: int = 0,
+              check_every: int = 5) -> dict:
+    """Both sides on one synthetic scenario in the harness's configuration; the full trace as a dict."""
+    torch.set_num_threads(1)
+    from data.split import cell_hash, is_validation
+    from trainer.quality.data import synthetic_pair
+    from trainer.quality.harness import pin_threads
+    from trainer.quality.scenario import make_scenario
+    from trainer.quality.settings import TrainSettings
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = synthetic_pair(out / "data", n_cells=n_cells)
+    # the harness's settings for --epochs E: kl warm-up over E // 2 epochs (scripts/bench/quality.py)
+    s = TrainSettings(epochs=epochs, seed=seed, n_epochs_kl_warmup=max(1, epochs // 2))
+    sc = make_scenario(data.n_cells, fraction, seed)
+    val = is_validation(cell_hash(data.cell_ids), s.val_fraction)
+    cats = sorted(set(data.batch.tolist()))
+    run_facts: dict = {"ours": {}, "reference": {}}
+    pin_threads()
+    ours = trace_ours(data, sc, s, out / "work", run_facts["ours"], check_every)
+    pin_threads()
+    ref = trace_reference(data, sc, s, np.flatnonzero(~val), cats, run_facts["reference"])
+    shutil.rmtree(out / "work", ignore_errors=True)
+    train = np.flatnonzero(~val)
+    facts = {"n_train_cells": len(train), "train_paired": int(np.isin(sc.paired, train).sum()),
+             "train_rna_only": int(np.isin(sc.rna_only, train).sum()),
+             "train_atac_only": int(np.isin(sc.atac_only, train).sum()), "loadavg": os.getloadavg()}
+    return {"settings": {"n_cells": n_cells, "epochs": epochs, "fraction": fraction, "seed": seed,
+                         "check_every": check_every},
+            "facts": facts, "run_facts": run_facts, "ours": ours, "reference": ref}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="outputs/trace_semantics")
@@ -209,34 +258,13 @@ def main() -> None:
     ap.add_argument("--check-every", type=int, default=5,
                     help="compare our objective and gradient with the reference module's every N steps (0: off)")
     a = ap.parse_args()
-
-    torch.set_num_threads(1)
-    from data.split import cell_hash, is_validation
-    from trainer.quality.data import synthetic_pair
-    from trainer.quality.harness import pin_threads
-    from trainer.quality.scenario import make_scenario
-    from trainer.quality.settings import TrainSettings
-
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = synthetic_pair(out / "data", n_cells=a.synthetic_cells)
-    # the harness's settings for --epochs E: kl warm-up over E // 2 epochs (scripts/bench/quality.py)
-    s = TrainSettings(epochs=a.epochs, seed=a.seed, n_epochs_kl_warmup=max(1, a.epochs // 2))
-    sc = make_scenario(data.n_cells, a.fraction, a.seed)
-    val = is_validation(cell_hash(data.cell_ids), s.val_fraction)
-    cats = sorted(set(data.batch.tolist()))
-    pin_threads()
-    ours = trace_ours(data, sc, s, out / "work", a.check_every)
-    pin_threads()
-    ref = trace_reference(data, sc, s, np.flatnonzero(~val), cats)
-    shutil.rmtree(out / "work", ignore_errors=True)
-    facts = {"n_train_cells": int((~val).sum()), "train_paired": int(np.isin(sc.paired, np.flatnonzero(~val)).sum()),
-             "train_rna_only": int(np.isin(sc.rna_only, np.flatnonzero(~val)).sum()),
-             "train_atac_only": int(np.isin(sc.atac_only, np.flatnonzero(~val)).sum()),
-             "loadavg": os.getloadavg()}
-    (out / "trace.json").write_text(json.dumps({"settings": vars(a), "facts": facts, "ours": ours, "reference": ref}))
-    print(json.dumps(facts))
-    print(summarize(ours, ref))
+    t = run_trace(out, a.synthetic_cells, a.epochs, a.fraction, a.seed, a.check_every)
+    (out / "trace.json").write_text(json.dumps(t, default=str))
+    print(json.dumps(t["facts"]))
+    for side, f in t["run_facts"].items():
+        print(f"{side} run: {json.dumps(f, default=str)}")
+    print(summarize(t["ours"], t["reference"]))
 
 
 if __name__ == "__main__":
