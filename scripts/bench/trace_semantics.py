@@ -40,8 +40,10 @@ def _opt(o) -> dict | None:
             "n_params": sum(p.numel() for pg in o.param_groups for p in pg["params"])}
 
 
-def _composition(has_rna: np.ndarray, has_atac: np.ndarray) -> dict:
-    return {"batch_size": int(len(has_rna)), "paired": int((has_rna & has_atac).sum()),
+def _composition(has_rna: np.ndarray, has_atac: np.ndarray, codes: np.ndarray) -> dict:
+    # batch_code_1: cells of the second experimental batch; a sorted (unshuffled) order would show up
+    # as minibatches of one experimental batch
+    return {"batch_size": int(len(has_rna)), "batch_code_1": int((codes == 1).sum()), "paired": int((has_rna & has_atac).sum()),
             "rna_only": int((has_rna & ~has_atac).sum()), "atac_only": int((~has_rna & has_atac).sum()),
             "empty": int((~has_rna & ~has_atac).sum())}
 
@@ -113,7 +115,7 @@ def trace_ours(data, sc, s, work: Path, run_facts: dict, check_every: int = 0) -
                      "adversarial_scale": getattr(lm, "kappa", None) if lm is not None else None,
                      "classifier": w.classifier is not None,
                      "train_mode": bool(w.module.training),
-                     **_composition(m[:, 0], m[:, 1])})
+                     **_composition(m[:, 0], m[:, 1], batch[keys.BATCH].numpy().ravel())})
         if check_every and step % check_every == 0:
             rows[-1]["objective_check"] = check_objective(w.module, batch, kl_weight, eps)
         return real(w, batch, kl_weight, eps, guard, step)
@@ -178,7 +180,8 @@ def trace_reference(data, sc, s, train_cells, cats, run_facts: dict) -> list[dic
                      "classifier": self.adversarial_classifier is not False,
                      "train_mode": bool(self.module.training),
                      "lr_schedulers": 0 if self.lr_schedulers() is None else 1,
-                     **_composition((x_rna.sum(1) > 0).numpy(), (x_atac.sum(1) > 0).numpy())})
+                     **_composition((x_rna.sum(1) > 0).numpy(), (x_atac.sum(1) > 0).numpy(),
+                                    batch[REGISTRY_KEYS.BATCH_KEY].numpy().ravel())})
         return real(self, batch, batch_idx)
 
     AdversarialTrainingPlan.training_step = hooked
@@ -203,7 +206,7 @@ def summarize(ours: list[dict], ref: list[dict]) -> str:
         for key in ("vae_opt", "clf_opt", "grad_clip", "adversarial_scale", "classifier", "train_mode"):
             vals = {json.dumps(r[key], sort_keys=True) for r in rows}
             lines.append(f"{name} {key}: {' | '.join(sorted(vals))}")
-        for k in ("paired", "rna_only", "atac_only", "empty"):
+        for k in ("paired", "rna_only", "atac_only", "empty", "batch_code_1"):
             v = np.array([r[k] / r["batch_size"] for r in rows])
             tot = sum(r[k] for r in rows)
             lines.append(f"{name} {k}: total {tot} cell-steps, share per batch mean {v.mean():.4f} sd {v.std():.4f}")
