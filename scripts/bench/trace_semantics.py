@@ -43,7 +43,7 @@ def _opt(o) -> dict | None:
 def _composition(has_rna: np.ndarray, has_atac: np.ndarray, codes: np.ndarray) -> dict:
     # batch_code_1: cells of the second experimental batch; a sorted (unshuffled) order would show up
     # as minibatches of one experimental batch
-    return {"batch_size": int(len(has_rna)), "batch_code_1": int((codes == 1).sum()), "paired": int((has_rna & has_atac).sum()),
+    return {"batch_size": len(has_rna), "batch_code_1": int((codes == 1).sum()), "paired": int((has_rna & has_atac).sum()),
             "rna_only": int((has_rna & ~has_atac).sum()), "atac_only": int((~has_rna & has_atac).sum()),
             "empty": int((~has_rna & ~has_atac).sum())}
 
@@ -59,7 +59,12 @@ def check_objective(module, batch: dict, kl_weight: float, eps: torch.Tensor) ->
 
     import torch.distributions.normal as tdn
 
-    from trainer.reference import build_reference, ours_state_from_reference, reference_forward, reference_tensors
+    from trainer.reference import (
+        build_reference,
+        ours_state_from_reference,
+        reference_forward,
+        reference_tensors,
+    )
 
     ours = copy.deepcopy(getattr(module, "module", module)).double().eval()
     ref = build_reference(ours).eval()
@@ -98,8 +103,8 @@ def check_objective(module, batch: dict, kl_weight: float, eps: torch.Tensor) ->
 
 
 def trace_ours(data, sc, s, work: Path, run_facts: dict, check_every: int = 0) -> list[dict]:
-    import trainer.loop as loop
     from data import keys
+    from trainer import loop
     from trainer.quality.ours import build_view_store, ours_config
     from trainer.train import train
 
