@@ -40,57 +40,27 @@ def collate(cells: np.ndarray, blocks: dict[str, Block], table: CellTable, n_fea
     A modality missing from ``blocks`` (not read) becomes an empty sparse matrix with mask False, so the
     dict always has the full contract.
     """
-    return collate_many([cells], blocks, table, n_features, dense=dense, size_factor=size_factor)[0]
-
-
-def collate_many(batches: list[np.ndarray], blocks: dict[str, Block], table: CellTable,
-                 n_features: dict[str, int], *, dense: bool = False,
-                 size_factor: bool = False) -> list[dict[str, torch.Tensor]]:
-    """Minibatch dicts of several consecutive batches whose rows were gathered together into ``blocks``.
-
-    ``blocks`` holds the rows of ``np.concatenate(batches)`` in that order. The per-cell columns are
-    indexed once for the whole group and every batch gets zero-copy views (rows ``[lo, hi)`` of the
-    group arrays; the CSR's ``data``/``indices`` are views too, only its ``indptr`` is a small rebased
-    copy): at batch 128 the fixed per-batch numpy work was a visible share of the loader's time.
-    """
-    batches = [np.asarray(b, dtype=np.int64) for b in batches]
-    # a fresh array either way: the INDEX tensor must not alias the caller's (plan's) arrays
-    cells = np.concatenate(batches) if len(batches) > 1 else batches[0].copy()
-    bounds = np.zeros(len(batches) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in batches], out=bounds[1:])
-    mask = table.mask[cells]  # fancy indexing: a copy, safe to edit
+    cells = np.asarray(cells, dtype=np.int64)
+    n = len(cells)
+    out: dict[str, torch.Tensor] = {}
+    mask = table.mask[cells].copy()
     for m in keys.MODALITIES:
-        if m not in blocks:
+        if m in blocks:
+            out[m] = csr_tensor(blocks[m], n_features[m], dense=dense)
+        else:
+            empty = Block(np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(n + 1, np.int32))
+            out[m] = csr_tensor(empty, n_features[m], dense=dense)
             mask[:, keys.MASK_COLUMN[m]] = False
-    cols = {keys.MASK: mask, keys.BATCH: table.batch[cells].astype(np.int64),
-            keys.CAT_COVS: table.cat_covs[cells].astype(np.int64), keys.CONT_COVS: table.cont_covs[cells],
-            keys.INDEX: cells}
+    out[keys.MASK] = torch.from_numpy(mask)
+    out[keys.BATCH] = torch.from_numpy(table.batch[cells].astype(np.int64))
+    out[keys.CAT_COVS] = torch.from_numpy(table.cat_covs[cells].astype(np.int64))
+    out[keys.CONT_COVS] = torch.from_numpy(table.cont_covs[cells])
+    out[keys.INDEX] = torch.from_numpy(cells.copy())
     if table.label is not None:
-        cols[keys.LABEL] = table.label[cells].astype(np.int64)
+        out[keys.LABEL] = torch.from_numpy(table.label[cells].astype(np.int64))
     if size_factor:
-        cols[keys.SIZE_FACTOR] = _size_factors(table, cells, mask)
-    out = []
-    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        batch: dict[str, torch.Tensor] = {}
-        for m in keys.MODALITIES:
-            if m in blocks:
-                batch[m] = csr_tensor(_row_slice(blocks[m], lo, hi, len(cells)), n_features[m], dense=dense)
-            else:
-                empty = Block(np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(hi - lo + 1, np.int32))
-                batch[m] = csr_tensor(empty, n_features[m], dense=dense)
-        for k, v in cols.items():
-            batch[k] = torch.from_numpy(v[lo:hi])
-        out.append(batch)
+        out[keys.SIZE_FACTOR] = torch.from_numpy(_size_factors(table, cells, mask))
     return out
-
-
-def _row_slice(block: Block, lo: int, hi: int, n_rows: int) -> Block:
-    """Rows ``[lo, hi)`` of a CSR block: views of ``data``/``indices``, ``indptr`` rebased to start at 0."""
-    if lo == 0 and hi == n_rows:
-        return block
-    ptr = block.indptr
-    a, b = int(ptr[lo]), int(ptr[hi])
-    return Block(block.data[a:b], block.indices[a:b], ptr[lo:hi + 1] - ptr[lo])
 
 
 def _size_factors(table, cells: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -19,9 +19,7 @@ to the reader, the collate step and a background prefetch thread.
   sets neither, a store that records ``preshuffled: true`` is read in 1,024-row chunks, 4 per window,
   others in 256-row chunks, 16 per window (``default_chunking``). ``state_dict`` records the chunking and
   a resume under another one is refused (the epoch's order depends on it).
-* Speed: the slices of every chunk a read round needs go to zarr as one call per array, and consecutive
-  batches (up to ``GROUP_CELLS`` cells) are gathered and collated together, then handed out as views;
-  batch contents and order are exactly those of one gather per batch.
+* Speed: the slices of every chunk a read round needs go to zarr as one call per array.
 * Workers: with ``DataLoader(num_workers=W)`` worker ``w`` yields batches ``w, w+W, ...`` of the rank's
   sequence and the DataLoader's round-robin restores the W=0 order. Each worker reads whole chunks of
   the windows it touches, so W workers read up to W times the bytes; ``num_workers=0`` (the default
@@ -43,7 +41,7 @@ import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data import keys
-from data.collate import collate_many
+from data.collate import collate
 from data.plan import EpochPlan, chunk_bounds, plan_epoch, worker_batch_ids
 from data.reader import ChunkReader, as_store, read_cell_table, read_validation_mask
 from data.store import Store
@@ -51,12 +49,6 @@ from data.store import Store
 SPLITS = ("train", "validation", "all")
 _DONE = object()
 _DEFAULT_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
-# Consecutive batches gathered and collated together (cells per group, at most; a batch at least): one
-# row gather and one set of per-cell column lookups per group instead of per batch, batches handed out
-# as views. Measured at batch 128 (2026-11-25, docs/benchmarks.md): groups of 128 / 512 / 2,048 cells
-# were within noise of each other in CPU per cell (the reads dominate); 2,048 added ~25-60 MiB of RSS,
-# so 512 (4 batches of 128; batches >= 512 are not grouped).
-GROUP_CELLS = 512
 # (chunk_size, window_chunks) when the caller sets neither: the same 4,096-row shuffle window either way.
 # A store that records ``preshuffled: true`` (cells written in random order: mva-synth, mva-build
 # preshuffle=true) is read in 4x coarser chunks: contiguous rows of such a store are as mixed as any, so
@@ -190,32 +182,22 @@ class StoreStream(IterableDataset):
         return self._reader
 
     def make_batch(self, cells: np.ndarray) -> dict[str, torch.Tensor]:
-        return self.make_batches([cells])[0]
-
-    def make_batches(self, batches: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
-        """Minibatches of consecutive ``batches`` (global cell indices each) from one gather of their rows."""
-        cells = np.concatenate(batches) if len(batches) > 1 else batches[0]
         blocks = self._get_reader().gather(cells)
-        return collate_many(batches, blocks, self.table, self.n_features, dense=self.dense,
-                            size_factor=self.size_factor)
+        return collate(cells, blocks, self.table, self.n_features, dense=self.dense, size_factor=self.size_factor)
 
-    def _batches(self, plan: EpochPlan, ids: list[int], num_workers: int = 1):
+    def _batches(self, plan: EpochPlan, ids: list[int]):
         # Read ahead about one window of cells: its chunks decode while this window is gathered.
         # Issued one window's worth of batches at a time (not per batch): one event-loop round per window
         # keeps the wake-ups and per-round overhead off small batches, and reads 1-2 windows ahead.
         ahead = max(1, -(-self.window_chunks * self.chunk_size // self.batch_size))
-        # Batches gathered together; a worker's ids are num_workers apart, so its group spans that many
-        # more cells of the order (keep it within about two windows).
-        group = max(1, GROUP_CELLS // (self.batch_size * num_workers))
         reader = self._get_reader()
-        issued = min(group, len(ids))  # batches [0, issued) are read on demand or already requested
-        for j in range(0, len(ids), group):
+        issued = 1  # batches [0, issued) are read on demand or already requested
+        for j, i in enumerate(ids):
             if j + ahead >= issued and issued < len(ids):
                 stop = min(issued + ahead, len(ids))
                 reader.read_ahead(np.concatenate([plan.batches[k] for k in ids[issued:stop]]))
                 issued = stop
-            # the same batches in the same order as one make_batch per batch: only the work is shared
-            yield from self.make_batches([plan.batches[i] for i in ids[j:j + group]])
+            yield self.make_batch(plan.batches[i])
 
     def __iter__(self):
         plan = self.plan()
@@ -224,7 +206,7 @@ class StoreStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         ids = worker_batch_ids(len(plan), worker_id=wid, num_workers=nw, start=start)
         self._consumed = start
-        source = self._batches(plan, list(ids), nw)
+        source = self._batches(plan, list(ids))
         it = _prefetched(source, self.prefetch) if self.prefetch > 0 else source
         for batch in it:
             self._consumed += 1
