@@ -5,7 +5,8 @@ and memory (stack notes §4):
 
 * count matrices are read as *contiguous* row blocks (one chunk of the plan = one shard-local row range:
   an ``indptr`` slice, then one ``data`` and one ``indices`` slice per modality, through the zarrs
-  codec pipeline), and the four slices of a block are read concurrently;
+  codec pipeline); all the slices of a read round go to zarr as one call per array
+  (``data.range_reads``);
 * the per-cell table keeps only compact numeric arrays (codes, masks, covariates), never the string cell
   ids, so memory grows by a few bytes per cell and a 1M-cell store costs about the same as a 50k one.
 
@@ -23,8 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.indexing import BasicIndexer, ChunkProjection
 from zarr.core.sync import _get_loop as _zarr_loop
 from zarr.core.sync import sync
 
@@ -33,8 +32,9 @@ try:  # scipy's compiled CSR row gather (private module, stable since scipy 0.14
 except ImportError:  # pragma: no cover
     from scipy.sparse.sparsetools import csr_row_index
 
-from data import keys, retry
-from data.retry import read_array, read_slice
+from data import keys
+from data.range_reads import fetch_all
+from data.retry import read_array
 from data.split import is_validation
 from data.store import Store, open_store
 
@@ -280,7 +280,7 @@ class ChunkReader:
             # All slices of all missing chunks in one event-loop round: zarr overlaps the fetches and
             # the (zarrs) decodes; measured ~2x faster than a thread per chunk and ~10x faster than
             # sequential reads on this machine.
-            results.append((rest, reqs, sync(_fetch_all(_flat(reqs)))))
+            results.append((rest, reqs, sync(fetch_all(_flat(reqs)))))
         want, keep = set(missing), set(needed)
         # The needed chunks first; a read-ahead round also holds chunks of later batches: they take free
         # slots only, otherwise they stay pending (decoded) until a batch needs them.
@@ -332,7 +332,7 @@ class ChunkReader:
             if not todo:
                 return
             reqs = [self._requests(c) for c in todo]
-            fut = asyncio.run_coroutine_threadsafe(_fetch_all(_flat(reqs)), _zarr_loop())
+            fut = asyncio.run_coroutine_threadsafe(fetch_all(_flat(reqs)), _zarr_loop())
             entry = (fut, todo, reqs)
             for c in todo:
                 self._pending[c] = entry
@@ -363,69 +363,6 @@ class ChunkReader:
 
 def _flat(reqs: list) -> list[tuple[zarr.Array, int, int]]:
     return [(arr, a, b) for per_chunk in reqs for _, arr, a, b, _ in per_chunk]
-
-
-class _Ranges:
-    """A zarr ``Indexer`` for several ``[a, b)`` ranges of one 1-D array, concatenated in the output.
-
-    zarr turns every ``array[a:b]`` into its own codec-pipeline call (indexer, chunk specs, a thread
-    hand-off, one Rust call): ~0.2-0.3 ms of CPU per request here, which at 256-row chunks and four
-    arrays per chunk was most of the loader's CPU. Handing zarr the projections of all the ranges of a
-    read round at once makes that one pipeline call (zarrs then decodes the pieces in parallel)."""
-
-    def __init__(self, arr: zarr.Array, ranges: list[tuple[int, int]]):
-        self._arr, self.ranges = arr._async_array, ranges
-        self.shape = (sum(b - a for a, b in ranges),)
-        self.drop_axes: tuple[int, ...] = ()
-
-    def __iter__(self):
-        off, shape, grid = 0, self._arr.shape, self._arr.metadata.chunk_grid
-        for a, b in self.ranges:
-            for p in BasicIndexer(slice(a, b), shape, grid):
-                o = p.out_selection[0]
-                yield ChunkProjection(p.chunk_coords, p.chunk_selection, (slice(o.start + off, o.stop + off, 1),),
-                                      p.is_complete_chunk)
-            off += b - a
-
-
-def _batchable(arr: zarr.Array) -> bool:
-    """Whether ranges of ``arr`` are read as one call: only through the zarrs pipeline (one Rust call; the
-    per-request overhead is what it saves). zarr's Python pipeline (a ``RetryingStore``, forked workers)
-    keeps one retried read per range, so store-level retries and fault injection count as before."""
-    return type(arr._async_array.codec_pipeline).__name__ == "ZarrsCodecPipeline"
-
-
-async def _read_ranges(arr: zarr.Array, ranges: list[tuple[int, int]]) -> list:
-    """``[arr[a:b] for a, b in ranges]``, in one zarr pipeline call where possible (views of one array).
-
-    A failed call counts as one retried read and falls back to one retried read per range
-    (``data.retry.read_slice``): a range that stays unreadable raises ``StoreReadError`` naming it."""
-    if len(ranges) > 1 and _batchable(arr):
-        try:
-            out = np.asarray(await arr._async_array._get_selection(_Ranges(arr, ranges),
-                                                                   prototype=default_buffer_prototype()))
-        except (OSError, RuntimeError):  # zarrs reports I/O and decode failures as RuntimeError
-            retry._count("retries")
-        else:
-            bounds = np.cumsum([0] + [b - a for a, b in ranges])
-            return [out[bounds[k]:bounds[k + 1]] for k in range(len(ranges))]
-    return list(await asyncio.gather(*[read_slice(arr, a, b) for a, b in ranges]))
-
-
-async def _fetch_all(requests: list[tuple[zarr.Array, int, int]]) -> list:
-    """Read ``array[a:b]`` for every request, concurrently on zarr's event loop, in request order.
-
-    The requests of one array (a modality's data or indices in one shard) go to zarr as one read."""
-    by_array: dict[int, tuple[zarr.Array, list[int]]] = {}
-    for k, (arr, _, _) in enumerate(requests):
-        by_array.setdefault(id(arr), (arr, []))[1].append(k)
-    groups = list(by_array.values())
-    parts = await asyncio.gather(*[_read_ranges(arr, [requests[k][1:] for k in ks]) for arr, ks in groups])
-    out: list = [None] * len(requests)
-    for (_, ks), arrays in zip(groups, parts, strict=True):
-        for k, a in zip(ks, arrays, strict=True):
-            out[k] = a
-    return out
 
 
 def _gather_rows(block: Block, rows: np.ndarray) -> Block:

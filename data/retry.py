@@ -64,6 +64,11 @@ def _count(field: str) -> None:
         setattr(STATS, field, getattr(STATS, field) + 1)
 
 
+def count_retry() -> None:
+    """One failed attempt that a caller retries in its own way (e.g. a batched read falling back)."""
+    _count("retries")
+
+
 def retries() -> int:
     return int(os.environ.get(RETRIES_ENV, "4"))
 
