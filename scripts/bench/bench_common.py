@@ -75,3 +75,18 @@ def run_worker(cmd: list[str], log: Path | None = None, env: dict[str, str] | No
     res["peak_rss_mib"] = usage.ru_maxrss / 1024
     res["process_wall_s"] = time.perf_counter() - t_start
     return res
+
+
+def cpu_s() -> float:
+    """This process's CPU seconds, user + system, all threads (system time counts: page faults and
+    page-cache copies are part of what a job costs)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def write_result(res: dict, out: str | Path) -> None:
+    """Stamp the end load average into a benchmark's result dict, write it as JSON and say where."""
+    res["loadavg_end"] = os.getloadavg()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1))
+    print(f"load average start {res['loadavg_start']}, end {res['loadavg_end']}; wrote {out}")

@@ -41,12 +41,21 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 T0 = time.perf_counter()  # before the heavy imports: workers report their import time apart
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-from bench_common import BENCH, GENES, PEAKS, ROOT, ensure_model, ensure_store, run_worker
+from bench_common import (
+    BENCH,
+    GENES,
+    PEAKS,
+    ROOT,
+    cpu_s,
+    ensure_model,
+    ensure_store,
+    run_worker,
+    write_result,
+)
 
 sys.path.insert(0, str(ROOT))
 JOBS = ("embed", "expression", "accessibility")
@@ -54,11 +63,6 @@ N_CHECK = 2000  # rows of each output compared between the two sides
 
 
 # ----------------------------------------------------------------------------------- child workers
-def _cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def _emit(res: dict) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -98,9 +102,9 @@ def worker_ours(job: str, model: str, store: str, out: str, batch: int, subset: 
 
     t_import = time.perf_counter() - T0
     cfg = _our_config(job, model, store, out, batch, subset)
-    cpu0, wall0 = _cpu(), time.perf_counter()
+    cpu0, wall0 = cpu_s(), time.perf_counter()
     summary = infer(cfg)
-    wall, cpu = time.perf_counter() - wall0, _cpu() - cpu0
+    wall, cpu = time.perf_counter() - wall0, cpu_s() - cpu0
     n = int(summary["n_cells"])
     if check:
         rows = _first_rows(out, job, N_CHECK)
@@ -130,18 +134,18 @@ def worker_reference(job: str, model_dir: str, store: str, batch: int, check: st
     import scvi  # noqa: F401  (its import is large: counted as import, not load)
 
     t_import = time.perf_counter() - T0
-    cpu0, wall0 = _cpu(), time.perf_counter()
+    cpu0, wall0 = cpu_s(), time.perf_counter()
     model, n = _reference_model(model_dir, store)
-    load_s, load_cpu = time.perf_counter() - wall0, _cpu() - cpu0
+    load_s, load_cpu = time.perf_counter() - wall0, cpu_s() - cpu0
     torch.set_num_threads(1)
-    cpu0, wall0 = _cpu(), time.perf_counter()
+    cpu0, wall0 = cpu_s(), time.perf_counter()
     if job == "embed":
         out = model.get_latent_representation(batch_size=batch)
     elif job == "expression":
         out = model.get_normalized_expression(batch_size=batch, return_numpy=True)
     else:
         out = model.get_normalized_accessibility(batch_size=batch, return_numpy=True)
-    wall, cpu = time.perf_counter() - wall0, _cpu() - cpu0
+    wall, cpu = time.perf_counter() - wall0, cpu_s() - cpu0
     if check:
         np.save(check, np.asarray(out[:N_CHECK], dtype=np.float32))
     _emit({"side": "reference", "job": job, "cells": n, "import_s": t_import, "load_s": load_s, "load_cpu_s": load_cpu,
@@ -150,116 +154,6 @@ def worker_reference(job: str, model_dir: str, store: str, batch: int, check: st
 
 
 # ----------------------------------------------------------------------------------- stage profile
-def profile_stages(job: str, model_dir: str, store_path: str, batch: int, n_batches: int) -> list[tuple[str, float]]:
-    """CPU microseconds per cell of each stage of one job's per-batch work (process CPU time, all threads:
-    steadier than wall time on a shared machine), plus what the alternatives of each stage cost.
-
-    Set up like the job (trainer/jobs/runner.py): large freed blocks kept in the heap
-    (``trainer.alloc``), output on a ``DirectLocalStore``. Stages the job does: read, encode, the one
-    decoder head it needs, the ``trainer.predict`` call end to end, the Zarr write as the job writes it
-    (expression: blosc lz4 through the store, O_DIRECT for chunks >= 1 MiB; accessibility: uncompressed
-    chunks by ``RawChunkWriter``). Variants: encoders on measured rows only, both heads, and other writes
-    (zarr's own LocalStore = page cache, other codecs and dtypes)."""
-    import tempfile
-
-    import numpy as np
-    import torch
-    import zarr
-
-    from data.collate import to_device
-    from data.stream import StoreStream
-    from trainer.alloc import reuse_large_allocations
-    from trainer.export import load_model
-    from trainer.jobs.accessibility import quantize
-    from trainer.jobs.common import open_checked_store
-    from trainer.jobs.direct_io import DirectLocalStore, RawChunkWriter
-    from trainer.jobs.runner import create_dense, feature_chunk_cols
-    from trainer.predict import normalized_accessibility, normalized_expression
-
-    torch.set_num_threads(1)
-    reuse_large_allocations()  # as the runner does
-    module, info = load_model(model_dir)
-    store = open_checked_store(store_path, info)
-    stream = StoreStream(store, batch_size=batch, split="all", shuffle=False, prefetch=0)
-    n_feat = {"embed": module.n_latent, "expression": module.n_genes, "accessibility": module.n_regions}[job]
-    tmp = tempfile.mkdtemp(dir=BENCH)
-    direct = zarr.open_group(DirectLocalStore(f"{tmp}/d.zarr"), mode="w")
-    cache = zarr.open_group(f"{tmp}/p.zarr", mode="w")  # zarr's own LocalStore: through the page cache
-    cols = feature_chunk_cols(batch, n_feat)
-    shape = (batch * n_batches, n_feat)
-
-    def dense(root, name, dtype, compress):
-        return create_dense(root, name, shape, dtype, batch, cols, compress=compress)
-
-    # name -> (array, dtype written); the first entry is what the job does
-    writes = {}
-    if job == "accessibility":
-        writes["write (job: float32, raw chunks, O_DIRECT)"] = (dense(direct, "a", "float32", False), None)
-        writes["float32 lz4, O_DIRECT store"] = (dense(direct, "b", "float32", True), None)
-        writes["float32 uncompressed, page cache (zarr)"] = (dense(cache, "c", "float32", False), None)
-        writes["float32 lz4, page cache (the job before)"] = (dense(cache, "e", "float32", True), None)
-        writes["float16 raw chunks, O_DIRECT"] = (dense(direct, "f", "float16", False), np.float16)
-        writes["uint8 (job option: lz4), O_DIRECT store"] = (dense(direct, "u", "uint8", True), np.uint8)
-    elif job == "expression":
-        writes["write (job: float32 lz4, O_DIRECT store)"] = (dense(direct, "a", "float32", True), None)
-        writes["float32 raw chunks, O_DIRECT"] = (dense(direct, "b", "float32", False), None)
-        writes["float32 lz4, page cache (the job before)"] = (dense(cache, "e", "float32", True), None)
-    else:
-        writes["write (job: float32 lz4)"] = (dense(direct, "a", "float32", True), None)
-    writers = {name: RawChunkWriter(arr) for name, (arr, _) in writes.items()}
-    cost: dict[str, float] = {}
-
-    @contextmanager
-    def stage(name: str):
-        c0 = _cpu()
-        yield
-        cost[name] = cost.get(name, 0.0) + _cpu() - c0
-
-    cells = 0
-    with torch.no_grad():
-        for k in range(n_batches):
-            lo, hi = k * batch, min((k + 1) * batch, store.meta.n_cells)
-            if hi - lo < batch:
-                break  # whole chunks only (the job's last short chunk goes through zarr)
-            with stage("read + collate batch"):
-                b = to_device(stream.make_batch(np.arange(lo, hi)), "cpu")
-            eps = torch.zeros(hi - lo, module.n_latent)
-            with stage("encode (module.inference)"):
-                inf = module.inference(b, eps=eps)
-            with stage("  variant: encode measured rows only (inference(measured_only=True))"):
-                module.inference(b, eps=eps, measured_only=True)
-            z = inf["qz_m"]
-            if job == "embed":
-                out = z.numpy()
-            else:
-                with stage("  variant: both heads (module.generative)"):
-                    module.generative(z, b, inf["lib_rna"])
-                if job == "expression":
-                    with stage("decode, RNA head only"):
-                        module.decode_expression_scale(z, b)
-                    with stage("predict.normalized_expression (end to end)"):
-                        out = normalized_expression(module, b, library_size=1.0).numpy()
-                else:
-                    with stage("decode, ATAC head only"):
-                        module.decode_accessibility(z, b)
-                    with stage("predict.normalized_accessibility (end to end)"):
-                        out = normalized_accessibility(module, b).numpy()
-            for name, (_, dtype) in writes.items():
-                val = out
-                if dtype == np.uint8:
-                    with stage("  uint8 quantisation (torch)"):
-                        val = quantize(out, np.uint8)
-                elif dtype is not None:
-                    with stage("  float16 cast"):
-                        val = out.astype(dtype)
-                with stage(name if name.startswith("write (job") else "  variant: write " + name):
-                    writers[name].write(lo, hi, val)
-            cells += hi - lo
-    shutil.rmtree(tmp, ignore_errors=True)
-    return [(name, 1e6 * c / cells) for name, c in cost.items()]
-
-
-# ----------------------------------------------------------------------------------- driver
 def _child(args: list[str], log: Path, timeout: float) -> dict:
     """Run one worker of this script in a fresh process (bench_common.run_worker)."""
     res = run_worker([sys.executable, str(Path(__file__).resolve()), *args], log)
@@ -313,12 +207,9 @@ def main() -> None:
     if a.profile:
         store = ensure_store(a.n_cells)
         ensure_model(Path(a.model), store)
-        rows = profile_stages(a.profile, a.model, str(store), a.batch, a.profile_batches)
-        print(f"{a.profile}: CPU per cell by stage ({a.profile_batches} batches of {a.batch}, {store.name}, "
-              f"load average {os.getloadavg()[0]:.1f})")
-        for name, us in rows:
-            print(f"  {name:50s} {us:8.1f} us/cell  ({1e6 / max(us, 1e-3):9.0f} cells/CPU-s)")
-        return
+        from infer_profile import print_profile
+
+        return print_profile(a.profile, a.model, store, a.batch, a.profile_batches)
 
     small = ensure_store(a.n_cells)
     weights = ensure_model(Path(a.model), small)
@@ -398,10 +289,7 @@ def main() -> None:
                       f"{s['peak_rss_mib']:.0f} MiB: {100 * entry['rss_growth']:+.1f} % (target within 10 %)",
                       flush=True)
             res["memory"][job] = entry
-    res["loadavg_end"] = os.getloadavg()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
-    print(f"load average start {res['loadavg_start']}, end {res['loadavg_end']}; wrote {a.out}")
+    write_result(res, a.out)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-from bench_common import BENCH, ROOT, ensure_model, ensure_store, run_worker
+from bench_common import BENCH, ROOT, ensure_model, ensure_store, run_worker, write_result
 
 sys.path.insert(0, str(ROOT))
 WORK = BENCH / "infer_de_work"  # our tables (deleted after each run)
@@ -144,10 +144,7 @@ def main() -> None:
                 res["ratios"].setdefault(job, []).append({"ref_over_ours": ratio, "with_setup": with_setup})
                 print(f"{job:4s} rep {rep + 1}: reference/ours {ratio:.2f}x compute only, {with_setup:.2f}x with "
                       f"the reference's setup", flush=True)
-    res["loadavg_end"] = os.getloadavg()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
-    print(f"load average start {res['loadavg_start']}, end {res['loadavg_end']}; wrote {a.out}")
+    write_result(res, a.out)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
-
-import subprocess
 
 from bench_common import BENCH, GENES, PEAKS, ROOT, ensure_store, run_worker
 

@@ -88,7 +88,7 @@ def worker_ours(store: str, batch_size: int, epochs: int, out_dir: str, seed: in
     torch.set_num_threads(1)
     # torch.optim's first step imports torch._dynamo (~0.8 CPU-s, once per process); the reference paid
     # it inside `import scvi`, before its timer, so ours pays it here too, outside the timed call
-    import torch._dynamo  # noqa: F401
+    import torch._dynamo
 
     from trainer.config import load_config
     from trainer.export import load_model
