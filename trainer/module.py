@@ -72,6 +72,7 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         modality_penalty: str = "Jeffreys",
         use_size_factor: bool = False,
         compile_kernels: bool = False,
+        native_kernels: bool = True,
     ):
         super().__init__()
         opts = {
@@ -164,6 +165,10 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         else:
             self.px_r = None
         self.region_factors = nn.Parameter(torch.zeros(n_regions)) if region_factors else None
+        # fused C kernels on the CPU for float32 CSR counts (trainer/native): the likelihoods (same
+        # numbers to float32 rounding) and the sparse first layers (same sums in the same order); used
+        # wherever they can run, else the eager/compiled code. Set after the encoders: it reaches them.
+        self.native_kernels = native_kernels
         # three slots (RNA, ATAC, protein) like the reference, so learned weights map 1:1
         if modality_weights == "equal":
             self.register_buffer("mod_weights", torch.ones(3))
@@ -275,6 +280,16 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         """Only the ATAC probabilities p of ``generative`` (no RNA heads)."""
         h_in, cov, _ = self._decoder_input(z, batch, batch_codes)
         return torch.sigmoid(self.atac_out(self.atac_decoder(h_in, cov)))
+
+    @property
+    def native_kernels(self) -> bool:
+        return self._native_kernels
+
+    @native_kernels.setter
+    def native_kernels(self, on: bool) -> None:
+        self._native_kernels = bool(on)
+        for encoder in (self.rna_encoder, self.atac_encoder):
+            encoder.native_kernels = bool(on)
 
     def _compiled_atac(self) -> bool:
         return self.compile_kernels and not (fused.atac_forward.failed or fused.atac_backward.failed)

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from data import keys
 from trainer import distributions as D
 from trainer import fused
+from trainer.native import ops as native_ops
 from trainer.nn import multiplies_densely, select_rows
 
 
@@ -184,17 +185,18 @@ class ObjectiveMixin:
         )
         rl_rna = self._rna_nll(pick(x_rna, rna_rows), gen)
 
-        x_atac = self._counts(batch, keys.ATAC, self.n_regions)
+        x_atac = pick(self._counts(batch, keys.ATAC, self.n_regions), atac_rows)
         logits = self.atac_out(self.atac_decoder(pick(h_in, atac_rows), pick(cov, atac_rows)))
         lib_atac, s = pick(inf["lib_atac"], atac_rows), self.region_factor_probs()
-        if self._compiled_atac():  # scores the logits directly: no (B, R) sigmoid pass
-            gen["p"] = None
-            rl_atac = fused.product_bernoulli_nll_logits(
-                pick(x_atac, atac_rows), logits, lib_atac, s, compiled=True
-            )
+        # the native and compiled kernels score the logits directly: no (B, R) sigmoid pass, p is None
+        gen["p"] = None
+        if self.native_kernels and native_ops.available(x_atac, logits, lib_atac, *([] if s is None else [s])):
+            rl_atac = native_ops.product_bernoulli_nll_logits(x_atac, logits, lib_atac, s)
+        elif self._compiled_atac():
+            rl_atac = fused.product_bernoulli_nll_logits(x_atac, logits, lib_atac, s, compiled=True)
         else:  # eager: the hand-fused probability form makes fewer passes than the eager logits kernels
             gen["p"] = torch.sigmoid(logits)
-            rl_atac = fused.product_bernoulli_nll(pick(x_atac, atac_rows), gen["p"], lib_atac, s)
+            rl_atac = fused.product_bernoulli_nll(x_atac, gen["p"], lib_atac, s)
         recon_rna = self._per_cell(rl_rna, rna_rows, mask[:, 0])
         recon_atac = self._per_cell(rl_atac, atac_rows, mask[:, 1])
         qz_m, qz_v = inf["qz_m"], inf["qz_v"]
@@ -218,7 +220,11 @@ class ObjectiveMixin:
 
     def _rna_nll(self, x_rna: torch.Tensor, gen: dict) -> torch.Tensor:
         if self.gene_likelihood == "zinb":
-            return D.zinb_nll(x_rna, gen["px_rate"], gen["theta"], gen["px_dropout"])
+            mu, theta, zi = gen["px_rate"], gen["theta"], gen["px_dropout"]
+            # the native ZINB kernel takes one dispersion per gene (dispersion "gene", the default)
+            if self.native_kernels and theta.dim() == 1 and native_ops.available(x_rna, mu, theta, zi):
+                return native_ops.zinb_nll(x_rna, mu, theta, zi)
+            return D.zinb_nll(x_rna, mu, theta, zi)
         if self.gene_likelihood == "nb":
             return D.nb_nll(x_rna, gen["px_rate"], gen["theta"])
         return D.poisson_nll(x_rna, gen["px_rate"])

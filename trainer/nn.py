@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from trainer.native import ops as native_ops
+
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
 
 
@@ -87,10 +89,17 @@ class _CsrMatmul(torch.autograd.Function):
         return None, _bag_matmul(rows[perm], offsets, vals[perm], grad.contiguous())
 
 
-def input_matmul_t(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """``x @ weight_t`` with ``weight_t`` stored (n_in, n_out): no transpose copy for sparse x."""
+def input_matmul_t(x: torch.Tensor, weight_t: torch.Tensor, native: bool = False) -> torch.Tensor:
+    """``x @ weight_t`` with ``weight_t`` stored (n_in, n_out): no transpose copy for sparse x.
+
+    ``native``: a sparse product on the CPU uses the C kernel of ``trainer/native`` where it loads
+    (the same sums in the same order as ``_CsrMatmul``, ~20 % less time: it prefetches the cold
+    weight rows and writes the weight gradient once).
+    """
     if x.layout == torch.sparse_csr:
         if x.values().numel() <= DENSIFY_ABOVE * x.shape[0] * x.shape[1]:
+            if native and native_ops.available(x, weight_t):
+                return native_ops.csr_matmul(x, weight_t)
             return _CsrMatmul.apply(x, weight_t)
         x = x.to_dense()
     return x @ weight_t
@@ -263,6 +272,7 @@ class EncoderPair(nn.Module):
             self.lib_out = nn.Linear(n_hidden, 1)
             stacks.append(self.lib_stack)
         self.n_hidden, self.n_in = n_hidden, n_in
+        self.native_kernels = False  # set by the module (MultiVAE.native_kernels)
         self.input_weight = nn.Parameter(torch.empty(n_in, len(stacks) * n_hidden))
         # nn.Linear's default init for the *whole* first layer (fan-in = counts + covariates)
         bound = 1.0 / math.sqrt(n_in + n_extra + n_cov)
@@ -277,7 +287,7 @@ class EncoderPair(nn.Module):
         self, x: torch.Tensor, cov: torch.Tensor | None, extra: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Return (mean, variance, library) with variance = exp(.) (var_eps = 0, as the reference)."""
-        both = input_matmul_t(x, self.input_weight)
+        both = input_matmul_t(x, self.input_weight, self.native_kernels)
         # split (not two slices): its backward is one concatenation, not two zero-filled full-size copies
         parts = both.split(self.n_hidden, dim=1)
         h = self.z_stack(None, cov, extra, x_part=parts[0])

@@ -6,7 +6,9 @@ Both in one run, one torch thread, same sizes and weights: 2,000 genes, 10,000 r
 (VAE AdamW step, then classifier Adam step) on dense tensors, as its data loader yields them; ours is
 ``trainer.step.train_step`` on sparse CSR input (the loader's format), the same with
 ``compile_kernels=True`` (ATAC likelihood kernels compiled by torch.compile; its one-off compile time is
-reported separately, outside the per-step figure), and on dense input. CPU time is
+reported separately, outside the per-step figure; without the native kernels), with the eager
+likelihoods (``native_kernels=False``: what a machine without a C compiler runs), and on dense input.
+The default module uses the fused C likelihood kernels (``trainer/native``) where they load. CPU time is
 ``time.process_time()``; all are timed in alternating chunks of 5 steps. ``--ab-skip`` adds our step
 with the skipping of unmeasured rows switched off (``MultiVAE.skip_unmeasured``), sparse and dense.
 
@@ -28,6 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 from data import keys
+from trainer import native
 from trainer.classifier import build_classifier
 from trainer.module import MultiVAE
 from trainer.reference import build_reference, reference_tensors, reference_training_plan
@@ -133,7 +136,9 @@ def main() -> None:
     dense = [synthetic_batch(g, args.batch_size, args.genes, args.regions, 2) for _ in range(4)]
     torch.manual_seed(0)
     ours = MultiVAE(args.genes, args.regions, n_batch=2).train()
-    compiled = copy.deepcopy(ours)  # same weights, own optimizer state
+    eager = copy.deepcopy(ours)  # same weights, own optimizer state: the eager likelihoods
+    eager.native_kernels = False
+    compiled = copy.deepcopy(eager)  # the inductor-compiled ATAC kernels (without the native ones)
     compiled.compile_kernels = True
     _ref, ref_step = reference_stepper(ours)
 
@@ -144,9 +149,12 @@ def main() -> None:
 
     our_step = stepper(ours)
     ref_batches = [reference_tensors(b) for b in dense]
+    native_state = "native kernels" if native.library() is not None else f"NO native kernels: {native.why_unavailable()}"
+    print(f"default module: {native_state}")
     steppers = {
         "reference (dense input)": (ref_step, ref_batches),
         "ours (sparse CSR input)": (our_step, [sparse(b) for b in dense]),
+        "ours (sparse, eager likelihoods)": (stepper(eager), [sparse(b) for b in dense]),
         "ours (sparse, compile_kernels)": (stepper(compiled), [sparse(b) for b in dense]),
         "ours (dense input)": (our_step, dense),
     }
@@ -186,6 +194,7 @@ def main() -> None:
         "n_hidden": ours.n_hidden,
         "n_latent": ours.n_latent,
         "compile_first_step_cpu_s": compile_cpu_s,
+        "native_kernels": native_state,
         "loadavg": os.getloadavg(),
     }
     args.out.write_text(json.dumps({"config": meta, "results": rows}, indent=2))

@@ -1,0 +1,120 @@
+"""Autograd Functions over the fused C kernels (``trainer/native/kernels.c``).
+
+Each computes the same per-cell negative log-likelihood and gradients as its eager counterpart
+(``trainer.fused.product_bernoulli_nll_logits`` / ``trainer.distributions.zinb_nll`` on CSR counts),
+to float32 rounding (tests/test_native.py). Callers check ``available(...)`` first; nothing here
+falls back by itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer import native
+from trainer.native import ptr
+
+
+def available(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """CSR counts, CPU float32 operands, and the library loaded."""
+    return x.layout == torch.sparse_csr and x.device.type == "cpu" and native.usable(*tensors)
+
+
+def _csr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int64 row pointers and columns, float32 values, all contiguous (no copy when already so)."""
+    return (x.crow_indices().long().contiguous(), x.col_indices().long().contiguous(),
+            x.values().to(torch.float32).contiguous())
+
+
+class _ProductBernoulliLogitsNLL(torch.autograd.Function):
+    """sum_j BCE(sigmoid(logits_cj) * lib_c * s_j, 1[x_cj > 0]) per cell; torch's BCE gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, lib, s, crow, col, val):
+        B, R = logits.shape
+        out = logits.new_empty(B)
+        native.library().mva_atac_fwd(ptr(logits), ptr(lib), ptr(s), ptr(crow), ptr(col), ptr(val), ptr(out),
+                                      B, R, torch.get_num_threads())
+        ctx.save_for_backward(logits, lib, s, crow, col, val)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, lib, s, crow, col, val = ctx.saved_tensors
+        B, R = logits.shape
+        go = grad_out.to(torch.float32).contiguous()
+        dx, dlib, ds = torch.empty_like(logits), lib.new_empty(B), s.new_empty(R)
+        native.library().mva_atac_bwd(ptr(logits), ptr(lib), ptr(s), ptr(crow), ptr(col), ptr(val), ptr(go),
+                                      ptr(dx), ptr(dlib), ptr(ds), B, R, torch.get_num_threads())
+        return dx, dlib, ds, None, None, None
+
+
+def product_bernoulli_nll_logits(
+    x: torch.Tensor, logits: torch.Tensor, lib: torch.Tensor, s: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-cell ATAC NLL from the decoder's logits (B, R), library factors (B, 1), region factors (R,)."""
+    s_ = s if s is not None else logits.new_ones(logits.shape[1])
+    crow, col, val = _csr(x)
+    return _ProductBernoulliLogitsNLL.apply(logits.contiguous(), lib.reshape(-1).contiguous(), s_.contiguous(),
+                                            crow, col, val)
+
+
+class _ZinbNLL(torch.autograd.Function):
+    """-sum_g log ZINB(x_cg | mu_cg, theta_g, zi_cg) per cell, theta per gene."""
+
+    @staticmethod
+    def forward(ctx, mu, theta, zi, crow, col, val):
+        B, G = mu.shape
+        out = mu.new_empty(B)
+        native.library().mva_zinb_fwd(ptr(mu), ptr(theta), ptr(zi), ptr(crow), ptr(col), ptr(val), ptr(out),
+                                      B, G, torch.get_num_threads())
+        ctx.save_for_backward(mu, theta, zi, crow, col, val)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        mu, theta, zi, crow, col, val = ctx.saved_tensors
+        B, G = mu.shape
+        go = grad_out.to(torch.float32).contiguous()
+        dmu, dzi, dtheta = torch.empty_like(mu), torch.empty_like(zi), torch.empty_like(theta)
+        native.library().mva_zinb_bwd(ptr(mu), ptr(theta), ptr(zi), ptr(crow), ptr(col), ptr(val), ptr(go),
+                                      ptr(dmu), ptr(dzi), ptr(dtheta), B, G, torch.get_num_threads())
+        return dmu, dtheta, dzi, None, None, None
+
+
+def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:
+    """Per-cell ZINB NLL of CSR counts; theta (G,) or (1, G) (one dispersion per gene)."""
+    crow, col, val = _csr(x)
+    t = theta.reshape(-1)
+    return _ZinbNLL.apply(mu.contiguous(), t.contiguous(), zi_logits.contiguous(), crow, col, val)
+
+
+class _CsrMatmul(torch.autograd.Function):
+    """``x @ w`` for CSR ``x`` (B, R; no gradient) and dense ``w`` (R, H), gradient to ``w`` only."""
+
+    @staticmethod
+    def forward(ctx, w, crow, col, val):
+        B, H = crow.numel() - 1, w.shape[1]
+        out = w.new_empty(B, H)
+        native.library().mva_sparse_mm(ptr(crow), ptr(col), ptr(val), ptr(w), ptr(out), B, H, torch.get_num_threads())
+        ctx.save_for_backward(crow, col, val)
+        ctx.n_in = w.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        crow, col, val = ctx.saved_tensors
+        g = grad.to(torch.float32).contiguous()
+        (B, H), R = g.shape, ctx.n_in
+        lib = native.library()
+        ccol, row_of, val_of = crow.new_empty(R + 1), col.new_empty(col.numel()), val.new_empty(val.numel())
+        lib.mva_csc_index(ptr(crow), ptr(col), ptr(val), B, R, ptr(ccol), ptr(row_of), ptr(val_of))
+        dw = g.new_empty(R, H)
+        lib.mva_sparse_mm_t(ptr(ccol), ptr(row_of), ptr(val_of), ptr(g), ptr(dw), R, H,
+                                         torch.get_num_threads())
+        return dw, None, None, None
+
+
+def csr_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w`` for CSR counts ``x`` and a float32 CPU weight ``w`` stored (n_in, n_out)."""
+    crow, col, val = _csr(x)
+    return _CsrMatmul.apply(w.contiguous(), crow, col, val)
