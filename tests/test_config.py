@@ -56,6 +56,16 @@ def test_bad_values_are_named(override, key):
         load_config(_compose("data.store=/x", override))
 
 
+@pytest.mark.parametrize("overrides", [("run.validate_every_epochs=0",),
+                                       ("run.validate_every_epochs=0", "run.early_stopping=false", "run.keep=best"),
+                                       ("run.validate_every_epochs=-1", "run.early_stopping=false")])
+def test_validation_off_needs_what_reads_it_off(overrides):
+    with pytest.raises(ConfigError, match=r"run\.validate_every_epochs"):
+        load_config(_compose("data.store=/x", *overrides))
+    ok = load_config(_compose("data.store=/x", "run.validate_every_epochs=0", "run.early_stopping=false"))
+    assert ok.run.validate_every_epochs == 0
+
+
 def test_model_options_match_the_module_signature():
     import inspect
 

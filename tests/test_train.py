@@ -108,6 +108,18 @@ def test_keep_best_exports_the_best_validation_weights(store, tmp_path):
     assert any(not torch.equal(final[k], exported[k]) for k in final), "best == last: test would be vacuous"
 
 
+def test_validation_every_n_epochs_and_off(store, tmp_path):
+    """run.validate_every_epochs: the validation pass runs after every n-th and the last epoch, or never."""
+    res = train(tiny_config(store, tmp_path / "every2", **{"run.epochs": 5, "run.validate_every_epochs": 2}))
+    epochs = [r["epoch"] for r in read_metrics(tmp_path / "every2" / "metrics.jsonl") if r["kind"] == "validation"]
+    assert res.epochs == 5 and epochs == [1, 3, 4] and res.last_validation
+    off = {"run.epochs": 2, "run.validate_every_epochs": 0, "run.early_stopping": False}
+    res = train(tiny_config(store, tmp_path / "off", **off))
+    rows = read_metrics(tmp_path / "off" / "metrics.jsonl")
+    assert res.epochs == 2 and res.steps > 0 and not [r for r in rows if r["kind"] == "validation"]
+    assert res.last_validation == {} and res.best is None and Path(res.model_dir, "model.safetensors").is_file()
+
+
 def test_size_factor_model_trains_and_its_library_is_the_observed_count(store, tmp_path):
     # use_size_factor needs the loader's per-cell log counts: the training stream must ask for them
     res = train(tiny_config(store, tmp_path / "run", **{"model.use_size_factor": True, "run.epochs": 1}))

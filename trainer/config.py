@@ -126,7 +126,10 @@ class RunConfig:
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps (over all epochs)
     early_stopping: bool = True
-    patience: int = 50  # epochs without improvement of `monitor`
+    patience: int = 50  # validations without improvement of `monitor`
+    # validate after every n-th epoch (and after the last one); 0 = never (then early stopping and
+    # keep=best, which read the validation, must be off)
+    validate_every_epochs: int = 1
     min_delta: float = 0.0
     monitor: str = "reconstruction_loss_validation"
     keep: str = "last"  # last | best: which weights the exported model holds
@@ -145,6 +148,12 @@ class RunConfig:
             raise ConfigError(f"run.keep must be last or best, got {self.keep!r}")
         if self.epochs < 1:
             raise ConfigError(f"run.epochs must be >= 1, got {self.epochs}")
+        if self.validate_every_epochs < 0:
+            raise ConfigError(f"run.validate_every_epochs must be >= 0, got {self.validate_every_epochs}")
+        if self.validate_every_epochs == 0 and (self.early_stopping or self.keep == "best"):
+            raise ConfigError("run.validate_every_epochs=0 turns validation off, but run.early_stopping="
+                              f"{self.early_stopping} and run.keep={self.keep!r} read it: set "
+                              "run.early_stopping=false and run.keep=last, or validate")
 
 
 @dataclass

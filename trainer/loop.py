@@ -306,9 +306,13 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                 save(mid_epoch=True)
         epoch_complete = batches_done >= len(train_stream)
         batches_done = 0
-        # ---- validate, early stopping decided once (rank 0) and shared
-        last_val = validate(module, val_stream, info.device, kl_w)
+        # ---- validate (every n-th epoch and after the last), early stopping decided once and shared
+        every = cfg.run.validate_every_epochs
         improved = False
+        if every and (stopped or epoch + 1 >= cfg.run.epochs or (epoch + 1) % every == 0):
+            last_val = validate(module, val_stream, info.device, kl_w)
+        else:
+            last_val = {}
         if last_val:
             value = last_val[cfg.run.monitor]
             improved = best is None or value < best - cfg.run.min_delta
