@@ -117,3 +117,35 @@ def test_stored_runs_from_before_the_adversarial_field_are_reused_as_adversarial
     assert stored_settings(v2) != asdict_seedless(off, v2)
     v1 = {"seed": 4, "settings": {k: v for k, v in v2["settings"].items() if k != "harness_version"}}
     assert stored_settings(v1) != asdict_seedless(on, v1)
+
+
+@pytest.mark.reference
+def test_ablations_swap_our_random_sources_for_the_reference(view_store, tmp_path):
+    """--ours-init reference: our trainer's module starts from MULTIVI's initial weights for the seed;
+    --ours-noise global: the loop passes no noise, so the module draws it from the global generator.
+    Outside the ablation the trainer is untouched."""
+    import trainer.loop as loop
+    from data.store import open_store
+    from trainer.quality.ours import _ablation, ours_config
+    from trainer.quality.reference import reference_initial_state
+
+    data, store, _ = view_store
+    s = TrainSettings(epochs=1, seed=3, ours_init="reference", ours_noise="global")
+    sc = make_scenario(data.n_cells, 0.5, 2)
+    val = is_validation(cell_hash(data.cell_ids), s.val_fraction)
+    cats = sorted(set(data.batch.tolist()))
+    init = reference_initial_state(data, sc, s, np.flatnonzero(~val), cats)
+    again = reference_initial_state(data, sc, s, np.flatnonzero(~val), cats)
+    assert all(torch.equal(v, again[k]) for k, v in init.items())  # same seed, same start
+    cfg = ours_config(store, s, tmp_path / "run")
+    meta = open_store(store).meta
+    own = loop.build_module(meta, cfg).state_dict()
+    with _ablation(s, init):
+        swapped = loop.build_module(meta, cfg).state_dict()
+        assert loop.step_noise(0, 0, 0, 1, 4, 3, torch.device("cpu")) is None
+    assert all(torch.equal(swapped[k], v) for k, v in init.items())
+    assert any(not torch.equal(own[k], v) for k, v in init.items())  # our own draw differs: not vacuous
+    assert loop.step_noise(0, 0, 0, 1, 4, 3, torch.device("cpu")).shape == (4, 3)
+    assert loop.build_module(meta, cfg).state_dict().keys() == own.keys()
+    with pytest.raises(ValueError, match="ours_init"):
+        TrainSettings(ours_init="theirs")

@@ -57,6 +57,10 @@ def parse(argv=None) -> argparse.Namespace:
                     help="ablation: no adversarial batch classifier on either side")
     ap.add_argument("--dropout-rate", type=float, default=0.1,
                     help="the z-encoders' dropout on both sides (default: the reference's 0.1; 0: ablation)")
+    ap.add_argument("--ours-init", choices=["own", "reference"], default="own",
+                    help="ablation: 'reference' starts OUR side from the reference's initial weights (same seed)")
+    ap.add_argument("--ours-noise", choices=["keyed", "global"], default="keyed",
+                    help="ablation: 'global' draws OUR reparameterisation noise from the global generator")
     ap.add_argument("--out", default="outputs/quality/run")
     ap.add_argument("--title", default=None)
     ap.add_argument("--report-from", nargs="+", default=None, metavar="JSON",
@@ -84,7 +88,7 @@ def main(argv=None) -> int:
     data = (synthetic_pair(out / "data", n_cells=a.synthetic_cells) if a.synthetic
             else read_pair(a.rna, a.atac, a.batch_key, a.label_key))
     s = TrainSettings(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, adversarial=not a.no_adversarial,
-                      dropout_rate=a.dropout_rate,
+                      dropout_rate=a.dropout_rate, ours_init=a.ours_init, ours_noise=a.ours_noise,
                       n_epochs_kl_warmup=a.kl_warmup if a.kl_warmup is not None else max(1, a.epochs // 2))
     t0 = time.perf_counter()
     runs = run_sweep(data, a.fractions, a.seeds, s, out, log=lambda m: print(m, flush=True))
@@ -114,7 +118,8 @@ def _report_only(a: argparse.Namespace, out: Path) -> int:
     from trainer.quality.settings import TrainSettings
 
     runs = stored_runs(a.report_from, a.epochs, a.fractions, a.seeds, TrainSettings().harness_version,
-                       adversarial=not a.no_adversarial, dropout_rate=a.dropout_rate)
+                       adversarial=not a.no_adversarial, dropout_rate=a.dropout_rate, ours_init=a.ours_init,
+                       ours_noise=a.ours_noise)
     if not runs:
         print(f"[quality] no stored run in {a.report_from} matches --epochs {a.epochs}, --fractions, --seeds",
               file=sys.stderr)

@@ -66,7 +66,12 @@ def run_one(data: PairedData, fraction: float, seed: int, s: TrainSettings, work
     codes = np.searchsorted(cats, data.batch).astype(np.int64)
     view_rna, view_atac = training_view(sc, data.rna, data.atac)
     pin_threads()
-    ours = train_ours(data, sc, s, work)
+    init = None
+    if s.ours_init == "reference":  # ablation: ours starts where the reference starts
+        from trainer.quality.reference import reference_initial_state
+
+        init = reference_initial_state(data, sc, s, np.flatnonzero(~val), cats)
+    ours = train_ours(data, sc, s, work, init_state=init)
     pin_threads()
     ref = train_reference(data, sc, s, np.flatnonzero(~val), cats)
     res = {"dataset": data.name, "fraction": fraction, "seed": seed, "settings": asdict(s),
@@ -117,4 +122,4 @@ def asdict_seedless(s: TrainSettings, r: dict) -> dict:
 
 def stored_settings(r: dict) -> dict:
     """A stored run's settings, with fields added after it was written at the value it ran with."""
-    return {"adversarial": True, "dropout_rate": 0.1, **r["settings"]}
+    return {"adversarial": True, "dropout_rate": 0.1, "ours_init": "own", "ours_noise": "keyed", **r["settings"]}

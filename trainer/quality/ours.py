@@ -8,6 +8,7 @@ user would give it). Hidden counts are never written anywhere the trainer reads.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,31 @@ def ours_config(store: Path, s: TrainSettings, run_dir: Path):
         "logger": {"log_every": 1, "plot": False}})
 
 
-def train_ours(data: PairedData, sc: Scenario, s: TrainSettings, work: Path) -> OursRun:
+@contextmanager
+def _ablation(s: TrainSettings, init_state: dict | None):
+    """Swap one of our random sources for the reference's, for this training only (harness ablations,
+    docs/quality.md): the trainer's module builder then loads ``init_state``; ``ours_noise="global"``
+    makes the loop pass no noise, so the module draws it from the global generator as MULTIVI does."""
+    import trainer.loop as loop
+
+    saved = loop.build_module, loop.step_noise
+    if init_state is not None:
+        def build(meta, cfg):
+            module = saved[0](meta, cfg)
+            module.load_state_dict(init_state)
+            return module
+
+        loop.build_module = build
+    if s.ours_noise == "global":
+        loop.step_noise = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        loop.build_module, loop.step_noise = saved
+
+
+def train_ours(data: PairedData, sc: Scenario, s: TrainSettings, work: Path,
+               init_state: dict | None = None) -> OursRun:
     import time
 
     from trainer.export import load_model
@@ -93,7 +118,8 @@ def train_ours(data: PairedData, sc: Scenario, s: TrainSettings, work: Path) -> 
 
     store, order = build_view_store(data, sc, work)
     t0 = time.perf_counter()
-    res = train(ours_config(store, s, work / "run"))
+    with _ablation(s, init_state):
+        res = train(ours_config(store, s, work / "run"))
     seconds = time.perf_counter() - t0
     module, _ = load_model(res.model_dir)
     return OursRun(module, store, order, res.skipped_steps, _all_finite(Path(res.run_dir), res.last_validation),

@@ -71,6 +71,25 @@ def train_reference(data: PairedData, sc: Scenario, s: TrainSettings, train_cell
     return ReferenceRun(ours.eval(), finite, _latent_check(model, mdata, ours, batch_categories), seconds)
 
 
+def reference_initial_state(data: PairedData, sc: Scenario, s: TrainSettings, train_cells: np.ndarray,
+                            batch_categories: list[str]) -> dict:
+    """The weights MULTIVI starts from for this seed (built exactly as ``train_reference`` builds it,
+    before any training), in our module's layout: for the ``ours_init="reference"`` ablation."""
+    import scvi
+
+    from trainer.config import ModelConfig
+    from trainer.reference import ours_state_from_reference
+
+    scvi.settings.seed = s.seed
+    mdata = reference_mudata(data, sc, train_cells, batch_categories)
+    scvi.model.MULTIVI.setup_mudata(mdata, modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"},
+                                    batch_key="batch")
+    model = scvi.model.MULTIVI(mdata, dropout_rate=s.dropout_rate)
+    ours = MultiVAE(n_genes=len(data.gene_names), n_regions=len(data.region_names),
+                    n_batch=max(1, len(batch_categories)), n_obs=len(train_cells), **asdict(ModelConfig()))
+    return ours_state_from_reference(model.module.state_dict(), ours.state_dict())
+
+
 def _latent_check(model, mdata, ours: MultiVAE, batch_categories: list[str]) -> float:
     """Max |latent difference| between MULTIVI and the mapped module on the training cells whose
     visible modalities are non-empty (MULTIVI infers masks from row sums, we use explicit masks)."""

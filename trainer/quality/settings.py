@@ -20,6 +20,11 @@ class TrainSettings:
     # runs stored before this field existed had it on
     adversarial: bool = True
     dropout_rate: float = 0.1  # the z-encoders' dropout on both sides (0: an ablation); the reference's default
+    # ablations of OUR side's random sources (docs/quality.md, "Low paired fractions"): "reference" starts
+    # ours from the reference's initial weights for the same seed; "global" draws ours' reparameterisation
+    # noise from the global generator (as the reference does) instead of the (seed, step)-keyed one
+    ours_init: str = "own"  # own | reference
+    ours_noise: str = "keyed"  # keyed | global
     # model sizes/options are the reference's defaults on both sides (n_hidden, n_latent derived)
 
     def __post_init__(self) -> None:
@@ -27,3 +32,6 @@ class TrainSettings:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.ours_init not in ("own", "reference") or self.ours_noise not in ("keyed", "global"):
+            raise ValueError(f"ours_init must be own|reference and ours_noise keyed|global, got "
+                             f"{self.ours_init!r}, {self.ours_noise!r}")
