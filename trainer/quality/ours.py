@@ -91,7 +91,7 @@ def _ablation(s: TrainSettings, init_state: dict | None):
     """Swap one of our random sources for the reference's, for this training only (harness ablations,
     docs/quality.md): the trainer's module builder then loads ``init_state``; ``ours_noise="global"``
     makes the loop pass no noise, so the module draws it from the global generator as MULTIVI does."""
-    import trainer.loop as loop
+    from trainer import loop
 
     saved = loop.build_module, loop.step_noise
     if init_state is not None:
