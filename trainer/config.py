@@ -31,6 +31,10 @@ class DataConfig:
     # drop | pad: how every rank gets the same number of training batches; none: keep a short last
     # batch (the reference's drop_last=False; one process only, ranks could differ in batch count)
     remainder: str = "drop"
+    # keep the validation batches in memory after the first validation pass when they take at most this
+    # many MiB (the held-out cells are spread over the whole store: re-reading them decompresses all of
+    # it); larger validation sets stream every time. 0 = never keep them
+    cache_validation_mb: int = 64
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

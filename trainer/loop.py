@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data import keys
+from data.cache import ReplayCache
 from data.collate import to_device
 from data.retry import STATS as read_stats
 from data.retry import reset_stats as reset_read_stats
@@ -216,7 +217,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     classifier = build_classifier(module, cfg.optim.adversarial)
     w = wrap(module, classifier, cfg.optim, cfg.dist, info.device, cfg.data.batch_size)
     seed_everything(cfg.run.seed + 1 + info.rank)  # per-rank streams for dropout
-    train_stream, val_stream = make_stream(store, cfg, "train", info), make_stream(store, cfg, "validation", info)
+    train_stream = make_stream(store, cfg, "train", info)
+    val_stream = ReplayCache(make_stream(store, cfg, "validation", info), cfg.data.cache_validation_mb * 2**20)
     guard = StepGuard(max_bad_steps=cfg.run.max_bad_steps)
 
     # ---- resume
