@@ -19,6 +19,12 @@ def available(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
     return x.layout == torch.sparse_csr and x.device.type == "cpu" and native.usable(*tensors)
 
 
+def _call(name: str, *args) -> None:
+    """``kernels.c``'s ``name`` with tensors passed by pointer and the torch thread count appended."""
+    getattr(native.library(), name)(*(ptr(a) if isinstance(a, torch.Tensor) else a for a in args),
+                                    torch.get_num_threads())
+
+
 def _csr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """int64 row pointers and columns, float32 values, all contiguous (no copy when already so)."""
     return (x.crow_indices().long().contiguous(), x.col_indices().long().contiguous(),
@@ -32,8 +38,7 @@ class _ProductBernoulliLogitsNLL(torch.autograd.Function):
     def forward(ctx, logits, lib, s, crow, col, val):
         B, R = logits.shape
         out = logits.new_empty(B)
-        native.library().mva_atac_fwd(ptr(logits), ptr(lib), ptr(s), ptr(crow), ptr(col), ptr(val), ptr(out),
-                                      B, R, torch.get_num_threads())
+        _call("mva_atac_fwd", logits, lib, s, crow, col, val, out, B, R)
         ctx.save_for_backward(logits, lib, s, crow, col, val)
         return out
 
@@ -43,8 +48,7 @@ class _ProductBernoulliLogitsNLL(torch.autograd.Function):
         B, R = logits.shape
         go = grad_out.to(torch.float32).contiguous()
         dx, dlib, ds = torch.empty_like(logits), lib.new_empty(B), s.new_empty(R)
-        native.library().mva_atac_bwd(ptr(logits), ptr(lib), ptr(s), ptr(crow), ptr(col), ptr(val), ptr(go),
-                                      ptr(dx), ptr(dlib), ptr(ds), B, R, torch.get_num_threads())
+        _call("mva_atac_bwd", logits, lib, s, crow, col, val, go, dx, dlib, ds, B, R)
         return dx, dlib, ds, None, None, None
 
 
@@ -65,8 +69,7 @@ class _ZinbNLL(torch.autograd.Function):
     def forward(ctx, mu, theta, zi, crow, col, val):
         B, G = mu.shape
         out = mu.new_empty(B)
-        native.library().mva_zinb_fwd(ptr(mu), ptr(theta), ptr(zi), ptr(crow), ptr(col), ptr(val), ptr(out),
-                                      B, G, torch.get_num_threads())
+        _call("mva_zinb_fwd", mu, theta, zi, crow, col, val, out, B, G)
         ctx.save_for_backward(mu, theta, zi, crow, col, val)
         return out
 
@@ -76,8 +79,7 @@ class _ZinbNLL(torch.autograd.Function):
         B, G = mu.shape
         go = grad_out.to(torch.float32).contiguous()
         dmu, dzi, dtheta = torch.empty_like(mu), torch.empty_like(zi), torch.empty_like(theta)
-        native.library().mva_zinb_bwd(ptr(mu), ptr(theta), ptr(zi), ptr(crow), ptr(col), ptr(val), ptr(go),
-                                      ptr(dmu), ptr(dzi), ptr(dtheta), B, G, torch.get_num_threads())
+        _call("mva_zinb_bwd", mu, theta, zi, crow, col, val, go, dmu, dzi, dtheta, B, G)
         return dmu, dtheta, dzi, None, None, None
 
 
@@ -95,7 +97,7 @@ class _CsrMatmul(torch.autograd.Function):
     def forward(ctx, w, crow, col, val):
         B, H = crow.numel() - 1, w.shape[1]
         out = w.new_empty(B, H)
-        native.library().mva_sparse_mm(ptr(crow), ptr(col), ptr(val), ptr(w), ptr(out), B, H, torch.get_num_threads())
+        _call("mva_sparse_mm", crow, col, val, w, out, B, H)
         ctx.save_for_backward(crow, col, val)
         ctx.n_in = w.shape[0]
         return out
@@ -105,12 +107,10 @@ class _CsrMatmul(torch.autograd.Function):
         crow, col, val = ctx.saved_tensors
         g = grad.to(torch.float32).contiguous()
         (B, H), R = g.shape, ctx.n_in
-        lib = native.library()
         ccol, row_of, val_of = crow.new_empty(R + 1), col.new_empty(col.numel()), val.new_empty(val.numel())
-        lib.mva_csc_index(ptr(crow), ptr(col), ptr(val), B, R, ptr(ccol), ptr(row_of), ptr(val_of))
+        native.library().mva_csc_index(ptr(crow), ptr(col), ptr(val), B, R, ptr(ccol), ptr(row_of), ptr(val_of))
         dw = g.new_empty(R, H)
-        lib.mva_sparse_mm_t(ptr(ccol), ptr(row_of), ptr(val_of), ptr(g), ptr(dw), R, H,
-                                         torch.get_num_threads())
+        _call("mva_sparse_mm_t", ccol, row_of, val_of, g, dw, R, H)
         return dw, None, None, None
 
 
