@@ -149,3 +149,34 @@ def test_ablations_swap_our_random_sources_for_the_reference(view_store, tmp_pat
     assert loop.build_module(meta, cfg).state_dict().keys() == own.keys()
     with pytest.raises(ValueError, match="ours_init"):
         TrainSettings(ours_init="theirs")
+
+
+@pytest.mark.reference
+def test_reference_can_start_from_our_initial_weights(view_store):
+    """--ref-init ours: MULTIVI's module holds exactly the weights our trainer starts from for the seed
+    (mapped into its layout), and the global RNG the reference trains with is left where it was."""
+    import scvi
+
+    from data.store import open_store
+    from trainer.config import load_config
+    from trainer.export import build_module
+    from trainer.loop import seed_everything
+    from trainer.quality.reference import _load_our_initial_weights, reference_mudata
+    from trainer.reference import ours_state_from_reference
+
+    data, store, _ = view_store
+    sc = make_scenario(data.n_cells, 0.5, 2)
+    val = is_validation(cell_hash(data.cell_ids), 0.1)
+    cats = sorted(set(data.batch.tolist()))
+    seed_everything(5)
+    trainer_start = build_module(open_store(store).meta, load_config({"data": {"store": str(store)}})).state_dict()
+    scvi.settings.seed = 5
+    mdata = reference_mudata(data, sc, np.flatnonzero(~val), cats)
+    scvi.model.MULTIVI.setup_mudata(mdata, modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"},
+                                    batch_key="batch")
+    model = scvi.model.MULTIVI(mdata)
+    before = torch.get_rng_state()
+    _load_our_initial_weights(model, data, cats, int((~val).sum()), 5)
+    assert torch.equal(torch.get_rng_state(), before)
+    back = ours_state_from_reference(model.module.state_dict(), trainer_start)
+    assert all(torch.equal(back[k], v) for k, v in trainer_start.items())

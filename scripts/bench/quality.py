@@ -61,6 +61,8 @@ def parse(argv=None) -> argparse.Namespace:
                     help="ablation: 'reference' starts OUR side from the reference's initial weights (same seed)")
     ap.add_argument("--ours-noise", choices=["keyed", "global"], default="keyed",
                     help="ablation: 'global' draws OUR reparameterisation noise from the global generator")
+    ap.add_argument("--ref-init", choices=["own", "ours"], default="own",
+                    help="ablation: 'ours' starts the REFERENCE from our trainer's initial weights (same seed)")
     ap.add_argument("--out", default="outputs/quality/run")
     ap.add_argument("--title", default=None)
     ap.add_argument("--report-from", nargs="+", default=None, metavar="JSON",
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
             else read_pair(a.rna, a.atac, a.batch_key, a.label_key))
     s = TrainSettings(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, adversarial=not a.no_adversarial,
                       dropout_rate=a.dropout_rate, ours_init=a.ours_init, ours_noise=a.ours_noise,
-                      n_epochs_kl_warmup=a.kl_warmup if a.kl_warmup is not None else max(1, a.epochs // 2))
+                      ref_init=a.ref_init, n_epochs_kl_warmup=a.kl_warmup if a.kl_warmup is not None else max(1, a.epochs // 2))
     t0 = time.perf_counter()
     runs = run_sweep(data, a.fractions, a.seeds, s, out, log=lambda m: print(m, flush=True))
     title = a.title or f"{data.name} ({data.n_cells} cells, {len(data.gene_names)} genes, " \
@@ -119,7 +121,7 @@ def _report_only(a: argparse.Namespace, out: Path) -> int:
 
     runs = stored_runs(a.report_from, a.epochs, a.fractions, a.seeds, TrainSettings().harness_version,
                        adversarial=not a.no_adversarial, dropout_rate=a.dropout_rate, ours_init=a.ours_init,
-                       ours_noise=a.ours_noise)
+                       ours_noise=a.ours_noise, ref_init=a.ref_init)
     if not runs:
         print(f"[quality] no stored run in {a.report_from} matches --epochs {a.epochs}, --fractions, --seeds",
               file=sys.stderr)

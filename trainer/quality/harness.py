@@ -122,4 +122,5 @@ def asdict_seedless(s: TrainSettings, r: dict) -> dict:
 
 def stored_settings(r: dict) -> dict:
     """A stored run's settings, with fields added after it was written at the value it ran with."""
-    return {"adversarial": True, "dropout_rate": 0.1, "ours_init": "own", "ours_noise": "keyed", **r["settings"]}
+    return {"adversarial": True, "dropout_rate": 0.1, "ours_init": "own", "ours_noise": "keyed", "ref_init": "own",
+            **r["settings"]}

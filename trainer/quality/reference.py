@@ -58,6 +58,8 @@ def train_reference(data: PairedData, sc: Scenario, s: TrainSettings, train_cell
     scvi.model.MULTIVI.setup_mudata(mdata, modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"},
                                     batch_key="batch")
     model = scvi.model.MULTIVI(mdata, dropout_rate=s.dropout_rate)
+    if s.ref_init == "ours":  # ablation: the reference starts where our trainer starts for this seed
+        _load_our_initial_weights(model, data, batch_categories, len(train_cells), s.seed)
     t0 = time.perf_counter()
     model.train(max_epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, n_epochs_kl_warmup=s.n_epochs_kl_warmup,
                 train_size=1.0, early_stopping=False, adversarial_mixing=s.adversarial, accelerator="cpu", devices=1, enable_progress_bar=False,
@@ -69,6 +71,23 @@ def train_reference(data: PairedData, sc: Scenario, s: TrainSettings, train_cell
                     n_batch=max(1, len(batch_categories)), n_obs=len(train_cells), **asdict(ModelConfig()))
     ours.load_state_dict(ours_state_from_reference(model.module.state_dict(), ours.state_dict()))
     return ReferenceRun(ours.eval(), finite, _latent_check(model, mdata, ours, batch_categories), seconds)
+
+
+def _load_our_initial_weights(model, data: PairedData, batch_categories: list[str], n_obs: int, seed: int) -> None:
+    """Our module as the trainer builds it (global seed, then the constructor), mapped into MULTIVI's
+    module; the global RNG is restored afterwards, so the reference's own random stream (shuffling,
+    dropout, noise) continues exactly as without the swap."""
+    import torch
+
+    from trainer.config import ModelConfig
+    from trainer.reference import reference_state_from_ours
+
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    ours = MultiVAE(n_genes=len(data.gene_names), n_regions=len(data.region_names),
+                    n_batch=max(1, len(batch_categories)), n_obs=n_obs, **asdict(ModelConfig()))
+    torch.set_rng_state(state)
+    model.module.load_state_dict(reference_state_from_ours(ours.state_dict(), model.module.state_dict()))
 
 
 def reference_initial_state(data: PairedData, sc: Scenario, s: TrainSettings, train_cells: np.ndarray,

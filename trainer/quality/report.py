@@ -48,7 +48,7 @@ DIAGNOSTICS = {
 
 def stored_runs(paths: list[str | Path], epochs: int, fractions: list[float], seeds: list[int],
                 harness_version: int, adversarial: bool = True, dropout_rate: float = 0.1,
-                ours_init: str = "own", ours_noise: str = "keyed") -> list[dict]:
+                ours_init: str = "own", ours_noise: str = "keyed", ref_init: str = "own") -> list[dict]:
     """Finished runs from several ``quality.json`` files (sweeps split over processes / out dirs):
     those with these epochs, fractions, seeds and harness version; one run per (data set, fraction,
     seed), the last one stored wins."""
@@ -61,6 +61,7 @@ def stored_runs(paths: list[str | Path], epochs: int, fractions: list[float], se
             if (st["epochs"] == epochs and st.get("harness_version") == harness_version
                     and st.get("adversarial", True) == adversarial and st.get("dropout_rate", 0.1) == dropout_rate
                     and st.get("ours_init", "own") == ours_init and st.get("ours_noise", "keyed") == ours_noise
+                    and st.get("ref_init", "own") == ref_init
                     and r["fraction"] in fractions and r["seed"] in seeds):
                 keep[(r["dataset"], r["fraction"], r["seed"])] = r
     return list(keep.values())

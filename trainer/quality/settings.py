@@ -25,6 +25,8 @@ class TrainSettings:
     # noise from the global generator (as the reference does) instead of the (seed, step)-keyed one
     ours_init: str = "own"  # own | reference
     ours_noise: str = "keyed"  # keyed | global
+    # the converse: "ours" starts the REFERENCE from our trainer's initial weights for the same seed
+    ref_init: str = "own"  # own | ours
     # model sizes/options are the reference's defaults on both sides (n_hidden, n_latent derived)
 
     def __post_init__(self) -> None:
@@ -32,6 +34,7 @@ class TrainSettings:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.ours_init not in ("own", "reference") or self.ours_noise not in ("keyed", "global"):
-            raise ValueError(f"ours_init must be own|reference and ours_noise keyed|global, got "
-                             f"{self.ours_init!r}, {self.ours_noise!r}")
+        if (self.ours_init not in ("own", "reference") or self.ours_noise not in ("keyed", "global")
+                or self.ref_init not in ("own", "ours")):
+            raise ValueError(f"ours_init must be own|reference, ours_noise keyed|global, ref_init own|ours, got "
+                             f"{self.ours_init!r}, {self.ours_noise!r}, {self.ref_init!r}")
