@@ -49,7 +49,7 @@ def _rerun_and_clean_run(cmd, out: Path, clean: Path) -> None:
 
 def test_sigkill_during_mva_build_leaves_nothing_valid_and_the_rerun_completes(tmp_path):
     out = tmp_path / "bmmc.zarr"
-    cmd = [PY, "-m", "data.build", f"out={out}", "shard_size=10", "progress=false",
+    cmd = [PY, "-m", "data.build", f"out={out}", "shard_size=25", "progress=false",
            (f"inputs=[{{kind: h5ad_pair, rna: {BMMC / 'bmmc_starter_rna.h5ad'}, "
            f"atac: {BMMC / 'bmmc_starter_atac.h5ad'}}}]")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -61,8 +61,8 @@ def test_sigkill_during_mva_build_leaves_nothing_valid_and_the_rerun_completes(t
     r = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     st = open_store(out)
-    assert st.meta.n_cells == 500 and st.meta.n_shards == 50
-    assert st.read_rows("rna", 49, 0, 10).shape == (10, st.meta.n_genes)
+    assert st.meta.n_cells == 500 and st.meta.n_shards == 20
+    assert st.read_rows("rna", 19, 0, 25).shape == (25, st.meta.n_genes)
 
 
 def test_sigkill_during_mva_infer_embed_leaves_no_output_and_the_rerun_equals_a_clean_run(tmp_path):
