@@ -71,8 +71,9 @@ class ModelConfig:
     # torch.compile the dense ATAC-likelihood kernels (trainer/fused.py): same numbers, ~8 % faster
     # steps on CPU, but ~30 s of compilation per new machine (~8 s per process once cached): opt-in
     compile_kernels: bool = False
-    # fused C likelihood kernels on the CPU (trainer/native; built once per machine with the system C
-    # compiler, eager fallback where they cannot be built): float32 CSR counts, ~25 % faster CPU steps
+    # fused C kernels on the CPU (trainer/native: both likelihoods and the sparse first layer; built once
+    # per machine with the system C compiler, eager fallback where they cannot be built): float32 CSR
+    # counts, ~20 % more cells per CPU-second in the training step (docs/benchmarks.md)
     native_kernels: bool = True
 
 

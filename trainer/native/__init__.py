@@ -1,9 +1,9 @@
-"""Fused C kernels for the likelihoods on the CPU: built once per machine, loaded with ctypes.
+"""Fused C kernels for the CPU training step: built once per machine, loaded with ctypes.
 
 ``kernels.c`` holds the ATAC product-Bernoulli and the ZINB negative log-likelihoods (float32, CSR
 counts) with their gradients, each one fused loop instead of ~25 eager passes over (cells x
-features) arrays: per step at the benchmark sizes ~3 ms instead of ~11 ms on one core
-(docs/benchmarks.md). ``trainer/native/ops.py`` wraps them as autograd Functions; the eager code in
+features) arrays (per step at the benchmark sizes ~4 ms instead of ~11 ms on one core), and the
+sparse first layer ``x @ W`` with its weight gradient (docs/benchmarks.md). ``trainer/native/ops.py`` wraps them as autograd Functions; the eager code in
 ``trainer/fused.py`` / ``trainer/distributions.py`` stays the reference and the fallback.
 
 The library is compiled by the system C compiler (``$CC``, else ``gcc``, else ``cc``) with

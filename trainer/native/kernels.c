@@ -1,4 +1,5 @@
-/* Fused CPU kernels for MultiVI's two likelihoods (float32), loaded by trainer/native/__init__.py.
+/* Fused CPU kernels for MultiVI's two likelihoods and its sparse first layer (float32), loaded by
+ * trainer/native/__init__.py.
  *
  * Why C: on one CPU core the eager ATAC Bernoulli and ZINB terms are ~25 passes over (cells x
  * features) arrays each; fused, every entry is read once and its exp/log are evaluated 16 lanes at
