@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainer.nn import FCStack
+from trainer.nn import FCStack, head
 
 
 class BatchClassifier(nn.Module):
@@ -29,7 +29,7 @@ class BatchClassifier(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Batch logits (B, n_batch)."""
-        return self.out(self.hidden(z))
+        return head(self.out, self.hidden(z))
 
 
 def build_classifier(module: nn.Module, adversarial: bool = True) -> BatchClassifier | None:

@@ -100,7 +100,7 @@ class OptimConfig:
 class DistConfig:
     backend: str = "ddp"  # ddp | deepspeed
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-2
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 autocast on GPU only)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast on GPU; bf16 also on CPUs with native bf16
     timeout_s: int = 1800
     find_unused_parameters: bool = False
 

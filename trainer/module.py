@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from data import keys
 from trainer import fused
 from trainer.module_loss import LossOutput, ObjectiveMixin
-from trainer.nn import EncoderPair, FCStack, covariate_width, one_hot_covariates
+from trainer.nn import EncoderPair, FCStack, covariate_width, head, one_hot_covariates
 
 __all__ = ["LossOutput", "MultiVAE"]
 
@@ -231,7 +231,7 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         """
         h_in, cov, codes = self._decoder_input(z, batch, batch_codes)
         out = self._decode_rna(h_in, cov, codes, lib_rna)
-        p_logits = self.atac_out(self.atac_decoder(h_in, cov))
+        p_logits = head(self.atac_out, self.atac_decoder(h_in, cov))
         # the compiled loss scores the logits directly: a (B, R) sigmoid pass nobody reads is skipped
         out["p"] = None if return_logits and self._compiled_atac() else torch.sigmoid(p_logits)
         if return_logits:
@@ -249,11 +249,11 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         elif self.dispersion == "gene-batch":
             theta = torch.exp(self.px_r.t()[codes.reshape(-1).long()])
         else:
-            theta = torch.exp(self.px_r_head(h_rna))
+            theta = torch.exp(head(self.px_r_head, h_rna))
         return {
             "px_scale": px_scale,
             "px_rate": torch.exp(lib_rna) * px_scale,
-            "px_dropout": self.px_dropout(h_rna) if self.px_dropout is not None else None,
+            "px_dropout": head(self.px_dropout, h_rna) if self.px_dropout is not None else None,
             "theta": theta,
         }
 
@@ -264,7 +264,7 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         return h_in, self.covariates(batch, codes), codes
 
     def _px_scale(self, h_rna: torch.Tensor) -> torch.Tensor:
-        pre = self.px_scale(h_rna)
+        pre = head(self.px_scale, h_rna)
         return F.softplus(pre) if self.use_size_factor else F.softmax(pre, dim=-1)
 
     def decode_expression_scale(
@@ -279,7 +279,7 @@ class MultiVAE(ObjectiveMixin, nn.Module):
     ) -> torch.Tensor:
         """Only the ATAC probabilities p of ``generative`` (no RNA heads)."""
         h_in, cov, _ = self._decoder_input(z, batch, batch_codes)
-        return torch.sigmoid(self.atac_out(self.atac_decoder(h_in, cov)))
+        return torch.sigmoid(head(self.atac_out, self.atac_decoder(h_in, cov)))
 
     @property
     def native_kernels(self) -> bool:

@@ -21,7 +21,7 @@ from data import keys
 from trainer import distributions as D
 from trainer import fused
 from trainer.native import ops as native_ops
-from trainer.nn import multiplies_densely, select_rows
+from trainer.nn import head, multiplies_densely, select_rows
 
 
 @dataclass
@@ -186,7 +186,7 @@ class ObjectiveMixin:
         rl_rna = self._rna_nll(pick(x_rna, rna_rows), gen)
 
         x_atac = pick(self._counts(batch, keys.ATAC, self.n_regions), atac_rows)
-        logits = self.atac_out(self.atac_decoder(pick(h_in, atac_rows), pick(cov, atac_rows)))
+        logits = head(self.atac_out, self.atac_decoder(pick(h_in, atac_rows), pick(cov, atac_rows)))
         lib_atac, s = pick(inf["lib_atac"], atac_rows), self.region_factor_probs()
         # the native and compiled kernels score the logits directly: no (B, R) sigmoid pass, p is None
         gen["p"] = None

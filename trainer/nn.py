@@ -105,6 +105,17 @@ def input_matmul_t(x: torch.Tensor, weight_t: torch.Tensor, native: bool = False
     return x @ weight_t
 
 
+def head(linear: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """An output head ``linear(h)`` in the head's parameter dtype.
+
+    Under autocast (bf16/fp16) the Linear runs in the low precision, but what follows a head (exp,
+    softmax, the likelihoods, the KL) must not: the cast brings the output back to float32 before
+    any of it (it is a no-op without autocast, and under DeepSpeed's all-bf16 weights).
+    """
+    out = linear(h)
+    return out if out.dtype == linear.weight.dtype else out.to(linear.weight.dtype)
+
+
 def one_hot_covariates(
     codes: list[torch.Tensor], n_cats: list[int], dtype: torch.dtype
 ) -> torch.Tensor | None:
@@ -291,10 +302,10 @@ class EncoderPair(nn.Module):
         # split (not two slices): its backward is one concatenation, not two zero-filled full-size copies
         parts = both.split(self.n_hidden, dim=1)
         h = self.z_stack(None, cov, extra, x_part=parts[0])
-        mean, var = self.mean(h), torch.exp(self.var(h))
+        mean, var = head(self.mean, h), torch.exp(head(self.var, h))
         if self.library_head is None:
             return mean, var, None
-        lib = self.lib_out(self.lib_stack(None, cov, extra, x_part=parts[1]))
+        lib = head(self.lib_out, self.lib_stack(None, cov, extra, x_part=parts[1]))
         lib = F.leaky_relu(lib) if self.library_head == "leaky_relu" else torch.sigmoid(lib)
         return mean, var, lib
 

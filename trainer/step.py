@@ -9,6 +9,8 @@ loss on the *detached* joint z, classifier optimizer step (Adam 1e-3, eps 0.01, 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from data import keys
@@ -83,15 +85,27 @@ def train_step(
     kl_weight: float,
     kappa: float = 1.0,
     eps: torch.Tensor | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """One reference-order step; returns every loss term as a float (batch means for per-cell terms)."""
-    total, out, adversarial = vae_objective(module, classifier, batch, kl_weight, kappa, eps)
+    """One reference-order step; returns every loss term as a float (batch means for per-cell terms).
+
+    ``amp_dtype``: run both forwards under autocast to that dtype (as ``dist.precision`` does in the
+    trainer, ``trainer/parallel.py``); backward and the optimizer steps stay outside it.
+    """
+    device = next(module.parameters()).device.type
+
+    def amp():
+        return contextlib.nullcontext() if amp_dtype is None else torch.autocast(device, dtype=amp_dtype)
+
+    with amp():
+        total, out, adversarial = vae_objective(module, classifier, batch, kl_weight, kappa, eps)
     vae_opt.zero_grad()
     total.backward()
     vae_opt.step()
     cls_value = torch.zeros(())
     if classifier is not None and cls_opt is not None and kappa > 0:
-        cls_loss = classifier_objective(classifier, out.z, batch[keys.BATCH], kappa)
+        with amp():
+            cls_loss = classifier_objective(classifier, out.z, batch[keys.BATCH], kappa)
         cls_opt.zero_grad()
         cls_loss.backward()
         cls_opt.step()

@@ -8,6 +8,8 @@ Both in one run, one torch thread, same sizes and weights: 2,000 genes, 10,000 r
 ``compile_kernels=True`` (ATAC likelihood kernels compiled by torch.compile; its one-off compile time is
 reported separately, outside the per-step figure; without the native kernels), with the eager
 likelihoods (``native_kernels=False``: what a machine without a C compiler runs), and on dense input.
+On a CPU with native bf16 GEMMs (AVX512-BF16 / AMX) one more row runs ours under bf16 autocast (what
+``dist.precision=bf16`` does there): a reduced-precision row, not part of the fp32 comparison.
 The default module uses the fused C likelihood kernels (``trainer/native``) where they load. CPU time is
 ``time.process_time()``; all are timed in alternating chunks of 5 steps. ``--ab-skip`` adds our step
 with the skipping of unmeasured rows switched off (``MultiVAE.skip_unmeasured``), sparse and dense.
@@ -33,6 +35,7 @@ from data import keys
 from trainer import native
 from trainer.classifier import build_classifier
 from trainer.module import MultiVAE
+from trainer.parallel import cpu_has_native_bf16
 from trainer.reference import build_reference, reference_tensors, reference_training_plan
 from trainer.step import build_optimizers, train_step
 
@@ -142,10 +145,12 @@ def main() -> None:
     compiled.compile_kernels = True
     _ref, ref_step = reference_stepper(ours)
 
-    def stepper(module):
+    def stepper(module, amp: bool = False):
         cls = build_classifier(module)
         opts = build_optimizers(module, cls)
-        return lambda batch: train_step(module, cls, *opts, batch, kl_weight=0.5)
+        # amp: what dist.precision=bf16 does on a CPU with native bf16 GEMMs (trainer/parallel.py)
+        dtype = torch.bfloat16 if amp else None
+        return lambda batch: train_step(module, cls, *opts, batch, kl_weight=0.5, amp_dtype=dtype)
 
     our_step = stepper(ours)
     ref_batches = [reference_tensors(b) for b in dense]
@@ -158,6 +163,9 @@ def main() -> None:
         "ours (sparse, compile_kernels)": (stepper(compiled), [sparse(b) for b in dense]),
         "ours (dense input)": (our_step, dense),
     }
+    if cpu_has_native_bf16():  # a separate row: reduced-precision GEMMs, not the fp32 comparison
+        steppers["ours (sparse, bf16 autocast)"] = (stepper(copy.deepcopy(ours), amp=True),
+                                                   [sparse(b) for b in dense])
     if args.ab_skip:
         full = copy.deepcopy(ours)  # same weights, own optimizer state; decodes/encodes every row
         full.skip_unmeasured = full.skip_unmeasured_encoders = False

@@ -26,6 +26,7 @@ speed figures then share the cores (they are secondary in that mode).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/train.py            # batch 128 + 1024, seed 0
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/train.py --seeds 0,1,2,3,4 --check-repro --jobs 2
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/train.py --precision bf16   # ours under CPU bf16 autocast
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/train.py --n-cells 4000 --epochs 1 --batch-sizes 512 \
         --seeds 0,1 --store outputs/bench/train_store_smoke --out outputs/bench/train_smoke.json   # smoke
 """
@@ -85,7 +86,7 @@ def _evaluate(module, store_path: str, batch_size: int = 512) -> float:
 
 
 def worker_ours(store: str, batch_size: int, epochs: int, out_dir: str, seed: int, remainder: str,
-                validate: bool = False) -> dict:
+                validate: bool = False, precision: str = "fp32") -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -103,7 +104,7 @@ def worker_ours(store: str, batch_size: int, epochs: int, out_dir: str, seed: in
                        # no validation pass by default: the reference's run (train_size=1.0) has none either
                        "run": {"epochs": epochs, "output_dir": out_dir, "resume": "none", "early_stopping": False,
                                "keep_checkpoints": 1, "seed": seed, "validate_every_epochs": int(validate)},
-                       "logger": {"log_every": 10**9, "plot": False}})
+                       "logger": {"log_every": 10**9, "plot": False}, "dist": {"precision": precision}})
     cpu0, wall0 = time.process_time(), time.perf_counter()
     res = train(cfg)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
@@ -239,6 +240,7 @@ def print_summary(bs: int, sm: dict) -> None:
 def _worker_cmd(a, side: str, bs: int, seed: int, tag: str) -> list[str]:
     return [sys.executable, __file__, "--worker", side, "--batch-size", str(bs), "--epochs", str(a.epochs),
             "--store", a.store, "--seed", str(seed), "--remainder", a.remainder, *(["--validate"] if a.validate else []),
+            "--precision", a.precision,
             "--run-dir", f"{a.store}_run_e{a.epochs}_b{bs}_s{seed}{tag}"]
 
 
@@ -253,6 +255,9 @@ def main() -> None:
     ap.add_argument("--remainder", choices=["none", "pad"], default="none", help="ours' last partial batch")
     ap.add_argument("--validate", action="store_true",
                     help="ours also runs its per-epoch validation pass inside the timed call (the reference has none)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="ours' dist.precision (bf16: autocast on a CPU with native bf16 GEMMs; the reference "
+                         "stays fp32, so a bf16 run is a reduced-precision comparison, not the fp32 one)")
     ap.add_argument("--store", default="outputs/bench/train_store")
     ap.add_argument("--out", default="outputs/bench/train.json")
     ap.add_argument("--reuse", action="store_true", help="keep the runs already in --out (same settings)")
@@ -264,7 +269,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:  # one side in a fresh process: print its JSON (the driver adds its own peak RSS)
         if a.worker == "ours":
-            r = worker_ours(a.store, a.batch_size, a.epochs, a.run_dir, a.seed, a.remainder, a.validate)
+            r = worker_ours(a.store, a.batch_size, a.epochs, a.run_dir, a.seed, a.remainder, a.validate,
+                            a.precision)
         else:
             r = worker_reference(a.store, a.batch_size, a.epochs, a.seed)
         r["peak_rss_mb_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -295,6 +301,8 @@ def main() -> None:
                          "or another --store")
     settings = {"n_cells": a.n_cells, "epochs": a.epochs, "genes": 2000, "regions": 10000, "store": a.store,
                 "remainder": a.remainder, "ours_validates": a.validate}
+    if a.precision != "fp32":  # only then: JSONs of earlier fp32 runs stay reusable
+        settings["ours_precision"] = a.precision
     results = {**settings, "python": platform.python_version(), "machine": platform.machine(), "runs": {},
                "loadavg_start": os.getloadavg(), "jobs": a.jobs}
     out = Path(a.out)

@@ -1,0 +1,116 @@
+"""Mixed precision: ``dist.precision`` -> autocast, and a model that stays fp32 where it matters.
+
+Autocast runs the Linear layers in bf16; the heads (``trainer.nn.head``) bring their outputs back to
+the parameter dtype, so the likelihoods, KL and loss are fp32 on every path (native kernels, eager,
+compiled; CSR or dense input). Before the heads did that, the eager ATAC likelihood's backward
+crashed under autocast (bf16 probabilities against an fp32 library), i.e. ``precision=bf16`` on a
+GPU could not train. CPU autocast exercises the same dtype logic, so these run here.
+
+    .venv/bin/python -m pytest tests/test_precision.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data import keys
+from tests.train_utils import tiny_config, tiny_store
+from trainer.classifier import build_classifier
+from trainer.metrics import read_metrics
+from trainer.module import MultiVAE
+from trainer.parallel import autocast_dtype, cpu_has_native_bf16
+from trainer.step import build_optimizers, train_step
+from trainer.train import train
+
+BF16_CPU = cpu_has_native_bf16()
+
+
+def test_precision_maps_to_autocast_per_device():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert autocast_dtype("fp32", cpu) is None and autocast_dtype("fp32", gpu) is None
+    assert autocast_dtype("bf16", gpu) is torch.bfloat16 and autocast_dtype("fp16", gpu) is torch.float16
+    assert autocast_dtype("fp16", cpu) is None  # no fp16 autocast on the CPU: fp32
+    assert autocast_dtype("bf16", cpu) is (torch.bfloat16 if BF16_CPU else None)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """64 cells (32 paired, 16 RNA-only, 16 ATAC-only), 200 genes, 1,000 regions, dense counts."""
+    g, n = torch.Generator().manual_seed(0), 64
+    mask = torch.ones(n, 2, dtype=torch.bool)
+    mask[32:48, 1] = False
+    mask[48:, 0] = False
+    rna = (torch.rand(n, 200, generator=g) < 0.35) * (1 + torch.poisson(torch.full((n, 200), 1.5), generator=g))
+    atac = (torch.rand(n, 1000, generator=g) < 0.05) * (1 + (torch.rand(n, 1000, generator=g) < 0.3))
+    return {keys.RNA: (rna * mask[:, :1]).float(), keys.ATAC: (atac * mask[:, 1:]).float(), keys.MASK: mask,
+            keys.BATCH: torch.randint(0, 2, (n,), generator=g), keys.CAT_COVS: torch.zeros(n, 0, dtype=torch.long),
+            keys.CONT_COVS: torch.zeros(n, 0), keys.INDEX: torch.arange(n)}
+
+
+def sparse(batch: dict) -> dict:
+    return {**batch, keys.RNA: batch[keys.RNA].to_sparse_csr(), keys.ATAC: batch[keys.ATAC].to_sparse_csr()}
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+@pytest.mark.parametrize("path", ["native", "eager", "compiled"])
+def test_every_loss_path_under_bf16_autocast_is_fp32_and_close(batch, layout, path):
+    x = sparse(batch) if layout == "csr" else batch
+    torch.manual_seed(0)
+    # no dropout: both passes must see the same network
+    m = MultiVAE(200, 1000, n_batch=2, dropout_rate=0.0, native_kernels=path == "native",
+                 compile_kernels=path == "compiled").train()
+    eps = torch.randn(64, m.n_latent)
+    ref = m.loss(x, 0.5, eps=eps)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+
+    seen = []
+    hook = m.atac_out.register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.loss(x, 0.5, eps=eps)
+    hook.remove()
+    assert seen == [torch.bfloat16]  # the ATAC head's GEMM really ran in bf16 ...
+    for t in (out.loss, out.recon_rna, out.recon_atac, out.kl, out.penalty, out.z):
+        assert t.dtype == torch.float32  # ... and everything after the heads in fp32
+    assert abs(float(out.loss.detach()) - float(ref.loss.detach())) < 2e-3 * abs(float(ref.loss.detach()))
+    out.loss.backward()
+    for n, p in m.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
+        g, r = p.grad.flatten().double(), ref_grads[n].flatten().double()
+        if r.norm() > 0:
+            assert torch.nn.functional.cosine_similarity(g, r, dim=0) > 0.98, n
+
+
+def test_train_step_with_amp_dtype_trains(batch):
+    torch.manual_seed(0)
+    m = MultiVAE(200, 1000, n_batch=2).train()
+    cls = build_classifier(m)
+    opts = build_optimizers(m, cls)
+    x = sparse(batch)
+    first = train_step(m, cls, *opts, x, kl_weight=0.5, amp_dtype=torch.bfloat16)
+    for _ in range(30):
+        last = train_step(m, cls, *opts, x, kl_weight=0.5, amp_dtype=torch.bfloat16)
+    assert all(v == v and abs(v) < float("inf") for v in last.values())
+    assert last["loss"] < first["loss"]  # 31 steps on one batch: the objective goes down
+
+
+@pytest.mark.skipif(not BF16_CPU, reason="this CPU has no native bf16 GEMMs: precision=bf16 trains in fp32 here")
+def test_bf16_run_on_the_cpu_uses_autocast_and_matches_fp32(tmp_path, capfd):
+    store = tiny_store(tmp_path / "store")
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = tiny_config(store, tmp_path / precision, **{"dist.precision": precision, "run.epochs": 3})
+        train(cfg)
+        runs[precision] = read_metrics(tmp_path / precision / "metrics.jsonl")
+    assert "precision=bf16: autocast on the CPU" in capfd.readouterr().out
+    val = {k: [r["reconstruction_loss_validation"] for r in rows if r["kind"] == "validation"]
+           for k, rows in runs.items()}
+    assert len(val["bf16"]) == 3 and all(v == v for v in val["bf16"])
+    # same seed, same cells: bf16 GEMMs change the numbers a little, not the training
+    assert val["bf16"][-1] != val["fp32"][-1]
+    assert abs(val["bf16"][-1] - val["fp32"][-1]) < 0.02 * abs(val["fp32"][-1])
+    assert val["bf16"][-1] < val["bf16"][0]
+    skipped = [r.get("skipped_steps", 0) for r in runs["bf16"] if r["kind"] == "train"]
+    assert skipped and skipped[-1] == 0
