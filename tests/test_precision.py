@@ -18,6 +18,7 @@ import torch
 
 from data import keys
 from tests.train_utils import tiny_config, tiny_store
+from trainer import module_loss
 from trainer.classifier import build_classifier
 from trainer.metrics import read_metrics
 from trainer.module import MultiVAE
@@ -38,11 +39,12 @@ def test_precision_maps_to_autocast_per_device():
 
 @pytest.fixture(scope="module")
 def batch():
-    """64 cells (32 paired, 16 RNA-only, 16 ATAC-only), 200 genes, 1,000 regions, dense counts."""
+    """64 cells (30 paired, 17 RNA-only, 17 ATAC-only: 47 measure each modality, so CPU autocast pads
+    them to 48), 200 genes, 1,000 regions, dense counts."""
     g, n = torch.Generator().manual_seed(0), 64
     mask = torch.ones(n, 2, dtype=torch.bool)
-    mask[32:48, 1] = False
-    mask[48:, 0] = False
+    mask[30:47, 1] = False
+    mask[47:, 0] = False
     rna = (torch.rand(n, 200, generator=g) < 0.35) * (1 + torch.poisson(torch.full((n, 200), 1.5), generator=g))
     atac = (torch.rand(n, 1000, generator=g) < 0.05) * (1 + (torch.rand(n, 1000, generator=g) < 0.3))
     return {keys.RNA: (rna * mask[:, :1]).float(), keys.ATAC: (atac * mask[:, 1:]).float(), keys.MASK: mask,
@@ -83,6 +85,55 @@ def test_every_loss_path_under_bf16_autocast_is_fp32_and_close(batch, layout, pa
         g, r = p.grad.flatten().double(), ref_grads[n].flatten().double()
         if r.norm() > 0:
             assert torch.nn.functional.cosine_similarity(g, r, dim=0) > 0.98, n
+
+
+def test_rows_are_bucketed_only_under_cpu_autocast():
+    keep = torch.zeros(128, dtype=torch.bool)
+    keep[torch.randperm(128, generator=torch.Generator().manual_seed(0))[:93]] = True
+    exact = keep.nonzero().squeeze(1)
+    assert torch.equal(module_loss.bucketed_rows(keep), exact)  # fp32: exactly the measured rows
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = module_loss.bucketed_rows(keep)
+        assert torch.equal(module_loss.bucketed_rows(torch.ones(128, dtype=torch.bool)), torch.arange(128))
+        big = torch.zeros(1024, dtype=torch.bool)
+        big[:700] = True
+        assert module_loss.bucketed_rows(big).numel() == 704  # multiple of 1024 // 16 = 64
+    assert rows.numel() == 96 and bool((rows[1:] > rows[:-1]).all())  # 93 -> 96 (multiple of 16), sorted
+    assert set(exact.tolist()) <= set(rows.tolist())
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_bucket_padding_changes_no_cell_s_terms(batch, layout, monkeypatch):
+    """Under autocast, decoding 48 rows for 47 measured cells gives the same per-cell terms as decoding
+    the 47 (up to the bf16 GEMMs' shape-dependent rounding), and exact zeros for unmeasured cells."""
+    x = sparse(batch) if layout == "csr" else batch
+    torch.manual_seed(0)
+    m = MultiVAE(200, 1000, n_batch=2, dropout_rate=0.0).train()
+    eps = torch.randn(64, m.n_latent)
+    outs, grads = [], []
+    for bucketed in (True, False):
+        if not bucketed:
+            monkeypatch.setattr(module_loss, "bucketed_rows", lambda keep: keep.nonzero().squeeze(1))
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m.loss(x, 0.5, eps=eps)
+        out.loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    padded, plain = outs
+    assert padded.outputs["rna_rows"].numel() == 48 and plain.outputs["rna_rows"].numel() == 47
+    mask = batch[keys.MASK]
+    assert bool((padded.recon_rna[~mask[:, 0]] == 0).all()) and bool((padded.recon_atac[~mask[:, 1]] == 0).all())
+    if layout == "dense":  # dense input: the encoders run on (bucketed) rows too; placeholders elsewhere
+        for mod, col in (("rna", 0), ("atac", 1)):
+            assert bool((padded.outputs[f"qzm_{mod}"][~mask[:, col]] == 0).all())
+            assert bool((padded.outputs[f"qzv_{mod}"][~mask[:, col]] == 1).all())
+    for term in ("recon_rna", "recon_atac", "kl", "penalty"):
+        torch.testing.assert_close(getattr(padded, term), getattr(plain, term), rtol=1e-2, atol=1e-2)
+    for n, g in grads[0].items():
+        r = grads[1][n].flatten().double()
+        if r.norm() > 0:
+            assert torch.nn.functional.cosine_similarity(g.flatten().double(), r, dim=0) > 0.99, n
 
 
 def test_train_step_with_amp_dtype_trains(batch):
