@@ -20,9 +20,10 @@ from data import keys
 from tests.train_utils import tiny_config, tiny_store
 from trainer import module_loss
 from trainer.classifier import build_classifier
+from trainer.config import DistConfig
 from trainer.metrics import read_metrics
 from trainer.module import MultiVAE
-from trainer.parallel import autocast_dtype, cpu_has_native_bf16
+from trainer.parallel import DeepSpeedWrapped, Wrapped, autocast_dtype, cpu_has_native_bf16
 from trainer.step import build_optimizers, train_step
 from trainer.train import train
 
@@ -35,6 +36,14 @@ def test_precision_maps_to_autocast_per_device():
     assert autocast_dtype("bf16", gpu) is torch.bfloat16 and autocast_dtype("fp16", gpu) is torch.float16
     assert autocast_dtype("fp16", cpu) is None  # no fp16 autocast on the CPU: fp32
     assert autocast_dtype("bf16", cpu) is (torch.bfloat16 if BF16_CPU else None)
+
+
+def test_deepspeed_never_autocasts_and_says_why_on_the_cpu(capfd):
+    bf16 = DistConfig(backend="deepspeed", precision="bf16")
+    assert DeepSpeedWrapped._autocast_dtype(None, bf16, torch.device("cpu")) is None
+    assert "DeepSpeed: precision=bf16 needs a GPU; training in fp32" in capfd.readouterr().out
+    assert DeepSpeedWrapped._autocast_dtype(None, bf16, torch.device("cuda", 0)) is None  # it casts itself
+    assert Wrapped._autocast_dtype(None, bf16, torch.device("cpu")) is (torch.bfloat16 if BF16_CPU else None)
 
 
 @pytest.fixture(scope="module")

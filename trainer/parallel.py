@@ -135,7 +135,10 @@ class Wrapped:
             params = list(classifier.parameters())
             self.clf_optimizer = torch.optim.Adam(params, lr=optim.classifier_lr, eps=optim.classifier_eps,
                                                   weight_decay=optim.classifier_weight_decay, fused=_fused(params))
-        self.amp_dtype = autocast_dtype(dcfg.precision, device)
+        self.amp_dtype = self._autocast_dtype(dcfg, device)
+
+    def _autocast_dtype(self, dcfg: DistConfig, device: torch.device) -> torch.dtype | None:
+        return autocast_dtype(dcfg.precision, device)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -239,12 +242,18 @@ def _patch_deepspeed_shm() -> None:
 
 
 class DeepSpeedWrapped(Wrapped):
+    def _autocast_dtype(self, dcfg: DistConfig, device: torch.device) -> torch.dtype | None:
+        # no autocast: DeepSpeed casts the weights itself when bf16/fp16 is on, and only on a GPU
+        if dcfg.precision != "fp32" and device.type != "cuda":
+            dist.print0(f"[parallel] DeepSpeed: precision={dcfg.precision} needs a GPU; training in fp32 on "
+                        f"{device.type} (dist=ddp autocasts bf16 on CPUs with native bf16)")
+        return None
+
     def __init__(self, module, classifier, optim, dcfg, device, micro_batch: int):
         super().__init__(module, classifier, optim, dcfg, device)
         _patch_deepspeed_shm()
         import deepspeed
 
-        self.amp_dtype = None  # DeepSpeed casts the weights itself when bf16/fp16 is on
         on_gpu = device.type == "cuda"
         ds_config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": micro_batch,
