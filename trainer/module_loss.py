@@ -39,6 +39,12 @@ class LossOutput:
     outputs: dict = field(default_factory=dict, repr=False)  # inference + generative tensors
 
 
+def bucketing(t: torch.Tensor) -> bool:
+    """Whether ``bucketed_rows`` may pad rows for tensors on ``t``'s device: only under CPU autocast
+    (the only case where anything checks for padding, so fp32 and GPU steps pay no extra reduction)."""
+    return t.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
 def bucketed_rows(keep: torch.Tensor) -> torch.Tensor:
     """The (sorted) rows to run a network on: the rows where ``keep`` is True and, under CPU autocast,
     the first rows where it is False, up to a multiple of ``max(16, B // 16)``.
@@ -52,7 +58,7 @@ def bucketed_rows(keep: torch.Tensor) -> torch.Tensor:
     """
     rows = keep.nonzero().squeeze(1)
     B = keep.shape[0]
-    if keep.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or rows.numel() == B:
+    if not bucketing(keep) or rows.numel() == B:
         return rows
     multiple = max(16, B // 16)
     target = min(B, -(-rows.numel() // multiple) * multiple)
@@ -140,7 +146,7 @@ class ObjectiveMixin:
             return encoder(x, cov, extra)
         pick = lambda t: None if t is None else t.index_select(0, rows)
         m, v, lib = encoder(select_rows(x, rows), pick(cov), pick(extra))
-        if rows.numel() > int(keep.sum()):  # bucket padding: keep only the kept rows' outputs
+        if bucketing(keep) and rows.numel() > int(keep.sum()):  # padded: keep only the kept rows' outputs
             kept = keep[rows].nonzero().squeeze(1)
             rows, m, v = rows[kept], m.index_select(0, kept), v.index_select(0, kept)
             lib = None if lib is None else lib.index_select(0, kept)
@@ -264,6 +270,6 @@ class ObjectiveMixin:
         ``where``, so neither their value nor their gradient reaches the loss."""
         if rows is None:
             return rl * measured.to(rl.dtype)  # the reference's product (NaN stays NaN)
-        if rows.numel() > int(measured.sum()):
+        if bucketing(measured) and rows.numel() > int(measured.sum()):
             rl = torch.where(measured.index_select(0, rows), rl, torch.zeros_like(rl))
         return rl.new_zeros(measured.shape[0]).index_copy(0, rows, rl)

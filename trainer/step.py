@@ -9,8 +9,6 @@ loss on the *detached* joint z, classifier optimizer step (Adam 1e-3, eps 0.01, 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from data import keys
@@ -93,18 +91,15 @@ def train_step(
     trainer, ``trainer/parallel.py``); backward and the optimizer steps stay outside it.
     """
     device = next(module.parameters()).device.type
-
-    def amp():
-        return contextlib.nullcontext() if amp_dtype is None else torch.autocast(device, dtype=amp_dtype)
-
-    with amp():
+    amp = torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None)  # entered twice, not nested
+    with amp:
         total, out, adversarial = vae_objective(module, classifier, batch, kl_weight, kappa, eps)
     vae_opt.zero_grad()
     total.backward()
     vae_opt.step()
     cls_value = torch.zeros(())
     if classifier is not None and cls_opt is not None and kappa > 0:
-        with amp():
+        with amp:
             cls_loss = classifier_objective(classifier, out.z, batch[keys.BATCH], kappa)
         cls_opt.zero_grad()
         cls_loss.backward()
