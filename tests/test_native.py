@@ -155,6 +155,19 @@ def test_sparse_first_layer_is_bit_identical():
     assert torch.equal(a, b) and torch.equal(w1.grad, w2.grad)
 
 
+def test_csr_to_dense_equals_torch():
+    g = torch.Generator().manual_seed(3)
+    dense = counts(g, 29, 517, 0.35)
+    dense[4] = 0.0  # a row with no entries
+    x = csr(dense, stored_zero_rows=(7,))
+    got = ops.csr_to_dense(x)
+    assert got.dtype == torch.float32 and torch.equal(got, x.to_dense()) and torch.equal(got, dense)
+    empty = dense[:0].to_sparse_csr()
+    assert ops.csr_to_dense(empty).shape == (0, 517)
+    # what the kernel does not take goes to torch: float64 values stay float64
+    assert torch.equal(ops.csr_to_dense(as64(x)), as64(x).to_dense())
+
+
 def test_thread_count_changes_nothing_it_should_not():
     """Per-cell outputs never depend on the thread count; row sums (region factors, dispersion) are
     added in a fixed thread order: the same threads give the same bits every time."""

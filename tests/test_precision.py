@@ -19,7 +19,7 @@ import torch
 from data import keys
 from tests.train_utils import tiny_config, tiny_store
 from trainer import module_loss
-from trainer.classifier import build_classifier
+from trainer.classifier import BatchClassifier, build_classifier
 from trainer.config import DistConfig
 from trainer.metrics import read_metrics
 from trainer.module import MultiVAE
@@ -176,3 +176,17 @@ def test_bf16_run_on_the_cpu_uses_autocast_and_matches_fp32(tmp_path, capfd):
     assert val["bf16"][-1] < val["bf16"][0]
     skipped = [r.get("skipped_steps", 0) for r in runs["bf16"] if r["kind"] == "train"]
     assert skipped and skipped[-1] == 0
+
+
+def test_the_classifier_computes_in_its_own_dtype_under_autocast():
+    """The adversary is outside autocast (six tiny GEMMs gain nothing from bf16, the casts cost ~0.6 ms
+    of a CPU step) and casts z itself: a bf16 z (DeepSpeed bf16) meets an fp32 classifier."""
+    torch.manual_seed(0)
+    clf = BatchClassifier(10, 3).eval()
+    z = torch.randn(64, 10)
+    plain = clf(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = clf(z)
+        from_bf16 = clf(z.bfloat16())
+    assert auto.dtype == torch.float32 and torch.equal(auto, plain)
+    assert from_bf16.dtype == torch.float32 and torch.equal(from_bf16, clf(z.bfloat16().float()))

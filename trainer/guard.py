@@ -24,8 +24,11 @@ def bad_terms(terms: dict[str, torch.Tensor | float]) -> list[str]:
     """Names of the loss terms that are not finite on this rank."""
     bad = []
     for name, value in terms.items():
-        v = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-        if not bool(torch.isfinite(v).all()):
+        if isinstance(value, torch.Tensor):
+            finite = bool(torch.isfinite(value.detach()).all())
+        else:  # plain floats (the loop's stacked values): no tensor round trip per term
+            finite = math.isfinite(float(value))
+        if not finite:
             bad.append(name)
     return bad
 

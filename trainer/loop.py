@@ -84,7 +84,7 @@ def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor 
     norm) are updated by the forward itself, so they are snapshotted and restored on a skip;
     otherwise one NaN batch would poison them for the rest of the run.
     """
-    buffers = [b for m in (w.module, w.classifier) if m is not None for b in m.buffers()]
+    buffers = w.buffers()
     saved = [b.detach().clone() for b in buffers]
 
     def skip() -> None:

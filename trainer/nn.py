@@ -101,7 +101,7 @@ def input_matmul_t(x: torch.Tensor, weight_t: torch.Tensor, native: bool = False
             if native and native_ops.available(x, weight_t):
                 return native_ops.csr_matmul(x, weight_t)
             return _CsrMatmul.apply(x, weight_t)
-        x = x.to_dense()
+        x = native_ops.csr_to_dense(x) if native else x.to_dense()
     return x @ weight_t
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI_VERSION = 1
+ABI_VERSION = 2
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 LIBS = ["-lmvec", "-lm"]
 ENV_SWITCH = "MVA_NATIVE_KERNELS"
@@ -110,8 +110,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mva_csc_index.argtypes = [p] * 3 + [i64, i64] + [p] * 3
     lib.mva_sparse_mm.argtypes = [p] * 5 + [i64, i64, i32]
     lib.mva_sparse_mm_t.argtypes = [p] * 5 + [i64, i64, i32]
+    lib.mva_csr_dense.argtypes = [p] * 4 + [i64, i64]
     for name in ("mva_atac_fwd", "mva_atac_bwd", "mva_zinb_fwd", "mva_zinb_bwd", "mva_csc_index", "mva_sparse_mm",
-                 "mva_sparse_mm_t"):
+                 "mva_sparse_mm_t", "mva_csr_dense"):
         getattr(lib, name).restype = None
 
 

@@ -29,7 +29,7 @@ __attribute__((simd("notinbranch"))) float log1pf(float);
 #define EPS 1e-8f                 /* the reference's ZINB eps */
 #define TMAX 8                    /* counts 0..TMAX take lgamma/digamma from per-gene tables */
 
-int mva_abi_version(void) { return 1; }
+int mva_abi_version(void) { return 2; }
 
 static inline float clamp_log(float v) { return v < LOG_MIN ? LOG_MIN : v; }
 static inline float softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); } /* torch: threshold 20 */
@@ -395,5 +395,15 @@ void mva_sparse_mm_t(const int64_t* ccol, const int64_t* row_of, const float* va
     int64_t j0, j1;
     row_range(R, omp_get_thread_num(), omp_get_num_threads(), &j0, &j1);
     csc_rows(j0, j1, ccol, row_of, val_of, G, dW, H);
+  }
+}
+
+/* Dense (B, C) copy of CSR counts. torch's CSR to_dense on the CPU takes ~0.4 ms for a 96 x 2,000 RNA
+ * block at 35 % density (it goes through a generic index path); this is one memset and one scatter. */
+void mva_csr_dense(const int64_t* crow, const int64_t* col, const float* val, float* out, int64_t B, int64_t C) {
+  memset(out, 0, sizeof(float) * B * C);
+  for (int64_t i = 0; i < B; ++i) {
+    float* o = out + i * C;
+    for (int64_t k = crow[i]; k < crow[i + 1]; ++k) o[col[k]] = val[k];
   }
 }

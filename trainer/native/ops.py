@@ -118,3 +118,14 @@ def csr_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x @ w`` for CSR counts ``x`` and a float32 CPU weight ``w`` stored (n_in, n_out)."""
     crow, col, val = _csr(x)
     return _CsrMatmul.apply(w.contiguous(), crow, col, val)
+
+
+def csr_to_dense(x: torch.Tensor) -> torch.Tensor:
+    """Dense copy of CSR counts ``x``: the C scatter where the kernels load and ``x`` is CPU float32
+    (~10x faster than torch's CSR ``to_dense`` on one thread), ``x.to_dense()`` everywhere else."""
+    if not (available(x) and x.values().dtype == torch.float32):
+        return x.to_dense()
+    crow, col, val = _csr(x)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    native.library().mva_csr_dense(ptr(crow), ptr(col), ptr(val), ptr(out), x.shape[0], x.shape[1])
+    return out
