@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from data import keys
 from trainer import fused
 from trainer.module_loss import LossOutput, ObjectiveMixin
-from trainer.nn import EncoderPair, FCStack, covariate_width, head, one_hot_covariates
+from trainer.nn import EncoderPair, FCStack, compute_dtype, covariate_width, head, one_hot_covariates
 
 __all__ = ["LossOutput", "MultiVAE"]
 
@@ -182,6 +182,11 @@ class MultiVAE(ObjectiveMixin, nn.Module):
     def dtype(self) -> torch.dtype:
         return self.atac_out.weight.dtype
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """What the likelihoods, KL and loss run in: float32 even when the weights are bf16/fp16."""
+        return compute_dtype(self.dtype)
+
     def covariates(self, batch: dict, batch_codes: torch.Tensor | None = None) -> torch.Tensor | None:
         """One-hot [batch, *categorical covariates] (single-level ones dropped), as the reference orders them."""
         codes = [batch[keys.BATCH] if batch_codes is None else batch_codes]
@@ -206,9 +211,9 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         if self.modality_weights == "cell":
             if index is None:
                 raise ValueError("modality_weights='cell' needs batch['index'] (global cell index)")
-            w = self.mod_weights[index]
+            w = self.mod_weights[index].to(self.compute_dtype)
         else:
-            w = self.mod_weights.unsqueeze(0).expand(mask.shape[0], -1)
+            w = self.mod_weights.to(self.compute_dtype).unsqueeze(0).expand(mask.shape[0], -1)
         present = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
         e = torch.exp(w).masked_fill(~present, _SOFTMAX_EPS)
         return e / (e.sum(-1, keepdim=True) + _SOFTMAX_EPS)
@@ -245,9 +250,9 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         if self.gene_likelihood == "poisson":
             theta = None
         elif self.dispersion == "gene":
-            theta = torch.exp(self.px_r)
+            theta = torch.exp(self.px_r.to(self.compute_dtype))
         elif self.dispersion == "gene-batch":
-            theta = torch.exp(self.px_r.t()[codes.reshape(-1).long()])
+            theta = torch.exp(self.px_r.t()[codes.reshape(-1).long()].to(self.compute_dtype))
         else:
             theta = torch.exp(head(self.px_r_head, h_rna))
         return {
@@ -295,4 +300,4 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         return self.compile_kernels and not (fused.atac_forward.failed or fused.atac_backward.failed)
 
     def region_factor_probs(self) -> torch.Tensor | None:
-        return None if self.region_factors is None else torch.sigmoid(self.region_factors)
+        return None if self.region_factors is None else torch.sigmoid(self.region_factors.to(self.compute_dtype))

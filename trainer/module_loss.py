@@ -113,7 +113,7 @@ class ObjectiveMixin:
         else:
             qzm_atac, qzv_atac, lib_atac = self.atac_encoder(x_atac, cov, extra)
         if self.use_size_factor:
-            sf = batch[keys.SIZE_FACTOR].to(self.dtype)
+            sf = batch[keys.SIZE_FACTOR].to(self.compute_dtype)
             lib_rna, lib_atac = torch.log(sf[:, [0]] + 1e-6), sf[:, [1]]
         alpha = self.modality_alpha(mask, batch.get(keys.INDEX))
         # weighted mean of the modality posteriors; variances mix with sqrt(alpha) (spec §2.5-2.6)

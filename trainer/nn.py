@@ -105,15 +105,26 @@ def input_matmul_t(x: torch.Tensor, weight_t: torch.Tensor, native: bool = False
     return x @ weight_t
 
 
-def head(linear: nn.Linear, h: torch.Tensor) -> torch.Tensor:
-    """An output head ``linear(h)`` in the head's parameter dtype.
+REDUCED_FLOATS = (torch.bfloat16, torch.float16)
 
-    Under autocast (bf16/fp16) the Linear runs in the low precision, but what follows a head (exp,
-    softmax, the likelihoods, the KL) must not: the cast brings the output back to float32 before
-    any of it (it is a no-op without autocast, and under DeepSpeed's all-bf16 weights).
+
+def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype everything after a network runs in: float32 for bf16/fp16 weights (DeepSpeed's
+    all-bf16 modules), the weights' own dtype otherwise (float32, float64)."""
+    return torch.float32 if weight_dtype in REDUCED_FLOATS else weight_dtype
+
+
+def head(linear: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """An output head ``linear(h)``, returned in ``compute_dtype`` of the head's weights.
+
+    Under autocast (bf16/fp16) the Linear runs in the low precision, and under DeepSpeed bf16 the
+    weights themselves are bf16; either way what follows a head (exp, softmax, the likelihoods and
+    their sums over 10^4-10^5 features, the KL) must not be: the cast brings the output to float32
+    before any of it (a no-op for float32 / float64 modules outside autocast).
     """
     out = linear(h)
-    return out if out.dtype == linear.weight.dtype else out.to(linear.weight.dtype)
+    want = compute_dtype(linear.weight.dtype)
+    return out if out.dtype == want else out.to(want)
 
 
 def one_hot_covariates(
@@ -220,7 +231,10 @@ class FCStack(nn.Module):
         elif x is not None and x.layout != torch.sparse_csr:
             # dense input: one Linear over [x, extra, cov] as the reference computes it (fewer autograd
             # nodes than x @ W_x + cov @ W_c + b with two weight slices)
-            pre = F.linear(self._cat([x, *side]), lin0.weight, lin0.bias)
+            inp = self._cat([x, *side])
+            # a float32 latent entering bf16 weights (DeepSpeed bf16: the heads' outputs are float32)
+            inp = inp if inp.dtype == lin0.weight.dtype else inp.to(lin0.weight.dtype)
+            pre = F.linear(inp, lin0.weight, lin0.bias)
         else:
             pre = input_matmul(x, lin0.weight[:, : self.n_in])
             if side:
