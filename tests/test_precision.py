@@ -103,8 +103,13 @@ def test_an_all_bf16_module_scores_in_fp32(batch, layout, native):
     brought to fp32 too, and the float32 noise the trainer passes (``loop.step_noise``) enters the bf16
     decoders through a cast. Before: that noise made z float32 and the first decoder Linear raised
     (mat1 and mat2 must have the same dtype); with bf16 noise the recon terms were bf16, off by 2.5 %
-    (ATAC) and 27 % (RNA, CSR) of the batch sum at 2,000 x 10,000 (outputs/prof/allbf16.py)."""
-    x = sparse(batch) if layout == "csr" else batch
+    (ATAC) and 27 % (RNA, CSR) of the batch sum at 2,000 x 10,000 (outputs/prof/allbf16.py). Counts
+    reach the likelihoods in float32: bf16 holds integers exactly only up to 256 (cell 0's 1001 would
+    be scored as 1000: its recon 1e-3 off instead of 6e-6)."""
+    big = dict(batch)
+    big[keys.RNA] = batch[keys.RNA].clone()
+    big[keys.RNA][0, :6] = torch.tensor([1001.0, 777.0, 513.0, 300.0, 2049.0, 999.0])  # cell 0 is paired
+    x = sparse(big) if layout == "csr" else big
     torch.manual_seed(0)
     m32 = MultiVAE(200, 1000, n_batch=2, dropout_rate=0.0, native_kernels=native).train()
     with torch.no_grad():
@@ -122,6 +127,8 @@ def test_an_all_bf16_module_scores_in_fp32(batch, layout, native):
     for term in ("recon_rna", "recon_atac", "kl"):
         a, b = getattr(out, term).detach().double().sum(), getattr(ref, term).detach().double().sum()
         assert abs(float(a - b)) < 2e-3 * abs(float(b)), term
+    cell0 = ((out.recon_rna[0] - ref.recon_rna[0]).abs() / ref.recon_rna[0].abs()).detach()
+    assert float(cell0) < 1e-4  # exact large counts (bf16 weights alone: ~6e-6 here)
     total.backward()
     for n, p in m16.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), n

@@ -199,7 +199,10 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         x = batch[key]
         if x.shape[-1] != width:
             raise ValueError(f"batch[{key!r}] has {x.shape[-1]} columns, the module expects {width}")
-        return x if x.dtype == self.dtype else x.to(self.dtype)
+        # the likelihoods' dtype: float32 counts even for a bf16 module (bf16 holds integers exactly only
+        # up to 256: a count of 1001 would be scored as 1000); the encoders cast their own input
+        want = self.compute_dtype
+        return x if x.dtype == want else x.to(want)
 
     def _cont(self, batch: dict) -> torch.Tensor | None:
         if not self.n_continuous_cov:

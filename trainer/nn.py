@@ -312,7 +312,9 @@ class EncoderPair(nn.Module):
         self, x: torch.Tensor, cov: torch.Tensor | None, extra: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Return (mean, variance, library) with variance = exp(.) (var_eps = 0, as the reference)."""
-        both = input_matmul_t(x, self.input_weight, self.native_kernels)
+        w = self.input_weight
+        x = x if x.dtype == w.dtype else x.to(w.dtype)  # float32 counts into bf16 weights (DeepSpeed bf16)
+        both = input_matmul_t(x, w, self.native_kernels)
         # split (not two slices): its backward is one concatenation, not two zero-filled full-size copies
         parts = both.split(self.n_hidden, dim=1)
         h = self.z_stack(None, cov, extra, x_part=parts[0])
