@@ -134,6 +134,41 @@ def test_an_all_bf16_module_scores_in_fp32(batch, layout, native):
         assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), n
 
 
+OPTIONS = [
+    {"n_cats_per_cov": [3], "n_continuous_cov": 2, "encode_covariates": True, "deeply_inject_covariates": True},
+    {"n_continuous_cov": 1, "modality_weights": "cell", "n_obs": 32},
+    {"use_size_factor": True},
+    {"dispersion": "gene-batch"},
+    {"gene_likelihood": "nb"},
+    {"use_batch_norm": "both"},
+]
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o))
+def test_module_options_train_with_bf16_weights(layout, options):
+    """Covariates (one-hot and continuous, encoded, injected deep), per-cell modality weights, size
+    factors, per-batch dispersion, NB, batch norm: each path takes bf16 weights with float32 noise."""
+    g, n = torch.Generator().manual_seed(0), 32
+    mask = torch.ones(n, 2, dtype=torch.bool)
+    mask[10:16, 1] = False
+    mask[16:22, 0] = False
+    rna = (torch.rand(n, 50, generator=g) < 0.35) * 2.0 * mask[:, :1]
+    atac = (torch.rand(n, 300, generator=g) < 0.05) * 1.0 * mask[:, 1:]
+    b = {keys.RNA: rna, keys.ATAC: atac, keys.MASK: mask, keys.BATCH: torch.randint(0, 2, (n,), generator=g),
+         keys.CAT_COVS: torch.randint(0, 3, (n, 1), generator=g),
+         keys.CONT_COVS: torch.randn(n, options.get("n_continuous_cov", 0), generator=g),
+         keys.INDEX: torch.arange(n), keys.SIZE_FACTOR: torch.rand(n, 2, generator=g) + 0.5}
+    if layout == "csr":
+        b = sparse(b)
+    m = MultiVAE(50, 300, n_batch=2, **options).to(torch.bfloat16).train()
+    total, _, _ = vae_objective(m, build_classifier(m).float(), b, 0.5, eps=torch.randn(n, m.n_latent))
+    assert total.dtype == torch.float32 and math.isfinite(float(total.detach()))
+    total.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is None or (p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()), name
+
+
 def test_rows_are_bucketed_only_under_cpu_autocast():
     keep = torch.zeros(128, dtype=torch.bool)
     keep[torch.randperm(128, generator=torch.Generator().manual_seed(0))[:93]] = True

@@ -47,7 +47,7 @@ class LossModule(nn.Module):
 
     def forward(self, batch: dict, kl_weight: float, eps: torch.Tensor | None = None):
         # The classifier casts z to its own dtype itself (trainer/classifier.py): under DeepSpeed bf16
-        # the VAE (and z) are bf16 while the classifier, outside the engine, stays fp32.
+        # the VAE's weights are bf16 while the classifier, outside the engine, stays fp32.
         clf = self._classifier
         if clf is None:
             return vae_objective(self.module, None, batch, kl_weight, self.kappa, eps)
