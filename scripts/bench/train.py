@@ -119,7 +119,7 @@ def worker_ours(store: str, batch_size: int, epochs: int, out_dir: str, seed: in
             "heldout_elbo": _evaluate(module, store), "steps": res.steps}
 
 
-def worker_reference(store_path: str, batch_size: int, epochs: int, seed: int) -> dict:
+def worker_reference(store_path: str, batch_size: int, epochs: int, seed: int, precision: str = "fp32") -> dict:
     import anndata as ad
     import mudata as md
     import pandas as pd
@@ -152,8 +152,11 @@ def worker_reference(store_path: str, batch_size: int, epochs: int, seed: int) -
     scvi.settings.seed = seed
     model = scvi.model.MULTIVI(train_m)
     cpu0, wall0 = time.process_time(), time.perf_counter()
+    # bf16: Lightning's "bf16-mixed" (torch.autocast on the CPU, as ours' dist.precision=bf16 does)
+    extra = {"precision": "bf16-mixed"} if precision == "bf16" else {}
     model.train(max_epochs=epochs, batch_size=batch_size, train_size=1.0, early_stopping=False,
-                accelerator="cpu", devices=1, enable_progress_bar=False, datasplitter_kwargs={"drop_last": False})
+                accelerator="cpu", devices=1, enable_progress_bar=False, datasplitter_kwargs={"drop_last": False},
+                **extra)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     cells = int((~val).sum()) * epochs
     ref_elbo = float(model.get_elbo(adata=held_m, batch_size=512))
@@ -240,7 +243,7 @@ def print_summary(bs: int, sm: dict) -> None:
 def _worker_cmd(a, side: str, bs: int, seed: int, tag: str) -> list[str]:
     return [sys.executable, __file__, "--worker", side, "--batch-size", str(bs), "--epochs", str(a.epochs),
             "--store", a.store, "--seed", str(seed), "--remainder", a.remainder, *(["--validate"] if a.validate else []),
-            "--precision", a.precision,
+            "--precision", a.precision, "--ref-precision", a.ref_precision,
             "--run-dir", f"{a.store}_run_e{a.epochs}_b{bs}_s{seed}{tag}"]
 
 
@@ -258,6 +261,9 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="ours' dist.precision (bf16: autocast on a CPU with native bf16 GEMMs; the reference "
                          "stays fp32, so a bf16 run is a reduced-precision comparison, not the fp32 one)")
+    ap.add_argument("--ref-precision", choices=["fp32", "bf16"], default="fp32",
+                    help="the reference's precision (bf16: Lightning 'bf16-mixed', autocast on the CPU): with "
+                         "--precision bf16 both sides run reduced precision")
     ap.add_argument("--store", default="outputs/bench/train_store")
     ap.add_argument("--out", default="outputs/bench/train.json")
     ap.add_argument("--reuse", action="store_true", help="keep the runs already in --out (same settings)")
@@ -272,7 +278,7 @@ def main() -> None:
             r = worker_ours(a.store, a.batch_size, a.epochs, a.run_dir, a.seed, a.remainder, a.validate,
                             a.precision)
         else:
-            r = worker_reference(a.store, a.batch_size, a.epochs, a.seed)
+            r = worker_reference(a.store, a.batch_size, a.epochs, a.seed, a.ref_precision)
         r["peak_rss_mb_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(r), flush=True)
         return
@@ -303,6 +309,8 @@ def main() -> None:
                 "remainder": a.remainder, "ours_validates": a.validate}
     if a.precision != "fp32":  # only then: JSONs of earlier fp32 runs stay reusable
         settings["ours_precision"] = a.precision
+    if a.ref_precision != "fp32":
+        settings["ref_precision"] = a.ref_precision
     results = {**settings, "python": platform.python_version(), "machine": platform.machine(), "runs": {},
                "loadavg_start": os.getloadavg(), "jobs": a.jobs}
     out = Path(a.out)
