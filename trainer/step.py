@@ -87,20 +87,19 @@ def train_step(
 ) -> dict[str, float]:
     """One reference-order step; returns every loss term as a float (batch means for per-cell terms).
 
-    ``amp_dtype``: run both forwards under autocast to that dtype (as ``dist.precision`` does in the
-    trainer, ``trainer/parallel.py``); backward and the optimizer steps stay outside it.
+    ``amp_dtype``: run the VAE forward under autocast to that dtype (as ``dist.precision`` does in the
+    trainer, ``trainer/parallel.py``); backward, the optimizer steps and the classifier (which always
+    computes in its own dtype, ``trainer/classifier.py``) stay outside it.
     """
     device = next(module.parameters()).device.type
-    amp = torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None)  # entered twice, not nested
-    with amp:
+    with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
         total, out, adversarial = vae_objective(module, classifier, batch, kl_weight, kappa, eps)
     vae_opt.zero_grad()
     total.backward()
     vae_opt.step()
     cls_value = torch.zeros(())
     if classifier is not None and cls_opt is not None and kappa > 0:
-        with amp:
-            cls_loss = classifier_objective(classifier, out.z, batch[keys.BATCH], kappa)
+        cls_loss = classifier_objective(classifier, out.z, batch[keys.BATCH], kappa)
         cls_opt.zero_grad()
         cls_loss.backward()
         cls_opt.step()
