@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python scripts/bench/model_step.py
 	$(BIN)/python scripts/bench/loader.py
 	$(BIN)/python scripts/bench/train.py
+	$(BIN)/python scripts/bench/step_floor.py --epochs-json outputs/bench/train.json
 
 # Quality harness (docs/quality.md): ours vs scvi-tools MULTIVI, paired fractions 1/0.5/0.25/0.1, 3 seeds.
 # Epochs: about 500 optimizer steps for BMMC (4 steps/epoch) and PBMC (8); 1,500 for the synthetic atlas
