@@ -18,7 +18,7 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import anndata as ad
 import numpy as np
@@ -305,7 +305,7 @@ class StoreWriter:
         self._closed = True
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self) -> StoreWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -21,14 +21,15 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _run(args, cwd):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=120)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=120,
+                          check=False)
 
 
 def test_mva_build_cli_h5ad_pair(tmp_path):
     out = tmp_path / "bmmc.zarr"
     r = _run(["-m", "data.build", f"out={out}", "label_key=cell_type", "shard_size=200", "progress=false",
-              f"inputs=[{{kind: h5ad_pair, rna: {DATA / 'bmmc_starter_rna.h5ad'}, "
-              f"atac: {DATA / 'bmmc_starter_atac.h5ad'}}}]"], tmp_path)
+              (f"inputs=[{{kind: h5ad_pair, rna: {DATA / 'bmmc_starter_rna.h5ad'}, "
+               f"atac: {DATA / 'bmmc_starter_atac.h5ad'}}}]")], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     st = open_store(out)
     assert (st.meta.n_cells, st.meta.n_genes, st.meta.n_regions, st.meta.n_shards) == (500, 600, 600, 3)

@@ -217,7 +217,7 @@ def test_preshuffle_and_filters(tmp_path, bmmc):
 
 
 def test_dense_x_is_read_in_blocks_and_csc_is_refused_clearly(tmp_path, bmmc):
-    rna, atac = bmmc
+    rna, _atac = bmmc
     dense = ad.AnnData(X=rna.X.toarray(), obs=rna.obs, var=rna.var)
     dense.write_h5ad(tmp_path / "dense.h5ad")
     build_store(BuildConfig(out=str(tmp_path / "s.zarr"), block_size=77, progress=False,

@@ -267,10 +267,10 @@ def test_reference_has_the_documented_sizes(pbmc_counts):
 @pytest.mark.parametrize(
     "opts",
     [
-        dict(n_batch=3, n_cats_per_cov=(2,), n_continuous_cov=1, encode_covariates=True,
-             modality_weights="universal", use_batch_norm="both"),
+        {"n_batch": 3, "n_cats_per_cov": (2,), "n_continuous_cov": 1, "encode_covariates": True,
+         "modality_weights": "universal", "use_batch_norm": "both"},
         # no encoder covariates: the encoders' first Linear has no weight key of its own
-        dict(n_batch=2),
+        {"n_batch": 2},
     ],
     ids=["covariates", "plain"],
 )

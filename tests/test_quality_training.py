@@ -124,8 +124,8 @@ def test_ablations_swap_our_random_sources_for_the_reference(view_store, tmp_pat
     """--ours-init reference: our trainer's module starts from MULTIVI's initial weights for the seed;
     --ours-noise global: the loop passes no noise, so the module draws it from the global generator.
     Outside the ablation the trainer is untouched."""
-    import trainer.loop as loop
     from data.store import open_store
+    from trainer import loop
     from trainer.quality.ours import _ablation, ours_config
     from trainer.quality.reference import reference_initial_state
 

@@ -110,10 +110,9 @@ def test_refuses_existing_output_and_overwrites_when_asked(tmp_path):
 
 def test_interrupted_write_leaves_nothing_valid(tmp_path):
     rna, atac, obs, schema = _random_cells()
-    with pytest.raises(RuntimeError, match="boom"):
-        with StoreWriter(tmp_path / "s.zarr", schema, shard_size=100) as w:
-            w.append(rna[:300], atac[:300], obs.iloc[:300])  # three shards already on disk
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), StoreWriter(tmp_path / "s.zarr", schema, shard_size=100) as w:
+        w.append(rna[:300], atac[:300], obs.iloc[:300])  # three shards already on disk
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     # Without the context manager (a kill): the .tmp- directory stays, and it is refused.
     w = StoreWriter(tmp_path / "s.zarr", schema, shard_size=100)
@@ -145,9 +144,8 @@ def test_writer_rejects_counts_in_an_unmeasured_modality(tmp_path):
     obs.iloc[3, obs.columns.get_loc("mask_rna")] = False
     rna = rna.tolil()
     rna[3, 0] = 5
-    with pytest.raises(ValueError, match="cell3.*mask_rna is False"):
-        with StoreWriter(tmp_path / "s.zarr", schema) as w:
-            w.append(rna.tocsr(), atac, obs)
+    with pytest.raises(ValueError, match="cell3.*mask_rna is False"), StoreWriter(tmp_path / "s.zarr", schema) as w:
+        w.append(rna.tocsr(), atac, obs)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -23,7 +23,7 @@ def _all_rows(st, modality):
 
 
 def test_deterministic_by_seed_and_independent_of_shard_size(tmp_path):
-    kw = dict(n_cells=1500, n_genes=120, n_regions=600, block_size=512, progress=False)
+    kw = {"n_cells": 1500, "n_genes": 120, "n_regions": 600, "block_size": 512, "progress": False}
     a = open_store(write_synthetic_store(tmp_path / "a", seed=3, shard_size=400, **kw))
     b = open_store(write_synthetic_store(tmp_path / "b", seed=3, shard_size=1000, **kw))
     c = open_store(write_synthetic_store(tmp_path / "c", seed=4, shard_size=400, **kw))
@@ -75,12 +75,12 @@ def test_cell_types_and_batches_are_visible_in_the_counts(tmp_path):
 def test_cli_module_entry_point(tmp_path):
     out = tmp_path / "demo.zarr"
     r = subprocess.run([sys.executable, "-m", "data.synthetic", f"out={out}", "n_cells=500", "n_genes=50",
-                        "n_regions=100", "progress=false"], capture_output=True, text=True, cwd=tmp_path)
+                        "n_regions=100", "progress=false"], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert r.returncode == 0, r.stderr
     assert open_store(out).meta.n_cells == 500
     r = subprocess.run([sys.executable, "-m", "data.synthetic", f"out={out}", "n_cells=50"],
-                       capture_output=True, text=True, cwd=tmp_path)
+                       capture_output=True, text=True, cwd=tmp_path, check=False)
     assert r.returncode != 0 and "already exists" in r.stderr
     r = subprocess.run([sys.executable, "-m", "data.synthetic", f"out={out}", "n_cels=50"],
-                       capture_output=True, text=True, cwd=tmp_path)
+                       capture_output=True, text=True, cwd=tmp_path, check=False)
     assert r.returncode != 0

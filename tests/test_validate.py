@@ -77,7 +77,7 @@ def test_duplicate_cell_ids_and_feature_names(tmp_path, pair):
 
 
 def test_duplicate_cell_ids_across_inputs(tmp_path, pair):
-    rna, atac = pair
+    rna, _atac = pair
     rna.write_h5ad(tmp_path / "a.h5ad")
     rna.write_h5ad(tmp_path / "b.h5ad")
     with pytest.raises(ValidationError, match="appears more than once across inputs"):
@@ -122,7 +122,7 @@ def test_cell_without_any_modality_errors_or_is_dropped(tmp_path, pair):
 
 
 def test_empty_input(tmp_path, pair):
-    rna, atac = pair
+    rna, _atac = pair
     with pytest.raises(ValidationError, match="rna.h5ad.*no cells"):
         _build(tmp_path, rna[:0].copy(), None)
     with pytest.raises(ValidationError, match="no inputs"):
@@ -131,7 +131,7 @@ def test_empty_input(tmp_path, pair):
 
 
 def test_feature_sets_without_overlap(tmp_path, pair):
-    rna, atac = pair
+    rna, _atac = pair
     rna.write_h5ad(tmp_path / "a.h5ad")
     other = rna.copy()
     other.obs_names = [f"x{i}" for i in range(other.n_obs)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -26,8 +26,8 @@ class DataConfig:
     # contiguous rows read together (shuffle granularity) and chunks whose cells are shuffled together;
     # null = the store decides (data.stream.default_chunking: 1,024 x 4 for a preshuffled store, whose
     # order is already random, 256 x 16 otherwise; the same 4,096-cell window either way)
-    chunk_size: Optional[int] = None
-    window_chunks: Optional[int] = None
+    chunk_size: int | None = None
+    window_chunks: int | None = None
     # drop | pad: how every rank gets the same number of training batches; none: keep a short last
     # batch (the reference's drop_last=False; one process only, ranks could differ in batch count)
     remainder: str = "drop"

@@ -9,7 +9,7 @@ overrides such as ``expression.genes=[CD3E,CD4]`` work and unknown keys fail at 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -31,12 +31,12 @@ LATENTS = {"joint": "joint", "expression": "rna", "accessibility": "atac"}
 
 @dataclass
 class EmbedOptions:
-    umap_png: Optional[str] = None  # also draw a UMAP of the joint latent coloured by batch/modality/label
+    umap_png: str | None = None  # also draw a UMAP of the joint latent coloured by batch/modality/label
 
 
 @dataclass
 class ExpressionOptions:
-    genes: Optional[list[str]] = None  # gene-name subset (None = all genes, model order)
+    genes: list[str] | None = None  # gene-name subset (None = all genes, model order)
     # a batch label or integer code, or a list of them (averaged); None = each cell's own batch
     transform_batch: Any = None
     library_size: Any = 1.0  # a positive number, or "observed" (the cell's own RNA count)
@@ -45,26 +45,26 @@ class ExpressionOptions:
 
 @dataclass
 class AccessibilityOptions:
-    regions: Optional[list[str]] = None  # region-name subset (None = all regions, model order)
+    regions: list[str] | None = None  # region-name subset (None = all regions, model order)
     transform_batch: Any = None  # as in expression (a list is averaged)
     normalize_cells: bool = False
     normalize_regions: bool = False
-    threshold: Optional[float] = None  # keep p >= threshold only, written sparse (CSR); 0 = null (dense)
+    threshold: float | None = None  # keep p >= threshold only, written sparse (CSR); 0 = null (dense)
     dtype: str = "float32"  # float32 | float16 | uint8 (round(255 p); uns['multivi']['scale'] = 1/255)
     # dense X compressed with blosc lz4? null = only uint8 (float probabilities shrink ~18 % for ~35 us of
     # CPU per cell; uncompressed chunks are written straight from the decoder output, trainer/jobs/direct_io.py)
-    compress: Optional[bool] = None
+    compress: bool | None = None
 
 
 @dataclass
 class DiffOptions:
     """``de`` / ``da`` (docs/inference_de.md). Defaults are the reference's (scvi-tools 1.5 MULTIVI)."""
 
-    groupby: Optional[str] = None  # obs column of the store; with group1=None: one-vs-rest for every group
-    group1: Optional[list[str]] = None
-    group2: Optional[str] = None  # None = the rest of the cells
-    cells1: Optional[str] = None  # explicit cell sets instead of groupby: a text file of cell ids, one per line
-    cells2: Optional[str] = None  # None = every cell not in cells1
+    groupby: str | None = None  # obs column of the store; with group1=None: one-vs-rest for every group
+    group1: list[str] | None = None
+    group2: str | None = None  # None = the rest of the cells
+    cells1: str | None = None  # explicit cell sets instead of groupby: a text file of cell ids, one per line
+    cells2: str | None = None  # None = every cell not in cells1
     mode: str = "change"  # vanilla | change
     delta: Any = None  # change mode: a number; null = the reference's default (de 0.25, da 0.05); "auto"
     pseudocounts: Any = 1e-6  # change mode: a number, or "auto" (estimated from non-expressed features)
@@ -72,7 +72,7 @@ class DiffOptions:
     fdr_target: float = 0.05
     batch_correction: bool = False  # decode each group under every batch and pair samples within batch
     n_samples_overall: int = 5000  # scale samples per group (cells drawn with replacement, seeded by `seed`)
-    features: Optional[list[str]] = None  # gene (de) / region (da) subset, by name
+    features: list[str] | None = None  # gene (de) / region (da) subset, by name
     block_mb: int = 1024  # memory for both groups' (samples x features) blocks; more features -> feature blocks
     format: str = "csv"  # csv | parquet
 
@@ -106,7 +106,7 @@ class ExportOptions:
     # given, is checked against the model); from_scvi: import a trained scvi-tools MULTIVI directory into
     # our model format at output (trainer/scvi_io.py)
     direction: str = "to_scvi"
-    source: Optional[str] = None  # from_scvi: the scvi-tools model directory (holding model.pt) to import
+    source: str | None = None  # from_scvi: the scvi-tools model directory (holding model.pt) to import
 
     def __post_init__(self) -> None:
         if self.direction not in ("to_scvi", "from_scvi"):
@@ -116,8 +116,8 @@ class ExportOptions:
 @dataclass
 class InferConfig:
     # required by every job except export from_scvi (which reads export.source); checked below
-    model_dir: Optional[str] = None  # a run directory (its model/ is used) or an exported model directory
-    store: Optional[str] = None  # store to run on: the training store or one with the same features
+    model_dir: str | None = None  # a run directory (its model/ is used) or an exported model directory
+    store: str | None = None  # store to run on: the training store or one with the same features
     job: str = "embed"
     output: str = MISSING  # output path (embed: an AnnData .zarr directory)
     batch_size: int = 1024  # cells per forward pass = rows per output chunk (one done-marker each)
