@@ -44,3 +44,19 @@ def test_zero_stage_trains_and_resumes_exactly(store, tmp_path, stage):
     b = load_file(str(resumed / "model" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6, msg=f"{k} differs after resume")
+
+
+def test_the_guard_skips_a_nan_gradient_on_every_rank_under_every_zero_stage(store, tmp_path):
+    """A finite loss with a NaN gradient on rank 1 only: ZeRO 0 used to apply it (NaN weights), ZeRO 1/2
+    skipped it inside DeepSpeed while the loop counted the step as good and stepped the classifier."""
+    from tests.train_utils import ROOT, torchrun
+
+    torchrun([str(ROOT / "tests" / "workers" / "ds_guard.py"), str(store), str(tmp_path / "out")], nproc=2)
+    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
+    for stage in ("0", "1", "2"):
+        for r in ranks:
+            steps = r[stage]["steps"]
+            assert [s["skipped"] for s in steps] == [False, True, False], (stage, steps)
+            assert steps[1]["unchanged"] and not steps[0]["unchanged"] and not steps[2]["unchanged"], (stage, steps)
+            assert r[stage]["skipped_total"] == 1 and r[stage]["nan_params"] == 0, (stage, r[stage])
+        assert ranks[0][stage]["checksum"] == ranks[1][stage]["checksum"], stage  # the ranks stayed in step

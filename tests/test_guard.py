@@ -60,6 +60,51 @@ def test_the_bad_term_is_named_and_a_nonfinite_gradient_is_caught():
     assert guard.check(1, {"loss": float("nan"), "recon_atac": torch.tensor(float("inf"))}) is True
     assert guard.history[-1] == "step 1: non-finite loss, recon_atac"
     assert guard.check(2, {"loss": 1.0}) is False
+    guard.step_taken()  # the optimizer stepped: the streak ends
     assert guard.check(3, {"grad_norm": float("inf")}) is True
     with pytest.raises(NonFiniteError, match="step 4.*grad_norm"):
         guard.check(4, {"grad_norm": float("nan")})
+
+
+def _setup(tmp_path, n_batches=4):
+    store = tiny_store(tmp_path / "store", n_cells=300)
+    cfg = load_config({"data": {"store": str(store)}, "model": {"n_hidden": 16, "n_latent": 4}})
+    torch.manual_seed(0)
+    stream = StoreStream(store, 32, chunk_size=16, prefetch=0)
+    module = build_module(stream.meta, cfg)
+    w = wrap(module, build_classifier(module), cfg.optim, cfg.dist, torch.device("cpu"), 32)
+    return module, w, [to_device(b, "cpu") for b, _ in zip(stream, range(n_batches), strict=False)]
+
+
+def test_a_nan_gradient_with_a_finite_loss_stops_the_run_after_k_steps(tmp_path):
+    """The loss terms pass their check and the gradient norm fails its own: still one bad step in a row
+    each time (a passing loss check used to reset the streak, so such a run never stopped)."""
+    module, w, batches = _setup(tmp_path)
+    guard = StepGuard(max_bad_steps=3)
+    hook = next(module.parameters()).register_hook(lambda g: g * float("nan"))
+    assert train_one_step(w, batches[0], 1.0, None, guard, 0) is None
+    assert train_one_step(w, batches[1], 1.0, None, guard, 1) is None
+    assert guard.consecutive == 2
+    with pytest.raises(NonFiniteError, match="step 2: 3 consecutive.*grad_norm"):
+        train_one_step(w, batches[2], 1.0, None, guard, 2)
+    hook.remove()
+    assert train_one_step(w, batches[3], 1.0, None, StepGuard(max_bad_steps=3), 3) is not None
+
+
+def test_an_fp16_overflow_skip_backs_off_the_loss_scale(tmp_path):
+    """fp16 (GPU) enables the GradScaler; an overflowing step is skipped by the guard after unscale_.
+    The scaler must still update(): the scale halves, and the next step's unscale_ does not raise
+    'unscale_() has already been called on this optimizer since the last update()'."""
+    module, w, batches = _setup(tmp_path)
+    w.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120, enabled=True)  # what fp16 builds, overflowing
+    guard = StepGuard(max_bad_steps=50)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    assert train_one_step(w, batches[0], 1.0, None, guard, 0) is None
+    assert w.scaler.get_scale() == 2.0**119
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    step, out = 1, None
+    while out is None and step < 40:  # the scale backs off until the step fits, then training proceeds
+        out = train_one_step(w, batches[step % len(batches)], 1.0, None, guard, step)
+        step += 1
+    assert out is not None and guard.consecutive == 0 and w.scaler.get_scale() < 2.0**119

@@ -42,11 +42,14 @@ class StepGuard:
     history: list[str] = field(default_factory=list)
 
     def check(self, step: int, terms: dict[str, torch.Tensor | float]) -> bool:
-        """Collective. True if the step must be skipped on every rank (some rank saw a bad term)."""
+        """Collective. True if the step must be skipped on every rank (some rank saw a bad term).
+
+        A passing check does not end a streak of bad steps: a step is checked more than once (loss
+        terms, then the gradient norm), and a finite loss with a NaN gradient must still count as one
+        more bad step in a row. Only :meth:`step_taken` (the optimizer stepped) resets the streak."""
         local_bad = bad_terms(terms)
         skip = dist.any_rank(bool(local_bad))
         if not skip:
-            self.consecutive = 0
             return False
         self.consecutive += 1
         self.skipped_total += 1
@@ -61,8 +64,9 @@ class StepGuard:
                 f"{self.last_good_checkpoint or 'none written yet'}")
         return True
 
-    def grad_norm_ok(self, norm: float) -> bool:
-        return math.isfinite(norm)
+    def step_taken(self) -> None:
+        """The step passed every check and the optimizer stepped: the streak of bad steps ends."""
+        self.consecutive = 0
 
     def state_dict(self) -> dict:
         return {"consecutive": self.consecutive, "skipped_total": self.skipped_total,

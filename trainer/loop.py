@@ -88,6 +88,7 @@ def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor 
     saved = [b.detach().clone() for b in buffers]
 
     def skip() -> None:
+        w.on_skip()
         w.zero_grad()
         with torch.no_grad():
             for b, s in zip(buffers, saved, strict=True):
@@ -117,7 +118,13 @@ def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor 
         return None
     w.step()
     if norm is None:
+        # backends that know the norm only inside their step (DeepSpeed ZeRO 1/2) skip a non-finite
+        # one there themselves; the guard still counts it, and the classifier must not step either
         norm = w.grad_norm_after_step()
+        if norm is not None and guard.check(step, {"grad_norm": norm}):
+            skip()
+            return None
+    guard.step_taken()
     values["grad_norm"] = float("nan") if norm is None else norm
     if w.classifier is not None:
         values["classifier"] = float(w.classifier_step(out.z, batch[keys.BATCH]))

@@ -169,6 +169,9 @@ class Wrapped:
     def grad_norm_after_step(self) -> float | None:
         return None
 
+    def on_skip(self) -> None:
+        """The loop skips this step (a non-finite term): undo what the backend did for it so far."""
+
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
         if self.classifier is not None:
@@ -202,6 +205,7 @@ class DDPWrapped(Wrapped):
         self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, eps=optim.eps,
                                            weight_decay=optim.weight_decay, fused=_fused(self.params))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self._unscaled = False  # unscale_ ran this step (fp16): a skip must still update() the scaler
         self.grad_clip = optim.grad_clip
 
     def forward(self, batch, kl_weight, eps=None):
@@ -215,6 +219,7 @@ class DDPWrapped(Wrapped):
     def grad_norm_before_step(self) -> float | None:
         """Global norm of the (already all-reduced) VAE gradients; clips them if configured."""
         self.scaler.unscale_(self.optimizer)
+        self._unscaled = self.scaler.is_enabled()
         params = [p for p in self.params if p.grad is not None]
         if self.grad_clip is not None:
             return float(nn.utils.clip_grad_norm_(params, self.grad_clip))
@@ -223,6 +228,15 @@ class DDPWrapped(Wrapped):
     def step(self) -> None:
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._unscaled = False
+
+    def on_skip(self) -> None:
+        # fp16: an overflow (inf gradient) is skipped by the guard after unscale_; without update() the
+        # scale would never back off and the next unscale_ raises "already been called ... since the
+        # last update()". update() sees the recorded inf and halves the scale, as GradScaler.step would.
+        if self._unscaled:
+            self.scaler.update()
+            self._unscaled = False
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -263,6 +277,7 @@ class DeepSpeedWrapped(Wrapped):
         import deepspeed
 
         on_gpu = device.type == "cuda"
+        self.zero_stage = dcfg.zero_stage
         ds_config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
@@ -287,7 +302,13 @@ class DeepSpeedWrapped(Wrapped):
         self.engine.backward(loss)
 
     def grad_norm_before_step(self) -> float | None:
-        # ZeRO partitions gradients, so the global norm is only known inside DeepSpeed's step
+        """ZeRO 0: the global norm of the all-reduced gradients (engine.backward reduced them), which the
+        guard checks before the step -- DeepSpeed's stage 0 would apply a NaN gradient. ZeRO 1/2
+        partition the gradients, so their norm is only known inside DeepSpeed's step, which skips the
+        update itself when it is not finite (zero/stage_1_and_2.py, ``step``: overflow -> zero_grad,
+        return); the loop then checks ``grad_norm_after_step``."""
+        if self.zero_stage == 0:
+            return _total_norm(self.params)
         return None
 
     def grad_norm_after_step(self) -> float | None:
