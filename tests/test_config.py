@@ -50,10 +50,25 @@ def test_missing_store_is_named():
                                           ("dist.zero_stage=3", "dist.zero_stage"),
                                           ("run.keep=first", "run.keep"),
                                           ("logger.wandb_mode=loud", "logger.wandb_mode"),
-                                          ("data.batch_size=abc", "data.batch_size")])
+                                          ("data.batch_size=abc", "data.batch_size"),
+                                          # accepted before, then crashed (log_every: modulo by zero) or
+                                          # misbehaved (patience 0 stopped after an improving epoch)
+                                          ("logger.log_every=0", "logger.log_every"),
+                                          ("run.patience=0", "run.patience"),
+                                          ("run.max_steps=0", "run.max_steps"),
+                                          ("run.checkpoint_every_steps=0", "run.checkpoint_every_steps"),
+                                          ("run.max_bad_steps=0", "run.max_bad_steps"),
+                                          ("data.num_workers=-1", "data.num_workers")])
 def test_bad_values_are_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(_compose("data.store=/x", override))
+
+
+def test_workers_need_prefetch():
+    # torch's DataLoader asserts on prefetch_factor=0 with workers, after the run has started
+    with pytest.raises(ConfigError, match=r"data\.prefetch must be >= 1 with data\.num_workers=2"):
+        load_config(_compose("data.store=/x", "data.num_workers=2", "data.prefetch=0"))
+    assert load_config(_compose("data.store=/x", "data.num_workers=0", "data.prefetch=0")).data.prefetch == 0
 
 
 @pytest.mark.parametrize("overrides", [("run.validate_every_epochs=0",),

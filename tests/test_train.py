@@ -139,3 +139,49 @@ def test_size_factor_model_trains_and_its_library_is_the_observed_count(store, t
     out = infer(InferConfig(model_dir=res.model_dir, store=str(store), output=str(tmp_path / "emb.zarr"),
                             job="expression", batch_size=256, progress=False))
     assert out["n_cells"] == 1200 and (tmp_path / "emb.zarr").is_dir()
+
+
+def test_resume_none_refuses_an_earlier_runs_checkpoints(store, tmp_path):
+    """Pruning keeps the highest step numbers: a resume=none run into a directory with an earlier run's
+    checkpoints deleted its own as it wrote them, and a later resume=auto loaded the old run."""
+    from trainer import checkpoint as ckpt
+    from trainer.config import ConfigError
+
+    run = tmp_path / "run"
+    train(tiny_config(store, run, **{"run.epochs": 2}))
+    before = ckpt.complete_checkpoints(run)
+    with pytest.raises(ConfigError, match=r"run\.resume=none.*already holds checkpoints.*run\.resume=auto"):
+        train(tiny_config(store, run, **{"run.epochs": 1, "run.resume": "none"}))
+    assert ckpt.complete_checkpoints(run) == before
+
+
+def test_step_warmup_with_zero_epoch_warmup_changes_within_the_epoch(store, tmp_path):
+    """n_epochs_kl_warmup=0 means step-based warm-up in the schedule (as null does): the loop must
+    recompute the weight every step, not once per epoch (that also made mid-epoch resumes inexact)."""
+    n = 7
+    extra = {"run.epochs": 2, "optim.n_epochs_kl_warmup": 0, "optim.n_steps_kl_warmup": n, "logger.log_every": 1}
+    train(tiny_config(store, tmp_path / "run", **extra))
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(rows) > n
+    for r in rows:  # logged after the step: the weight of step s - 1
+        assert r["kl_weight"] == pytest.approx(min((r["step"] - 1) / n, 1.0)), r
+
+
+def test_a_nan_validation_never_becomes_the_best(store, tmp_path, monkeypatch):
+    """nothing compares below NaN: a NaN first validation became `best` for good, later real
+    improvements were counted as none, and early stopping fired on a model that was improving."""
+    from trainer import loop
+
+    real, calls = loop.validate, []
+
+    def first_nan(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out["reconstruction_loss_validation"])
+        if len(calls) == 1:
+            out["reconstruction_loss_validation"] = float("nan")
+        return out
+
+    monkeypatch.setattr(loop, "validate", first_nan)
+    res = train(tiny_config(store, tmp_path / "run", **{"run.epochs": 4, "run.patience": 2}))
+    assert res.epochs == 4 and not res.stopped_early
+    assert res.best == min(calls[1:])  # the real values after the NaN one decrease as it trains

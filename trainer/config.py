@@ -46,6 +46,13 @@ class DataConfig:
         for key in ("chunk_size", "window_chunks"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1 or null, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.num_workers > 0 and self.prefetch < 1:  # torch's DataLoader asserts on it after start-up
+            raise ConfigError(f"data.prefetch must be >= 1 with data.num_workers={self.num_workers}, "
+                              f"got {self.prefetch}")
+        if self.prefetch < 0:
+            raise ConfigError(f"data.prefetch must be >= 0, got {self.prefetch}")
 
 
 @dataclass
@@ -124,6 +131,8 @@ class LoggerConfig:
     def __post_init__(self) -> None:
         if self.wandb_mode not in ("online", "offline", "disabled"):
             raise ConfigError(f"logger.wandb_mode must be online, offline or disabled, got {self.wandb_mode!r}")
+        if self.log_every < 1:
+            raise ConfigError(f"logger.log_every must be >= 1, got {self.log_every}")
 
 
 @dataclass
@@ -139,7 +148,7 @@ class RunConfig:
     monitor: str = "reconstruction_loss_validation"
     keep: str = "last"  # last | best: which weights the exported model holds
     checkpoint_every_steps: int | None = None  # extra mid-epoch checkpoints; one is always written per epoch
-    keep_checkpoints: int = 2  # newest complete checkpoints kept on disk
+    keep_checkpoints: int = 2  # newest complete checkpoints kept on disk (0 = keep all)
     seed: int = 0
     output_dir: str = "outputs/run"  # chosen ONCE before ranks start (never Hydra's per-process timestamp)
     resume: str = "auto"  # auto | none | <path of a checkpoint directory>
@@ -153,6 +162,13 @@ class RunConfig:
             raise ConfigError(f"run.keep must be last or best, got {self.keep!r}")
         if self.epochs < 1:
             raise ConfigError(f"run.epochs must be >= 1, got {self.epochs}")
+        # 0 would be accepted and then misbehave: patience 0 stops after an improving validation,
+        # max_steps 0 still takes a step, max_bad_steps 0 stops at the first skip
+        for key in ("patience", "max_steps", "checkpoint_every_steps", "max_bad_steps"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                nullable = " or null" if key in ("max_steps", "checkpoint_every_steps") else ""
+                raise ConfigError(f"run.{key} must be >= 1{nullable}, got {value}")
         if self.validate_every_epochs < 0:
             raise ConfigError(f"run.validate_every_epochs must be >= 0, got {self.validate_every_epochs}")
         if self.validate_every_epochs == 0 and (self.early_stopping or self.keep == "best"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -231,6 +232,15 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     # ---- resume
     code = ckpt.code_fingerprint()  # at start, close to when the modules were imported
     epoch, step, batches_done, best, bad_epochs, stopped = 0, 0, 0, None, 0, False
+    if cfg.run.resume == "none":
+        # an earlier run's checkpoints would outlive this run's: pruning keeps the highest step numbers,
+        # so this run's own would be deleted as written and a later resume=auto would load the old run
+        done = ckpt.complete_checkpoints(run_dir)
+        old = dist.broadcast_object(str(done[-1]) if done else "")
+        if old:
+            raise ConfigError(f"run.resume=none, but run.output_dir={run_dir} already holds checkpoints of an "
+                              f"earlier run (newest: {old}): use run.resume=auto to continue that run, or another "
+                              f"run.output_dir (or delete {ckpt.checkpoints_root(run_dir)}) to start afresh")
     path = dist.broadcast_object(str(ckpt.find_resume(run_dir, cfg.run.resume) or ""))
     if path:
         state, rank_state = ckpt.load_states(path, info.rank, info.world_size)
@@ -293,7 +303,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             if batch is None:
                 break
             batch = to_device(batch, info.device)
-            if cfg.optim.n_epochs_kl_warmup is None:  # step-based warm-up changes within the epoch
+            if not cfg.optim.n_epochs_kl_warmup:  # step-based warm-up (null or 0, as kl_weight reads it)
                 kl_w = kl_schedule(epoch, step, None, cfg.optim.n_steps_kl_warmup)
             eps = step_noise(cfg.run.seed, step, info.rank, info.world_size, batch[keys.BATCH].shape[0],
                              module.n_latent, info.device)
@@ -324,7 +334,11 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             last_val = {}
         if last_val:
             value = last_val[cfg.run.monitor]
-            improved = best is None or value < best - cfg.run.min_delta
+            # a NaN validation would become `best` for good (nothing compares below NaN): it counts as
+            # no improvement instead, and the run says so
+            if not math.isfinite(value):
+                dist.print0(f"[train] warning: {cfg.run.monitor} is {value} after epoch {epoch}: not an improvement")
+            improved = math.isfinite(value) and (best is None or value < best - cfg.run.min_delta)
             if improved:
                 best, bad_epochs = value, 0
             else:

@@ -41,6 +41,7 @@ def ensure_model(path: Path, store: Path) -> str:
         how = f"copy of {src.relative_to(ROOT)} (ours, trained 1 epoch on 1M mva-synth cells)"
     else:
         run = BENCH / "infer_model_run"
+        shutil.rmtree(run, ignore_errors=True)  # resume=none refuses an earlier run's checkpoints
         subprocess.run([sys.executable, "-m", "trainer.train", f"data.store={store}", "run.epochs=1",
                         f"run.output_dir={run}", "run.resume=none", "logger.plot=false"],
                        cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})

@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +106,7 @@ def worker_ours(store: str, batch_size: int, epochs: int, out_dir: str, seed: in
                        "run": {"epochs": epochs, "output_dir": out_dir, "resume": "none", "early_stopping": False,
                                "keep_checkpoints": 1, "seed": seed, "validate_every_epochs": int(validate)},
                        "logger": {"log_every": 10**9, "plot": False}, "dist": {"precision": precision}})
+    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run each time (resume=none refuses old checkpoints)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     res = train(cfg)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0

@@ -8,6 +8,7 @@ user would give it). Hidden counts are never written anywhere the trainer reads.
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,7 @@ def train_ours(data: PairedData, sc: Scenario, s: TrainSettings, work: Path,
 
     store, order = build_view_store(data, sc, work)
     t0 = time.perf_counter()
+    shutil.rmtree(work / "run", ignore_errors=True)  # a fresh run (resume=none refuses an old run's checkpoints)
     with _ablation(s, init_state):
         res = train(ours_config(store, s, work / "run"))
     seconds = time.perf_counter() - t0
