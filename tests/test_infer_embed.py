@@ -205,3 +205,46 @@ def test_umap_png_is_drawn_after_the_embedding(trained, tmp_path):
     png = tmp_path / "umap.png"
     summary = infer(_cfg(store, run, tmp_path / "emb.zarr", embed=EmbedOptions(umap_png=str(png))))
     assert png.is_file() and png.stat().st_size > 1000 and summary["umap"]["n_cells"] == N_CELLS
+
+
+def test_each_modalitys_samples_do_not_depend_on_the_other_latents(trained, tmp_path):
+    """Every modality draws from the chunk's seed: asking for more latents must not change one's samples."""
+    store, run = trained
+    infer(_cfg(store, run, tmp_path / "all.zarr", give_mean=False))
+    infer(_cfg(store, run, tmp_path / "rna.zarr", give_mean=False, modalities=["expression"]))
+    np.testing.assert_array_equal(_obsm(tmp_path / "all.zarr")["X_multivi_expression"],
+                                  _obsm(tmp_path / "rna.zarr")["X_multivi_expression"])
+
+
+def test_ln_latent_means_are_on_the_simplex(trained, tmp_path):
+    """latent_distribution=ln: the reported mean is E[softmax(z)] (it was the raw Gaussian mean mu, off
+    the simplex), equal to the average of many softmax samples."""
+    from tests.train_utils import tiny_config
+    from trainer.predict import ln_mean
+    from trainer.train import train
+
+    store, _ = trained
+    res = train(tiny_config(store, tmp_path / "ln", **{"model.latent_distribution": "ln", "run.epochs": 1}))
+    infer(_cfg(store, res.run_dir, tmp_path / "mean.zarr", modalities=["joint"]))
+    z = _obsm(tmp_path / "mean.zarr")["X_multivi"]
+    np.testing.assert_allclose(z.sum(1), 1.0, rtol=1e-5)
+    assert (z > 0).all()
+    torch.manual_seed(0)
+    m, v = torch.randn(4, 6), torch.rand(4, 6) + 0.5
+    mc = torch.softmax(m + torch.randn(200_000, 4, 6) * v.sqrt(), dim=-1).mean(0)
+    torch.testing.assert_close(ln_mean(m, v), mc, atol=0.025, rtol=0)  # 1,000 draws: MC sd <= ~0.008
+
+
+def test_inference_functions_keep_every_tensor_on_the_batchs_device(trained):
+    """No GPU here: the meta device makes the same cross-device check CUDA would. A CPU eps next to the
+    posterior on the device raised on every inference job except the default embedding."""
+    from tests.infer_utils import dense_batch
+    from trainer import predict
+
+    store, run = trained
+    module, info = load_model(run / "model")
+    b = {k: v[:10].to("meta") for k, v in dense_batch(store, info).items()}
+    module = module.to("meta")
+    assert predict.latent(module, b).device.type == "meta"
+    assert predict.normalized_expression(module, b, library_size=1e4).device.type == "meta"
+    assert predict.normalized_accessibility(module, b).device.type == "meta"

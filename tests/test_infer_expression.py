@@ -118,8 +118,9 @@ def test_crash_and_rerun_equals_a_clean_run_with_column_chunks(trained, tmp_path
     # a bounded column width: 96 rows x 960 elements -> 10-column chunks, so a row block spans 5 chunks
     monkeypatch.setattr(common, "MAX_CHUNK_ELEMENTS", 960)
     out = tmp_path / "x.zarr"
+    # a tuple, as a Python caller may pass it: job.json holds a list, and the resume must still match
     cfg = infer_cfg(store, run, out, job="expression",
-                    expression=ExpressionOptions(genes=[f"gene_{i:05d}" for i in range(0, 100, 2)]))
+                    expression=ExpressionOptions(genes=tuple(f"gene_{i:05d}" for i in range(0, 100, 2))))
     monkeypatch.setenv(FAIL_AFTER_ENV, "3")
     with pytest.raises(RuntimeError, match="simulated crash"):
         infer(cfg)
@@ -174,3 +175,20 @@ def test_bad_expression_inputs_give_one_line(trained, tmp_path):
             _run(store, run, tmp_path / "bad.zarr", **opts)
         assert "\n" not in str(exc.value)
         assert not (tmp_path / "bad.zarr").exists() and not (tmp_path / "bad.zarr.partial").exists()
+
+
+def test_float16_overflow_is_refused_not_written_as_inf(trained, tmp_path):
+    store, run = trained
+    with pytest.raises(InferError, match=r"float16 cannot hold .* use expression.dtype=float32"):
+        _run(store, run, tmp_path / "big.zarr", dtype="float16", library_size=1e7)
+    assert not (tmp_path / "big.zarr").exists()
+
+
+def test_an_integer_that_is_a_batch_label_means_that_label():
+    """The store keeps labels as text: a model trained on integer donor ids has labels "1", "2", and the
+    command line's transform_batch=1 arrives as the int 1 -- the batch labelled "1", not code 1."""
+    assert common.batch_codes(1, ["1", "2"], 2) == [0]
+    assert common.batch_codes([2, "1"], ["1", "2"], 2) == [1, 0]
+    assert common.batch_codes(1, ["batch_0", "batch_1"], 2) == [1]  # not a label: a code
+    with pytest.raises(InferError, match="out of range"):
+        common.batch_codes(3, ["1", "2"], 2)

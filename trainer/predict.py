@@ -10,7 +10,8 @@ tested in ``tests/test_improvements.py``:
   accessibility, where the reference used only the first element).
 
 As in the reference, ``use_z_mean=True`` decodes the joint mean mu itself (for ``ln`` latents the
-decoder then sees mu, not softmax(mu): spec gotcha 22).
+decoder then sees mu, not softmax(mu): spec gotcha 22). The *reported* mean of an ``ln`` latent is
+E[softmax(z)] (``ln_mean``), on the simplex like its samples; the reference softmaxes one random draw.
 """
 
 from __future__ import annotations
@@ -54,6 +55,30 @@ def _check_codes(module: MultiVAE, codes: list[int | None]) -> None:
     for c in codes:
         if c is not None and not 0 <= c < module.n_batch:
             raise ValueError(f"batch code {c} out of range [0, {module.n_batch})")
+
+
+LN_MEAN_DRAWS = 1000  # standard-normal draws of ln_mean: MC error ~3 % of a proportion's posterior sd
+
+
+def ln_mean(m: torch.Tensor, v: torch.Tensor, draws: int = LN_MEAN_DRAWS) -> torch.Tensor:
+    """E[softmax(z)] for z ~ N(m, v) (B, d): the posterior mean of an ``ln`` latent.
+
+    Monte Carlo over ``draws`` fixed standard-normal vectors (seed 0, shared by every cell), so a cell's
+    value depends only on its own posterior: not on the chunking, the world size or other RNG use.
+    """
+    g = torch.Generator(device=m.device).manual_seed(0)
+    eps = torch.randn(draws, m.shape[-1], generator=g, device=m.device, dtype=m.dtype)
+    sd, out = v.sqrt(), torch.zeros_like(m)
+    for part in eps.split(100):  # (100, B, d) at a time: bounded memory at any batch size
+        out += F.softmax(m.unsqueeze(0) + part.unsqueeze(1) * sd.unsqueeze(0), dim=-1).sum(0)
+    return out / draws
+
+
+def _zero_noise(module: MultiVAE, batch: dict) -> torch.Tensor:
+    """eps = 0 for the inference pass (means only), on the batch's device (a CPU eps next to a CUDA
+    posterior raised on every GPU inference job but the default embedding)."""
+    mask = batch[keys.MASK]
+    return torch.zeros(mask.shape[0], module.n_latent, dtype=module.dtype, device=mask.device)
 
 
 def _latent_draws(module: MultiVAE, inf: dict, n_samples: int, use_z_mean: bool) -> torch.Tensor:
@@ -109,23 +134,22 @@ def _reduce_draws(x: torch.Tensor, return_mean: bool) -> torch.Tensor:
 def latent(
     module: MultiVAE, batch: dict, modality: str = "joint", give_mean: bool = True, n_samples: int = 1
 ) -> torch.Tensor:
-    """Latent means (B, d), or ``n_samples`` posterior samples (S, B, d) when ``give_mean=False``.
+    """Latent means (B, d), or ``n_samples`` posterior samples (S, B, d) when ``give_mean=False``
+    (``ln`` latents: E[softmax(z)] and softmax(z) samples).
 
     ``modality``: "joint", "rna" or "atac" (per-modality posteriors are computed for every cell,
     including cells lacking that modality: mask with ``batch["mask"]``).
     """
     if modality not in ("joint", "rna", "atac"):
         raise ValueError(f"modality must be 'joint', 'rna' or 'atac', got {modality!r}")
-    inf = module.inference(
-        batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype)
-    )
+    inf = module.inference(batch, eps=_zero_noise(module, batch))
     m, v = (
         (inf["qz_m"], inf["qz_v"])
         if modality == "joint"
         else (inf[f"qzm_{modality}"], inf[f"qzv_{modality}"])
     )
     if give_mean:
-        return m
+        return ln_mean(m, v) if module.latent_distribution == "ln" else m
     untran = m + torch.randn((n_samples, *m.shape), dtype=m.dtype, device=m.device) * v.sqrt()
     return F.softmax(untran, dim=-1) if module.latent_distribution == "ln" else untran
 
@@ -151,9 +175,7 @@ def normalized_expression(
     """
     codes = resolve_batch_codes(transform_batch, categories)
     _check_codes(module, codes)
-    inf = module.inference(
-        batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype)
-    )
+    inf = module.inference(batch, eps=_zero_noise(module, batch))
     z = _latent_draws(module, inf, n_samples, use_z_mean)
     scale = _mean_over_codes(module, batch, z, codes, "rna")  # (S, B, G)
     if library_size is not None:
@@ -162,7 +184,7 @@ def normalized_expression(
             total = row_totals(x).to(scale.dtype)
             lib = torch.where(inf["mask"][:, 0], total, torch.exp(inf["lib_rna"][:, 0]))
         elif isinstance(library_size, (int, float)) and library_size > 0:
-            lib = torch.full((scale.shape[1],), float(library_size), dtype=scale.dtype)
+            lib = torch.full((scale.shape[1],), float(library_size), dtype=scale.dtype, device=scale.device)
         else:
             raise ValueError(
                 f"library_size must be None, a positive number or 'observed', got {library_size!r}"
@@ -191,9 +213,7 @@ def normalized_accessibility(
     _check_codes(module, codes)
     if normalize_regions and module.region_factors is None:
         raise ValueError("normalize_regions=True needs a model trained with region_factors=True")
-    inf = module.inference(
-        batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent, dtype=module.dtype)
-    )
+    inf = module.inference(batch, eps=_zero_noise(module, batch))
     z = _latent_draws(module, inf, n_samples, use_z_mean)
     p = _mean_over_codes(module, batch, z, codes, "atac")
     if normalize_cells:

@@ -84,6 +84,7 @@ class Progress:
     def start(self, fingerprint: dict) -> None:
         """Create the directory, or check that an existing one belongs to the same job settings."""
         f = self.dir / "job.json"
+        fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back: tuples become lists
         if f.is_file():
             old = json.loads(f.read_text())
             if old != fingerprint:
@@ -132,7 +133,10 @@ def select_features(wanted: list[str] | None, names: list[str], what: str) -> tu
 def batch_codes(transform_batch, categories: list[str], n_batch: int) -> list[int] | None:
     """``transform_batch`` (None, a label/code, or a list of them) -> batch codes, or None (own batch).
 
-    Strings are batch labels of the model (its batch categories), integers are codes."""
+    Strings are batch labels of the model (its batch categories), integers are codes -- except an
+    integer whose text is one of the labels: the store keeps every label as text, so a model trained
+    on integer donor ids has labels "1", "2", ..., and the command line's ``transform_batch=1`` means
+    the batch labelled "1" (as the reference's accessors read it), not the second batch."""
     if transform_batch is None:
         return None
     items = [transform_batch] if isinstance(transform_batch, (str, int)) else list(transform_batch)
@@ -143,6 +147,8 @@ def batch_codes(transform_batch, categories: list[str], n_batch: int) -> list[in
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (str, int)):
             raise InferError(f"transform_batch entries must be batch labels or integer codes, got {item!r}")
+        if isinstance(item, int) and str(item) in cats:
+            item = str(item)
         if isinstance(item, str):
             if item not in cats:
                 shown = cats[:10] + (["..."] if len(cats) > 10 else [])

@@ -5,9 +5,11 @@ order, ``obsm['X_multivi']`` (joint), ``obsm['X_multivi_expression']`` / ``['X_m
 (per-modality posteriors, computed for every cell as in the reference: a cell without RNA still gets
 an expression latent from its encoder; mask with the store's modality columns if needed).
 
-``give_mean=true`` (default) writes posterior means (the reference's ``give_mean=True``);
-``give_mean=false`` writes ``n_samples`` posterior draws: (cells, d) for one, (cells, n_samples, d)
-for several; each chunk seeds from (seed, chunk id), so draws do not depend on world size or restarts.
+``give_mean=true`` (default) writes posterior means (the reference's ``give_mean=True``; for ``ln``
+latents E[softmax(z)], ``predict.ln_mean``); ``give_mean=false`` writes ``n_samples`` posterior draws:
+(cells, d) for one, (cells, n_samples, d) for several; each chunk seeds from (seed, chunk id), and every
+modality from that same state, so draws depend neither on world size, restarts, nor on which other
+latents the job writes.
 
 Chunking, sharding over ranks, restart and finalize: ``trainer.jobs.runner``. With
 ``embed.umap_png`` set, rank 0 draws a UMAP picture of the finished output (``trainer.jobs.umap``).
@@ -22,12 +24,13 @@ import zarr
 from data import keys
 from trainer.infer_config import LATENTS, InferConfig
 from trainer.jobs.runner import FAIL_AFTER_ENV, ChunkJob, JobContext, create_dense, open_job, run_chunked
-from trainer.predict import latent
+from trainer.predict import latent, ln_mean
 
 __all__ = ["FAIL_AFTER_ENV", "obsm_key", "run_embed"]
 
 # predict.latent's posterior means, read from ONE encoder pass (calling it per modality encodes 3x)
 _MEAN_KEYS = {"joint": "qz_m", "rna": "qzm_rna", "atac": "qzm_atac"}
+_VAR_KEYS = {"joint": "qz_v", "rna": "qzv_rna", "atac": "qzv_atac"}
 
 
 def obsm_key(modality: str) -> str:
@@ -68,10 +71,16 @@ def _latents(module, batch: dict, cfg: InferConfig) -> dict[str, torch.Tensor]:
     if cfg.give_mean:
         inf = module.inference(batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent,
                                                       dtype=module.dtype, device=batch[keys.MASK].device))
+        if module.latent_distribution == "ln":  # E[softmax(z)], as predict.latent reports it
+            return {m: ln_mean(inf[_MEAN_KEYS[LATENTS[m]]], inf[_VAR_KEYS[LATENTS[m]]]) for m in cfg.modalities}
         return {m: inf[_MEAN_KEYS[LATENTS[m]]] for m in cfg.modalities}
     out = {}
+    device = batch[keys.MASK].device
     for m in cfg.modalities:
-        z = latent(module, batch, modality=LATENTS[m], give_mean=False, n_samples=cfg.n_samples)
+        # every modality draws from the chunk's seed (the RNG state is restored after each), so its
+        # samples do not depend on which other latents are requested, and equal api.latent's
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            z = latent(module, batch, modality=LATENTS[m], give_mean=False, n_samples=cfg.n_samples)
         out[m] = z[0] if cfg.n_samples == 1 else z.transpose(0, 1)  # (S, B, d) -> (B, S, d)
     return out
 

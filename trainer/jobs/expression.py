@@ -79,6 +79,13 @@ class ExpressionJob(ChunkJob):
 
         x = average_of_draws(decode, cfg.n_samples, hi - lo, module.n_genes + module.n_regions)
         values = x.cpu().numpy().astype(self.dtype, copy=False)
+        if self.dtype == np.float16 and not np.isfinite(values).all():
+            # float16 ends at 65,504: a CPM-style library_size on a highly expressed gene would be
+            # written as inf without a word
+            top = float(x.max())
+            raise InferError(f"expression.dtype=float16 cannot hold {top:.6g} (largest float16: 65504) in cells "
+                             f"{lo}-{hi - 1}: use expression.dtype=float32 or a smaller expression.library_size "
+                             f"(now {self.library_size})")
 
         def store() -> None:
             self.X[lo:hi] = values
