@@ -71,9 +71,20 @@ def _size_factors(table, cells: np.ndarray, mask: np.ndarray) -> np.ndarray:
     over the largest total of the store (``CellTable.atac_library_max``; the same on every rank). An
     unmeasured modality gets 1 (logs stay finite; its loss is masked anyway).
     """
-    lib = table.library[cells]
-    sf = np.stack([np.maximum(lib[:, 0], 1.0), np.clip(lib[:, 1] / table.atac_library_max, 1e-6, 1.0)], axis=1)
+    return size_factor_rows(table.library[cells], mask, table.atac_library_max)
+
+
+def size_factor_rows(totals: np.ndarray, mask: np.ndarray, atac_library_max: float) -> np.ndarray:
+    """(n, 2) size factors from (n, 2) [RNA, ATAC] row totals: the one formula of every input path (the
+    store loader above, the notebook API's in-memory data, the MuData handed to scvi-tools)."""
+    sf = np.stack([np.maximum(totals[:, 0], 1.0), np.clip(totals[:, 1] / atac_library_max, 1e-6, 1.0)], axis=1)
     return np.where(mask, sf, 1.0).astype(np.float32)
+
+
+def atac_library_max(atac_totals: np.ndarray, measured: np.ndarray) -> float:
+    """The largest ATAC total of the measured cells, at least 1 (as ``CellTable.atac_library_max``)."""
+    top = atac_totals[measured]
+    return max(1.0, float(top.max())) if top.size else 1.0
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str, dense: bool = False,

@@ -178,3 +178,23 @@ def test_bad_inputs_fail_clearly(trained, tmp_path):
     other = tiny_store(tmp_path / "other", n_cells=30)  # no covariates: not the model's store
     with pytest.raises(InferError, match="covariates"):
         model.latent(other)
+
+
+def test_size_factor_models_get_the_loaders_size_factors_from_every_input(trained, tmp_path):
+    """use_size_factor: the ATAC factor is the cell's total over the largest total (in (0, 1]); the
+    in-memory API and the MuData for scvi-tools used the raw total, so normalize_cells outputs were
+    ~35x the store's and the reference's."""
+    from data import keys
+    from trainer.scvi_io import SIZE_FACTOR_COLUMNS
+
+    store, _, _ = trained
+    res = train(tiny_config(store, tmp_path / "sf", **{"model.use_size_factor": True, "run.epochs": 1}))
+    model = load(res.run_dir)
+    stream = StoreStream(store, batch_size=N_CELLS, split="all", shuffle=False, prefetch=0, size_factor=True)
+    loader_sf = stream.make_batch(np.arange(N_CELLS))[keys.SIZE_FACTOR].numpy()
+    mdata = store_to_mudata(store)
+    for j, col in enumerate(SIZE_FACTOR_COLUMNS):
+        np.testing.assert_allclose(mdata.obs[col].to_numpy(), loader_sf[:, j], rtol=1e-6)
+    assert 0 < loader_sf[:, 1].min() and loader_sf[:, 1].max() == 1.0
+    np.testing.assert_allclose(model.accessibility(mdata, normalize_cells=True, batch_size=BATCH),
+                               model.accessibility(store, normalize_cells=True), **TOL)

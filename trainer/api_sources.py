@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from data import keys
+from data.collate import atac_library_max, size_factor_rows
 from trainer.jobs.common import open_checked_store
 
 if TYPE_CHECKING:
@@ -225,10 +226,19 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
         b.update({keys.MASK: torch.from_numpy(m.copy()), keys.BATCH: torch.from_numpy(batch[lo:hi]),
                   keys.CAT_COVS: torch.from_numpy(cats[lo:hi]), keys.CONT_COVS: torch.from_numpy(cont[lo:hi]),
                   keys.INDEX: torch.arange(lo, hi, dtype=torch.int64)})
-        if model.module.use_size_factor:  # as data.collate: the row total, 1 for an unmeasured modality
+        if model.module.use_size_factor:  # data.collate's formula (ATAC over the largest total of these cells)
             tot = np.stack([np.asarray(out[mod].sum(axis=1)).ravel() for mod in keys.MODALITIES], axis=1)
-            b[keys.SIZE_FACTOR] = torch.from_numpy(np.where(m, np.maximum(tot, 1.0), 1.0).astype(np.float32))
+            b[keys.SIZE_FACTOR] = torch.from_numpy(size_factor_rows(tot, m, atac_max[0]))
         return b, out
+
+    atac_max = [1.0]
+    if model.module.use_size_factor and keys.ATAC in feats:  # one pass first: the max over all cells
+        j = keys.MASK_COLUMN[keys.ATAC]
+        for lo in range(0, n, batch_size):
+            x, rows, cols = feats[keys.ATAC]
+            hi = min(lo + batch_size, n)
+            part = _rows(x, rows[lo:hi], cols, mask[lo:hi, j])
+            atac_max[0] = max(atac_max[0], atac_library_max(np.asarray(part.sum(axis=1)).ravel(), mask[lo:hi, j]))
 
     if inferred:  # rules 4-5 can count an all-zero row as measured: say so (one pass, a batch at a time)
         zero = [0, 0]

@@ -44,12 +44,13 @@ import torch
 from safetensors.torch import save_file
 
 from data import keys
+from data.collate import atac_library_max, size_factor_rows
 from trainer.export import INFO, WEIGHTS, load_model, weights_of
 from trainer.module import MultiVAE
 from trainer.reference import ours_state_from_reference, reference_state_from_ours, to_reference_layout
 
 SCVI_FILE = "model.pt"
-# obs columns holding the size factors when a model uses them (what our collate computes, spec gotcha 21)
+# obs columns holding the size factors when a model uses them (data.collate.size_factor_rows, spec gotcha 21)
 SIZE_FACTOR_COLUMNS = ("_mva_size_factor_rna", "_mva_size_factor_atac")
 MODALITY_NAMES = {"rna_layer": keys.RNA, "atac_layer": keys.ATAC}
 # MULTIVI constructor options with the same name and meaning as our MultiVAE options
@@ -142,19 +143,22 @@ def store_to_mudata(store, cells: np.ndarray | None = None):
     mats = {mod: sp.vstack([st.read_rows(mod, s, 0, m.shard_offsets[s + 1] - m.shard_offsets[s])
                             for s in range(m.n_shards)], format="csr").astype(np.float32)
             for mod in keys.MODALITIES}
+    totals = np.stack([np.asarray(mats[mod].sum(axis=1)).ravel() for mod in keys.MODALITIES], axis=1)
+    mask = np.stack([obs[f"mask_{mod}"].to_numpy(bool) for mod in keys.MODALITIES], axis=1)
+    atac_max = atac_library_max(totals[:, 1], mask[:, 1])  # over the whole store, as the loader's
     if cells is not None:
         cells = np.asarray(cells, dtype=np.int64)
         obs = obs.iloc[cells]
         mats = {k: v[cells] for k, v in mats.items()}
+        totals, mask = totals[cells], mask[cells]
     obs = obs.copy()
     # setup_mudata writes this column itself, but scvi-tools' registry *transfer* (model.get_...(mdata) on
     # a MuData it has not seen) expects it already present and fails without it
     obs["_indices"] = np.arange(len(obs), dtype=np.int64)
-    for mod, col in zip(keys.MODALITIES, SIZE_FACTOR_COLUMNS):
-        total = np.asarray(mats[mod].sum(axis=1)).ravel()
-        measured = obs[f"mask_{mod}"].to_numpy(bool)
-        obs[col] = np.where(measured, np.maximum(total, 1.0), 1.0).astype(np.float32)
-        n_bad = int((measured & (total == 0)).sum())
+    sf = size_factor_rows(totals, mask, atac_max)
+    for j, (mod, col) in enumerate(zip(keys.MODALITIES, SIZE_FACTOR_COLUMNS, strict=True)):
+        obs[col] = sf[:, j]
+        n_bad = int((mask[:, j] & (totals[:, j] == 0)).sum())
         if n_bad:
             warnings.warn(f"{n_bad} cells measured in {mod} have an all-zero row: scvi-tools will treat that "
                           f"modality as missing for them (our model uses the explicit mask)", stacklevel=2)
