@@ -185,3 +185,23 @@ def test_a_nan_validation_never_becomes_the_best(store, tmp_path, monkeypatch):
     res = train(tiny_config(store, tmp_path / "run", **{"run.epochs": 4, "run.patience": 2}))
     assert res.epochs == 4 and not res.stopped_early
     assert res.best == min(calls[1:])  # the real values after the NaN one decrease as it trains
+
+
+def test_a_max_steps_stop_mid_epoch_continues_exactly_when_the_limit_is_raised(store, tmp_path):
+    """The stop at run.max_steps inside an epoch saves the stream position and the reason: resumed with
+    a larger (or no) limit the run trains on from there and ends with the uninterrupted run's weights
+    (before, the checkpoint said stopped=True with no stream state: the resumed run trained nothing)."""
+    full = train(tiny_config(store, tmp_path / "full", **{"run.epochs": 3, "run.early_stopping": False}))
+    per_epoch = full.steps // 3
+    limit = per_epoch + 2  # inside epoch 1
+    part = tmp_path / "part"
+    first = train(tiny_config(store, part, **{"run.epochs": 3, "run.early_stopping": False, "run.max_steps": limit}))
+    assert first.steps == limit and first.epochs == 1 and not first.stopped_early
+    again = train(tiny_config(store, part, **{"run.epochs": 3, "run.early_stopping": False, "run.max_steps": limit}))
+    assert again.steps == limit  # the same limit: nothing more to do
+    done = train(tiny_config(store, part, **{"run.epochs": 3, "run.early_stopping": False}))
+    assert done.steps == full.steps and done.epochs == 3 and not done.stopped_early
+    a = load_file(str(Path(full.model_dir) / "model.safetensors"))
+    b = load_file(str(Path(done.model_dir) / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -135,15 +135,20 @@ def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor 
 @torch.no_grad()
 def validate(module: torch.nn.Module, stream, device: torch.device, kl_weight: float) -> dict[str, float]:
     """Validation reconstruction and ELBO per cell, exact over ranks: sums and counts are all-reduced
-    (a mean of per-rank means would weight a short last rank wrongly)."""
+    (a mean of per-rank means would weight a short last rank wrongly).
+
+    Its posterior draws come from a forked RNG state: validating never shifts the training run's dropout
+    and noise streams, so where and how often a run validates (an epoch end, a max_steps stop inside an
+    epoch) cannot change its weights, and a run resumed after such a stop matches the uninterrupted one."""
     module.eval()
     sums = {"recon": 0.0, "elbo": 0.0, "n": 0.0}
-    for batch in stream:
-        out = module.loss(to_device(batch, device), kl_weight=kl_weight)
-        recon = (out.recon_rna + out.recon_atac).double()
-        sums["recon"] += float(recon.sum())
-        sums["elbo"] += float((recon + out.kl.double() + out.penalty.double()).sum())
-        sums["n"] += recon.shape[0]
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        for batch in stream:
+            out = module.loss(to_device(batch, device), kl_weight=kl_weight)
+            recon = (out.recon_rna + out.recon_atac).double()
+            sums["recon"] += float(recon.sum())
+            sums["elbo"] += float((recon + out.kl.double() + out.penalty.double()).sum())
+            sums["n"] += recon.shape[0]
     module.train()
     tot = dist.all_reduce_sums(sums)
     if tot["n"] == 0:
@@ -232,6 +237,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     # ---- resume
     code = ckpt.code_fingerprint()  # at start, close to when the modules were imported
     epoch, step, batches_done, best, bad_epochs, stopped = 0, 0, 0, None, 0, False
+    stop_reason = ""  # "early" (early stopping) | "max_steps": a larger run.max_steps continues the run
     if cfg.run.resume == "none":
         # an earlier run's checkpoints would outlive this run's: pruning keeps the highest step numbers,
         # so this run's own would be deleted as written and a later resume=auto would load the old run
@@ -254,6 +260,9 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         epoch, step, batches_done = int(state["epoch"]), int(state["step"]), int(state["batches_done"])
         best = None if state["best"] == "" else float(state["best"])
         bad_epochs, stopped = int(state["bad_epochs"]), bool(state["stopped"])
+        stop_reason = str(state.get("stop_reason", "early" if stopped else ""))  # absent before it was recorded
+        if stop_reason == "max_steps" and (cfg.run.max_steps is None or step < cfg.run.max_steps):
+            stopped, stop_reason = False, ""  # the limit was raised (or lifted): train on from here
         guard.load_state_dict(state["guard"])
         guard.last_good_checkpoint = path
         _warn_if_threads_differ(state, path)
@@ -280,6 +289,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         state = {"epoch": epoch, "step": step, "batches_done": batches_done if mid_epoch else 0,
                  "config": config_to_json(cfg), "world_size": info.world_size,
                  "best": "" if best is None else best, "bad_epochs": bad_epochs, "stopped": stopped,
+                 "stop_reason": stop_reason,
                  "guard": guard.state_dict(), "data_fingerprint": ckpt.data_fingerprint(meta),
                  "torch_threads": torch.get_num_threads(), "code_fingerprint": code}
         stream = train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}
@@ -318,13 +328,12 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                              "skipped_steps": guard.skipped_total, **memory_mb(), **read_stats.as_dict()})
                 t_log, cells_log, wait_log = time.perf_counter(), 0, 0.0
             if cfg.run.max_steps is not None and step >= cfg.run.max_steps:
-                stopped = True
+                stopped, stop_reason = True, "max_steps"
                 break
             if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0 \
                     and batches_done < len(train_stream):
                 save(mid_epoch=True)
         epoch_complete = batches_done >= len(train_stream)
-        batches_done = 0
         # ---- validate (every n-th epoch and after the last), early stopping decided once and shared
         every = cfg.run.validate_every_epochs
         improved = False
@@ -347,15 +356,16 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             if cfg.run.early_stopping and dist.shared_decision(bad_epochs >= cfg.run.patience):
                 dist.print0(f"[train] early stopping after epoch {epoch}: no {cfg.run.monitor} improvement "
                             f"> {cfg.run.min_delta} for {bad_epochs} epochs (best {best:.4f})")
-                stopped = True
+                stopped, stop_reason = True, "early"
         if improved and cfg.run.keep == "best" and info.is_main:
             (run_dir / "best").mkdir(parents=True, exist_ok=True)
             from safetensors.torch import save_file
 
             save_file(weights_of(module), str(run_dir / "best" / "model.safetensors"))
         if epoch_complete:
-            epoch += 1
-        save(mid_epoch=False)
+            epoch, batches_done = epoch + 1, 0
+        # a max_steps stop inside an epoch keeps its stream position: raising max_steps resumes there
+        save(mid_epoch=not epoch_complete)
 
     # ---- export (rank 0)
     model_dir = None
@@ -369,7 +379,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                                      extra={"epochs": epoch, "steps": step, "best": best,
                                             "validation": last_val}))
         (run_dir / "result.json").write_text(json.dumps(
-            {"epochs": epoch, "steps": step, "stopped": stopped, "best": best, "validation": last_val,
+            {"epochs": epoch, "steps": step, "stopped": stopped, "stop_reason": stop_reason, "best": best,
+             "validation": last_val,
              "skipped_steps": guard.skipped_total, "model_dir": model_dir, "world_size": info.world_size,
              **read_stats.as_dict()}))
         dist.print0(f"[train] done: {epoch} epochs, {step} steps; model in {model_dir}")
@@ -381,5 +392,5 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     print(f"[train] rank {info.rank} finished at epoch {epoch} step {step}", flush=True)
     dist.barrier()
     return TrainResult(run_dir=str(run_dir), model_dir=model_dir, epochs=epoch, steps=step,
-                       stopped_early=stopped and (cfg.run.max_steps is None or step < cfg.run.max_steps),
+                       stopped_early=stop_reason == "early",
                        best=best, skipped_steps=guard.skipped_total, last_validation=last_val)
