@@ -90,6 +90,12 @@ def test_sigkill_mid_epoch_then_resume_auto_gives_the_uninterrupted_weights(stor
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=f"{k} differs after resume")
     assert json.loads((run / "result.json").read_text())["steps"] == ref.steps
+    # metrics.jsonl reads like the uninterrupted run's: the steps logged after the checkpoint by the
+    # killed process are dropped on resume instead of appearing twice
+    def keys_of(path):
+        return [(r["kind"], r["step"]) for r in read_metrics(path)]
+
+    assert keys_of(run / "metrics.jsonl") == keys_of(tmp_path / "ref" / "metrics.jsonl")
 
 
 def test_keep_best_exports_the_best_validation_weights(store, tmp_path):
@@ -205,3 +211,20 @@ def test_a_max_steps_stop_mid_epoch_continues_exactly_when_the_limit_is_raised(s
     b = load_file(str(Path(done.model_dir) / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_keep_best_and_the_last_validation_travel_with_the_checkpoints(store, tmp_path):
+    """keep=best resumed from a checkpoint into another run directory still exports the best weights,
+    and re-running a finished run re-exports its last validation (it wrote {} before)."""
+    extra = {"run.epochs": 3, "run.keep": "best", "run.min_delta": 1e9, "run.early_stopping": False,
+             "run.keep_checkpoints": 0}
+    full = train(tiny_config(store, tmp_path / "full", **extra))
+    first = sorted((tmp_path / "full" / "checkpoints").glob("step_*"))[0]  # end of epoch 0: best = epoch 0
+    resumed = train(tiny_config(store, tmp_path / "other", **{**extra, "run.resume": str(first)}))
+    assert resumed.best == full.best
+    a = load_file(str(Path(full.model_dir) / "model.safetensors"))
+    b = load_file(str(Path(resumed.model_dir) / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before = json.loads((tmp_path / "full" / "result.json").read_text())["validation"]
+    train(tiny_config(store, tmp_path / "full", **extra))  # nothing left to train: export again
+    assert before and json.loads((tmp_path / "full" / "result.json").read_text())["validation"] == before

@@ -8,6 +8,7 @@ protobuf ``Record``s), so the test reads that file with the protobuf classes wan
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -68,3 +69,18 @@ def test_offline_run_has_the_logged_keys(tmp_path, monkeypatch):
     missing = [k for k in LOGGED if k not in history]
     assert not missing, f"keys not logged to W&B: {missing}"
     assert {"data", "model", "optim", "dist", "logger", "run"} <= config and tags == {"test"}
+
+
+def test_a_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
+    """The killed run logged steps 11-14 after its step-10 checkpoint (and died mid-line); the resumed run
+    logs them again, so they must not appear twice."""
+    from trainer.metrics import MetricsWriter, read_metrics
+
+    rows = [{"kind": "train", "step": s} for s in (5, 10)] + [{"kind": "validation", "step": 10}] + \
+        [{"kind": "train", "step": s} for s in (12, 14)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "tr')
+    w = MetricsWriter(tmp_path, enabled=True, resume_step=10)
+    w.log({"kind": "train", "step": 12})
+    w.close(plot=False)
+    assert [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == \
+        [("train", 5), ("train", 10), ("validation", 10), ("train", 12)]

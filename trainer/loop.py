@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -157,6 +158,29 @@ def validate(module: torch.nn.Module, stream, device: torch.device, kl_weight: f
             "elbo_validation": tot["elbo"] / tot["n"], "n_validation": tot["n"]}
 
 
+BEST_FILE = Path("best") / "model.safetensors"
+
+
+def _write_best(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+    """best/model.safetensors, atomically: a kill mid-write must not leave a truncated file that a later
+    export would load."""
+    from safetensors.torch import save_file
+
+    final = run_dir / BEST_FILE
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(".model.safetensors.tmp")
+    save_file(weights, str(tmp))
+    os.replace(tmp, final)
+
+
+def _read_best(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The best weights so far ({} when there are none yet)."""
+    from safetensors.torch import load_file
+
+    f = run_dir / BEST_FILE
+    return load_file(str(f)) if f.is_file() else {}
+
+
 def _warn_if_threads_differ(state: dict, path: str) -> None:
     """Resume is bit-exact only with the thread count the checkpoint was written with: the CPU kernels
     split their reductions by intra-op thread (measured: 1 vs 2 threads end 7e-8 apart after 15 steps of
@@ -237,6 +261,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     # ---- resume
     code = ckpt.code_fingerprint()  # at start, close to when the modules were imported
     epoch, step, batches_done, best, bad_epochs, stopped = 0, 0, 0, None, 0, False
+    last_val: dict[str, float] = {}  # the last validation (kept in checkpoints: a finished run re-exports it)
     stop_reason = ""  # "early" (early stopping) | "max_steps": a larger run.max_steps continues the run
     if cfg.run.resume == "none":
         # an earlier run's checkpoints would outlive this run's: pruning keeps the highest step numbers,
@@ -261,6 +286,11 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         best = None if state["best"] == "" else float(state["best"])
         bad_epochs, stopped = int(state["bad_epochs"]), bool(state["stopped"])
         stop_reason = str(state.get("stop_reason", "early" if stopped else ""))  # absent before it was recorded
+        last_val = {k: float(v) for k, v in state.get("last_validation", {}).items()}
+        if info.is_main and cfg.run.keep == "best" and state.get("best_weights"):
+            # the best weights travel with the checkpoint: a resume into another run directory (or
+            # after best/ was lost) still exports them
+            _write_best(run_dir, state["best_weights"])
         if stop_reason == "max_steps" and (cfg.run.max_steps is None or step < cfg.run.max_steps):
             stopped, stop_reason = False, ""  # the limit was raised (or lifted): train on from here
         guard.load_state_dict(state["guard"])
@@ -280,7 +310,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         tmp_cfg.write_text(OmegaConf.to_yaml(OmegaConf.create(asdict(cfg))))
         tmp_cfg.replace(run_dir / "config.yaml")
     metrics = MetricsWriter(run_dir, enabled=info.is_main, wandb_mode=cfg.logger.wandb_mode,
-                            project=cfg.logger.project, tags=cfg.logger.tags, config=asdict(cfg))
+                            project=cfg.logger.project, tags=cfg.logger.tags, config=asdict(cfg),
+                            resume_step=step if path else None)
     dist.print0(f"[train] {meta.n_cells} cells, {meta.n_genes} genes, {meta.n_regions} regions; "
                 f"{info.world_size} process(es), backend {cfg.dist.backend}, device {info.device}; "
                 f"{len(train_stream)} steps/epoch/rank; run dir {run_dir}")
@@ -289,7 +320,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         state = {"epoch": epoch, "step": step, "batches_done": batches_done if mid_epoch else 0,
                  "config": config_to_json(cfg), "world_size": info.world_size,
                  "best": "" if best is None else best, "bad_epochs": bad_epochs, "stopped": stopped,
-                 "stop_reason": stop_reason,
+                 "stop_reason": stop_reason, "last_validation": last_val,
+                 "best_weights": _read_best(run_dir) if cfg.run.keep == "best" and info.is_main else {},
                  "guard": guard.state_dict(), "data_fingerprint": ckpt.data_fingerprint(meta),
                  "torch_threads": torch.get_num_threads(), "code_fingerprint": code}
         stream = train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}
@@ -298,7 +330,6 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         guard.last_good_checkpoint = str(final)
 
     # ---- train
-    last_val: dict[str, float] = {}
     t_log, cells_log, wait_log = time.perf_counter(), 0, 0.0
     w.train()
     while epoch < cfg.run.epochs and not stopped:
@@ -358,10 +389,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                             f"> {cfg.run.min_delta} for {bad_epochs} epochs (best {best:.4f})")
                 stopped, stop_reason = True, "early"
         if improved and cfg.run.keep == "best" and info.is_main:
-            (run_dir / "best").mkdir(parents=True, exist_ok=True)
-            from safetensors.torch import save_file
-
-            save_file(weights_of(module), str(run_dir / "best" / "model.safetensors"))
+            _write_best(run_dir, weights_of(module))
         if epoch_complete:
             epoch, batches_done = epoch + 1, 0
         # a max_steps stop inside an epoch keeps its stream position: raising max_steps resumes there
@@ -371,10 +399,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     model_dir = None
     if info.is_main:
         weights = weights_of(module)
-        if cfg.run.keep == "best" and (run_dir / "best" / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            weights = load_file(str(run_dir / "best" / "model.safetensors"))
+        if cfg.run.keep == "best" and (run_dir / BEST_FILE).is_file():
+            weights = _read_best(run_dir)
         model_dir = str(export_model(weights, meta, cfg, run_dir / "model",
                                      extra={"epochs": epoch, "steps": step, "best": best,
                                             "validation": last_val}))

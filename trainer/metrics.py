@@ -28,7 +28,11 @@ def memory_mb() -> dict[str, float]:
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, *, enabled: bool, wandb_mode: str = "disabled",
                  project: str = "multivi-atlas", tags: list[str] | None = None,
-                 config: dict[str, Any] | None = None, run_name: str | None = None) -> None:
+                 config: dict[str, Any] | None = None, run_name: str | None = None,
+                 resume_step: int | None = None) -> None:
+        """``resume_step``: the run continues from a checkpoint of that step; records of later steps
+        (logged after that checkpoint by the run that was killed) are dropped, since the resumed run
+        logs them again."""
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._fh = None
@@ -36,6 +40,8 @@ class MetricsWriter:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            _drop_records_after(self.path, resume_step)
         self._fh = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the run; line-buffered: a killed run keeps its lines
         if wandb_mode != "disabled":
             self._wandb = _start_wandb(Path(run_dir), wandb_mode, project, tags or [], config or {}, run_name)
@@ -61,6 +67,23 @@ class MetricsWriter:
             self._wandb = None
         if plot:
             plot_losses(self.path, self.path.parent / "loss.png")
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite ``path`` (atomically) without the records of steps after ``step``; a torn last line of a
+    killed run is dropped too."""
+    keep = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if int(rec.get("step", 0)) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 def _start_wandb(run_dir: Path, mode: str, project: str, tags: list[str], config: dict[str, Any],
