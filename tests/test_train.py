@@ -228,3 +228,17 @@ def test_keep_best_and_the_last_validation_travel_with_the_checkpoints(store, tm
     before = json.loads((tmp_path / "full" / "result.json").read_text())["validation"]
     train(tiny_config(store, tmp_path / "full", **extra))  # nothing left to train: export again
     assert before and json.loads((tmp_path / "full" / "result.json").read_text())["validation"] == before
+
+
+def test_an_empty_validation_split_is_refused_when_something_reads_it(store, tmp_path):
+    """Early stopping / keep=best with no validation cells used to be switched off silently."""
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.val_fraction=0 leaves no validation cells"):
+        tiny_config(store, tmp_path / "a", **{"data.val_fraction": 0.0})
+    assert StoreStream(store, 64, split="validation", val_fraction=1e-4).eligible.sum() == 0  # none hashed in
+    with pytest.raises(ConfigError, match=r"validation split .* is empty"):
+        train(tiny_config(store, tmp_path / "b", **{"data.val_fraction": 1e-4}))
+    res = train(tiny_config(store, tmp_path / "c", **{"data.val_fraction": 1e-4, "run.early_stopping": False,
+                                                      "run.epochs": 1}))
+    assert res.steps > 0 and res.best is None

@@ -186,6 +186,12 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        if self.data.val_fraction == 0 and (self.run.early_stopping or self.run.keep == "best"):
+            raise ConfigError("data.val_fraction=0 leaves no validation cells, but run.early_stopping="
+                              f"{self.run.early_stopping} and run.keep={self.run.keep!r} read the validation: set "
+                              "run.early_stopping=false and run.keep=last, or keep a validation split")
+
 
 def load_config(cfg: Any) -> TrainConfig:
     """Hydra/OmegaConf config (or plain dict) -> TrainConfig; raises ConfigError naming a bad key."""

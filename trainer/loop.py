@@ -255,7 +255,14 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     w = wrap(module, classifier, cfg.optim, cfg.dist, info.device, cfg.data.batch_size)
     seed_everything(cfg.run.seed + 1 + info.rank)  # per-rank streams for dropout
     train_stream = make_stream(store, cfg, "train", info)
-    val_stream = ReplayCache(make_stream(store, cfg, "validation", info), cfg.data.cache_validation_mb * 2**20)
+    val_inner = make_stream(store, cfg, "validation", info)
+    if cfg.run.validate_every_epochs and (cfg.run.early_stopping or cfg.run.keep == "best") \
+            and not val_inner.eligible.any():  # the same on every rank: all stop here
+        raise ConfigError(f"the validation split of {cfg.data.store} is empty (data.val_fraction="
+                          f"{cfg.data.val_fraction}), but run.early_stopping={cfg.run.early_stopping} and "
+                          f"run.keep={cfg.run.keep!r} read it: set run.early_stopping=false and run.keep=last, "
+                          "or raise data.val_fraction")
+    val_stream = ReplayCache(val_inner, cfg.data.cache_validation_mb * 2**20)
     guard = StepGuard(max_bad_steps=cfg.run.max_bad_steps)
 
     # ---- resume
