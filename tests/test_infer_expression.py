@@ -192,3 +192,22 @@ def test_an_integer_that_is_a_batch_label_means_that_label():
     assert common.batch_codes(1, ["batch_0", "batch_1"], 2) == [1]  # not a label: a code
     with pytest.raises(InferError, match="out of range"):
         common.batch_codes(3, ["1", "2"], 2)
+
+
+def test_transform_batch_with_encode_covariates_equals_the_reference(trained, tmp_path):
+    """The reference overwrites the batch in the minibatch, so with encode_covariates its encoders see
+    transform_batch too (ours changed only the decoder's batch: ~30 % off); accessibility changes only
+    the decoder's batch on both sides."""
+    from tests.train_utils import tiny_config
+    from trainer.train import train
+
+    store, _ = trained
+    res = train(tiny_config(store, tmp_path / "enc", **{"model.encode_covariates": True, "run.epochs": 1}))
+    run = tmp_path / "enc"
+    model, _ = reference_model(store, run / "model")
+    for tb in ("batch_1", ["batch_0", "batch_1"]):
+        got = _run(store, res.run_dir, tmp_path / f"e{len(tb)}.zarr", transform_batch=tb)
+        np.testing.assert_allclose(got.X, model.get_normalized_expression(transform_batch=tb, return_numpy=True),
+                                   **TOL)
+    own = _run(store, res.run_dir, tmp_path / "own.zarr")
+    np.testing.assert_allclose(own.X, model.get_normalized_expression(return_numpy=True), **TOL)

@@ -219,7 +219,7 @@ def test_keep_best_and_the_last_validation_travel_with_the_checkpoints(store, tm
     extra = {"run.epochs": 3, "run.keep": "best", "run.min_delta": 1e9, "run.early_stopping": False,
              "run.keep_checkpoints": 0}
     full = train(tiny_config(store, tmp_path / "full", **extra))
-    first = sorted((tmp_path / "full" / "checkpoints").glob("step_*"))[0]  # end of epoch 0: best = epoch 0
+    first = min((tmp_path / "full" / "checkpoints").glob("step_*"))  # end of epoch 0: best = epoch 0
     resumed = train(tiny_config(store, tmp_path / "other", **{**extra, "run.resume": str(first)}))
     assert resumed.best == full.best
     a = load_file(str(Path(full.model_dir) / "model.safetensors"))

@@ -176,8 +176,11 @@ def normalized_expression(
     codes = resolve_batch_codes(transform_batch, categories)
     _check_codes(module, codes)
     inf = module.inference(batch, eps=_zero_noise(module, batch))
-    z = _latent_draws(module, inf, n_samples, use_z_mean)
-    scale = _mean_over_codes(module, batch, z, codes, "rna")  # (S, B, G)
+    if module.encode_covariates and codes != [None]:
+        scale = _expression_reencoded(module, batch, codes, n_samples, use_z_mean)
+    else:
+        z = _latent_draws(module, inf, n_samples, use_z_mean)
+        scale = _mean_over_codes(module, batch, z, codes, "rna")  # (S, B, G)
     if library_size is not None:
         if library_size == "observed":
             x = batch[keys.RNA]
@@ -193,6 +196,21 @@ def normalized_expression(
     if gene_index is not None:
         scale = scale[..., torch.as_tensor(gene_index, dtype=torch.long)]
     return _reduce_draws(scale, return_mean)
+
+
+def _expression_reencoded(module: MultiVAE, batch: dict, codes: list[int], n_samples: int,
+                          use_z_mean: bool) -> torch.Tensor:
+    """(S, B, G) scale averaged over ``codes``, each decoded from the posterior of the cells re-encoded
+    *as if from that batch*: the reference's ``get_normalized_expression`` overwrites the batch in the
+    minibatch, so with ``encode_covariates`` its encoders see ``transform_batch`` too (its accessibility
+    estimates change only the decoder's batch, as ``normalized_accessibility`` does)."""
+    out = None
+    for c in codes:
+        moved = {**batch, keys.BATCH: torch.full_like(batch[keys.BATCH], c)}
+        inf = module.inference(moved, eps=_zero_noise(module, moved))
+        part = _decode_head(module, batch, _latent_draws(module, inf, n_samples, use_z_mean), c, "rna")
+        out = part if out is None else out + part
+    return out / len(codes) if len(codes) > 1 else out
 
 
 @torch.no_grad()
