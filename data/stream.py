@@ -69,6 +69,10 @@ def default_chunking(store: Store, chunk_size: int | None, window_chunks: int | 
             int(window_chunks) if window_chunks is not None else CHUNKING[1])
 
 
+# what a saved stream position must agree on (besides world size, n_cells and the batch count)
+_RESUME_KEYS = ("seed", "batch_size", "split", "shuffle", "remainder", "chunk_size", "window_chunks", "val_fraction")
+
+
 class StoreStream(IterableDataset):
     def __init__(self, store: Store | str | os.PathLike, batch_size: int, split: str = "train",
                  shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, *,
@@ -80,6 +84,8 @@ class StoreStream(IterableDataset):
         bad = [m for m in modalities if m not in keys.MODALITIES]
         if bad:
             raise ValueError(f"unknown modalities {bad}; choose from {keys.MODALITIES}")
+        if not modalities:
+            raise ValueError(f"modalities is empty: read at least one of {keys.MODALITIES}")
         self._store = as_store(store)
         self.path = self._store.path
         self.meta = self._store.meta
@@ -146,20 +152,27 @@ class StoreStream(IterableDataset):
         return {"epoch": self.epoch, "batches_consumed": done, "world_size": self.world_size,
                 "rank": self.rank, "seed": self.seed, "batch_size": self.batch_size, "split": self.split,
                 "shuffle": self.shuffle, "remainder": self.remainder, "chunk_size": self.chunk_size,
-                "window_chunks": self.window_chunks, "n_batches": len(self)}
+                "window_chunks": self.window_chunks, "val_fraction": self.val_fraction,
+                "n_cells": int(self.meta.n_cells), "n_batches": len(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["world_size"]) != self.world_size:
             raise ValueError(f"loader state was saved with world_size={state['world_size']} but this run has "
                              f"world_size={self.world_size}; the per-rank cell assignment would differ, so a "
                              f"mid-epoch resume cannot be exact (restart the epoch instead)")
-        for k in ("seed", "batch_size", "split", "shuffle", "remainder", "chunk_size", "window_chunks"):
-            # chunking decides the epoch's order; states saved before it was recorded skip that check
-            if state.get(k, getattr(self, k)) != getattr(self, k):
-                raise ValueError(f"loader state has {k}={state[k]!r} but this stream has {k}={getattr(self, k)!r}")
+        here = {**{k: getattr(self, k) for k in _RESUME_KEYS}, "n_cells": int(self.meta.n_cells)}
+        for k, mine in here.items():
+            # chunking decides the epoch's order, val_fraction and the store's cells which cells it has;
+            # states saved before a key was recorded skip that check
+            if state.get(k, mine) != mine:
+                raise ValueError(f"loader state has {k}={state[k]!r} but this stream has {k}={mine!r}: "
+                                 "the rest of that epoch would not be the same cells")
         self.epoch = int(state["epoch"])
         self._plan_cache = None
         n = len(self)
+        if state.get("n_batches", n) != n:
+            raise ValueError(f"loader state's epoch has {state['n_batches']} batches but this stream's has {n}: "
+                             "the rest of that epoch would not be the same cells")
         if not 0 <= int(state["batches_consumed"]) <= n:
             raise ValueError(f"batches_consumed={state['batches_consumed']} outside [0, {n}]")
         self._resume_at = self._consumed = int(state["batches_consumed"])
@@ -198,6 +211,12 @@ class StoreStream(IterableDataset):
                 reader.read_ahead(np.concatenate([plan.batches[k] for k in ids[issued:stop]]))
                 issued = stop
             yield self.make_batch(plan.batches[i])
+
+    def clear_resume(self) -> None:
+        """Forget a pending resume position. ``__iter__`` does this itself, but with DataLoader workers it
+        runs in the workers' copies: call this once ``iter(DataLoader)`` has started them, or every later
+        pass over the same epoch in this process would skip the resumed prefix again."""
+        self._resume_at = 0
 
     def __iter__(self):
         plan = self.plan()

@@ -218,3 +218,37 @@ def test_bad_arguments(stores):
         StoreStream(stores[700], 8, split="test")
     with pytest.raises(ValueError, match="fewer than world_size x batch_size"):
         StoreStream(stores[700], 5000)
+
+
+def test_state_from_another_split_or_store_is_refused(stores, tmp_path):
+    """A resume position only means "the rest of that epoch" on the same cells: a state saved with
+    another val_fraction (another training set) or on a store with other cells used to load silently."""
+    state = StoreStream(stores[700], 32, val_fraction=0.1).state_dict(batches_consumed=10)
+    with pytest.raises(ValueError, match="val_fraction=0.1 but this stream has val_fraction=0.3"):
+        StoreStream(stores[700], 32, val_fraction=0.3).load_state_dict(state)
+    other = write_synthetic_store(tmp_path / "other.zarr", n_cells=N_CELLS - 300, n_genes=60, n_regions=300, seed=4,
+                                  shard_size=700, block_size=1000, with_covariates=True, progress=False)
+    with pytest.raises(ValueError, match=f"n_cells={N_CELLS} but this stream has n_cells={N_CELLS - 300}"):
+        StoreStream(other, 32, chunk_size=state["chunk_size"], window_chunks=state["window_chunks"]).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k not in ("val_fraction", "n_cells")}  # saved before they were recorded
+    with pytest.raises(ValueError, match="epoch has .* batches but this stream's has"):
+        StoreStream(stores[700], 32, val_fraction=0.3).load_state_dict(old)
+    StoreStream(stores[700], 32, val_fraction=0.1).load_state_dict(old)
+
+
+def test_clear_resume_after_workers_start_keeps_later_passes_whole(stores):
+    """With DataLoader workers __iter__ (which consumes the resume position) runs in the workers' copies:
+    clear_resume() in the parent makes the next pass of the same epoch a whole one again."""
+    s = StoreStream(stores[700], 64, prefetch=0)
+    n = len(s)
+    s.load_state_dict(s.state_dict(batches_consumed=n - 3))
+    loader = DataLoader(s, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    it = iter(loader)
+    s.clear_resume()
+    assert sum(1 for _ in it) == 3
+    assert sum(1 for _ in loader) == n
+
+
+def test_an_empty_modality_list_is_refused(stores):
+    with pytest.raises(ValueError, match="modalities is empty"):
+        StoreStream(stores[700], 32, modalities=())

@@ -344,6 +344,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             train_stream.set_epoch(epoch)
         kl_w = kl_schedule(epoch, step, cfg.optim.n_epochs_kl_warmup, cfg.optim.n_steps_kl_warmup)
         it = iter(_loader(train_stream, cfg))
+        if cfg.data.num_workers > 0:  # the workers hold their copies of a resume position now
+            train_stream.clear_resume()
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
