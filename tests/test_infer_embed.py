@@ -248,3 +248,18 @@ def test_inference_functions_keep_every_tensor_on_the_batchs_device(trained):
     assert predict.latent(module, b).device.type == "meta"
     assert predict.normalized_expression(module, b, library_size=1e4).device.type == "meta"
     assert predict.normalized_accessibility(module, b).device.type == "meta"
+
+
+def test_overwrite_never_deletes_a_path_it_did_not_write(trained, tmp_path):
+    """overwrite=true removes the whole tree at output: a mistyped output= naming a run directory (or a
+    store) must be refused, not deleted."""
+    store, run = trained
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("a week of work")
+    with pytest.raises(InferError, match="is not an mva-infer output"):
+        infer(_cfg(store, run, victim, overwrite=True))
+    assert (victim / "notes.txt").read_text() == "a week of work"
+    with pytest.raises(InferError, match="is not an mva-infer output"):
+        infer(_cfg(store, run, store, overwrite=True))  # the store itself
+    assert open_store(store).meta.n_cells == N_CELLS

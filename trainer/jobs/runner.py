@@ -263,12 +263,25 @@ def _on_main(info: dist.DistInfo, fn) -> None:
         raise InferError(f"rank 0 failed: {error}")
 
 
+def _is_job_output(path: Path) -> bool:
+    """A finished output of a chunked job: a Zarr group whose attributes name the job (finalize)."""
+    try:
+        return bool(zarr.open_group(str(path), mode="r").attrs.get("mva_job"))
+    except (zarr.errors.BaseZarrError, OSError, ValueError):  # not a Zarr group: a file, a run dir, damage
+        return False
+
+
 def run_chunked(job: ChunkJob) -> dict:
     """Run ``job`` over every cell of the store; returns a small summary (this rank's view)."""
     cfg, info = job.ctx.cfg, job.ctx.info
     final, partial, prog_dir = output_paths(cfg.output)
     if final.exists() and not cfg.overwrite:
         raise InferError(f"{final} already exists: pass overwrite=true to replace it")
+    if final.exists() and not _is_job_output(final):
+        # overwrite deletes the whole tree: never on a path this tool did not write (a mistyped output=
+        # naming a run directory or a store)
+        raise InferError(f"{final} exists and is not an mva-infer output (no finished job's Zarr group): "
+                         "overwrite=true only replaces those; remove it yourself or choose another output")
     dist.barrier()  # every rank has checked the output before rank 0 starts deleting things
     lock = _take_lock(prog_dir, info)
     finished = False
