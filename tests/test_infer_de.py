@@ -27,7 +27,7 @@ from data.synthetic import write_synthetic_store
 from tests.train_utils import PY, ROOT, env, tiny_config, torchrun
 from trainer import differential as D
 from trainer.infer import infer
-from trainer.infer_config import DiffOptions, InferConfig
+from trainer.infer_config import DiffOptions, ExpressionOptions, InferConfig
 from trainer.jobs.common import InferError
 from trainer.jobs.de import FAIL_AFTER_ENV
 from trainer.train import train
@@ -209,8 +209,10 @@ def test_crash_then_rerun_equals_clean_run(trained, tmp_path, monkeypatch):
     with pytest.raises(InferError, match="different settings"):  # never mixes parts of other settings
         _run(trained, out, **{**kw, "mode": "vanilla"})
     store, run = trained
+    # another timeout and an irrelevant job section do not change the table: still the same run
     summary = infer(InferConfig(model_dir=str(run), store=str(store), output=str(out), job="de", progress=False,
-                                batch_size=128, de=DiffOptions(**kw)))
+                                batch_size=128, de=DiffOptions(**kw), timeout_s=999,
+                                expression=ExpressionOptions(library_size=1e4)))
     assert summary["computed"] == 2  # the finished comparison was skipped
     pd.testing.assert_frame_equal(pd.read_csv(out, index_col=0), clean)
     assert not (tmp_path / "crash.csv.parts").exists()

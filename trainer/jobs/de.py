@@ -48,7 +48,13 @@ STATS_COLUMNS = 2048  # features per statistics call: caps the (samples x featur
 FAIL_AFTER_ENV = "MVA_INFER_FAIL_AFTER_CHUNKS"
 
 
+# config keys that do not change a de/da table (the resume fingerprint leaves them out)
+_NOT_DE_SETTINGS = ("output", "overwrite", "progress", "timeout_s", "model_dir", "store", "embed", "expression",
+                    "accessibility", "export")
+
+
 # ------------------------------------------------------------------------------------- comparisons
+
 def compare(s1: Sampler, s2: Sampler, feat: np.ndarray, names: list[str], raw1: dict, raw2: dict,
             cfg: InferConfig, job: str) -> pd.DataFrame:
     """One comparison's table (reference columns) over the features ``feat``."""
@@ -155,8 +161,10 @@ def _run(cfg: InferConfig, job: str) -> dict:
     if final.exists() and not cfg.overwrite:
         raise InferError(f"{final} already exists: pass overwrite=true to replace it")
     progress = Progress(parts_dir)
-    fp = {**{k: v for k, v in asdict(cfg).items() if k not in ("output", "overwrite", "progress")},
-          "job": job, "model_dir": str(model_dir.resolve()),
+    # what decides the table: not the other jobs' sections or the timeout, and the store / model by
+    # where they really are (a relative path typed differently is the same run)
+    fp = {**{k: v for k, v in asdict(cfg).items() if k not in _NOT_DE_SETTINGS},
+          "job": job, "model_dir": str(model_dir.resolve()), "store": str(Path(store.path).resolve()),
           "model_mtime_ns": (model_dir / "model.safetensors").stat().st_mtime_ns}
     old = parts_dir / "job.json"
     if not cfg.overwrite and old.is_file() and json.loads(old.read_text()) != json.loads(json.dumps(fp)):
