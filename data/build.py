@@ -12,7 +12,7 @@ result is renamed into place only when complete.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from data.validate import (
     check_output,
     check_unique,
 )
-from data.writer import StoreSchema, StoreWriter, check_codec
+from data.writer import OBS_RESERVED, StoreSchema, StoreWriter, check_codec
 
 log = logging.getLogger("mva-build")
 BATCH_COLUMN = "batch"  # the store's batch column name when batch_key is null (one batch per input)
@@ -52,29 +52,59 @@ def _prepare_obs(src, inp: InputConfig, cfg: BuildConfig, batch_key: str) -> pd.
             obs[f"mask_{mod}"] = False
     out = pd.DataFrame(index=obs.index)
     if cfg.batch_key is None or inp.batch is not None:
-        out[batch_key] = inp.batch if inp.batch is not None else Path(src.name.split(" + ")[0]).stem
+        out[batch_key] = inp.batch if inp.batch is not None else default_batch_name(src)
     else:
         check_columns(obs, {cfg.batch_key: "batch_key"}, src.name)
-        out[batch_key] = obs[cfg.batch_key].astype(str).to_numpy()
+        out[batch_key] = as_text(obs[cfg.batch_key])
     check_columns(obs, {k: "cat_cov_keys" for k in cfg.cat_cov_keys}, src.name)
     check_columns(obs, {k: "cont_cov_keys" for k in cfg.cont_cov_keys}, src.name)
     check_cont(obs, cfg.cont_cov_keys, src.name)
     for k in cfg.cat_cov_keys:
-        out[k] = obs[k].astype(str).to_numpy()
+        out[k] = as_text(obs[k])
     for k in cfg.cont_cov_keys:
         out[k] = obs[k].to_numpy(dtype=np.float32)
     if cfg.label_key is not None:
         # Labels are optional per input: an unlabelled input gets "unknown" (NaN), never a fake class.
-        out[cfg.label_key] = obs[cfg.label_key].to_numpy(dtype=object) if cfg.label_key in obs.columns else None
+        out[cfg.label_key] = as_text(obs[cfg.label_key]) if cfg.label_key in obs.columns else None
     out["mask_rna"] = obs["mask_rna"].to_numpy(bool)
     out["mask_atac"] = obs["mask_atac"].to_numpy(bool)
     return out
 
 
-def _categories(obs_list: list[pd.DataFrame], key: str) -> list[str]:
+def default_batch_name(src) -> str:
+    """The batch of an input without ``batch`` or ``batch_key``: its (first) file name's stem."""
+    return Path(src.name.split(" + ")[0]).stem
+
+
+def as_text(values: pd.Series) -> np.ndarray:
+    """obs values -> category names (object array; None where missing), one rule for every input.
+
+    A categorical maps through its categories; a number that is an integer is written without ".0":
+    an int column and the same column upcast to float by a missing value (pandas does that when inputs
+    are joined, or through a Parquet round trip) must name the same batch or label, "1" and not "1.0"."""
+    s = pd.Series(values).reset_index(drop=True)
+    out = np.empty(len(s), dtype=object)
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        cats = as_text(s.cat.categories.to_series())
+        codes = s.cat.codes.to_numpy()
+        ok = codes >= 0
+        out[ok] = cats[codes[ok]]
+        return out
+    raw = s.to_numpy(dtype=object)
+    for i, v in enumerate(raw):
+        if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+            continue
+        if isinstance(v, (float, np.floating)) and float(v).is_integer():
+            v = int(v)
+        out[i] = str(v)
+    return out
+
+
+def _categories(obs_list: list[pd.DataFrame], key: str, keeps: list[np.ndarray]) -> list[str]:
+    """Sorted category names of the kept cells (a category only dropped cells had is no category)."""
     vals = set()
-    for o in obs_list:
-        vals.update(str(v) for v in pd.unique(o[key].dropna()))
+    for o, k in zip(obs_list, keeps, strict=True):
+        vals.update(str(v) for v in pd.unique(o[key][k].dropna()))
     return sorted(vals)
 
 
@@ -89,7 +119,19 @@ def build_store(cfg: BuildConfig) -> Path:
     if cfg.preshuffle and cfg.dask_scheduler:
         raise ValidationError(f"preshuffle=true runs in one process; unset dask_scheduler={cfg.dask_scheduler!r} "
                               "or preshuffle")
+    if cfg.block_size < 1 or cfg.shard_size < 1:
+        raise ValidationError(f"block_size and shard_size must be >= 1, got {cfg.block_size} and {cfg.shard_size}")
+    batch_col = cfg.batch_key or BATCH_COLUMN
+    for role, names in (("cat_cov_keys", cfg.cat_cov_keys), ("cont_cov_keys", cfg.cont_cov_keys),
+                        ("label_key", [cfg.label_key] if cfg.label_key else [])):
+        # the store keeps these as obs columns next to the batch column and its own: a clash would
+        # silently overwrite one with the other
+        clash = [k for k in names if k == batch_col or k in OBS_RESERVED]
+        if clash:
+            raise ValidationError(f"{role} {clash} would overwrite the store's own obs column "
+                                  f"(batch column {batch_col!r}, reserved {list(OBS_RESERVED)}): rename it in obs")
     inputs = [i if isinstance(i, InputConfig) else InputConfig(**i) for i in cfg.inputs]
+    cfg = replace(cfg, inputs=inputs)  # dict inputs (the Python API) typed once, for every step below
     sources = [open_input(i) for i in inputs]
     try:
         if cfg.preshuffle:  # the out-of-core shuffle is one sequential pass over every cell
@@ -106,6 +148,15 @@ def build_store(cfg: BuildConfig) -> Path:
 def _build(cfg: BuildConfig, sources, filters, write_dask) -> Path:
     """Validate and align, then write the shards: as Dask tasks (``write_dask``) or here, block by block."""
     batch_key = cfg.batch_key or BATCH_COLUMN
+    named = [(inp.batch or default_batch_name(src), src.name) for src, inp in zip(sources, cfg.inputs, strict=True)
+             if cfg.batch_key is None or inp.batch is not None]
+    seen: dict[str, str] = {}
+    for name, where in named:
+        # every 10x input is called filtered_feature_bc_matrix.h5: samples must not merge by file name
+        if name in seen and not any(i.batch == name for i in cfg.inputs):
+            raise ValidationError(f"inputs {seen[name]} and {where} would both be batch {name!r} (their file "
+                                  "name): give each input its own inputs[i].batch")
+        seen.setdefault(name, where)
     obs_list, keeps, dropped_cells = [], [], {}
     for src, inp in zip(sources, cfg.inputs):
         check_not_empty(len(src.obs), {m: 0 if f is None else len(f) for m, f in src.features.items()}, src.name)
@@ -136,10 +187,10 @@ def _build(cfg: BuildConfig, sources, filters, write_dask) -> Path:
                        cfg.block_size)
     schema = StoreSchema(
         gene_names=list(al.names["rna"]), region_names=list(al.names["atac"]), batch_key=batch_key,
-        batch_categories=_categories(obs_list, batch_key), cat_cov_keys=list(cfg.cat_cov_keys),
-        cat_cov_categories={k: _categories(obs_list, k) for k in cfg.cat_cov_keys},
+        batch_categories=_categories(obs_list, batch_key, keeps), cat_cov_keys=list(cfg.cat_cov_keys),
+        cat_cov_categories={k: _categories(obs_list, k, keeps) for k in cfg.cat_cov_keys},
         cont_cov_keys=list(cfg.cont_cov_keys), label_key=cfg.label_key,
-        label_categories=_categories(obs_list, cfg.label_key) if cfg.label_key else [],
+        label_categories=_categories(obs_list, cfg.label_key, keeps) if cfg.label_key else [],
         rna_var=al.var["rna"], atac_var=al.var["atac"])
     source = {"kind": "build", "config": _jsonable(asdict(cfg)), "inputs": [s.name for s in sources],
               "dropped_features": {m: {w: {"n": len(v), "first": v[:20]} for w, v in per.items()}

@@ -19,9 +19,14 @@ class ValidationError(ValueError):
 
 
 def check_output(out: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an existing output before any work is done."""
+    """Refuse an existing output before any work is done; overwrite replaces only a store."""
+    from data.writer import is_store_dir
+
     if Path(out).exists() and not overwrite:
         raise ValidationError(f"output {out} already exists; set overwrite=true to replace it")
+    if Path(out).exists() and not is_store_dir(Path(out)):
+        raise ValidationError(f"output {out} exists and is not a multivi-atlas store: overwrite=true only "
+                              "replaces a store; remove it yourself or choose another output")
 
 
 def check_counts(x: sp.csr_matrix, where: str, modality: str, cell_ids: pd.Index,

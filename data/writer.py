@@ -79,6 +79,15 @@ def store_codec(root: zarr.Group) -> str:
     raise ValueError(f"cannot tell the store codec for shard group {root}: pass codec= to write_shard")
 
 
+def is_store_dir(path: Path) -> bool:
+    """A directory whose root zarr.json carries the store format marker (complete or not)."""
+    meta = Path(path) / "zarr.json"
+    try:
+        return meta.is_file() and json.loads(meta.read_text()).get("attributes", {}).get("format") == keys.STORE_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
 class StoreExistsError(FileExistsError):
     """The output path exists and overwrite was not requested."""
 
@@ -190,6 +199,11 @@ class StoreWriter:
         self.out = Path(out)
         if self.out.exists() and not overwrite:
             raise StoreExistsError(f"output {self.out} already exists (set overwrite=true to replace it)")
+        if self.out.exists() and not is_store_dir(self.out):
+            # overwrite deletes the whole tree: never a path this tool did not write (a project directory
+            # holding the inputs, a file)
+            raise StoreExistsError(f"output {self.out} exists and is not a multivi-atlas store: overwrite=true "
+                                   "only replaces a store; remove it yourself or choose another output")
         self.schema = schema
         self.shard_size = int(shard_size)
         self.source = dict(source or {})
@@ -309,10 +323,14 @@ class StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:  # a failed rename must not leave a complete-looking .tmp- directory behind
+            self.abort()
+            raise
 
 
 def _settings(**extra: Any):

@@ -74,9 +74,14 @@ def align(features: list[dict[str, pd.DataFrame | None]], where: list[str], join
 
 
 def remap_columns(x: sp.csr_matrix, colmap: np.ndarray, n_cols: int) -> sp.csr_matrix:
-    """Move columns of ``x`` to ``colmap[col]`` in an ``n_cols``-wide matrix, dropping ``colmap == -1``."""
+    """Move columns of ``x`` to ``colmap[col]`` in an ``n_cols``-wide matrix, dropping ``colmap == -1``,
+    stored zeros (detection, the mask check and the stores' nnz count stored entries) and duplicate
+    entries (summed first, as scipy's canonical form)."""
+    if not x.has_canonical_format:
+        x = x.copy()
+        x.sum_duplicates()
     new = colmap[x.indices]
-    keep = new >= 0
+    keep = (new >= 0) & (x.data != 0)
     row_of = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
     counts = np.bincount(row_of[keep], minlength=x.shape[0])
     out = sp.csr_matrix((x.data[keep], new[keep], np.concatenate([[0], np.cumsum(counts)])),

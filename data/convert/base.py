@@ -77,7 +77,7 @@ class PairSource(Source):
         parts = []
         if rna is not None:
             parts.append(rna.obs)
-        if atac is not None:
+        if atac is not None and len(atac_only):  # an empty frame would still upcast int columns to float
             parts.append(atac.obs.loc[atac_only])
         obs = pd.concat(parts) if len(parts) > 1 else parts[0].copy()
         if extra_obs is not None:  # e.g. the global obs of an .h5mu
@@ -178,11 +178,28 @@ class SplitSource(Source):
         return rna, atac
 
 
+_TRUE, _FALSE = {"true", "1", "1.0", "yes"}, {"false", "0", "0.0", "no"}
+
+
+def _as_mask(col: pd.Series, where: str, name: str) -> np.ndarray:
+    """A modality mask column as bools: bool, 0/1 or true/false text. ``astype(bool)`` would read the
+    text "False" (and NaN) as True: a cell without ATAC would become "measured, all zero"."""
+    if col.dtype == bool:
+        return col.to_numpy()
+    text = col.astype(str).str.strip().str.lower()
+    ok = text.isin(_TRUE | _FALSE).to_numpy() & ~col.isna().to_numpy()
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise ValueError(f"{where}: obs[{name!r}] of cell {col.index[i]!r} is {col.iloc[i]!r}; expected "
+                         "True/False (or 1/0)")
+    return text.isin(_TRUE).to_numpy()
+
+
 def _masks_from_obs(obs: pd.DataFrame, where: str) -> pd.DataFrame:
     obs = obs.copy()
     if "mask_rna" in obs.columns and "mask_atac" in obs.columns:
-        obs["mask_rna"] = obs["mask_rna"].astype(bool)
-        obs["mask_atac"] = obs["mask_atac"].astype(bool)
+        obs["mask_rna"] = _as_mask(obs["mask_rna"], where, "mask_rna")
+        obs["mask_atac"] = _as_mask(obs["mask_atac"], where, "mask_atac")
     elif "modality" in obs.columns:
         m = obs["modality"].astype(str).str.lower()
         known = m.isin(["paired", "expression", "accessibility"])

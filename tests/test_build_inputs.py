@@ -1,0 +1,178 @@
+"""mva-build on awkward but legal inputs, and on outputs it must not touch (each case a bug found in review):
+batch and label names that depend on how pandas typed a column, masks stored as text, stored zeros,
+inputs named alike, obs columns that clash with the store's own, overwrite of a path that is no store.
+
+    .venv/bin/python -m pytest tests/test_build_inputs.py -q
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from data.build import build_store
+from data.config import BuildConfig, InputConfig
+from data.store import open_store
+from data.validate import ValidationError
+
+
+def _pair(n=6, g=4, r=3, seed=0, prefix="c", obs=None):
+    rng = np.random.default_rng(seed)
+    ids = [f"{prefix}{i}" for i in range(n)]
+    o = pd.DataFrame(obs if obs is not None else {"batch": ["b0"] * n}, index=ids)
+    rna = ad.AnnData(sp.csr_matrix(rng.poisson(2, (n, g)).astype(np.int32) + 1), obs=o.copy(),
+                     var=pd.DataFrame(index=[f"g{j}" for j in range(g)]))
+    atac = ad.AnnData(sp.csr_matrix(rng.poisson(1, (n, r)).astype(np.int32) + 1), obs=o.copy(),
+                      var=pd.DataFrame(index=[f"chr1:{100 * j}-{100 * j + 50}" for j in range(r)]))
+    return rna, atac
+
+
+def _write_pair(d, rna, atac, name="x"):
+    (d / name).mkdir(parents=True, exist_ok=True)
+    rna.write_h5ad(d / name / "rna.h5ad")
+    atac.write_h5ad(d / name / "atac.h5ad")
+    return InputConfig(kind="h5ad_pair", rna=str(d / name / "rna.h5ad"), atac=str(d / name / "atac.h5ad"))
+
+
+def _build(tmp_path, inputs, **kw):
+    return open_store(build_store(BuildConfig(out=str(tmp_path / "s.zarr"), progress=False, inputs=inputs, **kw)))
+
+
+def test_text_of_obs_values_does_not_depend_on_how_pandas_typed_the_column():
+    from data.build import as_text
+
+    assert list(as_text(pd.Series([1, 2]))) == ["1", "2"]
+    assert list(as_text(pd.Series([1.0, np.nan]))) == ["1", None]  # int upcast to float by a missing value
+    assert list(as_text(pd.Series([1, None], dtype="Int64"))) == ["1", None]
+    assert list(as_text(pd.Series(pd.Categorical([0, 1, None])))) == ["0", "1", None]
+    assert list(as_text(pd.Series(["a", 1.5, None], dtype=object))) == ["a", "1.5", None]
+
+
+def test_integer_batch_ids_name_the_same_batch_in_every_input(tmp_path):
+    """A pair whose ATAC obs lacks the column (pandas upcast it to float: '1.0') plus an RNA-only input
+    ('1') made one donor two batches."""
+    rna, atac = _pair(obs={"donor": [1, 1, 1, 2, 2, 2]})
+    atac.obs = atac.obs.drop(columns="donor")
+    rna2, _ = _pair(prefix="d", obs={"donor": [1, 2, 1, 2, 1, 2]})
+    (tmp_path / "r").mkdir()
+    rna2.write_h5ad(tmp_path / "r" / "rna.h5ad")
+    st = _build(tmp_path, [_write_pair(tmp_path, rna, atac), InputConfig(kind="h5ad_pair", rna=str(tmp_path / "r" / "rna.h5ad"))],
+                batch_key="donor")
+    assert st.meta.batch_categories == ["1", "2"]
+
+
+def test_partly_missing_labels_keep_their_names_also_preshuffled(tmp_path):
+    labels = pd.Series([0, 1, None, 2, 1, 0], dtype="Int64")
+    rna, atac = _pair(obs={"batch": ["b0"] * 6, "cluster": labels.to_numpy()})
+    inp = _write_pair(tmp_path, rna, atac)
+    for pre in (False, True):
+        st = open_store(build_store(BuildConfig(out=str(tmp_path / f"s{pre}.zarr"), progress=False, inputs=[inp],
+                                                label_key="cluster", preshuffle=pre)))
+        assert st.meta.label_categories == ["0", "1", "2"], pre
+
+
+def test_masks_stored_as_text_are_read_as_written(tmp_path):
+    """astype(bool) read the text 'False' as True: RNA-only cells became 'ATAC measured, all zero'."""
+    rna, atac = _pair(n=10)
+    x = np.hstack([rna.X.toarray(), atac.X.toarray()])
+    x[5:, rna.n_vars:] = 0
+    var = pd.DataFrame({"modality": ["Gene Expression"] * rna.n_vars + ["Peaks"] * atac.n_vars},
+                       index=list(rna.var_names) + list(atac.var_names))
+    obs = pd.DataFrame({"batch": ["b0"] * 10, "mask_rna": ["True"] * 10, "mask_atac": ["True"] * 5 + ["False"] * 5},
+                       index=rna.obs_names)
+    ad.AnnData(sp.csr_matrix(x), obs=obs, var=var).write_h5ad(tmp_path / "scvi.h5ad")
+    st = _build(tmp_path, [InputConfig(kind="scvi", path=str(tmp_path / "scvi.h5ad"))])
+    assert st.read_obs()["mask_atac"].tolist() == [True] * 5 + [False] * 5
+    obs["mask_atac"] = ["True"] * 5 + ["maybe"] * 5
+    ad.AnnData(sp.csr_matrix(x), obs=obs, var=var).write_h5ad(tmp_path / "bad.h5ad")
+    with pytest.raises(ValueError, match=r"mask_atac.*'maybe'; expected True/False"):
+        build_store(BuildConfig(out=str(tmp_path / "bad.zarr"), progress=False,
+                                inputs=[InputConfig(kind="scvi", path=str(tmp_path / "bad.h5ad"))]))
+
+
+def test_a_stored_zero_is_no_count(tmp_path):
+    """A stored 0 in an RNA-only cell's peak column refused the build ('has atac counts but mask_atac is
+    False'); stored zeros never reach the store."""
+    rna, atac = _pair(n=10)
+    x = np.hstack([rna.X.toarray(), atac.X.toarray()]).astype(np.int32)
+    x[5:, rna.n_vars:] = 0
+    m = sp.csr_matrix(x).tolil()
+    m[7, rna.n_vars + 1] = 1
+    m = m.tocsr()
+    row = slice(m.indptr[7], m.indptr[8])
+    m.data[row][m.indices[row] == rna.n_vars + 1] = 0  # a stored zero (scipy keeps it until eliminate_zeros)
+    assert m.nnz == sp.csr_matrix(x).nnz + 1
+    var = pd.DataFrame({"modality": ["Gene Expression"] * rna.n_vars + ["Peaks"] * atac.n_vars},
+                       index=list(rna.var_names) + list(atac.var_names))
+    obs = pd.DataFrame({"batch": ["b0"] * 10, "modality": ["paired"] * 5 + ["expression"] * 5}, index=rna.obs_names)
+    ad.AnnData(m, obs=obs, var=var).write_h5ad(tmp_path / "scvi.h5ad")
+    st = _build(tmp_path, [InputConfig(kind="scvi", path=str(tmp_path / "scvi.h5ad"))])
+    atac_rows = st.read_rows("atac", 0, 0, 10)
+    assert atac_rows.nnz == sp.csr_matrix(x[:, rna.n_vars:]).nnz and (atac_rows.data != 0).all()
+
+
+def test_inputs_named_alike_do_not_merge_into_one_batch(tmp_path):
+    """With batch_key null each input is a batch named by its file: two rna.h5ad pairs were one batch."""
+    a = _write_pair(tmp_path, *_pair(prefix="a"), name="sample1")
+    b = _write_pair(tmp_path, *_pair(prefix="b"), name="sample2")
+    with pytest.raises(ValidationError, match="would both be batch 'rna'.*inputs\\[i\\]\\.batch"):
+        _build(tmp_path, [a, b], batch_key=None)
+    a.batch, b.batch = "s1", "s2"
+    assert _build(tmp_path, [a, b], batch_key=None).meta.batch_categories == ["s1", "s2"]
+
+
+def test_obs_keys_that_clash_with_the_stores_columns_are_refused(tmp_path):
+    inp = _write_pair(tmp_path, *_pair(obs={"batch": ["b0"] * 6, "lane": ["l1"] * 6}))
+    with pytest.raises(ValidationError, match=r"cat_cov_keys \['batch'\] would overwrite"):
+        _build(tmp_path, [inp], batch_key=None, cat_cov_keys=["batch"])
+    with pytest.raises(ValidationError, match=r"label_key \['mask_rna'\] would overwrite"):
+        _build(tmp_path, [inp], label_key="mask_rna")
+
+
+def test_dropped_cells_leave_no_categories_behind(tmp_path):
+    """drop_empty_cells: a batch or label only dropped cells had was still a category (a phantom batch
+    with no cells for the model)."""
+    rna, atac = _pair(n=8)
+    x = np.hstack([rna.X.toarray(), atac.X.toarray()])
+    x[6:] = 0
+    var = pd.DataFrame({"modality": ["Gene Expression"] * rna.n_vars + ["Peaks"] * atac.n_vars},
+                       index=list(rna.var_names) + list(atac.var_names))
+    obs = pd.DataFrame({"batch": ["keep"] * 6 + ["gone"] * 2, "ct": ["x"] * 6 + ["only_dropped"] * 2,
+                        "mask_rna": [True] * 6 + [False] * 2, "mask_atac": [True] * 6 + [False] * 2},
+                       index=rna.obs_names)
+    m = sp.csr_matrix(x)
+    m.eliminate_zeros()
+    ad.AnnData(m, obs=obs, var=var).write_h5ad(tmp_path / "scvi.h5ad")
+    st = _build(tmp_path, [InputConfig(kind="scvi", path=str(tmp_path / "scvi.h5ad"))], label_key="ct",
+                drop_empty_cells=True)
+    assert st.meta.n_cells == 6
+    assert st.meta.batch_categories == ["keep"] and st.meta.label_categories == ["x"]
+
+
+def test_overwrite_replaces_a_store_and_nothing_else(tmp_path):
+    inp = _write_pair(tmp_path, *_pair())
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("keep me")
+    with pytest.raises(ValidationError, match="is not a multivi-atlas store"):
+        build_store(BuildConfig(out=str(project), overwrite=True, progress=False, inputs=[inp]))
+    assert (project / "notes.txt").read_text() == "keep me"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValidationError, match="is not a multivi-atlas store"):
+        build_store(BuildConfig(out=str(tmp_path / "afile"), overwrite=True, progress=False, inputs=[inp]))
+    assert not list(tmp_path.glob("afile.tmp-*"))
+    out = build_store(BuildConfig(out=str(tmp_path / "s.zarr"), progress=False, inputs=[inp]))
+    build_store(BuildConfig(out=str(out), overwrite=True, progress=False, inputs=[inp]))  # a store: replaced
+    assert open_store(out).meta.n_cells == 6
+
+
+def test_dict_inputs_and_bad_sizes(tmp_path):
+    inp = _write_pair(tmp_path, *_pair())
+    st = open_store(build_store(BuildConfig(out=str(tmp_path / "d.zarr"), progress=False,
+                                            inputs=[{"kind": "h5ad_pair", "rna": inp.rna, "atac": inp.atac}])))
+    assert st.meta.n_cells == 6
+    with pytest.raises(ValidationError, match="block_size and shard_size must be >= 1"):
+        build_store(BuildConfig(out=str(tmp_path / "b.zarr"), progress=False, inputs=[inp], block_size=0))
