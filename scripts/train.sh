@@ -16,13 +16,16 @@
 # reach the trainer only through torchrun's env.
 #
 # The run directory is chosen ONCE, before the ranks start (RUN_DIR, or run.output_dir=...). Single node:
-# default outputs/train-<timestamp>. Multi-node: required and on a disk every node shares, because each
+# default outputs/train-<timestamp> (under the current directory). Multi-node: required and on a disk every node shares, because each
 # node computing its own timestamp would split the run in two.
 # MAX_RESTARTS=n lets torchrun restart failed workers; they resume from the newest checkpoint (resume=auto).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+# No cd: relative paths in the overrides (data.store=, run.output_dir=, RUN_DIR) mean what they mean in
+# the caller's directory, as for mva-train itself; the project is found from this script's location.
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PY:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 RUN_DIR=${RUN_DIR:-}

@@ -36,3 +36,26 @@ def test_sweep_preset_declares_the_grid():
                       return_hydra_config=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
     assert set(cfg.hydra.sweeper.params) == {"model.n_latent", "optim.lr"}
+
+
+@pytest.mark.slow
+def test_two_member_multirun_on_two_ranks_through_train_sh(tmp_path):
+    """Hydra runs the members one after another in the same torchrun processes: the second member's
+    process group used to hang on the first one's keys in the launcher's store (until dist.timeout_s).
+    Run from another directory with relative paths: train.sh no longer changes directory."""
+    import os
+    import subprocess
+
+    from tests.train_utils import ROOT, env
+
+    store = tiny_store(tmp_path / "store", n_cells=400)
+    # one step per member and rank (batch 128): the case that hung; paths relative to tmp_path
+    args = ["-m", "data.store=store", "model.n_latent=4,7", "model.n_hidden=16", "run.epochs=1", "logger.plot=false",
+            "dist.timeout_s=60", "run.output_dir=sweep"]
+    res = subprocess.run([str(ROOT / "scripts" / "train.sh"), *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=240, check=False, env={**env(), "NPROC_PER_NODE": "2", "PYTHONPATH": ""})
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+    assert store.is_dir() and not os.path.exists(ROOT / "sweep")
+    for member in ("0", "1"):
+        result = json.loads((tmp_path / "sweep" / member / "result.json").read_text())
+        assert result["epochs"] == 1 and result["world_size"] == 2

@@ -28,6 +28,9 @@ class DistInfo:
         return self.rank == 0
 
 
+_INITS = 0  # process groups this process has joined (a --multirun sweep joins one per member)
+
+
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
@@ -50,13 +53,17 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         timeout = datetime.timedelta(seconds=timeout_s)
         store = None
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        if restart > 0:
-            # After a `torchrun --max-restarts` restart the launcher's store still holds the previous
-            # group's gloo addresses under the same keys, and the new ranks hang connecting to the
-            # dead ones (seen with --standalone); a per-restart key prefix gives them a clean slate.
+        global _INITS
+        if restart > 0 or _INITS > 0:
+            # The launcher's store still holds an earlier group's addresses under the same keys: after a
+            # `torchrun --max-restarts` restart (the previous workers' group) and for the second member of
+            # a Hydra --multirun sweep in the same processes (the first member's group, destroyed at its
+            # end). New ranks then hang connecting to the old ones (seen with --standalone); a key prefix
+            # per restart and per group gives every group a clean slate.
             base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                                   is_master=False, timeout=timeout)
-            store = tdist.PrefixStore(f"mva/restart{restart}/", base)
+            store = tdist.PrefixStore(f"mva/restart{restart}/group{_INITS}/", base)
+        _INITS += 1
         tdist.init_process_group(backend, timeout=timeout, store=store, rank=rank if store else -1,
                                  world_size=world if store else -1,
                                  device_id=device if device.type == "cuda" else None)

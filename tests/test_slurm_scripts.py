@@ -1,0 +1,48 @@
+"""scripts/slurm/*.sbatch as Slurm runs them: the batch step once, on the first node, then ``srun`` starting
+one command per node. No Slurm here: a stand-in ``srun`` runs the step's command once per node with the
+per-node variables Slurm sets, and a stand-in Python prints the torchrun arguments each node would get.
+
+    .venv/bin/python -m pytest tests/test_slurm_scripts.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from tests.train_utils import ROOT
+
+SRUN = """#!/usr/bin/env bash
+while [ "${1#-}" != "$1" ]; do shift; done  # srun's own options
+for n in 0 1; do SLURMD_NODENAME=node$n SLURM_NODEID=$n "$@"; done
+"""
+PRINT_ARGS = """#!/usr/bin/env bash
+echo "NODE $SLURM_NODEID: $*"
+"""
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "infer.sbatch"])
+def test_each_node_gets_its_own_address_and_the_requested_process_count(tmp_path, script):
+    """LOCAL_ADDR used to be expanded once, in the batch step on the first node, so every node advertised
+    that node's address; Slurm's SLURM_GPUS_ON_NODE used to override an explicit NPROC_PER_NODE."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, body in (("srun", SRUN), ("scontrol", "#!/bin/sh\nprintf 'node0\\nnode1\\n'\n"),
+                       ("fakepy", PRINT_ARGS)):
+        (shims / name).write_text(body)
+        (shims / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_GPUS_ON_NODE": "4", "SLURM_SUBMIT_DIR": str(ROOT),
+           "PY": str(shims / "fakepy"), "NPROC_PER_NODE": "2", "LOCAL_ADDR_CMD": "echo 10.0.0.1$SLURM_NODEID"}
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script), "model_dir=/x"], env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    nodes = dict(re.findall(r"^NODE (\d): (.*)$", res.stdout, flags=re.MULTILINE))
+    assert set(nodes) == {"0", "1"}, res.stdout
+    for n, argv in nodes.items():
+        assert f"--local-addr=10.0.0.1{n}" in argv, argv
+        assert "--nproc-per-node=2" in argv and "--rdzv-endpoint=node0:29500" in argv, argv
+        assert "-m torch.distributed.run" in argv, argv
