@@ -30,7 +30,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 RUN_DIR=${RUN_DIR:-}
 ARGS=()
-for a in "$@"; do
+while [ $# -gt 0 ]; do
+  a=$1; shift
   case "$a" in
     --nnodes=*) NNODES=${a#*=} ;;
     --rdzv-endpoint=*|--rdzv_endpoint=*) RDZV_ENDPOINT=${a#*=} ;;
@@ -40,6 +41,11 @@ for a in "$@"; do
     --rdzv-conf=*|--rdzv_conf=*) RDZV_CONF=${a#*=} ;;
     --nproc-per-node=*|--nproc_per_node=*) NPROC_PER_NODE=${a#*=} ;;
     --max-restarts=*|--max_restarts=*) MAX_RESTARTS=${a#*=} ;;
+    # Hydra's own flags go to mva-train (those with a value take the next argument along)
+    --multirun|--help|--hydra-help|--resolve|--shell-completion) ARGS+=("$a") ;;
+    --cfg|--info|--package|--config-name|--config-path|--config-dir|-c|-cn|-cp|-cd|-p|-i)
+      ARGS+=("$a"); [ $# -eq 0 ] || { ARGS+=("$1"); shift; } ;;
+    --cfg=*|--info=*|--package=*|--config-name=*|--config-path=*|--config-dir=*) ARGS+=("$a") ;;
     --*) echo "train.sh: unknown launcher option $a" >&2; exit 2 ;;
     run.output_dir=*) RUN_DIR=${a#run.output_dir=} ;;
     *) ARGS+=("$a") ;;

@@ -59,3 +59,19 @@ def test_two_member_multirun_on_two_ranks_through_train_sh(tmp_path):
     for member in ("0", "1"):
         result = json.loads((tmp_path / "sweep" / member / "result.json").read_text())
         assert result["epochs"] == 1 and result["world_size"] == 2
+
+
+def test_train_sh_passes_hydra_flags_through(tmp_path):
+    """--cfg job / --help were refused as unknown launcher options."""
+    import subprocess
+
+    from tests.train_utils import ROOT, env
+
+    res = subprocess.run([str(ROOT / "scripts" / "train.sh"), "--cfg", "job", "data.store=/somewhere", "model.n_latent=5"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+                         env={**env(), "NPROC_PER_NODE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "store: /somewhere" in res.stdout and "n_latent: 5" in res.stdout
+    bad = subprocess.run([str(ROOT / "scripts" / "train.sh"), "--bogus"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, check=False, env=env())
+    assert bad.returncode == 2 and "unknown launcher option --bogus" in bad.stderr
