@@ -198,3 +198,29 @@ def test_size_factor_models_get_the_loaders_size_factors_from_every_input(traine
     assert 0 < loader_sf[:, 1].min() and loader_sf[:, 1].max() == 1.0
     np.testing.assert_allclose(model.accessibility(mdata, normalize_cells=True, batch_size=BATCH),
                                model.accessibility(store, normalize_cells=True), **TOL)
+
+
+def test_duplicate_csr_entries_mean_their_sum(trained):
+    """scipy reads a repeated (row, col) as the sum; the in-memory path passed the entries on, and the
+    C densifier of the RNA block kept only the last one (latents ~1e-2 off)."""
+    store, _, model = trained
+    mdata = store_to_mudata(store)
+    z = model.latent(mdata, batch_size=BATCH)
+    x = mdata["rna"].X.tocoo()
+    big = x.data >= 2  # split every count c >= 2 into (c - 1) + 1: same matrix, duplicate entries
+    rows = np.concatenate([x.row, x.row[big]])
+    order = np.argsort(rows, kind="stable")
+    data = np.concatenate([x.data - big, np.ones(big.sum(), x.data.dtype)])[order]
+    cols = np.concatenate([x.col, x.col[big]])[order]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=x.shape[0]))])
+    dup = sp.csr_matrix((data, cols, indptr), shape=x.shape)  # (data, indices, indptr): kept as given
+    assert dup.nnz > mdata["rna"].X.nnz and abs(dup - mdata["rna"].X).max() == 0
+    mdata.mod["rna"].X = dup
+    np.testing.assert_allclose(model.latent(mdata, batch_size=BATCH), z, **TOL)
+
+
+def test_numpy_integers_as_transform_batch(trained):
+    store, _, model = trained
+    ref = model.expression(store, transform_batch="batch_1")
+    for tb in (np.int64(1), [np.int64(1)], np.array([1])):
+        np.testing.assert_allclose(model.expression(store, transform_batch=tb), ref, **TOL)

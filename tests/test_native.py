@@ -131,6 +131,22 @@ def test_zinb_kernel_equals_eager(seed):
         assert rel(a.grad, b.grad) < 5e-6
 
 
+@pytest.mark.parametrize("theta_value", [1e-12, 1e-15, 1e-20])
+def test_zinb_kernel_with_tiny_dispersions(theta_value):
+    """The lgamma/digamma tables added log(theta + n - 1) evaluated as (theta + n) - 1: for n = 1 a theta
+    below ~1e-16 became 0 (an infinite loss and theta gradient; 0.4 off at 1e-15). theta = exp(px_r)."""
+    x, mu, _, zi, go = zinb_case(5)
+    theta = torch.full((x.shape[1],), theta_value)
+    leaves = [t.clone().requires_grad_() for t in (mu, theta, zi)]
+    out = ops.zinb_nll(x, *leaves)
+    (out * go).sum().backward()
+    ref_leaves = [t.double().requires_grad_() for t in (mu, theta, zi)]
+    ref = D.zinb_nll(as64(x), *ref_leaves)
+    (ref * go.double()).sum().backward()
+    assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in leaves)
+    assert (out.double() - ref.detach()).abs().max() < 1e-3
+
+
 def test_zinb_theta_as_row_vector_and_empty_batch():
     x, mu, theta, zi, _ = zinb_case(3)
     a = ops.zinb_nll(x, mu, theta.view(1, -1), zi)
@@ -166,6 +182,29 @@ def test_csr_to_dense_equals_torch():
     assert ops.csr_to_dense(empty).shape == (0, 517)
     # what the kernel does not take goes to torch: float64 values stay float64
     assert torch.equal(ops.csr_to_dense(as64(x)), as64(x).to_dense())
+
+
+def test_csr_to_dense_sums_duplicate_entries_as_torch():
+    """A CSR with a repeated (row, col) means the sum (scipy, torch); the C scatter kept the last one."""
+    x = torch.sparse_csr_tensor(torch.tensor([0, 3, 4]), torch.tensor([1, 1, 4, 0]),
+                                torch.tensor([2.0, 3.0, 1.0, 7.0]), size=(2, 6))
+    assert torch.equal(ops.csr_to_dense(x), x.to_dense()) and ops.csr_to_dense(x)[0, 1] == 5.0
+
+
+def test_eager_csr_likelihoods_take_non_contiguous_inputs():
+    """Their backward writes through flat views: a column-major mu / zi / logits raised 'view size is not
+    compatible' on the eager path (no compiler, float64, MVA_NATIVE_KERNELS=0) while the native one ran."""
+    x, mu, theta, zi, _ = zinb_case(2)
+    cm = [t.t().contiguous().t().requires_grad_() for t in (mu, zi)]  # same values, column-major strides
+    out = D.zinb_nll(x, cm[0], theta, cm[1])
+    out.sum().backward()
+    ref = [t.clone().requires_grad_() for t in (mu, zi)]
+    D.zinb_nll(x, ref[0], theta, ref[1]).sum().backward()
+    for a, b in zip(cm, ref, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    logits = torch.randn(x.shape[1], x.shape[0]).t().requires_grad_()
+    fused.product_bernoulli_nll_logits(x, logits, torch.ones(x.shape[0], 1), None).sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
 def test_thread_count_changes_nothing_it_should_not():

@@ -179,6 +179,9 @@ def _rows(x, rows: np.ndarray, cols: np.ndarray | None, keep: np.ndarray) -> sp.
     take = (rows >= 0) & keep
     sub = x[rows[take]] if take.any() else x[:0]
     sub = sub.tocsr() if sp.issparse(sub) else sp.csr_matrix(np.asarray(sub))
+    if not sub.has_canonical_format:  # duplicate entries mean their sum to scipy; the kernels want one each
+        sub = sub.copy()
+        sub.sum_duplicates()
     if cols is not None:
         sub = sub[:, cols]
     nnz = np.zeros(len(rows), dtype=np.int64)
@@ -191,7 +194,7 @@ def _torch_csr(x: sp.csr_matrix) -> torch.Tensor:
     return torch.sparse_csr_tensor(torch.from_numpy(x.indptr.astype(np.int64)),
                                    torch.from_numpy(x.indices.astype(np.int64)),
                                    torch.from_numpy(x.data.astype(np.float32)), size=x.shape,
-                                   check_invariants=False)  # built by scipy: valid by construction
+                                   check_invariants=False)  # canonical scipy CSR (_rows): valid
 
 
 def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask: np.ndarray, batch_size: int,

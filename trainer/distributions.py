@@ -237,7 +237,8 @@ def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: 
         rows, cols, v = _nonzeros(x)
         v = v.to(mu.dtype)
         counts = _Counts(v) if v.device.type == "cpu" else None
-        return _ZinbNLL.apply(mu, theta, zi_logits, rows, cols, v, counts)
+        # contiguous: the backward writes its gradients through flat views (as the C kernels need too)
+        return _ZinbNLL.apply(mu.contiguous(), theta, zi_logits.contiguous(), rows, cols, v, counts)
     softplus_pi = F.softplus(-zi_logits)
     log_theta_mu_eps = torch.log(theta + mu + EPS)
     pi_theta_log = -zi_logits + theta * (torch.log(theta + EPS) - log_theta_mu_eps)

@@ -136,7 +136,7 @@ def product_bernoulli_nll(
     else:
         rows, cols = (x > 0).nonzero(as_tuple=True)
         pos = torch.ones(rows.shape, dtype=p.dtype, device=p.device)
-    return _ProductBernoulliNLL.apply(p, lib, s, rows, cols, pos)
+    return _ProductBernoulliNLL.apply(p.contiguous(), lib, s, rows, cols, pos)  # flat-view gradients
 
 
 class _ProductBernoulliLogitsNLL(torch.autograd.Function):
@@ -190,4 +190,4 @@ def product_bernoulli_nll_logits(
     else:
         rows, cols = (x > 0).nonzero(as_tuple=True)
         pos = torch.ones(rows.shape, dtype=logits.dtype, device=logits.device)
-    return _ProductBernoulliLogitsNLL.apply(logits, lib, s, rows.long(), cols.long(), pos, compiled)
+    return _ProductBernoulliLogitsNLL.apply(logits.contiguous(), lib, s, rows.long(), cols.long(), pos, compiled)

@@ -12,10 +12,12 @@ chunks that were in flight, with any world size.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import zarr
 
 from data.store import Store, StoreError, open_store
@@ -139,12 +141,16 @@ def batch_codes(transform_batch, categories: list[str], n_batch: int) -> list[in
     the batch labelled "1" (as the reference's accessors read it), not the second batch."""
     if transform_batch is None:
         return None
-    items = [transform_batch] if isinstance(transform_batch, (str, int)) else list(transform_batch)
+    if isinstance(transform_batch, np.ndarray) and transform_batch.ndim == 0:
+        transform_batch = transform_batch.item()
+    scalar = isinstance(transform_batch, (str, numbers.Integral, np.str_))
+    items = [transform_batch] if scalar else list(transform_batch)
     if not items:
         raise InferError("transform_batch is an empty list (leave it null for each cell's own batch)")
     cats = [str(c) for c in categories]
     codes = []
     for item in items:
+        item = item.item() if isinstance(item, np.generic) else item  # numpy ints and strings as Python's
         if isinstance(item, bool) or not isinstance(item, (str, int)):
             raise InferError(f"transform_batch entries must be batch labels or integer codes, got {item!r}")
         if isinstance(item, int) and str(item) in cats:

@@ -179,7 +179,8 @@ static void gamma_table(const float* theta, int64_t G, int digamma, float* tab) 
     double acc = digamma ? digamma_d(th) : lgamma_d(th);
     tab[g * (TMAX + 1)] = (float)acc;
     for (int n = 1; n <= TMAX; ++n) {
-      acc += digamma ? 1.0 / (th + n - 1) : log(th + n - 1);
+      /* th + (n - 1), not (th + n) - 1: for n = 1 the latter rounds a theta below ~1e-16 to 0 (log 0) */
+      acc += digamma ? 1.0 / (th + (double)(n - 1)) : log(th + (double)(n - 1));
       tab[g * (TMAX + 1) + n] = (float)acc;
     }
   }
@@ -398,12 +399,13 @@ void mva_sparse_mm_t(const int64_t* ccol, const int64_t* row_of, const float* va
   }
 }
 
-/* Dense (B, C) copy of CSR counts. torch's CSR to_dense on the CPU takes ~0.4 ms for a 96 x 2,000 RNA
- * block at 35 % density (it goes through a generic index path); this is one memset and one scatter. */
+/* Dense (B, C) copy of CSR counts (duplicate entries summed, as torch's to_dense). torch's CSR to_dense
+ * on the CPU takes ~0.4 ms for a 96 x 2,000 RNA block at 35 % density (it goes through a generic index
+ * path); this is one memset and one scatter. */
 void mva_csr_dense(const int64_t* crow, const int64_t* col, const float* val, float* out, int64_t B, int64_t C) {
   memset(out, 0, sizeof(float) * B * C);
   for (int64_t i = 0; i < B; ++i) {
     float* o = out + i * C;
-    for (int64_t k = crow[i]; k < crow[i + 1]; ++k) o[col[k]] = val[k];
+    for (int64_t k = crow[i]; k < crow[i + 1]; ++k) o[col[k]] += val[k]; /* duplicates add, as torch */
   }
 }
