@@ -224,3 +224,22 @@ def test_numpy_integers_as_transform_batch(trained):
     ref = model.expression(store, transform_batch="batch_1")
     for tb in (np.int64(1), [np.int64(1)], np.array([1])):
         np.testing.assert_allclose(model.expression(store, transform_batch=tb), ref, **TOL)
+
+
+def test_obs_mask_columns_follow_the_builders_rules(trained):
+    """NaN in an object mask column was read as True (measured), one mask column alone was ignored."""
+    store, _, model = trained
+    mdata = store_to_mudata(store)
+    z = model.latent(mdata, batch_size=BATCH)
+    as_text = mdata.copy()
+    as_text.obs["mask_rna"] = as_text.obs["mask_rna"].map({True: "True", False: "False"})
+    np.testing.assert_allclose(model.latent(as_text, batch_size=BATCH), z, **TOL)
+    nan = mdata.copy()
+    nan.obs["mask_atac"] = nan.obs["mask_atac"].astype(object)
+    nan.obs.iloc[3, nan.obs.columns.get_loc("mask_atac")] = np.nan
+    with pytest.raises(APIError, match=r"mask_atac.*expected True/False"):
+        model.latent(nan)
+    one = mdata.copy()
+    one.obs = one.obs.drop(columns="mask_atac")
+    with pytest.raises(APIError, match="'mask_rna' but not its partner"):
+        model.latent(one)

@@ -20,6 +20,7 @@ import torch
 
 from data import keys
 from data.collate import atac_library_max, size_factor_rows
+from data.convert.base import as_mask
 from trainer.jobs.common import open_checked_store
 
 if TYPE_CHECKING:
@@ -132,8 +133,14 @@ def _explicit_mask(mask, obs: pd.DataFrame, n: int) -> np.ndarray | None:
         if m.shape != (n, 2) or m.dtype != bool:
             raise APIError(f"mask must be a boolean array of shape ({n}, 2), got {m.dtype} {m.shape}")
         return m
+    if ("mask_rna" in obs) != ("mask_atac" in obs):
+        have = "mask_rna" if "mask_rna" in obs else "mask_atac"
+        raise APIError(f"obs has {have!r} but not its partner: give both mask_rna and mask_atac, or neither")
     if "mask_rna" in obs and "mask_atac" in obs:
-        return np.stack([obs["mask_rna"].to_numpy(bool), obs["mask_atac"].to_numpy(bool)], axis=1)
+        try:  # the store builder's rules: bools, 0/1 or true/false text; NaN or anything else refused
+            return np.stack([as_mask(obs[c], "obs", c) for c in ("mask_rna", "mask_atac")], axis=1)
+        except ValueError as exc:
+            raise APIError(str(exc)) from None
     if "modality" in obs:
         values = obs["modality"].astype(str)
         bad = sorted(set(values) - set(_MODALITY_COLUMN))

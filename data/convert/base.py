@@ -181,7 +181,7 @@ class SplitSource(Source):
 _TRUE, _FALSE = {"true", "1", "1.0", "yes"}, {"false", "0", "0.0", "no"}
 
 
-def _as_mask(col: pd.Series, where: str, name: str) -> np.ndarray:
+def as_mask(col: pd.Series, where: str, name: str) -> np.ndarray:
     """A modality mask column as bools: bool, 0/1 or true/false text. ``astype(bool)`` would read the
     text "False" (and NaN) as True: a cell without ATAC would become "measured, all zero"."""
     if col.dtype == bool:
@@ -198,8 +198,8 @@ def _as_mask(col: pd.Series, where: str, name: str) -> np.ndarray:
 def _masks_from_obs(obs: pd.DataFrame, where: str) -> pd.DataFrame:
     obs = obs.copy()
     if "mask_rna" in obs.columns and "mask_atac" in obs.columns:
-        obs["mask_rna"] = _as_mask(obs["mask_rna"], where, "mask_rna")
-        obs["mask_atac"] = _as_mask(obs["mask_atac"], where, "mask_atac")
+        obs["mask_rna"] = as_mask(obs["mask_rna"], where, "mask_rna")
+        obs["mask_atac"] = as_mask(obs["mask_atac"], where, "mask_atac")
     elif "modality" in obs.columns:
         m = obs["modality"].astype(str).str.lower()
         known = m.isin(["paired", "expression", "accessibility"])
