@@ -243,3 +243,18 @@ def test_obs_mask_columns_follow_the_builders_rules(trained):
     one.obs = one.obs.drop(columns="mask_atac")
     with pytest.raises(APIError, match="'mask_rna' but not its partner"):
         model.latent(one)
+
+
+def test_a_subset_with_store_size_factor_columns_gets_the_stores_numbers(trained, tmp_path):
+    """The ATAC size factor divides by the largest total: of the whole store for store input, of the
+    given cells for in-memory input -- unless the data carries the factors (store_to_mudata's columns)."""
+    from trainer.scvi_io import SIZE_FACTOR_COLUMNS
+
+    store, _, _ = trained
+    res = train(tiny_config(store, tmp_path / "sf", **{"model.use_size_factor": True, "run.epochs": 1}))
+    model = load(res.run_dir)
+    cells = np.arange(0, N_CELLS, 7)
+    whole = model.accessibility(store, normalize_cells=True)[cells]
+    sub = store_to_mudata(store, cells)
+    assert all(c in sub.obs for c in SIZE_FACTOR_COLUMNS)
+    np.testing.assert_allclose(model.accessibility(sub, normalize_cells=True, batch_size=BATCH), whole, **TOL)

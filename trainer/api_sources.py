@@ -22,6 +22,7 @@ from data import keys
 from data.collate import atac_library_max, size_factor_rows
 from data.convert.base import as_mask
 from trainer.jobs.common import open_checked_store
+from trainer.scvi_io import SIZE_FACTOR_COLUMNS
 
 if TYPE_CHECKING:
     from trainer.api import Model
@@ -236,13 +237,20 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
         b.update({keys.MASK: torch.from_numpy(m.copy()), keys.BATCH: torch.from_numpy(batch[lo:hi]),
                   keys.CAT_COVS: torch.from_numpy(cats[lo:hi]), keys.CONT_COVS: torch.from_numpy(cont[lo:hi]),
                   keys.INDEX: torch.arange(lo, hi, dtype=torch.int64)})
-        if model.module.use_size_factor:  # data.collate's formula (ATAC over the largest total of these cells)
+        if model.module.use_size_factor and given_sf is not None:  # store_to_mudata's (store-wide) columns
+            b[keys.SIZE_FACTOR] = torch.from_numpy(given_sf[lo:hi].copy())
+        elif model.module.use_size_factor:  # data.collate's formula (ATAC over the largest total of these cells)
             tot = np.stack([np.asarray(out[mod].sum(axis=1)).ravel() for mod in keys.MODALITIES], axis=1)
             b[keys.SIZE_FACTOR] = torch.from_numpy(size_factor_rows(tot, m, atac_max[0]))
         return b, out
 
+    # size factors given with the data (the columns trainer.scvi_io.store_to_mudata writes, computed over
+    # the whole store) are used as they are: a subset of a store's cells then gets the store's factors
+    given_sf = None
+    if model.module.use_size_factor and all(c in obs for c in SIZE_FACTOR_COLUMNS):
+        given_sf = np.stack([obs[c].to_numpy(np.float32) for c in SIZE_FACTOR_COLUMNS], axis=1)
     atac_max = [1.0]
-    if model.module.use_size_factor and keys.ATAC in feats:  # one pass first: the max over all cells
+    if model.module.use_size_factor and given_sf is None and keys.ATAC in feats:  # one pass first: the max over all cells
         j = keys.MASK_COLUMN[keys.ATAC]
         for lo in range(0, n, batch_size):
             x, rows, cols = feats[keys.ATAC]
