@@ -197,16 +197,18 @@ def test_a_max_steps_stop_mid_epoch_continues_exactly_when_the_limit_is_raised(s
     """The stop at run.max_steps inside an epoch saves the stream position and the reason: resumed with
     a larger (or no) limit the run trains on from there and ends with the uninterrupted run's weights
     (before, the checkpoint said stopped=True with no stream state: the resumed run trained nothing)."""
-    full = train(tiny_config(store, tmp_path / "full", **{"run.epochs": 3, "run.early_stopping": False}))
+    # early stopping and keep=best on: the validation at the stop is reported, not tracked
+    opts = {"run.epochs": 3, "run.early_stopping": True, "run.patience": 50, "run.keep": "best"}
+    full = train(tiny_config(store, tmp_path / "full", **opts))
     per_epoch = full.steps // 3
     limit = per_epoch + 2  # inside epoch 1
     part = tmp_path / "part"
-    first = train(tiny_config(store, part, **{"run.epochs": 3, "run.early_stopping": False, "run.max_steps": limit}))
+    first = train(tiny_config(store, part, **{**opts, "run.max_steps": limit}))
     assert first.steps == limit and first.epochs == 1 and not first.stopped_early
-    again = train(tiny_config(store, part, **{"run.epochs": 3, "run.early_stopping": False, "run.max_steps": limit}))
+    again = train(tiny_config(store, part, **{**opts, "run.max_steps": limit}))
     assert again.steps == limit  # the same limit: nothing more to do
-    done = train(tiny_config(store, part, **{"run.epochs": 3, "run.early_stopping": False}))
-    assert done.steps == full.steps and done.epochs == 3 and not done.stopped_early
+    done = train(tiny_config(store, part, **opts))
+    assert done.steps == full.steps and done.epochs == 3 and not done.stopped_early and done.best == full.best
     a = load_file(str(Path(full.model_dir) / "model.safetensors"))
     b = load_file(str(Path(done.model_dir) / "model.safetensors"))
     for k in a:
@@ -242,3 +244,21 @@ def test_an_empty_validation_split_is_refused_when_something_reads_it(store, tmp
     res = train(tiny_config(store, tmp_path / "c", **{"data.val_fraction": 1e-4, "run.early_stopping": False,
                                                       "run.epochs": 1}))
     assert res.steps > 0 and res.best is None
+
+
+def test_the_validation_at_a_max_steps_stop_does_not_count_for_early_stopping(store, tmp_path):
+    """The uninterrupted run does not validate inside an epoch: with patience 1 and nothing counting as an
+    improvement, the report at a mid-epoch max_steps stop used to count as a bad epoch and stop the run
+    early for good, so raising the limit continued nothing."""
+    opts = {"run.epochs": 4, "run.patience": 1, "run.min_delta": 1e9}
+    full = train(tiny_config(store, tmp_path / "full", **opts))
+    per_epoch = full.steps // 2
+    assert full.stopped_early and full.epochs == 2  # epoch 0 sets best, epoch 1 is the one bad epoch
+    part = tmp_path / "part"
+    first = train(tiny_config(store, part, **{**opts, "run.max_steps": per_epoch + 2}))
+    assert not first.stopped_early and first.last_validation
+    done = train(tiny_config(store, part, **opts))
+    assert done.stopped_early and done.steps == full.steps
+    a = load_file(str(Path(full.model_dir) / "model.safetensors"))
+    b = load_file(str(Path(done.model_dir) / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

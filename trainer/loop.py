@@ -381,7 +381,9 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             last_val = validate(module, val_stream, info.device, kl_w)
         else:
             last_val = {}
-        if last_val:
+        # a validation after a max_steps stop inside an epoch is reported, not tracked: the uninterrupted
+        # run does not validate there, so best / patience / keep=best must not see it (exact continuation)
+        if last_val and epoch_complete:
             value = last_val[cfg.run.monitor]
             # a NaN validation would become `best` for good (nothing compares below NaN): it counts as
             # no improvement instead, and the run says so
@@ -392,11 +394,12 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                 best, bad_epochs = value, 0
             else:
                 bad_epochs += 1
-            metrics.log({"kind": "validation", "step": step, "epoch": epoch, **last_val, "best": best})
             if cfg.run.early_stopping and dist.shared_decision(bad_epochs >= cfg.run.patience):
                 dist.print0(f"[train] early stopping after epoch {epoch}: no {cfg.run.monitor} improvement "
                             f"> {cfg.run.min_delta} for {bad_epochs} epochs (best {best:.4f})")
                 stopped, stop_reason = True, "early"
+        if last_val:
+            metrics.log({"kind": "validation", "step": step, "epoch": epoch, **last_val, "best": best})
         if improved and cfg.run.keep == "best" and info.is_main:
             _write_best(run_dir, weights_of(module))
         if epoch_complete:
