@@ -90,13 +90,14 @@ def as_text(values: pd.Series) -> np.ndarray:
         ok = codes >= 0
         out[ok] = cats[codes[ok]]
         return out
-    raw = s.to_numpy(dtype=object)
-    for i, v in enumerate(raw):
-        if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
-            continue
+    codes, uniq = pd.factorize(s, use_na_sentinel=True)  # per distinct value, not per cell (1M cells)
+    names = np.empty(len(uniq), dtype=object)
+    for j, v in enumerate(uniq.to_numpy(dtype=object) if hasattr(uniq, "to_numpy") else uniq):
         if isinstance(v, (float, np.floating)) and float(v).is_integer():
             v = int(v)
-        out[i] = str(v)
+        names[j] = str(v)
+    ok = codes >= 0
+    out[ok] = names[codes[ok]]
     return out
 
 
