@@ -197,6 +197,37 @@ def test_explicit_cell_sets_and_feature_subset(trained, tmp_path):
     _close_scales(sets["scale1"].to_numpy(), grp["scale1"].to_numpy(), rtol=0.05)
 
 
+def test_overlapping_cell_sets_give_shared_cells_to_group_2(trained, tmp_path):
+    """As the reference (its cells2 labels overwrite cells1's): a cell in both files counts for group 2
+    only; group 1's raw columns included it."""
+    store, _ = trained
+    st = open_store(store)
+    ids = st.read_obs().index
+    (tmp_path / "c1.txt").write_text("\n".join(ids[0:40]))
+    (tmp_path / "c2.txt").write_text("\n".join(ids[30:90]))
+    genes = list(st.meta.gene_names[:50])
+    got = _run(trained, tmp_path / "o.csv", cells1=str(tmp_path / "c1.txt"), cells2=str(tmp_path / "c2.txt"),
+               features=genes, n_samples_overall=200)
+    counts = _matrix(st, "rna")[:, :50].toarray()
+    np.testing.assert_allclose(got.loc[genes, "raw_mean1"], counts[0:30].mean(0), rtol=1e-12)
+    np.testing.assert_allclose(got.loc[genes, "raw_mean2"], counts[30:90].mean(0), rtol=1e-12)
+    (tmp_path / "c3.txt").write_text("\n".join(ids[40:60]))
+    with pytest.raises(InferError, match="group 1 is empty"):
+        _run(trained, tmp_path / "e.csv", cells1=str(tmp_path / "c3.txt"), cells2=str(tmp_path / "c2.txt"))
+
+
+def test_every_group_against_group2_and_repeated_features(trained, tmp_path):
+    """group1 null with group2 set compared group2 with itself and refused; a repeated feature was
+    accepted and counted twice."""
+    store, _ = trained
+    groups = list(open_store(store).read_obs()["cell_type"].cat.categories)
+    genes = list(open_store(store).meta.gene_names[:20])
+    got = _run(trained, tmp_path / "all.csv", groupby="cell_type", group2=MONO, features=genes, n_samples_overall=60)
+    assert set(got["group1"]) == set(groups) - {MONO} and set(got["group2"]) == {MONO}
+    with pytest.raises(InferError, match="more than once"):
+        _run(trained, tmp_path / "d.csv", groupby="cell_type", group1=[NK], features=[genes[0], genes[0]])
+
+
 def test_crash_then_rerun_equals_clean_run(trained, tmp_path, monkeypatch):
     kw = {"groupby": "cell_type", "group1": [NK, MONO, BCELL], "n_samples_overall": 500}
     clean = _run(trained, tmp_path / "clean.csv", **kw)

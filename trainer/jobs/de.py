@@ -139,6 +139,9 @@ def _features(cfg: InferConfig, all_names: list[str], job: str) -> np.ndarray:
                          f"(first: {bad[:3]})")
     if len(pos) == 0:
         raise InferError("de.features is an empty list")
+    if len(set(pos.tolist())) < len(pos):  # one row per feature: a repeat would also count twice in the FDR
+        dup = pd.Index([str(f) for f in cfg.de.features])
+        raise InferError(f"de.features lists names more than once: {sorted(set(dup[dup.duplicated()]))[:10]}")
     return pos.astype(np.int64)
 
 

@@ -56,6 +56,13 @@ def cell_sets(cfg: InferConfig, obs: pd.DataFrame) -> tuple[list[np.ndarray], li
         if o.groupby is not None:
             raise InferError("give either de.groupby or de.cells1 (explicit cell sets), not both")
         sets = [_read_ids(o.cells1, obs)] + ([_read_ids(o.cells2, obs)] if o.cells2 else [])
+        if o.cells2:
+            # a cell in both files belongs to group 2, as in the reference (its labels for cells2 are
+            # written after those for cells1 and overwrite them)
+            only1 = np.setdiff1d(sets[0], sets[1], assume_unique=True)
+            if len(only1) == 0:
+                raise InferError(f"every cell of {o.cells1} is also in {o.cells2}: group 1 is empty")
+            sets[0] = only1
         return sets, [Comparison("cells1", "cells2" if o.cells2 else REST, 0, 1 if o.cells2 else None)], False
     if o.groupby is None:
         raise InferError("set de.groupby (an obs column) or de.cells1 (a file of cell ids)")
@@ -71,7 +78,9 @@ def cell_sets(cfg: InferConfig, obs: pd.DataFrame) -> tuple[list[np.ndarray], li
     for g in list(o.group1 or []) + ([o.group2] if o.group2 is not None else []):
         if str(g) not in present:
             raise InferError(f"group {g!r} has no cells in column {o.groupby!r} (groups: {present[:20]})")
-    group1 = [str(g) for g in o.group1] if o.group1 is not None else present
+    # group1 null: every group (but group2, when given: "each group against group2")
+    group1 = [str(g) for g in o.group1] if o.group1 is not None else \
+        [g for g in present if o.group2 is None or g != str(o.group2)]
     if o.group1 is None and len(present) < 2:
         raise InferError(f"column {o.groupby!r} has a single group: nothing to compare")
     names = list(dict.fromkeys(group1 + ([str(o.group2)] if o.group2 is not None else [])))
