@@ -69,12 +69,25 @@ def count_retry() -> None:
     _count("retries")
 
 
+def _env_number(name: str, default: str, kind: type):
+    """A non-negative number from the environment; a clear error naming the variable otherwise (a
+    negative count skipped every read attempt and ended in an internal 'unreachable' error)."""
+    text = os.environ.get(name, default).strip()
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+    if value < 0:
+        raise ValueError(f"{name}={text!r} must be >= 0")
+    return value
+
+
 def retries() -> int:
-    return int(os.environ.get(RETRIES_ENV, "4"))
+    return _env_number(RETRIES_ENV, "4", int)
 
 
 def backoff_s() -> float:
-    return float(os.environ.get(BACKOFF_ENV, "0.05"))
+    return _env_number(BACKOFF_ENV, "0.05", float)
 
 
 def injection() -> tuple[float, int, str] | None:

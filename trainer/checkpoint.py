@@ -193,6 +193,11 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
                   if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer.pt").is_file())
 
 
+def step_of(checkpoint_dir: str | Path) -> int:
+    """The step number in a checkpoint directory's name (``step_<n>``)."""
+    return int(Path(checkpoint_dir).name[len(PREFIX):])
+
+
 def find_resume(run_dir: str | Path, resume: str) -> Path | None:
     """``auto``: newest complete checkpoint of this run (or None); ``none``: None; else a path."""
     if resume == "none":
@@ -260,10 +265,23 @@ def safe_load(path: str | Path) -> Any:
     """``torch.load`` of a checkpoint file that can only yield tensors and plain containers."""
     check_pickle_free(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"checkpoint file {path} refused by the weights-only loader: "
                               f"{str(exc).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # a damaged zip (a missing tensor record)
+        raise CheckpointError(f"checkpoint file {path} is damaged: {str(exc).splitlines()[0]}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint file {path} holds a {type(obj).__name__}, not a dict of states")
+    return obj
+
+
+def require_keys(state: dict[str, Any], keys: tuple[str, ...], path: str | Path) -> dict[str, Any]:
+    """``state`` if it has every key; a one-line CheckpointError naming the first missing one otherwise."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint file {path} lacks {missing[0]!r} (written by other code, or damaged)")
+    return state
 
 
 def load_states(path: str | Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -271,9 +289,14 @@ def load_states(path: str | Path, rank: int, world_size: int) -> tuple[dict[str,
     because the stream positions and ZeRO shards are per rank, and refuses any file of the checkpoint
     directory that carries pickled objects (the backend wrapper loads the weights files next)."""
     path = Path(path)
+    for f in path.rglob("*"):
+        # rglob does not enter a symlinked directory: a link could carry a file past the pickle check
+        # into DeepSpeed's own (not weights-only) loader. Checkpoints are written as plain files.
+        if f.is_symlink():
+            raise CheckpointError(f"checkpoint {path} contains a symbolic link ({f}); refusing to load it")
     for f in sorted(path.rglob("*.pt")):
         check_pickle_free(f)
-    trainer_state = safe_load(path / "trainer.pt")
+    trainer_state = require_keys(safe_load(path / "trainer.pt"), ("world_size",), path / "trainer.pt")
     saved_world = int(trainer_state["world_size"])
     if saved_world != world_size:
         raise CheckpointError(f"checkpoint {path} was written by {saved_world} processes but this run has "

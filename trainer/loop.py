@@ -282,6 +282,10 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     path = dist.broadcast_object(str(ckpt.find_resume(run_dir, cfg.run.resume) or ""))
     if path:
         state, rank_state = ckpt.load_states(path, info.rank, info.world_size)
+        # what this loop reads, named in one line if a checkpoint of other code or a damaged one lacks it
+        ckpt.require_keys(state, ("epoch", "step", "batches_done", "best", "bad_epochs", "stopped", "guard"),
+                          Path(path) / "trainer.pt")
+        ckpt.require_keys(rank_state, ("rng", "stream"), Path(path) / f"rank_{info.rank}.pt")
         ckpt.check_same_data(state, meta, path, cfg.data.store)
         try:
             w.load(Path(path))
@@ -290,6 +294,15 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                                        f"{cfg.data.store}: {str(exc).splitlines()[0]}") from None
         ckpt.set_rng_state(rank_state["rng"])
         epoch, step, batches_done = int(state["epoch"]), int(state["step"]), int(state["batches_done"])
+        if cfg.run.resume not in ("auto", "none"):
+            # rolling back to an older checkpoint of this run dir: pruning keeps the highest steps, so the
+            # abandoned run's newer checkpoints would outlive this run's and a later resume=auto load them
+            newer = [str(c) for c in ckpt.complete_checkpoints(run_dir) if ckpt.step_of(c) > step]
+            newer = dist.broadcast_object(newer)
+            if newer:
+                raise ConfigError(f"run.resume={path} (step {step}) but {run_dir} holds newer checkpoints "
+                                  f"({len(newer)}, newest {newer[-1]}): move or delete them to roll back, or "
+                                  "resume into another run.output_dir")
         best = None if state["best"] == "" else float(state["best"])
         bad_epochs, stopped = int(state["bad_epochs"]), bool(state["stopped"])
         stop_reason = str(state.get("stop_reason", "early" if stopped else ""))  # absent before it was recorded

@@ -24,7 +24,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from trainer import dist
-from trainer.checkpoint import save_file  # fsync + the real OSError of a full disk
+from trainer.checkpoint import require_keys, safe_load, save_file  # save_file: fsync + a full disk's OSError
 from trainer.config import DistConfig, OptimConfig
 from trainer.step import classifier_objective, vae_objective
 
@@ -248,7 +248,9 @@ class DDPWrapped(Wrapped):
             save_file(state, Path(directory) / "model.pt")
 
     def load(self, directory: Path) -> None:
-        state = torch.load(Path(directory) / "model.pt", map_location=self.device, weights_only=True)
+        f = Path(directory) / "model.pt"
+        # one-line errors for a damaged file or missing states (load_state_dict moves tensors to the device)
+        state = require_keys(safe_load(f), ("model", "optimizer"), f)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):

@@ -117,7 +117,7 @@ def read_scvi_checkpoint(path: str | os.PathLike) -> dict:
         raise ScviIOError(f"refused to load {p}: it needs a Python object outside the allowlist of safe types "
                           f"(tensors, numpy arrays, plain containers), so it is not a plain scvi-tools model "
                           f"and could run code [{reason}]") from None
-    except (RuntimeError, EOFError, OSError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError) as exc:  # damaged zip, mismatched arrays
         raise ScviIOError(f"{p} is not a readable torch checkpoint ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(ck, dict) or not {"model_state_dict", "attr_dict"} <= set(ck):
         raise ScviIOError(f"{p} is not a scvi-tools model file (expected model_state_dict and attr_dict)")
@@ -327,7 +327,13 @@ def import_from_scvi(scvi_dir: str | os.PathLike, out_dir: str | os.PathLike, ov
     """A trained scvi-tools MULTIVI directory -> our exported model (model.safetensors + model.json)."""
     src = Path(scvi_dir)
     ck = read_scvi_checkpoint(src / SCVI_FILE if src.is_dir() else src)
-    info = _model_spec(ck)
+    try:
+        info = _model_spec(ck)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        if isinstance(exc, ScviIOError):
+            raise
+        # a registry or weight missing what a MULTIVI save always has: one line, not a traceback
+        raise ScviIOError(f"{src} is not a complete scvi-tools MULTIVI save ({type(exc).__name__}: {exc})") from None
     ref = {k: v for k, v in ck["model_state_dict"].items() if isinstance(v, torch.Tensor)}
     try:
         module = MultiVAE(**info["model_args"])
