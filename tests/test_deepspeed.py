@@ -60,3 +60,13 @@ def test_the_guard_skips_a_nan_gradient_on_every_rank_under_every_zero_stage(sto
             assert steps[1]["unchanged"] and not steps[0]["unchanged"] and not steps[2]["unchanged"], (stage, steps)
             assert r[stage]["skipped_total"] == 1 and r[stage]["nan_params"] == 0, (stage, r[stage])
         assert ranks[0][stage]["checksum"] == ranks[1][stage]["checksum"], stage  # the ranks stayed in step
+
+
+def test_one_process_without_torchrun_trains_and_resumes(store, tmp_path):
+    """dist.backend=deepspeed in a plain `python -m trainer.train` (or torchrun with one process) crashed:
+    DeepSpeed needs a process group even for one rank; a group of one with an in-process store is made."""
+    run = tmp_path / "one"
+    train_cli(tiny_overrides(store, run, **{"dist.backend": "deepspeed", "run.epochs": 1}))
+    res = train_cli(tiny_overrides(store, run, **{"dist.backend": "deepspeed", "run.epochs": 2}))
+    assert "resumed from" in res.stdout
+    assert json.loads((run / "result.json").read_text())["epochs"] == 2

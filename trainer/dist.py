@@ -31,14 +31,20 @@ class DistInfo:
 _INITS = 0  # process groups this process has joined (a --multirun sweep joins one per member)
 
 
+def _count_group() -> None:
+    global _INITS
+    _INITS += 1
+
+
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def init_distributed(timeout_s: int = 1800) -> DistInfo:
+def init_distributed(timeout_s: int = 1800, single_group: bool = False) -> DistInfo:
     """Join the process group described by torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 
-    gloo on CPU, NCCL on GPU; each rank uses the GPU of its LOCAL_RANK. Idempotent.
+    gloo on CPU, NCCL on GPU; each rank uses the GPU of its LOCAL_RANK. Idempotent. ``single_group``:
+    create a group of one for a single process too (DeepSpeed needs one).
     """
     rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     if torch.cuda.is_available():
@@ -46,6 +52,15 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
+    if world == 1 and single_group and not tdist.is_initialized():
+        # an in-process store: no launcher, port or rendezvous is needed for a group of one; DeepSpeed
+        # reads the launcher's variables itself, so a plain `python -m trainer.train` gets them here
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                            ("MASTER_PORT", "29500")):  # (not connected to: the store is in-process)
+            os.environ.setdefault(name, value)
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=tdist.HashStore(), rank=0,
+                                 world_size=1, timeout=datetime.timedelta(seconds=timeout_s),
+                                 device_id=device if device.type == "cuda" else None)
     if world > 1 and not tdist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun (scripts/train.sh)")
@@ -53,7 +68,6 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         timeout = datetime.timedelta(seconds=timeout_s)
         store = None
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        global _INITS
         if restart > 0 or _INITS > 0:
             # The launcher's store still holds an earlier group's addresses under the same keys: after a
             # `torchrun --max-restarts` restart (the previous workers' group) and for the second member of
@@ -63,7 +77,7 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
             base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                                   is_master=False, timeout=timeout)
             store = tdist.PrefixStore(f"mva/restart{restart}/group{_INITS}/", base)
-        _INITS += 1
+        _count_group()
         tdist.init_process_group(backend, timeout=timeout, store=store, rank=rank if store else -1,
                                  world_size=world if store else -1,
                                  device_id=device if device.type == "cuda" else None)

@@ -218,7 +218,7 @@ def _loader(stream: StoreStream, cfg: TrainConfig):
 def run(cfg: TrainConfig) -> TrainResult:
     """One training run. Rank 0 holds an exclusive lock on ``run.output_dir`` for the whole run, so a
     second job on the same directory stops before it reads or writes anything (trainer/lock.py)."""
-    info = dist.init_distributed(cfg.dist.timeout_s)
+    info = dist.init_distributed(cfg.dist.timeout_s, single_group=cfg.dist.backend == "deepspeed")
     lock, error = None, ""
     if info.is_main:
         try:

@@ -295,7 +295,7 @@ class DeepSpeedWrapped(Wrapped):
                                        weight_decay=optim.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=LossModule(module, classifier, optim.kappa), optimizer=client_opt, config=ds_config,
-            dist_init_required=dist.is_distributed())
+            dist_init_required=True)  # joins the group init_distributed made (one exists even for 1 process)
 
     def forward(self, batch, kl_weight, eps=None):
         return self.engine(batch, kl_weight, eps)
