@@ -142,3 +142,42 @@ def test_exactly_one_of_many_simultaneous_jobs_gets_the_lock(tmp_path):
     for p in procs:
         p.join(timeout=60)
     assert results == ["refused"] * 5 + ["won"]
+
+
+def test_clearing_a_stale_lock_never_removes_a_fresh_one(tmp_path, monkeypatch):
+    """Job B judged the lock stale; before B renamed it away, job A (a real second process) cleared the
+    same stale lock and took a fresh one. B renamed A's live lock away and took the directory too."""
+    import sys
+
+    import trainer.lock as lk
+
+    d = tmp_path / "run"
+    d.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (d / lk.LOCK_NAME).write_text(json.dumps({**lk._record("crashed-job"), "pid": dead.pid, "start_time": 1}))
+    job_a = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time; sys.path.insert(0, {str(ROOT)!r}); import trainer.lock as lk
+input()
+l = lk.acquire({str(d)!r}, 'job-A', clear_stale=True)
+print('A', flush=True)
+time.sleep(60)
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    real, fired = lk.stale_reason, []
+
+    def window(holder):  # B is inside clear(): the record is read, the rename has not happened yet
+        if not fired and sys._getframe(1).f_code.co_name == "clear":
+            fired.append(1)
+            job_a.stdin.write("go\n")
+            job_a.stdin.flush()
+            assert job_a.stdout.readline().strip() == "A"
+        return real(holder)
+
+    monkeypatch.setattr(lk, "stale_reason", window)
+    try:
+        with pytest.raises(lk.LockError, match="in use by job-A"):
+            lk.acquire(d, "job-B", clear_stale=True)
+        assert fired and lk.read_holder(d)["what"] == "job-A"
+    finally:
+        job_a.kill()
+        job_a.wait()

@@ -216,12 +216,26 @@ def clear(directory: str | os.PathLike, *, force: bool = False, expected_token: 
                         f"refusing to clear it (add --force if you are sure it is dead)")
     if expected_token is not None and holder.get("token") != expected_token:
         return f"{d}: the lock changed hands meanwhile; left alone"
-    # rename first, so a concurrent clear of the same stale lock cannot remove a fresh one
+    # Rename first, then check WHAT was renamed: between reading the record above and the rename, another
+    # job may have cleared the same stale lock and taken a fresh one; renaming that away would leave two
+    # live holders. A lock that is not the one judged stale is linked back (os.link fails if the name
+    # was taken again meanwhile: then the newer holder keeps it).
     grave = d / f"{LOCK_NAME}.{uuid.uuid4().hex}.cleared"
     try:
         os.rename(d / LOCK_NAME, grave)
     except FileNotFoundError:
         return f"{d} is not locked"
+    try:
+        moved = json.loads(grave.read_text())
+    except (OSError, ValueError):
+        moved = {}
+    if not isinstance(moved, dict) or moved.get("token") != holder.get("token"):
+        try:
+            os.link(grave, d / LOCK_NAME)
+        except FileExistsError:
+            pass
+        grave.unlink(missing_ok=True)
+        return f"{d}: the lock changed hands meanwhile; left alone"
     grave.unlink(missing_ok=True)
     return f"cleared the lock of {d} ({describe(holder)}; {reason or 'forced'})"
 
