@@ -258,3 +258,17 @@ def test_a_subset_with_store_size_factor_columns_gets_the_stores_numbers(trained
     sub = store_to_mudata(store, cells)
     assert all(c in sub.obs for c in SIZE_FACTOR_COLUMNS)
     np.testing.assert_allclose(model.accessibility(sub, normalize_cells=True, batch_size=BATCH), whole, **TOL)
+
+
+def test_in_memory_inputs_without_x_or_with_repeated_ids_fail_in_one_line(trained):
+    store, _, model = trained
+    mdata = store_to_mudata(store)
+    rna = mdata["rna"].copy()
+    rna.layers["counts"] = rna.X
+    rna.X = None
+    with pytest.raises(APIError, match=r"has no X \(counts in a layer\? \['counts'\]\)"):
+        model.latent({"rna": rna})
+    dup = mdata["rna"].copy()
+    dup.obs_names = ["c0"] * dup.n_obs
+    with pytest.raises(APIError, match="obs_names\\) are not unique"):
+        model.latent({"rna": dup})

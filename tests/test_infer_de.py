@@ -375,3 +375,13 @@ def test_existing_output_needs_overwrite(trained, tmp_path):
     with pytest.raises(InferError, match="already exists"):
         _run(trained, out, groupby="batch", group1=["s1d1"], n_samples_overall=100)
 
+
+
+def test_numeric_groups_are_compared_in_numeric_order():
+    """one-vs-rest over an integer column: the reference orders its groups 2 before 10 (text order put 10 first)."""
+    from trainer.jobs.de_groups import cell_sets
+
+    obs = pd.DataFrame({"cluster": [10, 2, 1, 2, 10, 1]}, index=[f"c{i}" for i in range(6)])
+    cfg = InferConfig(model_dir="/x", store="/x", output="/x.csv", job="de", de=DiffOptions(groupby="cluster"))
+    _, comps, _ = cell_sets(cfg, obs)
+    assert [c.group1 for c in comps] == ["1", "2", "10"]

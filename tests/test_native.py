@@ -331,3 +331,9 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
     assert all("OK True" in o for o, _ in outs), outs
     built = list(cache.glob("mva_kernels_*.so"))
     assert len(built) == 1 and not list(cache.glob(".*.tmp"))
+
+
+def test_a_misspelt_cc_is_said_and_the_default_compiler_used(tmp_path):
+    res = _python(STEP, {"CC": "gcc-typo-xyz", "MVA_KERNEL_CACHE": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr
+    assert "LIB True" in res.stdout and "CC='gcc-typo-xyz' is not an executable on PATH" in res.stderr

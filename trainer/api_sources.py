@@ -60,11 +60,25 @@ def source(model: Model, data, mask, batch_size: int) -> _Source:
             warnings.filterwarnings("ignore", category=FutureWarning)
             data = md.MuData({k: v for k, v in parts.items() if v is not None})
     if isinstance(data, md.MuData):
+        for name, a in data.mod.items():
+            _check_counts_layout(a, f"MuData '{name}'")
         return _mudata_source(model, data, mask, batch_size)
     if isinstance(data, ad.AnnData):
+        _check_counts_layout(data, "AnnData")
         return _anndata_source(model, data, mask, batch_size)
     raise APIError(f"data must be a store path, AnnData, MuData or {{'rna': AnnData, 'atac': AnnData}}, "
                    f"got {type(data).__name__}")
+
+
+def _check_counts_layout(adata, what: str) -> None:
+    """Raw counts in X and unique cell ids: one clear line instead of a TypeError / pandas error later."""
+    if adata.X is None:
+        layers = list(adata.layers.keys()) if adata.layers is not None else []
+        raise APIError(f"{what} has no X (counts in a layer? {layers[:5]}): put the raw counts in X, "
+                       "e.g. adata.X = adata.layers['counts']")
+    if not adata.obs_names.is_unique:
+        dup = adata.obs_names[adata.obs_names.duplicated()][0]
+        raise APIError(f"{what} cell ids (obs_names) are not unique (e.g. {dup!r}); adata.obs_names_make_unique()")
 
 
 def _store_source(model: Model, path, batch_size: int) -> _Source:

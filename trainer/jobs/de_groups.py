@@ -73,6 +73,8 @@ def cell_sets(cfg: InferConfig, obs: pd.DataFrame) -> tuple[list[np.ndarray], li
     present = pd.unique(values[pd.notna(values)])
     if isinstance(col.dtype, pd.CategoricalDtype):  # category order, as the reference lists groups
         present = [str(c) for c in col.cat.categories if str(c) in set(present)]
+    elif col.dtype.kind in "iuf":  # numbers in numeric order, as the reference's categories ("2" before "10")
+        present = sorted(present, key=float)
     else:
         present = sorted(present)
     for g in list(o.group1 or []) + ([o.group2] if o.group2 is not None else []):

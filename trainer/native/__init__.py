@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import uuid
 import warnings
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def _compiler() -> str | None:
     cc = os.environ.get("CC")
     if cc and shutil.which(cc.split()[0]):
         return cc
+    if cc:  # a typo in CC would otherwise go unnoticed behind the fallback
+        warnings.warn(f"CC={cc!r} is not an executable on PATH; building the native kernels with gcc/cc instead",
+                      stacklevel=2)
     return shutil.which("gcc") or shutil.which("cc")
 
 
@@ -90,7 +94,8 @@ def _build(cc: str) -> Path:
     target = out_dir / f"mva_kernels_{key}.so"
     if target.is_file():
         return target
-    tmp = out_dir / f".{target.name}.{os.getpid()}.tmp"
+    # unique per build, not only per pid: containers sharing a cache volume often have equal pids
+    tmp = out_dir / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     res = subprocess.run([*cc.split(), *FLAGS, str(SOURCE), "-o", str(tmp), *LIBS],
                          check=False, capture_output=True, text=True, timeout=300)
     if res.returncode != 0:
