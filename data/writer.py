@@ -309,8 +309,14 @@ class StoreWriter:
         })
         self.root.attrs["complete"] = True  # last write before the rename: only a finished store has it
         if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
+            # the old store is moved aside, not deleted, until the new one is in place: a kill between
+            # the two renames leaves it recoverable (<out>.old-<id>) instead of gone
+            old = self.out.with_name(f"{self.out.name}.old-{secrets.token_hex(4)}")
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
         self._closed = True
         return self.out
 

@@ -167,6 +167,7 @@ def test_overwrite_replaces_a_store_and_nothing_else(tmp_path):
     out = build_store(BuildConfig(out=str(tmp_path / "s.zarr"), progress=False, inputs=[inp]))
     build_store(BuildConfig(out=str(out), overwrite=True, progress=False, inputs=[inp]))  # a store: replaced
     assert open_store(out).meta.n_cells == 6
+    assert not list(tmp_path.glob("s.zarr.old-*"))  # the old store, moved aside until the new one was in place
 
 
 def test_dict_inputs_and_bad_sizes(tmp_path):

@@ -385,3 +385,21 @@ def test_numeric_groups_are_compared_in_numeric_order():
     cfg = InferConfig(model_dir="/x", store="/x", output="/x.csv", job="de", de=DiffOptions(groupby="cluster"))
     _, comps, _ = cell_sets(cfg, obs)
     assert [c.group1 for c in comps] == ["1", "2", "10"]
+
+
+def test_a_rewritten_cell_file_is_another_run(trained, tmp_path, monkeypatch):
+    """The resume fingerprint named the cell-id files by path only: parts computed for the old contents
+    were reused for new ones."""
+    store, _ = trained
+    ids = open_store(store).read_obs().index
+    (tmp_path / "c1.txt").write_text("\n".join(ids[:40]))
+    (tmp_path / "c2.txt").write_text("\n".join(ids[40:80]))
+    out = tmp_path / "o.csv"
+    kw = {"cells1": str(tmp_path / "c1.txt"), "cells2": str(tmp_path / "c2.txt"), "n_samples_overall": 100}
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")  # dies after its one comparison, before the table
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(trained, out, **kw)
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    (tmp_path / "c2.txt").write_text("\n".join(ids[80:120]))
+    with pytest.raises(InferError, match="different settings"):
+        _run(trained, out, **kw)

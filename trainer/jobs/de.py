@@ -24,6 +24,7 @@ its restart bookkeeping).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -168,6 +169,9 @@ def _run(cfg: InferConfig, job: str) -> dict:
     # where they really are (a relative path typed differently is the same run)
     fp = {**{k: v for k, v in asdict(cfg).items() if k not in _NOT_DE_SETTINGS},
           "job": job, "model_dir": str(model_dir.resolve()), "store": str(Path(store.path).resolve()),
+          # the cell-id files by content: a file rewritten between a crash and the rerun is another run
+          "cells_sha": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (cfg.de.cells1, cfg.de.cells2)
+                        if f is not None and Path(f).is_file()],
           "model_mtime_ns": (model_dir / "model.safetensors").stat().st_mtime_ns}
     old = parts_dir / "job.json"
     if not cfg.overwrite and old.is_file() and json.loads(old.read_text()) != json.loads(json.dumps(fp)):
