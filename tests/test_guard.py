@@ -20,15 +20,20 @@ from trainer.loop import train_one_step
 from trainer.parallel import wrap
 
 
-def test_nan_steps_are_skipped_then_stop_with_a_useful_message(tmp_path):
+def _setup(tmp_path, n_batches=4, dense=False):
+    """A small module, its wrapper and the first batches of a real 300-cell store."""
     store = tiny_store(tmp_path / "store", n_cells=300)
     cfg = load_config({"data": {"store": str(store)}, "model": {"n_hidden": 16, "n_latent": 4}})
     torch.manual_seed(0)
     stream = StoreStream(store, 32, chunk_size=16, prefetch=0)
     module = build_module(stream.meta, cfg)
     w = wrap(module, build_classifier(module), cfg.optim, cfg.dist, torch.device("cpu"), 32)
+    return module, w, [to_device(b, "cpu", dense=dense) for b, _ in zip(stream, range(n_batches), strict=False)]
+
+
+def test_nan_steps_are_skipped_then_stop_with_a_useful_message(tmp_path):
+    module, w, batches = _setup(tmp_path, n_batches=5, dense=True)
     guard = StepGuard(max_bad_steps=3, last_good_checkpoint="/runs/x/checkpoints/step_000000001")
-    batches = [to_device(b, "cpu", dense=True) for b, _ in zip(stream, range(5), strict=False)]
 
     assert train_one_step(w, batches[0], 1.0, None, guard, 0) is not None  # a good step
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -64,16 +69,6 @@ def test_the_bad_term_is_named_and_a_nonfinite_gradient_is_caught():
     assert guard.check(3, {"grad_norm": float("inf")}) is True
     with pytest.raises(NonFiniteError, match="step 4.*grad_norm"):
         guard.check(4, {"grad_norm": float("nan")})
-
-
-def _setup(tmp_path, n_batches=4):
-    store = tiny_store(tmp_path / "store", n_cells=300)
-    cfg = load_config({"data": {"store": str(store)}, "model": {"n_hidden": 16, "n_latent": 4}})
-    torch.manual_seed(0)
-    stream = StoreStream(store, 32, chunk_size=16, prefetch=0)
-    module = build_module(stream.meta, cfg)
-    w = wrap(module, build_classifier(module), cfg.optim, cfg.dist, torch.device("cpu"), 32)
-    return module, w, [to_device(b, "cpu") for b, _ in zip(stream, range(n_batches), strict=False)]
 
 
 def test_a_nan_gradient_with_a_finite_loss_stops_the_run_after_k_steps(tmp_path):

@@ -114,15 +114,21 @@ def zinb_case(seed: int, n: int = 19, genes: int = 157):
     return csr(x, stored_zero_rows=(1, 6)), mu, theta, zi, torch.rand(n, generator=g)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_zinb_kernel_equals_eager(seed):
-    x, mu, theta, zi, go = zinb_case(seed)
+def zinb_native_and_float64(x, mu, theta, zi, go):
+    """(native loss, its leaves, eager float64 loss, its leaves), both backpropagated with weights go."""
     leaves = [t.clone().requires_grad_() for t in (mu, theta, zi)]
     out = ops.zinb_nll(x, *leaves)
     (out * go).sum().backward()
     ref_leaves = [t.double().requires_grad_() for t in (mu, theta, zi)]
     ref = D.zinb_nll(as64(x), *ref_leaves)
     (ref * go.double()).sum().backward()
+    return out, leaves, ref, ref_leaves
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_zinb_kernel_equals_eager(seed):
+    x, mu, theta, zi, go = zinb_case(seed)
+    out, leaves, ref, ref_leaves = zinb_native_and_float64(x, mu, theta, zi, go)
     # the dense formula too (no CSR tricks at all), on the same float64 inputs
     dense = D.zinb_nll(as64(x).to_dense(), *[t.detach() for t in ref_leaves])
     assert rel(ref.detach(), dense) < 1e-12
@@ -137,12 +143,7 @@ def test_zinb_kernel_with_tiny_dispersions(theta_value):
     below ~1e-16 became 0 (an infinite loss and theta gradient; 0.4 off at 1e-15). theta = exp(px_r)."""
     x, mu, _, zi, go = zinb_case(5)
     theta = torch.full((x.shape[1],), theta_value)
-    leaves = [t.clone().requires_grad_() for t in (mu, theta, zi)]
-    out = ops.zinb_nll(x, *leaves)
-    (out * go).sum().backward()
-    ref_leaves = [t.double().requires_grad_() for t in (mu, theta, zi)]
-    ref = D.zinb_nll(as64(x), *ref_leaves)
-    (ref * go.double()).sum().backward()
+    out, leaves, ref, _ = zinb_native_and_float64(x, mu, theta, zi, go)
     assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in leaves)
     assert (out.double() - ref.detach()).abs().max() < 1e-3
 
