@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -158,40 +157,6 @@ def validate(module: torch.nn.Module, stream, device: torch.device, kl_weight: f
             "elbo_validation": tot["elbo"] / tot["n"], "n_validation": tot["n"]}
 
 
-BEST_FILE = Path("best") / "model.safetensors"
-
-
-def _write_best(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
-    """best/model.safetensors, atomically: a kill mid-write must not leave a truncated file that a later
-    export would load."""
-    from safetensors.torch import save_file
-
-    final = run_dir / BEST_FILE
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(".model.safetensors.tmp")
-    save_file(weights, str(tmp))
-    os.replace(tmp, final)
-
-
-def _read_best(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The best weights so far ({} when there are none yet)."""
-    from safetensors.torch import load_file
-
-    f = run_dir / BEST_FILE
-    return load_file(str(f)) if f.is_file() else {}
-
-
-def _warn_if_threads_differ(state: dict, path: str) -> None:
-    """Resume is bit-exact only with the thread count the checkpoint was written with: the CPU kernels
-    split their reductions by intra-op thread (measured: 1 vs 2 threads end 7e-8 apart after 15 steps of
-    a tiny run, each count bit-reproducible), so a changed count is said instead of showing up as noise."""
-    saved = state.get("torch_threads")  # absent in checkpoints written before it was recorded
-    if saved is not None and int(saved) != torch.get_num_threads():
-        dist.print0(f"[train] warning: {path} was written with {int(saved)} torch threads, this run uses "
-                    f"{torch.get_num_threads()} (OMP_NUM_THREADS / torch.set_num_threads): the run continues, "
-                    f"but not bit for bit as the uninterrupted run would have")
-
-
 def make_stream(store, cfg: TrainConfig, split: str, info: dist.DistInfo) -> StoreStream:
     d = cfg.data
     return StoreStream(store, d.batch_size, split=split, shuffle=split == "train", seed=cfg.run.seed,
@@ -270,15 +235,6 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     epoch, step, batches_done, best, bad_epochs, stopped = 0, 0, 0, None, 0, False
     last_val: dict[str, float] = {}  # the last validation (kept in checkpoints: a finished run re-exports it)
     stop_reason = ""  # "early" (early stopping) | "max_steps": a larger run.max_steps continues the run
-    if cfg.run.resume == "none":
-        # an earlier run's checkpoints would outlive this run's: pruning keeps the highest step numbers,
-        # so this run's own would be deleted as written and a later resume=auto would load the old run
-        done = ckpt.complete_checkpoints(run_dir)
-        old = dist.broadcast_object(str(done[-1]) if done else "")
-        if old:
-            raise ConfigError(f"run.resume=none, but run.output_dir={run_dir} already holds checkpoints of an "
-                              f"earlier run (newest: {old}): use run.resume=auto to continue that run, or another "
-                              f"run.output_dir (or delete {ckpt.checkpoints_root(run_dir)}) to start afresh")
     path = dist.broadcast_object(str(ckpt.find_resume(run_dir, cfg.run.resume) or ""))
     if path:
         state, rank_state = ckpt.load_states(path, info.rank, info.world_size)
@@ -286,6 +242,9 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         ckpt.require_keys(state, ("epoch", "step", "batches_done", "best", "bad_epochs", "stopped", "guard"),
                           Path(path) / "trainer.pt")
         ckpt.require_keys(rank_state, ("rng", "stream"), Path(path) / f"rank_{info.rank}.pt")
+    if cfg.run.resume != "auto":  # resume=none starts from step 0, a given checkpoint from its own step
+        ckpt.refuse_newer_checkpoints(run_dir, cfg.run.resume, int(state["step"]) if path else 0)
+    if path:
         ckpt.check_same_data(state, meta, path, cfg.data.store)
         try:
             w.load(Path(path))
@@ -294,15 +253,6 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                                        f"{cfg.data.store}: {str(exc).splitlines()[0]}") from None
         ckpt.set_rng_state(rank_state["rng"])
         epoch, step, batches_done = int(state["epoch"]), int(state["step"]), int(state["batches_done"])
-        if cfg.run.resume not in ("auto", "none"):
-            # rolling back to an older checkpoint of this run dir: pruning keeps the highest steps, so the
-            # abandoned run's newer checkpoints would outlive this run's and a later resume=auto load them
-            newer = [str(c) for c in ckpt.complete_checkpoints(run_dir) if ckpt.step_of(c) > step]
-            newer = dist.broadcast_object(newer)
-            if newer:
-                raise ConfigError(f"run.resume={path} (step {step}) but {run_dir} holds newer checkpoints "
-                                  f"({len(newer)}, newest {newer[-1]}): move or delete them to roll back, or "
-                                  "resume into another run.output_dir")
         best = None if state["best"] == "" else float(state["best"])
         bad_epochs, stopped = int(state["bad_epochs"]), bool(state["stopped"])
         stop_reason = str(state.get("stop_reason", "early" if stopped else ""))  # absent before it was recorded
@@ -310,12 +260,12 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         if info.is_main and cfg.run.keep == "best" and state.get("best_weights"):
             # the best weights travel with the checkpoint: a resume into another run directory (or
             # after best/ was lost) still exports them
-            _write_best(run_dir, state["best_weights"])
+            ckpt.write_best(run_dir, state["best_weights"])
         if stop_reason == "max_steps" and (cfg.run.max_steps is None or step < cfg.run.max_steps):
             stopped, stop_reason = False, ""  # the limit was raised (or lifted): train on from here
         guard.load_state_dict(state["guard"])
         guard.last_good_checkpoint = path
-        _warn_if_threads_differ(state, path)
+        ckpt.warn_if_threads_differ(state, path)
         if state.get("code_fingerprint", code) != code:  # absent in checkpoints written before it was recorded
             dist.print0(f"[train] note: {path} was written by other trainer/loader code or another torch "
                         f"version: the run continues, but not bit for bit as the uninterrupted run would have")
@@ -341,7 +291,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                  "config": config_to_json(cfg), "world_size": info.world_size,
                  "best": "" if best is None else best, "bad_epochs": bad_epochs, "stopped": stopped,
                  "stop_reason": stop_reason, "last_validation": last_val,
-                 "best_weights": _read_best(run_dir) if cfg.run.keep == "best" and info.is_main else {},
+                 "best_weights": ckpt.read_best(run_dir) if cfg.run.keep == "best" and info.is_main else {},
                  "guard": guard.state_dict(), "data_fingerprint": ckpt.data_fingerprint(meta),
                  "torch_threads": torch.get_num_threads(), "code_fingerprint": code}
         stream = train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}
@@ -414,7 +364,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         if last_val:
             metrics.log({"kind": "validation", "step": step, "epoch": epoch, **last_val, "best": best})
         if improved and cfg.run.keep == "best" and info.is_main:
-            _write_best(run_dir, weights_of(module))
+            ckpt.write_best(run_dir, weights_of(module))
         if epoch_complete:
             epoch, batches_done = epoch + 1, 0
         # a max_steps stop inside an epoch keeps its stream position: raising max_steps resumes there
@@ -424,8 +374,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     model_dir = None
     if info.is_main:
         weights = weights_of(module)
-        if cfg.run.keep == "best" and (run_dir / BEST_FILE).is_file():
-            weights = _read_best(run_dir)
+        if cfg.run.keep == "best" and (run_dir / ckpt.BEST_FILE).is_file():
+            weights = ckpt.read_best(run_dir)
         model_dir = str(export_model(weights, meta, cfg, run_dir / "model",
                                      extra={"epochs": epoch, "steps": step, "best": best,
                                             "validation": last_val}))
