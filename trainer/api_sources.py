@@ -255,7 +255,7 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
             b[keys.SIZE_FACTOR] = torch.from_numpy(given_sf[lo:hi].copy())
         elif model.module.use_size_factor:  # data.collate's formula (ATAC over the largest total of these cells)
             tot = np.stack([np.asarray(out[mod].sum(axis=1)).ravel() for mod in keys.MODALITIES], axis=1)
-            b[keys.SIZE_FACTOR] = torch.from_numpy(size_factor_rows(tot, m, atac_max[0]))
+            b[keys.SIZE_FACTOR] = torch.from_numpy(size_factor_rows(tot, m, atac_max))
         return b, out
 
     # size factors given with the data (the columns trainer.scvi_io.store_to_mudata writes, computed over
@@ -263,14 +263,14 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
     given_sf = None
     if model.module.use_size_factor and all(c in obs for c in SIZE_FACTOR_COLUMNS):
         given_sf = np.stack([obs[c].to_numpy(np.float32) for c in SIZE_FACTOR_COLUMNS], axis=1)
-    atac_max = [1.0]
+    atac_max = 1.0  # read by chunk() when it runs, after this pass
     if model.module.use_size_factor and given_sf is None and keys.ATAC in feats:  # one pass first: the max over all cells
         j = keys.MASK_COLUMN[keys.ATAC]
         for lo in range(0, n, batch_size):
             x, rows, cols = feats[keys.ATAC]
             hi = min(lo + batch_size, n)
             part = _rows(x, rows[lo:hi], cols, mask[lo:hi, j])
-            atac_max[0] = max(atac_max[0], atac_library_max(np.asarray(part.sum(axis=1)).ravel(), mask[lo:hi, j]))
+            atac_max = max(atac_max, atac_library_max(np.asarray(part.sum(axis=1)).ravel(), mask[lo:hi, j]))
 
     if inferred:  # rules 4-5 can count an all-zero row as measured: say so (one pass, a batch at a time)
         zero = [0, 0]

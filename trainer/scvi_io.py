@@ -329,9 +329,9 @@ def import_from_scvi(scvi_dir: str | os.PathLike, out_dir: str | os.PathLike, ov
     ck = read_scvi_checkpoint(src / SCVI_FILE if src.is_dir() else src)
     try:
         info = _model_spec(ck)
+    except ScviIOError:
+        raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        if isinstance(exc, ScviIOError):
-            raise
         # a registry or weight missing what a MULTIVI save always has: one line, not a traceback
         raise ScviIOError(f"{src} is not a complete scvi-tools MULTIVI save ({type(exc).__name__}: {exc})") from None
     ref = {k: v for k, v in ck["model_state_dict"].items() if isinstance(v, torch.Tensor)}
