@@ -175,8 +175,11 @@ def normalized_expression(
     """
     codes = resolve_batch_codes(transform_batch, categories)
     _check_codes(module, codes)
-    inf = module.inference(batch, eps=_zero_noise(module, batch))
-    if module.encode_covariates and codes != [None]:
+    reencode = module.encode_covariates and codes != [None]
+    # the cells' own encoding: to decode from, or (re-encoded case) only for an "observed" library
+    inf = module.inference(batch, eps=_zero_noise(module, batch)) \
+        if not reencode or library_size == "observed" else None
+    if reencode:
         scale = _expression_reencoded(module, batch, codes, n_samples, use_z_mean)
     else:
         z = _latent_draws(module, inf, n_samples, use_z_mean)
