@@ -263,3 +263,30 @@ def test_overwrite_never_deletes_a_path_it_did_not_write(trained, tmp_path):
     with pytest.raises(InferError, match="is not an mva-infer output"):
         infer(_cfg(store, run, store, overwrite=True))  # the store itself
     assert open_store(store).meta.n_cells == N_CELLS
+
+
+def test_a_per_cell_weights_model_refuses_another_store(trained, tmp_path):
+    """modality_weights=cell learns one weight row per training cell: another store's cells would read
+    past the table (an IndexError traceback) or other cells' weights (silently wrong latents)."""
+    from tests.train_utils import tiny_config
+    from trainer.export import build_module, export_model, weights_of
+
+    store, _ = trained
+    meta = open_store(store).meta
+    cfg = tiny_config(store, tmp_path / "run", **{"model.modality_weights": "cell"})
+    model_dir = export_model(weights_of(build_module(meta, cfg)), meta, cfg, tmp_path / "model")
+    bigger = write_synthetic_store(tmp_path / "bigger", n_cells=N_CELLS + 50, n_genes=100, n_regions=300,
+                                   progress=False)
+    with pytest.raises(InferError, match=r"modality_weights=cell.*700 training cells.*750 cells"):
+        infer(_cfg(bigger, model_dir, tmp_path / "a.zarr"))
+    infer(_cfg(store, model_dir, tmp_path / "b.zarr"))  # its own store still works
+
+
+def test_umap_png_that_cannot_be_drawn_is_refused_before_the_job(trained, tmp_path):
+    store, run = trained
+    png = EmbedOptions(umap_png=str(tmp_path / "u.png"))
+    with pytest.raises(InferError, match="add 'joint' to modalities"):
+        infer(_cfg(store, run, tmp_path / "a.zarr", modalities=["expression"], embed=png))
+    with pytest.raises(InferError, match="give_mean=true or n_samples=1"):
+        infer(_cfg(store, run, tmp_path / "b.zarr", give_mean=False, n_samples=3, embed=png))
+    assert not any(tmp_path.glob("*.zarr*"))  # nothing was computed

@@ -63,6 +63,13 @@ def open_checked_store(path: str | os.PathLike, info: dict) -> Store:
             or list(m.cont_cov_keys) != list(info["cont_cov_keys"]):
         raise InferError(f"store covariates ({m.cat_cov_keys}, {m.cont_cov_keys}) or their categories "
                          f"differ from the model's ({info['cat_cov_keys']}, {info['cont_cov_keys']})")
+    args = info.get("model_args", {})
+    if args.get("modality_weights") == "cell" and m.n_cells != args.get("n_obs"):
+        # per-cell weights are rows of a table indexed by training cell: another store's cells would read
+        # other cells' weights, or past the table's end (the reference refuses any data but its own)
+        raise InferError(f"the model learned per-cell modality weights (modality_weights=cell) for its "
+                         f"{args.get('n_obs')} training cells: it only applies to its training store, and "
+                         f"{store.path} has {m.n_cells} cells")
     return store
 
 
