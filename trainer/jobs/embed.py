@@ -23,6 +23,7 @@ import zarr
 
 from data import keys
 from trainer.infer_config import LATENTS, InferConfig
+from trainer.jobs.common import InferError
 from trainer.jobs.runner import FAIL_AFTER_ENV, ChunkJob, JobContext, create_dense, open_job, run_chunked
 from trainer.predict import latent, ln_mean
 
@@ -86,6 +87,13 @@ def _latents(module, batch: dict, cfg: InferConfig) -> dict[str, torch.Tensor]:
 
 
 def run_embed(cfg: InferConfig) -> dict:
+    if cfg.embed.umap_png:
+        # the picture is drawn from the finished output's joint means: refused now, not after the whole job
+        # (a rerun would then find the output existing and draw nothing)
+        if "joint" not in cfg.modalities:
+            raise InferError(f"embed.umap_png draws the joint latent: add 'joint' to modalities (now {cfg.modalities})")
+        if not cfg.give_mean and cfg.n_samples > 1:
+            raise InferError("embed.umap_png needs one point per cell: give_mean=true or n_samples=1")
     ctx = open_job(cfg)
     summary = run_chunked(EmbedJob(ctx))
     if cfg.embed.umap_png and ctx.info.is_main:
