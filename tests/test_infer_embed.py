@@ -290,3 +290,28 @@ def test_umap_png_that_cannot_be_drawn_is_refused_before_the_job(trained, tmp_pa
     with pytest.raises(InferError, match="give_mean=true or n_samples=1"):
         infer(_cfg(store, run, tmp_path / "b.zarr", give_mean=False, n_samples=3, embed=png))
     assert not any(tmp_path.glob("*.zarr*"))  # nothing was computed
+
+
+@pytest.mark.parametrize("tamper", ["bad_option_value", "unknown_option", "no_gene_names"])
+def test_a_malformed_model_json_is_one_model_file_error(trained, tmp_path, tamper):
+    """docs/reliability.md: a malformed model.json raises ModelFileError naming it (these were a ValueError,
+    a TypeError and a KeyError traceback)."""
+    import json
+    import shutil
+
+    from trainer.export import INFO, ModelFileError
+
+    store, run = trained
+    model = tmp_path / "model"
+    shutil.copytree(run / "model", model)
+    info = json.loads((model / INFO).read_text())
+    if tamper == "bad_option_value":
+        info["model_args"]["gene_likelihood"] = "bogus"
+    elif tamper == "unknown_option":
+        info["model_args"]["bogus"] = 1
+    else:
+        del info["gene_names"]
+    (model / INFO).write_text(json.dumps(info))
+    with pytest.raises(ModelFileError, match="model.json") as exc:
+        infer(_cfg(store, model, tmp_path / "a.zarr"))
+    assert "\n" not in str(exc.value)

@@ -18,6 +18,9 @@ from trainer.config import TrainConfig
 from trainer.module import MultiVAE
 
 WEIGHTS, INFO = "model.safetensors", "model.json"
+# entries of model.json that say which data the model applies to
+_INFO_KEYS = ("gene_names", "region_names", "batch_key", "batch_categories", "cat_cov_keys", "cat_cov_categories",
+              "cont_cov_keys")
 
 
 class ModelFileError(ValueError):
@@ -69,13 +72,20 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         info = json.loads((d / INFO).read_text())
         args = info["model_args"]
+        # what every consumer reads (jobs check the store against these): missing = a traceback later
+        missing = [k for k in _INFO_KEYS if k not in info]
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelFileError(f"{d / INFO} is not a valid model description: {exc}") from None
+    if missing:
+        raise ModelFileError(f"{d / INFO} is not a valid model description: it lacks {missing}")
     try:
         weights = load_file(str(d / WEIGHTS))  # safetensors: a header + raw tensor bytes, never code
     except SafetensorError as exc:
         raise ModelFileError(f"{d / WEIGHTS} is not a valid safetensors file ({exc}); refusing to load it") from None
-    module = MultiVAE(**args)
+    try:
+        module = MultiVAE(**args)
+    except (TypeError, ValueError) as exc:  # an unknown option, a wrong type or value: the file, not our code
+        raise ModelFileError(f"{d / INFO} holds invalid model arguments: {exc}") from None
     try:
         module.load_state_dict(weights)
     except RuntimeError as exc:
