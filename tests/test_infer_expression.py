@@ -167,6 +167,7 @@ def test_bad_expression_inputs_give_one_line(trained, tmp_path):
              ({"genes": ["gene_00001", "gene_00001"]}, "more than once"),
              ({"transform_batch": ["batch_9"]}, r"unknown batch label 'batch_9'.*batch_0"),
              ({"transform_batch": [7]}, r"batch code 7 .*out of range"),
+             ({"transform_batch": 1.5}, r"labels or integer codes, got 1.5"),  # was a TypeError traceback
              ({"dtype": "float64"}, r"expression.dtype must be one of \['float32', 'float16'\]"),
              ({"library_size": -1.0}, "library_size must be a positive number"),
              ({"library_size": "counts"}, "library_size must be a positive number")]

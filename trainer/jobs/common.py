@@ -12,9 +12,9 @@ chunks that were in flight, with any world size.
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -150,8 +150,10 @@ def batch_codes(transform_batch, categories: list[str], n_batch: int) -> list[in
         return None
     if isinstance(transform_batch, np.ndarray) and transform_batch.ndim == 0:
         transform_batch = transform_batch.item()
-    scalar = isinstance(transform_batch, (str, numbers.Integral, np.str_))
-    items = [transform_batch] if scalar else list(transform_batch)
+    # a list (any iterable: a pandas Index from the notebook API) of labels/codes is averaged; anything else
+    # is one entry, checked below (a float such as 1.5 is refused there, not iterated: a TypeError before)
+    listed = isinstance(transform_batch, Iterable) and not isinstance(transform_batch, (str, bytes, Mapping))
+    items = list(transform_batch) if listed else [transform_batch]
     if not items:
         raise InferError("transform_batch is an empty list (leave it null for each cell's own batch)")
     cats = [str(c) for c in categories]
