@@ -118,8 +118,9 @@ def write_synthetic_store(path: str | Path, n_cells: int = 4000, n_genes: int = 
     fr = (c.paired_fraction, c.rna_only_fraction, c.atac_only_fraction)
     if min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
         raise ValueError(f"paired/rna_only/atac_only fractions must be >= 0 and sum to 1, got {fr}")
-    if c.n_cells < 1 or c.n_genes < 1 or c.n_regions < 1:
-        raise ValueError(f"n_cells, n_genes, n_regions must be >= 1, got {c.n_cells}, {c.n_genes}, {c.n_regions}")
+    sizes = {k: getattr(c, k) for k in ("n_cells", "n_genes", "n_regions", "n_batches", "n_cell_types", "block_size")}
+    if min(sizes.values()) < 1:  # else a bare numpy / ZeroDivisionError deep in the generator
+        raise ValueError("must be >= 1: " + ", ".join(f"{k}={v}" for k, v in sizes.items() if v < 1))
     check_codec(c.codec)  # before any work: a typo fails at once
     p = _Params(c)
     schema = StoreSchema(
