@@ -206,8 +206,9 @@ def _build(cfg: BuildConfig, sources, filters, write_dask) -> Path:
             write_dask(w, al=al, obs_list=obs_list, keeps=keeps, block_size=cfg.block_size)
             log.info("wrote %s: %d cells, %d genes, %d regions (Dask)", cfg.out, n_total, G, R)
             return Path(cfg.out)  # the with-block closes the writer: stats, complete: true, rename
-        shuffler = BucketShuffler(-(-n_total // cfg.shard_size), cfg.seed, Path(cfg.out).parent) \
-            if cfg.preshuffle else None
+        # spilled inside the temporary store: a killed build leaves that one refused .tmp- dir (docs/store.md),
+        # not also a full copy of the input next to the output that no later run would ever remove
+        shuffler = BucketShuffler(-(-n_total // cfg.shard_size), cfg.seed, w.tmp) if cfg.preshuffle else None
         try:
             bar = tqdm(total=n_total, unit="cell", desc="mva-build", disable=not cfg.progress)
             for src, obs, keep, cm in zip(sources, obs_list, keeps, al.colmaps):

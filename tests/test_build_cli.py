@@ -75,3 +75,21 @@ def test_synth_killed_halfway_leaves_no_valid_store(tmp_path):
         open_store(tmp_path / "renamed.zarr")
     with pytest.raises(StoreError):
         open_store(out)
+
+
+@pytest.mark.slow
+def test_preshuffle_build_killed_halfway_leaves_only_its_tmp_dir_and_reruns(tmp_path):
+    # The spill files of preshuffle went to an mva-shuffle-* dir next to the output (a full copy of the input
+    # that nothing removed after a kill); now they live inside the refused <out>.tmp-* dir.
+    out = tmp_path / "s.zarr"
+    args = ["-m", "data.build", f"out={out}", "preshuffle=true", "shard_size=50", "block_size=5", "progress=false",
+            f"inputs=[{{kind: h5ad_pair, rna: {DATA / 'bmmc_starter_rna.h5ad'}, atac: {DATA / 'bmmc_starter_atac.h5ad'}}}]"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    assert _kill_when(proc, tmp_path, "**/mva-shuffle-*/*.obs.parquet"), "build finished or never started"
+    left = list(tmp_path.iterdir())
+    assert len(left) == 1 and left[0].name.startswith("s.zarr.tmp-"), left
+    r = _run(args, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert open_store(out).meta.n_cells == 500
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.zarr", left[0].name])
