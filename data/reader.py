@@ -255,6 +255,7 @@ class ChunkReader:
         ptr = self._indptrs.get(key)
         if ptr is None:
             ptr = np.asarray(read_array(self._zarr(modality, shard)[2]), dtype=np.int64)
+            self.store.check_csr(modality, shard, ptr)  # a lost chunk file would read as zeros
             if ptr[-1] < 2**32:
                 ptr = ptr.astype(np.uint32)
             self._indptrs[key] = ptr

@@ -151,6 +151,42 @@ class Store:
     def _indptrs(self) -> _IndptrCache:
         return _IndptrCache(self)
 
+    def check_csr(self, modality: str, shard: int, ptr: np.ndarray) -> None:
+        """Refuse a shard's CSR arrays whose chunk files are lost (raise :class:`StoreReadError`).
+
+        zarr reads a missing chunk file as the fill value, 0, without an error: a deleted ``data`` file
+        trained on zeros and a deleted ``indices`` file moved every count to column 0, silently. A file
+        is legitimately absent only when its whole chunk is 0 (zarr skips writing those), so a missing
+        chunk is accepted only where zeros are possible: never for ``data`` (counts are >= 1, the build
+        drops stored zeros), for ``indices`` only when its entries all sit in different rows (indices
+        are increasing within a row), for ``indptr`` only when the row the zeros would leave holding
+        every earlier entry has at most one entry per column."""
+        data, indices, indptr = self.csr_arrays(modality, shard)
+        where = f"{self.shard_path(shard)}/mod/{modality}/X"
+        nnz = data.shape[0]
+        if indices.shape[0] != nnz or len(ptr) == 0 or ptr[0] != 0 or ptr[-1] != nnz or np.any(np.diff(ptr) < 0):
+            raise StoreReadError(f"{where}: indptr (ends at {ptr[-1] if len(ptr) else None}) does not describe "
+                                 f"data/indices of {nnz}/{indices.shape[0]} entries (a lost or corrupted file: "
+                                 "rebuild or restore the store)")
+        n_cols = self.meta.n_genes if modality == keys.RNA else self.meta.n_regions
+
+        def zeros_possible(name: str, a: int, b: int) -> bool:
+            if name == "data":
+                return False
+            if name == "indices":  # entries a..b-1 lie in rows r0..r1: at most one in each of them
+                r0, r1 = np.searchsorted(ptr, [a, b - 1], side="right") - 1
+                return bool(np.all(np.minimum(ptr[r0 + 1:r1 + 2], b) - np.maximum(ptr[r0:r1 + 1], a) <= 1))
+            return b == len(ptr) or int(ptr[b]) <= n_cols  # indptr
+
+        for name, arr in (("data", data), ("indices", indices), ("indptr", indptr)):
+            step = int(arr.metadata.chunk_grid.chunk_shape[0])
+            for a in range(0, arr.shape[0], step):
+                key = arr.metadata.encode_chunk_key((a // step,))
+                if not (self.path / arr.path / key).exists() and not zeros_possible(name, a, min(a + step, arr.shape[0])):
+                    raise StoreReadError(f"{where}/{name}/{key} is missing (zarr would read its entries [{a}, "
+                                         f"{min(a + step, arr.shape[0])}) as zeros): a lost file, rebuild or "
+                                         "restore the store")
+
     def read_rows(self, modality: str, shard: int, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``[start, stop)`` (shard-local) of one modality as CSR with the stored integer dtype."""
         n_cols = self.meta.n_genes if modality == keys.RNA else self.meta.n_regions
@@ -184,5 +220,6 @@ class _IndptrCache(dict):
     def __missing__(self, key: tuple[str, int]) -> np.ndarray:
         _, _, ptr = self._store.csr_arrays(*key)
         val = np.asarray(retry.read_array(ptr), dtype=np.int64)
+        self._store.check_csr(*key, val)
         self[key] = val
         return val

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -142,3 +143,30 @@ def test_a_store_level_give_up_that_read_slice_recovers_is_not_a_failure(store, 
     assert (got == zarr.open_array(str(store), path=DATA, mode="r")[0:50]).all()
     assert retry.STATS.injected == 2 and retry.STATS.retries == 2 and retry.STATS.failures == 0
     retry.reset_stats()
+
+
+@pytest.mark.parametrize("array", ["data", "indices", "indptr"])
+def test_a_lost_chunk_file_is_an_error_naming_it_not_zeros(store, tmp_path, array):
+    # zarr reads a missing chunk file as zeros: a lost data file trained on zeros, a lost indices file put
+    # every count in column 0, a lost indptr file emptied the shard's rows, all without an error
+    bad = tmp_path / "bad"
+    shutil.copytree(store, bad)
+    (lost,) = (bad / f"shards/00000/mod/atac/X/{array}/c").iterdir()
+    lost.unlink()
+    where = f"{bad}/shards/00000/mod/atac/X"
+    with pytest.raises(StoreReadError, match=where):
+        list(StoreStream(bad, 64, split="all", shuffle=False))
+    with pytest.raises(StoreReadError, match=where):
+        open_store(bad).read_rows("atac", 0, 0, 5)
+
+
+def test_chunk_files_that_zarr_skips_as_all_zero_are_not_lost(tmp_path):
+    # zarr writes no file for an all-zero chunk: one gene (indices all 0), no ATAC at all (indptr all 0)
+    from data.synthetic import write_synthetic_store
+
+    p = write_synthetic_store(tmp_path / "s.zarr", n_cells=300, n_genes=1, n_regions=5, seed=1, shard_size=100,
+                              paired_fraction=0, rna_only_fraction=1, atac_only_fraction=0, progress=False)
+    assert not list((p / "shards/00000/mod/rna/X/indices").glob("c/*"))
+    assert not list((p / "shards/00000/mod/atac/X/indptr").glob("c/*"))
+    cells = np.concatenate([b["index"].numpy() for b in StoreStream(p, 64, split="all", shuffle=False)])
+    assert np.array_equal(cells, np.arange(300))
