@@ -158,6 +158,11 @@ def _build(cfg: BuildConfig, sources, filters, write_dask) -> Path:
             raise ValidationError(f"inputs {seen[name]} and {where} would both be batch {name!r} (their file "
                                   "name): give each input its own inputs[i].batch")
         seen.setdefault(name, where)
+    if cfg.label_key is not None and not any(cfg.label_key in s.obs.columns for s in sources):
+        # one unlabelled input among labelled ones is normal (its labels are unknown); no input having the
+        # column is a misspelt label_key, which would silently give a store without a single label
+        raise ValidationError(f"no input has the label column {cfg.label_key!r} (label_key); available columns "
+                              f"of {sources[0].name}: {list(sources[0].obs.columns)[:20]}")
     obs_list, keeps, dropped_cells = [], [], {}
     for src, inp in zip(sources, cfg.inputs):
         check_not_empty(len(src.obs), {m: 0 if f is None else len(f) for m, f in src.features.items()}, src.name)

@@ -74,6 +74,21 @@ def test_partly_missing_labels_keep_their_names_also_preshuffled(tmp_path):
         assert st.meta.label_categories == ["0", "1", "2"], pre
 
 
+def test_label_key_that_no_input_has_is_refused(tmp_path):
+    """A misspelt label_key (``celltype`` for ``cell_type``) built a store whose every label was unknown."""
+    rna, atac = _pair(obs={"batch": ["b0"] * 6, "cell_type": ["a", "b"] * 3})
+    inp = _write_pair(tmp_path, rna, atac)
+    with pytest.raises(ValidationError, match=r"no input has the label column 'celltype'.*'cell_type'"):
+        _build(tmp_path, [inp], label_key="celltype")
+    assert not list(tmp_path.glob("s.zarr*"))
+    rna2, _ = _pair(prefix="d", obs={"batch": ["b0"] * 6})  # one unlabelled input among labelled ones is fine
+    (tmp_path / "r").mkdir()
+    rna2.write_h5ad(tmp_path / "r" / "rna.h5ad")
+    st = _build(tmp_path, [inp, InputConfig(kind="h5ad_pair", rna=str(tmp_path / "r" / "rna.h5ad"))],
+                label_key="cell_type")
+    assert st.meta.label_categories == ["a", "b"]
+
+
 def test_masks_stored_as_text_are_read_as_written(tmp_path):
     """astype(bool) read the text 'False' as True: RNA-only cells became 'ATAC measured, all zero'."""
     rna, atac = _pair(n=10)
@@ -177,3 +192,20 @@ def test_dict_inputs_and_bad_sizes(tmp_path):
     assert st.meta.n_cells == 6
     with pytest.raises(ValidationError, match="block_size and shard_size must be >= 1"):
         build_store(BuildConfig(out=str(tmp_path / "b.zarr"), progress=False, inputs=[inp], block_size=0))
+
+
+def test_h5mu_global_obs_fills_a_column_only_one_modality_has(tmp_path):
+    # batch in mod/rna's obs and in the global obs: the ATAC-only cells had NaN from the joined modality obs
+    # and the build failed ("missing for cell") although the .h5mu's own obs had their batch
+    import mudata
+
+    rna, atac = _pair(n=8, obs={"batch": ["b0"] * 4 + ["b1"] * 4})
+    rna, atac = rna[:6].copy(), atac[3:].copy()
+    del atac.obs["batch"]
+    md = mudata.MuData({"rna": rna, "atac": atac})
+    md.obs["batch"] = ["b0"] * 4 + ["b1"] * 4
+    md.write(tmp_path / "m.h5mu")
+    st = _build(tmp_path, [InputConfig(kind="h5mu", path=str(tmp_path / "m.h5mu"))])
+    obs = st.read_obs()
+    assert obs["batch"].astype(str).to_dict() == {f"c{i}": "b0" if i < 4 else "b1" for i in range(8)}
+    assert obs["mask_rna"].sum() == 6 and obs["mask_atac"].sum() == 5
