@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+from omegaconf.errors import ConfigKeyError, ConfigTypeError, MissingMandatoryValue, ValidationError
 
 T = TypeVar("T")
 
@@ -37,6 +37,28 @@ def to_typed(cfg: DictConfig | dict[str, Any], schema: type[T], *, drop: tuple[s
         raise ConfigError(f"unknown config key: {exc.full_key or exc.key} ({exc.msg.splitlines()[0]})") from None
     except MissingMandatoryValue as exc:
         raise ConfigError(f"missing config value: {exc.full_key}") from None
-    except ValidationError as exc:
-        raise ConfigError(f"bad config value for {exc.full_key}: {exc.msg.splitlines()[0]}") from None
+    except (ValidationError, ConfigTypeError) as exc:
+        # a whole section of the wrong kind (data=5, inputs={...}) fails the merge with no key named
+        key = exc.full_key or _culprit(base, raw)
+        raise ConfigError(f"bad config value for {key}: {exc.msg.splitlines()[0]}") from None
     return obj  # type: ignore[return-value]
+
+
+def _culprit(base, raw: dict[str, Any], path: tuple[str, ...] = ()) -> str:
+    """Dotted key of the first value whose merge alone fails (the deepest such key in a section)."""
+    def fails(k: str, v: Any) -> bool:
+        trial: Any = {k: v}
+        for p in reversed(path):
+            trial = {p: trial}
+        try:
+            OmegaConf.merge(base, trial)
+        except Exception:  # noqa: BLE001 - any merge failure marks the culprit
+            return True
+        return False
+
+    for k, v in raw.items():
+        if fails(k, v):
+            # a mapping where a mapping belongs: the bad value is inside it; else this key is the culprit
+            inner = _culprit(base, v, (*path, str(k))) if isinstance(v, dict) and not fails(k, {}) else ""
+            return inner or ".".join((*path, str(k)))
+    return ""

@@ -38,3 +38,18 @@ def test_missing_key_named():
 def test_bad_type_named():
     with pytest.raises(ConfigError, match="epochs"):
         to_typed({"inner": {"name": "a"}, "epochs": "many"}, Outer)
+
+
+@dataclass
+class WithList:
+    inner: Inner = field(default_factory=Inner)
+    keys: list[str] = field(default_factory=list)
+
+
+@pytest.mark.parametrize(("cfg", "key"), [({"inner": 5}, "inner"), ({"keys": {"a": 1}}, "keys"),
+                                          ({"inner": {"name": "a", "lr": {"x": 1}}}, "inner.lr")])
+def test_a_section_of_the_wrong_kind_is_a_config_error_naming_it(cfg, key):
+    # a mapping for a list was a raw omegaconf ConfigTypeError (a traceback from the CLIs), and a scalar
+    # for a section named the key as '' ("bad config value for : Merge error ...")
+    with pytest.raises(ConfigError, match=rf"bad config value for {key}: "):
+        to_typed(cfg, WithList)
