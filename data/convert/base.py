@@ -85,6 +85,14 @@ class PairSource(Source):
             for col in extra_obs.columns:
                 if col not in obs.columns:
                     obs[col] = extra_obs[col].values
+                    continue
+                # A column of only one modality's obs is NaN for the other modality's cells once joined;
+                # the global obs (MuData's own per-cell table) holds those values: fill them from it.
+                miss = obs[col].isna().to_numpy() & extra_obs[col].notna().to_numpy()
+                if miss.any():
+                    vals = obs[col].astype(object).to_numpy()
+                    vals[miss] = extra_obs[col].astype(object).to_numpy()[miss]
+                    obs[col] = vals
         obs["mask_rna"] = obs.index.isin(rna_ids)
         obs["mask_atac"] = obs.index.isin(atac_ids)
         self.obs = obs
