@@ -114,6 +114,9 @@ class StoreStream(IterableDataset):
         # The plan (8 bytes per planned cell) is built on first use for "all": the inference runner
         # reads by make_batch only, and a 1M-cell plan would be its largest per-cell structure (issue #5).
         plan = self.plan() if split != "all" else None
+        if split == "train" and plan.n_cells == 0:  # no batch size or remainder rule can help here
+            raise ValueError(f"split 'train' of {self.path} has no cells (val_fraction={self.val_fraction} "
+                             f"puts all {self.meta.n_cells} in validation): lower val_fraction")
         if split == "train" and len(plan) == 0:
             raise ValueError(f"split 'train' has {plan.n_cells} cells, fewer than world_size x batch_size = "
                              f"{self.world_size} x {self.batch_size}: lower batch_size or use remainder='pad'")

@@ -218,6 +218,9 @@ def test_bad_arguments(stores):
         StoreStream(stores[700], 8, split="test")
     with pytest.raises(ValueError, match="fewer than world_size x batch_size"):
         StoreStream(stores[700], 5000)
+    # no training cell at all: it said "use remainder='pad'" even to a stream that used it
+    with pytest.raises(ValueError, match="has no cells .*lower val_fraction"):
+        StoreStream(stores[700], 8, val_fraction=0.9999999, remainder="pad")
 
 
 def test_state_from_another_split_or_store_is_refused(stores, tmp_path):
