@@ -15,6 +15,7 @@ import scipy.sparse as sp
 
 from data.build import build_store
 from data.config import BuildConfig, InputConfig
+from data.store import open_store
 from data.validate import ValidationError
 
 DATA = Path("/work/shared/data/neurips2021_bmmc_multiome_starter")
@@ -161,3 +162,18 @@ def test_error_mid_stream_leaves_no_output(tmp_path, pair):
     with pytest.raises(ValidationError, match="atac.h5ad"):
         _build(tmp_path, rna, bad)
     assert _no_output(tmp_path)
+
+
+def test_scvi_layout_without_its_modality_column_names_the_option(tmp_path, pair):
+    # scanpy's read_10x_h5 names the column feature_types; the error said only "no var modality column; set
+    # n_genes", not which column was looked for nor that modality_key picks another one
+    rna, atac = pair
+    var = pd.DataFrame({"feature_types": ["Gene Expression"] * rna.n_vars + ["Peaks"] * atac.n_vars},
+                       index=list(rna.var_names) + list(atac.var_names))
+    ad.AnnData(sp.hstack([rna.X, atac.X], format="csr"), obs=rna.obs[["batch"]], var=var).write_h5ad(tmp_path / "x.h5ad")
+    inp = {"kind": "scvi", "path": str(tmp_path / "x.h5ad")}
+    with pytest.raises(ValueError, match=r"no column 'modality' \(modality_key\).*e\.g\. 'feature_types'"):
+        _build(tmp_path, None, None, inputs=[InputConfig(**inp)])
+    assert _no_output(tmp_path)
+    out = _build(tmp_path, None, None, inputs=[InputConfig(**inp, modality_key="feature_types")])
+    assert (open_store(out).meta.n_genes, open_store(out).meta.n_regions) == (rna.n_vars, atac.n_vars)

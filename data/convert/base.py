@@ -152,7 +152,8 @@ def _open_h5mu(cfg: InputConfig) -> PairSource:
     return PairSource(rna, atac, name=str(cfg.path), extra_obs=extra)
 
 
-def _split_columns(var: pd.DataFrame, types: np.ndarray | None, n_genes: int | None, where: str):
+def _split_columns(var: pd.DataFrame, types: np.ndarray | None, n_genes: int | None, where: str,
+                   modality_key: str = "modality"):
     """Column indices of genes and of peaks in a genes-then-peaks matrix."""
     if types is not None:
         t = pd.Series(types).astype(str).str.lower()
@@ -164,7 +165,11 @@ def _split_columns(var: pd.DataFrame, types: np.ndarray | None, n_genes: int | N
                              "expected 'Gene Expression' or 'Peaks'")
         return genes, peaks
     if n_genes is None:
-        raise ValueError(f"{where}: no var modality column; set n_genes (genes come first in the scvi layout)")
+        # name the option: scanpy's read_10x_h5 calls this column feature_types, scvi-tools modality
+        guess = [c for c in var.columns if var[c].astype(str).str.lower().str.contains("peak").any()]
+        raise ValueError(f"{where}: var has no column {modality_key!r} (modality_key) naming 'Gene Expression' / "
+                         f"'Peaks'; set modality_key to the column that does" + (f" (e.g. {guess[0]!r})" if guess else "")
+                         + " or n_genes (genes come first in the scvi layout)")
     if not 0 < n_genes <= len(var):
         raise ValueError(f"{where}: n_genes={n_genes} is outside 1..{len(var)}")
     return np.arange(n_genes), np.arange(n_genes, len(var))
@@ -226,7 +231,7 @@ def _masks_from_obs(obs: pd.DataFrame, where: str) -> pd.DataFrame:
 def _open_scvi(cfg: InputConfig) -> SplitSource:
     g = H5AnnDataGroup(cfg.path)
     types = g.var[cfg.modality_key].to_numpy() if cfg.modality_key in g.var.columns else None
-    genes, peaks = _split_columns(g.var, types, cfg.n_genes, g.where)
+    genes, peaks = _split_columns(g.var, types, cfg.n_genes, g.where, cfg.modality_key)
     return SplitSource(str(cfg.path), g.X, _masks_from_obs(g.obs, g.where), g.var, genes, peaks, [g])
 
 
