@@ -58,7 +58,10 @@ def test_missing_store_is_named():
                                           ("run.max_steps=0", "run.max_steps"),
                                           ("run.checkpoint_every_steps=0", "run.checkpoint_every_steps"),
                                           ("run.max_bad_steps=0", "run.max_bad_steps"),
-                                          ("data.num_workers=-1", "data.num_workers")])
+                                          ("data.num_workers=-1", "data.num_workers"),
+                                          # were a ValueError traceback once the store was open
+                                          ("model.gene_likelihood=zinbb", "model.gene_likelihood"),
+                                          ("model.dispersion=cell", "model.dispersion")])
 def test_bad_values_are_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(_compose("data.store=/x", override))

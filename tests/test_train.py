@@ -62,6 +62,23 @@ def test_config_errors_stop_the_cli_naming_the_key(store, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_store_without_regions_or_a_bad_model_option_is_one_line(tmp_path):
+    """An RNA-only store (a legal mva-build output) and model.gene_likelihood=zinbb ended in a ValueError
+    traceback after the store was opened."""
+    from data.build import build_store
+    from data.config import BuildConfig, InputConfig
+
+    rna = "/work/shared/data/neurips2021_bmmc_multiome_starter/bmmc_starter_rna.h5ad"
+    rna_only = build_store(BuildConfig(out=str(tmp_path / "rna.zarr"), progress=False,
+                                       inputs=[InputConfig(kind="h5ad_pair", rna=rna)]))
+    for store, extra, needle in ((rna_only, [], "has 600 genes and 0 regions"),
+                                 (tmp_path / "none", ["model.gene_likelihood=zinbb"], "model.gene_likelihood")):
+        ov = tiny_overrides(store, tmp_path / "run")
+        r = subprocess.run([PY, "-m", "trainer.train", *as_cli(ov), *extra], cwd=ROOT, env=env(),
+                           check=False, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_auto_gives_the_uninterrupted_weights(store, tmp_path):
     extra = {"run.epochs": 4, "run.checkpoint_every_steps": 5, "run.keep_checkpoints": 3}

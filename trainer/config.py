@@ -83,6 +83,13 @@ class ModelConfig:
     # counts, ~20 % more cells per CPU-second in the training step (docs/benchmarks.md)
     native_kernels: bool = True
 
+    def __post_init__(self) -> None:
+        from trainer.module import _CHOICES  # the module's own list (lazy: torch is not needed to read YAML)
+
+        for name, choices in _CHOICES.items():  # a bad choice was a traceback after the store was opened
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"model.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+
 
 @dataclass
 class OptimConfig:

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from data.store import StoreError
 from trainer.config import TrainConfig
 from trainer.module import MultiVAE
 
@@ -35,6 +36,9 @@ def model_args(meta, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def build_module(meta, cfg: TrainConfig) -> MultiVAE:
+    if meta.n_genes < 1 or meta.n_regions < 1:  # e.g. built from an RNA-only input: MultiVAE refuses it
+        raise StoreError(f"store {cfg.data.store} has {meta.n_genes} genes and {meta.n_regions} regions: MultiVI "
+                         "needs both modalities' features (build the store from inputs that measure both)")
     return MultiVAE(**model_args(meta, cfg))
 
 
