@@ -37,6 +37,7 @@ from data.validate import (
     check_not_empty,
     check_output,
     check_unique,
+    check_unmeasured_empty,
 )
 from data.writer import OBS_RESERVED, StoreSchema, StoreWriter, check_codec
 
@@ -228,6 +229,9 @@ def _build(cfg: BuildConfig, sources, filters, write_dask) -> Path:
                         x = sp.csr_matrix(x)
                         check_counts(x, src.name, mod, ids, src.features[mod].index)
                         blocks.append(remap_columns(x, cm[mod], n_cols))
+                        # dropped cells (no modality at all) are not checked: they are not written
+                        check_unmeasured_empty(blocks[-1], obs[f"mask_{mod}"].to_numpy(bool)[start:stop]
+                                               | ~keep[start:stop], src.name, mod, ids)
                     k = keep[start:stop]
                     sel = np.flatnonzero(k)
                     b_rna, b_atac, b_obs = blocks[0][sel], blocks[1][sel], obs.iloc[start:stop].iloc[sel]

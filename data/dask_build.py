@@ -46,7 +46,7 @@ from data.convert import open_input
 from data.convert.align import Alignment, remap_columns
 from data.filters import Block, apply_filters, block_detection, tree_sum
 from data.store_stats import block_stats
-from data.validate import ValidationError, check_counts
+from data.validate import ValidationError, check_counts, check_unmeasured_empty
 from data.writer import StoreSchema, StoreWriter, normalize_obs, write_shard
 
 log = logging.getLogger("mva-build")
@@ -181,7 +181,10 @@ def _read_shard(ctx: BuildContext, job: ShardJob) -> tuple[sp.csr_matrix, sp.csr
                     continue
                 x = sp.csr_matrix(x)
                 check_counts(x, src.name, mod, src.obs.index[b0:b1], src.features[mod].index)
-                parts[mod].append(remap_columns(x, cm[mod], n_cols)[sel])
+                x = remap_columns(x, cm[mod], n_cols)
+                check_unmeasured_empty(x, src.obs[f"mask_{mod}"].to_numpy(bool)[b0:b1] | ~keep[b0 - start:b1 - start],
+                                       src.name, mod, src.obs.index[b0:b1])  # dropped cells are not written
+                parts[mod].append(x[sel])
     rna, atac = (sp.vstack(parts[m], format="csr") for m in (keys.RNA, keys.ATAC))
     return rna, atac, names
 

@@ -53,6 +53,18 @@ def check_counts(x: sp.csr_matrix, where: str, modality: str, cell_ids: pd.Index
                 f"({int(bad.sum())} such values in this block); counts must be non-negative integers")
 
 
+def check_unmeasured_empty(x: sp.csr_matrix, measured: np.ndarray, where: str, modality: str,
+                           cell_ids: pd.Index) -> None:
+    """A cell whose mask says ``modality`` was not measured must have no counts in it (checked as blocks are
+    read, so the error names the input, and comes before a preshuffle has spilled every cell to disk)."""
+    bad = (np.diff(x.indptr) > 0) & ~np.asarray(measured, bool)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValidationError(f"{where}: cell {cell_ids[row]!r} has {modality} counts but its mask says {modality} "
+                              f"was not measured ({int(bad.sum())} such cells in this block); fix obs mask_{modality} / "
+                              "modality, or the counts")
+
+
 def check_unique(index: pd.Index, where: str, what: str) -> None:
     if not index.is_unique:
         dup = index[index.duplicated()]

@@ -177,3 +177,19 @@ def test_scvi_layout_without_its_modality_column_names_the_option(tmp_path, pair
     assert _no_output(tmp_path)
     out = _build(tmp_path, None, None, inputs=[InputConfig(**inp, modality_key="feature_types")])
     assert (open_store(out).meta.n_genes, open_store(out).meta.n_regions) == (rna.n_vars, atac.n_vars)
+
+
+@pytest.mark.parametrize("preshuffle", [False, True])
+def test_counts_in_a_modality_the_mask_says_was_not_measured_name_the_file(tmp_path, pair, preshuffle):
+    # the error came from the writer's invariant check: without the input's name (a plain ValueError with
+    # preshuffle, and only after every cell had been spilled to disk)
+    rna, atac = pair
+    var = pd.DataFrame({"modality": ["Gene Expression"] * rna.n_vars + ["Peaks"] * atac.n_vars},
+                       index=list(rna.var_names) + list(atac.var_names))
+    obs = rna.obs[["batch"]].copy()
+    obs["modality"] = ["paired"] * 50 + ["expression"] * 10  # but their peak counts were kept
+    path = tmp_path / "x.h5ad"
+    ad.AnnData(sp.hstack([rna.X, atac.X], format="csr"), obs=obs, var=var).write_h5ad(path)
+    with pytest.raises(ValidationError, match=rf"{path}: cell '{rna.obs_names[50]}' has atac counts but its mask"):
+        _build(tmp_path, None, None, inputs=[InputConfig(kind="scvi", path=str(path))], preshuffle=preshuffle)
+    assert _no_output(tmp_path)
