@@ -79,7 +79,9 @@ def cell_sets(cfg: InferConfig, obs: pd.DataFrame) -> tuple[list[np.ndarray], li
         present = sorted(present)
     for g in list(o.group1 or []) + ([o.group2] if o.group2 is not None else []):
         if str(g) not in present:
-            raise InferError(f"group {g!r} has no cells in column {o.groupby!r} (groups: {present[:20]})")
+            # every group up to 50 (a silently cut list hid the 21st group of a 21-type atlas)
+            shown = present if len(present) <= 50 else [*present[:50], "..."]
+            raise InferError(f"group {g!r} has no cells in column {o.groupby!r} ({len(present)} groups: {shown})")
     # group1 null: every group (but group2, when given: "each group against group2")
     group1 = [str(g) for g in o.group1] if o.group1 is not None else \
         [g for g in present if o.group2 is None or g != str(o.group2)]
