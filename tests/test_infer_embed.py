@@ -315,3 +315,23 @@ def test_a_malformed_model_json_is_one_model_file_error(trained, tmp_path, tampe
     with pytest.raises(ModelFileError, match="model.json") as exc:
         infer(_cfg(store, model, tmp_path / "a.zarr"))
     assert "\n" not in str(exc.value)
+
+
+def test_a_progress_directory_without_its_partial_output_starts_over(trained, tmp_path, monkeypatch):
+    """Done markers with no <output>.partial (removed by hand, or a job killed between renaming it to the
+    output and emptying <output>.progress, output removed since): the rerun starts over instead of
+    failing on the missing Zarr group (GroupNotFoundError before)."""
+    import shutil
+
+    store, run = trained
+    out = tmp_path / "emb.zarr"
+    monkeypatch.setenv(FAIL_AFTER_ENV, "3")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        infer(_cfg(store, run, out))
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    shutil.rmtree(tmp_path / "emb.zarr.partial")
+    summary = infer(_cfg(store, run, out))
+    assert summary["chunks_written"] == summary["n_chunks"] and summary["chunks_skipped"] == 0
+    infer(_cfg(store, run, tmp_path / "clean.zarr"))
+    for k, v in _obsm(tmp_path / "clean.zarr").items():
+        np.testing.assert_array_equal(_obsm(out)[k], v, err_msg=k)

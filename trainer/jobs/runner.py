@@ -308,8 +308,10 @@ def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> di
             shutil.rmtree(final, ignore_errors=True)
             shutil.rmtree(partial, ignore_errors=True)
             _empty_dir(prog_dir)
-        if not (prog_dir / "job.json").is_file():
-            # no finished skeleton (job.json is written last): start from scratch
+        if not (prog_dir / "job.json").is_file() or not partial.is_dir():
+            # no finished skeleton (job.json is written last), or no partial output to finish (a job killed
+            # between renaming it to the final output and emptying this directory, output removed since):
+            # start from scratch
             shutil.rmtree(partial, ignore_errors=True)
             _empty_dir(prog_dir)
             _write_skeleton(job, partial)
