@@ -30,6 +30,7 @@ to the reader, the collate step and a background prefetch thread.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import threading
@@ -101,9 +102,15 @@ class StoreStream(IterableDataset):
         # Split by id hash only: independent of shard layout, world size and workers. For "all" the mask
         # (all True) is built on first use: inference only calls make_batch and never needs it.
         self._eligible: np.ndarray | None = None
+        # Which cell is on which row (shard sizes and id hashes), for the resume check: a store rebuilt in
+        # place with the same cell count (another shard_size or preshuffle seed) gave the rest of the epoch
+        # on other rows. None for "all" (inference never resumes a stream and skips this read).
+        self.rows_fingerprint: str | None = None
         if split != "all":
-            val = read_validation_mask(self._store, self.val_fraction)
+            digest = hashlib.blake2b(digest_size=16)
+            val = read_validation_mask(self._store, self.val_fraction, digest)
             self._eligible = val if split == "validation" else ~val
+            self.rows_fingerprint = digest.hexdigest()
         self.table = read_cell_table(self._store)
         self.epoch = 0
         self._resume_at = 0  # first batch of the next iteration (set by load_state_dict)
@@ -156,14 +163,15 @@ class StoreStream(IterableDataset):
                 "rank": self.rank, "seed": self.seed, "batch_size": self.batch_size, "split": self.split,
                 "shuffle": self.shuffle, "remainder": self.remainder, "chunk_size": self.chunk_size,
                 "window_chunks": self.window_chunks, "val_fraction": self.val_fraction,
-                "n_cells": int(self.meta.n_cells), "n_batches": len(self)}
+                "rows_fingerprint": self.rows_fingerprint, "n_cells": int(self.meta.n_cells), "n_batches": len(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["world_size"]) != self.world_size:
             raise ValueError(f"loader state was saved with world_size={state['world_size']} but this run has "
                              f"world_size={self.world_size}; the per-rank cell assignment would differ, so a "
                              f"mid-epoch resume cannot be exact (restart the epoch instead)")
-        here = {**{k: getattr(self, k) for k in _RESUME_KEYS}, "n_cells": int(self.meta.n_cells)}
+        here = {**{k: getattr(self, k) for k in _RESUME_KEYS}, "n_cells": int(self.meta.n_cells),
+                "rows_fingerprint": self.rows_fingerprint}
         for k, mine in here.items():
             # chunking decides the epoch's order, val_fraction and the store's cells which cells it has;
             # states saved before a key was recorded skip that check

@@ -239,6 +239,22 @@ def test_state_from_another_split_or_store_is_refused(stores, tmp_path):
     StoreStream(stores[700], 32, val_fraction=0.1).load_state_dict(old)
 
 
+def test_state_from_before_the_store_was_rebuilt_in_place_is_refused(tmp_path):
+    """Same cell count and batch count, another shard layout (so another epoch order): the state loaded
+    and "the rest of the epoch" was other cells (some twice, some never)."""
+    def build(**kw):
+        opts = {"n_cells": 500, "n_genes": 20, "n_regions": 40, "seed": 4, "shard_size": 200, **kw}
+        return write_synthetic_store(tmp_path / "s.zarr", progress=False, overwrite=True, **opts)
+
+    path = build()
+    state = StoreStream(path, 32, chunk_size=16).state_dict(batches_consumed=5)
+    build()  # rebuilt identically: the same rows, the resume stands
+    StoreStream(path, 32, chunk_size=16).load_state_dict(state)
+    build(shard_size=150)
+    with pytest.raises(ValueError, match="rows_fingerprint=.*the rest of that epoch would not be the same cells"):
+        StoreStream(path, 32, chunk_size=16).load_state_dict(state)
+
+
 def test_clear_resume_after_workers_start_keeps_later_passes_whole(stores):
     """With DataLoader workers __iter__ (which consumes the resume position) runs in the workers' copies:
     clear_resume() in the parent makes the next pass of the same epoch a whole one again."""
