@@ -350,6 +350,17 @@ def test_bad_input_is_one_line_error(trained, tmp_path, de, message):
     assert "\n" not in str(exc.value) and not (tmp_path / "x.csv").exists()
 
 
+def test_a_negative_seed_is_a_config_error():
+    """de/da seed numpy's SeedSequence, which refuses negative numbers: seed=-1 was a ValueError traceback
+    after the raw pass; now refused with the other config values."""
+    from data.typed_config import ConfigError
+    from trainer.infer_config import load_infer_config
+
+    with pytest.raises(ConfigError, match="seed must be >= 0, got -1"):
+        load_infer_config({"job": "da", "model_dir": "m", "store": "s", "output": "x.csv", "seed": -1,
+                           "de": {"groupby": "batch"}})
+
+
 def test_empty_or_unknown_cell_set_and_cli_error(trained, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(InferError, match="is empty"):

@@ -148,6 +148,8 @@ class InferConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_samples < 1:
             raise ConfigError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.seed < 0:  # de/da seed numpy's SeedSequence, which takes no negative numbers (a traceback)
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.give_mean and self.n_samples != 1:
             raise ConfigError("n_samples > 1 draws posterior samples: set give_mean=false")
         bad = [m for m in self.modalities if m not in LATENTS]
