@@ -119,7 +119,9 @@ async def read_slice(arr, a: int, b: int):
         token = _IN_READ_SLICE.set(True)
         try:
             return await arr._async_array.getitem(slice(a, b))
-        except (OSError, RuntimeError) as exc:  # zarrs reports its I/O and decode failures as RuntimeError
+        # zarrs reports its I/O and decode failures as RuntimeError; zarr's Python pipeline reports a
+        # damaged shard index (crc32c mismatch) as ValueError
+        except (OSError, RuntimeError, ValueError) as exc:
             if attempt == n:
                 from data.store import StoreReadError  # data.store imports this module
 

@@ -170,3 +170,21 @@ def test_chunk_files_that_zarr_skips_as_all_zero_are_not_lost(tmp_path):
     assert not list((p / "shards/00000/mod/atac/X/indptr").glob("c/*"))
     cells = np.concatenate([b["index"].numpy() for b in StoreStream(p, 64, split="all", shuffle=False)])
     assert np.array_equal(cells, np.arange(300))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "index"])
+def test_a_damaged_shard_index_names_the_array_through_the_python_pipeline(store, tmp_path, monkeypatch, damage):
+    # zarr's Python codec pipeline (MVA_READ_RETRY_STORE=1, fault injection, forked loader workers) reports a
+    # shard index that fails its crc32c as a bare ValueError: it escaped the retries and the path
+    monkeypatch.setenv(retry.STORE_ENV, "1")
+    monkeypatch.setenv(retry.BACKOFF_ENV, "0")
+    bad = tmp_path / "bad"
+    shutil.copytree(store, bad)
+    f = _chunk_file(bad)
+    raw = bytearray(f.read_bytes())
+    raw = raw[:len(raw) // 2] if damage == "truncate" else raw[:-10] + bytes(b ^ 0xFF for b in raw[-10:-5]) + raw[-5:]
+    f.write_bytes(bytes(raw))
+    s = open_store(bad)
+    assert isinstance(s.root.store, retry.RetryingStore)
+    with pytest.raises(StoreReadError, match=rf"cannot read {bad}/{DATA} .*checksum"):
+        list(StoreStream(s, 64, split="all", shuffle=False))
