@@ -55,6 +55,10 @@ def _prepare_obs(src, inp: InputConfig, cfg: BuildConfig, batch_key: str) -> pd.
     if cfg.batch_key is None or inp.batch is not None:
         out[batch_key] = inp.batch if inp.batch is not None else default_batch_name(src)
     else:
+        if cfg.batch_key not in obs.columns:  # data of one sample often has no batch column: name the way out
+            raise ValidationError(f"{src.name}: obs has no column {cfg.batch_key!r} (batch_key); available columns: "
+                                  f"{list(obs.columns)[:20]}; or set batch_key=null for one batch per input "
+                                  "(named by inputs[i].batch, else by its file name)")
         check_columns(obs, {cfg.batch_key: "batch_key"}, src.name)
         out[batch_key] = as_text(obs[cfg.batch_key])
     check_columns(obs, {k: "cat_cov_keys" for k in cfg.cat_cov_keys}, src.name)

@@ -89,6 +89,15 @@ def test_label_key_that_no_input_has_is_refused(tmp_path):
     assert st.meta.label_categories == ["a", "b"]
 
 
+def test_a_missing_batch_column_names_batch_key_null(tmp_path):
+    """Inputs without a batch column (one sample) stopped without naming the documented way out."""
+    rna, atac = _pair(obs={"donor": ["d"] * 6})
+    inp = _write_pair(tmp_path, rna, atac)
+    with pytest.raises(ValidationError, match=r"no column 'batch' \(batch_key\).*'donor'.*batch_key=null"):
+        _build(tmp_path, [inp])
+    assert _build(tmp_path, [inp], batch_key=None).meta.batch_categories == ["rna"]
+
+
 def test_masks_stored_as_text_are_read_as_written(tmp_path):
     """astype(bool) read the text 'False' as True: RNA-only cells became 'ATAC measured, all zero'."""
     rna, atac = _pair(n=10)
