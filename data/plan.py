@@ -79,6 +79,8 @@ def epoch_order(shard_sizes: list[int] | np.ndarray, eligible: np.ndarray, *, se
         return cells
     if window_chunks < 1:
         raise ValueError(f"window_chunks must be >= 1, got {window_chunks}")
+    if seed < 0 or epoch < 0:  # numpy's seeding said only "expected non-negative integer"
+        raise ValueError(f"the shuffle needs seed >= 0 and epoch >= 0, got seed={seed}, epoch={epoch}")
     starts, _ = chunk_bounds(shard_sizes, chunk_size)
     # Eligible cells of chunk i are cells[first[i]:first[i + 1]] (cells is sorted).
     first = np.append(np.searchsorted(cells, starts), len(cells))

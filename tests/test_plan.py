@@ -132,3 +132,5 @@ def test_bad_arguments_fail_clearly():
         rank_batches(np.arange(10), batch_size=2, rank=0, world_size=1, remainder="wrap")
     with pytest.raises(ValueError, match="rank"):
         rank_batches(np.arange(10), batch_size=2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="seed >= 0 .* got seed=-1"):  # numpy said "expected non-negative integer"
+        epoch_order([10], np.ones(10, bool), seed=-1, epoch=0)
