@@ -173,6 +173,8 @@ def normalize_obs(schema: StoreSchema, obs: pd.DataFrame, first_index: int) -> p
     out["mask_atac"] = obs["mask_atac"].to_numpy(dtype=bool)
     out["split_hash"] = cell_hash(out.index)
     out["cell_index"] = np.arange(first_index, first_index + len(obs), dtype=np.int64)
+    if out.index.name in out.columns:  # e.g. an input index named "cell_index": anndata refuses to write that
+        out.index.name = None
     return out
 
 

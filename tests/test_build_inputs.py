@@ -218,3 +218,15 @@ def test_h5mu_global_obs_fills_a_column_only_one_modality_has(tmp_path):
     obs = st.read_obs()
     assert obs["batch"].astype(str).to_dict() == {f"c{i}": "b0" if i < 4 else "b1" for i in range(8)}
     assert obs["mask_rna"].sum() == 6 and obs["mask_atac"].sum() == 5
+
+
+@pytest.mark.parametrize("preshuffle", [False, True])
+def test_an_obs_index_named_like_a_store_column_is_written(tmp_path, preshuffle):
+    # the cell-id index keeps its name in the store's obs; named like one of the store's own columns, anndata
+    # refused to write the shard ("index.name is also used by a column") and the build failed
+    rna, atac = _pair()
+    for a in (rna, atac):
+        a.obs.index.name = "cell_index"
+    st = _build(tmp_path, [_write_pair(tmp_path, rna, atac)], preshuffle=preshuffle)
+    obs = st.read_obs()
+    assert sorted(obs.index) == sorted(rna.obs_names) and list(obs["cell_index"]) == list(range(6))
