@@ -50,10 +50,16 @@ def open_checked_store(path: str | os.PathLike, info: dict) -> Store:
     for what, ours, theirs in (("genes", m.gene_names, info["gene_names"]),
                                ("regions", m.region_names, info["region_names"])):
         if list(ours) != list(theirs):
-            n_diff = len(set(ours) ^ set(theirs))
+            # say which: "900 names differ" (the symmetric difference of 300 and 600) told a user nothing
+            have, known = set(ours), set(theirs)
+            missing = [n for n in theirs if n not in have]
+            extra = [n for n in ours if n not in known]
+            how = "; ".join([f"{len(missing)} of the model's missing, e.g. {missing[:3]}"] * bool(missing)
+                            + [f"{len(extra)} not the model's, e.g. {extra[:3]}"] * bool(extra)) \
+                or "the same names in another order"
             raise InferError(f"store {store.path} has {len(ours)} {what} but the model was trained on "
-                             f"{len(theirs)} ({n_diff} names differ or the order differs): the store must "
-                             f"have the model's features in the model's order")
+                             f"{len(theirs)} ({how}): the store must have the model's features in the model's "
+                             f"order")
     if list(m.batch_categories) != list(info["batch_categories"]):
         # batch codes in the store index the model's batch embedding: they must mean the same batches
         raise InferError(f"store batch categories {m.batch_categories[:5]} differ from the model's "
