@@ -170,6 +170,8 @@ def _build(cfg: BuildConfig, sources, filters, write_dask) -> Path:
                               f"of {sources[0].name}: {list(sources[0].obs.columns)[:20]}")
     obs_list, keeps, dropped_cells = [], [], {}
     for src, inp in zip(sources, cfg.inputs):
+        for msg in src.warnings:
+            log.warning("%s", msg)
         check_not_empty(len(src.obs), {m: 0 if f is None else len(f) for m, f in src.features.items()}, src.name)
         check_unique(src.obs.index, src.name, "cell id")
         obs = _prepare_obs(src, inp, cfg, batch_key)

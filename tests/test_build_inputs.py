@@ -7,6 +7,8 @@ inputs named alike, obs columns that clash with the store's own, overwrite of a 
 
 from __future__ import annotations
 
+import logging
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -230,3 +232,16 @@ def test_an_obs_index_named_like_a_store_column_is_written(tmp_path, preshuffle)
     st = _build(tmp_path, [_write_pair(tmp_path, rna, atac)], preshuffle=preshuffle)
     obs = st.read_obs()
     assert sorted(obs.index) == sorted(rna.obs_names) and list(obs["cell_index"]) == list(range(6))
+
+
+def test_h5mu_modalities_that_are_not_read_are_reported(tmp_path, caplog):
+    # ATAC stored under a name not in ATAC_MOD_NAMES ("chromatin") gave an RNA-only store without a word
+    import mudata
+
+    rna, atac = _pair()
+    mudata.MuData({"rna": rna, "chromatin": atac}).write(tmp_path / "m.h5mu")
+    with caplog.at_level(logging.WARNING, logger="mva-build"):
+        st = _build(tmp_path, [InputConfig(kind="h5mu", path=str(tmp_path / "m.h5mu"))])
+    assert st.meta.n_regions == 0
+    msgs = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
+    assert len(msgs) == 1 and "['chromatin']" in msgs[0] and "no ATAC" in msgs[0], msgs

@@ -40,6 +40,7 @@ class Source:
     name: str
     obs: pd.DataFrame
     features: dict[str, pd.DataFrame | None]
+    warnings: tuple[str, ...] = ()  # what mva-build logs once about this input (e.g. .h5mu modalities not read)
 
     def _rows(self, start: int, stop: int) -> tuple[sp.csr_matrix | None, sp.csr_matrix | None]:
         raise NotImplementedError
@@ -149,7 +150,13 @@ def _open_h5mu(cfg: InputConfig) -> PairSource:
         extra.index = extra.index.astype(str)
         # MuData prefixes modality columns with "<mod>:"; those are already in the modality obs.
         extra = extra[[c for c in extra.columns if ":" not in str(c)]]
-    return PairSource(rna, atac, name=str(cfg.path), extra_obs=extra)
+    src = PairSource(rna, atac, name=str(cfg.path), extra_obs=extra)
+    ignored = [m for m in mods if m not in (rna_name, atac_name)]
+    if ignored:  # e.g. ATAC under a name we do not know: the store would silently be RNA-only
+        src.warnings = (f"{cfg.path}: modalities {ignored} are not read (RNA is one of {RNA_MOD_NAMES}, ATAC one of "
+                        f"{ATAC_MOD_NAMES})" + ("" if rna_name and atac_name else
+                                                f"; the store gets no {'RNA' if rna_name is None else 'ATAC'} from it"),)
+    return src
 
 
 def _split_columns(var: pd.DataFrame, types: np.ndarray | None, n_genes: int | None, where: str,
