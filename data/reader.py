@@ -289,6 +289,7 @@ class ChunkReader:
             # the (zarrs) decodes; measured ~2x faster than a thread per chunk and ~10x faster than
             # sequential reads on this machine.
             results.append((rest, reqs, sync(fetch_all(_flat(reqs)))))
+        self.store.check_unchanged()  # after the reads: were they all of the store whose indptrs we hold?
         want, keep = set(missing), set(needed)
         # The needed chunks first; a read-ahead round also holds chunks of later batches: they take free
         # slots only, otherwise they stay pending (decoded) until a batch needs them.

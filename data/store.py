@@ -100,10 +100,23 @@ def open_store(path: str | os.PathLike) -> Store:
     return Store(p, root)
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(mtime in ns, size) of the store's root zarr.json, written last by every build; None once it is
+    gone. Not the directory's inode: FUSE mounts may renumber inodes while a job runs."""
+    try:
+        st = os.stat(path / "zarr.json")
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 class Store:
     def __init__(self, path: Path, root: zarr.Group):
         self.path = path
         self.root = root
+        # A rebuild replaces the directory (tmp + rename), and zarr opens files by path: a reader holding
+        # this store's indptrs and cell table then gathered the new arrays' entries as garbage rows.
+        self.identity = _identity(path)
         a = dict(root.attrs)
         feats_rna = read_elem(root["features/rna"])
         feats_atac = read_elem(root["features/atac"])
@@ -123,6 +136,13 @@ class Store:
         if self.meta.shard_offsets[-1] != self.meta.n_cells or len(self.meta.shard_offsets) - 1 != a["n_shards"]:
             raise StoreError(f"{path}: shard_offsets {self.meta.shard_offsets[:3]}... disagree with "
                              f"n_cells={self.meta.n_cells} / n_shards={a['n_shards']}")
+
+    def check_unchanged(self, identity: tuple[int, int] | None = None) -> None:
+        """Raise :class:`StoreError` if the directory at ``path`` is no longer the one opened (or
+        ``identity``): the store was rebuilt or moved while it was read."""
+        if _identity(self.path) != (identity or self.identity):
+            raise StoreError(f"{self.path} was replaced while it was being read (rebuilt in place?): what this "
+                             "job read of it no longer matches the files; restart the job")
 
     def __repr__(self) -> str:
         m = self.meta

@@ -88,7 +88,7 @@ class StoreStream(IterableDataset):
         if not modalities:
             raise ValueError(f"modalities is empty: read at least one of {keys.MODALITIES}")
         self._store = as_store(store)
-        self.path = self._store.path
+        self.path, self._identity = self._store.path, self._store.identity
         self.meta = self._store.meta
         self.batch_size, self.split, self.shuffle, self.seed = int(batch_size), split, bool(shuffle), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
@@ -199,6 +199,7 @@ class StoreStream(IterableDataset):
                     # pipeline (slower; prefer num_workers=0 or multiprocessing_context="spawn").
                     zarr.config.set({"codec_pipeline.path": _DEFAULT_PIPELINE})
                 self._store, self._pid = as_store(self.path), os.getpid()
+                self._store.check_unchanged(self._identity)  # the plan and cell table are the parent's
             starts, stops = chunk_bounds(self.shard_sizes, self.chunk_size)
             # Two windows of chunks: a batch at a window boundary touches both.
             self._reader = ChunkReader(self._store, starts, stops, cache_chunks=2 * self.window_chunks + 2,

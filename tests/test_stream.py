@@ -255,6 +255,31 @@ def test_state_from_before_the_store_was_rebuilt_in_place_is_refused(tmp_path):
         StoreStream(path, 32, chunk_size=16).load_state_dict(state)
 
 
+def test_a_store_rebuilt_in_place_while_read_is_an_error_not_garbage_rows(tmp_path):
+    """zarr opens files by path: a stream holding the old indptrs and cell table gathered the new store's
+    arrays into wrong rows without an error (most rows of an epoch, in a probe), and a loader worker started after
+    the rebuild reopened the new store under the parent's plan."""
+    import pickle
+
+    from data.store import StoreError
+
+    def build(seed):
+        return write_synthetic_store(tmp_path / "s.zarr", n_cells=1200, n_genes=20, n_regions=40, seed=seed,
+                                     shard_size=600, progress=False, overwrite=True)
+
+    path = build(1)
+    s = StoreStream(path, 100, split="all", chunk_size=64, window_chunks=2, prefetch=0)
+    it = iter(s)
+    next(it)
+    worker_copy = pickle.dumps(s)  # what a spawned DataLoader worker receives
+    build(2)
+    with pytest.raises(StoreError, match="was replaced while it was being read"):
+        list(it)
+    with pytest.raises(StoreError, match="was replaced while it was being read"):
+        list(pickle.loads(worker_copy))
+    assert len(list(StoreStream(path, 100, split="all", prefetch=0))) == 12  # a fresh stream reads it
+
+
 def test_clear_resume_after_workers_start_keeps_later_passes_whole(stores):
     """With DataLoader workers __iter__ (which consumes the resume position) runs in the workers' copies:
     clear_resume() in the parent makes the next pass of the same epoch a whole one again."""
