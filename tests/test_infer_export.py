@@ -48,3 +48,15 @@ def test_overwrite_replaces_an_export_but_never_a_store_or_run_directory(trained
     _export(ours, export=back)
     _export(ours, export=back, overwrite=True)
     assert (ours / "model.safetensors").is_file()
+
+
+def test_a_scvi_model_given_as_model_dir_names_the_import(trained, tmp_path):
+    """model_dir=<a scvi-tools MULTIVI dir> (trainer.api.load takes one) said only 'neither an exported model
+    nor a run directory'; it now names the from_scvi import that makes it usable."""
+    store, run = trained
+    scvi_dir = tmp_path / "scvi"
+    _export(scvi_dir, model_dir=str(run), store=str(store))
+    with pytest.raises(InferError, match=r"scvi-tools model \(model\.pt\).*export\.direction=from_scvi "
+                                         rf"export\.source={scvi_dir} "):
+        infer(InferConfig(model_dir=str(scvi_dir), store=str(store), output=str(tmp_path / "e.zarr"),
+                          progress=False))

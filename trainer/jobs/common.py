@@ -36,6 +36,9 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
             return d
     if not p.exists():
         raise InferError(f"model directory {p} does not exist")
+    if (p / "model.pt").is_file():  # a scvi-tools model (trainer.api.load reads it; the jobs need our format)
+        raise InferError(f"{p} looks like a scvi-tools model (model.pt): import it first with mva-infer job=export "
+                         f"export.direction=from_scvi export.source={p} output=<dir>, then use model_dir=<dir>")
     raise InferError(f"{p} is neither an exported model ({WEIGHTS} + {INFO}) nor a run directory with model/ "
                      f"(did training finish?)")
 
