@@ -138,8 +138,8 @@ class Store:
                              f"n_cells={self.meta.n_cells} / n_shards={a['n_shards']}")
 
     def check_unchanged(self, identity: tuple[int, int] | None = None) -> None:
-        """Raise :class:`StoreError` if the directory at ``path`` is no longer the one opened (or
-        ``identity``): the store was rebuilt or moved while it was read."""
+        """Raise :class:`StoreError` if the store at ``path`` is no longer the one opened (or the one of
+        ``identity``): its root zarr.json was rewritten, i.e. the store was rebuilt or moved while read."""
         if _identity(self.path) != (identity or self.identity):
             raise StoreError(f"{self.path} was replaced while it was being read (rebuilt in place?): what this "
                              "job read of it no longer matches the files; restart the job")
