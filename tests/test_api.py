@@ -272,3 +272,14 @@ def test_in_memory_inputs_without_x_or_with_repeated_ids_fail_in_one_line(traine
     dup.obs_names = ["c0"] * dup.n_obs
     with pytest.raises(APIError, match="obs_names\\) are not unique"):
         model.latent({"rna": dup})
+
+
+def test_a_per_cell_weights_model_takes_only_its_store(trained, tmp_path):
+    """Per-cell modality weights are indexed by training cell: in-memory cells would silently read the first
+    n training cells' weights, so only the training store is accepted (the reference refuses any data)."""
+    store, _, _ = trained
+    res = train(tiny_config(store, tmp_path / "run", **{"model.modality_weights": "cell", "run.epochs": 1}))
+    model = load(res.run_dir)
+    assert model.latent(str(store)).shape[0] == N_CELLS
+    with pytest.raises(APIError, match="per-cell modality weights"):
+        model.latent(store_to_mudata(store))

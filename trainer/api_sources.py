@@ -48,6 +48,11 @@ def source(model: Model, data, mask, batch_size: int) -> _Source:
         if mask is not None:
             raise APIError("a store has its own modality columns: mask= is only for in-memory data")
         return _store_source(model, data, batch_size)
+    if model.module.modality_weights == "cell":
+        # the weights are rows of a table indexed by training cell, and in-memory cells carry no index
+        # into it (they would read the first n training cells' weights); the reference refuses too
+        raise APIError("this model learned per-cell modality weights (modality_weights=cell) for its training "
+                       "cells: pass its training store's path, not in-memory data")
     import anndata as ad
     import mudata as md
 
