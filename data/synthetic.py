@@ -121,6 +121,12 @@ def write_synthetic_store(path: str | Path, n_cells: int = 4000, n_genes: int = 
     sizes = {k: getattr(c, k) for k in ("n_cells", "n_genes", "n_regions", "n_batches", "n_cell_types", "block_size")}
     if min(sizes.values()) < 1:  # else a bare numpy / ZeroDivisionError deep in the generator
         raise ValueError("must be >= 1: " + ", ".join(f"{k}={v}" for k, v in sizes.items() if v < 1))
+    knobs = {"marker_fold": c.marker_fold > 0, "peak_fold": c.peak_fold > 0, "rna_library_median": c.rna_library_median > 0,
+             "atac_density": c.atac_density > 0, "batch_effect": c.batch_effect >= 0, "n_markers": c.n_markers >= 0,
+             "n_type_peaks": c.n_type_peaks >= 0}
+    if not all(knobs.values()):  # else numpy's "lam < 0" / "scale < 0" deep in the generator, or NaN profiles
+        raise ValueError("out of range (folds, library median, density > 0; batch_effect, n_markers, n_type_peaks "
+                         ">= 0): " + ", ".join(f"{k}={getattr(c, k)}" for k, ok in knobs.items() if not ok))
     check_codec(c.codec)  # before any work: a typo fails at once
     p = _Params(c)
     schema = StoreSchema(

@@ -111,3 +111,13 @@ def test_zero_sizes_are_refused_by_name(tmp_path, bad):
     with pytest.raises(ValueError, match=f"must be >= 1: {bad}=0"):
         write_synthetic_store(tmp_path / "s", n_cells=10, n_genes=5, n_regions=5, progress=False, **{bad: 0})
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bad", [{"atac_density": -0.1}, {"batch_effect": -1.0}, {"rna_library_median": -5.0},
+                                 {"n_markers": -2}, {"peak_fold": 0.0}])
+def test_out_of_range_generator_knobs_are_refused_by_name(tmp_path, bad):
+    # they reached numpy as "lam < 0", "scale < 0", "negative dimensions..." (or, peak_fold=0, NaN-free nonsense)
+    (key, value), = bad.items()
+    with pytest.raises(ValueError, match=f"out of range .*{key}={value}"):
+        write_synthetic_store(tmp_path / "s", n_cells=10, n_genes=5, n_regions=5, progress=False, **bad)
+    assert not list(tmp_path.iterdir())
