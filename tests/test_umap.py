@@ -16,7 +16,7 @@ from tests.train_utils import tiny_config, tiny_store
 from trainer.infer import infer
 from trainer.infer_config import InferConfig
 from trainer.jobs.common import InferError
-from trainer.jobs.umap import DPI, PANEL_INCHES, PYNNDESCENT_FROM, draw_umap
+from trainer.jobs.umap import DPI, PANEL_INCHES, PYNNDESCENT_FROM, category_colours, draw_umap
 from trainer.train import train
 
 N_CELLS = 600
@@ -99,3 +99,10 @@ def test_atlas_sized_output_uses_pynndescent_and_draws(embedded, tmp_path):
     res = draw_umap(str(out), str(tmp_path / "big.png"), max_cells=PYNNDESCENT_FROM + 100)
     assert res["n_cells"] == n and res["n_drawn"] == PYNNDESCENT_FROM + 100 and "subsample" in res["title"]
     assert _image(tmp_path / "big.png").shape[:2] == (int(PANEL_INCHES * DPI), 3 * int(PANEL_INCHES * DPI))
+
+
+def test_category_colours_stay_distinct_beyond_twenty():
+    """tab20 repeated its colours from the 21st category on (BMMC's 21 cell types: pDC looked like B1 B)."""
+    for n in (2, 10, 21, 28, 60, 102):
+        c = category_colours(n)
+        assert c.shape == (n, 4) and len({tuple(r) for r in c}) == n, n

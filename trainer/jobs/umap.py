@@ -27,6 +27,16 @@ from trainer.jobs.common import InferError
 
 PANEL_INCHES, DPI = 5.0, 100  # one square panel = 500 x 500 px (+ legend room), tests rely on the width
 MAX_LEGEND = 30  # categories listed in a legend; more (e.g. fine cell types) -> no legend, colours only
+
+
+def category_colours(n: int) -> np.ndarray:
+    """(n, 4) RGBA, distinct up to 102 categories: scanpy's palettes by size (tab20 repeated its colours
+    from the 21st category on, so BMMC's pDC and B1 B looked alike)."""
+    from matplotlib.colors import to_rgba
+    from scanpy.plotting import palettes
+
+    pal = palettes.default_20 if n <= 20 else palettes.default_28 if n <= 28 else palettes.default_102
+    return np.array([to_rgba(pal[i % len(pal)]) for i in range(max(n, 1))])
 PYNNDESCENT_FROM = 8192  # scanpy 1.11 switches from exact sklearn kNN to pynndescent at this many cells
 
 
@@ -150,9 +160,8 @@ def draw_umap(embed_output: str, png: str, max_cells: int = 100_000, seed: int =
     order = np.random.default_rng(seed + 1).permutation(len(xy))  # no category painted last on top of all
     for ax, (name, col) in zip(axes[0], panels.items()):
         cats = list(col.cat.categories)
-        cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
         codes = col.cat.codes.to_numpy()[order]
-        colours = np.array([cmap(i % cmap.N) for i in range(max(len(cats), 1))])
+        colours = category_colours(len(cats))
         ax.scatter(xy[order, 0], xy[order, 1], c=colours[codes], s=point, linewidths=0, rasterized=True)
         if len(cats) <= MAX_LEGEND:
             handles = [plt.Line2D([], [], ls="", marker="o", color=colours[i], label=c) for i, c in enumerate(cats)]
