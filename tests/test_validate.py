@@ -193,3 +193,12 @@ def test_counts_in_a_modality_the_mask_says_was_not_measured_name_the_file(tmp_p
     with pytest.raises(ValidationError, match=rf"{path}: cell '{rna.obs_names[50]}' has atac counts but its mask"):
         _build(tmp_path, None, None, inputs=[InputConfig(kind="scvi", path=str(path))], preshuffle=preshuffle)
     assert _no_output(tmp_path)
+
+
+def test_a_directory_input_is_not_called_missing(tmp_path, pair):
+    # an AnnData .zarr directory given as rna= was reported as "input file ... does not exist"
+    rna = pair[0]
+    rna.write_zarr(tmp_path / "rna.zarr")
+    with pytest.raises(ValueError, match=r"rna\.zarr is a directory; mva-build reads \.h5ad"):
+        _build(tmp_path, None, None, inputs=[InputConfig(kind="h5ad_pair", rna=str(tmp_path / "rna.zarr"))])
+    assert _no_output(tmp_path)

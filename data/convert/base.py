@@ -286,6 +286,9 @@ def open_input(cfg: InputConfig) -> Source:
         raise ValueError(f"input of kind {cfg.kind!r} needs " + ("rna= and/or atac=" if cfg.kind == "h5ad_pair"
                                                                    else "path="))
     for p in paths:
+        if p and Path(p).is_dir():  # e.g. an AnnData / MuData .zarr: "does not exist" would be wrong
+            raise ValueError(f"input {p} is a directory; mva-build reads .h5ad, .h5mu and 10x .h5 files (write a "
+                             ".zarr AnnData once with anndata.read_zarr(...).write_h5ad(...))")
         if p and not Path(p).is_file():
             raise FileNotFoundError(f"input file {p} does not exist")
     return OPENERS[cfg.kind](cfg)
