@@ -211,3 +211,20 @@ def test_mva_infer_cli_export_round_trip(trained, tmp_path):
         assert torch.equal(ours[k], back[k]), k
     res = cli("model_dir=-", "store=-", "export.direction=from_scvi", f"output={tmp_path / 'x'}")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("mva-infer: error: direction=from_scvi")
+
+
+def test_direct_calls_with_overwrite_replace_only_their_own_output(trained, scvi_trained, tmp_path):
+    """export_to_scvi / import_from_scvi(overwrite=True) called from Python replace a previous output of
+    theirs, never a directory holding anything else (a mistyped path naming a store was deleted)."""
+    from trainer.scvi_io import export_to_scvi
+
+    store, run = trained
+    scvi_dir, _ = scvi_trained
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ScviIOError, match="is not an export from_scvi output"):
+        import_from_scvi(scvi_dir, store, overwrite=True)
+    with pytest.raises(ScviIOError, match="is not an export to_scvi output"):
+        export_to_scvi(run, run, overwrite=True)
+    assert (store / "zarr.json").exists() and sorted(p.name for p in run.iterdir()) == before  # untouched
+    out = import_from_scvi(scvi_dir, tmp_path / "imported")
+    assert import_from_scvi(scvi_dir, out, overwrite=True) == out  # its own output is replaced

@@ -220,10 +220,26 @@ def scvi_model(module, info: dict, mdata):
     return model
 
 
-def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
+# the files each direction writes: overwrite replaces only a directory holding nothing else (a mistyped
+# output naming a store, a run directory or the model being exported must never be deleted)
+PRODUCTS = {"to_scvi": frozenset({SCVI_FILE, "multivi_atlas.json"}), "from_scvi": frozenset({WEIGHTS, INFO})}
+
+
+def check_replaceable(out_dir: str | os.PathLike, direction: str, overwrite: bool, flag: str = "overwrite=True") -> None:
+    """Refuse an existing ``out_dir`` unless ``overwrite`` and it holds only ``direction``'s own files."""
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not overwrite:
+        raise ScviIOError(f"{out} already exists: pass {flag} to replace it")
+    if not (out.is_dir() and {p.name for p in out.iterdir()} <= PRODUCTS[direction]):
+        raise ScviIOError(f"{out} exists and is not an export {direction} output (only {sorted(PRODUCTS[direction])}): "
+                          f"{flag} only replaces those; remove it yourself or choose another output")
+
+
+def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool, direction: str) -> tuple[Path, Path]:
     final = Path(out_dir)
-    if final.exists() and not overwrite:
-        raise ScviIOError(f"{final} already exists: pass overwrite=True to replace it")
+    check_replaceable(final, direction, overwrite)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     return final, tmp
 
@@ -255,7 +271,7 @@ def export_to_scvi(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sto
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "category has fewer than 3 cells" etc. concern the skeleton only
         model = scvi_model(module, info, _skeleton_mudata(info, n_obs))
-    final, tmp = _atomic_dir(out_dir, overwrite)
+    final, tmp = _atomic_dir(out_dir, overwrite, "to_scvi")
     try:
         model.save(str(tmp), save_anndata=False, overwrite=True)
         (tmp / "multivi_atlas.json").write_text(json.dumps({
@@ -350,7 +366,7 @@ def import_from_scvi(scvi_dir: str | os.PathLike, out_dir: str | os.PathLike, ov
         raise ScviIOError(f"{len(unused)} scvi-tools weights have no counterpart here (first: {unused[:3]})")
     info["imported_from"] = {"scvi_dir": str(src.resolve()),
                              "scvi_version": str(ck["attr_dict"]["registry_"].get("scvi_version", "?"))}
-    final, tmp = _atomic_dir(out_dir, overwrite)
+    final, tmp = _atomic_dir(out_dir, overwrite, "from_scvi")
     try:
         tmp.mkdir(parents=True)
         save_file(weights_of(module), str(tmp / WEIGHTS))

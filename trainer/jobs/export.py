@@ -17,15 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer import dist
-from trainer.export import INFO, WEIGHTS
 from trainer.infer_config import InferConfig
 from trainer.jobs.common import InferError
-from trainer.scvi_io import ScviIOError, export_to_scvi, import_from_scvi
+from trainer.scvi_io import ScviIOError, check_replaceable, export_to_scvi, import_from_scvi
 
 DIRECTIONS = ("to_scvi", "from_scvi")
-# the files each direction writes: overwrite=true replaces only a directory holding nothing else (a mistyped
-# output= naming a store, a run directory or the model being exported was deleted)
-_PRODUCTS = {"to_scvi": {"model.pt", "multivi_atlas.json"}, "from_scvi": {WEIGHTS, INFO}}
 _UNSET = ("", "???", "-")  # what a user passes for a top-level path this direction does not use
 
 
@@ -38,12 +34,10 @@ def run_export(cfg: InferConfig) -> dict:
     if opts.direction not in DIRECTIONS:
         raise InferError(f"export.direction must be one of {list(DIRECTIONS)}, got {opts.direction!r}")
     out = Path(cfg.output)
-    if out.exists() and not cfg.overwrite:
-        raise InferError(f"{out} already exists: pass overwrite=true to replace it")
-    if out.exists() and not (out.is_dir() and {p.name for p in out.iterdir()} <= _PRODUCTS[opts.direction]):
-        raise InferError(f"{out} exists and is not an export {opts.direction} output (only "
-                         f"{sorted(_PRODUCTS[opts.direction])}): overwrite=true only replaces those; remove it "
-                         "yourself or choose another output")
+    try:  # before any rank starts: a refused output costs nothing
+        check_replaceable(out, opts.direction, cfg.overwrite, flag="overwrite=true")
+    except ScviIOError as exc:
+        raise InferError(str(exc)) from None
     info = dist.init_distributed(cfg.timeout_s)
     result: dict = {"output": str(out), "direction": opts.direction}
     try:
