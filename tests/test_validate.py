@@ -202,3 +202,23 @@ def test_a_directory_input_is_not_called_missing(tmp_path, pair):
     with pytest.raises(ValueError, match=r"rna\.zarr is a directory; mva-build reads \.h5ad"):
         _build(tmp_path, None, None, inputs=[InputConfig(kind="h5ad_pair", rna=str(tmp_path / "rna.zarr"))])
     assert _no_output(tmp_path)
+
+
+def test_a_file_that_is_no_anndata_names_itself(tmp_path, pair):
+    # a non-HDF5 file gave h5py's "Unable to synchronously open file (file signature not found)" without its
+    # name, and an HDF5 file without obs a KeyError traceback
+    import h5py
+
+    (tmp_path / "notes.h5ad").write_text("not hdf5")
+    with h5py.File(tmp_path / "bare.h5", "w") as f:
+        f.create_group("X")
+    atac = str(tmp_path / "a.h5ad")
+    pair[1].write_h5ad(atac)
+    with pytest.raises(OSError, match=r"notes\.h5ad: cannot be read as HDF5"):
+        _build(tmp_path, None, None, inputs=[InputConfig(rna=str(tmp_path / "notes.h5ad"), atac=atac)])
+    with pytest.raises(ValueError, match=r"bare\.h5: not an AnnData: no obs / var"):
+        _build(tmp_path, None, None, inputs=[InputConfig(rna=str(tmp_path / "bare.h5"), atac=atac)])
+    for kind in ("h5mu", "tenx_h5"):
+        with pytest.raises(OSError, match=r"notes\.h5ad: cannot be read as HDF5"):
+            _build(tmp_path, None, None, inputs=[InputConfig(kind=kind, path=str(tmp_path / "notes.h5ad"))])
+    assert _no_output(tmp_path)

@@ -11,13 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from data.config import InputConfig
-from data.convert.h5 import H5AnnDataGroup, H5CSRRows
+from data.convert.h5 import H5AnnDataGroup, H5CSRRows, open_h5
 
 RNA_MOD_NAMES = ("rna", "gex", "RNA", "GEX", "Gene Expression")
 ATAC_MOD_NAMES = ("atac", "peaks", "ATAC", "accessibility", "Peaks")
@@ -134,7 +133,7 @@ def _open_pair(cfg: InputConfig) -> PairSource:
 def _open_h5mu(cfg: InputConfig) -> PairSource:
     from anndata.io import read_elem
 
-    with h5py.File(cfg.path, "r") as f:
+    with open_h5(cfg.path) as f:
         if "mod" not in f:
             raise ValueError(f"{cfg.path}: not an .h5mu (no 'mod' group)")
         mods = list(f["mod"].keys())
@@ -248,7 +247,7 @@ def _decode(a: np.ndarray) -> np.ndarray:
 
 def _open_tenx(cfg: InputConfig) -> SplitSource:
     path = Path(cfg.path)
-    f = h5py.File(path, "r")
+    f = open_h5(path)
     if "matrix" not in f:
         f.close()
         raise ValueError(f"{path}: not a Cell Ranger feature-barcode matrix (no 'matrix' group)")

@@ -79,16 +79,26 @@ def matrix_rows(x: h5py.Group | h5py.Dataset, where: str) -> H5CSRRows | H5Dense
     raise ValueError(f"{where}: unsupported X encoding {enc!r}")
 
 
+def open_h5(path: str | Path) -> h5py.File:
+    """``h5py.File(path, "r")``, with the path in the error: h5py's own message does not name the file."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise OSError(f"{path}: cannot be read as HDF5 (.h5ad / .h5mu / 10x .h5): {exc}") from exc
+
+
 class H5AnnDataGroup:
     """An AnnData stored in an HDF5 group (an .h5ad root, or ``mod/<name>`` of an .h5mu)."""
 
     def __init__(self, file: str | Path, group: str = "/"):
         self.file = Path(file)
         self.where = f"{self.file}" + ("" if group == "/" else f":{group}")
-        self._h5 = h5py.File(self.file, "r")
+        self._h5 = open_h5(self.file)
         g = self._h5[group]
-        if "X" not in g:
-            raise ValueError(f"{self.where}: no X matrix")
+        missing = [k for k in ("X", "obs", "var") if k not in g]
+        if missing:
+            self._h5.close()
+            raise ValueError(f"{self.where}: not an AnnData: no {' / '.join(missing)}")
         self.obs: pd.DataFrame = read_elem(g["obs"])
         self.var: pd.DataFrame = read_elem(g["var"])
         self.obs.index = self.obs.index.astype(str)
