@@ -180,9 +180,13 @@ def test_bad_expression_inputs_give_one_line(trained, tmp_path):
 
 def test_float16_overflow_is_refused_not_written_as_inf(trained, tmp_path):
     store, run = trained
-    with pytest.raises(InferError, match=r"float16 cannot hold .* use expression.dtype=float32"):
+    with pytest.raises(InferError, match=r"float16 cannot hold .* rerun with expression.dtype=float32 .*overwrite=true"):
         _run(store, run, tmp_path / "big.zarr", dtype="float16", library_size=1e7)
     assert not (tmp_path / "big.zarr").exists()
+    # the advice works as given (without overwrite=true the unfinished output's settings are in the way)
+    infer(infer_cfg(store, run, tmp_path / "big.zarr", job="expression", overwrite=True,
+                    expression=ExpressionOptions(dtype="float32", library_size=1e7)))
+    assert ad.read_zarr(str(tmp_path / "big.zarr")).X.dtype == np.float32
 
 
 def test_an_integer_that_is_a_batch_label_means_that_label():

@@ -84,8 +84,9 @@ class ExpressionJob(ChunkJob):
             # written as inf without a word
             top = float(x.max())
             raise InferError(f"expression.dtype=float16 cannot hold {top:.6g} (largest float16: 65504) in cells "
-                             f"{lo}-{hi - 1}: use expression.dtype=float32 or a smaller expression.library_size "
-                             f"(now {self.library_size})")
+                             f"{lo}-{hi - 1}: rerun with expression.dtype=float32 or a smaller expression.library_size "
+                             f"(now {self.library_size}), and overwrite=true (this unfinished float16 output is "
+                             "in the way)")
 
         def store() -> None:
             self.X[lo:hi] = values
