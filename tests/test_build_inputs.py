@@ -245,3 +245,16 @@ def test_h5mu_modalities_that_are_not_read_are_reported(tmp_path, caplog):
     assert st.meta.n_regions == 0
     msgs = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
     assert len(msgs) == 1 and "['chromatin']" in msgs[0] and "no ATAC" in msgs[0], msgs
+
+
+def test_a_pair_without_a_single_shared_cell_id_is_reported(tmp_path, caplog):
+    # RNA ids "c0-1", ATAC ids "c0" (a barcode suffix dropped by one tool): the same cells became RNA-only
+    # plus ATAC-only cells, no cell paired, and nothing said so
+    rna, atac = _pair()
+    rna.obs_names = [f"{c}-1" for c in rna.obs_names]
+    with caplog.at_level(logging.WARNING, logger="mva-build"):
+        st = _build(tmp_path, [_write_pair(tmp_path, rna, atac)])
+    obs = st.read_obs()
+    assert len(obs) == 12 and not (obs["mask_rna"] & obs["mask_atac"]).any()
+    msgs = [r.getMessage() for r in caplog.records if "no cell is paired" in r.getMessage()]
+    assert len(msgs) == 1 and "'c0-1'" in msgs[0] and "'c0'" in msgs[0], msgs

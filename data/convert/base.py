@@ -97,6 +97,12 @@ class PairSource(Source):
         obs["mask_atac"] = obs.index.isin(atac_ids)
         self.obs = obs
         self.n_rna = len(rna_ids)
+        if len(rna_ids) and len(atac_ids) and not rna_ids.isin(atac_ids).any():
+            # legal (an RNA-only and an ATAC-only set), but far more often the same cells named differently
+            msg = (f"{name}: no cell id is in both the RNA ({len(rna_ids)} cells, e.g. {rna_ids[0]!r}) and the ATAC "
+                   f"({len(atac_ids)} cells, e.g. {atac_ids[0]!r}) data, so no cell is paired; if they are the same "
+                   "cells, make their ids match")
+            self.warnings = (msg,)
         # Position of every union cell in the ATAC matrix (-1 = not measured).
         self._atac_pos = atac_ids.get_indexer(obs.index) if atac is not None else None
         self.features = {"rna": rna.var if rna is not None else None,
@@ -152,9 +158,10 @@ def _open_h5mu(cfg: InputConfig) -> PairSource:
     src = PairSource(rna, atac, name=str(cfg.path), extra_obs=extra)
     ignored = [m for m in mods if m not in (rna_name, atac_name)]
     if ignored:  # e.g. ATAC under a name we do not know: the store would silently be RNA-only
-        src.warnings = (f"{cfg.path}: modalities {ignored} are not read (RNA is one of {RNA_MOD_NAMES}, ATAC one of "
-                        f"{ATAC_MOD_NAMES})" + ("" if rna_name and atac_name else
-                                                f"; the store gets no {'RNA' if rna_name is None else 'ATAC'} from it"),)
+        msg = (f"{cfg.path}: modalities {ignored} are not read (RNA is one of {RNA_MOD_NAMES}, ATAC one of "
+               f"{ATAC_MOD_NAMES})" + ("" if rna_name and atac_name else
+                                       f"; the store gets no {'RNA' if rna_name is None else 'ATAC'} from it"))
+        src.warnings = (*src.warnings, msg)
     return src
 
 
