@@ -337,3 +337,27 @@ def test_a_progress_directory_without_its_partial_output_starts_over(trained, tm
     infer(_cfg(store, run, tmp_path / "clean.zarr"))
     for k, v in _obsm(tmp_path / "clean.zarr").items():
         np.testing.assert_array_equal(_obsm(out)[k], v, err_msg=k)
+
+
+def test_a_store_rebuilt_in_place_is_not_resumed_on(trained, tmp_path, monkeypatch):
+    """An unfinished output's chunks were computed on one build of the store: a store rebuilt at the same
+    path with as many cells (other counts) must not be resumed on, half old cells and half new."""
+    import shutil
+
+    store, run = trained
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    out = tmp_path / "emb.zarr"
+    monkeypatch.setenv(FAIL_AFTER_ENV, "3")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        infer(_cfg(copy, run, out))
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    shutil.rmtree(copy)
+    write_synthetic_store(copy, n_cells=N_CELLS, n_genes=100, n_regions=300, progress=False, shard_size=400, seed=7)
+    with pytest.raises(InferError, match="different settings"):
+        infer(_cfg(copy, run, out))
+    infer(_cfg(copy, run, out, overwrite=True))
+    fresh = tmp_path / "fresh.zarr"
+    infer(_cfg(copy, run, fresh))
+    for k, v in _obsm(fresh).items():
+        np.testing.assert_array_equal(_obsm(out)[k], v, err_msg=k)

@@ -82,6 +82,14 @@ def open_checked_store(path: str | os.PathLike, info: dict) -> Store:
     return store
 
 
+def store_identity(store: Store) -> dict:
+    """Where a store is and which build it is, for a resume fingerprint: every build (also one in place,
+    at the same path with the same cell count) writes a new root ``zarr.json``, so its mtime tells a
+    rebuilt store from the one an unfinished output's chunks were computed on."""
+    root = Path(store.path).resolve()
+    return {"store": str(root), "store_mtime_ns": (root / "zarr.json").stat().st_mtime_ns}
+
+
 def chunk_ranges(n_cells: int, rows: int) -> list[tuple[int, int]]:
     return [(s, min(s + rows, n_cells)) for s in range(0, n_cells, rows)]
 

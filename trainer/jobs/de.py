@@ -40,7 +40,7 @@ from trainer import differential as D
 from trainer import dist
 from trainer.export import load_model
 from trainer.infer_config import InferConfig
-from trainer.jobs.common import InferError, Progress, open_checked_store, resolve_model_dir
+from trainer.jobs.common import InferError, Progress, open_checked_store, resolve_model_dir, store_identity
 from trainer.jobs.de_groups import cell_sets, complement, raw_of, raw_sums
 from trainer.jobs.de_sampling import READ_CHUNK, Sampler
 
@@ -168,7 +168,7 @@ def _run(cfg: InferConfig, job: str) -> dict:
     # what decides the table: not the other jobs' sections or the timeout, and the store / model by
     # where they really are (a relative path typed differently is the same run)
     fp = {**{k: v for k, v in asdict(cfg).items() if k not in _NOT_DE_SETTINGS},
-          "job": job, "model_dir": str(model_dir.resolve()), "store": str(Path(store.path).resolve()),
+          "job": job, "model_dir": str(model_dir.resolve()), **store_identity(store),
           # the cell-id files by content: a file rewritten between a crash and the rerun is another run
           "cells_sha": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (cfg.de.cells1, cfg.de.cells2)
                         if f is not None and Path(f).is_file()],

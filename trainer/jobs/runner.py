@@ -62,6 +62,7 @@ from trainer.jobs.common import (
     open_checked_store,
     output_compressors,
     resolve_model_dir,
+    store_identity,
 )
 from trainer.jobs.direct_io import DirectLocalStore
 
@@ -219,8 +220,7 @@ def _fingerprint(job: ChunkJob) -> dict:
         c[job.section] = asdict(getattr(ctx.cfg, job.section))
     w = ctx.model_dir / WEIGHTS
     return {**c, **job.settings(), "model_dir": str(ctx.model_dir.resolve()),
-            "model_mtime_ns": w.stat().st_mtime_ns, "store": str(Path(ctx.store.path).resolve()),
-            "n_cells": ctx.n_cells}
+            "model_mtime_ns": w.stat().st_mtime_ns, **store_identity(ctx.store), "n_cells": ctx.n_cells}
 
 
 def _empty_dir(d: Path) -> None:
