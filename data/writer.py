@@ -208,6 +208,7 @@ class StoreWriter:
                                    "only replaces a store; remove it yourself or choose another output")
         self.schema = schema
         self.shard_size = int(shard_size)
+        self.overwrite = bool(overwrite)
         self.source = dict(source or {})
         # the writer's caller vouches that cells arrive in random order (mva-synth, mva-build preshuffle):
         # recorded so the loader may read coarser chunks without losing shuffle quality (docs/store.md)
@@ -310,6 +311,10 @@ class StoreWriter:
             "codec": self.codec,
         })
         self.root.attrs["complete"] = True  # last write before the rename: only a finished store has it
+        if self.out.exists() and not self.overwrite:
+            # appeared while we wrote (another build to the same output): not ours to replace
+            raise StoreExistsError(f"output {self.out} appeared while this store was written (another build to the "
+                                   "same output?); set overwrite=true to replace it")
         if self.out.exists():
             # the old store is moved aside, not deleted, until the new one is in place: a kill between
             # the two renames leaves it recoverable (<out>.old-<id>) instead of gone

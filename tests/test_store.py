@@ -164,3 +164,16 @@ def test_preshuffled_is_recorded_only_when_the_writer_is_told(tmp_path):
     assert synth.root.attrs["preshuffled"] is True
     meta = json.loads((tmp_path / "shuffled.zarr" / "zarr.json").read_text())["attributes"]
     assert meta["preshuffled"] is True and meta["complete"] is True  # plain zarr metadata, no code needed
+
+
+def test_an_output_that_appears_during_the_write_is_not_replaced(tmp_path):
+    # overwrite=false was checked only when the writer started: a second build to the same output, finishing
+    # later, moved the first one's finished store aside and deleted it
+    rna, atac, obs, schema = _random_cells(n=50)
+    late = StoreWriter(tmp_path / "s.zarr", schema, shard_size=64)
+    late.append(rna[:10], atac[:10], obs.iloc[:10])
+    first = _write(tmp_path / "s.zarr", rna, atac, obs, schema, 64)
+    with pytest.raises(StoreExistsError, match="appeared while"), late:
+        pass
+    assert open_store(tmp_path / "s.zarr").meta.n_cells == first.meta.n_cells == 50
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
