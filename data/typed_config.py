@@ -40,7 +40,10 @@ def to_typed(cfg: DictConfig | dict[str, Any], schema: type[T], *, drop: tuple[s
     except (ValidationError, ConfigTypeError) as exc:
         # a whole section of the wrong kind (data=5, inputs={...}) fails the merge with no key named
         key = exc.full_key or _culprit(base, raw)
-        raise ConfigError(f"bad config value for {key}: {exc.msg.splitlines()[0]}") from None
+        msg = exc.msg.splitlines()[0]
+        if "is not a ListConfig" in msg:  # a scalar where a list belongs: say how to write one on the command line
+            msg = f"{key} takes a list, e.g. {key}=[{_value_at(raw, key)}] on the command line"
+        raise ConfigError(f"bad config value for {key}: {msg}") from None
     return obj  # type: ignore[return-value]
 
 
@@ -62,3 +65,9 @@ def _culprit(base, raw: dict[str, Any], path: tuple[str, ...] = ()) -> str:
             inner = _culprit(base, v, (*path, str(k))) if isinstance(v, dict) and not fails(k, {}) else ""
             return inner or ".".join((*path, str(k)))
     return ""
+
+
+def _value_at(raw: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    return raw

@@ -53,3 +53,9 @@ def test_a_section_of_the_wrong_kind_is_a_config_error_naming_it(cfg, key):
     # for a section named the key as '' ("bad config value for : Merge error ...")
     with pytest.raises(ConfigError, match=rf"bad config value for {key}: "):
         to_typed(cfg, WithList)
+
+
+def test_a_scalar_for_a_list_says_how_to_write_the_list():
+    # mva-infer de.group1=NK (the reference's group1="NK") said only "AnyNode is not a ListConfig"
+    with pytest.raises(ConfigError, match=r"keys takes a list, e\.g\. keys=\[NK\] on the command line"):
+        to_typed({"inner": {"name": "a"}, "keys": "NK"}, WithList)
