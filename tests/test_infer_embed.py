@@ -158,6 +158,9 @@ def test_bad_inputs_give_one_clear_line(trained, tmp_path):
             as exc:
         infer(_cfg(other, run, tmp_path / "b.zarr"))
     assert "\n" not in str(exc.value)
+    one = write_synthetic_store(tmp_path / "one", n_cells=50, n_genes=100, n_regions=300, n_batches=1, progress=False)
+    with pytest.raises(InferError, match=r"\['batch_0'\] differ .*its batches are the model's.*store_to_mudata"):
+        infer(_cfg(one, run, tmp_path / "d.zarr"))  # said "mapping new batches is not supported" (none is new)
     with pytest.raises(ConfigError, match="job must be one of"):
         load_infer_config({"model_dir": str(run), "store": str(store), "output": "x", "job": "nope"})
     with pytest.raises(ConfigError, match="unknown config key: expression.bogus"):

@@ -65,8 +65,14 @@ def open_checked_store(path: str | os.PathLike, info: dict) -> Store:
                              f"order")
     if list(m.batch_categories) != list(info["batch_categories"]):
         # batch codes in the store index the model's batch embedding: they must mean the same batches
+        new = [b for b in m.batch_categories if b not in set(info["batch_categories"])]
+        # a store of some of the model's batches is no "new batch": say what the jobs need and what works
+        why = (f"batches the model was not trained on: {new[:5]} (mapping new batches is not supported yet)" if new
+               else "its batches are the model's, but the jobs need the same category list (a store built from "
+                    "part of the data has fewer); for cells that fit in memory, trainer.api maps batch labels: "
+                    "model.latent(trainer.scvi_io.store_to_mudata(store))")
         raise InferError(f"store batch categories {m.batch_categories[:5]} differ from the model's "
-                         f"{info['batch_categories'][:5]} (mapping new batches is not supported yet)")
+                         f"{info['batch_categories'][:5]}: {why}")
     theirs_cov = {k: list(v) for k, v in info["cat_cov_categories"].items()}
     if list(m.cat_cov_keys) != list(info["cat_cov_keys"]) or m.cat_cov_categories != theirs_cov \
             or list(m.cont_cov_keys) != list(info["cont_cov_keys"]):
