@@ -49,6 +49,9 @@ class InputConfig:
     n_genes: int | None = None  # scvi layout without var['modality']: the first n_genes columns are genes
     modality_key: str = "modality"  # scvi layout: var column naming "Gene Expression" / "Peaks"
     batch: str | None = None  # a constant batch name for every cell of this input (overrides batch_key)
+    # read the counts from layers[<layer>] instead of X in every AnnData of this input that has it (X
+    # normalised, counts kept aside; an AnnData without the layer is read from X, still checked for integers)
+    layer: str | None = None
 
 
 @dataclass

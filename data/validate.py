@@ -50,7 +50,9 @@ def check_counts(x: sp.csr_matrix, where: str, modality: str, cell_ids: pd.Index
             raise ValidationError(
                 f"{where}: {modality} count of cell {cell_ids[row]!r} (row {row}), feature "
                 f"{feature_names[x.indices[k]]!r}: value {d[k]!r} {what} "
-                f"({int(bad.sum())} such values in this block); counts must be non-negative integers")
+                f"({int(bad.sum())} such values in this block); counts must be non-negative integers"
+                + ("" if what != "is not an integer" else
+                   " (normalised values? if the raw counts are in a layer, set the input's layer=<name>)"))
 
 
 def check_unmeasured_empty(x: sp.csr_matrix, measured: np.ndarray, where: str, modality: str,

@@ -230,3 +230,37 @@ def test_dense_x_is_read_in_blocks_and_csc_is_refused_clearly(tmp_path, bmmc):
         build_store(BuildConfig(out=str(tmp_path / "t.zarr"), progress=False,
                                 inputs=[InputConfig(kind="h5ad_pair", rna=str(tmp_path / "csc.h5ad"))]))
     assert not (tmp_path / "t.zarr").exists()
+
+
+def test_counts_in_a_layer_are_read_with_layer_and_a_normalised_x_says_so(tmp_path, bmmc):
+    """scanpy workflows normalise X in place and keep the counts in layers['counts']: X is refused with a
+    pointer to inputs[i].layer, and layer=counts builds exactly the store of the raw file (the raw ATAC
+    file of the pair, without that layer, is read from X)."""
+    rna, atac = bmmc
+    raw = tmp_path / "raw.h5ad"
+    rna.write_h5ad(raw)
+    norm = rna.copy()
+    norm.layers["counts"] = norm.X.copy()
+    norm.X = sp.csr_matrix(norm.X.multiply(1e4 / np.maximum(norm.X.sum(axis=1), 1)).log1p())
+    norm.write_h5ad(tmp_path / "norm.h5ad")
+
+    def build(out: str, path: Path, layer: str | None = None) -> None:
+        build_store(BuildConfig(out=str(tmp_path / out), progress=False, inputs=[
+            InputConfig(kind="h5ad_pair", rna=str(path), atac=str(BMMC / "bmmc_starter_atac.h5ad"), layer=layer)]))
+
+    with pytest.raises(ValueError, match=r"is not an integer .*set the input's layer=<name>"):
+        build("x.zarr", tmp_path / "norm.h5ad")
+    with pytest.raises(ValueError, match=r"no AnnData has layer 'raw'"):
+        build("x.zarr", tmp_path / "norm.h5ad", layer="raw")
+    build("raw.zarr", raw)
+    build("layer.zarr", tmp_path / "norm.h5ad", layer="counts")
+    (_, obs_a, df_a), (_, obs_b, df_b) = _dense_store(tmp_path / "raw.zarr"), _dense_store(tmp_path / "layer.zarr")
+    pd.testing.assert_frame_equal(obs_a, obs_b)
+    for mod in ("rna", "atac"):
+        pd.testing.assert_frame_equal(df_a[mod], df_b[mod])
+    mudata.MuData({"rna": norm, "atac": atac}).write_h5mu(tmp_path / "norm.h5mu")  # the same in an .h5mu
+    build_store(BuildConfig(out=str(tmp_path / "mu.zarr"), progress=False,
+                            inputs=[InputConfig(kind="h5mu", path=str(tmp_path / "norm.h5mu"), layer="counts")]))
+    df_c = _dense_store(tmp_path / "mu.zarr")[2]
+    for mod in ("rna", "atac"):
+        pd.testing.assert_frame_equal(df_a[mod], df_c[mod].loc[df_a[mod].index])

@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data.config import InputConfig
-from data.convert.h5 import H5AnnDataGroup, H5CSRRows, open_h5
+from data.convert.h5 import H5AnnDataGroup, H5CSRRows, has_layer, open_h5
 
 RNA_MOD_NAMES = ("rna", "gex", "RNA", "GEX", "Gene Expression")
 ATAC_MOD_NAMES = ("atac", "peaks", "ATAC", "accessibility", "Peaks")
@@ -130,9 +130,23 @@ class PairSource(Source):
         return rna, atac
 
 
+def _layers(cfg: InputConfig, parts: dict[str, tuple[str, str]]) -> dict[str, str | None]:
+    """The layer each AnnData of a two-part input reads: ``cfg.layer`` where that AnnData has it (typically
+    only the normalised RNA side keeps its counts aside), X elsewhere (still checked to be integer counts);
+    an input where no part has it is an error."""
+    if cfg.layer is None:
+        return {m: None for m in parts}
+    got = {m: cfg.layer if has_layer(f, g, cfg.layer) else None for m, (f, g) in parts.items()}
+    if not any(got.values()):
+        raise ValueError(f"input {' + '.join(sorted({f for f, _ in parts.values()}))}: no AnnData has layer "
+                         f"{cfg.layer!r}")
+    return got
+
+
 def _open_pair(cfg: InputConfig) -> PairSource:
-    rna = H5AnnDataGroup(cfg.rna) if cfg.rna else None
-    atac = H5AnnDataGroup(cfg.atac) if cfg.atac else None
+    layer = _layers(cfg, {m: (p, "/") for m, p in (("rna", cfg.rna), ("atac", cfg.atac)) if p})
+    rna = H5AnnDataGroup(cfg.rna, layer=layer["rna"]) if cfg.rna else None
+    atac = H5AnnDataGroup(cfg.atac, layer=layer["atac"]) if cfg.atac else None
     return PairSource(rna, atac, name=" + ".join(str(p) for p in (cfg.rna, cfg.atac) if p))
 
 
@@ -149,8 +163,9 @@ def _open_h5mu(cfg: InputConfig) -> PairSource:
     if rna_name is None and atac_name is None:
         raise ValueError(f"{cfg.path}: modalities {mods} contain neither RNA {RNA_MOD_NAMES} nor ATAC "
                          f"{ATAC_MOD_NAMES}")
-    rna = H5AnnDataGroup(cfg.path, f"mod/{rna_name}") if rna_name else None
-    atac = H5AnnDataGroup(cfg.path, f"mod/{atac_name}") if atac_name else None
+    layer = _layers(cfg, {m: (cfg.path, f"mod/{n}") for m, n in (("rna", rna_name), ("atac", atac_name)) if n})
+    rna = H5AnnDataGroup(cfg.path, f"mod/{rna_name}", layer=layer["rna"]) if rna_name else None
+    atac = H5AnnDataGroup(cfg.path, f"mod/{atac_name}", layer=layer["atac"]) if atac_name else None
     if extra is not None:
         extra.index = extra.index.astype(str)
         # MuData prefixes modality columns with "<mod>:"; those are already in the modality obs.
@@ -242,7 +257,7 @@ def _masks_from_obs(obs: pd.DataFrame, where: str) -> pd.DataFrame:
 
 
 def _open_scvi(cfg: InputConfig) -> SplitSource:
-    g = H5AnnDataGroup(cfg.path)
+    g = H5AnnDataGroup(cfg.path, layer=cfg.layer)
     types = g.var[cfg.modality_key].to_numpy() if cfg.modality_key in g.var.columns else None
     genes, peaks = _split_columns(g.var, types, cfg.n_genes, g.where, cfg.modality_key)
     return SplitSource(str(cfg.path), g.X, _masks_from_obs(g.obs, g.where), g.var, genes, peaks, [g])
@@ -297,4 +312,7 @@ def open_input(cfg: InputConfig) -> Source:
                              ".zarr AnnData once with anndata.read_zarr(...).write_h5ad(...))")
         if p and not Path(p).is_file():
             raise FileNotFoundError(f"input file {p} does not exist")
+    if cfg.layer is not None and cfg.kind == "tenx_h5":
+        raise ValueError(f"input {cfg.path}: layer= is for AnnData inputs (h5ad_pair, h5mu, scvi); a 10x .h5 "
+                         "holds raw counts only")
     return OPENERS[cfg.kind](cfg)

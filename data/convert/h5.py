@@ -90,7 +90,7 @@ def open_h5(path: str | Path) -> h5py.File:
 class H5AnnDataGroup:
     """An AnnData stored in an HDF5 group (an .h5ad root, or ``mod/<name>`` of an .h5mu)."""
 
-    def __init__(self, file: str | Path, group: str = "/"):
+    def __init__(self, file: str | Path, group: str = "/", layer: str | None = None):
         self.file = Path(file)
         self.where = f"{self.file}" + ("" if group == "/" else f":{group}")
         self._h5 = open_h5(self.file)
@@ -103,10 +103,25 @@ class H5AnnDataGroup:
         self.var: pd.DataFrame = read_elem(g["var"])
         self.obs.index = self.obs.index.astype(str)
         self.var.index = self.var.index.astype(str)
-        self.X = matrix_rows(g["X"], self.where)
+        self.X = matrix_rows(_counts_element(g, layer, self.where), self.where)
         if (self.X.n_rows, self.X.n_cols) != (len(self.obs), len(self.var)):
             raise ValueError(f"{self.where}: X shape {(self.X.n_rows, self.X.n_cols)} does not match "
                              f"obs ({len(self.obs)}) x var ({len(self.var)})")
 
     def close(self) -> None:
         self._h5.close()
+
+
+def has_layer(file: str | Path, group: str, layer: str) -> bool:
+    with open_h5(file) as f:
+        return "layers" in f[group] and layer in f[group]["layers"]
+
+
+def _counts_element(g: h5py.Group, layer: str | None, where: str) -> h5py.Group | h5py.Dataset:
+    """``X``, or ``layers/<layer>`` when the raw counts sit in a layer (X normalised, as scanpy leaves it)."""
+    if layer is None:
+        return g["X"]
+    layers = list(g["layers"].keys()) if "layers" in g else []
+    if layer not in layers:
+        raise ValueError(f"{where}: no layer {layer!r} (layers: {layers})")
+    return g["layers"][layer]
