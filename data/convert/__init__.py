@@ -2,7 +2,7 @@
 
 A reader (:class:`data.convert.base.Source`) exposes ``name`` (for error messages), ``obs`` (per-cell
 table, index = cell id, with boolean ``mask_rna`` / ``mask_atac``), ``features`` ({"rna": var df or None,
-"atac": var df or None}) and ``blocks(block_size)`` yielding ``(rna_csr | None, atac_csr | None, start)``
+"atac": var df or None}) and ``blocks(block_size)`` yielding ``(start, rna_csr | None, atac_csr | None)``
 for consecutive cells of ``obs``. ``open_input(InputConfig)`` picks the reader for a kind.
 """
 
