@@ -206,6 +206,20 @@ class StoreStream(IterableDataset):
                                        modalities=self.modalities)
         return self._reader
 
+    def recode(self, batch: np.ndarray | None = None, cat_covs: list[np.ndarray | None] | tuple = ()) -> None:
+        """Give batches other category codes: ``batch[code]`` for the batch and ``cat_covs[j][code]`` for
+        covariate j (None: unchanged). For a model trained on a store with more categories than this one
+        (inference on a store of some of its batches), whose codes number the categories differently."""
+        t = self.table
+        if batch is not None:
+            t.batch = np.asarray(batch, dtype=np.int64)[t.batch]
+        if any(m is not None for m in cat_covs):
+            covs = t.cat_covs.astype(np.int64)  # the model's codes may not fit the stored width
+            for j, m in enumerate(cat_covs):
+                if m is not None:
+                    covs[:, j] = np.asarray(m, dtype=np.int64)[covs[:, j]]
+            t.cat_covs = covs
+
     def make_batch(self, cells: np.ndarray) -> dict[str, torch.Tensor]:
         blocks = self._get_reader().gather(cells)
         return collate(cells, blocks, self.table, self.n_features, dense=self.dense, size_factor=self.size_factor)

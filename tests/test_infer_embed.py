@@ -158,9 +158,10 @@ def test_bad_inputs_give_one_clear_line(trained, tmp_path):
             as exc:
         infer(_cfg(other, run, tmp_path / "b.zarr"))
     assert "\n" not in str(exc.value)
-    one = write_synthetic_store(tmp_path / "one", n_cells=50, n_genes=100, n_regions=300, n_batches=1, progress=False)
-    with pytest.raises(InferError, match=r"\['batch_0'\] differ .*its batches are the model's.*store_to_mudata"):
-        infer(_cfg(one, run, tmp_path / "d.zarr"))  # said "mapping new batches is not supported" (none is new)
+    three = write_synthetic_store(tmp_path / "three", n_cells=50, n_genes=100, n_regions=300, n_batches=3,
+                                  progress=False)
+    with pytest.raises(InferError, match=r"store batches \['batch_2'\] are not among the model's"):
+        infer(_cfg(three, run, tmp_path / "d.zarr"))
     with pytest.raises(ConfigError, match="job must be one of"):
         load_infer_config({"model_dir": str(run), "store": str(store), "output": "x", "job": "nope"})
     with pytest.raises(ConfigError, match="unknown config key: expression.bogus"):
@@ -364,3 +365,47 @@ def test_a_store_rebuilt_in_place_is_not_resumed_on(trained, tmp_path, monkeypat
     infer(_cfg(copy, run, fresh))
     for k, v in _obsm(fresh).items():
         np.testing.assert_array_equal(_obsm(out)[k], v, err_msg=k)
+
+
+def test_a_store_of_some_of_the_models_batches_gets_the_models_codes(trained, tmp_path):
+    """A store built from part of the data (here: batch_1's cells only) numbers its batches from 0; the jobs
+    map its codes to the model's by label, so each cell gets the embedding it has in the full store."""
+    from trainer.scvi_io import store_to_mudata
+
+    store, run = trained
+    mdata = store_to_mudata(store)
+    keep = (mdata.obs["batch"].astype(str) == "batch_1").to_numpy()
+    obs = mdata.obs.loc[keep, ["batch", "mask_rna", "mask_atac"]].copy()
+    obs["batch"] = obs["batch"].astype(str)
+    x = sp.hstack([mdata["rna"].X[keep], mdata["atac"].X[keep]], format="csr")
+    var = pd.DataFrame({"modality": ["Gene Expression"] * mdata["rna"].n_vars + ["Peaks"] * mdata["atac"].n_vars},
+                       index=list(mdata["rna"].var_names) + list(mdata["atac"].var_names))
+    ad.AnnData(X=x, obs=obs, var=var).write_h5ad(tmp_path / "part.h5ad")
+    from data.build import build_store
+    from data.config import BuildConfig, InputConfig
+
+    part = build_store(BuildConfig(out=str(tmp_path / "part.zarr"), progress=False,
+                                   inputs=[InputConfig(kind="scvi", path=str(tmp_path / "part.h5ad"))]))
+    assert open_store(part).meta.batch_categories == ["batch_1"]  # code 0 here, code 1 in the model
+    infer(_cfg(store, run, tmp_path / "full.zarr"))
+    infer(_cfg(part, run, tmp_path / "part_emb.zarr"))
+    full, got = ad.read_zarr(str(tmp_path / "full.zarr")), ad.read_zarr(str(tmp_path / "part_emb.zarr"))
+    for key in ("X_multivi", "X_multivi_expression", "X_multivi_accessibility"):
+        np.testing.assert_allclose(got.obsm[key], full[got.obs_names].obsm[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    from trainer import api  # the notebook API's store path maps the same way
+    np.testing.assert_allclose(api.load(run).latent(str(part)), got.obsm["X_multivi"], rtol=1e-5, atol=1e-6)
+
+
+def test_recode_maps_batch_and_covariate_codes(tmp_path):
+    from data.stream import StoreStream
+
+    st = write_synthetic_store(tmp_path / "cov", n_cells=40, n_genes=20, n_regions=30, progress=False,
+                               with_covariates=True)
+    stream = StoreStream(st, batch_size=40, split="all", shuffle=False, prefetch=0)
+    cells = np.arange(40)
+    before = stream.make_batch(cells)
+    n_cov = len(open_store(st).meta.cat_cov_categories["site"])
+    stream.recode(np.array([300, 200]), [np.arange(n_cov) + 1000])  # wider than the stored code width
+    after = stream.make_batch(cells)
+    np.testing.assert_array_equal(after[keys.BATCH].numpy(), np.array([300, 200])[before[keys.BATCH].numpy()])
+    np.testing.assert_array_equal(after[keys.CAT_COVS].numpy(), before[keys.CAT_COVS].numpy() + 1000)

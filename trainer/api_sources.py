@@ -21,7 +21,7 @@ import torch
 from data import keys
 from data.collate import atac_library_max, size_factor_rows
 from data.convert.base import as_mask
-from trainer.jobs.common import open_checked_store
+from trainer.jobs.common import inference_stream, open_checked_store
 from trainer.scvi_io import SIZE_FACTOR_COLUMNS
 
 if TYPE_CHECKING:
@@ -87,11 +87,9 @@ def _check_counts_layout(adata, what: str) -> None:
 
 
 def _store_source(model: Model, path, batch_size: int) -> _Source:
-    from data.stream import StoreStream
-
     store = open_checked_store(path, model.info)
-    stream = StoreStream(store, batch_size=batch_size, split="all", shuffle=False, prefetch=0,
-                         size_factor=model.module.use_size_factor)
+    stream = inference_stream(store, model.info, batch_size=batch_size, split="all", shuffle=False, prefetch=0,
+                              size_factor=model.module.use_size_factor)
     n = store.meta.n_cells
 
     def batches() -> Iterator:

@@ -63,21 +63,10 @@ def open_checked_store(path: str | os.PathLike, info: dict) -> Store:
             raise InferError(f"store {store.path} has {len(ours)} {what} but the model was trained on "
                              f"{len(theirs)} ({how}): the store must have the model's features in the model's "
                              f"order")
-    if list(m.batch_categories) != list(info["batch_categories"]):
-        # batch codes in the store index the model's batch embedding: they must mean the same batches
-        new = [b for b in m.batch_categories if b not in set(info["batch_categories"])]
-        # a store of some of the model's batches is no "new batch": say what the jobs need and what works
-        why = (f"batches the model was not trained on: {new[:5]} (mapping new batches is not supported yet)" if new
-               else "its batches are the model's, but the jobs need the same category list (a store built from "
-                    "part of the data has fewer); for cells that fit in memory, trainer.api maps batch labels: "
-                    "model.latent(trainer.scvi_io.store_to_mudata(store))")
-        raise InferError(f"store batch categories {m.batch_categories[:5]} differ from the model's "
-                         f"{info['batch_categories'][:5]}: {why}")
-    theirs_cov = {k: list(v) for k, v in info["cat_cov_categories"].items()}
-    if list(m.cat_cov_keys) != list(info["cat_cov_keys"]) or m.cat_cov_categories != theirs_cov \
-            or list(m.cont_cov_keys) != list(info["cont_cov_keys"]):
-        raise InferError(f"store covariates ({m.cat_cov_keys}, {m.cont_cov_keys}) or their categories "
-                         f"differ from the model's ({info['cat_cov_keys']}, {info['cont_cov_keys']})")
+    if list(m.cat_cov_keys) != list(info["cat_cov_keys"]) or list(m.cont_cov_keys) != list(info["cont_cov_keys"]):
+        raise InferError(f"store covariates ({m.cat_cov_keys}, {m.cont_cov_keys}) differ from the model's "
+                         f"({info['cat_cov_keys']}, {info['cont_cov_keys']})")
+    code_maps(m, info)  # refuses categories the model never saw
     args = info.get("model_args", {})
     if args.get("modality_weights") == "cell" and m.n_cells != args.get("n_obs"):
         # per-cell weights are rows of a table indexed by training cell: another store's cells would read
@@ -86,6 +75,37 @@ def open_checked_store(path: str | os.PathLike, info: dict) -> Store:
                          f"{args.get('n_obs')} training cells: it only applies to its training store, and "
                          f"{store.path} has {m.n_cells} cells")
     return store
+
+
+def _code_map(ours: list[str], theirs: list[str], what: str) -> np.ndarray | None:
+    """Store code -> model code (None when the lists are equal); an error naming categories not the model's."""
+    if list(ours) == list(theirs):
+        return None
+    pos = {c: i for i, c in enumerate(theirs)}
+    new = [c for c in ours if c not in pos]
+    if new:
+        raise InferError(f"store {what} {new[:5]} are not among the model's {list(theirs)[:10]}: the model has no "
+                         "embedding for them (mapping new categories is not supported yet)")
+    return np.array([pos[c] for c in ours], dtype=np.int64)
+
+
+def code_maps(meta, info: dict) -> tuple[np.ndarray | None, list[np.ndarray | None]]:
+    """Lookup tables from the store's batch / categorical-covariate codes to the model's, for a store whose
+    categories are some of the model's in another numbering (a store built from part of the data, e.g. one
+    donor: its batch list is shorter); None where the lists are equal."""
+    batch = _code_map(meta.batch_categories, info["batch_categories"], "batches")
+    covs = [_code_map(meta.cat_cov_categories[k], info["cat_cov_categories"][k], f"{k} categories")
+            for k in meta.cat_cov_keys]
+    return batch, covs
+
+
+def inference_stream(store: Store, info: dict, **kw):
+    """A StoreStream over ``store`` whose batches carry the model's category codes (see :func:`code_maps`)."""
+    from data.stream import StoreStream
+
+    stream = StoreStream(store, **kw)
+    stream.recode(*code_maps(store.meta, info))
+    return stream
 
 
 def store_identity(store: Store) -> dict:

@@ -46,7 +46,6 @@ import zarr
 from data import keys
 from data.collate import to_device
 from data.store import Store
-from data.stream import StoreStream
 from trainer import dist
 from trainer.alloc import reuse_large_allocations
 from trainer.export import WEIGHTS, load_model
@@ -58,6 +57,7 @@ from trainer.jobs.common import (
     consolidate,
     create_dense,
     feature_chunk_cols,
+    inference_stream,
     my_chunks,
     open_checked_store,
     output_compressors,
@@ -325,8 +325,9 @@ def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> di
         reuse_large_allocations()
     out_store = DirectLocalStore(partial) if DIRECT_WRITES else str(partial)
     job.open_arrays(zarr.open_group(out_store, mode="r+", use_consolidated=False), prog_dir)
-    stream = StoreStream(ctx.store, batch_size=cfg.batch_size, split="all", shuffle=False, rank=info.rank,
-                         world_size=info.world_size, prefetch=0, size_factor=ctx.module.use_size_factor)
+    stream = inference_stream(ctx.store, ctx.model_info, batch_size=cfg.batch_size, split="all", shuffle=False,
+                              rank=info.rank, world_size=info.world_size, prefetch=0,
+                              size_factor=ctx.module.use_size_factor)
     chunks = chunk_ranges(ctx.n_cells, cfg.batch_size)
     block = my_chunks(len(chunks), info.rank, info.world_size)
     mine = [k for k in block if not progress.is_done(k)]
