@@ -186,7 +186,7 @@ def _build(cfg: BuildConfig, sources, filters, write_dask) -> Path:
         dup = all_ids[all_ids.duplicated()][0]
         owners = [s.name for s, o in zip(sources, obs_list) if dup in o.index]
         raise ValidationError(f"cell id {dup!r} appears more than once across inputs ({owners}); "
-                              "make ids unique (e.g. prefix each input's barcodes)")
+                              "make ids unique: give each input its own inputs[i].id_prefix (e.g. id_prefix: 'sample1_')")
     if len(all_ids) == 0:
         raise ValidationError("no cells left after dropping cells without any modality")
 

@@ -52,6 +52,9 @@ class InputConfig:
     # read the counts from layers[<layer>] instead of X in every AnnData of this input that has it (X
     # normalised, counts kept aside; an AnnData without the layer is read from X, still checked for integers)
     layer: str | None = None
+    # prepended to every cell id of this input: several 10x samples share barcodes (AAAC...-1), and cell ids
+    # must be unique across inputs (the RNA and ATAC sides are matched on the ids before the prefix)
+    id_prefix: str | None = None
 
 
 @dataclass

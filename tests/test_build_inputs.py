@@ -258,3 +258,27 @@ def test_a_pair_without_a_single_shared_cell_id_is_reported(tmp_path, caplog):
     assert len(obs) == 12 and not (obs["mask_rna"] & obs["mask_atac"]).any()
     msgs = [r.getMessage() for r in caplog.records if "no cell is paired" in r.getMessage()]
     assert len(msgs) == 1 and "'c0-1'" in msgs[0] and "'c0'" in msgs[0], msgs
+
+
+@pytest.mark.parametrize("preshuffle", [False, True])
+def test_samples_sharing_barcodes_are_told_apart_by_id_prefix(tmp_path, preshuffle):
+    """Two 10x samples reuse the same barcodes: refused with the way out, then built with id_prefix; the
+    RNA and ATAC sides of each sample still pair on their own ids."""
+    s1, s2 = _pair(seed=1), _pair(seed=2)  # the same ids c0..c5
+    s2[1]._inplace_subset_obs(s2[1].obs_names[2:])  # sample 2: c0, c1 RNA-only
+    in1, in2 = _write_pair(tmp_path, *s1, name="s1"), _write_pair(tmp_path, *s2, name="s2")
+    with pytest.raises(ValidationError, match=r"cell id 'c0' appears more than once .*inputs\[i\]\.id_prefix"):
+        _build(tmp_path, [in1, in2], preshuffle=preshuffle)
+    in1.id_prefix, in2.id_prefix = "s1_", "s2_"
+    st = _build(tmp_path, [in1, in2], preshuffle=preshuffle)
+    obs = st.read_obs()
+    assert sorted(obs.index) == sorted([f"s{k}_c{i}" for k in (1, 2) for i in range(6)])
+    assert set(obs.index[~obs["mask_atac"].to_numpy(bool)]) == {"s2_c0", "s2_c1"}
+    mats = {mod: sp.vstack([st.read_rows(mod, i, 0, st.meta.shard_offsets[i + 1] - st.meta.shard_offsets[i])
+                           for i in range(st.meta.n_shards)], format="csr").toarray() for mod in ("rna", "atac")}
+    row = {c: i for i, c in enumerate(obs.index)}
+    for k, (r, a) in ((1, s1), (2, s2)):
+        for j, cid in enumerate(r.obs_names):
+            np.testing.assert_array_equal(mats["rna"][row[f"s{k}_{cid}"]], r.X[j].toarray().ravel())
+        for j, cid in enumerate(a.obs_names):
+            np.testing.assert_array_equal(mats["atac"][row[f"s{k}_{cid}"]], a.X[j].toarray().ravel())

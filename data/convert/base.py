@@ -315,4 +315,7 @@ def open_input(cfg: InputConfig) -> Source:
     if cfg.layer is not None and cfg.kind == "tenx_h5":
         raise ValueError(f"input {cfg.path}: layer= is for AnnData inputs (h5ad_pair, h5mu, scvi); a 10x .h5 "
                          "holds raw counts only")
-    return OPENERS[cfg.kind](cfg)
+    src = OPENERS[cfg.kind](cfg)
+    if cfg.id_prefix:  # after the RNA/ATAC cells are matched by their own ids; rows are read by position
+        src.obs.index = pd.Index(cfg.id_prefix + src.obs.index.astype(str))
+    return src
