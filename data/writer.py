@@ -29,6 +29,7 @@ from anndata.io import write_elem
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from data import keys
+from data.manifest import write_manifest
 from data.split import cell_hash
 from data.store_stats import BlockStats, block_stats
 
@@ -310,6 +311,7 @@ class StoreWriter:
             "source": self.source, "created_by": f"multivi-atlas {_version()}", "preshuffled": self.preshuffled,
             "codec": self.codec,
         })
+        write_manifest(self.tmp)  # every file but the root zarr.json, whose attributes change next
         self.root.attrs["complete"] = True  # last write before the rename: only a finished store has it
         if self.out.exists() and not self.overwrite:
             # appeared while we wrote (another build to the same output): not ours to replace

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from data import retry
+from data.manifest import MANIFEST
 from data.store import StoreReadError, open_store
 from data.stream import StoreStream
 from tests.train_utils import PY, ROOT, as_cli, env, tiny_config, tiny_overrides, tiny_store
@@ -82,11 +83,42 @@ def model_run(store, tmp_path_factory):
     return run
 
 
+def _copy_without_manifest(store, tmp_path):
+    """A copy of the store as built before the file manifest existed: the read path's own detection (the
+    manifest check refuses a lost or truncated file first, see test_a_store_that_lost_files_...)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(store, bad)
+    (bad / MANIFEST).unlink()
+    return bad
+
+
+@pytest.mark.parametrize("damage", ["obs_chunk", "truncated_counts", "damaged_manifest"])
+def test_a_store_that_lost_files_or_was_cut_short_is_refused_by_its_manifest(store, tmp_path, damage):
+    # a lost obs chunk (mask_atac: zarr reads it as False, the cells silently RNA-only) or a truncated count
+    # file (an interrupted copy) is named before anything is read
+    bad = tmp_path / "bad"
+    shutil.copytree(store, bad)
+    if damage == "obs_chunk":
+        (lost,) = (bad / "shards/00000/obs/mask_atac/c").iterdir()
+        lost.unlink()
+        match = r"1 missing, e\.g\. \['shards/00000/obs/mask_atac/c/0'\]"
+    elif damage == "truncated_counts":
+        f = _chunk_file(bad)
+        f.write_bytes(f.read_bytes()[:100])
+        match = r"1 of another size than built \(truncated\?\)"
+    else:
+        (bad / MANIFEST).write_text("{not json")
+        match = "is damaged"
+    with pytest.raises(StoreReadError, match=match):
+        StoreStream(bad, 64, split="train")
+    (bad / MANIFEST).unlink()  # a store from before the manifest: read as before
+    StoreStream(bad, 64, split="all", shuffle=False)
+
+
 @pytest.mark.slow  # ~30 s each (train CLI + infer CLI) on the loaded 2-core box
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_corrupted_chunk_stops_train_and_infer_naming_the_array(store, model_run, tmp_path, damage):
-    bad = tmp_path / "bad"
-    shutil.copytree(store, bad)
+    bad = _copy_without_manifest(store, tmp_path)
     f = _chunk_file(bad)
     raw = bytearray(f.read_bytes())
     if damage == "truncate":
@@ -149,8 +181,7 @@ def test_a_store_level_give_up_that_read_slice_recovers_is_not_a_failure(store, 
 def test_a_lost_chunk_file_is_an_error_naming_it_not_zeros(store, tmp_path, array):
     # zarr reads a missing chunk file as zeros: a lost data file trained on zeros, a lost indices file put
     # every count in column 0, a lost indptr file emptied the shard's rows, all without an error
-    bad = tmp_path / "bad"
-    shutil.copytree(store, bad)
+    bad = _copy_without_manifest(store, tmp_path)
     (lost,) = (bad / f"shards/00000/mod/atac/X/{array}/c").iterdir()
     lost.unlink()
     where = f"{bad}/shards/00000/mod/atac/X"
@@ -178,8 +209,7 @@ def test_a_damaged_shard_index_names_the_array_through_the_python_pipeline(store
     # shard index that fails its crc32c as a bare ValueError: it escaped the retries and the path
     monkeypatch.setenv(retry.STORE_ENV, "1")
     monkeypatch.setenv(retry.BACKOFF_ENV, "0")
-    bad = tmp_path / "bad"
-    shutil.copytree(store, bad)
+    bad = _copy_without_manifest(store, tmp_path)
     f = _chunk_file(bad)
     raw = bytearray(f.read_bytes())
     raw = raw[:len(raw) // 2] if damage == "truncate" else raw[:-10] + bytes(b ^ 0xFF for b in raw[-10:-5]) + raw[-5:]
