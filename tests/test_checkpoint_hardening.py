@@ -108,3 +108,16 @@ def test_a_malformed_scvi_save_is_one_error(tmp_path):
     torch.save(ck, tmp_path / "scvi" / "model.pt")
     with pytest.raises(ScviIOError, match="not a complete scvi-tools MULTIVI save"):
         import_from_scvi(tmp_path / "scvi", tmp_path / "ours")
+
+
+def test_resuming_with_other_settings_is_refused_by_name(run, tmp_path):
+    """The optimizer state carries the learning rate: resumed with optim.lr=0.5 the run silently kept the
+    old rate while config.yaml said 0.5. Settings that shape training are refused by name; how long and
+    where the run goes may change."""
+    store, dst = _copy(run, tmp_path)
+    cfg_before = (dst / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"optim\.lr \(0\.001 -> 0\.5\), run\.seed \(0 -> 3\)"):
+        train(tiny_config(store, dst, **{"run.epochs": 3, "optim.lr": 0.5, "run.seed": 3}))
+    assert (dst / "config.yaml").read_text() == cfg_before  # refused before anything was rewritten
+    res = train(tiny_config(store, dst, **{"run.epochs": 3, "run.keep_checkpoints": 1, "logger.log_every": 1}))
+    assert res.epochs == 3

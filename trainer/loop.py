@@ -40,6 +40,7 @@ from trainer.lock import LockError
 from trainer.lock import acquire as acquire_lock
 from trainer.metrics import MetricsWriter, memory_mb
 from trainer.parallel import Wrapped, wrap
+from trainer.resume_settings import check_same_settings
 from trainer.schedules import kl_weight as kl_schedule
 
 VALIDATION_KEYS = ("reconstruction_loss_validation", "elbo_validation")
@@ -246,6 +247,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         ckpt.refuse_newer_checkpoints(run_dir, cfg.run.resume, int(state["step"]) if path else 0)
     if path:
         ckpt.check_same_data(state, meta, path, cfg.data.store)
+        check_same_settings(state.get("config"), cfg, path)  # after the store: another store says that first
         try:
             w.load(Path(path))
         except RuntimeError as exc:  # shapes differ (a checkpoint from before the data fingerprint)

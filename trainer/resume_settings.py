@@ -1,0 +1,49 @@
+"""A resumed run continues the checkpoint's run: settings that shape its training must be the same.
+
+``resume=auto`` restores the optimizer state, and with it the learning rate, weight decay and eps that
+were saved: a run resumed with ``optim.lr=0.5`` silently kept the old rate while ``config.yaml`` and the
+exported ``model.json`` recorded 0.5; a changed ``model.dropout_rate`` or ``run.seed`` would apply from
+the resume on, so the result matched neither setting. Every difference is therefore refused by name,
+except the keys below, which change how long, where, or how fast the same run goes, not its arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from trainer.config import ConfigError, TrainConfig, config_to_json
+
+# how long / where / how fast: a longer run (epochs, max_steps) is the normal reason to resume
+RESUMABLE = frozenset({
+    "run.epochs", "run.max_steps", "run.output_dir", "run.resume", "run.checkpoint_every_steps",
+    "run.keep_checkpoints", "run.clear_stale_lock", "run.max_bad_steps",
+    "data.store",  # the store's content is checked by its fingerprint; it may have moved
+    "data.num_workers", "data.prefetch", "data.cache_validation_mb",  # the batch order does not depend on them
+    "model.native_kernels", "model.compile_kernels",  # the same math (the code fingerprint note says the rest)
+    "dist.timeout_s", "dist.find_unused_parameters",
+})
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def check_same_settings(saved_config: str | None, cfg: TrainConfig, path: str) -> None:
+    """Raise ConfigError naming every setting (outside RESUMABLE and logger.*) that differs from the
+    checkpoint's; nothing to compare for a checkpoint without its config."""
+    if not saved_config:
+        return
+    old, new = _flat(json.loads(saved_config)), _flat(json.loads(config_to_json(cfg)))
+    changed = [k for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k) and k not in RESUMABLE and not k.startswith("logger.")]
+    if changed:
+        diff = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ConfigError(f"resuming {path} with other settings: {diff}{more}. A resumed run continues with its "
+                          "checkpoint's settings (its optimizer would keep the old learning rate); set them back, "
+                          "or start a new run in another run.output_dir")
