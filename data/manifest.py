@@ -11,6 +11,7 @@ existed have none and are read as before (with the count arrays' own check, ``St
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -33,6 +34,15 @@ def write_manifest(root: str | os.PathLike) -> None:
             if rel not in _UNLISTED:
                 files[rel] = path.stat().st_size
     (root / MANIFEST).write_text(json.dumps({"files": dict(sorted(files.items()))}))
+
+
+def manifest_digest(root: str | os.PathLike) -> str:
+    """A short digest of the manifest (every file and its size): two copies of one build agree, another build
+    almost surely not; "" for a store without a manifest."""
+    try:
+        return hashlib.blake2b((Path(root) / MANIFEST).read_bytes(), digest_size=16).hexdigest()
+    except FileNotFoundError:
+        return ""
 
 
 def verify_manifest(root: str | os.PathLike) -> None:

@@ -86,3 +86,25 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     assert "resumed from" in log, log[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert result["epochs"] == 4 and result["world_size"] == 2
+
+
+def test_ranks_reading_different_copies_of_the_store_are_refused(tmp_path):
+    """On a cluster each node may read its own copy of data.store: a stale copy on one node trained silently
+    on mixed cells. Rank 1 reads another build (same cell ids, features and categories, other counts): every
+    rank stops at start-up naming it, long before dist.timeout_s."""
+    import subprocess
+    import time
+
+    from tests.train_utils import PY, ROOT, as_cli, env, tiny_overrides, tiny_store
+
+    a, b = tiny_store(tmp_path / "a", n_cells=300), tiny_store(tmp_path / "b", n_cells=300, seed=1)
+    ov = tiny_overrides(a, tmp_path / "run", **{"run.epochs": 1, "dist.timeout_s": 600})
+    del ov["data"]["store"]
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.train",
+           *as_cli(ov), "data.store='${oc.env:MVA_TEST_STORE_${oc.env:LOCAL_RANK}}'"]  # each rank its own copy
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, env={**env(), "MVA_TEST_STORE_0": str(a), "MVA_TEST_STORE_1": str(b)},
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode != 0 and time.time() - t0 < 200, (r.stdout + r.stderr)[-3000:]
+    assert "differs between ranks: rank(s) [1] see other cells" in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "run" / "model").exists()

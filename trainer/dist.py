@@ -155,6 +155,20 @@ def shared_decision(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def check_same_everywhere(value: str, what: str) -> None:
+    """Raise StoreError on every rank when ``value`` is not the same on all ranks (naming those that differ)."""
+    if not is_distributed():
+        return
+    values: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(values, value)
+    differ = [r for r, v in enumerate(values) if v != values[0]]
+    if differ:
+        from data.store import StoreError
+
+        raise StoreError(f"{what} differs between ranks: rank(s) {differ[:8]} see other cells, features or "
+                         "categories than rank 0 (a stale node-local copy?); every rank must read the same store")
+
+
 def broadcast_object(obj):
     """Rank 0's Python object on every rank (small things only: paths, step numbers)."""
     if not is_distributed():

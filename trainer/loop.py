@@ -28,7 +28,6 @@ from data.collate import to_device
 from data.retry import STATS as read_stats
 from data.retry import reset_stats as reset_read_stats
 from data.store import open_store
-from data.stream import StoreStream
 from trainer import checkpoint as ckpt
 from trainer import dist
 from trainer.alloc import reuse_large_allocations
@@ -42,6 +41,7 @@ from trainer.metrics import MetricsWriter, memory_mb
 from trainer.parallel import Wrapped, wrap
 from trainer.resume_settings import check_same_settings
 from trainer.schedules import kl_weight as kl_schedule
+from trainer.streams import loader, make_stream
 
 VALIDATION_KEYS = ("reconstruction_loss_validation", "elbo_validation")
 
@@ -156,29 +156,6 @@ def validate(module: torch.nn.Module, stream, device: torch.device, kl_weight: f
         return {}
     return {"reconstruction_loss_validation": tot["recon"] / tot["n"],
             "elbo_validation": tot["elbo"] / tot["n"], "n_validation": tot["n"]}
-
-
-def make_stream(store, cfg: TrainConfig, split: str, info: dist.DistInfo) -> StoreStream:
-    d = cfg.data
-    return StoreStream(store, d.batch_size, split=split, shuffle=split == "train", seed=cfg.run.seed,
-                       rank=info.rank, world_size=info.world_size, chunk_size=d.chunk_size,
-                       window_chunks=d.window_chunks, val_fraction=d.val_fraction, prefetch=d.prefetch,
-                       remainder=d.remainder if split == "train" else "none",
-                       size_factor=cfg.model.use_size_factor)
-
-
-def _loader(stream: StoreStream, cfg: TrainConfig):
-    # Workers read ahead in background processes; with 0 workers the stream is iterated directly.
-    if cfg.data.num_workers == 0:
-        return stream
-    # Its own generator: iter(DataLoader) draws the workers' base seed from the generator it is given,
-    # by default the GLOBAL torch RNG, which also drives dropout. A mid-epoch checkpoint holds the RNG
-    # after the epoch's draw and the resumed run drew once more: its dropout masks were shifted by one
-    # draw (1e-2 off after a few steps). The stream's order never depends on the worker seed.
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
-                                       prefetch_factor=cfg.data.prefetch, persistent_workers=False,
-                                       multiprocessing_context="spawn",
-                                       generator=torch.Generator().manual_seed(cfg.run.seed))
 
 
 def run(cfg: TrainConfig) -> TrainResult:
@@ -308,7 +285,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         if batches_done == 0:
             train_stream.set_epoch(epoch)
         kl_w = kl_schedule(epoch, step, cfg.optim.n_epochs_kl_warmup, cfg.optim.n_steps_kl_warmup)
-        it = iter(_loader(train_stream, cfg))
+        it = iter(loader(train_stream, cfg))
         if cfg.data.num_workers > 0:  # the workers hold their copies of a resume position now
             train_stream.clear_resume()
         while True:
