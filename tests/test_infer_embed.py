@@ -409,3 +409,19 @@ def test_recode_maps_batch_and_covariate_codes(tmp_path):
     after = stream.make_batch(cells)
     np.testing.assert_array_equal(after[keys.BATCH].numpy(), np.array([300, 200])[before[keys.BATCH].numpy()])
     np.testing.assert_array_equal(after[keys.CAT_COVS].numpy(), before[keys.CAT_COVS].numpy() + 1000)
+
+
+def test_ranks_reading_different_copies_of_the_store_are_refused(trained, tmp_path):
+    """Each rank writes its part of one output from its own store path (a node-local copy on a cluster): a
+    copy of another build on rank 1 mixed two stores in one embedding. Every rank stops naming it."""
+    from tests.train_utils import tiny_store
+
+    store, run = trained
+    other = tiny_store(tmp_path / "other", n_cells=N_CELLS, shard_size=400, seed=1)  # same ids, other counts
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.infer",
+           f"model_dir={run}", f"output={tmp_path / 'emb.zarr'}", "progress=false",
+           "store='${oc.env:MVA_TEST_STORE_${oc.env:LOCAL_RANK}}'"]
+    r = subprocess.run(cmd, cwd=ROOT, env={**env(), "MVA_TEST_STORE_0": str(store), "MVA_TEST_STORE_1": str(other)},
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode != 0 and "differs between ranks: rank(s) [1]" in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "emb.zarr").exists()

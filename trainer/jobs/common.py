@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from data.manifest import manifest_digest
 from data.store import Store, StoreError, open_store
+from trainer import dist
 from trainer.export import INFO, WEIGHTS
 
 
@@ -105,6 +107,10 @@ def inference_stream(store: Store, info: dict, **kw):
 
     stream = StoreStream(store, **kw)
     stream.recode(*code_maps(store.meta, info))
+    # every rank writes its part of one output: a node-local copy of another build would mix two stores
+    m = store.meta
+    dist.check_same_everywhere(f"{manifest_digest(store.path)}:{m.n_cells}:{m.batch_categories}:{m.cat_cov_categories}",
+                               f"store ({store.path})")
     return stream
 
 
