@@ -411,17 +411,33 @@ def test_recode_maps_batch_and_covariate_codes(tmp_path):
     np.testing.assert_array_equal(after[keys.CAT_COVS].numpy(), before[keys.CAT_COVS].numpy() + 1000)
 
 
-def test_ranks_reading_different_copies_of_the_store_are_refused(trained, tmp_path):
-    """Each rank writes its part of one output from its own store path (a node-local copy on a cluster): a
-    copy of another build on rank 1 mixed two stores in one embedding. Every rank stops naming it."""
+@pytest.mark.parametrize("what", ["store", "model_dir"])
+def test_ranks_reading_different_copies_of_the_store_or_model_are_refused(trained, tmp_path, what):
+    """Each rank writes its part of one output from its own store and model paths (node-local copies on a
+    cluster): another build of the store, or another model, on rank 1 mixed two of them in one output.
+    Every rank stops naming it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     from tests.train_utils import tiny_store
 
     store, run = trained
-    other = tiny_store(tmp_path / "other", n_cells=N_CELLS, shard_size=400, seed=1)  # same ids, other counts
+    paths = {"store": [str(store)], "model_dir": [str(run / "model")]}
+    if what == "store":
+        other = tiny_store(tmp_path / "other", n_cells=N_CELLS, shard_size=400, seed=1)  # same ids, other counts
+    else:
+        other = tmp_path / "other_model"
+        shutil.copytree(run / "model", other)
+        w = load_file(other / "model.safetensors")
+        first = min(k for k in w if w[k].is_floating_point())
+        w[first] = w[first] + 1e-3  # the same model.json, other weights (another training of it)
+        save_file(w, other / "model.safetensors")
+    paths[what].append(str(other))
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.infer",
-           f"model_dir={run}", f"output={tmp_path / 'emb.zarr'}", "progress=false",
-           "store='${oc.env:MVA_TEST_STORE_${oc.env:LOCAL_RANK}}'"]
-    r = subprocess.run(cmd, cwd=ROOT, env={**env(), "MVA_TEST_STORE_0": str(store), "MVA_TEST_STORE_1": str(other)},
-                       capture_output=True, text=True, timeout=300, check=False)
+           f"output={tmp_path / 'emb.zarr'}", "progress=false",
+           *[f"{k}='${{oc.env:MVA_TEST_{k.upper()}_${{oc.env:LOCAL_RANK}}}}'" for k in paths]]
+    per_rank = {f"MVA_TEST_{k.upper()}_{r}": v[min(r, len(v) - 1)] for k, v in paths.items() for r in (0, 1)}
+    r = subprocess.run(cmd, cwd=ROOT, env={**env(), **per_rank}, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0 and "differs between ranks: rank(s) [1]" in r.stderr, r.stderr[-3000:]
     assert not (tmp_path / "emb.zarr").exists()

@@ -88,8 +88,8 @@ def _check_counts_layout(adata, what: str) -> None:
 
 def _store_source(model: Model, path, batch_size: int) -> _Source:
     store = open_checked_store(path, model.info)
-    stream = inference_stream(store, model.info, batch_size=batch_size, split="all", shuffle=False, prefetch=0,
-                              size_factor=model.module.use_size_factor)
+    stream = inference_stream(store, model.module, model.info, batch_size=batch_size, split="all", shuffle=False,
+                              prefetch=0)
     n = store.meta.n_cells
 
     def batches() -> Iterator:

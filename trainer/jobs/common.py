@@ -101,16 +101,20 @@ def code_maps(meta, info: dict) -> tuple[np.ndarray | None, list[np.ndarray | No
     return batch, covs
 
 
-def inference_stream(store: Store, info: dict, **kw):
-    """A StoreStream over ``store`` whose batches carry the model's category codes (see :func:`code_maps`)."""
+def inference_stream(store: Store, module, info: dict, **kw):
+    """A StoreStream over ``store`` whose batches carry the model's category codes (see :func:`code_maps`) and
+    the size factors the module reads."""
     from data.stream import StoreStream
 
-    stream = StoreStream(store, **kw)
+    stream = StoreStream(store, size_factor=module.use_size_factor, **kw)
     stream.recode(*code_maps(store.meta, info))
-    # every rank writes its part of one output: a node-local copy of another build would mix two stores
-    m = store.meta
-    dist.check_same_everywhere(f"{manifest_digest(store.path)}:{m.n_cells}:{m.batch_categories}:{m.cat_cov_categories}",
-                               f"store ({store.path})")
+    if dist.is_distributed():
+        # every rank writes its part of one output from its own store and model_dir paths: node-local copies
+        # of another build or another training would mix two of them in one output
+        m = store.meta
+        weights = sum(float(t.double().sum()) for t in module.state_dict().values() if t.is_floating_point())
+        dist.check_same_everywhere(f"{manifest_digest(store.path)}:{m.n_cells}:{m.batch_categories}:"
+                                   f"{m.cat_cov_categories}:{weights!r}", f"store ({store.path}) or model_dir")
     return stream
 
 

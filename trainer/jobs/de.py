@@ -195,8 +195,8 @@ def _run(cfg: InferConfig, job: str) -> dict:
     sums = raw_sums(store, modality, sets, feat, with_norm=job == "de", rank=info.rank, world_size=info.world_size)
     n = {j: len(s) for j, s in enumerate(sets)} | {"all": store.meta.n_cells}
     # size factors in the batch: a model trained with use_size_factor reads them in module.inference
-    stream = inference_stream(store, minfo, batch_size=cfg.batch_size, split="all", shuffle=False, prefetch=0,
-                              chunk_size=READ_CHUNK, size_factor=module.use_size_factor)
+    stream = inference_stream(store, module, minfo, batch_size=cfg.batch_size, split="all", shuffle=False,
+                              prefetch=0, chunk_size=READ_CHUNK)
     names = [all_names[i] for i in feat]
     mine = [k for k in range(len(comps)) if k % info.world_size == info.rank and not progress.is_done(k)]
     fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)

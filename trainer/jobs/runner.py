@@ -325,9 +325,8 @@ def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> di
         reuse_large_allocations()
     out_store = DirectLocalStore(partial) if DIRECT_WRITES else str(partial)
     job.open_arrays(zarr.open_group(out_store, mode="r+", use_consolidated=False), prog_dir)
-    stream = inference_stream(ctx.store, ctx.model_info, batch_size=cfg.batch_size, split="all", shuffle=False,
-                              rank=info.rank, world_size=info.world_size, prefetch=0,
-                              size_factor=ctx.module.use_size_factor)
+    stream = inference_stream(ctx.store, ctx.module, ctx.model_info, batch_size=cfg.batch_size, split="all",
+                              shuffle=False, rank=info.rank, world_size=info.world_size, prefetch=0)
     chunks = chunk_ranges(ctx.n_cells, cfg.batch_size)
     block = my_chunks(len(chunks), info.rank, info.world_size)
     mine = [k for k in block if not progress.is_done(k)]
