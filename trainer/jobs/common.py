@@ -119,11 +119,10 @@ def inference_stream(store: Store, module, info: dict, **kw):
 
 
 def store_identity(store: Store) -> dict:
-    """Where a store is and which build it is, for a resume fingerprint: every build (also one in place,
-    at the same path with the same cell count) writes a new root ``zarr.json``, so its mtime tells a
-    rebuilt store from the one an unfinished output's chunks were computed on."""
-    root = Path(store.path).resolve()
-    return {"store": str(root), "store_mtime_ns": (root / "zarr.json").stat().st_mtime_ns}
+    """Where a store is and which build it is (``Store.identity``: every build, also one in place, writes a
+    new root zarr.json), for a resume fingerprint: a rebuilt store is not the one an unfinished output's
+    chunks were computed on."""
+    return {"store": str(Path(store.path).resolve()), "store_identity": list(store.identity or ())}
 
 
 def chunk_ranges(n_cells: int, rows: int) -> list[tuple[int, int]]:
