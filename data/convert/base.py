@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data.config import InputConfig
-from data.convert.h5 import H5AnnDataGroup, H5CSRRows, has_layer, open_h5
+from data.convert.h5 import H5AnnDataGroup, H5CSRRows, open_h5
 
 RNA_MOD_NAMES = ("rna", "gex", "RNA", "GEX", "Gene Expression")
 ATAC_MOD_NAMES = ("atac", "peaks", "ATAC", "accessibility", "Peaks")
@@ -130,23 +130,9 @@ class PairSource(Source):
         return rna, atac
 
 
-def _layers(cfg: InputConfig, parts: dict[str, tuple[str, str]]) -> dict[str, str | None]:
-    """The layer each AnnData of a two-part input reads: ``cfg.layer`` where that AnnData has it (typically
-    only the normalised RNA side keeps its counts aside), X elsewhere (still checked to be integer counts);
-    an input where no part has it is an error."""
-    if cfg.layer is None:
-        return {m: None for m in parts}
-    got = {m: cfg.layer if has_layer(f, g, cfg.layer) else None for m, (f, g) in parts.items()}
-    if not any(got.values()):
-        raise ValueError(f"input {' + '.join(sorted({f for f, _ in parts.values()}))}: no AnnData has layer "
-                         f"{cfg.layer!r}")
-    return got
-
-
 def _open_pair(cfg: InputConfig) -> PairSource:
-    layer = _layers(cfg, {m: (p, "/") for m, p in (("rna", cfg.rna), ("atac", cfg.atac)) if p})
-    rna = H5AnnDataGroup(cfg.rna, layer=layer["rna"]) if cfg.rna else None
-    atac = H5AnnDataGroup(cfg.atac, layer=layer["atac"]) if cfg.atac else None
+    rna = H5AnnDataGroup(cfg.rna, layer=cfg.layer) if cfg.rna else None
+    atac = H5AnnDataGroup(cfg.atac, layer=cfg.layer) if cfg.atac else None
     return PairSource(rna, atac, name=" + ".join(str(p) for p in (cfg.rna, cfg.atac) if p))
 
 
@@ -163,9 +149,8 @@ def _open_h5mu(cfg: InputConfig) -> PairSource:
     if rna_name is None and atac_name is None:
         raise ValueError(f"{cfg.path}: modalities {mods} contain neither RNA {RNA_MOD_NAMES} nor ATAC "
                          f"{ATAC_MOD_NAMES}")
-    layer = _layers(cfg, {m: (cfg.path, f"mod/{n}") for m, n in (("rna", rna_name), ("atac", atac_name)) if n})
-    rna = H5AnnDataGroup(cfg.path, f"mod/{rna_name}", layer=layer["rna"]) if rna_name else None
-    atac = H5AnnDataGroup(cfg.path, f"mod/{atac_name}", layer=layer["atac"]) if atac_name else None
+    rna = H5AnnDataGroup(cfg.path, f"mod/{rna_name}", layer=cfg.layer) if rna_name else None
+    atac = H5AnnDataGroup(cfg.path, f"mod/{atac_name}", layer=cfg.layer) if atac_name else None
     if extra is not None:
         extra.index = extra.index.astype(str)
         # MuData prefixes modality columns with "<mod>:"; those are already in the modality obs.
@@ -316,6 +301,9 @@ def open_input(cfg: InputConfig) -> Source:
         raise ValueError(f"input {cfg.path}: layer= is for AnnData inputs (h5ad_pair, h5mu, scvi); a 10x .h5 "
                          "holds raw counts only")
     src = OPENERS[cfg.kind](cfg)
+    if cfg.layer is not None and not any(getattr(h, "counts", None) == cfg.layer for h in src._handles):
+        src.close()  # a misspelt layer would silently read every normalised X (then refused as non-integer)
+        raise ValueError(f"input {src.name}: no AnnData has layer {cfg.layer!r}")
     if cfg.id_prefix:  # after the RNA/ATAC cells are matched by their own ids; rows are read by position
         src.obs.index = pd.Index(cfg.id_prefix + src.obs.index.astype(str))
     return src

@@ -103,7 +103,10 @@ class H5AnnDataGroup:
         self.var: pd.DataFrame = read_elem(g["var"])
         self.obs.index = self.obs.index.astype(str)
         self.var.index = self.var.index.astype(str)
-        self.X = matrix_rows(_counts_element(g, layer, self.where), self.where)
+        # the raw counts: layers/<layer> where this AnnData has it (X normalised in place, as scanpy leaves
+        # it; typically only the RNA side of an input), else X (still checked to hold integer counts)
+        self.counts = layer if layer is not None and "layers" in g and layer in g["layers"] else "X"
+        self.X = matrix_rows(g["X"] if self.counts == "X" else g["layers"][layer], self.where)
         if (self.X.n_rows, self.X.n_cols) != (len(self.obs), len(self.var)):
             raise ValueError(f"{self.where}: X shape {(self.X.n_rows, self.X.n_cols)} does not match "
                              f"obs ({len(self.obs)}) x var ({len(self.var)})")
@@ -111,17 +114,3 @@ class H5AnnDataGroup:
     def close(self) -> None:
         self._h5.close()
 
-
-def has_layer(file: str | Path, group: str, layer: str) -> bool:
-    with open_h5(file) as f:
-        return "layers" in f[group] and layer in f[group]["layers"]
-
-
-def _counts_element(g: h5py.Group, layer: str | None, where: str) -> h5py.Group | h5py.Dataset:
-    """``X``, or ``layers/<layer>`` when the raw counts sit in a layer (X normalised, as scanpy leaves it)."""
-    if layer is None:
-        return g["X"]
-    layers = list(g["layers"].keys()) if "layers" in g else []
-    if layer not in layers:
-        raise ValueError(f"{where}: no layer {layer!r} (layers: {layers})")
-    return g["layers"][layer]
