@@ -5,7 +5,7 @@ zarr reads a missing chunk file as its fill value without an error, and it skips
 all fill value, so a lost file cannot be told from an all-zero chunk by looking at the arrays alone: a lost
 ``mask_atac`` chunk would silently make those cells RNA-only, a lost ``batch`` chunk move them to batch 0.
 The builder lists what it wrote (``StoreWriter.close``, every build path) and the loader checks the list
-once per stream (a ``stat`` per file: ~500 files for a 1M-cell store). Stores built before the manifest
+once per opened store (``Store.verify_files``, a ``stat`` per file: ~500 files for a 1M-cell store). Stores built before the manifest
 existed have none and are read as before (with the count arrays' own check, ``Store.check_csr``).
 """
 
@@ -45,13 +45,14 @@ def manifest_digest(root: str | os.PathLike) -> str:
         return ""
 
 
-def verify_manifest(root: str | os.PathLike) -> None:
-    """Raise :class:`StoreReadError` naming the files of the manifest that are missing or changed size."""
+def verify_manifest(root: str | os.PathLike) -> bool:
+    """Raise :class:`StoreReadError` naming the files of the manifest that are missing or changed size;
+    True when every listed file is there, False for a store built without a manifest."""
     root = Path(root)
     try:
         listed = json.loads((root / MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        return  # built before manifests were written
+        return False  # built before manifests were written
     except (ValueError, KeyError, TypeError) as exc:
         raise StoreReadError(f"{root / MANIFEST} is damaged ({exc}): rebuild or restore the store") from None
     lost, changed = [], []
@@ -66,3 +67,4 @@ def verify_manifest(root: str | os.PathLike) -> None:
                          + [f"{len(changed)} of another size than built (truncated?), e.g. {changed[:3]}"] * bool(changed))
         raise StoreReadError(f"{root}: files of the store are not as built ({what}): an interrupted copy or a "
                              "lost file; rebuild or restore the store")
+    return True

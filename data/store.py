@@ -117,6 +117,7 @@ class Store:
         # A rebuild replaces the directory (tmp + rename), and zarr opens files by path: a reader holding
         # this store's indptrs and cell table then gathered the new arrays' entries as garbage rows.
         self.identity = _identity(path)
+        self._files_verified: bool | None = None  # verify_files() has not run yet
         a = dict(root.attrs)
         feats_rna = read_elem(root["features/rna"])
         feats_atac = read_elem(root["features/atac"])
@@ -171,6 +172,15 @@ class Store:
     def _indptrs(self) -> _IndptrCache:
         return _IndptrCache(self)
 
+    def verify_files(self) -> bool:
+        """Check the build's file manifest once per opened store (data/manifest.py: a lost or truncated file
+        is a StoreReadError naming it); False for a store built without a manifest."""
+        if self._files_verified is None:
+            from data.manifest import verify_manifest  # data.manifest imports this module
+
+            self._files_verified = verify_manifest(self.path)
+        return self._files_verified
+
     def check_csr(self, modality: str, shard: int, ptr: np.ndarray) -> None:
         """Refuse a shard's CSR arrays whose chunk files are lost (raise :class:`StoreReadError`).
 
@@ -180,7 +190,8 @@ class Store:
         chunk is accepted only where zeros are possible: never for ``data`` (counts are >= 1, the build
         drops stored zeros), for ``indices`` only when its entries all sit in different rows (indices
         are increasing within a row), for ``indptr`` only when the row the zeros would leave holding
-        every earlier entry has at most one entry per column."""
+        every earlier entry has at most one entry per column. A store with a file manifest is checked by
+        it instead (``verify_files``); this per-chunk check is for stores built before it."""
         data, indices, indptr = self.csr_arrays(modality, shard)
         where = f"{self.shard_path(shard)}/mod/{modality}/X"
         nnz = data.shape[0]
@@ -188,6 +199,8 @@ class Store:
             raise StoreReadError(f"{where}: indptr (ends at {ptr[-1] if len(ptr) else None}) does not describe "
                                  f"data/indices of {nnz}/{indices.shape[0]} entries (a lost or corrupted file: "
                                  "rebuild or restore the store)")
+        if self.verify_files():
+            return  # every file of the build is there at its size: no chunk file can be missing
         n_cols = self.meta.n_genes if modality == keys.RNA else self.meta.n_regions
 
         def zeros_possible(name: str, a: int, b: int) -> bool:

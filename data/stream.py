@@ -43,7 +43,6 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data import keys
 from data.collate import collate
-from data.manifest import verify_manifest
 from data.plan import EpochPlan, chunk_bounds, plan_epoch, worker_batch_ids
 from data.reader import ChunkReader, as_store, read_cell_table, read_validation_mask
 from data.store import Store
@@ -107,7 +106,7 @@ class StoreStream(IterableDataset):
         # place with the same cell count (another shard_size or preshuffle seed) gave the rest of the epoch
         # on other rows. None for "all" (inference never resumes a stream and skips this read).
         self.rows_fingerprint: str | None = None
-        verify_manifest(self._store.path)  # a lost file would read as zeros
+        self._store.verify_files()  # a lost file would read as zeros
         if split != "all":
             digest = hashlib.blake2b(digest_size=16)
             val = read_validation_mask(self._store, self.val_fraction, digest)
