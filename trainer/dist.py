@@ -155,8 +155,9 @@ def shared_decision(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-def check_same_everywhere(value: str, what: str) -> None:
-    """Raise StoreError on every rank when ``value`` is not the same on all ranks (naming those that differ)."""
+def check_same_everywhere(value: str, what: str, detail: str = "other cells, features or categories") -> None:
+    """Raise StoreError on every rank when ``value`` is not the same on all ranks (naming those that differ;
+    ``detail``: what they see differently)."""
     if not is_distributed():
         return
     values: list = [None] * tdist.get_world_size()
@@ -165,8 +166,8 @@ def check_same_everywhere(value: str, what: str) -> None:
     if differ:
         from data.store import StoreError
 
-        raise StoreError(f"{what} differs between ranks: rank(s) {differ[:8]} see other cells, features or "
-                         "categories than rank 0 (a stale node-local copy?); every rank must read the same store")
+        raise StoreError(f"{what} differs between ranks: rank(s) {differ[:8]} see {detail} than rank 0 "
+                         "(a stale node-local copy?); every rank must read the same one")
 
 
 def broadcast_object(obj):

@@ -114,7 +114,8 @@ def inference_stream(store: Store, module, info: dict, **kw):
         m = store.meta
         weights = sum(float(t.double().sum()) for t in module.state_dict().values() if t.is_floating_point())
         dist.check_same_everywhere(f"{manifest_digest(store.path)}:{m.n_cells}:{m.batch_categories}:"
-                                   f"{m.cat_cov_categories}:{weights!r}", f"store ({store.path}) or model_dir")
+                                   f"{m.cat_cov_categories}:{weights!r}", f"store ({store.path}) or model_dir",
+                                   "another build of the store or other model weights")
     return stream
 
 
