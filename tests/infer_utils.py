@@ -37,6 +37,13 @@ def infer_cfg(store, run, out, **kw) -> InferConfig:
     return InferConfig(model_dir=str(run), store=str(store), output=str(out), batch_size=BATCH, progress=False, **kw)
 
 
+def read_obsm(path) -> dict[str, np.ndarray]:
+    """Every obsm entry of an AnnData Zarr output as numpy arrays."""
+    import anndata as ad
+
+    return {k: np.asarray(v) for k, v in ad.read_zarr(str(path)).obsm.items()}
+
+
 def store_arrays(store_path) -> tuple:
     """(obs, dense RNA, dense ATAC) of every cell in store order, read straight from the store's CSR rows."""
     st = open_store(store_path)
