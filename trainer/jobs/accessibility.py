@@ -82,7 +82,10 @@ class AccessibilityJob(ChunkJob):
         self.opts = opts
         self.dtype = np.dtype(check_dtype(opts.dtype, DTYPES, "accessibility"))
         self.index, self.names = select_features(opts.regions, meta.region_names, "region")
-        self.codes = batch_codes(opts.transform_batch, meta.batch_categories, ctx.module.n_batch)
+        # the model's batch list, not the store's: a store of some of the model's batches numbers them from 0,
+        # and its batches reach the module recoded to the model's codes (common.inference_stream)
+        self.batches = [str(b) for b in ctx.model_info["batch_categories"]]
+        self.codes = batch_codes(opts.transform_batch, self.batches, ctx.module.n_batch)
         t = opts.threshold
         if t is not None and (isinstance(t, bool) or not 0.0 <= float(t) <= 1.0):
             raise InferError(f"accessibility.threshold must be between 0 and 1, got {t!r}")
@@ -114,7 +117,7 @@ class AccessibilityJob(ChunkJob):
         if self.dtype == np.uint8:
             out["scale"] = UINT8_SCALE
         if self.codes is not None:
-            out["transform_batch"] = [str(self.ctx.store.meta.batch_categories[c]) for c in self.codes]
+            out["transform_batch"] = [self.batches[c] for c in self.codes]
         return out
 
     def create_arrays(self, root: zarr.Group) -> None:

@@ -10,7 +10,8 @@ Semantics (reference: ``MULTIVI.get_normalized_expression``, spec 5.2; math in `
 * value = the decoder's expression scale rho (rows sum to 1 over all genes without size factors),
   times ``expression.library_size``: a positive number L (default 1.0 = rho itself, the reference's
   output) or ``"observed"`` (the cell's own RNA count; cells without RNA: the model's library);
-* ``expression.transform_batch``: null = each cell's own batch; a batch label or integer code, or a
+* ``expression.transform_batch``: null = each cell's own batch; a batch label of the model (any store:
+  one holding only some batches too) or integer code, or a
   list of them, decodes every cell as if from that batch, and a list is averaged (as the reference);
 * ``give_mean=true`` (default) decodes the posterior mean of z (the reference's ``use_z_mean=True``,
   deterministic); ``give_mean=false`` decodes ``n_samples`` posterior draws of z and writes their
@@ -48,7 +49,10 @@ class ExpressionJob(ChunkJob):
         opts, meta = ctx.cfg.expression, ctx.store.meta
         self.dtype = np.dtype(check_dtype(opts.dtype, DTYPES, "expression"))
         self.index, self.names = select_features(opts.genes, meta.gene_names, "gene")
-        self.codes = batch_codes(opts.transform_batch, meta.batch_categories, ctx.module.n_batch)
+        # the model's batch list, not the store's: a store of some of the model's batches numbers them from 0,
+        # and its batches reach the module recoded to the model's codes (common.inference_stream)
+        self.batches = [str(b) for b in ctx.model_info["batch_categories"]]
+        self.codes = batch_codes(opts.transform_batch, self.batches, ctx.module.n_batch)
         self.library_size = check_library_size(opts.library_size)
         self.X: zarr.Array | None = None
 
@@ -58,7 +62,7 @@ class ExpressionJob(ChunkJob):
     def uns(self) -> dict:
         out = {"library_size": self.library_size, "dtype": self.dtype.name}
         if self.codes is not None:
-            out["transform_batch"] = [str(self.ctx.store.meta.batch_categories[c]) for c in self.codes]
+            out["transform_batch"] = [self.batches[c] for c in self.codes]
         return out
 
     def create_arrays(self, root: zarr.Group) -> None:
