@@ -260,7 +260,9 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         tmp_cfg.replace(run_dir / "config.yaml")
     metrics = MetricsWriter(run_dir, enabled=info.is_main, wandb_mode=cfg.logger.wandb_mode,
                             project=cfg.logger.project, tags=cfg.logger.tags, config=asdict(cfg),
-                            resume_step=step if path else None)
+                            # a fresh start is step 0: the records of an attempt killed before its first
+                            # checkpoint (or of an earlier run) are dropped, not followed by a second step 1
+                            resume_step=step)
     dist.print0(f"[train] {meta.n_cells} cells, {meta.n_genes} genes, {meta.n_regions} regions; "
                 f"{info.world_size} process(es), backend {cfg.dist.backend}, device {info.device}; "
                 f"{len(train_stream)} steps/epoch/rank; run dir {run_dir}")

@@ -30,9 +30,9 @@ class MetricsWriter:
                  project: str = "multivi-atlas", tags: list[str] | None = None,
                  config: dict[str, Any] | None = None, run_name: str | None = None,
                  resume_step: int | None = None) -> None:
-        """``resume_step``: the run continues from a checkpoint of that step; records of later steps
-        (logged after that checkpoint by the run that was killed) are dropped, since the resumed run
-        logs them again."""
+        """``resume_step``: the run continues from a checkpoint of that step (0: starts afresh); records of
+        later steps (logged after that checkpoint by the run that was killed) are dropped, since the
+        resumed run logs them again."""
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._fh = None
