@@ -49,7 +49,10 @@ def _prepare_obs(src, inp: InputConfig, cfg: BuildConfig, batch_key: str) -> pd.
     """Per-cell table of one input with the store's columns (batch, covariates, label, masks)."""
     obs = src.obs
     for mod in ("rna", "atac"):
-        if src.features[mod] is None:  # an input without that modality cannot have measured it
+        if src.features[mod] is None or len(src.features[mod]) == 0:
+            # an input without that modality (or an AnnData of it with no features: an ATAC-only file
+            # written with an empty gene table) cannot have measured it; True gave cells with empty rows
+            # that the model trained on as measured
             obs[f"mask_{mod}"] = False
     out = pd.DataFrame(index=obs.index)
     if cfg.batch_key is None or inp.batch is not None:

@@ -1,0 +1,42 @@
+"""mva-build on inputs whose modality masks or per-cell values were read wrong without a word (review 9):
+an AnnData of a modality with no features, one mask column in the scvi layout, obs tables of one input that
+disagree about a cell (RNA vs ATAC obs, a modality's obs vs an .h5mu's global obs).
+
+    .venv/bin/python -m pytest tests/test_store_inputs.py -q
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+from data.config import InputConfig
+from tests.test_build_inputs import _build, _pair, _write_pair
+
+
+def _no_genes(rna: ad.AnnData) -> ad.AnnData:
+    """The same cells with an empty gene table (an ATAC-only dataset written as a pair)."""
+    return ad.AnnData(sp.csr_matrix((rna.n_obs, 0), dtype=np.int32), obs=rna.obs.copy())
+
+
+def test_an_anndata_without_features_measures_nothing_in_that_modality(tmp_path):
+    # an RNA file with no genes marked its cells RNA-measured: with a second input that has genes, those
+    # cells became RNA-measured with all-zero rows and the model was trained on them as such
+    import mudata
+
+    rna, atac = _pair()
+    rna2, atac2 = _pair(prefix="d", seed=1)
+    st = _build(
+        tmp_path, [_write_pair(tmp_path, _no_genes(rna), atac, "a"), _write_pair(tmp_path, rna2, atac2, "b")]
+    )
+    obs = st.read_obs()
+    assert st.meta.n_genes == 4 and st.meta.n_cells_rna == 6
+    assert obs["mask_rna"].to_dict() == {
+        **{f"c{i}": False for i in range(6)},
+        **{f"d{i}": True for i in range(6)},
+    }
+    assert obs["mask_atac"].all()
+    mudata.MuData({"rna": _no_genes(rna), "atac": atac}).write(tmp_path / "m.h5mu")
+    obs = _build(tmp_path / "mu", [InputConfig(kind="h5mu", path=str(tmp_path / "m.h5mu"))]).read_obs()
+    assert not obs["mask_rna"].any() and obs["mask_atac"].all()
