@@ -324,6 +324,17 @@ def write_best(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, final)
 
 
+def restore_best(run_dir: Path, weights: dict[str, torch.Tensor] | None) -> None:
+    """best/ as a checkpoint recorded it: its weights, or no file ({}: no best yet, or a fresh start).
+    None (a checkpoint written before the best weights were recorded) leaves the file as it is."""
+    if weights is None:
+        return
+    if weights:
+        write_best(run_dir, weights)
+    else:
+        (run_dir / BEST_FILE).unlink(missing_ok=True)
+
+
 def read_best(run_dir: Path) -> dict[str, torch.Tensor]:
     """The best weights so far ({} when there are none yet)."""
     from safetensors.torch import load_file

@@ -236,10 +236,6 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         bad_epochs, stopped = int(state["bad_epochs"]), bool(state["stopped"])
         stop_reason = str(state.get("stop_reason", "early" if stopped else ""))  # absent before it was recorded
         last_val = {k: float(v) for k, v in state.get("last_validation", {}).items()}
-        if info.is_main and cfg.run.keep == "best" and state.get("best_weights"):
-            # the best weights travel with the checkpoint: a resume into another run directory (or
-            # after best/ was lost) still exports them
-            ckpt.write_best(run_dir, state["best_weights"])
         if stop_reason == "max_steps" and (cfg.run.max_steps is None or step < cfg.run.max_steps):
             stopped, stop_reason = False, ""  # the limit was raised (or lifted): train on from here
         guard.load_state_dict(state["guard"])
@@ -252,6 +248,12 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             train_stream.set_epoch(epoch)
             train_stream.load_state_dict(rank_state["stream"])
         dist.print0(f"[train] resumed from {path} (epoch {epoch}, step {step})")
+    if info.is_main and cfg.run.keep == "best":
+        # best/ holds what the checkpoint this run continues from held, and nothing else: the weights
+        # travel with it (a resume into another run directory still exports them), and a file written
+        # after it (a killed attempt's later epoch) or by an earlier run (resume=none) is removed, else a
+        # run without a tracked validation of its own (a max_steps stop in epoch 0) exported those weights
+        ckpt.restore_best(run_dir, state.get("best_weights") if path else {})
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         # tmp + rename: a full disk must not truncate the config.yaml of the run being resumed
