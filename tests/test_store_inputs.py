@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
+import pytest
 import scipy.sparse as sp
 
 from data.config import InputConfig
@@ -40,3 +42,33 @@ def test_an_anndata_without_features_measures_nothing_in_that_modality(tmp_path)
     mudata.MuData({"rna": _no_genes(rna), "atac": atac}).write(tmp_path / "m.h5mu")
     obs = _build(tmp_path / "mu", [InputConfig(kind="h5mu", path=str(tmp_path / "m.h5mu"))]).read_obs()
     assert not obs["mask_rna"].any() and obs["mask_atac"].all()
+
+
+def _scvi(path, obs):
+    n = len(obs)
+    genes = np.ones((n, 3), np.int32)
+    peaks = np.where(obs["has_atac"].to_numpy()[:, None], 1, 0).astype(np.int32).repeat(2, axis=1)
+    var = pd.DataFrame(
+        {"modality": ["Gene Expression"] * 3 + ["Peaks"] * 2},
+        index=["g0", "g1", "g2", "chr1:1-2", "chr1:3-4"],
+    )
+    ad.AnnData(
+        sp.csr_matrix(np.hstack([genes, peaks])), obs=obs.drop(columns="has_atac"), var=var
+    ).write_h5ad(path)
+    return InputConfig(kind="scvi", path=str(path))
+
+
+@pytest.mark.parametrize("second", [None, "modality"])
+def test_one_mask_column_of_the_scvi_layout_is_read(tmp_path, second):
+    # obs with mask_atac but no mask_rna: both were ignored and every cell stored as paired, the RNA-only
+    # cells ATAC-measured with no peaks
+    has = np.array([True] * 3 + [False] * 3)
+    obs = pd.DataFrame(
+        {"batch": ["b"] * 6, "mask_atac": has, "has_atac": has}, index=[f"c{i}" for i in range(6)]
+    )
+    if second:  # the scvi-tools column decides the modality without a mask column
+        obs["modality"] = ["paired"] * 3 + ["expression"] * 3
+    st = _build(tmp_path, [_scvi(tmp_path / "s.h5ad", obs)])
+    got = st.read_obs()
+    assert got["mask_atac"].tolist() == has.tolist() and got["mask_rna"].all()
+    assert st.meta.n_cells_atac == 3

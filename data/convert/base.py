@@ -222,22 +222,25 @@ def as_mask(col: pd.Series, where: str, name: str) -> np.ndarray:
 
 
 def _masks_from_obs(obs: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Per modality: its ``mask_<mod>`` column, else the scvi-tools ``modality`` column, else measured in
+    every cell (the layout's default). One mask column alone still counts: ignoring a lone ``mask_atac``
+    stored its RNA-only cells as ATAC-measured with no peaks."""
     obs = obs.copy()
-    if "mask_rna" in obs.columns and "mask_atac" in obs.columns:
-        obs["mask_rna"] = as_mask(obs["mask_rna"], where, "mask_rna")
-        obs["mask_atac"] = as_mask(obs["mask_atac"], where, "mask_atac")
-    elif "modality" in obs.columns:
+    modality = None
+    if "modality" in obs.columns and not {"mask_rna", "mask_atac"} <= set(obs.columns):
         m = obs["modality"].astype(str).str.lower()
         known = m.isin(["paired", "expression", "accessibility"])
         if not known.all():
             raise ValueError(f"{where}: obs['modality'] of cell {obs.index[~known.to_numpy()][0]!r} is "
                              f"{obs['modality'].iloc[np.flatnonzero(~known.to_numpy())[0]]!r}; expected "
                              "paired / expression / accessibility")
-        obs["mask_rna"] = m.isin(["paired", "expression"]).to_numpy()
-        obs["mask_atac"] = m.isin(["paired", "accessibility"]).to_numpy()
-    else:
-        obs["mask_rna"] = True
-        obs["mask_atac"] = True
+        modality = {"mask_rna": m.isin(["paired", "expression"]).to_numpy(),
+                    "mask_atac": m.isin(["paired", "accessibility"]).to_numpy()}
+    for name in ("mask_rna", "mask_atac"):
+        if name in obs.columns:
+            obs[name] = as_mask(obs[name], where, name)
+        else:
+            obs[name] = modality[name] if modality is not None else True
     return obs
 
 
