@@ -87,6 +87,15 @@ def test_cell_weights_need_n_obs_and_index(pbmc_counts):
         ({"modality_penalty": "KL"}, "modality_penalty"),
         ({"use_layer_norm": "all"}, "use_layer_norm"),
         ({"n_batch": 0}, "n_batch"),
+        # silently wrong before: a negative rate dropped nothing, 1.0 zeroed every encoder activation
+        ({"dropout_rate": -0.1}, "dropout_rate must be in \\[0, 1\\), got -0.1"),
+        ({"dropout_rate": 1.0}, "dropout_rate"),
+        # tracebacks from deep inside the first forward before
+        ({"n_latent": 0}, "n_latent must be >= 1"),
+        ({"n_hidden": 0}, "n_hidden must be >= 1"),
+        ({"n_layers_decoder": 0}, "n_layers_decoder must be >= 1"),
+        ({"n_cats_per_cov": (3, 0)}, "n_cats_per_cov"),
+        ({"n_continuous_cov": -1}, "n_continuous_cov"),
     ],
 )
 def test_bad_options_are_named(kw, match):

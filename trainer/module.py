@@ -91,6 +91,20 @@ class MultiVAE(ObjectiveMixin, nn.Module):
             raise ValueError(f"MultiVAE needs n_genes >= 1 and n_regions >= 1, got {n_genes}, {n_regions}")
         if n_batch < 1:
             raise ValueError(f"n_batch must be >= 1, got {n_batch}")
+        # sizes and rates that would otherwise train silently wrong (dropout_rate < 0 dropped nothing,
+        # 1.0 zeroed every encoder activation) or fail later with a shape traceback
+        sizes = {"n_hidden": n_hidden, "n_latent": n_latent, "n_layers_encoder": n_layers_encoder,
+                 "n_layers_decoder": n_layers_decoder}  # fmt: skip
+        for name, value in sizes.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or null for n_hidden/n_latent), got {value}")
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+        if n_continuous_cov < 0 or any(int(n) < 1 for n in n_cats_per_cov):
+            raise ValueError(
+                f"n_continuous_cov must be >= 0 and every n_cats_per_cov >= 1, got {n_continuous_cov}, "
+                f"{list(n_cats_per_cov)}"
+            )
         if modality_weights == "cell" and n_obs < 1:
             raise ValueError(
                 "modality_weights='cell' learns one weight row per training cell: pass n_obs > 0"
