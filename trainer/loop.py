@@ -341,8 +341,10 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             else:
                 bad_epochs += 1
             if cfg.run.early_stopping and dist.shared_decision(bad_epochs >= cfg.run.patience):
+                # best is None when no validation so far was finite (it crashed formatting None)
+                best_text = "none: no validation was finite" if best is None else f"{best:.4f}"
                 dist.print0(f"[train] early stopping after epoch {epoch}: no {cfg.run.monitor} improvement "
-                            f"> {cfg.run.min_delta} for {bad_epochs} epochs (best {best:.4f})")
+                            f"> {cfg.run.min_delta} for {bad_epochs} epochs (best {best_text})")
                 stopped, stop_reason = True, "early"
         if last_val:
             metrics.log({"kind": "validation", "step": step, "epoch": epoch, **last_val, "best": best})

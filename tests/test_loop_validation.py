@@ -1,0 +1,51 @@
+"""Validation and early stopping on a store whose held-out cells make the validation non-finite.
+
+    .venv/bin/python -m pytest tests/test_loop_validation.py -q
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.split import cell_hash, is_validation
+from data.synthetic import SynthConfig, _block, _Params
+from data.writer import StoreSchema, StoreWriter
+from tests.train_utils import tiny_config
+from trainer.metrics import read_metrics
+from trainer.train import train
+
+
+def _store_with_a_huge_covariate_in_validation(out: Path) -> Path:
+    """A synthetic store whose validation cells carry pct_mito = 3e38: finite (every store check accepts
+    it), but the decoder's first layer overflows, so every validation is NaN while training is not."""
+    c = SynthConfig(out=str(out), n_cells=400, n_genes=100, n_regions=300, seed=0, with_covariates=True)
+    schema = StoreSchema(
+        gene_names=[f"gene_{i:05d}" for i in range(c.n_genes)],
+        region_names=[f"chr1:{1000 * i + 1}-{1000 * i + 501}" for i in range(c.n_regions)],
+        batch_key="batch", batch_categories=[f"batch_{i}" for i in range(c.n_batches)],
+        cat_cov_keys=["site"], cat_cov_categories={"site": ["site_a", "site_b"]}, cont_cov_keys=["pct_mito"],
+        label_key="cell_type", label_categories=[f"type_{i}" for i in range(c.n_cell_types)])
+    with StoreWriter(out, schema, source={"kind": "test"}, preshuffled=True) as w:
+        rna, atac, obs = _block(c, _Params(c), 0, 0, c.n_cells)
+        obs.loc[is_validation(cell_hash(obs.index), 0.1), "pct_mito"] = np.float32(3e38)
+        w.append(rna, atac, obs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nan_val_store(tmp_path_factory):
+    return _store_with_a_huge_covariate_in_validation(tmp_path_factory.mktemp("store") / "store")
+
+
+def test_early_stopping_when_no_validation_was_ever_finite_stops_cleanly(nan_val_store, tmp_path):
+    """patience validations that are all NaN: early stopping fires with best=None, and its message crashed
+    the run with a TypeError (formatting None with .4f) instead of stopping it."""
+    res = train(tiny_config(nan_val_store, tmp_path / "run", **{"run.epochs": 4, "run.patience": 2}))
+    assert res.stopped_early and res.epochs == 2 and res.best is None and res.skipped_steps == 0
+    vals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "validation"]
+    assert len(vals) == 2 and all(math.isnan(r["reconstruction_loss_validation"]) for r in vals)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
