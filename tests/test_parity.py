@@ -58,13 +58,21 @@ def pbmc_counts():
     return load_pbmc_counts()
 
 
-def make_batch(counts, n_cells=12, n_batch=2, n_cats=(), n_cont=0, n_obs=40, seed=0, size_factor=False):
-    """Real cells; first half paired, then RNA-only, then ATAC-only; random covariates."""
+def make_batch(
+    counts, n_cells=12, n_batch=2, n_cats=(), n_cont=0, n_obs=40, seed=0, size_factor=False, layout="mixed"
+):
+    """Real cells; first half paired, then RNA-only, then ATAC-only; random covariates.
+
+    ``layout="rna_only"`` / ``"atac_only"``: every cell measures that one modality (a minibatch
+    without a single cell of the other modality: its decoder/likelihood sees no rows at all)."""
     g = torch.Generator().manual_seed(seed)
     rows = torch.randperm(counts[0].shape[0], generator=g)[:n_cells]
     mask = torch.ones(n_cells, 2, dtype=torch.bool)
-    mask[n_cells // 2 : 3 * n_cells // 4, 1] = False
-    mask[3 * n_cells // 4 :, 0] = False
+    if layout == "mixed":
+        mask[n_cells // 2 : 3 * n_cells // 4, 1] = False
+        mask[3 * n_cells // 4 :, 0] = False
+    else:
+        mask[:, {"rna_only": 1, "atac_only": 0}[layout]] = False
     batch = {
         keys.RNA: counts[0][rows] * mask[:, :1],
         keys.ATAC: counts[1][rows] * mask[:, 1:],
