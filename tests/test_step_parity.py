@@ -75,19 +75,33 @@ def _reference_step(ref, plan, opt1, opt2, tensors, beta):
     return loss.item()
 
 
+MIXED = ("mixed",) * 3
+# a paired/unpaired minibatch, then one without ATAC cells, then one without RNA cells
+ONE_MODALITY = ("mixed", "rna_only", "atac_only")
+
+
 @pytest.mark.parametrize(
-    "options",
+    ("options", "layouts"),
     [
-        {"n_batch": 3, "n_cats_per_cov": (2,), "n_continuous_cov": 1, "encode_covariates": True},
-        {"n_batch": 1},
+        ({"n_batch": 3, "n_cats_per_cov": (2,), "n_continuous_cov": 1, "encode_covariates": True}, MIXED),
+        ({"n_batch": 1}, MIXED),
+        # BatchNorm running statistics (VAE and classifier) over the steps, per-cell weights, ln latent
+        (
+            {"n_batch": 2, "use_batch_norm": "both", "modality_weights": "cell", "n_obs": 40,
+             "latent_distribution": "ln"},
+            ONE_MODALITY,
+        ),
+        ({"n_batch": 2, "use_size_factor": True, "gene_likelihood": "nb", "region_factors": False}, ONE_MODALITY),
     ],
-    ids=["3-batches-adversarial", "single-batch-no-classifier"],
-)
-def test_three_steps_leave_identical_weights(pbmc_counts, monkeypatch, options):
+    ids=["3-batches-adversarial", "single-batch-no-classifier", "batch-norm-cell-ln-one-modality",
+         "size-factors-one-modality"],
+)  # fmt: skip
+def test_three_steps_leave_identical_weights(pbmc_counts, monkeypatch, options, layouts):
     from scvi.train._trainingplans import _compute_kl_weight
 
     torch.manual_seed(0)
-    ours = MultiVAE(45, 174, dropout_rate=0.0, modality_weights="universal", **options).double()
+    options = {"modality_weights": "universal", **options}
+    ours = MultiVAE(45, 174, dropout_rate=0.0, **options).double()
     randomize(ours)
     classifier = build_classifier(ours)
     assert (classifier is None) == (options["n_batch"] == 1)
@@ -103,6 +117,8 @@ def test_three_steps_leave_identical_weights(pbmc_counts, monkeypatch, options):
             n_cats=options.get("n_cats_per_cov", ()),
             n_cont=options.get("n_continuous_cov", 0),
             seed=step,
+            size_factor=options.get("use_size_factor", False),
+            layout=layouts[step],
         )
         beta = kl_weight(epoch=step, n_epochs_kl_warmup=2)
         assert beta == _compute_kl_weight(step, step, 2, None)
