@@ -54,6 +54,10 @@ def _prepare_obs(src, inp: InputConfig, cfg: BuildConfig, batch_key: str) -> pd.
             # written with an empty gene table) cannot have measured it; True gave cells with empty rows
             # that the model trained on as measured
             obs[f"mask_{mod}"] = False
+    used = ([cfg.batch_key] if cfg.batch_key is not None and inp.batch is None else []) + [
+        *cfg.cat_cov_keys, *cfg.cont_cov_keys] + ([cfg.label_key] if cfg.label_key is not None else [])
+    for col in used:
+        check_agree(src, col)
     out = pd.DataFrame(index=obs.index)
     if cfg.batch_key is None or inp.batch is not None:
         out[batch_key] = inp.batch if inp.batch is not None else default_batch_name(src)
@@ -77,6 +81,29 @@ def _prepare_obs(src, inp: InputConfig, cfg: BuildConfig, batch_key: str) -> pd.
     out["mask_rna"] = obs["mask_rna"].to_numpy(bool)
     out["mask_atac"] = obs["mask_atac"].to_numpy(bool)
     return out
+
+
+def check_agree(src, col: str) -> None:
+    """Refuse a column whose value for one cell differs between the tables the input's obs was merged from
+    (RNA obs, ATAC obs, an .h5mu's global obs): one of them silently won before (the RNA obs for a paired
+    cell; the modality obs over the global obs, which is what MuData and scvi-tools read)."""
+    parts = [(w, t[col]) for w, t in src.obs_parts if col in t.columns]
+    for k, (w1, a) in enumerate(parts):
+        for w2, b in parts[k + 1:]:
+            common = a.index.intersection(b.index)
+            if not len(common):
+                continue
+            x, y = a.reindex(common), b.reindex(common)
+            both = x.notna().to_numpy() & y.notna().to_numpy()
+            if pd.api.types.is_numeric_dtype(x) and pd.api.types.is_numeric_dtype(y):
+                diff = both & (x.to_numpy(np.float32) != y.to_numpy(np.float32))
+            else:
+                diff = both & (as_text(x) != as_text(y))
+            if diff.any():
+                i = int(np.flatnonzero(diff)[0])
+                raise ValidationError(f"{src.name}: obs column {col!r} of cell {common[i]!r} is {x.iloc[i]!r} in "
+                                      f"{w1} but {y.iloc[i]!r} in {w2} ({int(diff.sum())} cells differ); make them "
+                                      "agree (or drop the column from one of them)")
 
 
 def default_batch_name(src) -> str:

@@ -14,6 +14,7 @@ import pytest
 import scipy.sparse as sp
 
 from data.config import InputConfig
+from data.validate import ValidationError
 from tests.test_build_inputs import _build, _pair, _write_pair
 
 
@@ -72,3 +73,44 @@ def test_one_mask_column_of_the_scvi_layout_is_read(tmp_path, second):
     got = st.read_obs()
     assert got["mask_atac"].tolist() == has.tolist() and got["mask_rna"].all()
     assert st.meta.n_cells_atac == 3
+
+
+def test_obs_values_that_disagree_between_the_tables_of_an_input_are_refused(tmp_path):
+    # a paired cell's batch came from the RNA obs, the ATAC obs's other value was ignored; in an .h5mu the
+    # modality obs won over the global obs (what MuData and scvi-tools read), both silently
+    import mudata
+
+    rna, atac = _pair(obs={"batch": ["b0"] * 6})
+    atac.obs["batch"] = ["b0"] * 5 + ["b1"]
+    with pytest.raises(
+        ValidationError,
+        match=r"obs column 'batch' of cell 'c5' is 'b0' in .*rna\.h5ad obs but "
+        r"'b1' in .*atac\.h5ad obs \(1 cells differ\)",
+    ):
+        _build(tmp_path, [_write_pair(tmp_path, rna, atac, "p")])
+    rna, atac = _pair(obs={"batch": ["b0"] * 6})
+    md = mudata.MuData({"rna": rna, "atac": atac})
+    md.obs["batch"] = ["b1"] * 6
+    md.write(tmp_path / "m.h5mu")
+    with pytest.raises(
+        ValidationError, match=r"'b0' in .*mod/rna obs but 'b1' in .*global obs \(6 cells differ\)"
+    ):
+        _build(tmp_path / "mu", [InputConfig(kind="h5mu", path=str(tmp_path / "m.h5mu"))])
+    # a column the build does not use may differ; values that agree (1 vs "1", 0.5 as float32 vs float64) pass
+    rna, atac = _pair(obs={"batch": [1] * 6, "qc": [1.0] * 6, "pct": np.full(6, 0.5, np.float32)})
+    atac.obs["batch"], atac.obs["qc"], atac.obs["pct"] = ["1"] * 6, [2.0] * 6, np.full(6, 0.5)
+    st = _build(tmp_path / "ok", [_write_pair(tmp_path, rna, atac, "ok")], cont_cov_keys=["pct"])
+    assert st.meta.batch_categories == ["1"]
+
+
+@pytest.mark.parametrize("preshuffle", [False, True])
+def test_a_column_only_the_atac_obs_has_reaches_the_paired_cells(tmp_path, preshuffle):
+    # labels only in the ATAC file: the paired cells (taken from the RNA obs) got none, and with no other
+    # input having the column the build said no input had it
+    rna, atac = _pair()
+    atac.obs["cell_type"] = ["T", "B", "T", "NK", "B", "T"]
+    rna, atac = rna[:4].copy(), atac[2:].copy()  # c0, c1 RNA-only; c2, c3 paired; c4, c5 ATAC-only
+    st = _build(tmp_path, [_write_pair(tmp_path, rna, atac)], label_key="cell_type", preshuffle=preshuffle)
+    obs = st.read_obs()
+    labels = obs["cell_type"].astype(object).where(obs["cell_type"].notna(), None).to_dict()
+    assert labels == {"c0": None, "c1": None, "c2": "T", "c3": "NK", "c4": "B", "c5": "T"}

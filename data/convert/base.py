@@ -33,6 +33,21 @@ def scatter_rows(compact: sp.csr_matrix, rows: np.ndarray, n: int) -> sp.csr_mat
                          shape=(n, compact.shape[1]))
 
 
+def _fill_missing(obs: pd.DataFrame, other: pd.DataFrame) -> None:
+    """Add ``other``'s columns that ``obs`` lacks and fill ``obs``'s missing values from it, per cell id."""
+    other = other.reindex(obs.index)
+    for col in other.columns:
+        if col not in obs.columns:
+            obs[col] = other[col].values
+            continue
+        # A column of only one modality's obs is NaN for the other modality's cells once joined.
+        miss = obs[col].isna().to_numpy() & other[col].notna().to_numpy()
+        if miss.any():
+            vals = obs[col].astype(object).to_numpy()
+            vals[miss] = other[col].astype(object).to_numpy()[miss]
+            obs[col] = vals
+
+
 class Source:
     """Common interface; subclasses set name, obs, features and implement ``_rows``."""
 
@@ -40,6 +55,9 @@ class Source:
     obs: pd.DataFrame
     features: dict[str, pd.DataFrame | None]
     warnings: tuple[str, ...] = ()  # what mva-build logs once about this input (e.g. .h5mu modalities not read)
+    # (where, table): the per-cell tables ``obs`` was merged from (RNA obs, ATAC obs, an .h5mu's global obs),
+    # indexed by the input's own cell ids; mva-build checks that they agree on the columns it uses
+    obs_parts: tuple[tuple[str, pd.DataFrame], ...] = ()
 
     def _rows(self, start: int, stop: int) -> tuple[sp.csr_matrix | None, sp.csr_matrix | None]:
         raise NotImplementedError
@@ -80,19 +98,16 @@ class PairSource(Source):
         if atac is not None and len(atac_only):  # an empty frame would still upcast int columns to float
             parts.append(atac.obs.loc[atac_only])
         obs = pd.concat(parts) if len(parts) > 1 else parts[0].copy()
-        if extra_obs is not None:  # e.g. the global obs of an .h5mu
-            extra_obs = extra_obs.reindex(obs.index)
-            for col in extra_obs.columns:
-                if col not in obs.columns:
-                    obs[col] = extra_obs[col].values
-                    continue
-                # A column of only one modality's obs is NaN for the other modality's cells once joined;
-                # the global obs (MuData's own per-cell table) holds those values: fill them from it.
-                miss = obs[col].isna().to_numpy() & extra_obs[col].notna().to_numpy()
-                if miss.any():
-                    vals = obs[col].astype(object).to_numpy()
-                    vals[miss] = extra_obs[col].astype(object).to_numpy()[miss]
-                    obs[col] = vals
+        # A paired cell's values come from the RNA obs; the ATAC obs (a label only it has), then the global
+        # obs of an .h5mu (MuData's own per-cell table) supply the columns and values it lacks. Where two of
+        # them hold different values for one cell, mva-build refuses the columns it uses (obs_parts).
+        parts_of = [(g.where + " obs", g.obs) for g in (rna, atac) if g is not None]
+        if atac is not None and rna is not None:
+            _fill_missing(obs, atac.obs)
+        if extra_obs is not None:
+            _fill_missing(obs, extra_obs)
+            parts_of.append((f"{name}: global obs", extra_obs))
+        self.obs_parts = tuple(parts_of)
         obs["mask_rna"] = obs.index.isin(rna_ids)
         obs["mask_atac"] = obs.index.isin(atac_ids)
         self.obs = obs
