@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from trainer.jobs.common import (
 )
 from trainer.jobs.de_groups import cell_sets, complement, raw_of, raw_sums
 from trainer.jobs.de_sampling import READ_CHUNK, Sampler
+from trainer.jobs.runner import _empty_dir, _take_lock
 
 STATS_COLUMNS = 2048  # features per statistics call: caps the (samples x features) temporaries
 # Test hook (same name as embed's): raise after this many comparisons were written by this process.
@@ -170,7 +170,6 @@ def _run(cfg: InferConfig, job: str) -> dict:
     parts_dir = final.with_name(final.name + ".parts")
     if final.exists() and not cfg.overwrite:
         raise InferError(f"{final} already exists: pass overwrite=true to replace it")
-    progress = Progress(parts_dir)
     # what decides the table: not the other jobs' sections or the timeout, and the store / model by
     # where they really are (a relative path typed differently is the same run)
     fp = {**{k: v for k, v in asdict(cfg).items() if k not in _NOT_DE_SETTINGS},
@@ -179,6 +178,32 @@ def _run(cfg: InferConfig, job: str) -> dict:
           "cells_sha": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (cfg.de.cells1, cfg.de.cells2)
                         if f is not None and Path(f).is_file()],
           "model_mtime_ns": (model_dir / "model.safetensors").stat().st_mtime_ns}
+    dist.barrier()  # every rank has checked the output before rank 0 takes the lock
+    # rank 0 holds <output>.parts/.mva.lock for the whole job, as the chunked jobs hold theirs: a second job
+    # on the same output (overwrite=true, other settings) emptied the parts directory under a running one,
+    # whose table then mixed both jobs' comparisons; a lock left by a killed job is cleared (holder dead)
+    lock = _take_lock(parts_dir, info)
+    finished = False
+    try:
+        summary = _run_locked(cfg, job, info, module, minfo, store, modality, all_names, feat, sets, comps, by_group,
+                              final, parts_dir, fp)
+        finished = True
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()
+            if finished:
+                try:
+                    parts_dir.rmdir()  # empty unless another job took the lock meanwhile: then leave it
+                except OSError:
+                    pass
+
+
+def _run_locked(cfg, job, info, module, minfo, store, modality, all_names, feat, sets, comps, by_group, final,
+                parts_dir, fp) -> dict:
+    progress = Progress(parts_dir)
+    if final.exists() and not cfg.overwrite:  # another job finished it while this one was starting
+        raise InferError(f"{final} already exists: pass overwrite=true to replace it")
     old = parts_dir / "job.json"
     if not cfg.overwrite and old.is_file() and json.loads(old.read_text()) != json.loads(json.dumps(fp)):
         # checked on every rank (not only in Progress.start on rank 0): no rank waits for a failed one
@@ -188,7 +213,7 @@ def _run(cfg: InferConfig, job: str) -> dict:
     if info.is_main:
         if cfg.overwrite:
             final.unlink(missing_ok=True)
-            shutil.rmtree(parts_dir, ignore_errors=True)
+            _empty_dir(parts_dir)  # keeps our lock
         progress.start(fp)  # raises if an unfinished run with other settings is in the way
     dist.barrier()
 
@@ -232,7 +257,7 @@ def _run(cfg: InferConfig, job: str) -> dict:
             raise InferError(f"{len(missing)} comparisons were not written (first: {missing[:5]}); rerun to finish")
         table = pd.concat([pd.read_parquet(parts_dir / f"comp-{k:05d}.parquet") for k in range(len(comps))])
         _write_table(table, final, cfg.de.format)
-        shutil.rmtree(parts_dir, ignore_errors=True)
+        _empty_dir(parts_dir)  # the lock stays until _run releases it
         dist.print0(f"[infer] {job}: {len(comps)} comparison(s) x {len(feat)} features -> {final}")
     dist.barrier()
     return {"output": str(final), "n_comparisons": len(comps), "n_features": len(feat), "computed": len(mine),
