@@ -61,7 +61,14 @@ def test_missing_store_is_named():
                                           ("data.num_workers=-1", "data.num_workers"),
                                           # were a ValueError traceback once the store was open
                                           ("model.gene_likelihood=zinbb", "model.gene_likelihood"),
-                                          ("model.dispersion=cell", "model.dispersion")])
+                                          ("model.dispersion=cell", "model.dispersion"),
+                                          # dropout -0.1 trained without dropout, 1.0 zeroed every
+                                          # encoder activation; sizes < 1 crashed in the first forward
+                                          ("model.dropout_rate=-0.1", "model.dropout_rate"),
+                                          ("model.dropout_rate=1.0", "model.dropout_rate"),
+                                          ("model.n_latent=0", "model.n_latent"),
+                                          ("model.n_hidden=-5", "model.n_hidden"),
+                                          ("model.n_layers_decoder=0", "model.n_layers_decoder")])
 def test_bad_values_are_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(_compose("data.store=/x", override))
