@@ -135,12 +135,20 @@ def _feature_frame(names: list[str], extra: pd.DataFrame | None, parse: bool) ->
         extra.index = pd.Index(names, dtype=str)
         for col in extra.columns:
             if col not in df.columns:
-                df[col] = extra[col].values
+                df[col] = _with_missing(extra[col])
     if not df.index.is_unique:
         dup = df.index[df.index.duplicated()][0]
         raise ValueError(f"duplicate feature name {dup!r}")
     df.index.name = None
     return df
+
+
+def _with_missing(col: pd.Series):
+    """A feature column as anndata writes it faithfully: a missing value of a text (object) column would be
+    written as the text "nan", so such a column becomes a categorical (missing = NaN)."""
+    if col.dtype != object or not col.isna().any():
+        return col.values
+    return pd.Categorical(np.where(col.notna(), col.astype(str), None))
 
 
 def normalize_obs(schema: StoreSchema, obs: pd.DataFrame, first_index: int) -> pd.DataFrame:

@@ -114,3 +114,36 @@ def test_a_column_only_the_atac_obs_has_reaches_the_paired_cells(tmp_path, presh
     obs = st.read_obs()
     labels = obs["cell_type"].astype(object).where(obs["cell_type"].notna(), None).to_dict()
     assert labels == {"c0": None, "c1": None, "c2": "T", "c3": "NK", "c4": "B", "c5": "T"}
+
+
+def test_feature_columns_with_missing_values_are_kept_with_their_gaps(tmp_path):
+    # one gene without an id dropped the whole gene_ids column, as did feature_join=union for a column only
+    # the first input has; written as-is, anndata would store a missing text as the text "nan"
+    rna, atac = _pair()
+    rna.var["gene_ids"] = ["E0", "E1", np.nan, "E3"]
+    rna.var["score"] = [1.0, np.nan, 2.0, 3.0]
+    rna.var["hv"] = pd.array([True, None, False, True], dtype="boolean")
+    rna2, atac2 = _pair(prefix="d", g=5)  # a fifth gene the first input does not have
+    st = _build(
+        tmp_path,
+        [_write_pair(tmp_path, rna, atac, "a"), _write_pair(tmp_path, rna2, atac2, "b")],
+        feature_join="union",
+    )
+    var = st.features["rna"]
+    assert list(var.index) == ["g0", "g1", "g2", "g3", "g4"]
+    assert var["gene_ids"].astype(object).where(var["gene_ids"].notna(), None).tolist() == [
+        "E0",
+        "E1",
+        None,
+        "E3",
+        None,
+    ]
+    np.testing.assert_array_equal(var["score"].to_numpy(), [1.0, np.nan, 2.0, 3.0, np.nan])
+    assert var["hv"].astype(object).where(var["hv"].notna(), None).tolist() == [True, None, False, True, None]
+    assert ad.read_zarr(st.shard_path(0) / "mod" / "rna").var["gene_ids"].isna().tolist() == [
+        False,
+        False,
+        True,
+        False,
+        True,
+    ]

@@ -65,7 +65,9 @@ def align(features: list[dict[str, pd.DataFrame | None]], where: list[str], join
             parts = [features[i][mod] for i in have]
             table = pd.concat([p.loc[p.index.isin(names[mod])] for p in parts])
             table = table[~table.index.duplicated()].reindex(names[mod])
-            var[mod] = table[[c for c in table.columns if table[c].notna().all()]]
+            # a column with some missing values (a gene without an id, a column only some inputs have under
+            # feature_join=union) is kept, its gaps missing; only a column with no value at all is dropped
+            var[mod] = table[[c for c in table.columns if table[c].notna().any()]]
             dropped[mod] = {where[i]: [str(n) for n in features[i][mod].index[~features[i][mod].index.isin(names[mod])]]
                             for i in have}
         for i, f in enumerate(features):
