@@ -152,6 +152,12 @@ class InferConfig:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.give_mean and self.n_samples != 1:
             raise ConfigError("n_samples > 1 draws posterior samples: set give_mean=false")
+        if self.job in ("de", "da") and (not self.give_mean or self.n_samples != 1):
+            # the reference's model functions, which de/da keep: de decodes the posterior mean of each sampled
+            # cell, da one posterior draw per sampled cell; the keys were accepted and silently ignored
+            raise ConfigError(f"give_mean / n_samples do not apply to job={self.job} (de decodes posterior means, "
+                              f"da one posterior draw per sampled cell, as the reference; de.n_samples_overall "
+                              f"sets the samples per group): leave them at give_mean=true, n_samples=1")
         bad = [m for m in self.modalities if m not in LATENTS]
         if bad or not self.modalities:
             raise ConfigError(f"modalities must be a non-empty subset of {list(LATENTS)}, got {self.modalities}")
