@@ -229,10 +229,16 @@ class Store:
         data, indices, _ = self.csr_arrays(modality, shard)
         ptr = self.indptr(modality, shard)
         lo, hi = int(ptr[start]), int(ptr[stop])
-        return sp.csr_matrix((data[lo:hi], indices[lo:hi], ptr[start:stop + 1] - lo), shape=(stop - start, n_cols))
+        out = sp.csr_matrix((data[lo:hi], indices[lo:hi], ptr[start:stop + 1] - lo), shape=(stop - start, n_cols))
+        # the indptr is cached and zarr opens files by path: after a rebuild in place the slices came from the
+        # new store's arrays at the old store's offsets, other cells' counts without an error
+        self.check_unchanged()
+        return out
 
     def read_shard_obs(self, shard: int) -> pd.DataFrame:
-        return read_elem(self.root[f"shards/{shard:05d}/obs"])
+        obs = read_elem(self.root[f"shards/{shard:05d}/obs"])
+        self.check_unchanged()  # the new store's cells under the old one's shard offsets and categories
+        return obs
 
     def read_obs(self) -> pd.DataFrame:
         """Every per-cell column over all shards, in global row order (index = cell id)."""
