@@ -103,3 +103,27 @@ def test_an_fp16_overflow_skip_backs_off_the_loss_scale(tmp_path):
         out = train_one_step(w, batches[step % len(batches)], 1.0, None, guard, step)
         step += 1
     assert out is not None and guard.consecutive == 0 and w.scaler.get_scale() < 2.0**119
+
+
+def test_fp16_loss_scale_back_off_is_not_a_run_of_bad_steps(tmp_path):
+    """What dist.precision=fp16 builds on a GPU, emulated with CPU fp16 autocast: the GradScaler starts at
+    2**16 and MultiVI's gradients (norm ~7e3 here) overflow fp16 until it has halved ~12 times in a row.
+    Those skips counted toward max_bad_steps (default 5): the run stopped at step 4 with NonFiniteError
+    before a single update. A real NaN gradient still stops the run once the scale is down to 1."""
+    module, w, batches = _setup(tmp_path, n_batches=4)
+    w.amp_dtype = torch.float16
+    w.scaler = torch.amp.GradScaler("cpu", enabled=True)  # DDPWrapped's fp16 scaler (init_scale 2**16)
+    guard = StepGuard()  # the default run.max_bad_steps
+    assert guard.max_bad_steps == 5
+    outs = [train_one_step(w, batches[s % len(batches)], 1.0, None, guard, s) for s in range(20)]
+    first = next(s for s, o in enumerate(outs) if o is not None)
+    assert first >= guard.max_bad_steps, "no back-off happened: the test would not cover anything"
+    assert sum(o is not None for o in outs[first:]) >= 5 and guard.consecutive == 0
+    assert 1.0 < w.scaler.get_scale() < 2.0**16
+
+    hook = next(module.parameters()).register_hook(lambda g: g * float("nan"))  # NaN at any scale
+    with pytest.raises(NonFiniteError, match="grad_norm"):
+        for s in range(20, 60):
+            train_one_step(w, batches[s % len(batches)], 1.0, None, guard, s)
+    hook.remove()
+    assert w.scaler.get_scale() <= 1.0  # it stopped only after the scale could no longer explain it

@@ -41,23 +41,26 @@ class StepGuard:
     last_good_checkpoint: str | None = None
     history: list[str] = field(default_factory=list)
 
-    def check(self, step: int, terms: dict[str, torch.Tensor | float]) -> bool:
+    def check(self, step: int, terms: dict[str, torch.Tensor | float], streak: bool = True) -> bool:
         """Collective. True if the step must be skipped on every rank (some rank saw a bad term).
 
         A passing check does not end a streak of bad steps: a step is checked more than once (loss
         terms, then the gradient norm), and a finite loss with a NaN gradient must still count as one
-        more bad step in a row. Only :meth:`step_taken` (the optimizer stepped) resets the streak."""
+        more bad step in a row. Only :meth:`step_taken` (the optimizer stepped) resets the streak.
+        ``streak=False``: an expected skip (an fp16 loss-scale overflow while the scaler backs off) is
+        counted in ``skipped_total`` but not toward ``max_bad_steps``."""
         local_bad = bad_terms(terms)
         skip = dist.any_rank(bool(local_bad))
         if not skip:
             return False
-        self.consecutive += 1
+        self.consecutive += int(streak)
         self.skipped_total += 1
         what = ", ".join(local_bad) if local_bad else "a term on another rank"
         self.history.append(f"step {step}: non-finite {what}")
+        why = "" if streak else "; a loss-scale overflow: the scale backs off, not counted as a bad step"
         dist.print0(f"[guard] skipping step {step}: non-finite {what} "
-                    f"({self.consecutive} in a row, {self.skipped_total} in total)")
-        if self.consecutive >= self.max_bad_steps:
+                    f"({self.consecutive} in a row, {self.skipped_total} in total{why})")
+        if streak and self.consecutive >= self.max_bad_steps:
             raise NonFiniteError(
                 f"stopping at step {step}: {self.consecutive} consecutive non-finite steps "
                 f"(last bad: {what}; see run.max_bad_steps). Last good checkpoint: "

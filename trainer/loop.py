@@ -115,7 +115,9 @@ def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor 
         return None
     w.backward(total)
     norm = w.grad_norm_before_step()
-    if norm is not None and guard.check(step, {"grad_norm": norm}):
+    # the same norm on every rank (all-reduced gradients), so every rank takes the same branch
+    backoff = norm is not None and not math.isfinite(norm) and w.scale_backing_off()
+    if norm is not None and guard.check(step, {"grad_norm": norm}, streak=not backoff):
         skip()
         return None
     w.step()

@@ -169,6 +169,10 @@ class Wrapped:
     def grad_norm_after_step(self) -> float | None:
         return None
 
+    def scale_backing_off(self) -> bool:
+        """True where a non-finite gradient is expected: fp16's GradScaler still above scale 1 (see DDPWrapped)."""
+        return False
+
     def on_skip(self) -> None:
         """The loop skips this step (a non-finite term): undo what the backend did for it so far."""
 
@@ -229,6 +233,14 @@ class DDPWrapped(Wrapped):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self._unscaled = False
+
+    def scale_backing_off(self) -> bool:
+        """fp16: the GradScaler starts at 2**16 and halves on every overflow until the scaled gradients fit
+        in fp16; MultiVI's per-cell sums over genes have gradient norms of ~1e4, so it needs ~12 halvings
+        in a row (measured on the tiny test store), and counted toward run.max_bad_steps (5) those skips
+        stopped such a run at step 4 before it trained at all. Above scale 1 an overflow is that back-off; at or below 1 the
+        gradient itself does not fit (or is NaN) and counts, so a real NaN still stops the run."""
+        return self.scaler.is_enabled() and self.scaler.get_scale() > 1.0
 
     def on_skip(self) -> None:
         # fp16: an overflow (inf gradient) is skipped by the guard after unscale_; without update() the
