@@ -14,7 +14,8 @@ from (seed, chunk) with chunks of ``batch_size`` cells, so equal settings give e
 ``data`` is one of: a store path; an AnnData whose var_names are the model's genes and regions (the
 genes-then-peaks layout); a MuData with modalities ``rna`` and/or ``atac``; or a dict / pair of AnnData
 ``{"rna": ..., "atac": ...}`` (turned into a MuData). Feature names must be exactly the model's (any
-order; missing or extra names are an error). Cells are processed ``batch_size`` at a time: memory is one
+order; missing or extra names are an error) and X must hold raw counts (non-negative integers: a
+normalised or log1p X is refused, naming a cell). Cells are processed ``batch_size`` at a time: memory is one
 batch x features plus the result (the result itself is cells x features: for atlas-size outputs use the
 jobs, which write chunks to disk). Categorical obs columns (the model's batch key and covariates) are
 mapped to the model's categories by label; an unknown label is an error.

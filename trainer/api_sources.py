@@ -215,6 +215,18 @@ def _rows(x, rows: np.ndarray, cols: np.ndarray | None, keep: np.ndarray) -> sp.
     return sp.csr_matrix((sub.data.astype(np.float32), sub.indices, indptr), shape=(len(rows), n_cols))
 
 
+def _check_counts(x: sp.csr_matrix, mod: str, names: pd.Index) -> None:
+    """Raw counts only: the encoders read counts and the likelihoods score them, so a normalised or log1p X
+    gave other latents without a word (the store builder refuses such input; the reference warns)."""
+    d = x.data
+    bad = ~np.isfinite(d) | (d < 0) | (d != np.round(d))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(x.indptr, i, side="right")) - 1
+        raise APIError(f"the {mod} counts must be non-negative integers (raw counts), but cell {names[row]!r} has "
+                       f"{float(d[i])!r}: pass the raw counts in X (e.g. adata.X = adata.layers['counts'])")
+
+
 def _torch_csr(x: sp.csr_matrix) -> torch.Tensor:
     return torch.sparse_csr_tensor(torch.from_numpy(x.indptr.astype(np.int64)),
                                    torch.from_numpy(x.indices.astype(np.int64)),
@@ -248,6 +260,7 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
             if mod in feats:
                 x, rows, cols = feats[mod]
                 out[mod] = _rows(x, rows[lo:hi], cols, m[:, keys.MASK_COLUMN[mod]])
+                _check_counts(out[mod], mod, obs.index[lo:hi])
             else:
                 out[mod] = sp.csr_matrix((hi - lo, width[mod]), dtype=np.float32)
         b = {mod: _torch_csr(out[mod]) for mod in keys.MODALITIES}
