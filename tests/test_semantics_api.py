@@ -36,3 +36,14 @@ def test_in_memory_input_that_is_not_raw_counts_is_refused(trained, mod, how):
     ):
         model.latent(mdata)
     assert z.shape == (len(cells), model.module.n_latent)
+
+
+def test_threshold_zero_is_dense_as_the_job_and_the_reference(trained):
+    """threshold=0 keeps every value; the reference (``if threshold:``) and the accessibility job then return
+    a dense matrix, the API returned a CSR holding every entry."""
+    store, model = trained
+    dense = model.accessibility(store)
+    zero = model.accessibility(store, threshold=0)
+    assert isinstance(zero, np.ndarray)
+    np.testing.assert_array_equal(zero, dense)
+    assert model.accessibility(store, threshold=0.5).nnz < dense.size  # a real threshold: sparse

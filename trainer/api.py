@@ -138,7 +138,8 @@ class Model:
                       regions: Sequence[str] | None = None, transform_batch=None, threshold: float | None = None,
                       give_mean: bool = True, n_samples: int = 1, seed: int = 0, batch_size: int = 1024,
                       mask=None, as_anndata: bool = False):
-        """Accessibility probabilities (cells, regions); with ``threshold`` a CSR matrix of the p >= threshold."""
+        """Accessibility probabilities (cells, regions); with ``threshold`` in (0, 1] a CSR matrix of the
+        p >= threshold (0 keeps everything: dense, as the reference and the accessibility job)."""
         _check_samples(give_mean, n_samples)
         if threshold is not None and not 0 <= threshold <= 1:
             raise APIError(f"threshold must be in [0, 1], got {threshold}")
@@ -152,7 +153,7 @@ class Model:
                                                     use_z_mean=give_mean, region_index=index)
 
         src = source(self, data, mask, batch_size)
-        out = self._collect(src, fn, (len(names),), seed, give_mean, sparse_threshold=threshold)
+        out = self._collect(src, fn, (len(names),), seed, give_mean, sparse_threshold=threshold or None)
         return _as_anndata(src, out, names) if as_anndata else out
 
     # ------------------------------------------------------------------------------ internals
