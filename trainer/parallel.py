@@ -238,8 +238,9 @@ class DDPWrapped(Wrapped):
         """fp16: the GradScaler starts at 2**16 and halves on every overflow until the scaled gradients fit
         in fp16; MultiVI's per-cell sums over genes have gradient norms of ~1e4, so it needs ~12 halvings
         in a row (measured on the tiny test store), and counted toward run.max_bad_steps (5) those skips
-        stopped such a run at step 4 before it trained at all. Above scale 1 an overflow is that back-off; at or below 1 the
-        gradient itself does not fit (or is NaN) and counts, so a real NaN still stops the run."""
+        stopped such a run at step 4 before it trained at all. Above scale 1 an overflow is that back-off;
+        at or below 1 the gradient itself does not fit (or is NaN) and counts, so a real NaN still stops
+        the run."""
         return self.scaler.is_enabled() and self.scaler.get_scale() > 1.0
 
     def on_skip(self) -> None:
