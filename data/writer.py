@@ -28,7 +28,7 @@ import zarr
 from anndata.io import write_elem
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from data import keys
+from data import keys, leftovers
 from data.manifest import write_manifest
 from data.split import cell_hash
 from data.store_stats import BlockStats, block_stats
@@ -224,7 +224,9 @@ class StoreWriter:
         self.preshuffled = bool(preshuffled)
         self.tmp = self.out.with_name(f"{self.out.name}.tmp-{secrets.token_hex(4)}")
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        leftovers.clean(self.out)  # what a killed build of this output left (removed only if provably stale)
         self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
+        leftovers.claim(self.tmp)
         # codec is written first: shards staged by Dask tasks read it from here (store_codec)
         self.root.attrs.update({"format": keys.STORE_FORMAT, "schema_version": keys.SCHEMA_VERSION,
                                 "complete": False, "codec": self.codec})
@@ -319,6 +321,7 @@ class StoreWriter:
             "source": self.source, "created_by": f"multivi-atlas {_version()}", "preshuffled": self.preshuffled,
             "codec": self.codec,
         })
+        leftovers.release(self.tmp)
         write_manifest(self.tmp)  # every file but the root zarr.json, whose attributes change next
         self.root.attrs["complete"] = True  # last write before the rename: only a finished store has it
         if self.out.exists() and not self.overwrite:
