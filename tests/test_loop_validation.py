@@ -49,3 +49,33 @@ def test_early_stopping_when_no_validation_was_ever_finite_stops_cleanly(nan_val
     vals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "validation"]
     assert len(vals) == 2 and all(math.isnan(r["reconstruction_loss_validation"]) for r in vals)
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_keep_best_model_json_describes_the_weights_it_ships(tmp_path):
+    """keep=best exports the best epoch's weights, but model.json recorded the LAST epoch's steps and
+    validation next to them: a reader took the last validation for the shipped model's."""
+    import json
+
+    from tests.train_utils import tiny_store
+
+    store = tiny_store(tmp_path / "store", n_cells=400)
+    # min_delta huge: only the first validation improves, so the best weights are epoch 0's
+    opts = {"run.epochs": 3, "run.keep": "best", "run.min_delta": 1e9, "run.early_stopping": False,
+            "run.keep_checkpoints": 0}
+    res = train(tiny_config(store, tmp_path / "run", **opts))
+    vals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "validation"]
+    assert len(vals) == 3 and vals[0]["reconstruction_loss_validation"] != vals[-1]["reconstruction_loss_validation"]
+    info = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
+    assert info["weights"] == "best" and info["epochs"] == 1 and info["steps"] == vals[0]["step"]
+    assert info["validation"]["reconstruction_loss_validation"] == vals[0]["reconstruction_loss_validation"]
+    assert info["best"] == res.best == vals[0]["reconstruction_loss_validation"]
+    # the run's own record still says where it ended
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["steps"] == vals[-1]["step"] and result["validation"] == res.last_validation
+
+    # resumed from the end of epoch 1 (best = epoch 0) in another directory: the description travels too
+    first = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[1]
+    train(tiny_config(store, tmp_path / "other", **{**opts, "run.resume": str(first)}))
+    again = json.loads((tmp_path / "other" / "model" / "model.json").read_text())
+    assert {k: again[k] for k in ("weights", "epochs", "steps", "validation")} == \
+        {k: info[k] for k in ("weights", "epochs", "steps", "validation")}

@@ -214,6 +214,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     code = ckpt.code_fingerprint()  # at start, close to when the modules were imported
     epoch, step, batches_done, best, bad_epochs, stopped = 0, 0, 0, None, 0, False
     last_val: dict[str, float] = {}  # the last validation (kept in checkpoints: a finished run re-exports it)
+    best_info: dict = {}  # epochs, steps and validation of the best weights (what model.json says with keep=best)
     stop_reason = ""  # "early" (early stopping) | "max_steps": a larger run.max_steps continues the run
     path = dist.broadcast_object(str(ckpt.find_resume(run_dir, cfg.run.resume) or ""))
     if path:
@@ -238,6 +239,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         bad_epochs, stopped = int(state["bad_epochs"]), bool(state["stopped"])
         stop_reason = str(state.get("stop_reason", "early" if stopped else ""))  # absent before it was recorded
         last_val = {k: float(v) for k, v in state.get("last_validation", {}).items()}
+        best_info = dict(state.get("best_info", {}))  # absent before it was recorded
         if stop_reason == "max_steps" and (cfg.run.max_steps is None or step < cfg.run.max_steps):
             stopped, stop_reason = False, ""  # the limit was raised (or lifted): train on from here
         guard.load_state_dict(state["guard"])
@@ -275,7 +277,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         state = {"epoch": epoch, "step": step, "batches_done": batches_done if mid_epoch else 0,
                  "config": config_to_json(cfg), "world_size": info.world_size,
                  "best": "" if best is None else best, "bad_epochs": bad_epochs, "stopped": stopped,
-                 "stop_reason": stop_reason, "last_validation": last_val,
+                 "stop_reason": stop_reason, "last_validation": last_val, "best_info": best_info,
                  "best_weights": ckpt.read_best(run_dir) if cfg.run.keep == "best" and info.is_main else {},
                  "guard": guard.state_dict(), "data_fingerprint": ckpt.data_fingerprint(meta),
                  "torch_threads": torch.get_num_threads(), "code_fingerprint": code}
@@ -340,6 +342,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             improved = math.isfinite(value) and (best is None or value < best - cfg.run.min_delta)
             if improved:
                 best, bad_epochs = value, 0
+                best_info = {"epochs": epoch + 1, "steps": step, "validation": dict(last_val)}
             else:
                 bad_epochs += 1
             if cfg.run.early_stopping and dist.shared_decision(bad_epochs >= cfg.run.patience):
@@ -361,11 +364,11 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     model_dir = None
     if info.is_main:
         weights = weights_of(module)
+        about = {"weights": "last", "epochs": epoch, "steps": step, "validation": last_val}
         if cfg.run.keep == "best" and (run_dir / ckpt.BEST_FILE).is_file():
-            weights = ckpt.read_best(run_dir)
-        model_dir = str(export_model(weights, meta, cfg, run_dir / "model",
-                                     extra={"epochs": epoch, "steps": step, "best": best,
-                                            "validation": last_val}))
+            # model.json describes the weights it ships: the best epoch's step and validation, not the last's
+            weights, about = ckpt.read_best(run_dir), {"weights": "best", **best_info}
+        model_dir = str(export_model(weights, meta, cfg, run_dir / "model", extra={**about, "best": best}))
         (run_dir / "result.json").write_text(json.dumps(
             {"epochs": epoch, "steps": step, "stopped": stopped, "stop_reason": stop_reason, "best": best,
              "validation": last_val,
