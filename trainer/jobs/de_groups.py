@@ -53,8 +53,10 @@ def cell_sets(cfg: InferConfig, obs: pd.DataFrame) -> tuple[list[np.ndarray], li
     """(cell sets as sorted row indices, comparisons, groupby mode?) from the de options."""
     o = cfg.de
     if o.cells1 is not None:
-        if o.groupby is not None:
-            raise InferError("give either de.groupby or de.cells1 (explicit cell sets), not both")
+        if o.groupby is not None or o.group1 is not None or o.group2 is not None:
+            # group1 / group2 name groups of a groupby column: with cell files they were silently ignored
+            raise InferError("give either de.groupby (with de.group1 / de.group2) or de.cells1 / de.cells2 "
+                             "(explicit cell sets), not both")
         sets = [_read_ids(o.cells1, obs)] + ([_read_ids(o.cells2, obs)] if o.cells2 else [])
         if o.cells2:
             # a cell in both files belongs to group 2, as in the reference (its labels for cells2 are
