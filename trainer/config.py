@@ -109,7 +109,9 @@ class OptimConfig:
     classifier_weight_decay: float = 1e-3
     kappa: float = 1.0  # weight of the fool-the-classifier term in the VAE loss
     n_epochs_kl_warmup: int | None = 50  # epoch-granular warm-up (reference default)
-    n_steps_kl_warmup: int | None = None  # used only when n_epochs_kl_warmup is null
+    # used only when n_epochs_kl_warmup is null; counts minibatches (scvi-tools' Lightning step counts
+    # both optimizers' steps: its N equals our N/2 with the adversarial classifier on)
+    n_steps_kl_warmup: int | None = None
     grad_clip: float | None = None  # max global grad norm; null = no clipping (reference)
 
     def __post_init__(self) -> None:
