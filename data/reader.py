@@ -80,6 +80,7 @@ def read_validation_mask(store: Store, val_fraction: float, digest=None) -> np.n
     Shard by shard, so the only per-cell array kept is the 1-byte mask, not the 8-byte hashes. A
     ``hashlib`` object given as ``digest`` is updated with every shard's size and id hashes: which cell
     sits on which row, at no extra read (the loader's resume check)."""
+    store.check_obs()  # a lost split_hash chunk would put its cells in validation
     parts = []
     for i in range(store.meta.n_shards):
         h = _column(store.shard_group(i)["obs"], "split_hash").astype(np.uint64, copy=False)
@@ -115,6 +116,7 @@ def read_cell_table(store: Store) -> CellTable:
     column (the former concatenate-then-stack built every column twice more over the whole store, an
     extra ~50 bytes per cell of peak RSS that glibc then kept, issue #5). Only the needed obs columns
     are read, straight from zarr (never the string cell ids)."""
+    store.check_obs()  # a lost mask or batch chunk would read as zeros
     m = store.meta
     n = m.n_cells
     names = [m.batch_key, *m.cat_cov_keys, *m.cont_cov_keys, "mask_rna", "mask_atac", "lib_rna", "lib_atac"]

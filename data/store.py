@@ -118,6 +118,7 @@ class Store:
         # this store's indptrs and cell table then gathered the new arrays' entries as garbage rows.
         self.identity = _identity(path)
         self._files_verified: bool | None = None  # verify_files() has not run yet
+        self._obs_checked = False
         a = dict(root.attrs)
         feats_rna = read_elem(root["features/rna"])
         feats_atac = read_elem(root["features/atac"])
@@ -181,6 +182,16 @@ class Store:
             self._files_verified = verify_manifest(self.path)
         return self._files_verified
 
+    def check_obs(self) -> None:
+        """Refuse lost obs chunk files (once per opened store): by the manifest, or for a store built before
+        it, by what the missing chunks' zeros would contradict (data/obs_chunks.py)."""
+        if not self._obs_checked:
+            if not self.verify_files():
+                from data.obs_chunks import check_obs_chunks  # data.obs_chunks imports this module
+
+                check_obs_chunks(self)
+            self._obs_checked = True
+
     def check_csr(self, modality: str, shard: int, ptr: np.ndarray) -> None:
         """Refuse a shard's CSR arrays whose chunk files are lost (raise :class:`StoreReadError`).
 
@@ -236,6 +247,7 @@ class Store:
         return out
 
     def read_shard_obs(self, shard: int) -> pd.DataFrame:
+        self.check_obs()  # a lost chunk file would read as zeros
         obs = read_elem(self.root[f"shards/{shard:05d}/obs"])
         self.check_unchanged()  # the new store's cells under the old one's shard offsets and categories
         return obs

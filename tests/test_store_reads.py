@@ -80,3 +80,66 @@ def test_a_killed_builds_tmp_dir_is_removed_by_the_next_build_and_other_leftover
         ["s.zarr", running.name, unmarked.name, old.name, other.name]
     )
     assert not list(out.glob("mva_build_owner.json"))  # a finished store carries no owner mark
+
+
+def _sorted_store(path):
+    """3 shards of 100 cells: shard 0 all batch 'a' (codes all 0), shard 2 without ATAC (mask_atac and
+    lib_atac all zero): chunk files zarr legitimately never writes. No manifest (built before it)."""
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from data.manifest import MANIFEST
+    from data.writer import StoreSchema, StoreWriter
+
+    n = 300
+    rna = sp.random(n, 20, density=0.3, format="csr", random_state=0)
+    rna.data = np.ceil(rna.data * 5)
+    has_atac = np.arange(n) < 200
+    atac = sp.random(n, 30, density=0.3, format="csr", random_state=1)
+    atac.data = np.ceil(atac.data * 2)
+    atac = sp.csr_matrix(sp.diags_array(has_atac.astype(float)) @ atac)
+    atac.eliminate_zeros()
+    obs = pd.DataFrame(
+        {"batch": np.where(np.arange(n) < 150, "a", "b"), "mask_rna": True, "mask_atac": has_atac},
+        index=[f"c{i}" for i in range(n)],
+    )
+    schema = StoreSchema(
+        gene_names=[f"g{i}" for i in range(20)],
+        region_names=[f"chr1:{i}0-{i}5" for i in range(30)],
+        batch_categories=["a", "b"],
+    )
+    with StoreWriter(path, schema, shard_size=100) as w:
+        w.append(rna.astype(np.int32), atac.astype(np.int32), obs)
+    (path / MANIFEST).unlink()
+    return path
+
+
+@pytest.mark.parametrize(
+    "lost", ["mask_atac", "batch/codes", "split_hash", "lib_rna", "cell_index", "_index", None]
+)
+def test_a_store_without_manifest_refuses_an_obs_chunk_whose_zeros_would_be_wrong(tmp_path, lost):
+    # zarr reads a missing chunk file as zeros: a lost mask_atac chunk made ATAC-measured cells RNA-only, a lost
+    # batch chunk moved cells to batch 0, a lost split_hash chunk put them all in validation, all silently
+    import shutil
+
+    from data.store import StoreReadError
+    from data.stream import StoreStream
+
+    p = _sorted_store(tmp_path / "s.zarr")
+    assert not (p / "shards/00000/obs/batch/codes/c/0").exists()  # all batch a: never written
+    assert not (p / "shards/00002/obs/mask_atac/c/0").exists()  # no ATAC: never written
+    ok = [b["mask"].numpy() for b in StoreStream(p, 300, split="all", shuffle=False)]
+    assert ok[0][:, 1].sum() == 200
+    if lost is None:
+        return
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(p, bad)
+    (bad / f"shards/00001/obs/{lost}/c/0").unlink()
+    where = f"{bad}/shards/00001/obs/{lost}/c/0"
+    for read in (
+        lambda: StoreStream(bad, 64, split="train"),
+        lambda: StoreStream(bad, 64, split="all"),
+        lambda: open_store(bad).read_obs(),
+    ):
+        with pytest.raises(StoreReadError, match=f"obs chunk files are missing .*{where}"):
+            read()
