@@ -84,3 +84,48 @@ def test_a_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
     w.close(plot=False)
     assert [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == \
         [("train", 5), ("train", 10), ("validation", 10), ("train", 12)]
+
+
+def _history_steps(log: Path) -> list[int]:
+    """The `_step` of every history record in one offline transaction log."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    steps = []
+    for raw in _records(log):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): i.value_json for i in rec.history.item}
+            steps.append(int(json.loads(items["_step"])))
+    return steps
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
+    """Every attempt of a run (here a max_steps stop, then a longer resume) opened a W&B run with a new id
+    under the same name, so a preempted-and-resumed run showed up as several runs. Now the id is kept in
+    the run directory: offline, each attempt writes its own offline-run-*-<id> directory with that one id
+    (`wandb sync` merges them into one run), and the steps continue."""
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the test's own mode, no network
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    store = tiny_store(tmp_path / "store", n_cells=400)
+    run = tmp_path / "run"
+    opts = {"logger.wandb_mode": "offline", "logger.log_every": 1, "run.epochs": 1}
+    train(tiny_config(store, run, **opts, **{"run.max_steps": 3}))
+    train(tiny_config(store, run, **opts))  # resumes from the step-3 checkpoint and finishes the epoch
+    logs = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and logs[0].name == logs[1].name, f"two W&B runs: {[p.name for p in logs]}"
+    assert logs[0].name == f"run-{(run / 'wandb_run_id').read_text().strip()}.wandb"
+    first, second = (_history_steps(p) for p in logs)
+    assert first[:3] == [1, 2, 3] and min(second) == 4 and second == sorted(second), (first, second)
+
+
+def test_the_wandb_run_id_is_kept_for_a_resume_and_renewed_by_a_fresh_start(tmp_path):
+    from trainer.metrics import WANDB_ID_FILE, wandb_run_id
+
+    first = wandb_run_id(tmp_path, continuing=False)
+    assert (tmp_path / WANDB_ID_FILE).read_text().strip() == first
+    assert wandb_run_id(tmp_path, continuing=True) == first  # a resume logs into the same W&B run
+    fresh = wandb_run_id(tmp_path, continuing=False)  # resume=none / no checkpoint yet: records dropped
+    assert fresh != first and wandb_run_id(tmp_path, continuing=True) == fresh
+    assert not list(tmp_path.glob("*.tmp"))

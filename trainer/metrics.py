@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ class MetricsWriter:
             _drop_records_after(self.path, resume_step)
         self._fh = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the run; line-buffered: a killed run keeps its lines
         if wandb_mode != "disabled":
-            self._wandb = _start_wandb(Path(run_dir), wandb_mode, project, tags or [], config or {}, run_name)
+            run_id = wandb_run_id(Path(run_dir), continuing=bool(resume_step))
+            self._wandb = _start_wandb(Path(run_dir), wandb_mode, project, tags or [], config or {}, run_name,
+                                       run_id)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -86,15 +89,40 @@ def _drop_records_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: Path, continuing: bool) -> str:
+    """The W&B run id of this run directory: the stored one when the run continues from a checkpoint,
+    else a new one, stored (atomically) for the attempts that will continue this one.
+
+    Without a fixed id every attempt of a preempted run opened a new W&B run under the same name. A fresh
+    start (step 0: resume=none, or no checkpoint yet) drops the directory's earlier metrics.jsonl records,
+    and likewise starts a new W&B run instead of mixing its steps into the earlier one's."""
+    path = run_dir / WANDB_ID_FILE
+    if continuing and path.is_file():
+        stored = path.read_text().strip()
+        if stored:
+            return stored
+    run_id = secrets.token_hex(4)  # W&B ids: 8 lower-case letters/digits, as its own
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
 def _start_wandb(run_dir: Path, mode: str, project: str, tags: list[str], config: dict[str, Any],
-                 run_name: str | None):
+                 run_name: str | None, run_id: str):
     if mode == "online" and not os.environ.get("WANDB_API_KEY"):
         print("[metrics] wandb online requested but WANDB_API_KEY is unset: logging offline instead", flush=True)
         mode = "offline"
     import wandb  # lazy: importing wandb costs ~1.5 s and is only needed on rank 0
 
+    # resume="allow" with the run's own id: online, a resumed attempt continues that W&B run (steps go on);
+    # offline (wandb 0.31 does not resume locally), each attempt writes offline-run-<time>-<id> with the same
+    # id, and `wandb sync <run dir>/wandb` uploads them as one run
     return wandb.init(project=project, tags=tags, config=config, dir=str(run_dir), mode=mode,
-                      name=run_name or run_dir.name, resume="allow",
+                      name=run_name or run_dir.name, id=run_id, resume="allow",
                       settings=wandb.Settings(silent=True, console="off"))
 
 
