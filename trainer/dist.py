@@ -137,6 +137,17 @@ def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, t.cpu().tolist(), strict=True)}
 
 
+def cell_weighted_means(values: dict[str, float], n_cells: int, names: tuple[str, ...]) -> dict[str, float]:
+    """``values[k]`` for ``k`` in ``names`` (this rank's means over its ``n_cells`` cells) become the means
+    over every rank's cells: sums ``n * v`` and the cell count are all-reduced in one float64 collective,
+    as validation aggregates. Other keys pass through unchanged. Collective: every rank must call it."""
+    if not is_distributed():
+        return dict(values)
+    sums = all_reduce_sums({**{k: values[k] * n_cells for k in names if k in values}, "\0cells": float(n_cells)})
+    total = sums.pop("\0cells")
+    return {**values, **{k: v / total for k, v in sums.items()}}
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is True on any rank (used to skip a step everywhere)."""
     if not is_distributed():

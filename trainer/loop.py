@@ -44,6 +44,8 @@ from trainer.schedules import kl_weight as kl_schedule
 from trainer.streams import loader, make_stream
 
 VALIDATION_KEYS = ("reconstruction_loss_validation", "elbo_validation")
+# the per-cell means a train record reports for the global batch (grad_norm is already global)
+TRAIN_TERMS = ("recon_rna", "recon_atac", "kl", "penalty", "adversarial", "loss", "classifier")
 
 
 @dataclass
@@ -312,6 +314,9 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             batches_done += 1
             cells_log += batch[keys.BATCH].shape[0] * info.world_size
             if values is not None and step % cfg.logger.log_every == 0:
+                # the global batch's terms, not rank 0's minibatch; only on logging steps (a skip and the
+                # step number are the same on every rank, so every rank joins this collective)
+                values = dist.cell_weighted_means(values, batch[keys.BATCH].shape[0], TRAIN_TERMS)
                 dt = time.perf_counter() - t_log
                 metrics.log({"kind": "train", "step": step, "epoch": epoch, **values, "kl_weight": kl_w,
                              "lr": w.lr, "cells_per_s": cells_log / dt, "data_wait_s": wait_log,
