@@ -39,7 +39,7 @@ def test_one_process_run_writes_everything_and_the_model_loads(store, tmp_path):
     rows = read_metrics(run / "metrics.jsonl")
     train_rows = [r for r in rows if r["kind"] == "train"]
     for key in ("loss", "recon_rna", "recon_atac", "kl", "penalty", "adversarial", "classifier", "kl_weight",
-                "lr", "grad_norm", "cells_per_s", "data_wait_s", "mem_rss_mb", "skipped_steps"):
+                "lr", "grad_norm", "cells_per_s", "data_wait_s", "non_step_s", "mem_rss_mb", "skipped_steps"):
         assert key in train_rows[-1], key
     assert train_rows[0]["kl_weight"] == 0.0 and train_rows[-1]["kl_weight"] == 0.5  # 2-epoch warm-up
     val = [r for r in rows if r["kind"] == "validation"]

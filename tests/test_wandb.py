@@ -18,7 +18,7 @@ from tests.train_utils import tiny_config, tiny_store
 from trainer.train import train
 
 LOGGED = ("loss", "recon_rna", "recon_atac", "kl", "penalty", "adversarial", "classifier", "kl_weight", "lr",
-          "grad_norm", "cells_per_s", "data_wait_s", "mem_rss_mb", "skipped_steps",
+          "grad_norm", "cells_per_s", "data_wait_s", "non_step_s", "mem_rss_mb", "skipped_steps",
           "reconstruction_loss_validation", "elbo_validation")
 
 

@@ -37,7 +37,7 @@ from trainer.export import build_module, export_model, weights_of
 from trainer.guard import StepGuard
 from trainer.lock import LockError
 from trainer.lock import acquire as acquire_lock
-from trainer.metrics import MetricsWriter, memory_mb
+from trainer.metrics import MetricsWriter, StepClock, memory_mb
 from trainer.parallel import Wrapped, wrap
 from trainer.resume_settings import check_same_settings
 from trainer.schedules import kl_weight as kl_schedule
@@ -289,7 +289,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         guard.last_good_checkpoint = str(final)
 
     # ---- train
-    t_log, cells_log, wait_log = time.perf_counter(), 0, 0.0
+    clock = StepClock(time.perf_counter())  # cells/s over training steps only (trainer/metrics.py)
     w.train()
     while epoch < cfg.run.epochs and not stopped:
         if batches_done == 0:
@@ -298,10 +298,11 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         it = iter(loader(train_stream, cfg))
         if cfg.data.num_workers > 0:  # the workers hold their copies of a resume position now
             train_stream.clear_resume()
+        loader_start = True  # the epoch's first batch waits for the loader (workers, prefetch) to start
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
-            wait_log += time.perf_counter() - t0
+            t1 = time.perf_counter()
             if batch is None:
                 break
             batch = to_device(batch, info.device)
@@ -312,16 +313,16 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             values = train_one_step(w, batch, kl_w, eps, guard, step)
             step += 1
             batches_done += 1
-            cells_log += batch[keys.BATCH].shape[0] * info.world_size
+            clock.add_step(batch[keys.BATCH].shape[0] * info.world_size, t1 - t0, time.perf_counter() - t1,
+                           loader_start)
+            loader_start = False
             if values is not None and step % cfg.logger.log_every == 0:
                 # the global batch's terms, not rank 0's minibatch; only on logging steps (a skip and the
                 # step number are the same on every rank, so every rank joins this collective)
                 values = dist.cell_weighted_means(values, batch[keys.BATCH].shape[0], TRAIN_TERMS)
-                dt = time.perf_counter() - t_log
                 metrics.log({"kind": "train", "step": step, "epoch": epoch, **values, "kl_weight": kl_w,
-                             "lr": w.lr, "cells_per_s": cells_log / dt, "data_wait_s": wait_log,
+                             "lr": w.lr, **clock.take(time.perf_counter()),
                              "skipped_steps": guard.skipped_total, **memory_mb(), **read_stats.as_dict()})
-                t_log, cells_log, wait_log = time.perf_counter(), 0, 0.0
             if cfg.run.max_steps is not None and step >= cfg.run.max_steps:
                 stopped, stop_reason = True, "max_steps"
                 break

@@ -18,6 +18,35 @@ import psutil
 import torch
 
 
+class StepClock:
+    """The time bookkeeping of train records: ``cells_per_s`` is the training rate over training steps only.
+
+    A step's time is its wait for the batch plus its compute. What happens between steps (validation,
+    checkpoint writes, the model export, metric records) is not a step; nor is the first batch of an epoch
+    (or of a resumed run), which waits for the loader to start from nothing (with ``data.num_workers`` > 0,
+    spawned worker processes that import torch). All of that is reported as ``non_step_s``, so the wall time
+    since the previous record is ``step_s + non_step_s``. Before, the first record of every epoch divided
+    its cells by a window that also held the previous epoch's validation and checkpoint."""
+
+    def __init__(self, now: float) -> None:
+        self._start = now
+        self.cells, self.step_s, self.wait_s = 0, 0.0, 0.0
+
+    def add_step(self, cells: int, wait_s: float, compute_s: float, loader_start: bool = False) -> None:
+        """One training step of ``cells`` cells (over all ranks). ``loader_start``: its wait was the
+        loader's start-up, not a data wait of training."""
+        self.cells += cells
+        self.step_s += compute_s + (0.0 if loader_start else wait_s)
+        self.wait_s += 0.0 if loader_start else wait_s
+
+    def take(self, now: float) -> dict[str, float]:
+        """The record's rate fields since the previous ``take`` (or the start), and a new window from ``now``."""
+        out = {"cells_per_s": self.cells / self.step_s if self.step_s > 0 else float("nan"),
+               "data_wait_s": self.wait_s, "non_step_s": max(0.0, now - self._start - self.step_s)}
+        self.__init__(now)
+        return out
+
+
 def memory_mb() -> dict[str, float]:
     """Resident memory of this process (and allocated GPU memory when on CUDA)."""
     out = {"mem_rss_mb": psutil.Process().memory_info().rss / 2**20}
