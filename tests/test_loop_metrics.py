@@ -31,3 +31,21 @@ def test_cells_per_s_counts_training_steps_only():
     rec = clock.take(now=113.37)
     assert rec["cells_per_s"] == pytest.approx(256 / 0.2)
     assert rec["data_wait_s"] == pytest.approx(0.02) and rec["non_step_s"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_memory_fields_are_current_rss_and_no_accelerator_field_without_one():
+    """The CPU side of memory_mb (the accelerator side, a per-record peak that is reset after each read,
+    needs a GPU): mem_rss_mb is the resident memory now, not a peak, and there is no mem_gpu_mb key where
+    torch has no accelerator."""
+    import numpy as np
+    import psutil
+    import torch
+
+    from trainer.metrics import memory_mb
+
+    big = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    during = memory_mb()
+    now = psutil.Process().memory_info().rss / 2**20
+    assert abs(during["mem_rss_mb"] - now) < 16 and big.sum() > 0
+    if not torch.accelerator.is_available():
+        assert "mem_gpu_mb" not in during

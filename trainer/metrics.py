@@ -48,10 +48,19 @@ class StepClock:
 
 
 def memory_mb() -> dict[str, float]:
-    """Resident memory of this process (and allocated GPU memory when on CUDA)."""
+    """Memory fields of a train record.
+
+    ``mem_rss_mb``: this process's resident memory now (not a peak; the trainer keeps large freed blocks in
+    its heap for reuse, trainer/alloc.py, so during training it stays near the steps' high-water mark).
+    ``mem_gpu_mb`` (only where an accelerator is available: CUDA, or any other torch.accelerator): the peak
+    memory allocated on it since the previous call. The peak counter is reset after reading, so each record
+    reports the peak of its own window; it used to be the peak since the process started, which never came
+    down after a large first epoch or validation."""
     out = {"mem_rss_mb": psutil.Process().memory_info().rss / 2**20}
-    if torch.cuda.is_available():
-        out["mem_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    acc = torch.accelerator
+    if acc.is_available():
+        out["mem_gpu_mb"] = acc.max_memory_allocated() / 2**20
+        acc.reset_peak_memory_stats()
     return out
 
 
