@@ -127,3 +127,52 @@ def test_fp16_loss_scale_back_off_is_not_a_run_of_bad_steps(tmp_path):
             train_one_step(w, batches[s % len(batches)], 1.0, None, guard, s)
     hook.remove()
     assert w.scaler.get_scale() <= 1.0  # it stopped only after the scale could no longer explain it
+
+
+def test_a_nan_classifier_gradient_skips_only_the_classifier_step(tmp_path):
+    """A non-finite gradient of the adversarial classifier (the VAE's own step fine) went into Adam
+    unchecked: every classifier weight became NaN, and every later VAE step had a NaN fool term and was
+    skipped until the run stopped at step 5 blaming "adversarial, loss". Now only the classifier's step is
+    skipped (counted, its batch-norm statistics restored); if it persists the run stops naming it."""
+    module, w, batches = _setup(tmp_path, n_batches=4)
+    guard = StepGuard(max_bad_steps=3)
+    assert train_one_step(w, batches[0], 1.0, None, guard, 0) is not None
+    clf_before = {k: v.detach().clone() for k, v in w.classifier.named_parameters()}
+    # the hook fires in the classifier's own backward only (its weights are frozen in the VAE's forward)
+    hook = next(w.classifier.parameters()).register_hook(lambda g: g * float("nan"))
+    vae_before = {k: v.clone() for k, v in module.state_dict().items()}
+    assert train_one_step(w, batches[1], 1.0, None, guard, 1) is not None  # the VAE step is taken
+    hook.remove()
+    assert any(not torch.equal(v, vae_before[k]) for k, v in module.state_dict().items())
+    for k, v in w.classifier.named_parameters():  # (its batch-norm statistics moved in the VAE's forward)
+        assert torch.equal(v, clf_before[k]), f"classifier {k} changed on a skipped classifier step"
+    assert guard.classifier_skipped == 1 and guard.skipped_total == 0
+    for step in (2, 3):  # training goes on: no NaN fool term poisons the VAE's steps
+        out = train_one_step(w, batches[step], 1.0, None, guard, step)
+        assert out is not None and all(torch.isfinite(torch.tensor(v)) for v in out.values()), out
+    assert guard.classifier_consecutive == 0
+
+    hook = next(w.classifier.parameters()).register_hook(lambda g: g * float("nan"))
+    with pytest.raises(NonFiniteError, match="step 6: 3 consecutive non-finite steps of the adversarial classifier"):
+        for step in range(4, 8):
+            train_one_step(w, batches[step % 4], 1.0, None, guard, step)
+    hook.remove()
+
+
+def test_the_classifier_step_refuses_a_latent_with_inf(tmp_path):
+    """The wrapper's classifier step called directly with a real classifier and a z holding one inf."""
+    module, w, batches = _setup(tmp_path, n_batches=1)
+    codes = batches[0]["batch"]
+    z = torch.randn(codes.shape[0], module.n_latent)
+    z[0, 0] = float("inf")
+    guard = StepGuard()
+    before = {k: v.clone() for k, v in w.classifier.state_dict().items()}
+    loss = w.classifier_step(z, codes, guard, 7)
+    assert not torch.isfinite(loss) and guard.classifier_skipped == 1
+    for k, v in w.classifier.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert "step 7: non-finite classifier loss nan" in guard.history[-1]
+    assert torch.isfinite(w.classifier_step(torch.randn_like(z), codes, guard, 8))
+    assert guard.classifier_consecutive == 0
+    for k, v in w.classifier.state_dict().items():
+        assert torch.isfinite(v.float()).all(), k

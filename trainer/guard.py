@@ -40,6 +40,8 @@ class StepGuard:
     skipped_total: int = 0
     last_good_checkpoint: str | None = None
     history: list[str] = field(default_factory=list)
+    classifier_consecutive: int = 0  # the adversarial classifier's steps skipped in a row (its own streak)
+    classifier_skipped: int = 0
 
     def check(self, step: int, terms: dict[str, torch.Tensor | float], streak: bool = True) -> bool:
         """Collective. True if the step must be skipped on every rank (some rank saw a bad term).
@@ -67,15 +69,44 @@ class StepGuard:
                 f"{self.last_good_checkpoint or 'none written yet'}")
         return True
 
+    def check_classifier(self, step: int, grad_norm: float, loss: torch.Tensor | float) -> bool:
+        """True if the adversarial classifier's step must be skipped: the norm of its rank-averaged gradient is
+        not finite. That norm is the same on every rank (a NaN or inf on one rank reaches all through the
+        average), so every rank decides alike without another collective; ``loss`` (this rank's) only names
+        what went bad. Unchecked, one such step turned every classifier weight into NaN, after which every VAE
+        step had a NaN fool term and was skipped until the run stopped, blaming "adversarial, loss".
+
+        Its streak is its own (the VAE step of the same minibatch was taken, which ends the VAE's streak):
+        ``max_bad_steps`` classifier skips in a row stop the run naming the classifier."""
+        if math.isfinite(grad_norm):
+            self.classifier_consecutive = 0
+            return False
+        self.classifier_consecutive += 1
+        self.classifier_skipped += 1
+        what = f"classifier loss {float(loss):.4g}, classifier grad_norm {grad_norm}"  # (a device sync: bad steps only)
+        self.history.append(f"step {step}: non-finite {what}")
+        dist.print0(f"[guard] skipping the adversarial classifier's step {step}: non-finite {what} "
+                    f"({self.classifier_consecutive} in a row, {self.classifier_skipped} in total)")
+        if self.classifier_consecutive >= self.max_bad_steps:
+            raise NonFiniteError(
+                f"stopping at step {step}: {self.classifier_consecutive} consecutive non-finite steps of the "
+                f"adversarial classifier (last bad: {what}; see run.max_bad_steps). Last good checkpoint: "
+                f"{self.last_good_checkpoint or 'none written yet'}")
+        return True
+
     def step_taken(self) -> None:
         """The step passed every check and the optimizer stepped: the streak of bad steps ends."""
         self.consecutive = 0
 
     def state_dict(self) -> dict:
         return {"consecutive": self.consecutive, "skipped_total": self.skipped_total,
-                "last_good_checkpoint": self.last_good_checkpoint or ""}
+                "last_good_checkpoint": self.last_good_checkpoint or "",
+                "classifier_consecutive": self.classifier_consecutive, "classifier_skipped": self.classifier_skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.consecutive = int(state["consecutive"])
         self.skipped_total = int(state["skipped_total"])
         self.last_good_checkpoint = state["last_good_checkpoint"] or None
+        # absent in checkpoints written before the classifier was guarded
+        self.classifier_consecutive = int(state.get("classifier_consecutive", 0))
+        self.classifier_skipped = int(state.get("classifier_skipped", 0))

@@ -133,7 +133,7 @@ def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor 
     guard.step_taken()
     values["grad_norm"] = float("nan") if norm is None else norm
     if w.classifier is not None:
-        values["classifier"] = float(w.classifier_step(out.z, batch[keys.BATCH]))
+        values["classifier"] = float(w.classifier_step(out.z, batch[keys.BATCH], guard, step))
     return values
 
 
@@ -322,7 +322,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                 values = dist.cell_weighted_means(values, batch[keys.BATCH].shape[0], TRAIN_TERMS)
                 metrics.log({"kind": "train", "step": step, "epoch": epoch, **values, "kl_weight": kl_w,
                              "lr": w.lr, **clock.take(time.perf_counter()),
-                             "skipped_steps": guard.skipped_total, **memory_mb(), **read_stats.as_dict()})
+                             "skipped_steps": guard.skipped_total, "classifier_skipped_steps": guard.classifier_skipped,
+                             **memory_mb(), **read_stats.as_dict()})
             if cfg.run.max_steps is not None and step >= cfg.run.max_steps:
                 stopped, stop_reason = True, "max_steps"
                 break
@@ -378,7 +379,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         (run_dir / "result.json").write_text(json.dumps(
             {"epochs": epoch, "steps": step, "stopped": stopped, "stop_reason": stop_reason, "best": best,
              "validation": last_val,
-             "skipped_steps": guard.skipped_total, "model_dir": model_dir, "world_size": info.world_size,
+             "skipped_steps": guard.skipped_total, "classifier_skipped_steps": guard.classifier_skipped,
+             "model_dir": model_dir, "world_size": info.world_size,
              **read_stats.as_dict()}))
         dist.print0(f"[train] done: {epoch} epochs, {step} steps; model in {model_dir}")
     metrics.close(plot=cfg.logger.plot)

@@ -156,13 +156,24 @@ class Wrapped:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # --- classifier (identical in both backends) --------------------------------------------------
-    def classifier_step(self, z: torch.Tensor, batch_codes: torch.Tensor) -> torch.Tensor:
-        """One step of the adversary on the detached latent; returns its loss (detached)."""
+    def classifier_step(self, z: torch.Tensor, batch_codes: torch.Tensor, guard=None, step: int = 0) -> torch.Tensor:
+        """One step of the adversary on the detached latent; returns its loss (detached).
+
+        ``guard`` (a StepGuard; the loop passes it): a non-finite averaged gradient skips this step and leaves
+        no trace (its batch-norm statistics are restored); one such Adam step made every classifier weight NaN."""
+        buffers = list(self.classifier.buffers()) if guard is not None else []
+        saved = [b.detach().clone() for b in buffers]
         # no autocast: the classifier computes in its own dtype (trainer/classifier.py)
         loss = classifier_objective(self.classifier, z, batch_codes, self.optim_cfg.kappa)
         self.clf_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(self.clf_params)
+        if guard is not None and guard.check_classifier(step, _total_norm(self.clf_params), loss.detach()):
+            self.clf_optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, v in zip(buffers, saved, strict=True):
+                    b.copy_(v)
+            return loss.detach()
         self.clf_optimizer.step()
         return loss.detach()
 
