@@ -62,6 +62,22 @@ def test_config_errors_stop_the_cli_naming_the_key(store, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_deepspeed_with_fp16_is_refused_at_start_up_in_one_line(store, tmp_path):
+    """dist.backend=deepspeed with dist.precision=fp16 was accepted; on a GPU DeepSpeed's loss scale (2**16)
+    can only back off inside engine.step(), which the guard's skips (ZeRO 0) or bad-step count (ZeRO 1/2)
+    cut short, so such a run would stop after run.max_bad_steps. Refused, naming what to use instead."""
+    ov = tiny_overrides(store, tmp_path / "run", **{"dist.backend": "deepspeed", "dist.precision": "fp16"})
+    r = subprocess.run([PY, "-m", "trainer.train", *as_cli(ov)], cwd=ROOT, env=env(), check=False,
+                       capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "Traceback" not in out, out[-2000:]
+    line = next(x for x in out.splitlines() if "dist.precision=fp16" in x)
+    assert "dist.backend=deepspeed" in line and "dist.precision=bf16" in line and "dist.backend=ddp" in line
+    assert not (tmp_path / "run").exists()
+    for ok in ({"dist.backend": "deepspeed", "dist.precision": "bf16"}, {"dist.precision": "fp16"}):
+        tiny_config(store, tmp_path / "run", **ok)  # the two alternatives it names are accepted
+
+
 def test_a_store_without_regions_or_a_bad_model_option_is_one_line(tmp_path):
     """An RNA-only store (a legal mva-build output) and model.gene_likelihood=zinbb ended in a ValueError
     traceback after the store was opened."""

@@ -123,7 +123,8 @@ class OptimConfig:
 class DistConfig:
     backend: str = "ddp"  # ddp | deepspeed
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-2
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast on GPU; bf16 also on CPUs with native bf16
+    # fp32 | bf16 | fp16: autocast on GPU; bf16 also on CPUs with native bf16; fp16 with backend=ddp only
+    precision: str = "fp32"
     timeout_s: int = 1800
     find_unused_parameters: bool = False
 
@@ -134,6 +135,14 @@ class DistConfig:
             raise ConfigError(f"dist.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"dist.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.backend == "deepspeed" and self.precision == "fp16":
+            # DeepSpeed 0.19.8 backs its fp16 loss scale off (2**16, halving) only inside engine.step(): ZeRO 0's
+            # guard skips an overflowing step before that step (the scale never comes down), and ZeRO 1/2 report
+            # each back-off as an inf norm counted as a bad step; MultiVI needs ~12 halvings, so either way the
+            # run would stop after run.max_bad_steps. Not runnable on a CPU, so refused rather than untested.
+            raise ConfigError("dist.precision=fp16 is not supported with dist.backend=deepspeed (DeepSpeed's fp16 "
+                              "loss-scale back-off would be stopped by the non-finite guard after run.max_bad_steps): "
+                              "use dist.precision=bf16 with DeepSpeed, or dist.precision=fp16 with dist.backend=ddp")
 
 
 @dataclass

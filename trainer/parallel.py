@@ -308,8 +308,7 @@ class DeepSpeedWrapped(Wrapped):
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": dcfg.zero_stage},
-            "bf16": {"enabled": on_gpu and dcfg.precision == "bf16"},
-            "fp16": {"enabled": on_gpu and dcfg.precision == "fp16"},
+            "bf16": {"enabled": on_gpu and dcfg.precision == "bf16"},  # (fp16 is refused by DistConfig)
             "gradient_clipping": optim.grad_clip or 0.0,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
