@@ -78,6 +78,26 @@ def test_deepspeed_with_fp16_is_refused_at_start_up_in_one_line(store, tmp_path)
         tiny_config(store, tmp_path / "run", **ok)  # the two alternatives it names are accepted
 
 
+def test_a_last_batch_of_one_cell_is_refused_at_start_up(tmp_path):
+    """data.remainder=none with a batch size that leaves 1 training cell over: the adversarial classifier's
+    batch norm raised "Expected more than 1 value per channel when training" (a ValueError traceback) at the
+    end of the first epoch, after its whole compute."""
+    from data.store import open_store
+    from data.stream import StoreStream
+    from trainer.config import ConfigError
+
+    store = tiny_store(tmp_path / "store", n_cells=400)
+    n = StoreStream(open_store(store), 64, split="train", remainder="none").plan().n_cells
+    size = next(b for b in range(40, 120) if n % b == 1)
+    cfg = tiny_config(store, tmp_path / "run", **{"data.remainder": "none", "data.batch_size": size, "run.epochs": 1})
+    with pytest.raises(ConfigError, match=rf"last training batch of 1 cell \({n} training cells, "
+                                          rf"data.batch_size={size}\).*adversarial classifier"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    train(tiny_config(store, tmp_path / "ok", **{"data.remainder": "none", "data.batch_size": size + 1,
+                                                 "run.epochs": 1, "run.early_stopping": False}))
+
+
 def test_a_store_without_regions_or_a_bad_model_option_is_one_line(tmp_path):
     """An RNA-only store (a legal mva-build output) and model.gene_likelihood=zinbb ended in a ValueError
     traceback after the store was opened."""
