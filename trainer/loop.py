@@ -41,7 +41,7 @@ from trainer.metrics import MetricsWriter, StepClock, memory_mb
 from trainer.parallel import Wrapped, wrap
 from trainer.resume_settings import check_same_settings
 from trainer.schedules import kl_weight as kl_schedule
-from trainer.streams import loader, make_stream
+from trainer.streams import check_last_batch, loader, make_stream
 
 VALIDATION_KEYS = ("reconstruction_loss_validation", "elbo_validation")
 # the per-cell means a train record reports for the global batch (grad_norm is already global)
@@ -210,17 +210,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                           f"run.keep={cfg.run.keep!r} read it: set run.early_stopping=false and run.keep=last, "
                           "or raise data.val_fraction")
     val_stream = ReplayCache(val_inner, cfg.data.cache_validation_mb * 2**20)
-    batch_norm = [what for what, on in (("the adversarial classifier's", classifier is not None),
-                                        (f"model.use_batch_norm={cfg.model.use_batch_norm}",
-                                         cfg.model.use_batch_norm != "none")) if on]
-    if cfg.data.remainder == "none" and batch_norm and len(train_stream.plan().batches[-1]) == 1:
-        # train-mode batch norm raises on a 1-cell batch: the run crashed with a ValueError traceback at the
-        # end of its first epoch, after the whole epoch's compute (the reference warns, or moves the cell to
-        # validation)
-        raise ConfigError(f"data.remainder=none leaves a last training batch of 1 cell "
-                          f"({train_stream.plan().n_cells} training cells, data.batch_size={cfg.data.batch_size}) "
-                          f"and batch norm ({' and '.join(batch_norm)}) cannot train on one cell: use "
-                          "data.remainder=drop or pad, or a data.batch_size that does not leave 1 cell over")
+    check_last_batch(train_stream, cfg, classifier is not None)
     guard = StepGuard(max_bad_steps=cfg.run.max_bad_steps)
 
     # ---- resume

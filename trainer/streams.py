@@ -8,7 +8,7 @@ from data.manifest import manifest_digest
 from data.stream import StoreStream
 from trainer import dist
 from trainer.checkpoint import data_fingerprint
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 
 
 def make_stream(store, cfg: TrainConfig, split: str, info: dist.DistInfo) -> StoreStream:
@@ -40,3 +40,18 @@ def loader(stream: StoreStream, cfg: TrainConfig):
                                        prefetch_factor=cfg.data.prefetch, persistent_workers=False,
                                        multiprocessing_context="spawn",
                                        generator=torch.Generator().manual_seed(cfg.run.seed))
+
+
+def check_last_batch(train_stream: StoreStream, cfg: TrainConfig, has_classifier: bool) -> None:
+    """Refuse a last training batch of 1 cell where batch norm trains on it (``data.remainder=none``:
+    one process only). Train-mode batch norm raises on a 1-cell batch: the run crashed with a ValueError
+    traceback at the end of its first epoch, after the whole epoch's compute (the reference warns, or
+    moves the cell to validation)."""
+    batch_norm = [what for what, on in (("the adversarial classifier's", has_classifier),
+                                        (f"model.use_batch_norm={cfg.model.use_batch_norm}",
+                                         cfg.model.use_batch_norm != "none")) if on]
+    if cfg.data.remainder == "none" and batch_norm and len(train_stream.plan().batches[-1]) == 1:
+        raise ConfigError(f"data.remainder=none leaves a last training batch of 1 cell "
+                          f"({train_stream.plan().n_cells} training cells, data.batch_size={cfg.data.batch_size}) "
+                          f"and batch norm ({' and '.join(batch_norm)}) cannot train on one cell: use "
+                          "data.remainder=drop or pad, or a data.batch_size that does not leave 1 cell over")
