@@ -69,23 +69,7 @@ else
   RUN_DIR=${RUN_DIR:-outputs/train-$(date +%Y%m%d-%H%M%S)}
 fi
 echo "[train.sh] $NNODES node(s) x $NPROC_PER_NODE process(es); run dir $RUN_DIR"
-# torchrun itself, minus the Python traceback it prints when a rank fails (ChildFailedError, raised in the
-# launcher): a refused setting, one line `mva-train: error: ...` from each rank, arrived under 30 lines of
-# launcher traceback and exit status 1. Here the run exits with the failed rank's status (2 for such an
-# error, 128+N for signal N) and prints torchrun's failure summary (ranks, exit codes, signals) unless that
-# status is 2 (the ranks' own line said it). Any other launcher error keeps its traceback.
-# shellcheck disable=SC2016
-exec "$PY" -c '
-import sys
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import main
-try:
-    main(sys.argv[1:])
-except ChildFailedError as e:
-    code = e.get_first_failure()[1].exitcode
-    code = 128 - code if code < 0 else (code or 1)
-    if code != 2:
-        print(e, file=sys.stderr)
-    sys.exit(code)
-' "${LAUNCH[@]}" --nproc-per-node="$NPROC_PER_NODE" \
+# torchrun without its launcher traceback: a failed rank's status (2 for a one-line mva-train error)
+# becomes this script's (trainer/launch.py)
+exec "$PY" -m trainer.launch "${LAUNCH[@]}" --nproc-per-node="$NPROC_PER_NODE" \
   --max-restarts="${MAX_RESTARTS:-0}" -m trainer.train "${ARGS[@]}" run.output_dir="$RUN_DIR"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.train_utils import ROOT, env
+from tests.train_utils import PY, ROOT, env
 
 
 def _train_sh(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
@@ -40,3 +40,14 @@ def test_other_failures_keep_the_summary_and_status(tmp_path):
     assert res.returncode == 1, res.stderr[-3000:]
     assert "run.no_such_key" in res.stderr and "trainer.train FAILED" in res.stderr, res.stderr[-3000:]
     assert "Root Cause" in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
+
+
+def test_the_launcher_gives_mva_infer_refusals_as_one_line_too(tmp_path):
+    # the README's inference command through trainer.launch (torchrun printed its traceback under it)
+    res = subprocess.run(
+        [PY, "-m", "trainer.launch", "--standalone", "--nproc_per_node=2", "-m", "trainer.infer", "job=embed",
+         f"model_dir={tmp_path / 'no_model'}", f"store={tmp_path / 'no_store'}", f"output={tmp_path / 'z.zarr'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False, env=env())
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr[-3000:]
+    assert "mva-infer" in res.stderr and ("no_model" in res.stderr or "no_store" in res.stderr), res.stderr[-3000:]

@@ -14,4 +14,5 @@ if [ -n "${LOCAL_ADDR_CMD:-}" ]; then
 elif [ -n "${LOCAL_ADDR:-}" ]; then
   ADDR=(--local-addr="$LOCAL_ADDR")
 fi
-exec "${PY:-python3}" -m torch.distributed.run "${ADDR[@]}" "$@"
+# torchrun without its launcher traceback on a refused setting (trainer/launch.py)
+exec "${PY:-python3}" -m trainer.launch "${ADDR[@]}" "$@"
