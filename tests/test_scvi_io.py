@@ -9,6 +9,7 @@ embed job and notebook API; a booby-trapped ``model.pt`` is refused without runn
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -209,6 +210,9 @@ def test_mva_infer_cli_export_round_trip(trained, tmp_path):
     assert ours.keys() == back.keys()
     for k in ours:
         assert torch.equal(ours[k], back[k]), k
+    # the training cell count survives the round trip (scvi's registry held the 3-cell skeleton's)
+    n_obs = json.loads((run / "model" / "model.json").read_text())["model_args"]["n_obs"]
+    assert n_obs > 3 and json.loads((tmp_path / "back" / "model.json").read_text())["model_args"]["n_obs"] == n_obs
     res = cli("model_dir=-", "store=-", "export.direction=from_scvi", f"output={tmp_path / 'x'}")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("mva-infer: error: direction=from_scvi")
 

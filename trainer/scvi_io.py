@@ -277,6 +277,8 @@ def export_to_scvi(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sto
         (tmp / "multivi_atlas.json").write_text(json.dumps({
             "exported_from": str(src.resolve()), "scvi_tools_version": scvi.__version__, "layout": "mudata",
             "setup_mudata": setup_kwargs(info, module.use_size_factor),
+            # scvi's registry holds the skeleton's cell count; the training cells' count travels here
+            "n_obs": int(info["model_args"].get("n_obs", 0)),
             "note": "load with scvi.model.MULTIVI.load(dir, adata=mdata); build mdata with "
                     "trainer.scvi_io.store_to_mudata(store)"}, indent=1))
         return _publish(tmp, final)
@@ -350,6 +352,14 @@ def import_from_scvi(scvi_dir: str | os.PathLike, out_dir: str | os.PathLike, ov
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         # a registry or weight missing what a MULTIVI save always has: one line, not a traceback
         raise ScviIOError(f"{src} is not a complete scvi-tools MULTIVI save ({type(exc).__name__}: {exc})") from None
+    ours_export = src / "multivi_atlas.json" if src.is_dir() else None
+    if ours_export is not None and ours_export.is_file() and info["model_args"].get("modality_weights") != "cell":
+        # our own export: its registry counted a few skeleton cells (n_obs 3), the model trained on more
+        try:
+            info["model_args"]["n_obs"] = int(json.loads(ours_export.read_text()).get("n_obs",
+                                                                                    info["model_args"]["n_obs"]))
+        except (ValueError, TypeError, AttributeError):
+            pass  # a damaged note changes nothing the weights need
     ref = {k: v for k, v in ck["model_state_dict"].items() if isinstance(v, torch.Tensor)}
     try:
         module = MultiVAE(**info["model_args"])
