@@ -113,6 +113,8 @@ def test_a_store_without_regions_or_a_bad_model_option_is_one_line(tmp_path):
         r = subprocess.run([PY, "-m", "trainer.train", *as_cli(ov), *extra], cwd=ROOT, env=env(),
                            check=False, capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        # refused at start-up: no empty run directory left behind (it held only the run's lock)
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ every decision that could differ (skip a step, stop) goes through a collective.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -167,6 +168,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     second job on the same directory stops before it reads or writes anything (trainer/lock.py)."""
     info = dist.init_distributed(cfg.dist.timeout_s, single_group=cfg.dist.backend == "deepspeed")
     lock, error = None, ""
+    fresh_dir = not Path(cfg.run.output_dir).exists()
     if info.is_main:
         try:
             lock = acquire_lock(cfg.run.output_dir, "mva-train", clear_stale=cfg.run.clear_stale_lock)
@@ -180,6 +182,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     finally:
         if lock is not None:
             lock.release()
+            if fresh_dir:  # a run refused at start-up leaves no empty directory (only its lock was there)
+                with contextlib.suppress(OSError):
+                    Path(cfg.run.output_dir).rmdir()
 
 
 def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
