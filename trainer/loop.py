@@ -43,6 +43,7 @@ from trainer.parallel import Wrapped, wrap
 from trainer.resume_settings import check_same_settings
 from trainer.schedules import kl_weight as kl_schedule
 from trainer.streams import check_last_batch, loader, make_stream
+from trainer.validation import validate, warn_if_collapsed
 
 VALIDATION_KEYS = ("reconstruction_loss_validation", "elbo_validation")
 # the per-cell means a train record reports for the global batch (grad_norm is already global)
@@ -136,31 +137,6 @@ def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor 
     if w.classifier is not None:
         values["classifier"] = float(w.classifier_step(out.z, batch[keys.BATCH], guard, step))
     return values
-
-
-@torch.no_grad()
-def validate(module: torch.nn.Module, stream, device: torch.device, kl_weight: float) -> dict[str, float]:
-    """Validation reconstruction and ELBO per cell, exact over ranks: sums and counts are all-reduced
-    (a mean of per-rank means would weight a short last rank wrongly).
-
-    Its posterior draws come from a forked RNG state: validating never shifts the training run's dropout
-    and noise streams, so where and how often a run validates (an epoch end, a max_steps stop inside an
-    epoch) cannot change its weights, and a run resumed after such a stop matches the uninterrupted one."""
-    module.eval()
-    sums = {"recon": 0.0, "elbo": 0.0, "n": 0.0}
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        for batch in stream:
-            out = module.loss(to_device(batch, device), kl_weight=kl_weight)
-            recon = (out.recon_rna + out.recon_atac).double()
-            sums["recon"] += float(recon.sum())
-            sums["elbo"] += float((recon + out.kl.double() + out.penalty.double()).sum())
-            sums["n"] += recon.shape[0]
-    module.train()
-    tot = dist.all_reduce_sums(sums)
-    if tot["n"] == 0:
-        return {}
-    return {"reconstruction_loss_validation": tot["recon"] / tot["n"],
-            "elbo_validation": tot["elbo"] / tot["n"], "n_validation": tot["n"]}
 
 
 def run(cfg: TrainConfig) -> TrainResult:
@@ -389,6 +365,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
              "model_dir": model_dir, "world_size": info.world_size,
              **read_stats.as_dict()}))
         dist.print0(f"[train] done: {epoch} epochs, {step} steps; model in {model_dir}")
+        warn_if_collapsed(last_val)
     metrics.close(plot=cfg.logger.plot)
     if read_stats.retries or read_stats.failures:  # transient store read errors this rank survived
         print(f"[train] rank {info.rank}: {read_stats.retries} store reads retried "
