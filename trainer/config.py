@@ -8,12 +8,16 @@ named, before any process group or store is opened. Cross-field checks live in `
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from omegaconf import MISSING
 
 from data.typed_config import ConfigError, to_typed
+
+# what run.monitor may name: the keys of trainer.loop.validate's result (equal to loop.VALIDATION_KEYS, tested)
+VALIDATION_KEYS = ("reconstruction_loss_validation", "elbo_validation")
 
 
 @dataclass
@@ -53,6 +57,9 @@ class DataConfig:
                               f"got {self.prefetch}")
         if self.prefetch < 0:
             raise ConfigError(f"data.prefetch must be >= 0, got {self.prefetch}")
+        if self.cache_validation_mb < 0:  # silently meant 0 (never keep them)
+            raise ConfigError(f"data.cache_validation_mb must be >= 0 (0 = stream every time), "
+                              f"got {self.cache_validation_mb}")
 
 
 @dataclass
@@ -115,8 +122,29 @@ class OptimConfig:
     grad_clip: float | None = None  # max global grad norm; null = no clipping (reference)
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        # NaN passes every `< 0` test: each check is written so that NaN fails it. Unchecked, torch refused a
+        # negative / NaN rate, decay or eps with a traceback once the store was open, eps=0 divided 0 by 0 at
+        # the first step (parameters without a gradient) and inf made every step non-finite
+        for key, low, strict in (("lr", 0.0, True), ("classifier_lr", 0.0, True), ("eps", 0.0, True),
+                                 ("weight_decay", 0.0, False), ("classifier_weight_decay", 0.0, False),
+                                 ("classifier_eps", 0.0, False), ("kappa", 0.0, False)):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and (value > low if strict else value >= low)):
+                raise ConfigError(f"optim.{key} must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            # torch scales the gradients by grad_clip / norm: 0 zeroed every step (no training), a negative
+            # value reversed them (Adam then climbs the loss), NaN made every step non-finite
+            raise ConfigError(f"optim.grad_clip must be > 0 (a maximal gradient norm) or null for no clipping, "
+                              f"got {self.grad_clip}")
+        for key in ("n_epochs_kl_warmup", "n_steps_kl_warmup"):
+            value = getattr(self, key)
+            if value is not None and value < 0:  # a negative warm-up silently meant none
+                raise ConfigError(f"optim.{key} must be >= 0 or null (0 / null = no warm-up of this kind), got {value}")
+        if self.n_epochs_kl_warmup and self.n_steps_kl_warmup:
+            # the epoch warm-up wins (the reference's rule): the step count was silently ignored
+            raise ConfigError(f"optim.n_steps_kl_warmup={self.n_steps_kl_warmup} is used only when "
+                              f"optim.n_epochs_kl_warmup is null, but it is {self.n_epochs_kl_warmup}: set "
+                              "optim.n_epochs_kl_warmup=null for a step warm-up, or optim.n_steps_kl_warmup=null")
 
 
 @dataclass
@@ -133,6 +161,8 @@ class DistConfig:
             raise ConfigError(f"dist.backend must be ddp or deepspeed, got {self.backend!r}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"dist.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.timeout_s < 1:  # as mva-infer's timeout_s: the process group's collectives wait this long
+            raise ConfigError(f"dist.timeout_s must be >= 1, got {self.timeout_s}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"dist.precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.backend == "deepspeed" and self.precision == "fp16":
@@ -194,6 +224,21 @@ class RunConfig:
             if value is not None and value < 1:
                 nullable = " or null" if key in ("max_steps", "checkpoint_every_steps") else ""
                 raise ConfigError(f"run.{key} must be >= 1{nullable}, got {value}")
+        if self.monitor not in VALIDATION_KEYS:
+            # read after every validation even with early stopping off: an unknown name was a KeyError
+            # traceback at the end of the first epoch
+            raise ConfigError(f"run.monitor must be one of {list(VALIDATION_KEYS)}, got {self.monitor!r}")
+        if not self.min_delta >= 0:
+            # NaN: no validation after the first ever improved (keep=best shipped the first epoch's weights);
+            # negative: a worse validation counted as an improvement
+            raise ConfigError(f"run.min_delta must be >= 0 (the improvement that counts), got {self.min_delta}")
+        if not 0 <= self.seed < 2**63:  # a traceback from the shuffle (negative) or torch.manual_seed (too large)
+            raise ConfigError(f"run.seed must be in [0, 2**63), got {self.seed}")
+        if self.keep_checkpoints < 0:  # silently meant 0 (keep all)
+            raise ConfigError(f"run.keep_checkpoints must be >= 0 (0 = keep all), got {self.keep_checkpoints}")
+        if not self.output_dir.strip():
+            # Path("") is the working directory: checkpoints/, model/ and config.yaml were written there
+            raise ConfigError("run.output_dir is empty: give the run directory, e.g. run.output_dir=outputs/myrun")
         if self.validate_every_epochs < 0:
             raise ConfigError(f"run.validate_every_epochs must be >= 0, got {self.validate_every_epochs}")
         if self.validate_every_epochs == 0 and (self.early_stopping or self.keep == "best"):
