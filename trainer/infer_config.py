@@ -8,7 +8,8 @@ overrides such as ``expression.genes=[CD3E,CD4]`` work and unknown keys fail at 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import MISSING
@@ -42,6 +43,13 @@ class ExpressionOptions:
     library_size: Any = 1.0  # a positive number, or "observed" (the cell's own RNA count)
     dtype: str = "float32"  # float32 | float16
 
+    def __post_init__(self) -> None:
+        v = self.library_size
+        # inf passed the job's `> 0` check (trainer/jobs/expression.py, which refuses the other bad values once
+        # the model is read) and wrote a matrix of inf
+        if isinstance(v, float) and math.isinf(v):
+            raise ConfigError(f"expression.library_size must be a finite number > 0 or 'observed', got {v!r}")
+
 
 @dataclass
 class AccessibilityOptions:
@@ -54,6 +62,12 @@ class AccessibilityOptions:
     # dense X compressed with blosc lz4? null = only uint8 (float probabilities shrink ~18 % for ~35 us of
     # CPU per cell; uncompressed chunks are written straight from the decoder output, trainer/jobs/direct_io.py)
     compress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.threshold and self.compress is not None:
+            # a threshold writes a sparse X, always compressed: compress (the dense X's) was silently ignored
+            raise ConfigError(f"accessibility.compress applies to the dense X; accessibility.threshold="
+                              f"{self.threshold} writes a sparse one (always compressed): leave compress null")
 
 
 @dataclass
@@ -85,9 +99,10 @@ class DiffOptions:
             raise ConfigError(f"de.format must be 'csv' or 'parquet', got {self.format!r}")
         for name in ("delta", "pseudocounts"):
             v = getattr(self, name)
+            # inf: delta=inf made every proba_de 0, pseudocounts=inf every lfc NaN (inf - inf), silently
             if isinstance(v, str) and v != "auto" or isinstance(v, bool) \
-                    or isinstance(v, (int, float)) and not v >= 0:
-                raise ConfigError(f"de.{name} must be a number >= 0 or 'auto', got {v!r}")
+                    or isinstance(v, (int, float)) and not 0 <= v < math.inf:
+                raise ConfigError(f"de.{name} must be a finite number >= 0 or 'auto', got {v!r}")
         if self.pseudocounts is None:
             raise ConfigError("de.pseudocounts must be a number or 'auto', got null")
         if self.n_samples_overall < 1 or self.block_mb < 1:
@@ -96,6 +111,18 @@ class DiffOptions:
             raise ConfigError(f"de.fdr_target must be in [0, 1], got {self.fdr_target}")
         if self.group1 is not None and isinstance(self.group1, str):
             self.group1 = [self.group1]
+        if self.group1 is not None and (not self.group1 or len(set(self.group1)) < len(self.group1)):
+            # []: 'ValueError: No objects to concatenate' traceback after the model and store were read;
+            # a repeated group was compared twice (duplicate rows in the table)
+            raise ConfigError(f"de.group1 must be null (every group) or a list of distinct groups, got {self.group1}")
+        if self.mode == "vanilla":
+            # vanilla mode computes P(s1 > s2) only: these change-mode options were silently ignored
+            ignored = [f"de.{k}={getattr(self, k)!r}" for k, default in (("delta", None), ("pseudocounts", 1e-6),
+                                                                         ("test_mode", "three"))
+                       if getattr(self, k) != default]
+            if ignored:
+                raise ConfigError(f"{', '.join(ignored)} apply to de.mode=change only (vanilla computes P(s1 > s2)): "
+                                  "remove them or use de.mode=change")
         if self.cells1 is None and self.cells2 is not None:
             raise ConfigError("de.cells2 needs de.cells1")
 
@@ -150,6 +177,13 @@ class InferConfig:
             raise ConfigError(f"n_samples must be >= 1, got {self.n_samples}")
         if self.seed < 0:  # de/da seed numpy's SeedSequence, which takes no negative numbers (a traceback)
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.seed >= 2**44:
+            # posterior draws seed torch with seed * 1_000_003 + chunk (< 2**64): larger seeds were an overflow
+            # traceback (or one writing uns['multivi']['seed'])
+            raise ConfigError(f"seed must be < 2**44, got {self.seed}")
+        if not str(self.output).strip():
+            # Path("") is the working directory: "PosixPath('.') has an empty name" traceback
+            raise ConfigError("output is empty: give the output path, e.g. output=outputs/embed.zarr")
         if self.give_mean and self.n_samples != 1:
             raise ConfigError("n_samples > 1 draws posterior samples: set give_mean=false")
         if self.job in ("de", "da") and (not self.give_mean or self.n_samples != 1):
@@ -163,5 +197,32 @@ class InferConfig:
             raise ConfigError(f"modalities must be a non-empty subset of {list(LATENTS)}, got {self.modalities}")
 
 
+# section -> the jobs that read it (top-level keys read by only some jobs are checked in check_applies)
+SECTION_JOBS = {"embed": ("embed",), "expression": ("expression",), "accessibility": ("accessibility",),
+                "de": ("de", "da"), "export": ("export",)}
+
+
+def check_applies(cfg: InferConfig) -> None:
+    """Refuse an option set away from its default for a job that does not read it: on the command line
+    ``job=embed expression.genes=[CD3E]`` or ``job=expression modalities=[joint]`` ran with the option silently
+    ignored. (Python callers may pass a whole InferConfig whose other sections are simply not read.)"""
+    ignored = []
+    for section, jobs in SECTION_JOBS.items():
+        if cfg.job in jobs:
+            continue
+        value, default = getattr(cfg, section), type(getattr(cfg, section))()
+        ignored += [f"{section}.{f.name}" for f in fields(value) if getattr(value, f.name) != getattr(default, f.name)]
+    top = {"modalities": ("embed",), "give_mean": ("embed", "expression", "accessibility"),
+           "n_samples": ("embed", "expression", "accessibility")}
+    default = InferConfig(model_dir="m", store="s", output="o")
+    ignored += [k for k, jobs in top.items() if cfg.job not in jobs and getattr(cfg, k) != getattr(default, k)]
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)} do not apply to job={cfg.job} (it does not read them): remove them, "
+                          "or choose the job they belong to")
+
+
 def load_infer_config(cfg: Any) -> InferConfig:
-    return to_typed(cfg, InferConfig)
+    """The command line's config (Hydra) -> InferConfig; raises ConfigError naming a bad or ignored key."""
+    typed = to_typed(cfg, InferConfig)
+    check_applies(typed)
+    return typed
