@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from data.typed_config import ConfigError
 
 
 @dataclass
@@ -37,6 +40,20 @@ class SynthConfig:
     overwrite: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # only finiteness here: write_synthetic_store checks the ranges. peak_fold=inf put every ATAC count of
+        # every cell into region 0 (NaN profiles); the other infinities ended in numpy's 'lam value too large'
+        # and NaN fractions in 'Probabilities contain NaN', neither naming the key
+        for key in ("paired_fraction", "rna_only_fraction", "atac_only_fraction", "marker_fold", "peak_fold",
+                    "rna_library_median", "atac_density", "batch_effect"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"{key} must be a finite number, got {getattr(self, key)}")
+
+
+# what each input kind reads besides its files (data/convert/base.py); kind-specific keys elsewhere were ignored
+_KIND_KEYS = {"h5ad_pair": ("rna", "atac"), "h5mu": ("path",), "scvi": ("path", "n_genes", "modality_key"),
+              "tenx_h5": ("path",)}
+
 
 @dataclass
 class InputConfig:
@@ -55,6 +72,17 @@ class InputConfig:
     # prepended to every cell id of this input: several 10x samples share barcodes (AAAC...-1), and cell ids
     # must be unique across inputs (the RNA and ATAC sides are matched on the ids before the prefix)
     id_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KIND_KEYS:
+            return  # open_input names the kinds
+        ignored = [k for k, default in (("path", None), ("rna", None), ("atac", None), ("n_genes", None),
+                                        ("modality_key", "modality"))
+                   if getattr(self, k) != default and k not in _KIND_KEYS[self.kind]]
+        if ignored:
+            raise ConfigError(f"inputs: {', '.join(f'{k}={getattr(self, k)!r}' for k in ignored)} do not apply to "
+                              f"kind={self.kind} (it reads {', '.join(_KIND_KEYS[self.kind])}): remove them or "
+                              "set the kind they belong to")
 
 
 @dataclass
@@ -89,3 +117,14 @@ class BuildConfig:
     # preshuffle=true runs in this process only.
     dask_scheduler: str | None = None
     dask_workers: int = 2
+
+    def __post_init__(self) -> None:
+        for key in ("min_gene_fraction", "min_region_fraction"):
+            # negative silently meant no filter; > 1, NaN or inf removed every feature, refused only after a
+            # pass over all inputs
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key} must be in [0, 1] (a fraction of the cells), got {getattr(self, key)}")
+        keys = [*self.cat_cov_keys, *self.cont_cov_keys]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:  # the store (and every model trained on it) carried the same obs column twice
+            raise ConfigError(f"covariate keys {dup} are listed more than once in cat_cov_keys / cont_cov_keys")
