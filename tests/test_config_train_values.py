@@ -64,6 +64,7 @@ def _compose(*overrides: str):
     (("run.keep_checkpoints=-1",), "run.keep_checkpoints"),
     (("data.cache_validation_mb=-1",), "data.cache_validation_mb"),
     (("dist.timeout_s=0",), "dist.timeout_s"),
+    (("dist.zero_stage=2",), "dist.zero_stage"),  # with the default dist=ddp: trained without ZeRO, silently
 ])
 def test_bad_values_are_named_at_start_up(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -76,7 +77,7 @@ def test_bad_values_are_named_at_start_up(overrides, key):
     ("run.seed=9223372036854775807",), ("run.keep_checkpoints=0",), ("data.cache_validation_mb=0",),
     ("optim.n_epochs_kl_warmup=0", "optim.n_steps_kl_warmup=7"),  # 0 = step warm-up, as the loop reads it
     ("optim.n_epochs_kl_warmup=null", "optim.n_steps_kl_warmup=7"), ("optim.n_steps_kl_warmup=0",),
-    ("run.monitor=elbo_validation",),
+    ("run.monitor=elbo_validation",), ("dist=deepspeed", "dist.zero_stage=1"),
 ])
 def test_boundary_values_stay_valid(overrides):
     load_config(_compose(*overrides))

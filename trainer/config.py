@@ -16,7 +16,7 @@ from omegaconf import MISSING
 
 from data.typed_config import ConfigError, to_typed
 
-# what run.monitor may name: the keys of trainer.loop.validate's result (equal to loop.VALIDATION_KEYS, tested)
+# what run.monitor may name: keys of trainer.validation.validate's result (equal to loop.VALIDATION_KEYS, tested)
 VALIDATION_KEYS = ("reconstruction_loss_validation", "elbo_validation")
 
 
@@ -161,6 +161,9 @@ class DistConfig:
             raise ConfigError(f"dist.backend must be ddp or deepspeed, got {self.backend!r}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"dist.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.backend == "ddp" and self.zero_stage != 0:  # DDP has no ZeRO: the stage was silently ignored
+            raise ConfigError(f"dist.zero_stage={self.zero_stage} needs dist.backend=deepspeed (e.g. dist=deepspeed); "
+                              "DDP keeps every state whole: leave dist.zero_stage=0")
         if self.timeout_s < 1:  # as mva-infer's timeout_s: the process group's collectives wait this long
             raise ConfigError(f"dist.timeout_s must be >= 1, got {self.timeout_s}")
         if self.precision not in ("fp32", "bf16", "fp16"):
