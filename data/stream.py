@@ -46,6 +46,7 @@ from data.collate import collate
 from data.plan import EpochPlan, chunk_bounds, plan_epoch, worker_batch_ids
 from data.reader import ChunkReader, as_store, read_cell_table, read_validation_mask
 from data.store import Store
+from data.typed_config import ConfigError
 
 SPLITS = ("train", "validation", "all")
 _DONE = object()
@@ -123,11 +124,13 @@ class StoreStream(IterableDataset):
         # reads by make_batch only, and a 1M-cell plan would be its largest per-cell structure (issue #5).
         plan = self.plan() if split != "all" else None
         if split == "train" and plan.n_cells == 0:  # no batch size or remainder rule can help here
-            raise ValueError(f"split 'train' of {self.path} has no cells (val_fraction={self.val_fraction} "
-                             f"puts all {self.meta.n_cells} in validation): lower val_fraction")
+            raise ConfigError(f"split 'train' of {self.path} has no cells (data.val_fraction={self.val_fraction} "
+                              f"puts all {self.meta.n_cells} in validation): lower data.val_fraction")
         if split == "train" and len(plan) == 0:
-            raise ValueError(f"split 'train' has {plan.n_cells} cells, fewer than world_size x batch_size = "
-                             f"{self.world_size} x {self.batch_size}: lower batch_size or use remainder='pad'")
+            # ConfigError (a ValueError): mva-train prints it as one line, not a traceback
+            raise ConfigError(f"split 'train' has {plan.n_cells} cells, fewer than world_size x batch_size = "
+                              f"{self.world_size} x {self.batch_size}: lower data.batch_size or use "
+                              "data.remainder=pad")
 
     @property
     def eligible(self) -> np.ndarray:
@@ -203,7 +206,10 @@ class StoreStream(IterableDataset):
                 self._store.check_unchanged(self._identity)  # the plan and cell table are the parent's
             starts, stops = chunk_bounds(self.shard_sizes, self.chunk_size)
             # Two windows of chunks: a batch at a window boundary touches both.
-            self._reader = ChunkReader(self._store, starts, stops, cache_chunks=2 * self.window_chunks + 2,
+            # never more slots than the store has chunks: the pool is preallocated (a 400-cell store with
+            # window_chunks=100000 asked for 36 GiB)
+            self._reader = ChunkReader(self._store, starts, stops,
+                                       cache_chunks=min(2 * self.window_chunks + 2, len(starts)),
                                        modalities=self.modalities)
         return self._reader
 

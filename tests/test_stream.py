@@ -219,8 +219,15 @@ def test_bad_arguments(stores):
     with pytest.raises(ValueError, match="fewer than world_size x batch_size"):
         StoreStream(stores[700], 5000)
     # no training cell at all: it said "use remainder='pad'" even to a stream that used it
-    with pytest.raises(ValueError, match="has no cells .*lower val_fraction"):
+    with pytest.raises(ValueError, match=r"has no cells .*lower data\.val_fraction"):
         StoreStream(stores[700], 8, val_fraction=0.9999999, remainder="pad")
+
+
+def test_a_window_larger_than_the_store_reserves_only_the_store_s_chunks(stores):
+    # the reader's pool is preallocated: 2 x window_chunks + 2 slots asked for 36 GiB on a 400-cell store
+    s = StoreStream(stores[700], 64, chunk_size=100_000, window_chunks=100_000)
+    want = sum(len(b) for b in s.plan().batches)
+    assert want > 0 and sum(b["batch"].shape[0] for b in s) == want
 
 
 def test_state_from_another_split_or_store_is_refused(stores, tmp_path):

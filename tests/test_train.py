@@ -107,8 +107,12 @@ def test_a_store_without_regions_or_a_bad_model_option_is_one_line(tmp_path):
     rna = "/work/shared/data/neurips2021_bmmc_multiome_starter/bmmc_starter_rna.h5ad"
     rna_only = build_store(BuildConfig(out=str(tmp_path / "rna.zarr"), progress=False,
                                        inputs=[InputConfig(kind="h5ad_pair", rna=rna)]))
+    synth = tiny_store(tmp_path / "synth", n_cells=400)
     for store, extra, needle in ((rna_only, [], "has 600 genes and 0 regions"),
-                                 (tmp_path / "none", ["model.gene_likelihood=zinbb"], "model.gene_likelihood")):
+                                 (tmp_path / "none", ["model.gene_likelihood=zinbb"], "model.gene_likelihood"),
+                                 # were ValueError tracebacks from the stream
+                                 (synth, ["data.batch_size=100000"], "lower data.batch_size"),
+                                 (synth, ["data.val_fraction=0.999999"], "lower data.val_fraction")):
         ov = tiny_overrides(store, tmp_path / "run")
         r = subprocess.run([PY, "-m", "trainer.train", *as_cli(ov), *extra], cwd=ROOT, env=env(),
                            check=False, capture_output=True, text=True, timeout=120)
