@@ -48,6 +48,10 @@ class SynthConfig:
                     "rna_library_median", "atac_density", "batch_effect"):
             if not math.isfinite(getattr(self, key)):
                 raise ConfigError(f"{key} must be a finite number, got {getattr(self, key)}")
+        # counts are drawn as int32: a median of 1e12 wrapped them (stored values up to 4.29e9, silently).
+        # 1e7 keeps a cell's largest gene count (library x e^(3 sd) x batch factor) far below 2**31
+        if self.rna_library_median > 1e7:
+            raise ConfigError(f"rna_library_median must be <= 1e7 (counts are int32), got {self.rna_library_median}")
 
 
 # what each input kind reads besides its files (data/convert/base.py); kind-specific keys elsewhere were ignored

@@ -40,6 +40,13 @@ def test_synth_non_finite_values_are_named(override, key):
         _load("synth", SynthConfig, override)
 
 
+def test_synth_library_medians_that_overflow_int32_counts_are_named():
+    # 1e12 wrapped the int32 draws: stored counts up to 4,294,825,036 and a smallest library of 362,463
+    with pytest.raises(ConfigError, match=r"^rna_library_median must be <= 1e7"):
+        _load("synth", SynthConfig, "rna_library_median=1e12")
+    assert _load("synth", SynthConfig, "rna_library_median=1e7").rna_library_median == 1e7
+
+
 def test_synth_infinite_peak_fold_no_longer_writes_a_one_region_store(tmp_path):
     # before: exit 0, 'wrote ...', a store whose ATAC counts all sat in region 0 (300 cells, 100 regions)
     r = subprocess.run([sys.executable, "-m", "data.synthetic", f"out={tmp_path / 's'}", "n_cells=300", "n_genes=50",
