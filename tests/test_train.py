@@ -62,6 +62,17 @@ def test_config_errors_stop_the_cli_naming_the_key(store, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_diverging_run_stops_with_its_one_line_message(store, tmp_path):
+    """optim.lr=1e6 diverges at once; the guard's stop (step, bad terms, last good checkpoint) came under a
+    Python traceback that added nothing."""
+    ov = tiny_overrides(store, tmp_path / "run")
+    r = subprocess.run([PY, "-m", "trainer.train", *as_cli(ov), "optim.lr=1e6", "run.max_bad_steps=3"], cwd=ROOT,
+                       env=env(), check=False, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("mva-train: error: stopping at step 3: 3 consecutive "
+                                                        "non-finite steps"), r.stderr[-3000:]
+
+
 def test_deepspeed_with_fp16_is_refused_at_start_up_in_one_line(store, tmp_path):
     """dist.backend=deepspeed with dist.precision=fp16 was accepted; on a GPU DeepSpeed's loss scale (2**16)
     can only back off inside engine.step(), which the guard's skips (ZeRO 0) or bad-step count (ZeRO 1/2)

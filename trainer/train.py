@@ -22,6 +22,7 @@ from data.store import StoreError
 from trainer import dist
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.guard import NonFiniteError
 from trainer.lock import LockError
 from trainer.loop import TrainResult, run
 
@@ -55,8 +56,10 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        # bad input, a busy run dir, a full disk
-        with one_line_errors("mva-train", (ConfigError, StoreError, LockError, CheckpointError, OSError)):
+        # bad input, a busy run dir, a full disk, a diverging run (its message names the step, the term and
+        # the last good checkpoint: the traceback under it said nothing more)
+        with one_line_errors("mva-train", (ConfigError, StoreError, LockError, CheckpointError, OSError,
+                                           NonFiniteError)):
             train(cfg)
 
     _main()
