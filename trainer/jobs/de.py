@@ -48,7 +48,7 @@ from trainer.jobs.common import (
 )
 from trainer.jobs.de_groups import cell_sets, complement, raw_of, raw_sums
 from trainer.jobs.de_sampling import READ_CHUNK, Sampler
-from trainer.jobs.runner import _empty_dir, _take_lock
+from trainer.jobs.runner import _empty_dir, holding_lock
 
 STATS_COLUMNS = 2048  # features per statistics call: caps the (samples x features) temporaries
 # Test hook (same name as embed's): raise after this many comparisons were written by this process.
@@ -182,21 +182,9 @@ def _run(cfg: InferConfig, job: str) -> dict:
     # rank 0 holds <output>.parts/.mva.lock for the whole job, as the chunked jobs hold theirs: a second job
     # on the same output (overwrite=true, other settings) emptied the parts directory under a running one,
     # whose table then mixed both jobs' comparisons; a lock left by a killed job is cleared (holder dead)
-    lock = _take_lock(parts_dir, info)
-    finished = False
-    try:
-        summary = _run_locked(cfg, job, info, module, minfo, store, modality, all_names, feat, sets, comps, by_group,
-                              final, parts_dir, fp)
-        finished = True
-        return summary
-    finally:
-        if lock is not None:
-            lock.release()
-            if finished:
-                try:
-                    parts_dir.rmdir()  # empty unless another job took the lock meanwhile: then leave it
-                except OSError:
-                    pass
+    with holding_lock(parts_dir, info):
+        return _run_locked(cfg, job, info, module, minfo, store, modality, all_names, feat, sets, comps, by_group,
+                           final, parts_dir, fp)
 
 
 def _run_locked(cfg, job, info, module, minfo, store, modality, all_names, feat, sets, comps, by_group, final,

@@ -34,6 +34,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -236,8 +237,11 @@ def _empty_dir(d: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def _take_lock(prog_dir: Path, info: dist.DistInfo):
-    """Rank 0 locks the progress directory; every rank raises the same error if that fails."""
+@contextmanager
+def holding_lock(prog_dir: Path, info: dist.DistInfo):
+    """Rank 0 locks ``prog_dir`` for the body (every rank raises the same error if that fails); after a
+    finished body the lock is released and the then empty directory removed. Unless another job took the
+    lock meanwhile: then the directory is left to it; after a failure the directory keeps the progress."""
     lock, error = None, ""
     if info.is_main:
         try:
@@ -247,7 +251,16 @@ def _take_lock(prog_dir: Path, info: dist.DistInfo):
     error = dist.broadcast_object(error)
     if error:
         raise InferError(error)
-    return lock
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        if lock is not None:
+            lock.release()
+            if finished:
+                with suppress(OSError):
+                    prog_dir.rmdir()
 
 
 def _on_main(info: dist.DistInfo, fn) -> None:
@@ -285,20 +298,8 @@ def run_chunked(job: ChunkJob) -> dict:
         raise InferError(f"{final} exists and is not an mva-infer output (no finished job's Zarr group): "
                          "overwrite=true only replaces those; remove it yourself or choose another output")
     dist.barrier()  # every rank has checked the output before rank 0 starts deleting things
-    lock = _take_lock(prog_dir, info)
-    finished = False
-    try:
-        summary = _run_locked(job, final, partial, prog_dir)
-        finished = True
-        return summary
-    finally:
-        if lock is not None:
-            lock.release()
-            if finished:
-                try:
-                    prog_dir.rmdir()  # empty unless another job took the lock meanwhile: then leave it
-                except OSError:
-                    pass
+    with holding_lock(prog_dir, info):
+        return _run_locked(job, final, partial, prog_dir)
 
 
 def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> dict:
