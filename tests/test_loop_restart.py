@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import collections
 import shutil
-import signal
 import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train_utils import PY, ROOT, as_cli, env, tiny_config, tiny_overrides, tiny_store
+from tests.train_utils import (
+    PY,
+    ROOT,
+    as_cli,
+    env,
+    kill_in_checkpoint_write,
+    tiny_config,
+    tiny_overrides,
+    tiny_store,
+)
 from trainer import checkpoint as ckpt
 from trainer.metrics import read_metrics
 from trainer.train import train
@@ -25,23 +33,6 @@ from trainer.train import train
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return tiny_store(tmp_path_factory.mktemp("store") / "store", n_cells=400)
-
-
-def _kill_in_first_checkpoint_write(overrides: dict) -> None:
-    """Run mva-train and SIGKILL it inside its first checkpoint write (no complete checkpoint exists)."""
-    proc = subprocess.Popen([PY, "-m", "trainer.train", *as_cli(overrides)], cwd=ROOT,
-                            env={**env(), "MVA_FAULT_PAUSE_CHECKPOINT": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("[fault] paused in checkpoint write"):
-                break
-        else:
-            pytest.fail("training ended without reaching the paused checkpoint write")
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def _cli(overrides: dict) -> subprocess.CompletedProcess:
@@ -56,7 +47,7 @@ def test_a_restart_before_the_first_checkpoint_logs_every_step_once(store, tmp_p
     metrics.jsonl: every step of epoch 0 was recorded twice (and loss.png drew the curve twice)."""
     run = tmp_path / "run"
     ov = tiny_overrides(store, run, **{"run.epochs": 1, "logger.log_every": 1})
-    _kill_in_first_checkpoint_write(ov)
+    kill_in_checkpoint_write(ov, 1)
     killed = read_metrics(run / "metrics.jsonl")
     assert killed and not ckpt.complete_checkpoints(run)  # the attempt logged its epoch, then died
     res = _cli(ov)

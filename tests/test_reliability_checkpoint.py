@@ -8,7 +8,6 @@ checkpoint / output stays loadable, the error is one line, the rerun completes.
 from __future__ import annotations
 
 import hashlib
-import signal
 import subprocess
 from pathlib import Path
 
@@ -18,7 +17,16 @@ import pytest
 import torch
 
 from tests.faults.mounts import fill, tmpfs
-from tests.train_utils import PY, ROOT, as_cli, env, tiny_config, tiny_overrides, tiny_store
+from tests.train_utils import (
+    PY,
+    ROOT,
+    as_cli,
+    env,
+    kill_in_checkpoint_write,
+    tiny_config,
+    tiny_overrides,
+    tiny_store,
+)
 from trainer import checkpoint as ckpt
 from trainer.train import train
 
@@ -50,19 +58,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_the_rerun_
     run = tmp_path / "run"
     ov = tiny_overrides(store, run, **{"run.epochs": 1, "run.checkpoint_every_steps": 2})
     # the 2nd checkpoint write (step 4) stops after the weights, before the trainer state: kill it there
-    proc = subprocess.Popen([PY, "-m", "trainer.train", *as_cli(ov)], cwd=ROOT,
-                            env={**env(), "MVA_FAULT_PAUSE_CHECKPOINT": "2"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("[fault] paused in checkpoint write"):
-                break
-        else:
-            pytest.fail("training ended without reaching the paused checkpoint write")
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_in_checkpoint_write(ov, 2)
     partial = run / "checkpoints" / ".tmp_step_000000004"
     assert (partial / "model.pt").is_file() and not (partial / "trainer.pt").exists()  # really mid-write
     done = ckpt.complete_checkpoints(run)

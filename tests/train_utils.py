@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,23 @@ def train_cli(overrides: dict[str, Any], *more: str, nproc: int = 1, timeout: in
     if res.returncode != 0:
         raise AssertionError(f"mva-train failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     return res
+
+
+def kill_in_checkpoint_write(overrides: dict[str, Any], nth: int = 1) -> None:
+    """Run mva-train and SIGKILL it inside its ``nth`` checkpoint write (paused there by the fault hook
+    ``MVA_FAULT_PAUSE_CHECKPOINT``: after the weights, before the trainer state)."""
+    import pytest
+
+    proc = subprocess.Popen([PY, "-m", "trainer.train", *as_cli(overrides)], cwd=ROOT,
+                            env={**env(), "MVA_FAULT_PAUSE_CHECKPOINT": str(nth)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("[fault] paused in checkpoint write"):
+                break
+        else:
+            pytest.fail("training ended without reaching the paused checkpoint write")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
