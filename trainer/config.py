@@ -91,18 +91,13 @@ class ModelConfig:
     native_kernels: bool = True
 
     def __post_init__(self) -> None:
-        from trainer.module import _CHOICES  # the module's own list (lazy: torch is not needed to read YAML)
+        # the module's own rule (imported lazily: torch is not needed to read YAML)
+        from trainer.module import option_error
 
-        for name, choices in _CHOICES.items():  # a bad choice was a traceback after the store was opened
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"model.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
-        # the module refuses these too, but only after the store was opened and read
-        for name in ("n_hidden", "n_latent", "n_layers_encoder", "n_layers_decoder"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"model.{name} must be >= 1 (null = the reference's default), got {value}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ConfigError(f"model.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        # the module refuses the same values, but only after the store was opened (a traceback before)
+        error = option_error(asdict(self))
+        if error:
+            raise ConfigError(f"model.{error}")
 
 
 @dataclass

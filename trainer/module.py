@@ -40,6 +40,25 @@ _CHOICES = {
     "modality_weights": ("equal", "universal", "cell"),
     "modality_penalty": ("Jeffreys", "MMD", "None"),
 }
+
+
+def option_error(options: dict) -> str | None:
+    """What is wrong with the MultiVAE ``options`` given (a choice outside ``_CHOICES``, a size < 1, a
+    dropout rate outside [0, 1)), or None. One rule for the module and for ``trainer.config.ModelConfig``,
+    which refuses the same values before the store is opened."""
+    for name, value in options.items():
+        if name in _CHOICES and value not in _CHOICES[name]:
+            return f"{name} must be one of {list(_CHOICES[name])}, got {value!r}"
+        # sizes and rates that would otherwise train silently wrong (dropout_rate < 0 dropped nothing,
+        # 1.0 zeroed every encoder activation) or fail later with a shape traceback
+        if name in ("n_hidden", "n_latent", "n_layers_encoder", "n_layers_decoder") and value is not None \
+                and value < 1:
+            return f"{name} must be >= 1 (null = the reference's default for n_hidden / n_latent), got {value}"
+        if name == "dropout_rate" and not 0.0 <= value < 1.0:
+            return f"dropout_rate must be in [0, 1), got {value}"
+    return None
+
+
 _SOFTMAX_EPS = 1e-30  # the reference's masked-softmax epsilon (numerator of masked slots and denominator)
 
 
@@ -75,31 +94,18 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         native_kernels: bool = True,
     ):
         super().__init__()
-        opts = {
-            "gene_likelihood": gene_likelihood,
-            "dispersion": dispersion,
-            "use_batch_norm": use_batch_norm,
-            "use_layer_norm": use_layer_norm,
-            "latent_distribution": latent_distribution,
-            "modality_weights": modality_weights,
-            "modality_penalty": modality_penalty,
-        }
-        for name, value in opts.items():
-            if value not in _CHOICES[name]:
-                raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}")
+        error = option_error({
+            "gene_likelihood": gene_likelihood, "dispersion": dispersion, "use_batch_norm": use_batch_norm,
+            "use_layer_norm": use_layer_norm, "latent_distribution": latent_distribution,
+            "modality_weights": modality_weights, "modality_penalty": modality_penalty, "n_hidden": n_hidden,
+            "n_latent": n_latent, "n_layers_encoder": n_layers_encoder, "n_layers_decoder": n_layers_decoder,
+            "dropout_rate": dropout_rate})  # fmt: skip
+        if error:
+            raise ValueError(error)
         if n_genes < 1 or n_regions < 1:
             raise ValueError(f"MultiVAE needs n_genes >= 1 and n_regions >= 1, got {n_genes}, {n_regions}")
         if n_batch < 1:
             raise ValueError(f"n_batch must be >= 1, got {n_batch}")
-        # sizes and rates that would otherwise train silently wrong (dropout_rate < 0 dropped nothing,
-        # 1.0 zeroed every encoder activation) or fail later with a shape traceback
-        sizes = {"n_hidden": n_hidden, "n_latent": n_latent, "n_layers_encoder": n_layers_encoder,
-                 "n_layers_decoder": n_layers_decoder}  # fmt: skip
-        for name, value in sizes.items():
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 (or null for n_hidden/n_latent), got {value}")
-        if not 0.0 <= dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
         if n_continuous_cov < 0 or any(int(n) < 1 for n in n_cats_per_cov):
             raise ValueError(
                 f"n_continuous_cov must be >= 0 and every n_cats_per_cov >= 1, got {n_continuous_cov}, "
