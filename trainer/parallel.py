@@ -134,6 +134,7 @@ class Wrapped:
         self.params = list(module.parameters())
         self.clf_params = [] if classifier is None else list(classifier.parameters())
         self._buffers: list[torch.Tensor] | None = None
+        self._clf_buffers: list[torch.Tensor] = []
         if classifier is not None:
             self.clf_optimizer = torch.optim.Adam(self.clf_params, lr=optim.classifier_lr, eps=optim.classifier_eps,
                                                   weight_decay=optim.classifier_weight_decay,
@@ -147,8 +148,14 @@ class Wrapped:
         """Every buffer of the VAE and the classifier (batch-norm statistics), listed on first use:
         unlike parameters, buffers are new tensors after a dtype cast (DeepSpeed's, inside __init__)."""
         if self._buffers is None:
-            self._buffers = [b for m in (self.module, self.classifier) if m is not None for b in m.buffers()]
+            self._clf_buffers = [] if self.classifier is None else list(self.classifier.buffers())
+            self._buffers = list(self.module.buffers()) + self._clf_buffers
         return self._buffers
+
+    def clf_buffers(self) -> list[torch.Tensor]:
+        """The classifier's buffers (the tail of ``buffers()``), listed once as well."""
+        self.buffers()
+        return self._clf_buffers
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -161,7 +168,7 @@ class Wrapped:
 
         ``guard`` (a StepGuard; the loop passes it): a non-finite averaged gradient skips this step and leaves
         no trace (its batch-norm statistics are restored); one such Adam step made every classifier weight NaN."""
-        buffers = list(self.classifier.buffers()) if guard is not None else []
+        buffers = self.clf_buffers() if guard is not None else []
         saved = [b.detach().clone() for b in buffers]
         # no autocast: the classifier computes in its own dtype (trainer/classifier.py)
         loss = classifier_objective(self.classifier, z, batch_codes, self.optim_cfg.kappa)
