@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -84,9 +85,29 @@ def init_distributed(timeout_s: int = 1800, single_group: bool = False) -> DistI
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
 
+# Seconds the main thread sleeps (GIL released) before leaving a gloo group; see cleanup().
+GLOO_SETTLE_S = 0.2
+
+
 def cleanup() -> None:
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
+    """Leave the process group (no collective: a rank may leave while others still work, e.g. rank 0
+    drawing a UMAP after the last barrier).
+
+    On gloo the main thread first sleeps briefly with the GIL released, because of a teardown race in
+    torch (2.13, measured): a DistributedDataParallel keeps the group's C++ object, and so its two worker
+    threads, alive past destroy_process_group (still running at interpreter exit after deleting every DDP
+    object and a gc pass), and a worker drops the tensor of the collective it last ran *after* wait() has
+    returned to Python, which takes the GIL. When that happens once the interpreter is finalising, the
+    thread is torn down inside a destructor: "terminate called without an active exception", SIGABRT, and
+    torchrun reports a run that had finished and written everything as failed. A barrier does not prevent
+    it (the other worker thread may still hold the earlier collective); letting the workers take the GIL
+    now does. Numbers: docs/reliability.md.
+    """
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return
+    if tdist.get_backend() == "gloo":
+        time.sleep(GLOO_SETTLE_S)
+    tdist.destroy_process_group()
 
 
 def is_distributed() -> bool:
