@@ -4,6 +4,7 @@ Only the errors an entry point names are caught: anything else is a bug and keep
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,5 +15,13 @@ def one_line_errors(prog: str, errors: tuple[type[BaseException], ...]) -> Itera
     try:
         yield
     except errors as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        # one write() of the whole line: torchrun starts ranks with `python -u` (stderr unbuffered), where print()
+        # writes the message and its newline separately and two ranks' lines came out as one (CI, 2 ranks)
+        line = f"{prog}: error: {exc}\n"
+        sys.stderr.flush()  # what was written before stays before
+        try:
+            os.write(sys.stderr.fileno(), line.encode())
+        except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor (captured in-process)
+            sys.stderr.write(line)
+            sys.stderr.flush()
         sys.exit(2)
