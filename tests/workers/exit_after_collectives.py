@@ -14,6 +14,7 @@ gets it only when the main thread blocks or sleeps, as it would be under load.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -38,8 +39,9 @@ def main(rounds: int, mode: str) -> None:
             tdist.destroy_process_group()
         held_after_leaving += sys.getrefcount(t) > 2
         del ddp
-    print(json.dumps({"rank": info.rank, "rounds": rounds, "held_after_collective": held_after_collective,
-                      "held_after_leaving": held_after_leaving}), flush=True)
+    line = json.dumps({"rank": info.rank, "rounds": rounds, "held_after_collective": held_after_collective,
+                       "held_after_leaving": held_after_leaving}) + "\n"
+    os.write(1, line.encode())  # one write: under `python -u` print() splits it and the two ranks' lines interleave
 
 
 if __name__ == "__main__":
