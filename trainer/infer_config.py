@@ -116,9 +116,10 @@ class DiffOptions:
             # a repeated group was compared twice (duplicate rows in the table)
             raise ConfigError(f"de.group1 must be null (every group) or a list of distinct groups, got {self.group1}")
         if self.mode == "vanilla":
-            # vanilla mode computes P(s1 > s2) only: these change-mode options were silently ignored
+            # vanilla mode computes P(s1 > s2) only: these change-mode options were silently ignored (it has
+            # no FDR flag either: de writes no is_de_fdr column, da an empty is_da_fdr)
             ignored = [f"de.{k}={getattr(self, k)!r}" for k, default in (("delta", None), ("pseudocounts", 1e-6),
-                                                                         ("test_mode", "three"))
+                                                                         ("test_mode", "three"), ("fdr_target", 0.05))
                        if getattr(self, k) != default]
             if ignored:
                 raise ConfigError(f"{', '.join(ignored)} apply to de.mode=change only (vanilla computes P(s1 > s2)): "

@@ -172,7 +172,11 @@ def _run(cfg: InferConfig, job: str) -> dict:
         raise InferError(f"{final} already exists: pass overwrite=true to replace it")
     # what decides the table: not the other jobs' sections or the timeout, and the store / model by
     # where they really are (a relative path typed differently is the same run)
-    fp = {**{k: v for k, v in asdict(cfg).items() if k not in _NOT_DE_SETTINGS},
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_DE_SETTINGS}
+    # the cell-id files count by their content (cells_sha), not by how their paths were typed: a rerun naming
+    # the same files by an absolute path, or from another directory, was refused as "different settings"
+    settings["de"] = {**settings["de"], "cells1": cfg.de.cells1 is not None, "cells2": cfg.de.cells2 is not None}
+    fp = {**settings,
           "job": job, "model_dir": str(model_dir.resolve()), **store_identity(store),
           # the cell-id files by content: a file rewritten between a crash and the rerun is another run
           "cells_sha": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (cfg.de.cells1, cfg.de.cells2)

@@ -95,6 +95,12 @@ def run_embed(cfg: InferConfig) -> dict:
         if not cfg.give_mean and cfg.n_samples > 1:
             raise InferError("embed.umap_png needs one point per cell: give_mean=true or n_samples=1")
     ctx = open_job(cfg)
+    if cfg.embed.umap_png:
+        from trainer.jobs.umap import MIN_CELLS
+
+        if ctx.n_cells < MIN_CELLS:  # else the embedding is written first and the picture then refused
+            raise InferError(f"embed.umap_png needs at least {MIN_CELLS} cells; store {ctx.store.path} has "
+                             f"{ctx.n_cells}: leave embed.umap_png unset for this store")
     summary = run_chunked(EmbedJob(ctx))
     if cfg.embed.umap_png and ctx.info.is_main:
         from trainer.jobs.umap import draw_umap

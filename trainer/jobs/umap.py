@@ -38,6 +38,7 @@ def category_colours(n: int) -> np.ndarray:
     pal = palettes.default_20 if n <= 20 else palettes.default_28 if n <= 28 else palettes.default_102
     return np.array([to_rgba(pal[i % len(pal)]) for i in range(max(n, 1))])
 PYNNDESCENT_FROM = 8192  # scanpy 1.11 switches from exact sklearn kNN to pynndescent at this many cells
+MIN_CELLS = 3  # a kNN graph and a 2-D layout need at least this many points
 
 
 def _keys_from_model(uns: dict) -> tuple[str | None, str | None]:
@@ -124,12 +125,12 @@ def draw_umap(embed_output: str, png: str, max_cells: int = 100_000, seed: int =
     import matplotlib.pyplot as plt
     import scanpy as sc
 
-    if max_cells < 3:
-        raise InferError(f"max_cells must be >= 3, got {max_cells}")
+    if max_cells < MIN_CELLS:
+        raise InferError(f"max_cells must be >= {MIN_CELLS}, got {max_cells}")
     z_arr, obs, uns = _read(embed_output)
     n = z_arr.shape[0]
-    if n < 3:
-        raise InferError(f"{embed_output} has {n} cells: a UMAP needs at least 3")
+    if n < MIN_CELLS:
+        raise InferError(f"{embed_output} has {n} cells: a UMAP needs at least {MIN_CELLS}")
     title = f"UMAP of X_multivi, {n:,} cells"
     if n > max_cells:
         # sorted rows: one pass over the Zarr chunks in order instead of random chunk reads

@@ -1,0 +1,94 @@
+"""Edge cases of the mva-infer jobs: tiny stores, cell-id files named by another path, options a mode ignores.
+
+    .venv/bin/python -m pytest tests/test_infer_edges.py -q
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from data.build import build_store
+from data.config import BuildConfig, InputConfig
+from tests.infer_utils import infer_cfg as _cfg
+from tests.infer_utils import trained_model
+from trainer.infer import infer
+from trainer.infer_config import EmbedOptions
+from trainer.jobs.common import InferError
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return trained_model(tmp_path_factory)
+
+
+def _store_of_cells(store, out, cells: np.ndarray, **build) -> str:
+    """A store of some of ``store``'s cells (same features and categories), built by mva-build."""
+    from trainer.scvi_io import store_to_mudata
+
+    mdata = store_to_mudata(store)
+    obs = mdata.obs.iloc[cells][["batch", "mask_rna", "mask_atac"]].copy()
+    obs["batch"] = obs["batch"].astype(str)
+    x = sp.hstack([mdata["rna"].X[cells], mdata["atac"].X[cells]], format="csr")
+    var = pd.DataFrame({"modality": ["Gene Expression"] * mdata["rna"].n_vars + ["Peaks"] * mdata["atac"].n_vars},
+                       index=list(mdata["rna"].var_names) + list(mdata["atac"].var_names))
+    h5ad = out.with_suffix(".h5ad")
+    ad.AnnData(X=x, obs=obs, var=var).write_h5ad(h5ad)
+    return build_store(BuildConfig(out=str(out), progress=False, inputs=[InputConfig(kind="scvi", path=str(h5ad))],
+                                   **build))
+
+
+def test_umap_png_of_a_store_too_small_to_draw_is_refused_before_the_job(trained, tmp_path):
+    """embed.umap_png on a 2-cell store: the embedding was computed and written, then the job failed ("a
+    UMAP needs at least 3"), and the rerun only said the output exists: the picture could never be drawn."""
+    store, run = trained
+    two = _store_of_cells(store, tmp_path / "two.zarr", np.array([0, 1]))
+    png = EmbedOptions(umap_png=str(tmp_path / "u.png"))
+    with pytest.raises(InferError, match="at least 3"):
+        infer(_cfg(two, run, tmp_path / "e.zarr", embed=png))
+    assert not any(tmp_path.glob("e.zarr*"))  # nothing was computed
+    infer(_cfg(two, run, tmp_path / "e.zarr"))  # without the picture the embedding works
+
+
+def test_de_rerun_naming_the_same_cell_files_by_another_path_resumes(trained, tmp_path, monkeypatch):
+    """The de/da resume fingerprint held de.cells1 / de.cells2 as typed: a crashed job rerun with the same
+    files named by their absolute path (or from another working directory) was refused as "different
+    settings", and overwrite=true threw its finished comparisons away. The files count by content."""
+    from data.store import open_store
+    from trainer.infer_config import DiffOptions, InferConfig
+    from trainer.jobs.de import FAIL_AFTER_ENV
+
+    store, run = trained
+    ids = open_store(store).read_obs().index
+    (tmp_path / "c1.txt").write_text("\n".join(ids[:60]))
+    (tmp_path / "c2.txt").write_text("\n".join(ids[60:140]))
+
+    def cfg(c1: str, c2: str, out: str) -> InferConfig:
+        return InferConfig(model_dir=str(run), store=str(store), output=str(tmp_path / out), job="da", progress=False,
+                           batch_size=96, de=DiffOptions(cells1=c1, cells2=c2, n_samples_overall=100))
+
+    infer(cfg(str(tmp_path / "c1.txt"), str(tmp_path / "c2.txt"), "clean.csv"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")  # dies after its one comparison, before the table
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        infer(cfg("c1.txt", "c2.txt", "o.csv"))
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    summary = infer(cfg(str(tmp_path / "c1.txt"), str(tmp_path / "c2.txt"), "o.csv"))
+    assert summary["computed"] == 0  # the finished comparison was kept
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "o.csv", index_col=0),
+                                  pd.read_csv(tmp_path / "clean.csv", index_col=0))
+
+
+def test_fdr_target_with_vanilla_mode_is_refused_naming_the_key():
+    """de.mode=vanilla has no FDR flag (de: no is_de_fdr column, da: is_da_fdr empty): de.fdr_target=0.1 was
+    accepted and silently ignored, as de.delta / de.pseudocounts / de.test_mode were before they were refused."""
+    from data.typed_config import ConfigError
+    from trainer.infer_config import DiffOptions
+
+    with pytest.raises(ConfigError, match=r"de\.fdr_target=0\.1 .*de\.mode=change"):
+        DiffOptions(groupby="cell_type", mode="vanilla", fdr_target=0.1)
+    DiffOptions(groupby="cell_type", mode="vanilla")  # the default is fine
+    DiffOptions(groupby="cell_type", fdr_target=0.1)  # and change mode reads it
