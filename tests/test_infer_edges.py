@@ -92,3 +92,33 @@ def test_fdr_target_with_vanilla_mode_is_refused_naming_the_key():
         DiffOptions(groupby="cell_type", mode="vanilla", fdr_target=0.1)
     DiffOptions(groupby="cell_type", mode="vanilla")  # the default is fine
     DiffOptions(groupby="cell_type", fdr_target=0.1)  # and change mode reads it
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_de_overwrite_replaces_only_a_table_it_wrote(trained, tmp_path, fmt):
+    """de/da overwrite=true deleted whatever file sat at ``output`` (a mistyped output= naming the user's notes
+    became a DE table), while the chunked jobs replace only their own outputs. Now only a table with the
+    job's columns is replaced; anything else is refused and left as it was."""
+    from trainer.infer_config import DiffOptions, InferConfig
+
+    store, run = trained
+
+    def cfg(out) -> InferConfig:
+        return InferConfig(model_dir=str(run), store=str(store), output=str(out), job="de", progress=False,
+                           batch_size=96, overwrite=True,
+                           de=DiffOptions(groupby="batch", n_samples_overall=50, format=fmt))
+
+    notes = tmp_path / f"notes.{fmt}"
+    notes.write_text("gene,comment\nCD3E,check later\n")
+    with pytest.raises(InferError, match="not an mva-infer de/da table"):
+        infer(cfg(notes))
+    assert notes.read_text() == "gene,comment\nCD3E,check later\n"
+    folder = tmp_path / "run_dir"
+    folder.mkdir()
+    with pytest.raises(InferError, match="not an mva-infer de/da table"):
+        infer(cfg(folder))
+    table = tmp_path / f"t.{fmt}"
+    infer(cfg(table))
+    first = table.stat().st_mtime_ns
+    infer(cfg(table))  # its own table: replaced
+    assert table.stat().st_mtime_ns != first

@@ -24,6 +24,7 @@ its restart bookkeeping).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -170,6 +171,11 @@ def _run(cfg: InferConfig, job: str) -> dict:
     parts_dir = final.with_name(final.name + ".parts")
     if final.exists() and not cfg.overwrite:
         raise InferError(f"{final} already exists: pass overwrite=true to replace it")
+    if final.exists() and not _is_table(final):
+        # overwrite deletes the file: never one this job did not write (a mistyped output= naming the user's
+        # own notes or a directory), as the chunked jobs replace only their own outputs
+        raise InferError(f"{final} exists and is not an mva-infer de/da table (no {sorted(_OWN_COLUMNS)} columns): "
+                         "overwrite=true only replaces those; remove it yourself or choose another output")
     # what decides the table: not the other jobs' sections or the timeout, and the store / model by
     # where they really are (a relative path typed differently is the same run)
     settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_DE_SETTINGS}
@@ -254,6 +260,28 @@ def _run_locked(cfg, job, info, module, minfo, store, modality, all_names, feat,
     dist.barrier()
     return {"output": str(final), "n_comparisons": len(comps), "n_features": len(feat), "computed": len(mine),
             "rank": info.rank, "world_size": info.world_size}
+
+
+_OWN_COLUMNS = {"comparison", "group1", "group2", "bayes_factor"}  # in every table either job and mode writes
+
+
+def _is_table(path: Path) -> bool:
+    """A de/da table (csv or parquet, told by its columns), the only kind of file overwrite=true replaces."""
+    if not path.is_file():
+        return False
+    try:
+        with path.open("rb") as fh:
+            parquet = fh.read(4) == b"PAR1"
+        if parquet:
+            import pyarrow.parquet as pq
+
+            names = set(pq.read_schema(path).names)
+        else:
+            with path.open(newline="", errors="replace") as fh:
+                names = set(next(csv.reader(fh), []))
+    except (OSError, ValueError, csv.Error):  # pyarrow's ArrowInvalid is a ValueError
+        return False
+    return _OWN_COLUMNS <= names
 
 
 def _write_table(table: pd.DataFrame, final: Path, fmt: str) -> None:
