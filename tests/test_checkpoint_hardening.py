@@ -6,7 +6,9 @@ one-line errors instead of tracebacks, no path around the pickle check, no rollb
 
 from __future__ import annotations
 
+import json
 import os
+import pickletools
 import shutil
 import zipfile
 from pathlib import Path
@@ -121,3 +123,101 @@ def test_resuming_with_other_settings_is_refused_by_name(run, tmp_path):
     assert (dst / "config.yaml").read_text() == cfg_before  # refused before anything was rewritten
     res = train(tiny_config(store, dst, **{"run.epochs": 3, "run.keep_checkpoints": 1, "logger.log_every": 1}))
     assert res.epochs == 3
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(run, tmp_path):
+    """A checkpoint's config lacks the settings added after it was written (data.remainder came later than
+    the first checkpoints): it was refused as "data.remainder (None -> 'drop')", a value nobody can set
+    back. An absent key counts as its default (the behaviour before it existed); another value is still
+    refused by name, with the value to set back."""
+    store, dst = _copy(run, tmp_path)
+    step = ckpt.complete_checkpoints(dst)[-1]
+    state = torch.load(step / "trainer.pt", weights_only=True)
+    old = json.loads(state["config"])
+    del old["data"]["remainder"]
+    torch.save({**state, "config": json.dumps(old)}, step / "trainer.pt")
+    with pytest.raises(ConfigError, match=r"data\.remainder \('drop' -> 'pad'\)"):
+        train(tiny_config(store, dst, **{"run.epochs": 3, "data.remainder": "pad"}))
+    res = train(tiny_config(store, dst, **{"run.epochs": 3}))
+    assert res.epochs == 3
+
+
+def test_a_copy_of_a_checkpoint_beside_it_is_neither_resumed_nor_pruned(run, tmp_path):
+    """Every directory under checkpoints/ named step_* with a trainer.pt counted as a checkpoint: a copy kept
+    as step_000000010.bak sorted after step_000000010, so resume=auto loaded the copy, pruning then deleted
+    it as an old checkpoint, and a rollback (run.resume=<older>) crashed on its name (int('000000010.bak'))."""
+    store, dst = _copy(run, tmp_path)
+    newest = ckpt.complete_checkpoints(dst)[-1]
+    backup = newest.with_name(newest.name + ".bak")
+    shutil.copytree(newest, backup)
+    assert ckpt.complete_checkpoints(dst)[-1] == newest
+    assert ckpt.find_resume(dst, "auto") == newest
+    with pytest.raises(ConfigError, match="holds newer checkpoints"):
+        train(tiny_config(store, dst, **{"run.resume": str(ckpt.complete_checkpoints(dst)[0]), "run.epochs": 3}))
+    res = train(tiny_config(store, dst, **{"run.epochs": 3, "run.keep_checkpoints": 1}))
+    assert res.epochs == 3 and backup.is_dir() and (backup / "trainer.pt").is_file()
+
+
+def _flip_a_bit(f: Path, member_suffix: str, offset: int) -> None:
+    """Flip one bit inside the stored bytes of the zip member ending with ``member_suffix`` (in place,
+    sizes and headers unchanged: what a bad disk, cable or copy does)."""
+    with zipfile.ZipFile(f) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member_suffix))
+    raw = bytearray(f.read_bytes())
+    name_len, extra_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    raw[info.header_offset + 30 + name_len + extra_len + offset] ^= 0x10
+    f.write_bytes(raw)
+
+
+def _step_value_offset(f: Path) -> int:
+    """Offset in trainer.pt's pickle of the bytes of the value stored under "step"."""
+    with zipfile.ZipFile(f) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    ops = list(pickletools.genops(pkl))
+    at = next(i for i, (_op, arg, _pos) in enumerate(ops) if arg == "step")
+    value = next(pos for op, _arg, pos in ops[at + 1:] if op.name.startswith("BININT"))  # past the memo op
+    return value + 1  # past the opcode byte
+
+
+@pytest.mark.parametrize(("name", "member"), [("model.pt", "/data/0"), ("trainer.pt", "data.pkl")])
+def test_a_flipped_bit_in_a_checkpoint_is_refused_not_resumed(run, tmp_path, name, member):
+    """torch.save records a CRC-32 of every record of its zip, but torch.load never checks them: a flipped
+    bit in a stored weight (model.pt) or in a pickled number (trainer.pt: the step) resumed silently."""
+    store, dst = _copy(run, tmp_path)
+    step = ckpt.complete_checkpoints(dst)[-1]
+    clean = torch.load(step / name, weights_only=True)
+    _flip_a_bit(step / name, member, 5 if name == "model.pt" else _step_value_offset(step / name))
+    damaged = torch.load(step / name, weights_only=True)  # not vacuous: torch loads it, with other values
+    if name == "model.pt":
+        assert not torch.equal(_first_tensor(clean), _first_tensor(damaged))
+    else:
+        assert damaged["step"] != clean["step"]
+    with pytest.raises(ckpt.CheckpointError, match=rf"{name} is damaged .*CRC"):
+        ckpt.load_states(step, 0, 1)
+    with pytest.raises(ckpt.CheckpointError, match=str(step)):
+        train(tiny_config(store, dst, **{"run.epochs": 3}))
+
+
+def _first_tensor(state):
+    """The first tensor of a nested state (dicts and lists in order)."""
+    if isinstance(state, torch.Tensor):
+        return state
+    for v in state.values() if isinstance(state, dict) else state if isinstance(state, list | tuple) else ():
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def test_a_checkpoint_file_written_without_crcs_still_loads(tmp_path):
+    """torch can be told not to compute the CRCs (they are then 0): such a file has nothing to check."""
+    import torch.utils.serialization as ser
+
+    ser.config.save.compute_crc32 = False
+    try:
+        torch.save({"w": torch.arange(10.0)}, tmp_path / "x.pt")
+    finally:
+        ser.config.save.compute_crc32 = True
+    ckpt.check_intact(tmp_path / "x.pt")
+    assert torch.equal(ckpt.safe_load(tmp_path / "x.pt")["w"], torch.arange(10.0))

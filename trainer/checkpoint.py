@@ -23,6 +23,7 @@ import pickle
 import random
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -189,12 +190,16 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (the step number is in the name, zero-padded)."""
+    """Complete checkpoints, oldest first (by the step number in the name, also past 9 digits).
+
+    Only ``step_<digits>`` is one of ours: a copy kept beside it (``step_000000010.bak``) sorted after the
+    original, so resume=auto loaded it and pruning deleted it, and its name crashed ``step_of``."""
     root = checkpoints_root(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer.pt").is_file())
+    return sorted((p for p in root.iterdir()
+                   if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+                   and p.name[len(PREFIX):].isascii() and (p / "trainer.pt").is_file()), key=step_of)
 
 
 def step_of(checkpoint_dir: str | Path) -> int:
@@ -265,6 +270,31 @@ def check_pickle_free(path: str | Path) -> None:
                               f"refusing to load it (checkpoints hold only tensors, numbers and strings)")
 
 
+def check_intact(path: str | Path, checkpoint: str | Path | None = None) -> None:
+    """Refuse a checkpoint file whose bytes changed after torch wrote them.
+
+    torch.save stores a CRC-32 of every record of its zip file (tensors, the pickle), but torch.load
+    never checks them: a flipped bit in a stored weight, or in a pickled number such as the step, resumed
+    silently with other values. Reading the records back through ``zipfile`` checks every CRC (one pass
+    over the bytes, ~1 s per GB). A record with CRC 0 was written with torch's ``compute_crc32`` off and
+    has nothing to check; such files, and every checkpoint written before this check, load as before.
+    ``checkpoint``: the checkpoint directory holding the file, named as the one to delete."""
+    path = Path(path)
+    where = Path(checkpoint) if checkpoint is not None else path.parent
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.CRC == 0:
+                    continue
+                with z.open(info) as fh:  # raises BadZipFile at the end of a record whose CRC differs
+                    while fh.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is damaged ({exc}; its bytes changed after it was "
+                              f"written: disk, copy or transfer error): delete {where} and resume from "
+                              "the previous checkpoint (run.resume=auto takes the newest complete one left)") from None
+
+
 def safe_load(path: str | Path) -> Any:
     """``torch.load`` of a checkpoint file that can only yield tensors and plain containers."""
     check_pickle_free(path)
@@ -299,6 +329,7 @@ def load_states(path: str | Path, rank: int, world_size: int) -> tuple[dict[str,
         if f.is_symlink():
             raise CheckpointError(f"checkpoint {path} contains a symbolic link ({f}); refusing to load it")
     for f in sorted(path.rglob("*.pt")):
+        check_intact(f, path)  # first: a damaged pickle would otherwise be reported as a refused global
         check_pickle_free(f)
     trainer_state = require_keys(safe_load(path / "trainer.pt"), ("world_size",), path / "trainer.pt")
     saved_world = int(trainer_state["world_size"])

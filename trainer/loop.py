@@ -226,6 +226,9 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         best_info = dict(state.get("best_info", {}))  # absent before it was recorded
         if stop_reason == "max_steps" and (cfg.run.max_steps is None or step < cfg.run.max_steps):
             stopped, stop_reason = False, ""  # the limit was raised (or lifted): train on from here
+        if not stopped and cfg.run.max_steps is not None and step >= cfg.run.max_steps:
+            # resumed at or past a (lowered) limit: the loop checks it only after a step, one step too many
+            stopped, stop_reason = True, "max_steps"
         guard.load_state_dict(state["guard"])
         guard.last_good_checkpoint = path
         ckpt.warn_if_threads_differ(state, path)
@@ -315,14 +318,16 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         epoch_complete = batches_done >= len(train_stream)
         # ---- validate (every n-th epoch and after the last), early stopping decided once and shared
         every = cfg.run.validate_every_epochs
+        scheduled = bool(every) and epoch_complete and (epoch + 1 >= cfg.run.epochs or (epoch + 1) % every == 0)
         improved = False
-        if every and (stopped or epoch + 1 >= cfg.run.epochs or (epoch + 1) % every == 0):
+        if scheduled or (every and stopped):
             last_val = validate(module, val_stream, info.device, kl_w)
         else:
             last_val = {}
-        # a validation after a max_steps stop inside an epoch is reported, not tracked: the uninterrupted
-        # run does not validate there, so best / patience / keep=best must not see it (exact continuation)
-        if last_val and epoch_complete:
+        # a validation after a max_steps stop off the schedule (inside an epoch, or at the end of an epoch
+        # that validate_every_epochs skips) is reported, not tracked: the uninterrupted run does not
+        # validate there, so best / patience / keep=best must not see it (exact continuation)
+        if last_val and scheduled:
             value = last_val[cfg.run.monitor]
             # a NaN validation would become `best` for good (nothing compares below NaN): it counts as
             # no improvement instead, and the run says so

@@ -39,6 +39,11 @@ def check_same_settings(saved_config: str | None, cfg: TrainConfig, path: str) -
     if not saved_config:
         return
     old, new = _flat(json.loads(saved_config)), _flat(json.loads(config_to_json(cfg)))
+    # a setting added after the checkpoint was written is absent from its config: the code then did what
+    # the new setting's default does (which is how settings are added), so absent reads as the default;
+    # compared as None it was refused as "(None -> default)", a value nobody can set back
+    defaults = _flat(json.loads(config_to_json(TrainConfig())))
+    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     changed = [k for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k) and k not in RESUMABLE and not k.startswith("logger.")]
     if changed:
