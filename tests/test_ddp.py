@@ -35,6 +35,20 @@ def test_two_process_ddp_equals_one_process_on_concatenated_batch(tmp_path):
     assert moved > 1e-3, "weights did not move: the comparison would be vacuous"
 
 
+def test_the_guard_skips_a_bad_step_of_one_rank_on_every_rank(tmp_path):
+    """Rank 1 alone gets a NaN loss (step 1), then a NaN gradient with a finite loss (step 3): both ranks
+    skip both steps and count them, their weights stay equal and finite, and the good steps around move
+    them (a rank skipping its backward alone would leave the other waiting in DDP's all-reduce)."""
+    store = tiny_store(tmp_path / "store")
+    torchrun([str(ROOT / "tests" / "workers" / "guard_ranks.py"), str(store), str(tmp_path / "out"), "ddp"], nproc=2)
+    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text())["ddp"] for r in (0, 1)]
+    for r in ranks:
+        assert [s["skipped"] for s in r["steps"]] == [False, True, False, True, False], r["steps"]
+        assert [s["unchanged"] for s in r["steps"]] == [False, True, False, True, False], r["steps"]
+        assert r["skipped_total"] == 2 and r["nan_params"] == 0, r
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the ranks stayed in step
+
+
 def test_early_stopping_under_ddp_stops_all_ranks_at_the_same_epoch(tmp_path):
     store = tiny_store(tmp_path / "store")
     out = tmp_path / "run"

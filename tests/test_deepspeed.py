@@ -51,7 +51,7 @@ def test_the_guard_skips_a_nan_gradient_on_every_rank_under_every_zero_stage(sto
     skipped it inside DeepSpeed while the loop counted the step as good and stepped the classifier."""
     from tests.train_utils import ROOT, torchrun
 
-    torchrun([str(ROOT / "tests" / "workers" / "ds_guard.py"), str(store), str(tmp_path / "out")], nproc=2)
+    torchrun([str(ROOT / "tests" / "workers" / "guard_ranks.py"), str(store), str(tmp_path / "out")], nproc=2)
     ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
     for stage in ("0", "1", "2"):
         for r in ranks:
