@@ -96,7 +96,10 @@ def check_agree(src, col: str) -> None:
             x, y = a.reindex(common), b.reindex(common)
             both = x.notna().to_numpy() & y.notna().to_numpy()
             if pd.api.types.is_numeric_dtype(x) and pd.api.types.is_numeric_dtype(y):
-                diff = both & (x.to_numpy(np.float32) != y.to_numpy(np.float32))
+                # float32 only where a table holds float32 (its float64 copy must agree): integer ids past 2**24
+                # are equal in float32 (16777217 == 16777216)
+                prec = np.float32 if "float32" in (str(x.dtype).lower(), str(y.dtype).lower()) else np.float64
+                diff = both & (x.to_numpy(prec, na_value=np.nan) != y.to_numpy(prec, na_value=np.nan))
             else:
                 diff = both & (as_text(x) != as_text(y))
             if diff.any():

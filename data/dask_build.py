@@ -140,8 +140,9 @@ def close_sources() -> None:
         _OPEN.clear()
 
 
-def _detection(inp: InputConfig, start: int, stop: int, modality: str, colmap: np.ndarray, n_cols: int) -> np.ndarray:
-    return block_detection(_source(inp)._rows(start, stop), modality, colmap, n_cols)
+def _detection(inp: InputConfig, start: int, stop: int, modality: str, colmap: np.ndarray, n_cols: int,
+               keep: np.ndarray | None) -> np.ndarray:
+    return block_detection(_source(inp)._rows(start, stop), modality, colmap, n_cols, keep)
 
 
 @dataclass
@@ -231,8 +232,8 @@ def detection_filters(compute: Compute, inputs: Sequence[InputConfig], sources, 
                       min_fraction: dict[str, float], block_size: int) -> dict[str, list[str]]:
     """data.filters.apply_filters with the per-block counting done as Dask tasks on the workers."""
     def count(modality: str, blocks: list[Block], n_cols: int) -> np.ndarray:
-        tasks = [dask.delayed(_detection, pure=True)(inputs[i], start, stop, modality, cm, n_cols)
-                 for i, start, stop, cm in blocks]
+        tasks = [dask.delayed(_detection, pure=True)(inputs[i], start, stop, modality, cm, n_cols, keep)
+                 for i, start, stop, cm, keep in blocks]
         return compute([tree_sum(tasks)])[0]
 
     return apply_filters(sources, keeps, al, min_fraction, block_size, count)

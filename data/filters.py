@@ -21,17 +21,21 @@ from data.convert.align import Alignment, remap_columns
 from data.store_stats import detection_counts
 from data.validate import ValidationError
 
-Block = tuple[int, int, int, np.ndarray]  # (input index, first row, stop row, its column map)
+# (input index, first row, stop row, its column map, the rows kept: a bool mask, or None = all of them)
+Block = tuple[int, int, int, np.ndarray, np.ndarray | None]
 # (modality, blocks, n_cols) -> per-feature detection counts summed over the blocks
 Count = Callable[[str, list[Block], int], np.ndarray]
 
 
-def block_detection(rows: tuple, modality: str, colmap: np.ndarray, n_cols: int) -> np.ndarray:
-    """Detection counts of one block ``rows = (rna, atac)`` of an input, in the aligned feature space."""
+def block_detection(rows: tuple, modality: str, colmap: np.ndarray, n_cols: int,
+                    keep: np.ndarray | None = None) -> np.ndarray:
+    """Detection counts of one block ``rows = (rna, atac)`` of an input, in the aligned feature space, over
+    its rows ``keep`` (None = all)."""
     x = rows[0] if modality == keys.RNA else rows[1]
     if x is None:
         return np.zeros(n_cols, np.int64)
-    return detection_counts(remap_columns(sp.csr_matrix(x), colmap, n_cols), n_cols)
+    x = sp.csr_matrix(x)
+    return detection_counts(remap_columns(x if keep is None else x[keep], colmap, n_cols), n_cols)
 
 
 def _sum(*parts: np.ndarray) -> np.ndarray:
@@ -45,15 +49,16 @@ def tree_sum(parts: list, split_every: int = 8):
     return parts[0]
 
 
-def _source_block(source, start: int, stop: int, modality: str, colmap: np.ndarray, n_cols: int) -> np.ndarray:
-    return block_detection(source._rows(start, stop), modality, colmap, n_cols)
+def _source_block(source, start: int, stop: int, modality: str, colmap: np.ndarray, n_cols: int,
+                  keep: np.ndarray | None) -> np.ndarray:
+    return block_detection(source._rows(start, stop), modality, colmap, n_cols, keep)
 
 
 def count_in_process(sources) -> Count:
     """Block tasks over the opened ``sources``, run here by the synchronous scheduler."""
     def count(modality: str, blocks: list[Block], n_cols: int) -> np.ndarray:
-        parts = [dask.delayed(_source_block)(sources[i], start, stop, modality, cm, n_cols)
-                 for i, start, stop, cm in blocks]
+        parts = [dask.delayed(_source_block)(sources[i], start, stop, modality, cm, n_cols, keep)
+                 for i, start, stop, cm, keep in blocks]
         return dask.compute(tree_sum(parts), scheduler="synchronous")[0]
     return count
 
@@ -70,9 +75,11 @@ def detection_fraction(sources, keeps, alignment: Alignment, modality: str, bloc
         if cm[modality] is None:
             continue
         n_measured += int((src.obs[f"mask_{modality}"].to_numpy(bool) & keep).sum())
-        # Dropped cells (no modality at all) carry no counts, so whole blocks can be counted.
-        blocks += [(i, start, min(start + block_size, len(src.obs)), cm[modality])
-                   for start in range(0, len(src.obs), block_size)]
+        # Dropped cells (no modality at all) are not written, and their rows are not checked to be empty:
+        # they must not count as detections either (the denominator above leaves them out too).
+        for start in range(0, len(src.obs), block_size):
+            stop = min(start + block_size, len(src.obs))
+            blocks.append((i, start, stop, cm[modality], None if keep[start:stop].all() else keep[start:stop]))
     if not blocks or n_measured == 0:
         return np.zeros(n_cols)
     return (count or count_in_process(sources))(modality, blocks, n_cols) / n_measured

@@ -145,9 +145,13 @@ def _feature_frame(names: list[str], extra: pd.DataFrame | None, parse: bool) ->
 
 def _with_missing(col: pd.Series):
     """A feature column as anndata writes it faithfully: a missing value of a text (object) column would be
-    written as the text "nan", so such a column becomes a categorical (missing = NaN)."""
+    written as the text "nan", so such a column becomes a categorical (missing = NaN). A bool column with
+    gaps (scanpy's ``highly_variable`` of only some inputs, feature_join=union) is an object column too: it
+    stays bool, as pandas' nullable boolean, not the text categories "False" / "True"."""
     if col.dtype != object or not col.isna().any():
         return col.values
+    if col.notna().any() and col.dropna().map(lambda v: isinstance(v, (bool, np.bool_))).all():
+        return pd.array(col.where(col.notna(), None).tolist(), dtype="boolean")
     return pd.Categorical(np.where(col.notna(), col.astype(str), None))
 
 

@@ -8,6 +8,7 @@ input lacks a feature. What is dropped is reported, never silent.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,7 @@ from data.validate import ValidationError, check_overlap, check_unique
 @dataclass
 class Alignment:
     names: dict[str, pd.Index]  # modality -> aligned feature names
-    var: dict[str, pd.DataFrame]  # modality -> feature table (columns from the first input having it)
+    var: dict[str, pd.DataFrame]  # modality -> feature table (first input having a value provides it)
     colmaps: list[dict[str, np.ndarray | None]]  # per input: input column -> aligned column (-1 = dropped)
     dropped: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # modality -> input -> names
 
@@ -61,10 +62,13 @@ def align(features: list[dict[str, pd.DataFrame | None]], where: list[str], join
                 for ix in idx[1:]:
                     keep = keep.append(ix[~ix.isin(keep)])
             names[mod] = pd.Index(keep, dtype=str)
-            # Feature table: the first input that has the feature provides its columns.
+            # Feature table: the first input that has the feature provides its columns; later inputs fill
+            # what it lacks (a column only they have, a gene without an id), never overwrite a value.
             parts = [features[i][mod] for i in have]
             table = pd.concat([p.loc[p.index.isin(names[mod])] for p in parts])
             table = table[~table.index.duplicated()].reindex(names[mod])
+            for p in parts[1:]:
+                _fill_gaps(table, p)
             # a column with some missing values (a gene without an id, a column only some inputs have under
             # feature_join=union) is kept, its gaps missing; only a column with no value at all is dropped
             var[mod] = table[[c for c in table.columns if table[c].notna().any()]]
@@ -73,6 +77,25 @@ def align(features: list[dict[str, pd.DataFrame | None]], where: list[str], join
         for i, f in enumerate(features):
             colmaps[i][mod] = names[mod].get_indexer(f[mod].index) if i in have else None
     return Alignment(names, var, colmaps, dropped)
+
+
+def _fill_gaps(table: pd.DataFrame, other: pd.DataFrame) -> None:
+    """Fill ``table``'s missing values from ``other`` (same column, same feature name), in place."""
+    other = other.reindex(table.index)
+    for col in table.columns.intersection(other.columns):
+        miss = table[col].isna().to_numpy() & other[col].notna().to_numpy()
+        if miss.any():
+            before = table[col]
+            vals = before.astype(object).to_numpy()
+            vals[miss] = other[col].astype(object).to_numpy()[miss]
+            # back from object (a float column filled completely is written as floats, not as text), then to the
+            # column's own dtype (Int64, boolean, category) where it had one: a column that had no value here took
+            # its dtype from pd.concat (float64 of NaN), which bools or text must not be cast to
+            filled = pd.Series(vals, index=table.index).infer_objects()
+            if before.notna().any():
+                with contextlib.suppress(TypeError, ValueError):
+                    filled = filled.astype("category" if isinstance(before.dtype, pd.CategoricalDtype) else before.dtype)
+            table[col] = filled
 
 
 def remap_columns(x: sp.csr_matrix, colmap: np.ndarray, n_cols: int) -> sp.csr_matrix:

@@ -171,6 +171,7 @@ def _open_h5mu(cfg: InputConfig) -> PairSource:
         # MuData prefixes modality columns with "<mod>:"; those are already in the modality obs.
         extra = extra[[c for c in extra.columns if ":" not in str(c)]]
     src = PairSource(rna, atac, name=str(cfg.path), extra_obs=extra)
+    _global_masks(src, extra, f"{cfg.path}: global obs")
     ignored = [m for m in mods if m not in (rna_name, atac_name)]
     if ignored:  # e.g. ATAC under a name we do not know: the store would silently be RNA-only
         msg = (f"{cfg.path}: modalities {ignored} are not read (RNA is one of {RNA_MOD_NAMES}, ATAC one of "
@@ -180,17 +181,34 @@ def _open_h5mu(cfg: InputConfig) -> PairSource:
     return src
 
 
+def _global_masks(src: PairSource, extra: pd.DataFrame | None, where: str) -> None:
+    """Honour ``mask_rna`` / ``mask_atac`` columns of an .h5mu's global obs: a MuData that lists every cell in
+    both modalities (a store shard, mudata.read_zarr(shard).write(...)) records there which it measured, and
+    membership alone made its RNA-only and ATAC-only cells measured in both, with empty rows. A cell is
+    measured where it is in the modality's obs and its mask (where it has one) says so."""
+    for name in ("mask_rna", "mask_atac"):
+        if extra is None or name not in extra.columns:
+            continue
+        col = extra[name].reindex(src.obs.index)
+        have = col.notna().to_numpy()
+        measured = np.ones(len(col), bool)
+        measured[have] = as_mask(col[have], where, name)
+        src.obs[name] = src.obs[name].to_numpy(bool) & measured
+
+
 def _split_columns(var: pd.DataFrame, types: np.ndarray | None, n_genes: int | None, where: str,
                    modality_key: str = "modality"):
     """Column indices of genes and of peaks in a genes-then-peaks matrix."""
     if types is not None:
         t = pd.Series(types).astype(str).str.lower()
-        genes = np.flatnonzero(t.str.contains("gene").to_numpy())
-        peaks = np.flatnonzero(t.str.contains("peak|atac|accessib").to_numpy())
+        # GEX / ATAC: the NeurIPS 2021 multiome .h5ad's feature_types (the names .h5mu reading takes too)
+        is_gene = t.str.contains("gene|gex|rna").to_numpy()  # not "expression": "Protein Expression" (CITE-seq)
+        genes = np.flatnonzero(is_gene)
+        peaks = np.flatnonzero(t.str.contains("peak|atac|accessib").to_numpy() & ~is_gene)
         other = np.setdiff1d(np.arange(len(t)), np.concatenate([genes, peaks]))
         if len(other):
             raise ValueError(f"{where}: feature {var.index[other[0]]!r} has modality {types[other[0]]!r}, "
-                             "expected 'Gene Expression' or 'Peaks'")
+                             "expected 'Gene Expression' (or GEX) or 'Peaks' (or ATAC)")
         return genes, peaks
     if n_genes is None:
         # name the option: scanpy's read_10x_h5 calls this column feature_types, scvi-tools modality

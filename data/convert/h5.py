@@ -63,20 +63,21 @@ class H5DenseRows:
         return sp.csr_matrix(self.ds[uniq][inv])
 
 
-def matrix_rows(x: h5py.Group | h5py.Dataset, where: str) -> H5CSRRows | H5DenseRows:
-    """Row reader for an AnnData-encoded ``X`` (CSR group or dense dataset)."""
+def matrix_rows(x: h5py.Group | h5py.Dataset, where: str, name: str = "X") -> H5CSRRows | H5DenseRows:
+    """Row reader for an AnnData-encoded matrix (CSR group or dense dataset); ``name`` is how errors call it
+    (``X``, ``layers['counts']``): the fix for a CSC layer is on the layer, not on X."""
     if isinstance(x, h5py.Dataset):
         if x.ndim != 2:
-            raise ValueError(f"{where}: X has {x.ndim} dimensions, expected 2")
+            raise ValueError(f"{where}: {name} has {x.ndim} dimensions, expected 2")
         return H5DenseRows(x, where)
     enc = x.attrs.get("encoding-type", "")
     shape = tuple(int(s) for s in x.attrs.get("shape", (0, 0)))
     if enc == "csr_matrix":
         return H5CSRRows(x["data"], x["indices"], x["indptr"], shape[1], where)
     if enc == "csc_matrix":
-        raise ValueError(f"{where}: X is stored as CSC; row blocks need CSR. Convert once with "
-                         "adata.X = adata.X.tocsr(); adata.write_h5ad(...)")
-    raise ValueError(f"{where}: unsupported X encoding {enc!r}")
+        raise ValueError(f"{where}: {name} is stored as CSC; row blocks need CSR. Convert once with "
+                         f"adata.{name} = adata.{name}.tocsr() and write the file again")
+    raise ValueError(f"{where}: unsupported {name} encoding {enc!r}")
 
 
 def open_h5(path: str | Path) -> h5py.File:
@@ -95,7 +96,11 @@ class H5AnnDataGroup:
         self.where = f"{self.file}" + ("" if group == "/" else f":{group}")
         self._h5 = open_h5(self.file)
         g = self._h5[group]
-        missing = [k for k in ("X", "obs", "var") if k not in g]
+        if "mod" in g:  # an .h5mu's root also has obs and var (and no X)
+            self._h5.close()
+            raise ValueError(f"{self.where}: is a MuData (.h5mu), not an AnnData; give it as kind: h5mu, path: ...")
+        # X may be absent: anndata writes no X for adata.X = None (counts kept in a layer only)
+        missing = [k for k in ("obs", "var") if k not in g]
         if missing:
             self._h5.close()
             raise ValueError(f"{self.where}: not an AnnData: no {' / '.join(missing)}")
@@ -106,9 +111,16 @@ class H5AnnDataGroup:
         # the raw counts: layers/<layer> where this AnnData has it (X normalised in place, as scanpy leaves
         # it; typically only the RNA side of an input), else X (still checked to hold integer counts)
         self.counts = layer if layer is not None and "layers" in g and layer in g["layers"] else "X"
-        self.X = matrix_rows(g["X"] if self.counts == "X" else g["layers"][layer], self.where)
+        if self.counts == "X" and "X" not in g:
+            layers = list(g["layers"].keys()) if "layers" in g else []
+            self._h5.close()
+            raise ValueError(f"{self.where}: no X (written with X=None)" + (
+                f"; its layers are {layers}: set the input's layer=<name> to the one holding the raw counts"
+                if layers else " and no layers: it holds no counts"))
+        name = "X" if self.counts == "X" else f"layers[{layer!r}]"
+        self.X = matrix_rows(g["X"] if self.counts == "X" else g["layers"][layer], self.where, name)
         if (self.X.n_rows, self.X.n_cols) != (len(self.obs), len(self.var)):
-            raise ValueError(f"{self.where}: X shape {(self.X.n_rows, self.X.n_cols)} does not match "
+            raise ValueError(f"{self.where}: {name} shape {(self.X.n_rows, self.X.n_cols)} does not match "
                              f"obs ({len(self.obs)}) x var ({len(self.var)})")
 
     def close(self) -> None:
