@@ -1,7 +1,8 @@
 """mva-build on legal inputs that were refused or stored wrong (review 10): an AnnData whose counts live only
 in a layer (X=None), a CSC layer named as what it is, feature columns that only some inputs have (a scanpy bool,
 an id only a later input has), a store shard written back as .h5mu (its masks), the GEX / ATAC feature types of
-the NeurIPS 2021 multiome .h5ad, detection filters next to dropped cells, integer obs values past float32.
+the NeurIPS 2021 multiome .h5ad, detection filters next to dropped cells, integer obs values past float32,
+counts kept in adata.raw (layer: raw.X).
 
     .venv/bin/python -m pytest tests/test_convert_edges.py -q
 """
@@ -176,3 +177,28 @@ def test_integer_obs_values_that_differ_beyond_float32_are_refused(tmp_path):
     rna, atac = _pair(obs={"batch": ["b"] * 6, "pct": np.full(6, 0.1, np.float32)})
     atac.obs["pct"] = np.full(6, 0.1, np.float32).astype(np.float64)
     assert _build(tmp_path / "b", [_write_pair(tmp_path, rna, atac, "y")], cont_cov_keys=["pct"]).meta.n_cells == 6
+
+
+@pytest.mark.parametrize("kind", ["h5ad_pair", "h5mu"])
+def test_counts_in_raw_are_read_with_layer_raw_x_and_its_own_genes(tmp_path, kind):
+    # CELLxGENE and SeuratDisk files keep the counts in adata.raw (X normalised; after an HVG subset raw also
+    # holds the genes X dropped): layer: raw.X reads raw/X with raw's own var, every gene of it
+    import mudata
+
+    rna, atac = _pair(g=5)
+    counts = rna.X.toarray()
+    rna.raw = rna
+    rna = rna[:, [0, 2, 4]].copy()  # an HVG subset: X keeps 3 of the 5 genes
+    rna.X = sp.csr_matrix(np.log1p(rna.X.toarray() / 3.0))
+    if kind == "h5mu":
+        mudata.MuData({"rna": rna, "atac": atac}).write_h5mu(tmp_path / "x.h5mu")
+        inp = InputConfig(kind="h5mu", path=str(tmp_path / "x.h5mu"))
+    else:
+        inp = _write_pair(tmp_path, rna, atac)
+    with pytest.raises(ValueError, match="not an integer"):
+        _build(tmp_path, [inp])
+    inp.layer = "raw.X"
+    st = _build(tmp_path, [inp])
+    assert list(st.meta.gene_names) == [f"g{j}" for j in range(5)]
+    np.testing.assert_array_equal(st.read_rows("rna", 0, 0, 6).toarray(), counts)
+    np.testing.assert_array_equal(st.read_rows("atac", 0, 0, 6).toarray(), atac.X.toarray())  # read from X

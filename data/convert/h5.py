@@ -88,6 +88,10 @@ def open_h5(path: str | Path) -> h5py.File:
         raise OSError(f"{path}: cannot be read as HDF5 (.h5ad / .h5mu / 10x .h5): {exc}") from exc
 
 
+RAW_LAYER = "raw.X"  # layer= value naming AnnData.raw: its X, with raw's own var (CELLxGENE and SeuratDisk keep
+# the counts there, X normalised; after an HVG subset raw also holds the genes X dropped)
+
+
 class H5AnnDataGroup:
     """An AnnData stored in an HDF5 group (an .h5ad root, or ``mod/<name>`` of an .h5mu)."""
 
@@ -104,21 +108,24 @@ class H5AnnDataGroup:
         if missing:
             self._h5.close()
             raise ValueError(f"{self.where}: not an AnnData: no {' / '.join(missing)}")
+        raw = layer == RAW_LAYER and "raw" in g and "X" in g["raw"] and "var" in g["raw"]
         self.obs: pd.DataFrame = read_elem(g["obs"])
-        self.var: pd.DataFrame = read_elem(g["var"])
+        self.var: pd.DataFrame = read_elem(g["raw"]["var"] if raw else g["var"])
         self.obs.index = self.obs.index.astype(str)
         self.var.index = self.var.index.astype(str)
         # the raw counts: layers/<layer> where this AnnData has it (X normalised in place, as scanpy leaves
         # it; typically only the RNA side of an input), else X (still checked to hold integer counts)
-        self.counts = layer if layer is not None and "layers" in g and layer in g["layers"] else "X"
+        self.counts = RAW_LAYER if raw else layer if layer is not None and "layers" in g and layer in g["layers"] else "X"
         if self.counts == "X" and "X" not in g:
             layers = list(g["layers"].keys()) if "layers" in g else []
+            layers += [RAW_LAYER] if "raw" in g else []
             self._h5.close()
             raise ValueError(f"{self.where}: no X (written with X=None)" + (
                 f"; its layers are {layers}: set the input's layer=<name> to the one holding the raw counts"
                 if layers else " and no layers: it holds no counts"))
-        name = "X" if self.counts == "X" else f"layers[{layer!r}]"
-        self.X = matrix_rows(g["X"] if self.counts == "X" else g["layers"][layer], self.where, name)
+        name = {"X": "X", RAW_LAYER: RAW_LAYER}.get(self.counts, f"layers[{layer!r}]")
+        x = g["X"] if self.counts == "X" else g["raw"]["X"] if raw else g["layers"][layer]
+        self.X = matrix_rows(x, self.where, name)
         if (self.X.n_rows, self.X.n_cols) != (len(self.obs), len(self.var)):
             raise ValueError(f"{self.where}: {name} shape {(self.X.n_rows, self.X.n_cols)} does not match "
                              f"obs ({len(self.obs)}) x var ({len(self.var)})")
