@@ -5,8 +5,10 @@ zarr reads a missing chunk file as its fill value without an error, and it skips
 all fill value, so a lost file cannot be told from an all-zero chunk by looking at the arrays alone: a lost
 ``mask_atac`` chunk would silently make those cells RNA-only, a lost ``batch`` chunk move them to batch 0.
 The builder lists what it wrote (``StoreWriter.close``, every build path) and the loader checks the list
-once per opened store (``Store.verify_files``, a ``stat`` per file: ~500 files for a 1M-cell store). Stores built before the manifest
-existed have none and are read as before (with the count arrays' own check, ``Store.check_csr``).
+once per opened store (``Store.verify_files``, a ``stat`` per file: ~500 files for a 1M-cell store), and refuses
+chunk files it does not list (another store copied over this one: where the new build wrote no all-zero chunk,
+the old store's file would be read). Stores built before the manifest existed have none and are read as before
+(with the count arrays' own check, ``Store.check_csr``).
 """
 
 from __future__ import annotations
@@ -62,9 +64,27 @@ def verify_manifest(root: str | os.PathLike) -> bool:
                 changed.append(rel)
         except FileNotFoundError:
             lost.append(rel)
-    if lost or changed:
+    stale = _unlisted_chunks(root, listed)
+    if lost or changed or stale:
         what = "; ".join([f"{len(lost)} missing, e.g. {lost[:3]}"] * bool(lost)
-                         + [f"{len(changed)} of another size than built (truncated?), e.g. {changed[:3]}"] * bool(changed))
+                         + [f"{len(changed)} of another size than built (truncated?), e.g. {changed[:3]}"] * bool(changed)
+                         + [(f"{len(stale)} chunk files not written by this build, e.g. {stale[:3]} (another "
+                             "store copied over this one without deleting it first?)")] * bool(stale))
         raise StoreReadError(f"{root}: files of the store are not as built ({what}): an interrupted copy or a "
                              "lost file; rebuild or restore the store")
     return True
+
+
+def _unlisted_chunks(root: Path, listed: dict[str, int]) -> list[str]:
+    """Chunk files (zarr v3 keys ``<array>/c/...``) under ``root`` that the manifest does not list.
+
+    ``cp -r new/. old/`` or ``rsync`` without ``--delete`` keeps the old store's files that the new build did not
+    write, and zarr writes no file for an all-zero chunk: where the new store has one (an RNA-only shard's
+    ``mask_atac``) the old store's file was read instead of zeros, with every listed file present at its size."""
+    out = []
+    for dirpath, _, names in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        # hidden dirs are never read (a late Dask task's .staging shard: data/dask_build.py)
+        if "c" in rel_dir.parts and not any(part.startswith(".") for part in rel_dir.parts):
+            out += [rel for rel in ((rel_dir / name).as_posix() for name in names) if rel not in listed]
+    return sorted(out)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import errno
+import math
 import os
 import random
 import threading
@@ -77,6 +78,8 @@ def _env_number(name: str, default: str, kind: type):
         value = kind(text)
     except ValueError:
         raise ValueError(f"{name}={text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+    if not math.isfinite(value):  # inf passed ">= 0", and the first transient error then slept forever
+        raise ValueError(f"{name}={text!r} must be a finite number >= 0")
     if value < 0:
         raise ValueError(f"{name}={text!r} must be >= 0")
     return value

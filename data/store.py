@@ -79,7 +79,8 @@ class StoreMeta:
 
 
 def open_store(path: str | os.PathLike) -> Store:
-    """Open and validate a store; raise :class:`StoreError` naming the path and the problem."""
+    """Open and validate a store (also its file manifest: data/manifest.py); raise :class:`StoreError` naming the
+    path and the problem."""
     p = Path(path)
     if ".tmp-" in p.name:
         raise StoreError(f"{p} is a temporary (unfinished) build directory, not a store")
@@ -120,8 +121,10 @@ class Store:
         self._files_verified: bool | None = None  # verify_files() has not run yet
         self._obs_checked = False
         a = dict(root.attrs)
-        feats_rna = read_elem(root["features/rna"])
-        feats_atac = read_elem(root["features/atac"])
+        # the feature tables are read here, before any stream would check the manifest: a lost file of theirs
+        # read as empty names or zero positions (zarr's fill value), or ended in a bare KeyError
+        self.verify_files()
+        feats_rna, feats_atac = _read_features(root, path, keys.RNA), _read_features(root, path, keys.ATAC)
         self.meta = StoreMeta(
             n_cells=int(a["n_cells"]), n_genes=int(a["n_genes"]), n_regions=int(a["n_regions"]),
             gene_names=[str(x) for x in feats_rna.index], region_names=[str(x) for x in feats_atac.index],
@@ -261,6 +264,21 @@ class Store:
 
     def read_stats(self) -> dict[str, np.ndarray]:
         return {k: np.asarray(read_elem(v)) for k, v in self.root["stats"].members()}
+
+
+def _read_features(root: zarr.Group, path: Path, modality: str) -> pd.DataFrame:
+    """``features/<modality>``; :class:`StoreReadError` when it is gone or its names repeat (a store without a
+    manifest that lost a chunk of names: zarr reads them as "", and the build writes unique names)."""
+    try:
+        df = read_elem(root[f"features/{modality}"])
+    except (KeyError, FileNotFoundError) as exc:
+        raise StoreReadError(f"{path}/features/{modality} cannot be read ({type(exc).__name__}: {exc}): a lost "
+                             "file, rebuild or restore the store") from None
+    if not df.index.is_unique:
+        raise StoreReadError(f"{path}/features/{modality}: feature names repeat (e.g. "
+                             f"{df.index[df.index.duplicated()][0]!r}), which no build writes: a lost chunk file "
+                             "(zarr reads it as empty names); rebuild or restore the store")
+    return df
 
 
 class _IndptrCache(dict):

@@ -66,7 +66,10 @@ def _block(c: SynthConfig, p: _Params, b: int, start: int, n: int):
     ctype = rng.choice(T, n, p=p.type_p)
     batch = rng.integers(0, B, n)
     combo = ctype * B + batch
-    kind = rng.choice(3, n, p=[c.paired_fraction, c.rna_only_fraction, c.atac_only_fraction])
+    # rescaled to sum to 1: write_synthetic_store accepts sums within 1e-6, numpy's choice only within ~1.5e-8
+    # (0.3333333 x 3 was accepted, then refused with "Probabilities do not sum to 1"); a no-op for exact sums
+    fr = np.array([c.paired_fraction, c.rna_only_fraction, c.atac_only_fraction])
+    kind = rng.choice(3, n, p=fr / fr.sum())
     has_rna, has_atac = kind != 2, kind != 1
 
     # RNA: Gamma-Poisson on the measured cells only, one dense (n_rna, G) float32 draw.
@@ -123,10 +126,12 @@ def write_synthetic_store(path: str | Path, n_cells: int = 4000, n_genes: int = 
         raise ValueError("must be >= 1: " + ", ".join(f"{k}={v}" for k, v in sizes.items() if v < 1))
     knobs = {"marker_fold": c.marker_fold > 0, "peak_fold": c.peak_fold > 0, "rna_library_median": c.rna_library_median > 0,
              "atac_density": c.atac_density > 0, "batch_effect": c.batch_effect >= 0, "n_markers": c.n_markers >= 0,
-             "n_type_peaks": c.n_type_peaks >= 0}
-    if not all(knobs.values()):  # else numpy's "lam < 0" / "scale < 0" deep in the generator, or NaN profiles
-        raise ValueError("out of range (folds, library median, density > 0; batch_effect, n_markers, n_type_peaks "
-                         ">= 0): " + ", ".join(f"{k}={getattr(c, k)}" for k, ok in knobs.items() if not ok))
+             "n_type_peaks": c.n_type_peaks >= 0, "seed": c.seed >= 0}
+    # else numpy's "lam < 0" / "scale < 0" / "expected non-negative integer" (seed) deep in the generator, or NaN
+    # profiles
+    if not all(knobs.values()):
+        raise ValueError("out of range (folds, library median, density > 0; batch_effect, n_markers, n_type_peaks, "
+                         "seed >= 0): " + ", ".join(f"{k}={getattr(c, k)}" for k, ok in knobs.items() if not ok))
     check_codec(c.codec)  # before any work: a typo fails at once
     p = _Params(c)
     schema = StoreSchema(

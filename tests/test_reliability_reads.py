@@ -234,3 +234,19 @@ def test_reads_still_pending_at_exit_print_no_tracebacks(store):
     r = subprocess.run([PY, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "different Context" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_a_backoff_that_is_not_a_finite_number_is_refused_by_name_not_slept(store, monkeypatch, value):
+    # MVA_READ_BACKOFF_S=inf passed the ">= 0" check: the first transient read error then slept forever (a job that
+    # hung without a word), and nan slept an undefined time
+    import zarr
+    from zarr.storage import LocalStore
+
+    monkeypatch.setenv(retry.BACKOFF_ENV, value)
+    with pytest.raises(ValueError, match=rf"{retry.BACKOFF_ENV}='{value}' must be a finite number >= 0"):
+        retry.backoff_s()
+    arr = zarr.open_array(_FailFirst(LocalStore(str(store), read_only=True), fails=1), path=DATA, mode="r")
+    with pytest.raises(ValueError, match=retry.BACKOFF_ENV):
+        retry.read_array(arr, 0, 10)
+    retry.reset_stats()

@@ -121,3 +121,25 @@ def test_out_of_range_generator_knobs_are_refused_by_name(tmp_path, bad):
     with pytest.raises(ValueError, match=f"out of range .*{key}={value}"):
         write_synthetic_store(tmp_path / "s", n_cells=10, n_genes=5, n_regions=5, progress=False, **bad)
     assert not list(tmp_path.iterdir())
+
+
+def test_modality_fractions_accepted_within_the_tolerance_are_drawn_not_refused_by_numpy(tmp_path):
+    # 0.3333333 x 3 sums to 0.9999999: inside the documented 1e-6 tolerance, so the check let it through, and
+    # numpy's choice then stopped the build with "Probabilities do not sum to 1" (its tolerance is ~1.5e-8)
+    third = 0.3333333
+    st = open_store(write_synthetic_store(tmp_path / "s", n_cells=3000, n_genes=20, n_regions=50, progress=False,
+                                          paired_fraction=third, rna_only_fraction=third, atac_only_fraction=third))
+    obs = st.read_obs()
+    mr, ma = obs["mask_rna"].values, obs["mask_atac"].values
+    for got in ((mr & ma).mean(), (mr & ~ma).mean(), (~mr & ma).mean()):
+        assert abs(got - 1 / 3) < 0.04
+    with pytest.raises(ValueError, match="sum to 1"):
+        write_synthetic_store(tmp_path / "b", n_cells=10, n_genes=5, n_regions=5, progress=False,
+                              paired_fraction=0.5, rna_only_fraction=0.25, atac_only_fraction=0.2)
+
+
+def test_a_negative_seed_is_refused_by_name(tmp_path):
+    # reached numpy's SeedSequence as "expected non-negative integer", naming no key (mva-synth seed=-1)
+    with pytest.raises(ValueError, match="out of range .*seed=-1"):
+        write_synthetic_store(tmp_path / "s", n_cells=10, n_genes=5, n_regions=5, progress=False, seed=-1)
+    assert not list(tmp_path.iterdir())
