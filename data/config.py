@@ -71,7 +71,8 @@ class InputConfig:
     modality_key: str = "modality"  # scvi layout: var column naming "Gene Expression" / "Peaks"
     batch: str | None = None  # a constant batch name for every cell of this input (overrides batch_key)
     # read the counts from layers[<layer>] instead of X in every AnnData of this input that has it (X
-    # normalised, counts kept aside; an AnnData without the layer is read from X, still checked for integers)
+    # normalised, counts kept aside; an AnnData without the layer is read from X, still checked for integers);
+    # "raw.X" reads adata.raw (its X and its own genes: CELLxGENE / SeuratDisk files)
     layer: str | None = None
     # prepended to every cell id of this input: several 10x samples share barcodes (AAAC...-1), and cell ids
     # must be unique across inputs (the RNA and ATAC sides are matched on the ids before the prefix)
