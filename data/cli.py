@@ -25,3 +25,10 @@ def one_line_errors(prog: str, errors: tuple[type[BaseException], ...]) -> Itera
             sys.stderr.write(line)
             sys.stderr.flush()
         sys.exit(2)
+
+
+def omp_threads(value: str | None) -> int:
+    """Torch threads for ``OMP_NUM_THREADS`` as OpenMP reads it: the first level of a nested list ("2,1");
+    1 (the CLIs' default) where it is empty or not a positive number (``int()`` of those crashed the CLIs)."""
+    first = (value or "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else 1

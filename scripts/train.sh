@@ -47,13 +47,19 @@ while [ $# -gt 0 ]; do
       ARGS+=("$a"); [ $# -eq 0 ] || { ARGS+=("$1"); shift; } ;;
     --cfg=*|--info=*|--package=*|--config-name=*|--config-path=*|--config-dir=*) ARGS+=("$a") ;;
     --*) echo "train.sh: unknown launcher option $a" >&2; exit 2 ;;
-    run.output_dir=*) RUN_DIR=${a#run.output_dir=} ;;
+    run.output_dir=*|++run.output_dir=*) RUN_DIR=${a#*run.output_dir=} ;;
     *) ARGS+=("$a") ;;
   esac
 done
 
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+  # one rank per GPU this job may use: nvidia-smi lists them all, CUDA_VISIBLE_DEVICES (set by Slurm or
+  # the user; empty = none) is what torch sees, and a rank past it fails in torch.cuda.set_device
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    VISIBLE=$(printf '%s' "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c . || true)
+    [ "$VISIBLE" -ge "$NPROC_PER_NODE" ] || NPROC_PER_NODE=$VISIBLE
+  fi
   [ "$NPROC_PER_NODE" -gt 0 ] || NPROC_PER_NODE=1
 fi
 NNODES=${NNODES:-1}

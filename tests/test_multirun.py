@@ -75,3 +75,18 @@ def test_train_sh_passes_hydra_flags_through(tmp_path):
     bad = subprocess.run([str(ROOT / "scripts" / "train.sh"), "--bogus"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60, check=False, env=env())
     assert bad.returncode == 2 and "unknown launcher option --bogus" in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_member_multirun_with_deepspeed(tmp_path):
+    """DeepSpeed keeps a clone of the world group (deepspeed.utils.groups); the first member's teardown
+    destroyed the group under it, and the second member's deepspeed.initialize failed on the dead clone:
+    "ValueError: Group ... is not registered"."""
+    store = tiny_store(tmp_path / "store", n_cells=300)
+    ov = tiny_overrides(store, tmp_path / "sweep", **{"run.epochs": 1, "dist.backend": "deepspeed",
+                                                       "dist.zero_stage": 1})
+    train_cli({**ov, "model": {**ov["model"], "n_latent": "4,7"}}, "--multirun", timeout=400)
+    for member, n_latent in (("0", 4), ("1", 7)):
+        run = tmp_path / "sweep" / member
+        assert json.loads((run / "result.json").read_text())["epochs"] == 1
+        assert json.loads((run / "model" / "model.json").read_text())["model_args"]["n_latent"] == n_latent

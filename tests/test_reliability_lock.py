@@ -181,3 +181,25 @@ time.sleep(60)
     finally:
         job_a.kill()
         job_a.wait()
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_earlier_attempts_lock_on_another_node(tmp_path, monkeypatch):
+    """Slurm ends a job with SIGTERM (preemption, time limit, node failure), which leaves rank 0's lock behind.
+    Requeued, the job's rank 0 may run on another node (c10d assigns ranks by host name), where the lock's
+    host cannot be checked: the requeue that train.sbatch relies on (run.resume=auto) was refused until
+    someone ran ``trainer.lock clear --force``. Slurm starts a requeued job only after its earlier attempt ended."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    rec = {**lk._record("mva-train"), "host": "node3", "pid": 4242}
+    (tmp_path / lk.LOCK_NAME).write_text(json.dumps(rec))
+    # the same attempt (another step of the job on another node): never taken over
+    with pytest.raises(lk.LockError, match="host node3"):
+        lk.acquire(tmp_path, "x", clear_stale=True)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued attempt
+    assert "requeued" in lk.stale_reason(lk.read_holder(tmp_path))
+    with lk.locked(tmp_path, "mva-train", clear_stale=True) as mine:
+        assert lk.read_holder(tmp_path)["token"] == mine.record["token"]
+    # another Slurm job's lock on another node stays unknown: refused
+    (tmp_path / lk.LOCK_NAME).write_text(json.dumps({**rec, "slurm_job": "76"}))
+    with pytest.raises(lk.LockError, match="host node3"):
+        lk.acquire(tmp_path, "x", clear_stale=True)

@@ -51,3 +51,42 @@ def test_the_launcher_gives_mva_infer_refusals_as_one_line_too(tmp_path):
     assert res.returncode == 2, res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr[-3000:]
     assert "mva-infer" in res.stderr and ("no_model" in res.stderr or "no_store" in res.stderr), res.stderr[-3000:]
+
+
+def _launch_args(tmp_path, env_extra: dict[str, str], *overrides: str) -> str:
+    """The torchrun arguments train.sh would run (a stand-in Python prints them) on a node whose nvidia-smi
+    lists 8 GPUs."""
+    import os
+
+    shims = tmp_path / "bin"
+    shims.mkdir(exist_ok=True)
+    for name, body in (("nvidia-smi", "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: H100 (UUID: GPU-$i)\"; done\n"),
+                       ("fakepy", "#!/bin/sh\necho \"ARGS: $*\"\n")):
+        (shims / name).write_text(body)
+        (shims / name).chmod(0o755)
+    e = {k: v for k, v in env().items() if k not in ("NPROC_PER_NODE", "CUDA_VISIBLE_DEVICES")}
+    e.update(PATH=f"{shims}:{os.environ['PATH']}", PY=str(shims / "fakepy"), **env_extra)
+    res = subprocess.run([str(ROOT / "scripts" / "train.sh"), "data.store=x", *overrides], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60, check=False, env=e)
+    assert res.returncode == 0, res.stderr
+    return next(line for line in res.stdout.splitlines() if line.startswith("ARGS: "))
+
+
+def test_default_process_count_is_the_gpus_this_job_may_use(tmp_path):
+    """train.sh counted every GPU nvidia-smi lists, ignoring CUDA_VISIBLE_DEVICES: with 2 of 8 GPUs visible
+    it started 8 ranks, and ranks 2-7 failed in torch.cuda.set_device (invalid device ordinal); with the GPUs
+    hidden (CUDA_VISIBLE_DEVICES=) it started 8 CPU processes instead of 1."""
+    assert "--nproc-per-node=8" in _launch_args(tmp_path, {})
+    assert "--nproc-per-node=2" in _launch_args(tmp_path, {"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert "--nproc-per-node=2" in _launch_args(tmp_path, {"CUDA_VISIBLE_DEVICES": "GPU-3,GPU-5"})
+    assert "--nproc-per-node=1" in _launch_args(tmp_path, {"CUDA_VISIBLE_DEVICES": ""})
+    assert "--nproc-per-node=3" in _launch_args(tmp_path, {"CUDA_VISIBLE_DEVICES": "0,1", "NPROC_PER_NODE": "3"})
+
+
+def test_a_forced_run_dir_override_is_the_run_dir(tmp_path):
+    """``++run.output_dir=x`` (Hydra's force-add form) went to mva-train ahead of train.sh's own
+    run.output_dir=outputs/train-<timestamp>, which Hydra applies last: the run silently went to the timestamp."""
+    import re
+
+    args = _launch_args(tmp_path, {"NPROC_PER_NODE": "2"}, "++run.output_dir=runs/mine")
+    assert re.findall(r"run\.output_dir=(\S+)", args) == ["runs/mine"], args

@@ -46,3 +46,44 @@ def test_each_node_gets_its_own_address_and_the_requested_process_count(tmp_path
         assert f"--local-addr=10.0.0.1{n}" in argv, argv
         assert "--nproc-per-node=2" in argv and "--rdzv-endpoint=node0:29500" in argv, argv
         assert "-m trainer.launch" in argv, argv  # torchrun without its launcher traceback
+
+
+def _sbatch(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """train.sbatch as the batch step of a 2-node job; the stand-in Python prints each node's arguments."""
+    shims = tmp_path / "bin"
+    shims.mkdir(exist_ok=True)
+    for name, body in (("srun", SRUN), ("scontrol", "#!/bin/sh\nprintf 'node0\\nnode1\\n'\n"), ("fakepy", PRINT_ARGS)):
+        (shims / name).write_text(body)
+        (shims / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(ROOT), "PY": str(shims / "fakepy")}
+    env.pop("RUN_DIR", None)
+    return subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), *args], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_train_sbatch_uses_the_run_dir_given_as_an_override(tmp_path):
+    """``sbatch train.sbatch run.output_dir=/shared/runs/r1`` (the form scripts/train.sh takes) was overridden by
+    the script's own run.output_dir=outputs/slurm/run-<id> appended after it: the run silently went elsewhere."""
+    for given in ("run.output_dir=/shared/runs/r1", "++run.output_dir=/shared/runs/r1"):
+        res = _sbatch(tmp_path, "+experiment=atlas_1m", given, "dist=deepspeed")
+        assert res.returncode == 0, res.stderr
+        nodes = re.findall(r"^NODE \d: (.*)$", res.stdout, flags=re.MULTILINE)
+        assert len(nodes) == 2, res.stdout
+        for argv in nodes:
+            dirs = re.findall(r"run\.output_dir=(\S+)", argv)
+            assert dirs == ["/shared/runs/r1"], argv
+            assert "+experiment=atlas_1m" in argv and "dist=deepspeed" in argv, argv
+        assert "run dir /shared/runs/r1" in res.stdout, res.stdout
+    default = re.findall(r"run\.output_dir=(\S+)", _sbatch(tmp_path, "+experiment=atlas_1m").stdout)
+    assert set(default) == {"outputs/slurm/run-77"}, default
+
+
+def test_train_sbatch_refuses_a_resume_setting_it_would_replace(tmp_path):
+    """run.resume=<checkpoint> (or none) was silently replaced by the script's run.resume=auto: a job meant to
+    continue another run's checkpoint started from scratch in a new directory. Refused in one line instead."""
+    res = _sbatch(tmp_path, "+experiment=atlas_1m", "run.resume=/shared/runs/r0/checkpoints/step_2000")
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "NODE" not in res.stdout and "run.resume" in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
+    ok = _sbatch(tmp_path, "+experiment=atlas_1m", "run.resume=auto")
+    assert ok.returncode == 0 and ok.stdout.count("run.resume=auto") == 2, ok.stdout

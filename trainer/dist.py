@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -107,6 +108,13 @@ def cleanup() -> None:
         return
     if tdist.get_backend() == "gloo":
         time.sleep(GLOO_SETTLE_S)
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+        # DeepSpeed keeps a clone of the world group (deepspeed.utils.groups) that only its own teardown
+        # drops; left behind, the next --multirun member's deepspeed.initialize met the destroyed clone
+        # ("Group ... is not registered")
+        ds_comm.destroy_process_group()
+        return
     tdist.destroy_process_group()
 
 

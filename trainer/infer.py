@@ -14,7 +14,7 @@ import importlib
 import os
 from pathlib import Path
 
-from data.cli import one_line_errors
+from data.cli import omp_threads, one_line_errors
 from data.store import StoreError
 from data.typed_config import ConfigError
 from trainer import dist
@@ -50,7 +50,7 @@ def main() -> None:
     def _main(raw) -> None:
         import torch
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        torch.set_num_threads(omp_threads(os.environ.get("OMP_NUM_THREADS")))
         # OSError: a full disk or an unwritable output names its path; a tampered model is refused
         with one_line_errors("mva-infer", (InferError, ConfigError, StoreError, ModelFileError, LockError, OSError)):
             infer(load_infer_config(raw))

@@ -11,7 +11,9 @@ there is no window in which a reader sees an empty or half-written lock.
 A job killed with SIGKILL cannot remove its lock. Such a *stale* lock is detected, never silently
 taken over: the holder is on this host and its pid is gone (or is a zombie, or belongs to a newer
 process: the pid was reused, detected by comparing the kernel's process start time; or the machine
-rebooted, detected by the boot id). A stale lock is reported with how to clear it:
+rebooted, detected by the boot id), or it was written by an earlier attempt of the same Slurm job, now
+requeued (``SLURM_JOB_ID`` equal, ``SLURM_RESTART_COUNT`` lower: on any host, as the requeued job's rank 0
+may run on another node). A stale lock is reported with how to clear it:
 
 * ``clear_stale=True`` or the env var ``MVA_CLEAR_STALE_LOCK=1`` removes a stale lock (printing one
   line naming the dead holder) and takes it. Training does this by default (``run.clear_stale_lock``,
@@ -96,11 +98,22 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _slurm_attempt() -> tuple[str, int]:
+    """(Slurm job id, requeue count) of this process; ("", 0) outside Slurm."""
+    try:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        restarts = 0
+    return os.environ.get("SLURM_JOB_ID", ""), restarts
+
+
 def _record(what: str) -> dict[str, Any]:
     pid = os.getpid()
+    job, restarts = _slurm_attempt()
     return {"what": what, "host": socket.gethostname(), "pid": pid, "start_time": process_start_time(pid),
             "boot_id": _boot_id(), "command": " ".join(sys.argv)[:500],
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex,
+            "slurm_job": job, "slurm_restart": restarts}
 
 
 def read_holder(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -122,6 +135,11 @@ def stale_reason(holder: dict[str, Any]) -> str | None:
     """Why the holder is certainly dead (a string), or None if it is alive or cannot be checked."""
     if "unreadable" in holder:
         return None
+    job, restarts = _slurm_attempt()
+    if job and holder.get("slurm_job") == job and restarts > int(holder.get("slurm_restart") or 0):
+        # Slurm ends a job with SIGTERM (no finally runs) and starts a requeued one only after every process
+        # of the earlier attempt is gone; the new rank 0 may be on another node, whose processes we cannot see
+        return f"Slurm job {job} was requeued since (attempt {restarts}; the lock is attempt {holder.get('slurm_restart') or 0}'s)"
     if holder.get("host") != socket.gethostname():
         return None  # another machine: we cannot see its processes
     if holder.get("boot_id") and holder.get("boot_id") != _boot_id():

@@ -17,7 +17,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from data.cli import one_line_errors
+from data.cli import omp_threads, one_line_errors
 from data.store import StoreError
 from trainer import dist
 from trainer.checkpoint import CheckpointError
@@ -55,7 +55,7 @@ def main() -> None:
             cfg = replace(cfg, run=replace(cfg.run, output_dir=str(Path(cfg.run.output_dir) / str(job_num))))
         import torch
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        torch.set_num_threads(omp_threads(os.environ.get("OMP_NUM_THREADS")))
         # bad input, a busy run dir, a full disk, a diverging run (its message names the step, the term and
         # the last good checkpoint: the traceback under it said nothing more)
         with one_line_errors("mva-train", (ConfigError, StoreError, LockError, CheckpointError, OSError,
