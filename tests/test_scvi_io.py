@@ -16,6 +16,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -232,3 +233,76 @@ def test_direct_calls_with_overwrite_replace_only_their_own_output(trained, scvi
     assert (store / "zarr.json").exists() and sorted(p.name for p in run.iterdir()) == before  # untouched
     out = import_from_scvi(scvi_dir, tmp_path / "imported")
     assert import_from_scvi(scvi_dir, out, overwrite=True) == out  # its own output is replaced
+
+
+@pytest.mark.parametrize(("likelihood", "size_factors"), [("nb", False), ("poisson", False), ("zinb", True)])
+def test_scvi_models_of_every_likelihood_and_size_factors_import_and_match(trained, tmp_path, likelihood,
+                                                                           size_factors):
+    """scvi-tools builds heads a model may not use: the zero-inflation head for every likelihood, px_r for
+    poisson, both library encoders with size factors. The import refused every nb / poisson MULTIVI and every
+    one trained with size_factor_key as 'weights with no counterpart' (a size-factor model of ours too)."""
+    import scvi
+
+    from trainer.scvi_io import SIZE_FACTOR_COLUMNS
+
+    store, _ = trained
+    mdata = store_to_mudata(store)
+    scvi.settings.seed = 0
+    scvi.model.MULTIVI.setup_mudata(mdata, batch_key="batch", modalities={"rna_layer": "rna", "atac_layer": "atac"},
+                                    size_factor_key=list(SIZE_FACTOR_COLUMNS) if size_factors else None)
+    ref = scvi.model.MULTIVI(mdata, n_hidden=16, n_latent=4, gene_likelihood=likelihood)
+    ref.train(max_epochs=1, accelerator="cpu", batch_size=128, enable_progress_bar=False)
+    ref.save(str(tmp_path / "multivi"))
+    model = api.load(tmp_path / "multivi")
+    assert model.module.gene_likelihood == likelihood and model.module.use_size_factor == size_factors
+    np.testing.assert_allclose(model.latent(mdata), ref.get_latent_representation(mdata), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(model.expression(mdata, transform_batch="batch_1"),
+                               ref.get_normalized_expression(mdata, transform_batch="batch_1", return_numpy=True),
+                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(model.accessibility(mdata, normalize_cells=True),
+                               ref.get_normalized_accessibility(mdata, normalize_cells=True, return_numpy=True),
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_store_to_mudata_cells_as_a_boolean_mask_or_bad_positions(trained):
+    """cells= a boolean mask (obs['batch'] == 'batch_0') was cast to the positions 0/1: 300 copies of the
+    first two cells, labelled with their batch; float positions were truncated, -1 wrapped to the last cell."""
+    from data.reader import as_store
+
+    store, _ = trained
+    obs = as_store(store).read_obs()
+    sel = (obs["batch"] == "batch_0").to_numpy()
+    m = store_to_mudata(store, sel)
+    assert list(m.obs_names) == list(obs.index[sel]) and set(m.obs["batch"]) == {"batch_0"}
+    assert list(store_to_mudata(store, pd.Series(sel)).obs_names) == list(obs.index[sel])
+    assert list(store_to_mudata(store, [5, 3]).obs_names) == list(obs.index[[5, 3]])  # positions, in their order
+    for bad, why in ((np.array([1.5, 2.0]), "integer positions or a boolean mask"),
+                     (np.array([0, N_CELLS]), f"out of range for a store of {N_CELLS} cells"),
+                     (np.array([-1]), f"out of range for a store of {N_CELLS} cells"),
+                     (np.array([5, 3, 5]), "more than once"), (sel[:-1], "boolean mask of 299 values")):
+        with pytest.raises(ScviIOError, match=why):
+            store_to_mudata(store, bad)
+
+
+def test_an_imported_model_reads_size_factors_from_its_own_obs_columns(trained, tmp_path):
+    """A MULTIVI trained with size_factor_key=[own columns] decodes with those factors; the API ignored them
+    and computed its own (ATAC total / largest total), so accessibility(normalize_cells=True) differed from
+    the reference on the same MuData."""
+    import scvi
+
+    store, _ = trained
+    mdata = store_to_mudata(store)
+    atac = np.asarray(mdata["atac"].X.sum(axis=1)).ravel()
+    mdata.obs["sf_rna"] = np.maximum(np.asarray(mdata["rna"].X.sum(axis=1)).ravel(), 1.0).astype(np.float32)
+    mdata.obs["sf_atac"] = np.clip(atac / np.median(atac[atac > 0]), 1e-6, 1.0).astype(np.float32)  # not ours
+    scvi.settings.seed = 0
+    scvi.model.MULTIVI.setup_mudata(mdata, batch_key="batch", modalities={"rna_layer": "rna", "atac_layer": "atac"},
+                                    size_factor_key=["sf_rna", "sf_atac"])
+    ref = scvi.model.MULTIVI(mdata, n_hidden=16, n_latent=4)
+    ref.train(max_epochs=1, accelerator="cpu", batch_size=128, enable_progress_bar=False)
+    ref.save(str(tmp_path / "multivi"))
+    model = api.load(tmp_path / "multivi")
+    assert model.info["size_factor_keys"] == ["sf_rna", "sf_atac"]
+    np.testing.assert_allclose(model.accessibility(mdata, normalize_cells=True),
+                               ref.get_normalized_accessibility(mdata, normalize_cells=True, return_numpy=True),
+                               rtol=1e-4, atol=1e-7)

@@ -122,6 +122,7 @@ class Model:
                    batch_size: int = 1024, mask=None, as_anndata: bool = False):
         """Normalized expression (cells, genes): rho times ``library_size`` (a number or "observed")."""
         _check_samples(give_mean, n_samples)
+        library_size = _library_size(library_size)
         index, names = _select(genes, self.gene_names, "gene")
         codes = self._codes(transform_batch)
 
@@ -185,6 +186,18 @@ def _check_samples(give_mean: bool, n_samples: int) -> None:
         raise APIError(f"n_samples must be >= 1, got {n_samples}")
     if give_mean and n_samples != 1:
         raise APIError("n_samples > 1 draws posterior samples: pass give_mean=False")
+
+
+def _library_size(value) -> float | str | None:
+    """The expression job's rule: a positive finite number or "observed". numpy numbers count as numbers
+    (np.float32 was refused by trainer.predict), and inf is refused as the job refuses it (it gave all inf)."""
+    if isinstance(value, (np.generic, np.ndarray)) and np.ndim(value) == 0:
+        value = value.item()
+    if value is None or (isinstance(value, str) and value == "observed"):
+        return value  # None: rho itself, as 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise APIError(f"library_size must be a positive finite number or 'observed', got {value!r}")
+    return float(value)
 
 
 def _select(wanted, names: list[str], what: str) -> tuple[list[int] | None, list[str]]:

@@ -141,7 +141,21 @@ def _mudata_source(model: Model, mdata, mask, batch_size: int) -> _Source:
         feats[mod] = (a.X, rows, cols)
         member[:, keys.MASK_COLUMN[mod]] = rows >= 0
     m = _explicit_mask(mask, obs, n)
+    if m is not None:
+        _check_membership(m, member, feats, mdata.obs_names)
     return _memory_source(model, obs, feats, member if m is None else m, batch_size, inferred=m is None)
+
+
+def _check_membership(mask: np.ndarray, member: np.ndarray, feats: dict, names: pd.Index) -> None:
+    """A cell the mask calls measured in a modality the MuData has must be in that modality's AnnData:
+    it was read as an all-zero row, i.e. other latents without a word. (A modality the MuData lacks
+    altogether means none, as documented.)"""
+    for mod in feats:
+        j = keys.MASK_COLUMN[mod]
+        absent = np.flatnonzero(mask[:, j] & ~member[:, j])
+        if len(absent):
+            raise APIError(f"{len(absent)} cells are measured in {mod} by the mask but not in the MuData {mod!r} "
+                           f"modality (e.g. {names[absent[0]]!r}): add their {mod} rows, or mark them unmeasured")
 
 
 def _explicit_mask(mask, obs: pd.DataFrame, n: int) -> np.ndarray | None:
@@ -160,7 +174,7 @@ def _explicit_mask(mask, obs: pd.DataFrame, n: int) -> np.ndarray | None:
         except ValueError as exc:
             raise APIError(str(exc)) from None
     if "modality" in obs:
-        values = obs["modality"].astype(str)
+        values = obs["modality"].astype(str).str.lower()  # as mva-build reads it ('Paired' too)
         bad = sorted(set(values) - set(_MODALITY_COLUMN))
         if bad:
             raise APIError(f"obs['modality'] has values {bad[:5]}; expected {list(_MODALITY_COLUMN)}")
@@ -202,8 +216,14 @@ def _rows(x, rows: np.ndarray, cols: np.ndarray | None, keep: np.ndarray) -> sp.
     """CSR of the given rows (-1 or keep=False: an empty row) and columns, in the model's feature order."""
     n_cols = x.shape[1] if cols is None else len(cols)
     take = (rows >= 0) & keep
-    sub = x[rows[take]] if take.any() else x[:0]
+    idx = rows[take]
+    # a backed (h5py) X reads rows only in increasing order: a MuData modality listing the cells in another
+    # order than the MuData ended in a TypeError; read sorted, then put the rows back in the cells' order
+    order = np.argsort(idx, kind="stable") if np.any(np.diff(idx) < 0) else None
+    sub = x[idx if order is None else idx[order]] if take.any() else x[:0]
     sub = sub.tocsr() if sp.issparse(sub) else sp.csr_matrix(np.asarray(sub))
+    if order is not None:
+        sub = sub[np.argsort(order)]
     if not sub.has_canonical_format:  # duplicate entries mean their sum to scipy; the kernels want one each
         sub = sub.copy()
         sub.sum_duplicates()
@@ -275,10 +295,19 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
         return b, out
 
     # size factors given with the data (the columns trainer.scvi_io.store_to_mudata writes, computed over
-    # the whole store) are used as they are: a subset of a store's cells then gets the store's factors
+    # the whole store, or those a model imported from scvi-tools was trained with) are used as they are: a
+    # subset of a store's cells then gets the store's factors, an imported model the reference's
     given_sf = None
-    if model.module.use_size_factor and all(c in obs for c in SIZE_FACTOR_COLUMNS):
-        given_sf = np.stack([obs[c].to_numpy(np.float32) for c in SIZE_FACTOR_COLUMNS], axis=1)
+    sf_columns = list(info.get("size_factor_keys") or SIZE_FACTOR_COLUMNS)
+    if model.module.use_size_factor and all(c in obs for c in sf_columns):
+        given_sf = np.stack([obs[c].to_numpy(np.float32) for c in sf_columns], axis=1)
+        # NaN (cells joined from elsewhere) gave NaN outputs; 0 is the reference's "no library" (it adds 1e-6)
+        bad = ~np.isfinite(given_sf) | (given_sf < 0)
+        if bad.any():
+            j = int(np.flatnonzero(bad.any(axis=0))[0])
+            raise APIError(f"obs[{sf_columns[j]!r}] (size factors) is missing, negative or infinite for "
+                           f"{int(bad[:, j].sum())} cells (e.g. {obs.index[np.flatnonzero(bad[:, j])[0]]!r}); "
+                           "fill it, or drop the size factor columns to compute them from these cells' counts")
     atac_max = 1.0  # read by chunk() when it runs, after this pass
     if model.module.use_size_factor and given_sf is None and keys.ATAC in feats:  # one pass first: the max over all cells
         j = keys.MASK_COLUMN[keys.ATAC]

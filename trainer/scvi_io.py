@@ -126,7 +126,8 @@ def read_scvi_checkpoint(path: str | os.PathLike) -> dict:
 
 # --------------------------------------------------------------------------- our store -> scvi data
 def store_to_mudata(store, cells: np.ndarray | None = None):
-    """The MuData that ``MULTIVI.load(dir, adata=...)`` expects, for ``cells`` (default all) of a store.
+    """The MuData that ``MULTIVI.load(dir, adata=...)`` expects, for ``cells`` (default all) of a store:
+    positions in the order wanted, or a boolean mask over the store's cells.
 
     In memory (cells x features, sparse): meant for small stores and subsets. Fully paired, missing
     modalities as empty rows; top-level obs = the store's obs (batch, covariates, masks) plus the size
@@ -147,7 +148,7 @@ def store_to_mudata(store, cells: np.ndarray | None = None):
     mask = np.stack([obs[f"mask_{mod}"].to_numpy(bool) for mod in keys.MODALITIES], axis=1)
     atac_max = atac_library_max(totals[:, 1], mask[:, 1])  # over the whole store, as the loader's
     if cells is not None:
-        cells = np.asarray(cells, dtype=np.int64)
+        cells = _cell_positions(cells, m.n_cells)
         obs = obs.iloc[cells]
         mats = {k: v[cells] for k, v in mats.items()}
         totals, mask = totals[cells], mask[cells]
@@ -171,6 +172,26 @@ def store_to_mudata(store, cells: np.ndarray | None = None):
         mdata = md.MuData(mods)
     mdata.obs = obs
     return mdata
+
+
+def _cell_positions(cells, n: int) -> np.ndarray:
+    """``cells`` (positions, or a boolean mask of all n cells) -> int64 positions. A cast alone read a boolean
+    mask as the positions 0/1 (n copies of two cells), truncated floats and wrapped negative positions."""
+    c = np.asarray(cells)
+    if c.dtype == bool:
+        if c.shape != (n,):
+            raise ScviIOError(f"cells= as a boolean mask needs one value per store cell ({n}), got a boolean mask "
+                              f"of {c.size} values")
+        return np.flatnonzero(c)
+    if c.ndim != 1 or (c.size and not np.issubdtype(c.dtype, np.integer)):
+        raise ScviIOError(f"cells= must be integer positions or a boolean mask, got {c.dtype} of shape {c.shape}")
+    c = c.astype(np.int64)
+    if c.size and (c.min() < 0 or c.max() >= n):
+        raise ScviIOError(f"cells= positions must be in [0, {n}): position {int(c[(c < 0) | (c >= n)][0])} is out "
+                          f"of range for a store of {n} cells")
+    if len(np.unique(c)) != len(c):
+        raise ScviIOError("cells= lists a cell more than once (a MuData needs unique cell ids)")
+    return c
 
 
 def _skeleton_mudata(info: dict, n_obs: int):
@@ -323,8 +344,8 @@ def _model_spec(ck: dict) -> dict:
                                             sd["z_encoder_expression.mean_encoder.weight"].shape[0]))
     modality_weights = params.get("modality_weights", "equal")
     opts = {o: params[o] for o in _OPTIONS if o in params}
-    opts.update(n_hidden=n_hidden, n_latent=n_latent,
-                use_size_factor=bool(fields.get("size_factor", {}).get("data_registry")))
+    size_factor = fields.get("size_factor", {})
+    opts.update(n_hidden=n_hidden, n_latent=n_latent, use_size_factor=bool(size_factor.get("data_registry")))
     model_args = {"n_genes": len(genes), "n_regions": len(regions),
                   "n_batch": max(1, len(batch.get("categorical_mapping", []))),
                   "n_cats_per_cov": [len(cat_categories[k]) for k in cat_keys], "n_continuous_cov": len(cont_keys),
@@ -335,7 +356,10 @@ def _model_spec(ck: dict) -> dict:
             "batch_key": str(batch.get("original_key", "batch")),
             "batch_categories": _names(batch.get("categorical_mapping", [])),
             "cat_cov_keys": cat_keys, "cat_cov_categories": cat_categories, "cont_cov_keys": cont_keys,
-            "label_key": None, "label_categories": []}
+            "label_key": None, "label_categories": [],
+            # the obs columns [RNA, ATAC] the reference read its size factors from (trainer.api reads them too)
+            **({"size_factor_keys": _names(size_factor.get("state_registry", {}).get("columns", []))}
+               if opts["use_size_factor"] else {})}
 
 
 _REFERENCE_ONLY = ("z_encoder_protein.", "z_decoder_pro.", "background_pro_", "py_r")
@@ -369,8 +393,13 @@ def import_from_scvi(scvi_dir: str | os.PathLike, out_dir: str | os.PathLike, ov
         raise ScviIOError(f"the scvi-tools weights do not fit the model its registry describes: "
                           f"{str(exc).splitlines()[0][:300]}") from None
     used = set(to_reference_layout(ours))
-    # the reference always builds its per-cell dispersion head; only dispersion="gene-cell" uses it
+    # the reference always builds its per-cell dispersion head (only dispersion="gene-cell" uses it), its
+    # zero-inflation head (only zinb uses it), its px_r (poisson uses none) and its library encoders (size
+    # factors replace them): we build only what is used
     idle = _REFERENCE_ONLY + (() if module.dispersion == "gene-cell" else ("z_decoder_expression.px_r_decoder.",))
+    idle += (() if module.px_dropout is not None else ("z_decoder_expression.px_dropout_decoder.",))
+    idle += (() if module.px_r is not None or module.dispersion == "gene-cell" else ("px_r",))
+    idle += ("l_encoder_expression.", "l_encoder_accessibility.") if module.use_size_factor else ()
     unused = [k for k, v in ref.items() if k not in used and v.numel() and not k.startswith(idle)]
     if unused:  # a weight we would silently drop means the model is not the one we rebuild
         raise ScviIOError(f"{len(unused)} scvi-tools weights have no counterpart here (first: {unused[:3]})")

@@ -1,0 +1,121 @@
+"""Notebook API (trainer/api.py) edge cases found in review: arguments and layouts that gave silently wrong
+numbers or refused valid input.
+
+    .venv/bin/python -m pytest tests/test_api_edges.py -q
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import mudata as md
+import numpy as np
+import pytest
+
+from tests.infer_utils import N_CELLS, trained_model
+from tests.train_utils import tiny_config
+from trainer.api import APIError, load
+from trainer.scvi_io import store_to_mudata
+from trainer.train import train
+
+BATCH = 64
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    store, run = trained_model(tmp_path_factory)  # the session's shared model (tests/infer_utils.py)
+    return store, load(run)
+
+
+def test_library_size_follows_the_jobs_rule(trained):
+    """np.float32(1e4) (e.g. a median of float32 totals) was refused as 'not a positive number', and
+    library_size=inf returned a matrix of inf where the expression job refuses it."""
+    store, model = trained
+    want = model.expression(store, library_size=1e4, genes=["gene_00001", "gene_00002"])
+    np.testing.assert_array_equal(model.expression(store, library_size=None), model.expression(store))  # rho
+    for size in (np.float32(1e4), np.int64(10_000), np.array(1e4)):
+        np.testing.assert_allclose(model.expression(store, library_size=size, genes=["gene_00001", "gene_00002"]),
+                                   want, **TOL, err_msg=repr(size))
+    for bad in (float("inf"), float("nan"), 0, -1.0, True, "1e4", "obs"):
+        with pytest.raises(APIError, match="library_size must be a positive finite number or 'observed'"):
+            model.expression(store, library_size=bad)
+
+
+def test_a_mask_that_contradicts_the_mudata_modalities_is_refused(trained):
+    """A cell the mask (obs columns here) calls ATAC-measured but absent from the MuData's 'atac' AnnData was
+    taken as measured with an all-zero row: its joint latent moved by ~0.5, with no word."""
+    store, model = trained
+    full = store_to_mudata(store)
+    keep = full.obs["mask_atac"].to_numpy().copy()
+    dropped = np.flatnonzero(keep & full.obs["mask_rna"].to_numpy())[:20]
+    keep[dropped] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        mdata = md.MuData({"rna": full["rna"].copy(), "atac": full["atac"][keep].copy()})
+    mdata.obs = mdata.obs.join(full.obs)
+    assert mdata.obs["mask_atac"].sum() == full.obs["mask_atac"].sum()
+    first = full.obs_names[dropped[0]]
+    with pytest.raises(APIError, match=rf"20 cells .*measured in atac .* not in the MuData 'atac' .*{first!r}"):
+        model.latent(mdata)
+    with pytest.raises(APIError, match="20 cells"):  # the same through mask=
+        model.latent(mdata, mask=mdata.obs[["mask_rna", "mask_atac"]].to_numpy())
+    # consistent: the mask agrees with membership -> the store's numbers
+    ok = mdata.copy()
+    ok.obs.loc[full.obs_names[dropped], "mask_atac"] = False
+    z = model.latent(ok, batch_size=BATCH)
+    order = ok.obs_names.get_indexer(full.obs_names)
+    z_store = model.latent(store)
+    others = np.setdiff1d(np.arange(N_CELLS), dropped)
+    np.testing.assert_allclose(z[order][others], z_store[others], **TOL)
+
+
+def test_a_backed_mudata_whose_modalities_order_cells_differently(trained, tmp_path):
+    """A backed (h5py) dense X is read with the cells' row positions, which h5py takes only in increasing
+    order: a backed .h5mu whose 'atac' AnnData lists the cells in another order ended in a TypeError."""
+    store, model = trained
+    z_store = model.latent(store)
+    full = store_to_mudata(store)
+    perm = np.random.default_rng(0).permutation(N_CELLS)
+    rna, atac = full["rna"].copy(), full["atac"][perm].copy()
+    rna.X, atac.X = rna.X.toarray(), atac.X.toarray()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        mdata = md.MuData({"rna": rna, "atac": atac})
+    mdata.obs = mdata.obs.join(full.obs)
+    mdata.write(tmp_path / "cells.h5mu")
+    backed = md.read_h5mu(tmp_path / "cells.h5mu", backed=True)
+    z = model.latent(backed, batch_size=BATCH)
+    np.testing.assert_allclose(z[backed.obs_names.get_indexer(full.obs_names)], z_store, **TOL)
+
+
+def test_modality_column_reads_as_the_store_builder_reads_it(trained):
+    """mva-build reads obs['modality'] case-insensitively ('Paired', 'Expression', 'Accessibility'); the API
+    refused those values, so the same AnnData that builds a store could not be passed in memory."""
+    store, model = trained
+    full = store_to_mudata(store)
+    obs = full.obs.copy()
+    both, rna_only = obs["mask_rna"] & obs["mask_atac"], obs["mask_rna"] & ~obs["mask_atac"]
+    obs["modality"] = np.where(both, "Paired", np.where(rna_only, "Expression", "ACCESSIBILITY"))
+    mdata = full.copy()
+    mdata.obs = obs.drop(columns=["mask_rna", "mask_atac"])
+    np.testing.assert_allclose(model.latent(mdata, batch_size=BATCH), model.latent(store), **TOL)
+    mdata.obs["modality"] = mdata.obs["modality"].replace({"Paired": "both"})
+    with pytest.raises(APIError, match=r"obs\['modality'\] has values \['both'\]"):
+        model.latent(mdata)
+
+
+def test_size_factor_columns_with_missing_values_are_refused(trained, tmp_path):
+    """store_to_mudata's size factor columns are used as given: NaN there (e.g. a MuData concatenated with
+    cells from elsewhere, outer join) gave NaN accessibility rows with normalize_cells, without a word."""
+    from trainer.scvi_io import SIZE_FACTOR_COLUMNS
+
+    store, _ = trained
+    model = load(train(tiny_config(store, tmp_path / "sf", **{"model.use_size_factor": True,
+                                                               "run.epochs": 1})).run_dir)
+    mdata = store_to_mudata(store)
+    assert np.isfinite(model.accessibility(mdata, normalize_cells=True)).all()
+    col = mdata.obs.columns.get_loc(SIZE_FACTOR_COLUMNS[1])
+    mdata.obs.iloc[3:8, col] = np.nan
+    with pytest.raises(APIError, match=rf"obs\['{SIZE_FACTOR_COLUMNS[1]}'\] \(size factors\) .* 5 cells"):
+        model.accessibility(mdata, normalize_cells=True)
