@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -122,3 +124,23 @@ def test_de_overwrite_replaces_only_a_table_it_wrote(trained, tmp_path, fmt):
     first = table.stat().st_mtime_ns
     infer(cfg(table))  # its own table: replaced
     assert table.stat().st_mtime_ns != first
+
+
+def test_read_groups_count_the_loaders_chunks_which_restart_at_every_shard():
+    """read_groups counted chunks as row // 256 over the whole store, but the loader's chunks restart at
+    every shard: with 300-cell shards one read held 8 loader chunks where the bound was 4."""
+    from data.plan import chunk_bounds
+    from trainer.jobs.de_sampling import read_groups
+
+    starts = chunk_bounds([300] * 10, 256)[0]
+    cells = np.arange(3000)
+    groups = read_groups(cells, 10_000, chunk_starts=starts, max_chunks=4)
+    assert sum(g.stop - g.start for g in groups) == len(cells) and groups[0].start == 0
+    assert all(a.stop == b.start for a, b in itertools.pairwise(groups))
+    for g in groups:
+        touched = np.unique(np.searchsorted(starts, cells[g], side="right") - 1)
+        assert len(touched) <= 4, (g, touched)
+    # shards that are multiples of the chunk: the same groups as counting row // 256
+    starts2, _ = chunk_bounds([512] * 4, 256)
+    assert read_groups(np.arange(2048), 10_000, chunk_starts=starts2, max_chunks=3) == \
+        [slice(0, 768), slice(768, 1536), slice(1536, 2048)]

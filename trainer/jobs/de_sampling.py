@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data.plan import chunk_bounds
 from data.stream import StoreStream
 from trainer import differential as D
 from trainer.infer_config import InferConfig
@@ -28,6 +29,8 @@ class Sampler:
         o, self.module, self.stream, self.job, self.bs = cfg.de, module, stream, job, cfg.batch_size
         self.seed = cfg.seed
         self.key = key
+        # the loader's chunks (restarting at every shard): what one read keeps resident
+        self.chunk_starts = chunk_bounds(stream.shard_sizes, stream.chunk_size)[0]
         if o.batch_correction:
             k = D.samples_per_batch(o.n_samples_overall, module.n_batch)
             # every group is decoded under every batch; both sides list batches in code order, so row i
@@ -57,7 +60,7 @@ class Sampler:
             # decoded from the posterior mean (the reference's default): each distinct cell once
             uniq, inv = np.unique(cells, return_inverse=True)
             dec = np.empty((len(uniq), len(feat)), dtype=np.float32)
-            for rows in read_groups(uniq, self.bs):
+            for rows in read_groups(uniq, self.bs, self.chunk_starts):
                 dec[rows] = normalized_expression(self.module, self._batch(uniq[rows], dev), transform_batch=code,
                                                   gene_index=idx).cpu().numpy()
             np.take(dec, inv, axis=0, out=out)
@@ -84,7 +87,7 @@ class Sampler:
         m = self.module
         h = torch.empty((len(cells), m.atac_out.in_features), dtype=m.atac_out.weight.dtype, device=dev)
         order = np.argsort(cells, kind="stable")
-        for c, rows in enumerate(read_groups(cells[order], self.bs)):
+        for c, rows in enumerate(read_groups(cells[order], self.bs, self.chunk_starts)):
             sel = torch.as_tensor(order[rows], device=dev)
             batch = self._batch(cells[order[rows]], dev)
             torch.manual_seed(D.derived_seed(self.seed, f"{self.key}|{part}|{c}"))
@@ -101,13 +104,15 @@ class Sampler:
         return to_device(self.stream.make_batch(cells), dev)
 
 
-def read_groups(sorted_cells: np.ndarray, batch_size: int, chunk_rows: int = READ_CHUNK,
+def read_groups(sorted_cells: np.ndarray, batch_size: int, chunk_starts: np.ndarray,
                 max_chunks: int = MAX_READ_CHUNKS) -> list[slice]:
     """Consecutive slices of sorted cell ids, each at most ``batch_size`` cells touching at most
-    ``max_chunks`` reader chunks: the loader keeps every chunk of one read resident, so scattered
-    samples read in plain batches would hold ~batch_size chunks (GBs with many features)."""
+    ``max_chunks`` reader chunks (``chunk_starts``: the loader's, ``data.plan.chunk_bounds``): the loader
+    keeps every chunk of one read resident, so scattered samples read in plain batches would hold
+    ~batch_size chunks (GBs with many features). Counting ``row // chunk`` over the whole store missed
+    that chunks restart at every shard (with 300-cell shards a read held twice the bound)."""
     out, lo, n = [], 0, len(sorted_cells)
-    chunk = sorted_cells // chunk_rows
+    chunk = np.searchsorted(chunk_starts, sorted_cells, side="right") - 1
     while lo < n:
         hi = min(lo + batch_size, n)
         # the last position whose chunk is within max_chunks distinct chunks of lo's
