@@ -119,3 +119,15 @@ def test_size_factor_columns_with_missing_values_are_refused(trained, tmp_path):
     mdata.obs.iloc[3:8, col] = np.nan
     with pytest.raises(APIError, match=rf"obs\['{SIZE_FACTOR_COLUMNS[1]}'\] \(size factors\) .* 5 cells"):
         model.accessibility(mdata, normalize_cells=True)
+
+
+def test_a_cell_with_neither_modality_is_refused_naming_it(trained):
+    """mask= (or mask_rna / mask_atac columns) with a cell measured in neither modality gave it a latent all
+    the same (every such cell the same point: there is nothing to encode); mva-build refuses such cells too."""
+    store, model = trained
+    mdata = store_to_mudata(store)
+    mask = mdata.obs[["mask_rna", "mask_atac"]].to_numpy().copy()
+    mask[[3, 5, 7]] = False
+    with pytest.raises(APIError, match=rf"3 cells are measured in neither modality .*{mdata.obs_names[3]!r}"):
+        model.latent(mdata, mask=mask)
+    model.latent(mdata[8:].copy(), mask=mask[8:])  # without them it runs

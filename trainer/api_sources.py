@@ -272,6 +272,10 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
     for mod in keys.MODALITIES:
         if mod not in feats:
             mask[:, keys.MASK_COLUMN[mod]] = False
+    neither = np.flatnonzero(~mask.any(axis=1))
+    if len(neither):  # nothing to encode: each got the same point, a latent that means nothing (mva-build refuses too)
+        raise APIError(f"{len(neither)} cells are measured in neither modality (e.g. {obs.index[neither[0]]!r}): "
+                       "drop them, or mark the modality they have in mask= / mask_rna / mask_atac")
 
     def chunk(lo: int, hi: int) -> dict:
         m = mask[lo:hi]
