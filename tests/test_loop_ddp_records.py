@@ -67,3 +67,32 @@ def test_ddp_train_records_are_cell_weighted_means_over_ranks(tmp_path):
     for k in TERMS:
         expected = (n0 * t0[k] + n1 * t1[k]) / (n0 + n1)
         assert record[k] == pytest.approx(expected, rel=1e-5, abs=1e-6), (k, record[k], expected, t0[k], t1[k])
+
+
+@pytest.mark.slow
+def test_ddp_read_retries_are_counted_over_all_ranks(tmp_path):
+    """result.json and the train records reported rank 0's store read retries as the run's: on a 2-process
+    run with injected read errors rank 1 retried 97 reads that appeared nowhere but in its console line."""
+    import re
+    import subprocess
+
+    from data import retry
+    from tests.train_utils import PY, ROOT, as_cli, env
+
+    store = tiny_store(tmp_path / "store", n_cells=600)
+    run = tmp_path / "run"
+    # no validation: every read of the run is a training read, made before the last step's record
+    ov = tiny_overrides(store, run, **{"logger.log_every": 2, "run.epochs": 1, "run.validate_every_epochs": 0,
+                                       "run.early_stopping": False})
+    res = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "trainer.train", *as_cli(ov)], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                         env={**env(), retry.INJECT_ENV: "0.2:7", retry.BACKOFF_ENV: "0.001"}, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    per_rank = {int(r): int(n) for r, n in re.findall(r"rank (\d): (\d+) store reads retried", res.stdout)}
+    assert sorted(per_rank) == [0, 1] and min(per_rank.values()) > 0, res.stdout
+    result = json.loads((run / "result.json").read_text())
+    assert result["read_retries"] == sum(per_rank.values()), (result, per_rank)
+    assert result["read_errors_injected"] == sum(per_rank.values())
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["kind"] == "train" and last["step"] == result["steps"]
+    assert last["read_retries"] == sum(per_rank.values()), (last, per_rank)

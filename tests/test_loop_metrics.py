@@ -49,3 +49,37 @@ def test_memory_fields_are_current_rss_and_no_accelerator_field_without_one():
     assert abs(during["mem_rss_mb"] - now) < 16 and big.sum() > 0
     if not torch.accelerator.is_available():
         assert "mem_gpu_mb" not in during
+
+
+def _drawn_lines(monkeypatch, rows, tmp_path):
+    """plot_losses over ``rows``; returns the saved figure's lines as (label, n points, marker)."""
+    import json
+
+    from matplotlib.figure import Figure
+
+    from trainer.metrics import plot_losses
+
+    saved = []
+    real_savefig = Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        saved.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png") == tmp_path / "loss.png"
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    return [(ln.get_label(), len(ln.get_xdata()), ln.get_marker()) for ln in saved[0].axes[0].get_lines()]
+
+
+def test_loss_png_shows_a_train_loss_of_one_record(monkeypatch, tmp_path):
+    """A run with one train record (run.max_steps=1, or fewer steps than 2 x logger.log_every) drew its loss
+    as a line of one point without a marker: loss.png showed the legend entry and nothing else."""
+    rows = [{"kind": "train", "step": 1, "epoch": 0, "loss": 4200.0},
+            {"kind": "validation", "step": 1, "epoch": 0, "reconstruction_loss_validation": 5000.0,
+             "elbo_validation": 5010.0}]
+    lines = _drawn_lines(monkeypatch, rows, tmp_path)
+    assert {label for label, _, _ in lines} == {"loss", "reconstruction_loss_validation", "elbo_validation"}
+    invisible = [label for label, n, marker in lines if n < 2 and marker in (None, "None", "", " ")]
+    assert not invisible, f"series drawn without any visible mark: {invisible}"

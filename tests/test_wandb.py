@@ -129,3 +129,21 @@ def test_the_wandb_run_id_is_kept_for_a_resume_and_renewed_by_a_fresh_start(tmp_
     fresh = wandb_run_id(tmp_path, continuing=False)  # resume=none / no checkpoint yet: records dropped
     assert fresh != first and wandb_run_id(tmp_path, continuing=True) == fresh
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_online_with_a_key_but_no_reachable_server_falls_back_to_offline(tmp_path, monkeypatch):
+    """With WANDB_API_KEY set and the W&B server unreachable (a compute node without internet access),
+    wandb.init waited its init_timeout (90 s by default) and then raised CommError: the training run died
+    at start-up. It now logs offline instead, as online without a key does."""
+    from trainer.metrics import MetricsWriter, read_metrics
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: connection refused
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")  # keep the test short (the default would wait 90 s)
+    w = MetricsWriter(tmp_path, enabled=True, wandb_mode="online", config={"a": 1}, resume_step=0)
+    w.log({"kind": "train", "step": 1, "loss": 1.5})
+    w.close(plot=False)
+    assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1.5]
+    logs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1 and _history_steps(logs[0]) == [1]

@@ -6,6 +6,7 @@ the resolved training config, feature names and categories). No pickle anywhere,
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,10 @@ def export_model(weights: dict[str, torch.Tensor], meta, cfg: TrainConfig, out_d
                  extra: dict[str, Any] | None = None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out / WEIGHTS))
+    # both files under temporary names first, renamed only when both are complete: writing them in place, a
+    # kill between the two (a resumed run re-exporting) left new weights described by the old model.json
+    tmp_weights, tmp_info = out / f".{WEIGHTS}.tmp", out / f".{INFO}.tmp"
+    save_file(weights, str(tmp_weights))
     info = {
         "format": "multivi-atlas-model", "version": 1,
         "model_args": model_args(meta, cfg),
@@ -64,7 +68,9 @@ def export_model(weights: dict[str, torch.Tensor], meta, cfg: TrainConfig, out_d
         "label_key": meta.label_key, "label_categories": list(meta.label_categories),
         **(extra or {}),
     }
-    (out / INFO).write_text(json.dumps(info, indent=1))
+    tmp_info.write_text(json.dumps(info, indent=1))
+    os.replace(tmp_weights, out / WEIGHTS)
+    os.replace(tmp_info, out / INFO)
     return out
 
 

@@ -139,6 +139,12 @@ def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor 
     return values
 
 
+def read_stats_all_ranks() -> dict[str, int]:
+    """The store read counters summed over ranks (each rank counts only its own reads: rank 0's alone were
+    reported as the run's). Collective: every rank must call it."""
+    return {k: int(v) for k, v in dist.all_reduce_sums({k: float(v) for k, v in read_stats.as_dict().items()}).items()}
+
+
 def run(cfg: TrainConfig) -> TrainResult:
     """One training run. Rank 0 holds an exclusive lock on ``run.output_dir`` for the whole run, so a
     second job on the same directory stops before it reads or writes anything (trainer/lock.py)."""
@@ -308,7 +314,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                 metrics.log({"kind": "train", "step": step, "epoch": epoch, **values, "kl_weight": kl_w,
                              "lr": w.lr, **clock.take(time.perf_counter()),
                              "skipped_steps": guard.skipped_total, "classifier_skipped_steps": guard.classifier_skipped,
-                             **memory_mb(), **read_stats.as_dict()})
+                             **memory_mb(), **read_stats_all_ranks()})
             if cfg.run.max_steps is not None and step >= cfg.run.max_steps:
                 stopped, stop_reason = True, "max_steps"
                 break
@@ -356,6 +362,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
 
     # ---- export (rank 0)
     model_dir = None
+    reads = read_stats_all_ranks()  # collective: every rank joins it, rank 0 reports it
     if info.is_main:
         weights = weights_of(module)
         about = {"weights": "last", "epochs": epoch, "steps": step, "validation": last_val}
@@ -367,8 +374,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             {"epochs": epoch, "steps": step, "stopped": stopped, "stop_reason": stop_reason, "best": best,
              "validation": last_val,
              "skipped_steps": guard.skipped_total, "classifier_skipped_steps": guard.classifier_skipped,
-             "model_dir": model_dir, "world_size": info.world_size,
-             **read_stats.as_dict()}))
+             "model_dir": model_dir, "world_size": info.world_size, **reads}))
         dist.print0(f"[train] done: {epoch} epochs, {step} steps; model in {model_dir}")
         warn_if_collapsed(last_val)
     metrics.close(plot=cfg.logger.plot)

@@ -2,7 +2,8 @@
 and ``loss.png`` at the end.
 
 Other ranks get a ``MetricsWriter`` whose methods do nothing, so the loop calls it unconditionally.
-W&B ``online`` without an API key falls back to ``offline``: a run must never wait on the network.
+W&B ``online`` without an API key, or whose server does not answer within ``ONLINE_INIT_TIMEOUT_S``, falls
+back to ``offline``: a run must never wait on the network.
 Only metric values and the resolved config are sent; environment variables (keys) never are.
 """
 
@@ -149,6 +150,9 @@ def wandb_run_id(run_dir: Path, continuing: bool) -> str:
     return run_id
 
 
+ONLINE_INIT_TIMEOUT_S = 20.0  # how long an online W&B start may wait for the server before logging offline
+
+
 def _start_wandb(run_dir: Path, mode: str, project: str, tags: list[str], config: dict[str, Any],
                  run_name: str | None, run_id: str):
     if mode == "online" and not os.environ.get("WANDB_API_KEY"):
@@ -159,9 +163,23 @@ def _start_wandb(run_dir: Path, mode: str, project: str, tags: list[str], config
     # resume="allow" with the run's own id: online, a resumed attempt continues that W&B run (steps go on);
     # offline (wandb 0.31 does not resume locally), each attempt writes offline-run-<time>-<id> with the same
     # id, and `wandb sync <run dir>/wandb` uploads them as one run
-    return wandb.init(project=project, tags=tags, config=config, dir=str(run_dir), mode=mode,
-                      name=run_name or run_dir.name, id=run_id, resume="allow",
-                      settings=wandb.Settings(silent=True, console="off"))
+    def init(mode: str, **settings):
+        return wandb.init(project=project, tags=tags, config=config, dir=str(run_dir), mode=mode,
+                          name=run_name or run_dir.name, id=run_id, resume="allow",
+                          settings=wandb.Settings(silent=True, console="off", **settings))
+
+    if mode == "online":
+        # with a key but no reachable server (a compute node without internet access) wandb.init waited 90 s
+        # and then raised, ending the run: wait at most ONLINE_INIT_TIMEOUT_S (or $WANDB_INIT_TIMEOUT), then log
+        # offline (`wandb sync <run dir>/wandb` uploads it later)
+        timeout = {} if os.environ.get("WANDB_INIT_TIMEOUT") else {"init_timeout": ONLINE_INIT_TIMEOUT_S}
+        try:
+            return init("online", **timeout)
+        except Exception as exc:  # noqa: BLE001 - CommError, timeouts, auth errors: tracking must not stop training
+            why = (str(exc).splitlines() or [""])[0]
+            print(f"[metrics] wandb online failed ({type(exc).__name__}: {why}): logging offline instead", flush=True)
+            wandb.teardown()  # the failed attempt still holds the run id in wandb's service process
+    return init("offline" if mode == "online" else mode)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -185,7 +203,8 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path) -> Path | None:
         pts = [(r["step"], r[key]) for r in rows if key in r and r.get("kind") == kind]
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="o" if kind == "validation" else None, label=key)
+            # a single point needs a marker: a line through one point draws nothing
+            ax.plot(xs, ys, marker="o" if kind == "validation" or len(xs) == 1 else None, label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss per cell")
     ax.legend()
