@@ -16,6 +16,9 @@ CONT_COVS = "cont_covs"  # (B, n_cont_keys) float32 continuous covariates
 INDEX = "index"  # (B,) int64 global cell index in the store (row order over all shards)
 SIZE_FACTOR = "size_factor"  # (B, 2) float32, only when the store/config provides size factors
 LABEL = "label"  # (B,) int64 label code, -1 where unknown (never used for training)
+# (3,) int64 store-read counters of a DataLoader worker since its last batch (StoreStream.report_read_stats):
+# taken off the batch by the trainer's loader (trainer/streams.py), never seen by the model
+READ_STATS = "read_stats"
 
 MODALITIES = (RNA, ATAC)
 MASK_COLUMN = {RNA: 0, ATAC: 1}

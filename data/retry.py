@@ -65,6 +65,24 @@ def _count(field: str) -> None:
         setattr(STATS, field, getattr(STATS, field) + 1)
 
 
+def take_stats() -> list[int]:
+    """[retries, injected, failures] since the last call, reset: a DataLoader worker ships them with its batches
+    (its counters live in its own process, and the trainer reports the run's)."""
+    with _lock:
+        out = [STATS.retries, STATS.injected, STATS.failures]
+        STATS.retries = STATS.injected = STATS.failures = 0
+    return out
+
+
+def add_stats(counts) -> None:
+    """Add a worker's ``take_stats()`` to this process's counters."""
+    retries, injected, failures = (int(c) for c in counts)
+    with _lock:
+        STATS.retries += retries
+        STATS.injected += injected
+        STATS.failures += failures
+
+
 def count_retry() -> None:
     """One failed attempt that a caller retries in its own way (e.g. a batched read falling back)."""
     _count("retries")

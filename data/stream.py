@@ -45,6 +45,7 @@ from data import keys
 from data.collate import collate
 from data.plan import EpochPlan, chunk_bounds, plan_epoch, worker_batch_ids
 from data.reader import ChunkReader, as_store, read_cell_table, read_validation_mask
+from data.retry import take_stats
 from data.store import Store
 from data.typed_config import ConfigError
 
@@ -116,6 +117,9 @@ class StoreStream(IterableDataset):
         self.table = read_cell_table(self._store)
         self.epoch = 0
         self._resume_at = 0  # first batch of the next iteration (set by load_state_dict)
+        # in a DataLoader worker, put the worker's store-read counters on each batch (keys.READ_STATS): they are
+        # counted in the worker's process, and the trainer's report only sees its own (trainer/streams.py)
+        self.report_read_stats = False
         self._consumed = 0  # batches handed out in the current epoch (num_workers=0)
         self._plan_cache: tuple[int, EpochPlan] | None = None
         self._reader: ChunkReader | None = None
@@ -262,6 +266,8 @@ class StoreStream(IterableDataset):
         it = _prefetched(source, self.prefetch) if self.prefetch > 0 else source
         for batch in it:
             self._consumed += 1
+            if self.report_read_stats and info is not None:
+                batch[keys.READ_STATS] = torch.tensor(take_stats(), dtype=torch.int64)
             yield batch
 
     def __getstate__(self) -> dict[str, Any]:
