@@ -80,9 +80,10 @@ def run_worker(cmd: list[str], log: Path | None = None, env: dict[str, str] | No
 
 def cpu_s() -> float:
     """This process's CPU seconds, user + system, all threads (system time counts: page faults and
-    page-cache copies are part of what a job costs)."""
+    page-cache copies are part of what a job costs), plus those of its waited-for child processes (the
+    native kernels' compiler on a machine that has not built them yet)."""
     t = os.times()
-    return t.user + t.system
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def write_result(res: dict, out: str | Path) -> None:

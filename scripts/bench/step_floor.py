@@ -119,7 +119,9 @@ def split_by_kind(c: dict, steps: int = 8) -> dict[str, float]:
 def epoch_figures(path: str, overhead_ms: float) -> dict:
     """Whole-epoch figures of a train.py JSON at batch 128 and the zero-overhead ceiling they imply."""
     runs = json.loads(Path(path).read_text())["runs"]
-    rate = {side: [r["cells_per_cpu_s"] for k, r in runs.items() if k.startswith(f"{side}_b128_s")]
+    # one run per seed: a --check-repro repeat (key ..._repeat) would count its seed twice
+    rate = {side: [r["cells_per_cpu_s"] for k, r in runs.items()
+                   if k.startswith(f"{side}_b128_s") and not k.endswith("_repeat")]
             for side in ("reference", "ours")}
     if not rate["reference"] or not rate["ours"]:
         raise SystemExit(f"{path} has no batch-128 runs of both sides")
