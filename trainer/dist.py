@@ -166,15 +166,20 @@ def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, t.cpu().tolist(), strict=True)}
 
 
-def cell_weighted_means(values: dict[str, float], n_cells: int, names: tuple[str, ...]) -> dict[str, float]:
+def cell_weighted_means(values: dict[str, float], n_cells: int, names: tuple[str, ...],
+                        counts: dict[str, int] | None = None) -> dict[str, float]:
     """``values[k]`` for ``k`` in ``names`` (this rank's means over its ``n_cells`` cells) become the means
     over every rank's cells: sums ``n * v`` and the cell count are all-reduced in one float64 collective,
-    as validation aggregates. Other keys pass through unchanged. Collective: every rank must call it."""
+    as validation aggregates. Other keys pass through unchanged; ``counts`` (e.g. store read counters) are
+    summed over ranks in the same collective and added. Collective: every rank must call it."""
+    counts = counts or {}
     if not is_distributed():
-        return dict(values)
-    sums = all_reduce_sums({**{k: values[k] * n_cells for k in names if k in values}, "\0cells": float(n_cells)})
+        return {**values, **counts}
+    sums = all_reduce_sums({**{k: values[k] * n_cells for k in names if k in values}, "\0cells": float(n_cells),
+                            **{f"\1{k}": float(v) for k, v in counts.items()}})
     total = sums.pop("\0cells")
-    return {**values, **{k: v / total for k, v in sums.items()}}
+    summed = {k[1:]: int(sums.pop(k)) for k in list(sums) if k.startswith("\1")}
+    return {**values, **{k: v / total for k, v in sums.items()}, **summed}
 
 
 def any_rank(flag: bool) -> bool:

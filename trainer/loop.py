@@ -308,13 +308,15 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                            loader_start)
             loader_start = False
             if values is not None and step % cfg.logger.log_every == 0:
-                # the global batch's terms, not rank 0's minibatch; only on logging steps (a skip and the
-                # step number are the same on every rank, so every rank joins this collective)
-                values = dist.cell_weighted_means(values, batch[keys.BATCH].shape[0], TRAIN_TERMS)
+                # the global batch's terms, not rank 0's minibatch, and the read counters of every rank, in one
+                # collective on logging steps only (a skip and the step number are the same on every rank, so
+                # every rank joins it)
+                values = dist.cell_weighted_means(values, batch[keys.BATCH].shape[0], TRAIN_TERMS,
+                                                  counts=read_stats.as_dict())
                 metrics.log({"kind": "train", "step": step, "epoch": epoch, **values, "kl_weight": kl_w,
                              "lr": w.lr, **clock.take(time.perf_counter()),
                              "skipped_steps": guard.skipped_total, "classifier_skipped_steps": guard.classifier_skipped,
-                             **memory_mb(), **read_stats_all_ranks()})
+                             **memory_mb()})
             if cfg.run.max_steps is not None and step >= cfg.run.max_steps:
                 stopped, stop_reason = True, "max_steps"
                 break
