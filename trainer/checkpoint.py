@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import time
 import zipfile
@@ -198,8 +199,8 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir()
-                   if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
-                   and p.name[len(PREFIX):].isascii() and (p / "trainer.pt").is_file()), key=step_of)
+                   if p.is_dir() and re.fullmatch(f"{PREFIX}[0-9]+", p.name) and (p / "trainer.pt").is_file()),
+                  key=step_of)
 
 
 def step_of(checkpoint_dir: str | Path) -> int:

@@ -39,34 +39,22 @@ def loader(stream: StoreStream, cfg: TrainConfig):
     # after the epoch's draw and the resumed run drew once more: its dropout masks were shifted by one
     # draw (1e-2 off after a few steps). The stream's order never depends on the worker seed.
     stream.report_read_stats = True
-    return _CountingReads(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
-                                                      prefetch_factor=cfg.data.prefetch, persistent_workers=False,
-                                                      multiprocessing_context="spawn",
-                                                      generator=torch.Generator().manual_seed(cfg.run.seed)))
+    dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
+                                     prefetch_factor=cfg.data.prefetch, persistent_workers=False,
+                                     multiprocessing_context="spawn", generator=torch.Generator().manual_seed(cfg.run.seed))
+    # iter(DataLoader) here, not at the first next(): it starts the workers with their copies of the stream, and
+    # the loop clears the stream's resume position right after this call
+    return _counting_reads(iter(dl))
 
 
-class _CountingReads:
-    """The DataLoader, with each batch's worker read counters (keys.READ_STATS) added to this process's: a run
-    with data.num_workers > 0 reported only the reads of the main process (11 retries where 102 happened)."""
-
-    def __init__(self, dl: torch.utils.data.DataLoader):
-        self.dl = dl
-
-    def __len__(self) -> int:
-        return len(self.dl)
-
-    def __iter__(self):
-        # iter(DataLoader) now, not at the first next(): it starts the workers with their copies of the
-        # stream, and the loop clears the stream's resume position right after this call
-        return self._counted(iter(self.dl))
-
-    @staticmethod
-    def _counted(batches):
-        for batch in batches:
-            counts = batch.pop(keys.READ_STATS, None)
-            if counts is not None:
-                add_stats(counts.tolist())
-            yield batch
+def _counting_reads(batches):
+    """The workers' batches, with each one's read counters (keys.READ_STATS) added to this process's: a run with
+    data.num_workers > 0 reported only the reads of the main process (11 retries where 102 happened)."""
+    for batch in batches:
+        counts = batch.pop(keys.READ_STATS, None)
+        if counts is not None:
+            add_stats(counts.tolist())
+        yield batch
 
 
 def check_last_batch(train_stream: StoreStream, cfg: TrainConfig, has_classifier: bool) -> None:
