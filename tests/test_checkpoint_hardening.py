@@ -18,6 +18,7 @@ import torch
 
 from tests.train_utils import tiny_config, tiny_store
 from trainer import checkpoint as ckpt
+from trainer import checkpoint_checks as checks
 from trainer.config import ConfigError
 from trainer.train import train
 
@@ -219,5 +220,5 @@ def test_a_checkpoint_file_written_without_crcs_still_loads(tmp_path):
         torch.save({"w": torch.arange(10.0)}, tmp_path / "x.pt")
     finally:
         ser.config.save.compute_crc32 = True
-    ckpt.check_intact(tmp_path / "x.pt")
+    checks.check_intact(tmp_path / "x.pt")
     assert torch.equal(ckpt.safe_load(tmp_path / "x.pt")["w"], torch.arange(10.0))

@@ -9,7 +9,7 @@ from data.manifest import manifest_digest
 from data.retry import add_stats
 from data.stream import StoreStream
 from trainer import dist
-from trainer.checkpoint import data_fingerprint
+from trainer.checkpoint_checks import data_fingerprint
 from trainer.config import ConfigError, TrainConfig
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from data.cli import omp_threads, one_line_errors
 from data.store import StoreError
 from trainer import dist
-from trainer.checkpoint import CheckpointError
+from trainer.checkpoint_checks import CheckpointError
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.guard import NonFiniteError
 from trainer.lock import LockError
