@@ -3,7 +3,9 @@ and ``loss.png`` at the end.
 
 Other ranks get a ``MetricsWriter`` whose methods do nothing, so the loop calls it unconditionally.
 W&B ``online`` without an API key, or whose server does not answer within ``ONLINE_INIT_TIMEOUT_S``, falls
-back to ``offline``: a run must never wait on the network.
+back to ``offline``: a run must never wait on the network. Each W&B row carries its training step as the
+metric ``step``, the x axis of every chart (``_use_training_step_axis``), so the steps a resumed run logs
+again are kept.
 Only metric values and the resolved config are sent; environment variables (keys) never are.
 """
 
@@ -94,9 +96,21 @@ class MetricsWriter:
         clean = {k: (float(v) if isinstance(v, float) or hasattr(v, "item") else v) for k, v in record.items()}
         self._fh.write(json.dumps(clean) + "\n")
         if self._wandb is not None:
-            step = int(record.get("step", 0))
-            self._wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float)) and k != "step"},
-                            step=step)
+            # no step=: the training step is a metric of the row (STEP_KEY), see _use_training_step_axis
+            self._call_wandb("log", {k: v for k, v in clean.items() if isinstance(v, (int, float))})
+
+    def _call_wandb(self, method: str, *args) -> None:
+        """Call the W&B run; if W&B fails (its service process was killed, e.g. by the OOM killer, and every
+        call raises ConnectionResetError), say so once and go on without it: tracking must never stop
+        training, and metrics.jsonl keeps every record."""
+        try:
+            getattr(self._wandb, method)(*args)
+        except Exception as exc:  # noqa: BLE001 - any W&B failure: the run goes on
+            why = (str(exc).splitlines() or [""])[0]
+            print(f"[metrics] wandb {method} failed ({type(exc).__name__}: {why}): W&B off for the rest of "
+                  f"this run; {self.path} has every record", flush=True)
+            self._wandb = None
+            _reset_wandb()
 
     def close(self, plot: bool = True) -> None:
         if not self.enabled:
@@ -105,10 +119,21 @@ class MetricsWriter:
             self._fh.close()
             self._fh = None
         if self._wandb is not None:
-            self._wandb.finish()
+            self._call_wandb("finish")
             self._wandb = None
         if plot:
             plot_losses(self.path, self.path.parent / "loss.png")
+
+
+def _reset_wandb() -> None:
+    """Drop wandb's connection to its dead service process, so that a later run in this process (a Hydra
+    multirun member) starts a new one instead of failing on the broken connection."""
+    import wandb
+
+    try:
+        wandb.teardown()
+    except Exception:  # noqa: BLE001, S110 - the service is gone already; teardown only forgets it
+        pass
 
 
 def _drop_records_after(path: Path, step: int) -> None:
@@ -160,26 +185,47 @@ def _start_wandb(run_dir: Path, mode: str, project: str, tags: list[str], config
         mode = "offline"
     import wandb  # lazy: importing wandb costs ~1.5 s and is only needed on rank 0
 
-    # resume="allow" with the run's own id: online, a resumed attempt continues that W&B run (steps go on);
-    # offline (wandb 0.31 does not resume locally), each attempt writes offline-run-<time>-<id> with the same
-    # id, and `wandb sync <run dir>/wandb` uploads them as one run
+    # resume="allow" with the run's own id: online, a resumed attempt continues that W&B run (its rows go on,
+    # each with its training step: _use_training_step_axis); offline (wandb 0.31 does not resume locally),
+    # each attempt writes offline-run-<time>-<id> with the same id, for `wandb sync <run dir>/wandb`
     def init(mode: str, **settings):
         return wandb.init(project=project, tags=tags, config=config, dir=str(run_dir), mode=mode,
                           name=run_name or run_dir.name, id=run_id, resume="allow",
                           settings=wandb.Settings(silent=True, console="off", **settings))
 
+    run = None
     if mode == "online":
         # with a key but no reachable server (a compute node without internet access) wandb.init waited 90 s
         # and then raised, ending the run: wait at most ONLINE_INIT_TIMEOUT_S (or $WANDB_INIT_TIMEOUT), then log
         # offline (`wandb sync <run dir>/wandb` uploads it later)
         timeout = {} if os.environ.get("WANDB_INIT_TIMEOUT") else {"init_timeout": ONLINE_INIT_TIMEOUT_S}
         try:
-            return init("online", **timeout)
+            run = init("online", **timeout)
         except Exception as exc:  # noqa: BLE001 - CommError, timeouts, auth errors: tracking must not stop training
             why = (str(exc).splitlines() or [""])[0]
             print(f"[metrics] wandb online failed ({type(exc).__name__}: {why}): logging offline instead", flush=True)
             wandb.teardown()  # the failed attempt still holds the run id in wandb's service process
-    return init("offline" if mode == "online" else mode)
+    if run is None:
+        run = init("offline" if mode == "online" else mode)
+    return _use_training_step_axis(run)
+
+
+STEP_KEY = "step"  # the record's own training step, the x axis of every W&B chart
+
+
+def _use_training_step_axis(run):
+    """Plot every metric against the training step ``STEP_KEY`` that each row carries, and let W&B number
+    its rows (``_step``) itself.
+
+    With ``wandb.log(..., step=n)`` a resumed run lost the steps it ran again: an attempt killed after step
+    S+k resumes from the step-S checkpoint and logs S+1..S+k anew (the steps that made the final weights),
+    but the W&B run it resumes is already at step S+k, and W&B drops (with a warning) every row whose step
+    is below the run's. W&B's own rewind (``resume_from``) is a private preview; this is the public way
+    (as Lightning's WandbLogger does): rows are always accepted, charts use the training step, and a step
+    logged twice shows both values at that step."""
+    run.define_metric(STEP_KEY)
+    run.define_metric("*", step_metric=STEP_KEY, step_sync=True)
+    return run
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
