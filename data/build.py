@@ -171,20 +171,49 @@ def build_store(cfg: BuildConfig) -> Path:
                                   f"(batch column {batch_col!r}, reserved {list(OBS_RESERVED)}): rename it in obs")
     inputs = [i if isinstance(i, InputConfig) else InputConfig(**i) for i in cfg.inputs]
     cfg = replace(cfg, inputs=inputs)  # dict inputs (the Python API) typed once, for every step below
-    sources = [open_input(i) for i in inputs]
+    opened = [open_input(i) for i in inputs]
     try:
+        sources, inputs, skipped = _skip_empty(opened, inputs)
+        cfg = replace(cfg, inputs=inputs)
         if cfg.preshuffle:  # the out-of-core shuffle is one sequential pass over every cell
-            return _build(cfg, sources, apply_filters, None)
+            return _build(cfg, sources, apply_filters, None, skipped)
         with executor(cfg.dask_scheduler, cfg.dask_workers) as compute:
             filters = partial(detection_filters, compute, inputs)
-            return _build(cfg, sources, filters, partial(write_shards, compute, inputs=inputs))
+            return _build(cfg, sources, filters, partial(write_shards, compute, inputs=inputs), skipped)
     finally:
-        for s in sources:
+        for s in opened:
             s.close()
         close_sources()
 
 
-def _build(cfg: BuildConfig, sources, filters, write_dask) -> Path:
+def _skip_empty(sources, inputs: list[InputConfig]):
+    """Drop the inputs with 0 cells (a sample whose cells were all filtered out upstream), each with a
+    warning naming it; refuse a build in which every input is empty. A skipped input takes no part in
+    feature_join either: it adds no counts, so under intersection its feature list would only remove
+    features from the other inputs' cells, and under union it would only add columns no cell measured."""
+    empty = [s.name for s in sources if len(s.obs) == 0]
+    if len(empty) == len(sources):
+        raise ValidationError(f"{'; '.join(empty)}: no cells in {'this input' if len(empty) == 1 else 'any input'}, "
+                              "there is nothing to build")
+    for name in empty:
+        log.warning("%s: skipped, the input has 0 cells (its features take no part in feature_join)", name)
+    kept = [k for k, s in enumerate(sources) if len(s.obs)]
+    return [sources[k] for k in kept], [inputs[k] for k in kept], empty
+
+
+def _where(cfg: BuildConfig) -> str:
+    """Where the shards were written, for the summary line (the default path runs Dask tasks in this
+    process: calling that "Dask" alone read as if a cluster had been used)."""
+    if cfg.preshuffle:
+        return "in this process, preshuffled"
+    if not cfg.dask_scheduler:
+        return "in this process"
+    if cfg.dask_scheduler == "local":
+        return f"Dask LocalCluster of {cfg.dask_workers} workers"
+    return f"Dask cluster {cfg.dask_scheduler}"
+
+
+def _build(cfg: BuildConfig, sources, filters, write_dask, skipped: list[str]) -> Path:
     """Validate and align, then write the shards: as Dask tasks (``write_dask``) or here, block by block."""
     batch_key = cfg.batch_key or BATCH_COLUMN
     named = [(inp.batch or default_batch_name(src), src.name) for src, inp in zip(sources, cfg.inputs, strict=True)
@@ -242,14 +271,14 @@ def _build(cfg: BuildConfig, sources, filters, write_dask) -> Path:
               "dropped_features": {m: {w: {"n": len(v), "first": v[:20]} for w, v in per.items()}
                                    for m, per in al.dropped.items()},
               "filtered_features": {m: {"n": len(v), "first": v[:20]} for m, v in filtered.items()},
-              "dropped_cells": dropped_cells}
+              "dropped_cells": dropped_cells, "skipped_inputs": skipped}
     n_total = len(all_ids)
     G, R = len(al.names["rna"]), len(al.names["atac"])
     with StoreWriter(cfg.out, schema, shard_size=cfg.shard_size, overwrite=cfg.overwrite, source=source,
                      preshuffled=cfg.preshuffle, codec=cfg.codec) as w:
         if write_dask is not None:
             write_dask(w, al=al, obs_list=obs_list, keeps=keeps, block_size=cfg.block_size)
-            log.info("wrote %s: %d cells, %d genes, %d regions (Dask)", cfg.out, n_total, G, R)
+            log.info("wrote %s: %d cells, %d genes, %d regions (%s)", cfg.out, n_total, G, R, _where(cfg))
             return Path(cfg.out)  # the with-block closes the writer: stats, complete: true, rename
         # spilled inside the temporary store: a killed build leaves that one refused .tmp- dir (docs/store.md),
         # not also a full copy of the input next to the output that no later run would ever remove
@@ -289,7 +318,7 @@ def _build(cfg: BuildConfig, sources, filters, write_dask) -> Path:
         finally:
             if shuffler is not None:
                 shuffler.cleanup()
-    log.info("wrote %s: %d cells, %d genes, %d regions", cfg.out, n_total, G, R)
+    log.info("wrote %s: %d cells, %d genes, %d regions (%s)", cfg.out, n_total, G, R, _where(cfg))
     return Path(cfg.out)
 
 

@@ -31,7 +31,10 @@ class SynthConfig:
     n_type_peaks: int = 0  # type-specific open peaks per type; 0 = n_regions // (2 * n_cell_types)
     peak_fold: float = 10.0
     rna_library_median: float = 1500.0
-    atac_density: float = 0.04  # fraction of regions with a nonzero count in an average cell
+    # ATAC fragments per cell as a fraction of n_regions, in (0, 1]: the nonzero share of an average cell is
+    # ~atac_density up to ~0.05 and lower above, as fragments pile onto open regions (0.5 gives ~0.29;
+    # data/synthetic.py's docstring has the measured curve)
+    atac_density: float = 0.04
     batch_effect: float = 0.3  # sd of the per-batch log-scale shift of every gene / region
     with_covariates: bool = False  # add categorical "site" and continuous "pct_mito"
     # Compression of the count arrays: lz4 (default) | zstd (smallest) | none (fastest reads, ~2x disk);
@@ -129,6 +132,10 @@ class BuildConfig:
             # pass over all inputs
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{key} must be in [0, 1] (a fraction of the cells), got {getattr(self, key)}")
+        if self.seed < 0:  # preshuffle reached numpy's SeedSequence: "expected non-negative integer", no key named
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.feature_join not in ("intersection", "union"):  # else refused only once every input was opened
+            raise ConfigError(f"feature_join must be 'intersection' or 'union', got {self.feature_join!r}")
         keys = [*self.cat_cov_keys, *self.cont_cov_keys]
         dup = sorted({k for k in keys if keys.count(k) > 1})
         if dup:  # the store (and every model trained on it) carried the same obs column twice

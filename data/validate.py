@@ -96,6 +96,12 @@ def check_cont(obs: pd.DataFrame, columns: list[str], where: str) -> None:
         if bad.any():
             raise ValidationError(f"{where}: continuous covariate {col!r} is {v[bad][0]} for cell "
                                   f"{obs.index[np.flatnonzero(bad)[0]]!r}")
+        # the store keeps them as float32: a finite 1e39 was written as inf (the model's input NaN from then on)
+        big = np.abs(v) > np.finfo(np.float32).max
+        if big.any():
+            raise ValidationError(f"{where}: continuous covariate {col!r} is {v[big][0]} for cell "
+                                  f"{obs.index[np.flatnonzero(big)[0]]!r}, beyond float32 (the store's type); "
+                                  "rescale it")
 
 
 def check_not_empty(n_cells: int, n_features: dict[str, int], where: str) -> None:

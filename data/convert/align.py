@@ -69,6 +69,7 @@ def align(features: list[dict[str, pd.DataFrame | None]], where: list[str], join
             table = table[~table.index.duplicated()].reindex(names[mod])
             for p in parts[1:]:
                 _fill_gaps(table, p)
+            _restore_integers(table, parts)
             # a column with some missing values (a gene without an id, a column only some inputs have under
             # feature_join=union) is kept, its gaps missing; only a column with no value at all is dropped
             var[mod] = table[[c for c in table.columns if table[c].notna().any()]]
@@ -96,6 +97,18 @@ def _fill_gaps(table: pd.DataFrame, other: pd.DataFrame) -> None:
                 with contextlib.suppress(TypeError, ValueError):
                     filled = filled.astype("category" if isinstance(before.dtype, pd.CategoricalDtype) else before.dtype)
             table[col] = filled
+
+
+def _restore_integers(table: pd.DataFrame, parts: list[pd.DataFrame]) -> None:
+    """Give back the integer dtype that reindexing took (a feature only some inputs have, under
+    feature_join=union, made an int column float64: counts like 3 read back as 3.0): int64 where every
+    gap was filled, else pandas' nullable Int64 (anndata writes it with a mask; missing stays missing)."""
+    for col in table.columns:
+        dtypes = [p[col].dtype for p in parts if col in p.columns]
+        if table[col].dtype.kind != "f" or not all(pd.api.types.is_integer_dtype(d) for d in dtypes):
+            continue
+        with contextlib.suppress(TypeError, ValueError, OverflowError):  # e.g. uint64 past 2**63: left float
+            table[col] = table[col].astype("Int64" if table[col].isna().any() else np.int64)
 
 
 def remap_columns(x: sp.csr_matrix, colmap: np.ndarray, n_cols: int) -> sp.csr_matrix:
