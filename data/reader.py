@@ -179,8 +179,8 @@ class ChunkReader:
     def __init__(self, store: Store, chunk_starts: np.ndarray, chunk_stops: np.ndarray, *, cache_chunks: int,
                  modalities: tuple[str, ...] = keys.MODALITIES):
         self.store = store
-        self.starts, self.stops = chunk_starts, chunk_stops
         self.offsets = np.asarray(store.meta.shard_offsets, dtype=np.int64)
+        self.starts, self.stops = _checked_chunks(chunk_starts, chunk_stops, self.offsets)
         self.modalities = modalities
         self._arrays = {}  # (modality, shard) -> (data, indices, indptr) zarr arrays, opened once
         self._indptrs: dict[tuple[str, int], np.ndarray] = {}
@@ -188,7 +188,7 @@ class ChunkReader:
         self._pending: dict[int, tuple] = {}  # chunk -> (future, chunks, requests) of a read-ahead round
         n_chunks = len(chunk_starts)
         # Rows per slot: the longest chunk plus one empty row that closes the slot in the pool indptr.
-        self._rows = int((chunk_stops - chunk_starts).max()) + 1 if n_chunks else 1
+        self._rows = int((self.stops - self.starts).max()) + 1 if n_chunks else 1
         self._slot_of_chunk = np.full(n_chunks, -1, dtype=np.int64)
         self._lru: OrderedDict[int, int] = OrderedDict()  # resident chunk -> slot, oldest first
         self._cap = {m: max(self._max_chunk_nnz(m), 1) for m in modalities}  # entries per slot
@@ -337,7 +337,7 @@ class ChunkReader:
 
         The decode (zarrs, outside the GIL) then overlaps the gathers of the current window; the next
         :meth:`gather` that needs those chunks waits for the round instead of reading again."""
-        chunk_ids = np.unique(np.searchsorted(self.starts, np.asarray(cells, np.int64), side="right") - 1)
+        chunk_ids = np.unique(self._chunks_of(np.asarray(cells, np.int64)))
         with self._lock:
             todo = [int(c) for c in chunk_ids[self._slot_of_chunk[chunk_ids] < 0] if int(c) not in self._pending]
             if not todo:
@@ -353,7 +353,7 @@ class ChunkReader:
 
         Values are float32, ``indices``/``indptr`` int32 (int64 only for a pool beyond 2**31 entries)."""
         cells = np.asarray(cells, dtype=np.int64)
-        chunk_ids = np.searchsorted(self.starts, cells, side="right") - 1
+        chunk_ids = self._chunks_of(cells)
         # A prefetch thread of an abandoned iteration may still be finishing a batch: one gather at a time.
         with self._lock:
             slots = self._slot_of_chunk[chunk_ids]
@@ -365,11 +365,58 @@ class ChunkReader:
             rows = slots * self._rows + (cells - self.starts[chunk_ids])
             return {m: _gather_rows(self._pool[m], rows) for m in self.modalities}
 
+    def _chunks_of(self, cells: np.ndarray) -> np.ndarray:
+        """Chunk of each global row; ValueError for a row outside every chunk.
+
+        Without the check a row past a chunk's end (or -1, or >= n_cells) was gathered from a neighbouring
+        pool slot or the last chunk: another cell's counts under this cell's index, or a bare IndexError."""
+        chunk_ids = np.searchsorted(self.starts, cells, side="right") - 1
+        inside = chunk_ids >= 0
+        inside[inside] = cells[inside] < self.stops[chunk_ids[inside]]
+        if not inside.all():
+            bad = cells[~inside]
+            raise ValueError(f"rows {bad[:5].tolist()}{' ...' if len(bad) > 5 else ''} lie outside the reader's "
+                             f"chunks (the store has rows [0, {int(self.offsets[-1])}))")
+        return chunk_ids
+
     def close(self) -> None:
         self._lru.clear()
         self._slot_of_chunk[:] = -1
         self._free = list(range(self._n_slots))
         self._pending.clear()
+
+
+def _checked_chunks(starts, stops, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The chunk bounds as int64 arrays, or ValueError: each chunk must be a non-empty shard-local row range,
+    in ascending order without overlaps (``gather`` finds a row's chunk by binary search over the starts).
+
+    A chunk across a shard boundary would be read as one slice of the first shard's arrays, which end at the
+    boundary (``data.plan.chunk_bounds`` never makes one; a caller passing its own bounds could)."""
+    starts, stops = np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64)
+    if starts.ndim != 1 or starts.shape != stops.shape:
+        raise ValueError(f"chunk starts and stops must be 1-D arrays of one length, got shapes {starts.shape} "
+                         f"and {stops.shape}")
+    n_cells = int(offsets[-1])
+    for what, bad in (("is empty or reversed", stops <= starts),
+                      (f"lies outside the store's rows [0, {n_cells})", (starts < 0) | (stops > n_cells))):
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"chunk {i} [{starts[i]}, {stops[i]}) {what}")
+    overlap = starts[1:] < stops[:-1]
+    if overlap.any():
+        i = int(np.argmax(overlap))
+        raise ValueError(f"chunk {i + 1} [{starts[i + 1]}, {stops[i + 1]}) starts before chunk {i} "
+                         f"[{starts[i]}, {stops[i]}) ends: chunks must be sorted and must not overlap")
+    # the end of the shard holding each chunk's first row (empty shards repeat an offset: side="right" skips them)
+    shard = np.searchsorted(offsets, starts, side="right") - 1
+    crossing = stops > offsets[shard + 1]  # start < stop <= n_cells: shard + 1 is a valid offset
+    if crossing.any():
+        i = int(np.argmax(crossing))
+        s = int(shard[i])
+        raise ValueError(f"chunk {i} [{starts[i]}, {stops[i]}) crosses the shard boundary at row {offsets[s + 1]} "
+                         f"(shard {s} holds rows [{offsets[s]}, {offsets[s + 1]})): a chunk must lie in one shard; "
+                         "split it there, as data.plan.chunk_bounds does")
+    return starts, stops
 
 
 def _flat(reqs: list) -> list[tuple[zarr.Array, int, int]]:

@@ -186,14 +186,16 @@ class StoreStream(IterableDataset):
             if state.get(k, mine) != mine:
                 raise ValueError(f"loader state has {k}={state[k]!r} but this stream has {k}={mine!r}: "
                                  "the rest of that epoch would not be the same cells")
-        self.epoch = int(state["epoch"])
-        self._plan_cache = None
-        n = len(self)
+        # every check before any change: a refused state must leave the stream at its own epoch and position
+        epoch = int(state["epoch"])
+        plan = self.plan(epoch)
+        n = len(plan)
         if state.get("n_batches", n) != n:
             raise ValueError(f"loader state's epoch has {state['n_batches']} batches but this stream's has {n}: "
                              "the rest of that epoch would not be the same cells")
         if not 0 <= int(state["batches_consumed"]) <= n:
             raise ValueError(f"batches_consumed={state['batches_consumed']} outside [0, {n}]")
+        self.epoch, self._plan_cache = epoch, (epoch, plan)
         self._resume_at = self._consumed = int(state["batches_consumed"])
 
     # ------------------------------------------------------------------------------------ reading

@@ -58,14 +58,20 @@ def _counting_reads(batches):
 
 
 def check_last_batch(train_stream: StoreStream, cfg: TrainConfig, has_classifier: bool) -> None:
-    """Refuse a last training batch of 1 cell where batch norm trains on it (``data.remainder=none``:
-    one process only). Train-mode batch norm raises on a 1-cell batch: the run crashed with a ValueError
-    traceback at the end of its first epoch, after the whole epoch's compute (the reference warns, or
-    moves the cell to validation)."""
+    """Refuse 1-cell training batches where batch norm trains on them: every batch at ``data.batch_size=1``,
+    or the last one under ``data.remainder=none`` (one process only). Train-mode batch norm raises on a
+    1-cell batch: the run crashed with a ValueError traceback at its first step (batch size 1) or at the
+    end of its first epoch, after the whole epoch's compute (the reference warns, or moves the cell to
+    validation)."""
     batch_norm = [what for what, on in (("the adversarial classifier's", has_classifier),
                                         (f"model.use_batch_norm={cfg.model.use_batch_norm}",
                                          cfg.model.use_batch_norm != "none")) if on]
-    if cfg.data.remainder == "none" and batch_norm and len(train_stream.plan().batches[-1]) == 1:
+    if not batch_norm:
+        return
+    if cfg.data.batch_size == 1:
+        raise ConfigError(f"data.batch_size=1 makes every training batch 1 cell and batch norm "
+                          f"({' and '.join(batch_norm)}) cannot train on one cell: use data.batch_size >= 2")
+    if cfg.data.remainder == "none" and len(train_stream.plan().batches[-1]) == 1:
         raise ConfigError(f"data.remainder=none leaves a last training batch of 1 cell "
                           f"({train_stream.plan().n_cells} training cells, data.batch_size={cfg.data.batch_size}) "
                           f"and batch norm ({' and '.join(batch_norm)}) cannot train on one cell: use "
