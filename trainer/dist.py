@@ -215,6 +215,31 @@ def check_same_everywhere(value: str, what: str, detail: str = "other cells, fea
                          "(a stale node-local copy?); every rank must read the same one")
 
 
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` in rank order (small things only: the names of bad loss terms). Collective."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_tensors_(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values of ``tensors`` on every rank, in place. Collective.
+
+    NCCL broadcasts CUDA tensors only: a tensor elsewhere travels through the collective device and back."""
+    if not is_distributed():
+        return
+    device = _collective_device()
+    for t in tensors:
+        if t.device == device:
+            tdist.broadcast(t, src=0)
+        else:
+            moved = t.to(device)
+            tdist.broadcast(moved, src=0)
+            t.copy_(moved)
+
+
 def broadcast_object(obj):
     """Rank 0's Python object on every rank (small things only: paths, step numbers)."""
     if not is_distributed():

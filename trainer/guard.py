@@ -33,6 +33,32 @@ def bad_terms(terms: dict[str, torch.Tensor | float]) -> list[str]:
     return bad
 
 
+def _ranks(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def name_bad_terms(per_rank: list[list[str]]) -> str:
+    """What went bad, from every rank's list of bad terms: ``recon_rna, loss on rank 1`` (one process: the
+    terms alone). Ranks that saw the same terms are named together (``grad_norm on ranks 0, 1``)."""
+    if len(per_rank) == 1:
+        return ", ".join(per_rank[0])
+    groups: dict[str, list[int]] = {}
+    for rank, names in enumerate(per_rank):
+        if names:
+            groups.setdefault(", ".join(names), []).append(rank)
+    return "; ".join(f"{names} on {_ranks(ranks)}" for names, ranks in groups.items())
+
+
+def name_classifier_losses(per_rank: list[float]) -> str:
+    """The classifier's loss as every rank saw it: the ranks where it was not finite, else its value(s)."""
+    bad = [r for r, v in enumerate(per_rank) if not math.isfinite(v)]
+    if len(per_rank) == 1:
+        return f"classifier loss {per_rank[0]:.4g}"
+    if bad:
+        return f"classifier loss {per_rank[bad[0]]} on {_ranks(bad)}"
+    return "classifier loss " + ", ".join(f"{v:.4g}" for v in per_rank)
+
+
 @dataclass
 class StepGuard:
     max_bad_steps: int = 5
@@ -57,7 +83,9 @@ class StepGuard:
             return False
         self.consecutive += int(streak)
         self.skipped_total += 1
-        what = ", ".join(local_bad) if local_bad else "a term on another rank"
+        # every rank is here (the skip was all-reduced): gather what each saw, so the line rank 0 prints and
+        # the error every rank raises name the term even when only another rank saw it
+        what = name_bad_terms(dist.gather_objects(local_bad))
         self.history.append(f"step {step}: non-finite {what}")
         why = "" if streak else "; a loss-scale overflow: the scale backs off, not counted as a bad step"
         dist.print0(f"[guard] skipping step {step}: non-finite {what} "
@@ -83,7 +111,9 @@ class StepGuard:
             return False
         self.classifier_consecutive += 1
         self.classifier_skipped += 1
-        what = f"classifier loss {float(loss):.4g}, classifier grad_norm {grad_norm}"  # (a device sync: bad steps only)
+        # the norm is the same everywhere, so every rank is here: which rank's loss went bad is worth one
+        # gather on this (rare) path; rank 0's own finite loss alone misled
+        what = f"{name_classifier_losses(dist.gather_objects(float(loss)))}, classifier grad_norm {grad_norm}"
         self.history.append(f"step {step}: non-finite {what}")
         dist.print0(f"[guard] skipping the adversarial classifier's step {step}: non-finite {what} "
                     f"({self.classifier_consecutive} in a row, {self.classifier_skipped} in total)")

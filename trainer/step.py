@@ -91,6 +91,11 @@ def train_step(
     trainer, ``trainer/parallel.py``); backward, the optimizer steps and the classifier (which always
     computes in its own dtype, ``trainer/classifier.py``) stay outside it.
     """
+    if amp_dtype == torch.float16:
+        # fp16 gradients underflow to zero (and overflow to inf) without loss scaling, which this plain step
+        # does not do; the trainer's dist.precision=fp16 (DDP on a GPU) runs a GradScaler
+        raise ValueError("train_step(amp_dtype=torch.float16) has no loss scaling: use torch.bfloat16, or "
+                         "dist.precision=fp16 with the trainer (dist.backend=ddp, GradScaler)")
     device = next(module.parameters()).device.type
     with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
         total, out, adversarial = vae_objective(module, classifier, batch, kl_weight, kappa, eps)

@@ -19,6 +19,11 @@ def validate(module: torch.nn.Module, stream, device: torch.device, kl_weight: f
     Its posterior draws come from a forked RNG state: validating never shifts the training run's dropout
     and noise streams, so where and how often a run validates (an epoch end, a max_steps stop inside an
     epoch) cannot change its weights, and a run resumed after such a stop matches the uninterrupted one."""
+    # One model on every rank: batch-norm running statistics (model.use_batch_norm) are per rank -- each rank's
+    # moved with its own last batch (DDP copies rank 0's over them only at the next forward; DeepSpeed never
+    # does) -- so a rank's validation scored another model than the one checkpointed and exported (rank 0's).
+    # Training never reads them (train-mode batch norm normalises by the batch), so copying them changes no step.
+    dist.broadcast_tensors_(list(module.buffers()))
     module.eval()
     sums = {"recon": 0.0, "elbo": 0.0, "kl": 0.0, "n": 0.0}
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
