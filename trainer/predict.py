@@ -64,10 +64,13 @@ def ln_mean(m: torch.Tensor, v: torch.Tensor, draws: int = LN_MEAN_DRAWS) -> tor
     """E[softmax(z)] for z ~ N(m, v) (B, d): the posterior mean of an ``ln`` latent.
 
     Monte Carlo over ``draws`` fixed standard-normal vectors (seed 0, shared by every cell), so a cell's
-    value depends only on its own posterior: not on the chunking, the world size or other RNG use.
+    value depends only on its own posterior: not on the chunking, the world size, other RNG use or the
+    device. The vectors come from a CPU generator and are then moved (a few kB): a generator on
+    ``m.device`` gave other numbers on a GPU than on the CPU (CUDA's Philox stream), and none at all
+    on devices without one.
     """
-    g = torch.Generator(device=m.device).manual_seed(0)
-    eps = torch.randn(draws, m.shape[-1], generator=g, device=m.device, dtype=m.dtype)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    eps = torch.randn(draws, m.shape[-1], generator=g, device="cpu", dtype=m.dtype).to(m.device)
     sd, out = v.sqrt(), torch.zeros_like(m)
     for part in eps.split(100):  # (100, B, d) at a time: bounded memory at any batch size
         out += F.softmax(m.unsqueeze(0) + part.unsqueeze(1) * sd.unsqueeze(0), dim=-1).sum(0)
@@ -197,7 +200,7 @@ def normalized_expression(
             )
         scale = scale * lib.view(1, -1, 1)
     if gene_index is not None:
-        scale = scale[..., torch.as_tensor(gene_index, dtype=torch.long)]
+        scale = scale[..., torch.as_tensor(gene_index, dtype=torch.long, device=scale.device)]
     return _reduce_draws(scale, return_mean)
 
 
@@ -240,7 +243,8 @@ def normalized_accessibility(
     if normalize_cells:
         p = p * inf["lib_atac"].view(1, -1, 1)
     if normalize_regions:
-        p = p * torch.sigmoid(module.region_factors).view(1, 1, -1)
+        # in the likelihoods' dtype, as the loss reads them (a bf16 module's sigmoid was rounded to bf16)
+        p = p * module.region_factor_probs().view(1, 1, -1)
     if region_index is not None:
-        p = p[..., torch.as_tensor(region_index, dtype=torch.long)]
+        p = p[..., torch.as_tensor(region_index, dtype=torch.long, device=p.device)]
     return _reduce_draws(p, return_mean)

@@ -157,7 +157,10 @@ def library() -> ctypes.CDLL | None:
 
                 _state.update(lib=lib, checking=True)
                 try:
-                    problem = self_check()
+                    # CPU kernels, checked on CPU tensors: under torch.set_default_device("cuda") the
+                    # check's tensors went to the GPU and the kernels were switched off for the process
+                    with torch.device("cpu"):
+                        problem = self_check()
                 finally:
                     _state["checking"] = False
                 if problem:

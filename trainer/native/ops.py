@@ -126,6 +126,8 @@ def csr_to_dense(x: torch.Tensor) -> torch.Tensor:
     if not (available(x) and x.values().dtype == torch.float32):
         return x.to_dense()
     crow, col, val = _csr(x)
-    out = torch.empty(x.shape, dtype=torch.float32)
+    # on x's device, not torch's default one: under torch.set_default_device("cuda") (or "meta") the C
+    # scatter wrote through a non-CPU pointer and crashed the process
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     native.library().mva_csr_dense(ptr(crow), ptr(col), ptr(val), ptr(out), x.shape[0], x.shape[1])
     return out
