@@ -124,6 +124,8 @@ class StoreStream(IterableDataset):
         self._plan_cache: tuple[int, EpochPlan] | None = None
         self._reader: ChunkReader | None = None
         self._pid = os.getpid()
+        # [epoch, resume position] in shared memory, read by persistent DataLoader workers (share_position)
+        self._shared_position = None
         # The plan (8 bytes per planned cell) is built on first use for "all": the inference runner
         # reads by make_batch only, and a 1M-cell plan would be its largest per-cell structure (issue #5).
         plan = self.plan() if split != "all" else None
@@ -257,10 +259,26 @@ class StoreStream(IterableDataset):
         pass over the same epoch in this process would skip the resumed prefix again."""
         self._resume_at = 0
 
+    def share_position(self, ctx) -> None:
+        """Let persistent DataLoader workers (``ctx``: the loader's multiprocessing context) follow this
+        stream's epoch and resume position. Such workers keep the copy of the stream they were started with
+        across epochs, so ``set_epoch`` / ``load_state_dict`` here would not reach them; each of their
+        passes reads what :meth:`publish_position` last wrote instead. Call before the workers start."""
+        self._shared_position = ctx.RawArray("q", 2)
+        self.publish_position()
+
+    def publish_position(self) -> None:
+        """Write this stream's epoch and resume position for the workers' next pass (before ``iter(loader)``)."""
+        self._shared_position[:] = [self.epoch, self._resume_at]
+
     def __iter__(self):
+        info = get_worker_info()
+        if info is not None and self._shared_position is not None:
+            epoch, self._resume_at = (int(v) for v in self._shared_position)
+            if epoch != self.epoch:
+                self.epoch, self._plan_cache = epoch, None
         plan = self.plan()
         start, self._resume_at = self._resume_at, 0
-        info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         ids = worker_batch_ids(len(plan), worker_id=wid, num_workers=nw, start=start)
         self._consumed = start

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from tests.train_utils import tiny_config, tiny_overrides, tiny_store, train_cli
 from trainer import checkpoint as ckpt
+from trainer import checkpoint_checks as checks
 from trainer.train import train
 
 # 400 cells: 5 training batches of 64 per epoch; 3 epochs; a checkpoint per step, none pruned
@@ -119,14 +120,14 @@ def test_a_resume_that_cannot_be_exact_says_why(store, reference, tmp_path, caps
     out = capsys.readouterr().out
     assert "resumed from" in out and "torch threads" not in out
     # in a shared checkout someone may edit trainer/ or data/ meanwhile: then the note is due
-    edited = torch.load(src / "trainer.pt", weights_only=True)["code_fingerprint"] != ckpt.code_fingerprint()
+    edited = torch.load(src / "trainer.pt", weights_only=True)["code_fingerprint"] != checks.code_fingerprint()
     assert ("other trainer/loader code" in out) == edited, out[-2000:]
 
     run = tmp_path / "resumed"
     dst = ckpt.checkpoints_root(run) / src.name
     shutil.copytree(src, dst)
     state = torch.load(dst / "trainer.pt", weights_only=True)
-    assert state["torch_threads"] == 1 and state["code_fingerprint"] == ckpt.code_fingerprint()
+    assert state["torch_threads"] == 1 and state["code_fingerprint"] == checks.code_fingerprint()
     torch.save({**state, "code_fingerprint": "written-by-an-older-version"}, dst / "trainer.pt")
     torch.set_num_threads(2)
     try:
@@ -180,3 +181,23 @@ def test_resume_with_loader_workers_is_bitwise_equal(store, tmp_path):
     shutil.copytree(src, ckpt.checkpoints_root(run) / src.name)
     train(tiny_config(store, run, **extra))
     assert_bitwise_equal(run, ref)
+
+
+@pytest.mark.slow  # ~15 s: two spawned workers
+def test_persistent_loader_workers_follow_every_epoch(store, reference, tmp_path):
+    """data.num_workers=2: the workers are started once per run and kept (persistent_workers), and follow the
+    stream's epoch through shared memory (StoreStream.share_position). Workers that kept the epoch they were
+    started with would replay epoch 0's order in epochs 1 and 2; the 3-epoch run must equal the in-process
+    one bit for bit, with nothing left behind."""
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    run = tmp_path / "workers"
+    res = train(tiny_config(store, run, **EXTRA, **{"data.num_workers": 2, "data.prefetch": 2}))
+    assert res.epochs == 3 and res.steps == 15
+    assert_bitwise_equal(run, reference)
+    # EpochLoader.close() stopped the workers before train() returned (multiprocessing's resource tracker,
+    # started with the first spawn, stays by design)
+    left = [p for p in psutil.Process().children(recursive=True)
+            if p.pid not in before and p.is_running() and "resource_tracker" not in " ".join(p.cmdline())]
+    assert not left, [p.cmdline() for p in left]

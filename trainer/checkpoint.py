@@ -31,20 +31,7 @@ import torch
 
 from data.typed_config import ConfigError
 from trainer import dist
-
-# check_same_data, code_fingerprint, data_fingerprint, warn_if_threads_differ: not used here, re-exported
-# for trainer/loop.py (``ckpt.<name>``) until its call sites name trainer.checkpoint_checks.
-from trainer.checkpoint_checks import (  # noqa: F401
-    CheckpointError,
-    check_files,
-    check_same_data,
-    check_world_size,
-    code_fingerprint,
-    data_fingerprint,
-    require_keys,
-    safe_load,
-    warn_if_threads_differ,
-)
+from trainer.checkpoint_checks import CheckpointError, check_files, check_world_size, require_keys, safe_load
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp_step_"

@@ -30,6 +30,7 @@ from data.retry import STATS as read_stats
 from data.retry import reset_stats as reset_read_stats
 from data.store import open_store
 from trainer import checkpoint as ckpt
+from trainer import checkpoint_checks as checks
 from trainer import dist
 from trainer.alloc import reuse_large_allocations
 from trainer.classifier import build_classifier
@@ -42,7 +43,7 @@ from trainer.metrics import MetricsWriter, StepClock, memory_mb
 from trainer.parallel import Wrapped, wrap
 from trainer.resume_settings import check_same_settings
 from trainer.schedules import kl_weight as kl_schedule
-from trainer.streams import check_last_batch, loader, make_stream
+from trainer.streams import EpochLoader, check_last_batch, make_stream
 from trainer.validation import validate, warn_if_collapsed
 
 VALIDATION_KEYS = ("reconstruction_loss_validation", "elbo_validation")
@@ -201,7 +202,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     guard = StepGuard(max_bad_steps=cfg.run.max_bad_steps)
 
     # ---- resume
-    code = ckpt.code_fingerprint()  # at start, close to when the modules were imported
+    code = checks.code_fingerprint()  # at start, close to when the modules were imported
     epoch, step, batches_done, best, bad_epochs, stopped = 0, 0, 0, None, 0, False
     last_val: dict[str, float] = {}  # the last validation (kept in checkpoints: a finished run re-exports it)
     best_info: dict = {}  # epochs, steps and validation of the best weights (what model.json says with keep=best)
@@ -210,18 +211,18 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     if path:
         state, rank_state = ckpt.load_states(path, info.rank, info.world_size)
         # what this loop reads, named in one line if a checkpoint of other code or a damaged one lacks it
-        ckpt.require_keys(state, ("epoch", "step", "batches_done", "best", "bad_epochs", "stopped", "guard"),
+        checks.require_keys(state, ("epoch", "step", "batches_done", "best", "bad_epochs", "stopped", "guard"),
                           Path(path) / "trainer.pt")
-        ckpt.require_keys(rank_state, ("rng", "stream"), Path(path) / f"rank_{info.rank}.pt")
+        checks.require_keys(rank_state, ("rng", "stream"), Path(path) / f"rank_{info.rank}.pt")
     if cfg.run.resume != "auto":  # resume=none starts from step 0, a given checkpoint from its own step
         ckpt.refuse_newer_checkpoints(run_dir, cfg.run.resume, int(state["step"]) if path else 0)
     if path:
-        ckpt.check_same_data(state, meta, path, cfg.data.store)
+        checks.check_same_data(state, meta, path, cfg.data.store)
         check_same_settings(state.get("config"), cfg, path)  # after the store: another store says that first
         try:
             w.load(Path(path))
         except RuntimeError as exc:  # shapes differ (a checkpoint from before the data fingerprint)
-            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model / data.store="
+            raise checks.CheckpointError(f"checkpoint {path} does not fit this model / data.store="
                                        f"{cfg.data.store}: {str(exc).splitlines()[0]}") from None
         ckpt.set_rng_state(rank_state["rng"])
         epoch, step, batches_done = int(state["epoch"]), int(state["step"]), int(state["batches_done"])
@@ -237,7 +238,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             stopped, stop_reason = True, "max_steps"
         guard.load_state_dict(state["guard"])
         guard.last_good_checkpoint = path
-        ckpt.warn_if_threads_differ(state, path)
+        checks.warn_if_threads_differ(state, path)
         if state.get("code_fingerprint", code) != code:  # absent in checkpoints written before it was recorded
             dist.print0(f"[train] note: {path} was written by other trainer/loader code or another torch "
                         f"version: the run continues, but not bit for bit as the uninterrupted run would have")
@@ -272,7 +273,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                  "best": "" if best is None else best, "bad_epochs": bad_epochs, "stopped": stopped,
                  "stop_reason": stop_reason, "last_validation": last_val, "best_info": best_info,
                  "best_weights": ckpt.read_best(run_dir) if cfg.run.keep == "best" and info.is_main else {},
-                 "guard": guard.state_dict(), "data_fingerprint": ckpt.data_fingerprint(meta),
+                 "guard": guard.state_dict(), "data_fingerprint": checks.data_fingerprint(meta),
                  "torch_threads": torch.get_num_threads(), "code_fingerprint": code}
         stream = train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}
         rank_state = {"rng": ckpt.rng_state(), "stream": stream}
@@ -282,11 +283,12 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     # ---- train
     clock = StepClock(time.perf_counter())  # cells/s over training steps only (trainer/metrics.py)
     w.train()
+    epochs = EpochLoader(train_stream, cfg)
     while epoch < cfg.run.epochs and not stopped:
         if batches_done == 0:
             train_stream.set_epoch(epoch)
         kl_w = kl_schedule(epoch, step, cfg.optim.n_epochs_kl_warmup, cfg.optim.n_steps_kl_warmup)
-        it = iter(loader(train_stream, cfg))
+        it = iter(epochs)
         if cfg.data.num_workers > 0:  # the workers hold their copies of a resume position now
             train_stream.clear_resume()
         loader_start = True  # the epoch's first batch waits for the loader (workers, prefetch) to start
@@ -361,6 +363,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             epoch, batches_done = epoch + 1, 0
         # a max_steps stop inside an epoch keeps its stream position: raising max_steps resumes there
         save(mid_epoch=not epoch_complete)
+    epochs.close()
 
     # ---- export (rank 0)
     model_dir = None
@@ -377,7 +380,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
              "validation": last_val,
              "skipped_steps": guard.skipped_total, "classifier_skipped_steps": guard.classifier_skipped,
              "model_dir": model_dir, "world_size": info.world_size, **reads}))
-        dist.print0(f"[train] done: {epoch} epochs, {step} steps; model in {model_dir}")
+        dist.print0(f"[train] done: {epoch} epoch{'s' if epoch != 1 else ''}, {step} step{'s' if step != 1 else ''}; "
+                    f"model in {model_dir}")
         warn_if_collapsed(last_val)
     metrics.close(plot=cfg.logger.plot)
     if read_stats.retries or read_stats.failures:  # transient store read errors this rank survived

@@ -30,21 +30,46 @@ def make_stream(store, cfg: TrainConfig, split: str, info: dist.DistInfo) -> Sto
     return stream
 
 
-def loader(stream: StoreStream, cfg: TrainConfig):
-    # Workers read ahead in background processes; with 0 workers the stream is iterated directly.
-    if cfg.data.num_workers == 0:
-        return stream
-    # Its own generator: iter(DataLoader) draws the workers' base seed from the generator it is given,
-    # by default the GLOBAL torch RNG, which also drives dropout. A mid-epoch checkpoint holds the RNG
-    # after the epoch's draw and the resumed run drew once more: its dropout masks were shifted by one
-    # draw (1e-2 off after a few steps). The stream's order never depends on the worker seed.
-    stream.report_read_stats = True
-    dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
-                                     prefetch_factor=cfg.data.prefetch, persistent_workers=False,
-                                     multiprocessing_context="spawn", generator=torch.Generator().manual_seed(cfg.run.seed))
-    # iter(DataLoader) here, not at the first next(): it starts the workers with their copies of the stream, and
-    # the loop clears the stream's resume position right after this call
-    return _counting_reads(iter(dl))
+class EpochLoader:
+    """The training batches of the stream's current epoch, once per ``iter()``: from the stream itself with
+    0 workers, else from DataLoader workers started once per run (``persistent_workers``).
+
+    Workers are spawned processes: starting them costs an interpreter, a torch import and a store open
+    each (10-13 s before the first batch of every epoch with 2 workers on the 2-core VM and a 1M-cell
+    store, vs 0.14-0.7 s in-process; docs/benchmarks.md "Worker start-up per epoch"). Kept alive, they
+    follow the stream's epoch and resume position through shared memory (``StoreStream.share_position``)."""
+
+    def __init__(self, stream: StoreStream, cfg: TrainConfig) -> None:
+        self.stream = stream
+        self._dl = None
+        if cfg.data.num_workers == 0:
+            return
+        # Its own generator: iter(DataLoader) draws the workers' base seed from the generator it is given,
+        # by default the GLOBAL torch RNG, which also drives dropout. A mid-epoch checkpoint holds the RNG
+        # after the epoch's draw and the resumed run drew once more: its dropout masks were shifted by one
+        # draw (1e-2 off after a few steps). The stream's order never depends on the worker seed.
+        stream.report_read_stats = True
+        ctx = torch.multiprocessing.get_context("spawn")
+        stream.share_position(ctx)
+        self._dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
+                                               prefetch_factor=cfg.data.prefetch, persistent_workers=True,
+                                               multiprocessing_context=ctx,
+                                               generator=torch.Generator().manual_seed(cfg.run.seed))
+
+    def __iter__(self):
+        if self._dl is None:
+            return iter(self.stream)
+        self.stream.publish_position()
+        # iter(DataLoader) here, not at the first next(): it starts (or resumes) the workers, and the loop
+        # clears the stream's resume position right after this call
+        return _counting_reads(iter(self._dl))
+
+    def close(self) -> None:
+        """Stop the workers now (they would otherwise live until the loader is garbage-collected, holding
+        their read pools through the export)."""
+        if self._dl is not None and self._dl._iterator is not None:
+            self._dl._iterator._shutdown_workers()  # torch's own shutdown (what its __del__ calls)
+        self._dl = None
 
 
 def _counting_reads(batches):
