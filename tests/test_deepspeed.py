@@ -70,3 +70,21 @@ def test_one_process_without_torchrun_trains_and_resumes(store, tmp_path):
     res = train_cli(tiny_overrides(store, run, **{"dist.backend": "deepspeed", "run.epochs": 2}))
     assert "resumed from" in res.stdout
     assert json.loads((run / "result.json").read_text())["epochs"] == 2
+
+
+def test_full_weights_gather_the_master_copies_under_every_zero_stage(store, tmp_path):
+    """The export of a DeepSpeed bf16 run takes the fp32 master weights (``DeepSpeedWrapped.full_weights``),
+    not the module's bf16 ones. No bf16 DeepSpeed on a CPU, so this runs the same gather in fp32, where the
+    masters equal the module's weights: ZeRO 1/2 gather every parameter's partitions over the 2 ranks (an
+    all-reduce each), ZeRO 0 holds no separate copy; names, shapes and values must match exactly."""
+    from tests.train_utils import ROOT, torchrun
+
+    torchrun([str(ROOT / "tests" / "workers" / "ds_master_weights.py"), str(store), str(tmp_path / "out")], nproc=2)
+    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
+    for stage in ("0", "1", "2"):
+        r0, r1 = ranks[0][stage], ranks[1][stage]
+        assert r0["same_keys"] and r0["same_layout"], (stage, r0)
+        assert r0["max_abs_diff"] == 0.0, (stage, r0)
+        assert r1["gathered"] is None  # the weights land on rank 0 only
+        if stage != "0":  # the ZeRO 1/2 path really gathered (every parameter linked to its fp32 partition)
+            assert r0["linked_params"] == r0["n_params"] and r1["linked_params"] == r0["n_params"], (stage, r0)

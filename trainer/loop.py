@@ -35,7 +35,7 @@ from trainer import dist
 from trainer.alloc import reuse_large_allocations
 from trainer.classifier import build_classifier
 from trainer.config import ConfigError, TrainConfig, config_to_json
-from trainer.export import build_module, export_model, weights_of
+from trainer.export import build_module, export_model
 from trainer.guard import StepGuard
 from trainer.lock import LockError
 from trainer.lock import acquire as acquire_lock
@@ -357,8 +357,10 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                 stopped, stop_reason = True, "early"
         if last_val:
             metrics.log({"kind": "validation", "step": step, "epoch": epoch, **last_val, "best": best})
-        if improved and cfg.run.keep == "best" and info.is_main:
-            ckpt.write_best(run_dir, weights_of(module))
+        if improved and cfg.run.keep == "best":  # the same decision on every rank (validation is all-reduced)
+            best_weights = w.full_weights()  # every rank: DeepSpeed gathers its fp32 master weights
+            if info.is_main:
+                ckpt.write_best(run_dir, best_weights)
         if epoch_complete:
             epoch, batches_done = epoch + 1, 0
         # a max_steps stop inside an epoch keeps its stream position: raising max_steps resumes there
@@ -368,8 +370,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     # ---- export (rank 0)
     model_dir = None
     reads = read_stats_all_ranks()  # collective: every rank joins it, rank 0 reports it
+    weights = w.full_weights()  # every rank joins (DeepSpeed gathers); the weights on rank 0
     if info.is_main:
-        weights = weights_of(module)
         about = {"weights": "last", "epochs": epoch, "steps": step, "validation": last_val}
         if cfg.run.keep == "best" and (run_dir / ckpt.BEST_FILE).is_file():
             # model.json describes the weights it ships: the best epoch's step and validation, not the last's

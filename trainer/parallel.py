@@ -26,6 +26,7 @@ from torch import nn
 from trainer import dist
 from trainer.checkpoint import require_keys, safe_load, save_file  # save_file: fsync + a full disk's OSError
 from trainer.config import DistConfig, OptimConfig
+from trainer.export import weights_of
 from trainer.step import classifier_objective, vae_objective
 
 
@@ -213,6 +214,11 @@ class Wrapped:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def full_weights(self) -> dict[str, torch.Tensor] | None:
+        """The model's weights to export or keep as best, as CPU fp32 tensors, on rank 0 (None elsewhere).
+        Call it on every rank: a backend may gather them with a collective."""
+        return weights_of(self.module) if dist.get_rank() == 0 else None
+
 
 class DDPWrapped(Wrapped):
     def __init__(self, module, classifier, optim, dcfg, device):
@@ -357,6 +363,28 @@ class DeepSpeedWrapped(Wrapped):
         self.engine.save_checkpoint(str(directory), tag="deepspeed", save_latest=False)
         if dist.get_rank() == 0 and self.classifier is not None:
             save_file(self._clf_state(), Path(directory) / "classifier.pt")
+
+    def full_weights(self, master: bool | None = None) -> dict[str, torch.Tensor] | None:
+        """The fp32 master weights where DeepSpeed trains lower-precision ones: with bf16 the module's
+        parameters are bf16 and the AdamW updates go to fp32 copies (ZeRO 1/2: partitioned over the ranks);
+        the module's own bf16 values, exported as they were, lost the last ~16 bits of every weight the run
+        trained. ``master``: gather them (default: only where a parameter is not fp32; True checks the
+        gather where the two agree, fp32 on a CPU). A collective over the ranks (ZeRO's partitions)."""
+        if master is None:
+            master = any(p.dtype != torch.float32 for p in self.module.parameters())
+        if not master:
+            return super().full_weights()
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        # every rank, in one order: each parameter's gather is an all-reduce over the partitions
+        full = {name: safe_get_full_fp32_param(p) for name, p in self.module.named_parameters()}
+        if dist.get_rank() != 0:
+            return None
+        weights = weights_of(self.module)  # buffers, and parameters DeepSpeed holds no fp32 copy of (ZeRO 0 fp32)
+        for name, value in full.items():
+            if value is not None:
+                weights[name] = value.detach().to("cpu", torch.float32).contiguous().clone()
+        return weights
 
     def load(self, directory: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed")
