@@ -83,3 +83,15 @@ def test_the_plain_step_refuses_fp16_without_loss_scaling(store):
     with pytest.raises(ValueError, match="no loss scaling"):
         train_step(module, classifier, *build_optimizers(module, classifier), batch, 1.0, amp_dtype=torch.float16)
     assert all(torch.equal(a, p) for a, p in zip(before, module.parameters(), strict=True))  # nothing stepped
+
+
+def test_more_ranks_per_node_than_gpus_is_named():
+    """init_distributed's GPU choice: LOCAL_RANK must name a visible GPU; torch itself only said "invalid device
+    ordinal" (GPU-only path: the rule is a plain function so it runs here)."""
+    from trainer.dist import cuda_index
+
+    assert cuda_index(3, 4) == 3
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=4 but this node has 4 visible GPU\(s\).*nproc_per_node"):
+        cuda_index(4, 4)
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=0 but this node has 0"):
+        cuda_index(0, 0)

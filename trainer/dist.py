@@ -42,6 +42,16 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def cuda_index(local_rank: int, n_gpus: int) -> int:
+    """The GPU of a rank: its LOCAL_RANK, which must name a visible GPU (torch's own error for more ranks per
+    node than GPUs is "invalid device ordinal", naming neither)."""
+    if not 0 <= local_rank < n_gpus:
+        raise RuntimeError(f"LOCAL_RANK={local_rank} but this node has {n_gpus} visible GPU(s) "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
+                           f"{n_gpus} process(es) per node (torchrun --nproc_per_node, NPROC_PER_NODE)")
+    return local_rank
+
+
 def init_distributed(timeout_s: int = 1800, single_group: bool = False) -> DistInfo:
     """Join the process group described by torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 
@@ -50,7 +60,7 @@ def init_distributed(timeout_s: int = 1800, single_group: bool = False) -> DistI
     """
     rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     if torch.cuda.is_available():
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(cuda_index(local, torch.cuda.device_count()))
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
