@@ -283,89 +283,90 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     # ---- train
     clock = StepClock(time.perf_counter())  # cells/s over training steps only (trainer/metrics.py)
     w.train()
-    epochs = EpochLoader(train_stream, cfg)
-    while epoch < cfg.run.epochs and not stopped:
-        if batches_done == 0:
-            train_stream.set_epoch(epoch)
-        kl_w = kl_schedule(epoch, step, cfg.optim.n_epochs_kl_warmup, cfg.optim.n_steps_kl_warmup)
-        it = iter(epochs)
-        if cfg.data.num_workers > 0:  # the workers hold their copies of a resume position now
-            train_stream.clear_resume()
-        loader_start = True  # the epoch's first batch waits for the loader (workers, prefetch) to start
-        while True:
-            t0 = time.perf_counter()
-            batch = next(it, None)
-            t1 = time.perf_counter()
-            if batch is None:
-                break
-            batch = to_device(batch, info.device)
-            if not cfg.optim.n_epochs_kl_warmup:  # step-based warm-up (null or 0, as kl_weight reads it)
-                kl_w = kl_schedule(epoch, step, None, cfg.optim.n_steps_kl_warmup)
-            eps = step_noise(cfg.run.seed, step, info.rank, info.world_size, batch[keys.BATCH].shape[0],
-                             module.n_latent, info.device)
-            values = train_one_step(w, batch, kl_w, eps, guard, step)
-            step += 1
-            batches_done += 1
-            clock.add_step(batch[keys.BATCH].shape[0] * info.world_size, t1 - t0, time.perf_counter() - t1,
-                           loader_start)
-            loader_start = False
-            if values is not None and step % cfg.logger.log_every == 0:
-                # the global batch's terms, not rank 0's minibatch, and the read counters of every rank, in one
-                # collective on logging steps only (a skip and the step number are the same on every rank, so
-                # every rank joins it)
-                values = dist.cell_weighted_means(values, batch[keys.BATCH].shape[0], TRAIN_TERMS,
-                                                  counts=read_stats.as_dict())
-                metrics.log({"kind": "train", "step": step, "epoch": epoch, **values, "kl_weight": kl_w,
-                             "lr": w.lr, **clock.take(time.perf_counter()),
-                             "skipped_steps": guard.skipped_total, "classifier_skipped_steps": guard.classifier_skipped,
-                             **memory_mb()})
-            if cfg.run.max_steps is not None and step >= cfg.run.max_steps:
-                stopped, stop_reason = True, "max_steps"
-                break
-            if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0 \
-                    and batches_done < len(train_stream):
-                save(mid_epoch=True)
-        epoch_complete = batches_done >= len(train_stream)
-        # ---- validate (every n-th epoch and after the last), early stopping decided once and shared
-        every = cfg.run.validate_every_epochs
-        scheduled = bool(every) and epoch_complete and (epoch + 1 >= cfg.run.epochs or (epoch + 1) % every == 0)
-        improved = False
-        if scheduled or (every and stopped):
-            last_val = validate(module, val_stream, info.device, kl_w)
-        else:
-            last_val = {}
-        # a validation after a max_steps stop off the schedule (inside an epoch, or at the end of an epoch
-        # that validate_every_epochs skips) is reported, not tracked: the uninterrupted run does not
-        # validate there, so best / patience / keep=best must not see it (exact continuation)
-        if last_val and scheduled:
-            value = last_val[cfg.run.monitor]
-            # a NaN validation would become `best` for good (nothing compares below NaN): it counts as
-            # no improvement instead, and the run says so
-            if not math.isfinite(value):
-                dist.print0(f"[train] warning: {cfg.run.monitor} is {value} after epoch {epoch}: not an improvement")
-            improved = math.isfinite(value) and (best is None or value < best - cfg.run.min_delta)
-            if improved:
-                best, bad_epochs = value, 0
-                best_info = {"epochs": epoch + 1, "steps": step, "validation": dict(last_val)}
+    # closed on every way out (an error too): the workers would otherwise outlive the run until garbage
+    # collection, e.g. into the next member of an in-process Hydra multirun
+    with contextlib.closing(EpochLoader(train_stream, cfg)) as epochs:
+        while epoch < cfg.run.epochs and not stopped:
+            if batches_done == 0:
+                train_stream.set_epoch(epoch)
+            kl_w = kl_schedule(epoch, step, cfg.optim.n_epochs_kl_warmup, cfg.optim.n_steps_kl_warmup)
+            it = iter(epochs)
+            if cfg.data.num_workers > 0:  # the workers hold their copies of a resume position now
+                train_stream.clear_resume()
+            loader_start = True  # the epoch's first batch waits for the loader (workers, prefetch) to start
+            while True:
+                t0 = time.perf_counter()
+                batch = next(it, None)
+                t1 = time.perf_counter()
+                if batch is None:
+                    break
+                batch = to_device(batch, info.device)
+                if not cfg.optim.n_epochs_kl_warmup:  # step-based warm-up (null or 0, as kl_weight reads it)
+                    kl_w = kl_schedule(epoch, step, None, cfg.optim.n_steps_kl_warmup)
+                eps = step_noise(cfg.run.seed, step, info.rank, info.world_size, batch[keys.BATCH].shape[0],
+                                 module.n_latent, info.device)
+                values = train_one_step(w, batch, kl_w, eps, guard, step)
+                step += 1
+                batches_done += 1
+                clock.add_step(batch[keys.BATCH].shape[0] * info.world_size, t1 - t0, time.perf_counter() - t1,
+                               loader_start)
+                loader_start = False
+                if values is not None and step % cfg.logger.log_every == 0:
+                    # the global batch's terms, not rank 0's minibatch, and the read counters of every rank, in one
+                    # collective on logging steps only (a skip and the step number are the same on every rank, so
+                    # every rank joins it)
+                    values = dist.cell_weighted_means(values, batch[keys.BATCH].shape[0], TRAIN_TERMS,
+                                                      counts=read_stats.as_dict())
+                    metrics.log({"kind": "train", "step": step, "epoch": epoch, **values, "kl_weight": kl_w,
+                                 "lr": w.lr, **clock.take(time.perf_counter()),
+                                 "skipped_steps": guard.skipped_total, "classifier_skipped_steps": guard.classifier_skipped,
+                                 **memory_mb()})
+                if cfg.run.max_steps is not None and step >= cfg.run.max_steps:
+                    stopped, stop_reason = True, "max_steps"
+                    break
+                if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0 \
+                        and batches_done < len(train_stream):
+                    save(mid_epoch=True)
+            epoch_complete = batches_done >= len(train_stream)
+            # ---- validate (every n-th epoch and after the last), early stopping decided once and shared
+            every = cfg.run.validate_every_epochs
+            scheduled = bool(every) and epoch_complete and (epoch + 1 >= cfg.run.epochs or (epoch + 1) % every == 0)
+            improved = False
+            if scheduled or (every and stopped):
+                last_val = validate(module, val_stream, info.device, kl_w)
             else:
-                bad_epochs += 1
-            if cfg.run.early_stopping and dist.shared_decision(bad_epochs >= cfg.run.patience):
-                # best is None when no validation so far was finite (it crashed formatting None)
-                best_text = "none: no validation was finite" if best is None else f"{best:.4f}"
-                dist.print0(f"[train] early stopping after epoch {epoch}: no {cfg.run.monitor} improvement "
-                            f"> {cfg.run.min_delta} for {bad_epochs} epochs (best {best_text})")
-                stopped, stop_reason = True, "early"
-        if last_val:
-            metrics.log({"kind": "validation", "step": step, "epoch": epoch, **last_val, "best": best})
-        if improved and cfg.run.keep == "best":  # the same decision on every rank (validation is all-reduced)
-            best_weights = w.full_weights()  # every rank: DeepSpeed gathers its fp32 master weights
-            if info.is_main:
-                ckpt.write_best(run_dir, best_weights)
-        if epoch_complete:
-            epoch, batches_done = epoch + 1, 0
-        # a max_steps stop inside an epoch keeps its stream position: raising max_steps resumes there
-        save(mid_epoch=not epoch_complete)
-    epochs.close()
+                last_val = {}
+            # a validation after a max_steps stop off the schedule (inside an epoch, or at the end of an epoch
+            # that validate_every_epochs skips) is reported, not tracked: the uninterrupted run does not
+            # validate there, so best / patience / keep=best must not see it (exact continuation)
+            if last_val and scheduled:
+                value = last_val[cfg.run.monitor]
+                # a NaN validation would become `best` for good (nothing compares below NaN): it counts as
+                # no improvement instead, and the run says so
+                if not math.isfinite(value):
+                    dist.print0(f"[train] warning: {cfg.run.monitor} is {value} after epoch {epoch}: not an improvement")
+                improved = math.isfinite(value) and (best is None or value < best - cfg.run.min_delta)
+                if improved:
+                    best, bad_epochs = value, 0
+                    best_info = {"epochs": epoch + 1, "steps": step, "validation": dict(last_val)}
+                else:
+                    bad_epochs += 1
+                if cfg.run.early_stopping and dist.shared_decision(bad_epochs >= cfg.run.patience):
+                    # best is None when no validation so far was finite (it crashed formatting None)
+                    best_text = "none: no validation was finite" if best is None else f"{best:.4f}"
+                    dist.print0(f"[train] early stopping after epoch {epoch}: no {cfg.run.monitor} improvement "
+                                f"> {cfg.run.min_delta} for {bad_epochs} epochs (best {best_text})")
+                    stopped, stop_reason = True, "early"
+            if last_val:
+                metrics.log({"kind": "validation", "step": step, "epoch": epoch, **last_val, "best": best})
+            if improved and cfg.run.keep == "best":  # the same decision on every rank (validation is all-reduced)
+                best_weights = w.full_weights()  # every rank: DeepSpeed gathers its fp32 master weights
+                if info.is_main:
+                    ckpt.write_best(run_dir, best_weights)
+            if epoch_complete:
+                epoch, batches_done = epoch + 1, 0
+            # a max_steps stop inside an epoch keeps its stream position: raising max_steps resumes there
+            save(mid_epoch=not epoch_complete)
 
     # ---- export (rank 0)
     model_dir = None
