@@ -103,7 +103,8 @@ def test_bad_read_retry_settings_are_named(monkeypatch, value):
 
 
 def test_a_malformed_scvi_save_is_one_error(tmp_path):
-    from trainer.scvi_io import ScviIOError, import_from_scvi
+    from trainer.scvi_import import import_from_scvi
+    from trainer.scvi_io import ScviIOError
 
     ck = {"model_state_dict": {}, "var_names": [], "attr_dict": {
         "registry_": {"model_name": "MULTIVI", "field_registries": {}}, "init_params_": {"non_kwargs": {}}}}

@@ -1,4 +1,5 @@
-"""scvi-tools interchange (trainer/scvi_io.py, mva-infer job=export) against the installed scvi-tools 1.5.1.
+"""scvi-tools interchange (trainer/scvi_io.py, trainer/scvi_import.py, mva-infer job=export) against the
+installed scvi-tools 1.5.1.
 
     .venv/bin/python -m pytest tests/test_scvi_io.py -q
 
@@ -27,7 +28,8 @@ from trainer.export import INFO, WEIGHTS
 from trainer.infer import infer
 from trainer.infer_config import ExportOptions, InferConfig, load_infer_config
 from trainer.jobs.common import InferError
-from trainer.scvi_io import ScviIOError, import_from_scvi, read_scvi_checkpoint, store_to_mudata
+from trainer.scvi_import import import_from_scvi, read_scvi_checkpoint
+from trainer.scvi_io import ScviIOError, store_to_mudata
 from trainer.train import train
 
 N_CELLS = 300

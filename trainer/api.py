@@ -62,7 +62,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Model:
     """A trained model from a run directory, an exported model directory or a scvi-tools MULTIVI directory."""
     p = Path(path)
     if (p / "model.pt").is_file() and not (p / INFO).is_file():
-        from trainer.scvi_io import import_from_scvi
+        from trainer.scvi_import import import_from_scvi
 
         tmp = tempfile.mkdtemp(prefix="mva-import-")
         atexit.register(shutil.rmtree, tmp, True)  # the converted copy lives as long as this Python session

@@ -1,4 +1,5 @@
-"""export: model interchange with scvi-tools (``trainer/scvi_io.py``), as an ``mva-infer`` job.
+"""export: model interchange with scvi-tools (``trainer/scvi_io.py``, ``trainer/scvi_import.py``), as an
+``mva-infer`` job.
 
     mva-infer job=export export.direction=to_scvi model_dir=<run or model dir> store=<store> output=<dir>
     mva-infer job=export export.direction=from_scvi export.source=<scvi dir> output=<our model dir>
@@ -19,7 +20,8 @@ from pathlib import Path
 from trainer import dist
 from trainer.infer_config import InferConfig
 from trainer.jobs.common import InferError
-from trainer.scvi_io import ScviIOError, check_replaceable, export_to_scvi, import_from_scvi
+from trainer.scvi_import import import_from_scvi
+from trainer.scvi_io import ScviIOError, check_replaceable, export_to_scvi
 
 DIRECTIONS = ("to_scvi", "from_scvi")
 _UNSET = ("", "???", "-")  # what a user passes for a top-level path this direction does not use
