@@ -28,6 +28,7 @@ from data.convert.align import align, remap_columns
 from data.convert.shuffle import BucketShuffler
 from data.dask_build import close_sources, detection_filters, executor, write_shards
 from data.filters import apply_filters
+from data.store_format import OBS_RESERVED, StoreSchema, check_codec
 from data.validate import (
     ValidationError,
     cells_without_modality,
@@ -39,7 +40,7 @@ from data.validate import (
     check_unique,
     check_unmeasured_empty,
 )
-from data.writer import OBS_RESERVED, StoreSchema, StoreWriter, check_codec
+from data.writer import StoreWriter
 
 log = logging.getLogger("mva-build")
 BATCH_COLUMN = "batch"  # the store's batch column name when batch_key is null (one batch per input)

@@ -38,7 +38,7 @@ class SynthConfig:
     batch_effect: float = 0.3  # sd of the per-batch log-scale shift of every gene / region
     with_covariates: bool = False  # add categorical "site" and continuous "pct_mito"
     # Compression of the count arrays: lz4 (default) | zstd (smallest) | none (fastest reads, ~2x disk);
-    # data.writer.CODECS, docs/store.md
+    # data.store_format.CODECS, docs/store.md
     codec: str = "lz4"
     overwrite: bool = False
     progress: bool = True
@@ -115,7 +115,7 @@ class BuildConfig:
     shard_size: int = 65_536
     block_size: int = 8192
     # Compression of the count arrays: lz4 (default) | zstd (smallest) | none (fastest reads, ~2x disk);
-    # data.writer.CODECS, docs/store.md
+    # data.store_format.CODECS, docs/store.md
     codec: str = "lz4"
     overwrite: bool = False
     progress: bool = True

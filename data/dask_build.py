@@ -45,9 +45,10 @@ from data.config import InputConfig
 from data.convert import open_input
 from data.convert.align import Alignment, remap_columns
 from data.filters import Block, apply_filters, block_detection, tree_sum
+from data.store_format import StoreSchema, normalize_obs, write_shard
 from data.store_stats import block_stats
 from data.validate import ValidationError, check_counts, check_unmeasured_empty
-from data.writer import StoreSchema, StoreWriter, normalize_obs, write_shard
+from data.writer import StoreWriter
 
 log = logging.getLogger("mva-build")
 Compute = Callable[[list], list]

@@ -58,7 +58,7 @@ class StoreMeta:
     n_cells_rna: int = 0
     n_cells_atac: int = 0
     source: dict[str, Any] = field(default_factory=dict)
-    # count-array compression (data.writer.CODECS); stores written before the attribute are all "lz4"
+    # count-array compression (data.store_format.CODECS); stores written before the attribute are all "lz4"
     codec: str = "lz4"
 
     @property

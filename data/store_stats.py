@@ -63,7 +63,7 @@ class BlockStats:
 
 def block_stats(rna: sp.csr_matrix, atac: sp.csr_matrix, obs: pd.DataFrame, batch_key: str,
                 n_batches: int) -> BlockStats:
-    """Stats of one block of normalised cells (``data.writer.normalize_obs``); adds ``lib_rna`` /
+    """Stats of one block of normalised cells (``data.store_format.normalize_obs``); adds ``lib_rna`` /
     ``lib_atac`` to ``obs`` in place. Raises ValueError if a cell has counts of a modality its mask
     says was not measured (the detection rates would count it)."""
     det, n_measured = {}, {}

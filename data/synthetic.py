@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from data.cli import one_line_errors
 from data.config import SynthConfig
-from data.writer import StoreSchema, StoreWriter, check_codec
+from data.store_format import StoreSchema, check_codec
+from data.writer import StoreWriter
 
 
 class _Params:

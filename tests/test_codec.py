@@ -20,11 +20,12 @@ from data import keys
 from data.build import build_store
 from data.config import BuildConfig, InputConfig, SynthConfig
 from data.store import open_store
+from data.store_format import CODECS, StoreSchema
 from data.stream import StoreStream
 from data.synthetic import write_synthetic_store
 from data.typed_config import to_typed
 from data.validate import ValidationError
-from data.writer import CODECS, StoreSchema, StoreWriter
+from data.writer import StoreWriter
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.is_dir():

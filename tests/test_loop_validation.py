@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from data.split import cell_hash, is_validation
+from data.store_format import StoreSchema
 from data.synthetic import SynthConfig, _block, _Params
-from data.writer import StoreSchema, StoreWriter
+from data.writer import StoreWriter
 from tests.train_utils import tiny_config
 from trainer.metrics import read_metrics
 from trainer.train import train

@@ -16,7 +16,8 @@ import scipy.sparse as sp
 
 from data.split import cell_hash
 from data.store import StoreError, open_store
-from data.writer import StoreExistsError, StoreSchema, StoreWriter
+from data.store_format import StoreSchema
+from data.writer import StoreExistsError, StoreWriter
 
 
 def _random_cells(n=700, G=40, R=90, seed=0):

@@ -36,7 +36,8 @@ def test_rows_and_obs_of_a_store_rebuilt_in_place_are_refused_not_mixed(tmp_path
 
 _KILLED_BUILD = """
 import os, signal, sys
-from data.writer import StoreSchema, StoreWriter
+from data.store_format import StoreSchema
+from data.writer import StoreWriter
 w = StoreWriter(sys.argv[1], StoreSchema(gene_names=["g"], region_names=["chr1:1-2"]))
 os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer or a job's time limit does
 """
@@ -89,7 +90,8 @@ def _sorted_store(path):
     import scipy.sparse as sp
 
     from data.manifest import MANIFEST
-    from data.writer import StoreSchema, StoreWriter
+    from data.store_format import StoreSchema
+    from data.writer import StoreWriter
 
     n = 300
     rna = sp.random(n, 20, density=0.3, format="csr", random_state=0)
