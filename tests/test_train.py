@@ -332,3 +332,19 @@ def test_the_validation_at_a_max_steps_stop_does_not_count_for_early_stopping(st
     a = load_file(str(Path(full.model_dir) / "model.safetensors"))
     b = load_file(str(Path(done.model_dir) / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_empty_validation_split_names_only_the_settings_that_read_it(store, tmp_path):
+    """The refusal named run.keep='last' as reading the validation (only keep=best does) and told the user to
+    set what was already set."""
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        tiny_config(store, tmp_path / "a", **{"data.val_fraction": 0.0, "run.early_stopping": True, "run.keep": "last"})
+    assert "run.early_stopping=True reads the validation: set run.early_stopping=false," in str(exc.value)
+    assert "run.keep" not in str(exc.value)
+    with pytest.raises(ConfigError, match=r"run\.keep='best' reads the validation: set run\.keep=last,"):
+        tiny_config(store, tmp_path / "b", **{"data.val_fraction": 0.0, "run.early_stopping": False, "run.keep": "best"})
+    with pytest.raises(ConfigError, match=r"run\.early_stopping=True and run\.keep='best' read the validation: set "
+                                          r"run\.early_stopping=false and run\.keep=last"):
+        tiny_config(store, tmp_path / "c", **{"data.val_fraction": 0.0, "run.early_stopping": True, "run.keep": "best"})

@@ -256,9 +256,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.data.val_fraction == 0 and (self.run.early_stopping or self.run.keep == "best"):
-            raise ConfigError("data.val_fraction=0 leaves no validation cells, but run.early_stopping="
-                              f"{self.run.early_stopping} and run.keep={self.run.keep!r} read the validation: set "
-                              "run.early_stopping=false and run.keep=last, or keep a validation split")
+            # name only the settings that read it (keep=last does not)
+            readers = [f"run.early_stopping={self.run.early_stopping}"] if self.run.early_stopping else []
+            readers += ["run.keep='best'"] if self.run.keep == "best" else []
+            fixes = (["run.early_stopping=false"] if self.run.early_stopping else []) + \
+                (["run.keep=last"] if self.run.keep == "best" else [])
+            raise ConfigError(f"data.val_fraction=0 leaves no validation cells, but {' and '.join(readers)} "
+                              f"read{'s' if len(readers) == 1 else ''} the validation: set {' and '.join(fixes)}, "
+                              "or keep a validation split")
 
 
 def load_config(cfg: Any) -> TrainConfig:
