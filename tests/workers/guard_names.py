@@ -13,16 +13,12 @@ import json
 import sys
 
 import torch
+from tiny_wrapped import tiny_wrapped
 
 from data.collate import to_device
-from data.stream import StoreStream
 from trainer import dist
-from trainer.classifier import build_classifier
-from trainer.config import load_config
-from trainer.export import build_module
 from trainer.guard import NonFiniteError, StepGuard
 from trainer.loop import train_one_step
-from trainer.parallel import wrap
 
 BATCH = 16
 
@@ -30,11 +26,7 @@ BATCH = 16
 def main() -> None:
     store, out = sys.argv[1], sys.argv[2]
     info = dist.init_distributed(120)
-    cfg = load_config({"data": {"store": store}, "model": {"n_hidden": 16, "n_latent": 4}})
-    torch.manual_seed(0)
-    stream = StoreStream(store, BATCH, chunk_size=16, prefetch=0, rank=info.rank, world_size=info.world_size)
-    module = build_module(stream.meta, cfg)
-    w = wrap(module, build_classifier(module), cfg.optim, cfg.dist, info.device, BATCH)
+    stream, module, w = tiny_wrapped(store, info, BATCH)
     batches = [to_device(b, info.device, dense=True) for b, _ in zip(stream, range(2), strict=False)]
     res = {}
 

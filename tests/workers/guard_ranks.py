@@ -18,16 +18,12 @@ import json
 import sys
 
 import torch
+from tiny_wrapped import tiny_wrapped
 
 from data.collate import to_device
-from data.stream import StoreStream
 from trainer import dist
-from trainer.classifier import build_classifier
-from trainer.config import load_config
-from trainer.export import build_module
 from trainer.guard import StepGuard
 from trainer.loop import train_one_step
-from trainer.parallel import wrap
 
 BATCH = 16
 
@@ -41,12 +37,7 @@ def main() -> None:
     info = dist.init_distributed(120)
     res = {}
     for name, dist_cfg in runs.items():
-        cfg = load_config({"data": {"store": store}, "model": {"n_hidden": 16, "n_latent": 4}, "dist": dist_cfg})
-        torch.manual_seed(0)
-        stream = StoreStream(store, BATCH, chunk_size=16, prefetch=0, rank=info.rank, world_size=info.world_size,
-                             remainder="drop")
-        module = build_module(stream.meta, cfg)
-        w = wrap(module, build_classifier(module), cfg.optim, cfg.dist, info.device, BATCH)
+        stream, module, w = tiny_wrapped(store, info, BATCH, dist_cfg)
         guard = StepGuard(max_bad_steps=5)
         steps = []
         for step, b in zip(range(max(faults) + 2), stream, strict=False):
