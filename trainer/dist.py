@@ -213,10 +213,7 @@ def shared_decision(flag: bool) -> bool:
 def check_same_everywhere(value: str, what: str, detail: str = "other cells, features or categories") -> None:
     """Raise StoreError on every rank when ``value`` is not the same on all ranks (naming those that differ;
     ``detail``: what they see differently)."""
-    if not is_distributed():
-        return
-    values: list = [None] * tdist.get_world_size()
-    tdist.all_gather_object(values, value)
+    values = gather_objects(value)
     differ = [r for r, v in enumerate(values) if v != values[0]]
     if differ:
         from data.store import StoreError
