@@ -115,6 +115,15 @@ class OptimConfig:
     # both optimizers' steps: its N equals our N/2 with the adversarial classifier on)
     n_steps_kl_warmup: int | None = None
     grad_clip: float | None = None  # max global grad norm; null = no clipping (reference)
+    # the reference's plan_kwargs of the same names (off there too): after more than lr_patience validations
+    # in a row without lr_scheduler_metric falling below best - lr_threshold, lr *= lr_factor (not below
+    # lr_min). Counted in validations (run.validate_every_epochs apart); trainer.schedules.LrPlateau
+    reduce_lr_on_plateau: bool = False
+    lr_factor: float = 0.6
+    lr_patience: int = 30
+    lr_threshold: float = 0.0
+    lr_min: float = 0.0
+    lr_scheduler_metric: str = "elbo_validation"
 
     def __post_init__(self) -> None:
         # NaN passes every `< 0` test: each check is written so that NaN fails it. Unchecked, torch refused a
@@ -135,11 +144,30 @@ class OptimConfig:
             value = getattr(self, key)
             if value is not None and value < 0:  # a negative warm-up silently meant none
                 raise ConfigError(f"optim.{key} must be >= 0 or null (0 / null = no warm-up of this kind), got {value}")
+        self._check_plateau()
         if self.n_epochs_kl_warmup and self.n_steps_kl_warmup:
             # the epoch warm-up wins (the reference's rule): the step count was silently ignored
             raise ConfigError(f"optim.n_steps_kl_warmup={self.n_steps_kl_warmup} is used only when "
                               f"optim.n_epochs_kl_warmup is null, but it is {self.n_epochs_kl_warmup}: set "
                               "optim.n_epochs_kl_warmup=null for a step warm-up, or optim.n_steps_kl_warmup=null")
+
+
+    def _check_plateau(self) -> None:
+        # checked even when off: a later reduce_lr_on_plateau=true should not be the first to hear of them
+        if not (math.isfinite(self.lr_factor) and 0 < self.lr_factor < 1):  # >= 1 would raise the rate
+            raise ConfigError(f"optim.lr_factor must be in (0, 1) (the rate is multiplied by it), got {self.lr_factor}")
+        if self.lr_patience < 0:
+            raise ConfigError(f"optim.lr_patience must be >= 0 (validations without improvement), got {self.lr_patience}")
+        for key in ("lr_threshold", "lr_min"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"optim.{key} must be a finite number >= 0, got {value}")
+        if self.lr_scheduler_metric not in VALIDATION_KEYS:
+            raise ConfigError(f"optim.lr_scheduler_metric must be one of {list(VALIDATION_KEYS)}, "
+                              f"got {self.lr_scheduler_metric!r}")
+        if self.reduce_lr_on_plateau and self.lr_min >= self.lr:
+            raise ConfigError(f"optim.lr_min={self.lr_min} >= optim.lr={self.lr}: reduce_lr_on_plateau could never "
+                              "lower the rate; set a smaller optim.lr_min (0 = no floor)")
 
 
 @dataclass
@@ -255,12 +283,18 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        if self.data.val_fraction == 0 and (self.run.early_stopping or self.run.keep == "best"):
+        plateau = self.optim.reduce_lr_on_plateau
+        if plateau and self.run.validate_every_epochs == 0:
+            raise ConfigError("optim.reduce_lr_on_plateau=true reads the validation, but run.validate_every_epochs=0 "
+                              "turns it off: validate, or set optim.reduce_lr_on_plateau=false")
+        if self.data.val_fraction == 0 and (self.run.early_stopping or self.run.keep == "best" or plateau):
             # name only the settings that read it (keep=last does not)
             readers = [f"run.early_stopping={self.run.early_stopping}"] if self.run.early_stopping else []
             readers += ["run.keep='best'"] if self.run.keep == "best" else []
+            readers += ["optim.reduce_lr_on_plateau=true"] if plateau else []
             fixes = (["run.early_stopping=false"] if self.run.early_stopping else []) + \
-                (["run.keep=last"] if self.run.keep == "best" else [])
+                (["run.keep=last"] if self.run.keep == "best" else []) + \
+                (["optim.reduce_lr_on_plateau=false"] if plateau else [])
             raise ConfigError(f"data.val_fraction=0 leaves no validation cells, but {' and '.join(readers)} "
                               f"read{'s' if len(readers) == 1 else ''} the validation: set {' and '.join(fixes)}, "
                               "or keep a validation split")

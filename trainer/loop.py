@@ -42,6 +42,7 @@ from trainer.lock import acquire as acquire_lock
 from trainer.metrics import MetricsWriter, StepClock, memory_mb
 from trainer.parallel import Wrapped, wrap
 from trainer.resume_settings import check_same_settings
+from trainer.schedules import LrPlateau
 from trainer.schedules import kl_weight as kl_schedule
 from trainer.streams import EpochLoader, check_last_batch, make_stream
 from trainer.validation import validate, warn_if_collapsed
@@ -191,12 +192,15 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     seed_everything(cfg.run.seed + 1 + info.rank)  # per-rank streams for dropout
     train_stream = make_stream(store, cfg, "train", info)
     val_inner = make_stream(store, cfg, "validation", info)
-    if cfg.run.validate_every_epochs and (cfg.run.early_stopping or cfg.run.keep == "best") \
+    o = cfg.optim
+    if cfg.run.validate_every_epochs and (cfg.run.early_stopping or cfg.run.keep == "best" or o.reduce_lr_on_plateau) \
             and not val_inner.eligible.any():  # the same on every rank: all stop here
         raise ConfigError(f"the validation split of {cfg.data.store} is empty (data.val_fraction="
-                          f"{cfg.data.val_fraction}), but run.early_stopping={cfg.run.early_stopping} and "
-                          f"run.keep={cfg.run.keep!r} read it: set run.early_stopping=false and run.keep=last, "
+                          f"{cfg.data.val_fraction}), but run.early_stopping={cfg.run.early_stopping}, "
+                          f"run.keep={cfg.run.keep!r} and optim.reduce_lr_on_plateau={o.reduce_lr_on_plateau} read "
+                          "it: set run.early_stopping=false, run.keep=last and optim.reduce_lr_on_plateau=false, "
                           "or raise data.val_fraction")
+    plateau = LrPlateau(o.lr, o.lr_factor, o.lr_patience, o.lr_threshold, o.lr_min) if o.reduce_lr_on_plateau else None
     val_stream = ReplayCache(val_inner, cfg.data.cache_validation_mb * 2**20)
     check_last_batch(train_stream, cfg, classifier is not None)
     guard = StepGuard(max_bad_steps=cfg.run.max_bad_steps)
@@ -238,6 +242,10 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             stopped, stop_reason = True, "max_steps"
         guard.load_state_dict(state["guard"])
         guard.last_good_checkpoint = path
+        if plateau is not None:  # (its settings are the checkpoint's: check_same_settings)
+            checks.require_keys(state, ("lr_plateau",), Path(path) / "trainer.pt")
+            plateau.load_state_dict(state["lr_plateau"])
+            w.set_lr(plateau.lr)
         checks.warn_if_threads_differ(state, path)
         if state.get("code_fingerprint", code) != code:  # absent in checkpoints written before it was recorded
             dist.print0(f"[train] note: {path} was written by other trainer/loader code or another torch "
@@ -274,6 +282,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                  "stop_reason": stop_reason, "last_validation": last_val, "best_info": best_info,
                  "best_weights": ckpt.read_best(run_dir) if cfg.run.keep == "best" and info.is_main else {},
                  "guard": guard.state_dict(), "data_fingerprint": checks.data_fingerprint(meta),
+                 "lr_plateau": {} if plateau is None else plateau.state_dict(),
                  "torch_threads": torch.get_num_threads(), "code_fingerprint": code}
         stream = train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}
         rank_state = {"rng": ckpt.rng_state(), "stream": stream}
@@ -357,8 +366,17 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                     dist.print0(f"[train] early stopping after epoch {epoch}: no {cfg.run.monitor} improvement "
                                 f"> {cfg.run.min_delta} for {bad_epochs} epochs (best {best_text})")
                     stopped, stop_reason = True, "early"
+                if plateau is not None:
+                    # rank 0's count on every rank (the validation is all-reduced: the same numbers anyway)
+                    lowered = plateau.step(last_val[o.lr_scheduler_metric])
+                    plateau.load_state_dict(dist.broadcast_object(plateau.state_dict()))
+                    w.set_lr(plateau.lr)
+                    if lowered:
+                        n = o.lr_patience + 1
+                        dist.print0(f"[train] learning rate lowered to {plateau.lr:.3g} after epoch {epoch}: no "
+                                    f"{o.lr_scheduler_metric} improvement for {n} validation{'s' if n > 1 else ''}")
             if last_val:
-                metrics.log({"kind": "validation", "step": step, "epoch": epoch, **last_val, "best": best})
+                metrics.log({"kind": "validation", "step": step, "epoch": epoch, **last_val, "best": best, "lr": w.lr})
             if improved and cfg.run.keep == "best":  # the same decision on every rank (validation is all-reduced)
                 best_weights = w.full_weights()  # every rank: DeepSpeed gathers its fp32 master weights
                 if info.is_main:

@@ -214,6 +214,12 @@ class Wrapped:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def set_lr(self, lr: float) -> None:
+        """The VAE optimizer's rate (the adversary keeps its own, as in the reference). DeepSpeed's optimizer
+        shares the client AdamW's param groups (ZeRO 1/2 and bf16 wrap it), so this reaches its update too."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def full_weights(self) -> dict[str, torch.Tensor] | None:
         """The model's weights to export or keep as best, as CPU fp32 tensors, on rank 0 (None elsewhere).
         Call it on every rank: a backend may gather them with a collective."""

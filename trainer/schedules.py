@@ -1,6 +1,10 @@
-"""Training schedules as pure functions (no state, so every rank and a resumed run agree)."""
+"""Training schedules: the KL warm-up as a pure function (no state, so every rank and a resumed run
+agree), and the learning-rate plateau rule as plain state that the checkpoint carries."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
 
 
 def kl_weight(
@@ -34,3 +38,46 @@ def kl_weight(
     elif n_steps_kl_warmup and step < n_steps_kl_warmup:
         return min_kl_weight + span * (step / n_steps_kl_warmup)
     return max_kl_weight
+
+
+@dataclass
+class LrPlateau:
+    """The reference's ``reduce_lr_on_plateau`` (scvi-tools: torch's ``ReduceLROnPlateau`` with mode min,
+    ``threshold_mode="abs"``, no cooldown, stepped after every validation) as plain numbers: the same
+    arithmetic as torch's class (tested against it), but backend-free -- the loop writes the rate into
+    whichever optimizer the backend holds (DeepSpeed's wraps the client one) -- and saved in the
+    checkpoint, so a resumed run counts the same validations without improvement as the uninterrupted one.
+
+    A validation counts as an improvement when it is below ``best - threshold``; after more than
+    ``patience`` validations in a row without one, the rate is multiplied by ``factor`` (not below
+    ``min_lr``; a change under 1e-8 is not made, as torch) and the count restarts. A NaN validation is
+    never an improvement."""
+
+    lr: float
+    factor: float = 0.6
+    patience: int = 30
+    threshold: float = 0.0
+    min_lr: float = 0.0
+    best: float = math.inf
+    bad: int = 0
+
+    def step(self, value: float) -> bool:
+        """Count one validation; True when it lowered ``lr``."""
+        if value < self.best - self.threshold:
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+        if self.bad <= self.patience:
+            return False
+        self.bad = 0
+        new = max(self.lr * self.factor, self.min_lr)
+        if self.lr - new > 1e-8:  # torch's eps: a smaller change is not made
+            self.lr = new
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {k: v for k, v in asdict(self).items() if k in ("lr", "best", "bad")}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr, self.best, self.bad = float(state["lr"]), float(state["best"]), int(state["bad"])
