@@ -42,9 +42,9 @@ from trainer.lock import acquire as acquire_lock
 from trainer.metrics import MetricsWriter, StepClock, memory_mb
 from trainer.parallel import Wrapped, wrap
 from trainer.resume_settings import check_same_settings
-from trainer.schedules import LrPlateau
 from trainer.schedules import kl_weight as kl_schedule
 from trainer.streams import EpochLoader, check_last_batch, make_stream
+from trainer.tracking import ValidationTracker
 from trainer.validation import validate, warn_if_collapsed
 
 VALIDATION_KEYS = ("reconstruction_loss_validation", "elbo_validation")
@@ -200,22 +200,21 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                           f"run.keep={cfg.run.keep!r} and optim.reduce_lr_on_plateau={o.reduce_lr_on_plateau} read "
                           "it: set run.early_stopping=false, run.keep=last and optim.reduce_lr_on_plateau=false, "
                           "or raise data.val_fraction")
-    plateau = LrPlateau(o.lr, o.lr_factor, o.lr_patience, o.lr_threshold, o.lr_min) if o.reduce_lr_on_plateau else None
     val_stream = ReplayCache(val_inner, cfg.data.cache_validation_mb * 2**20)
     check_last_batch(train_stream, cfg, classifier is not None)
     guard = StepGuard(max_bad_steps=cfg.run.max_bad_steps)
 
     # ---- resume
     code = checks.code_fingerprint()  # at start, close to when the modules were imported
-    epoch, step, batches_done, best, bad_epochs, stopped = 0, 0, 0, None, 0, False
+    epoch, step, batches_done, stopped = 0, 0, 0, False
+    tracker = ValidationTracker(cfg)  # best, patience and learning-rate plateau counts
     last_val: dict[str, float] = {}  # the last validation (kept in checkpoints: a finished run re-exports it)
-    best_info: dict = {}  # epochs, steps and validation of the best weights (what model.json says with keep=best)
     stop_reason = ""  # "early" (early stopping) | "max_steps": a larger run.max_steps continues the run
     path = dist.broadcast_object(str(ckpt.find_resume(run_dir, cfg.run.resume) or ""))
     if path:
         state, rank_state = ckpt.load_states(path, info.rank, info.world_size)
         # what this loop reads, named in one line if a checkpoint of other code or a damaged one lacks it
-        checks.require_keys(state, ("epoch", "step", "batches_done", "best", "bad_epochs", "stopped", "guard"),
+        checks.require_keys(state, ("epoch", "step", "batches_done", "stopped", "guard"),
                           Path(path) / "trainer.pt")
         checks.require_keys(rank_state, ("rng", "stream"), Path(path) / f"rank_{info.rank}.pt")
     if cfg.run.resume != "auto":  # resume=none starts from step 0, a given checkpoint from its own step
@@ -230,11 +229,12 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                                        f"{cfg.data.store}: {str(exc).splitlines()[0]}") from None
         ckpt.set_rng_state(rank_state["rng"])
         epoch, step, batches_done = int(state["epoch"]), int(state["step"]), int(state["batches_done"])
-        best = None if state["best"] == "" else float(state["best"])
-        bad_epochs, stopped = int(state["bad_epochs"]), bool(state["stopped"])
+        stopped = bool(state["stopped"])
+        tracker.load_state_dict(state, path)
+        if tracker.plateau is not None:
+            w.set_lr(tracker.plateau.lr)
         stop_reason = str(state.get("stop_reason", "early" if stopped else ""))  # absent before it was recorded
         last_val = {k: float(v) for k, v in state.get("last_validation", {}).items()}
-        best_info = dict(state.get("best_info", {}))  # absent before it was recorded
         if stop_reason == "max_steps" and (cfg.run.max_steps is None or step < cfg.run.max_steps):
             stopped, stop_reason = False, ""  # the limit was raised (or lifted): train on from here
         if not stopped and cfg.run.max_steps is not None and step >= cfg.run.max_steps:
@@ -242,10 +242,6 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             stopped, stop_reason = True, "max_steps"
         guard.load_state_dict(state["guard"])
         guard.last_good_checkpoint = path
-        if plateau is not None:  # (its settings are the checkpoint's: check_same_settings)
-            checks.require_keys(state, ("lr_plateau",), Path(path) / "trainer.pt")
-            plateau.load_state_dict(state["lr_plateau"])
-            w.set_lr(plateau.lr)
         checks.warn_if_threads_differ(state, path)
         if state.get("code_fingerprint", code) != code:  # absent in checkpoints written before it was recorded
             dist.print0(f"[train] note: {path} was written by other trainer/loader code or another torch "
@@ -278,11 +274,9 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     def save(mid_epoch: bool) -> None:
         state = {"epoch": epoch, "step": step, "batches_done": batches_done if mid_epoch else 0,
                  "config": config_to_json(cfg), "world_size": info.world_size,
-                 "best": "" if best is None else best, "bad_epochs": bad_epochs, "stopped": stopped,
-                 "stop_reason": stop_reason, "last_validation": last_val, "best_info": best_info,
+                 "stopped": stopped, "stop_reason": stop_reason, "last_validation": last_val, **tracker.state_dict(),
                  "best_weights": ckpt.read_best(run_dir) if cfg.run.keep == "best" and info.is_main else {},
                  "guard": guard.state_dict(), "data_fingerprint": checks.data_fingerprint(meta),
-                 "lr_plateau": {} if plateau is None else plateau.state_dict(),
                  "torch_threads": torch.get_num_threads(), "code_fingerprint": code}
         stream = train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}
         rank_state = {"rng": ckpt.rng_state(), "stream": stream}
@@ -349,34 +343,14 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             # that validate_every_epochs skips) is reported, not tracked: the uninterrupted run does not
             # validate there, so best / patience / keep=best must not see it (exact continuation)
             if last_val and scheduled:
-                value = last_val[cfg.run.monitor]
-                # a NaN validation would become `best` for good (nothing compares below NaN): it counts as
-                # no improvement instead, and the run says so
-                if not math.isfinite(value):
-                    dist.print0(f"[train] warning: {cfg.run.monitor} is {value} after epoch {epoch}: not an improvement")
-                improved = math.isfinite(value) and (best is None or value < best - cfg.run.min_delta)
-                if improved:
-                    best, bad_epochs = value, 0
-                    best_info = {"epochs": epoch + 1, "steps": step, "validation": dict(last_val)}
-                else:
-                    bad_epochs += 1
-                if cfg.run.early_stopping and dist.shared_decision(bad_epochs >= cfg.run.patience):
-                    # best is None when no validation so far was finite (it crashed formatting None)
-                    best_text = "none: no validation was finite" if best is None else f"{best:.4f}"
-                    dist.print0(f"[train] early stopping after epoch {epoch}: no {cfg.run.monitor} improvement "
-                                f"> {cfg.run.min_delta} for {bad_epochs} epochs (best {best_text})")
+                improved, early = tracker.update(last_val, epoch, step)
+                if early:
                     stopped, stop_reason = True, "early"
-                if plateau is not None:
-                    # rank 0's count on every rank (the validation is all-reduced: the same numbers anyway)
-                    lowered = plateau.step(last_val[o.lr_scheduler_metric])
-                    plateau.load_state_dict(dist.broadcast_object(plateau.state_dict()))
-                    w.set_lr(plateau.lr)
-                    if lowered:
-                        n = o.lr_patience + 1
-                        dist.print0(f"[train] learning rate lowered to {plateau.lr:.3g} after epoch {epoch}: no "
-                                    f"{o.lr_scheduler_metric} improvement for {n} validation{'s' if n > 1 else ''}")
+                if tracker.plateau is not None:
+                    w.set_lr(tracker.plateau.lr)
             if last_val:
-                metrics.log({"kind": "validation", "step": step, "epoch": epoch, **last_val, "best": best, "lr": w.lr})
+                metrics.log({"kind": "validation", "step": step, "epoch": epoch, **last_val, "best": tracker.best,
+                             "lr": w.lr})
             if improved and cfg.run.keep == "best":  # the same decision on every rank (validation is all-reduced)
                 best_weights = w.full_weights()  # every rank: DeepSpeed gathers its fp32 master weights
                 if info.is_main:
@@ -394,10 +368,10 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         about = {"weights": "last", "epochs": epoch, "steps": step, "validation": last_val}
         if cfg.run.keep == "best" and (run_dir / ckpt.BEST_FILE).is_file():
             # model.json describes the weights it ships: the best epoch's step and validation, not the last's
-            weights, about = ckpt.read_best(run_dir), {"weights": "best", **best_info}
-        model_dir = str(export_model(weights, meta, cfg, run_dir / "model", extra={**about, "best": best}))
+            weights, about = ckpt.read_best(run_dir), {"weights": "best", **tracker.best_info}
+        model_dir = str(export_model(weights, meta, cfg, run_dir / "model", extra={**about, "best": tracker.best}))
         (run_dir / "result.json").write_text(json.dumps(
-            {"epochs": epoch, "steps": step, "stopped": stopped, "stop_reason": stop_reason, "best": best,
+            {"epochs": epoch, "steps": step, "stopped": stopped, "stop_reason": stop_reason, "best": tracker.best,
              "validation": last_val,
              "skipped_steps": guard.skipped_total, "classifier_skipped_steps": guard.classifier_skipped,
              "model_dir": model_dir, "world_size": info.world_size, **reads}))
@@ -413,4 +387,4 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     dist.barrier()
     return TrainResult(run_dir=str(run_dir), model_dir=model_dir, epochs=epoch, steps=step,
                        stopped_early=stop_reason == "early",
-                       best=best, skipped_steps=guard.skipped_total, last_validation=last_val)
+                       best=tracker.best, skipped_steps=guard.skipped_total, last_validation=last_val)
