@@ -70,7 +70,11 @@ async def fetch_all(requests: list[tuple[zarr.Array, int, int]]) -> list:
 
     The requests of one array (a modality's data or indices in one shard) go to zarr as one read."""
     by_array: dict[int, tuple[zarr.Array, list[int]]] = {}
-    for k, (arr, _, _) in enumerate(requests):
+    for k, (arr, a, b) in enumerate(requests):
+        if not 0 <= a <= b <= arr.shape[0]:
+            # zarr clips a slice past the end as numpy does: the caller would get fewer entries than it
+            # asked for and misalign the rows after them, silently
+            raise ValueError(f"read of [{a}, {b}) outside {arr.path or 'array'} (length {arr.shape[0]})")
         by_array.setdefault(id(arr), (arr, []))[1].append(k)
     groups = list(by_array.values())
     parts = await asyncio.gather(*[_read_ranges(arr, [requests[k][1:] for k in ks]) for arr, ks in groups])

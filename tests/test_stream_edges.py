@@ -184,3 +184,24 @@ def test_batch_size_one_with_batch_norm_is_refused_at_start_up(store, tmp_path):
     with pytest.raises(ConfigError, match=r"data.batch_size=1 makes every training batch 1 cell .*adversarial"):
         check_last_batch(stream, cfg, has_classifier=True)
     check_last_batch(stream, cfg, has_classifier=False)  # no batch norm anywhere: 1-cell batches train
+
+
+def test_a_read_past_the_end_of_an_array_is_refused_not_clipped(store):
+    """zarr clips ``array[a:b]`` past the end as numpy does: a request beyond an array came back short and
+    would shift every row after it. ``fetch_all`` (the reader's one read path) refuses it, naming the array;
+    in-range requests, grouped into one pipeline call, still come back exactly."""
+    import asyncio
+
+    import zarr
+
+    from data.range_reads import fetch_all
+
+    arr = zarr.open_group(str(store), mode="r")["shards/00000/mod/rna/X/data"]  # the first shard's RNA counts
+    n = arr.shape[0]
+    whole = np.asarray(arr[:])
+    got = asyncio.run(fetch_all([(arr, 0, 2), (arr, 1, n)]))
+    np.testing.assert_array_equal(got[0], whole[0:2])
+    np.testing.assert_array_equal(got[1], whole[1:n])
+    for a, b in ((0, n + 1), (-1, 2), (3, 2)):
+        with pytest.raises(ValueError, match=rf"read of \[{a}, {b}\) outside .*length {n}"):
+            asyncio.run(fetch_all([(arr, 0, 1), (arr, a, b)]))
