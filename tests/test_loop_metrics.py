@@ -83,3 +83,16 @@ def test_loss_png_shows_a_train_loss_of_one_record(monkeypatch, tmp_path):
     assert {label for label, _, _ in lines} == {"loss", "reconstruction_loss_validation", "elbo_validation"}
     invisible = [label for label, n, marker in lines if n < 2 and marker in (None, "None", "", " ")]
     assert not invisible, f"series drawn without any visible mark: {invisible}"
+
+
+def test_loss_png_marks_where_the_plateau_rule_lowered_the_rate(monkeypatch, tmp_path):
+    rows = []
+    for epoch, lr in enumerate((1e-3, 1e-3, 6e-4, 6e-4, 3.6e-4)):
+        rows += [{"kind": "train", "step": 10 * epoch + 5, "epoch": epoch, "loss": 100.0 - epoch, "lr": lr},
+                 {"kind": "validation", "step": 10 * epoch + 10, "epoch": epoch, "elbo_validation": 90.0,
+                  "reconstruction_loss_validation": 80.0, "lr": lr}]
+    lines = _drawn_lines(monkeypatch, rows, tmp_path)
+    series = {"loss", "reconstruction_loss_validation", "elbo_validation"}
+    marks = [label for label, _, _ in lines if label not in series]
+    # two vertical lines (after epochs 1 and 3), one legend entry
+    assert len(marks) == 2 and marks[0] == "learning rate lowered" and marks[1].startswith("_"), lines

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,11 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path) -> Path | None:
             xs, ys = zip(*pts, strict=True)
             # a single point needs a marker: a line through one point draws nothing
             ax.plot(xs, ys, marker="o" if kind == "validation" or len(xs) == 1 else None, label=key)
+    # optim.reduce_lr_on_plateau: where the rate came down (a bend in the curves there is the new rate)
+    rates = [(r["step"], r["lr"]) for r in rows if r.get("kind") == "validation" and "lr" in r]
+    lowered = [step for (_, before), (step, after) in pairwise(rates) if after < before]
+    for k, step in enumerate(lowered):
+        ax.axvline(step, color="grey", linestyle=":", linewidth=1, label="learning rate lowered" if k == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss per cell")
     ax.legend()
