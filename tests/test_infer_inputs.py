@@ -142,6 +142,7 @@ def test_recode_maps_batch_and_covariate_codes(tmp_path):
     np.testing.assert_array_equal(after[keys.CAT_COVS].numpy(), before[keys.CAT_COVS].numpy() + 1000)
 
 
+@pytest.mark.slow  # two 2-rank torchrun jobs
 @pytest.mark.parametrize("what", ["store", "model_dir"])
 def test_ranks_reading_different_copies_of_the_store_or_model_are_refused(trained, tmp_path, what):
     """Each rank writes its part of one output from its own store and model paths (node-local copies on a

@@ -42,6 +42,7 @@ def _cli(overrides: dict) -> subprocess.CompletedProcess:
     return res
 
 
+@pytest.mark.slow  # a killed mva-train process and its rerun
 def test_a_restart_before_the_first_checkpoint_logs_every_step_once(store, tmp_path):
     """The rerun found no checkpoint and started at step 1, appending to the killed attempt's
     metrics.jsonl: every step of epoch 0 was recorded twice (and loss.png drew the curve twice)."""

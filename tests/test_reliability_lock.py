@@ -41,6 +41,7 @@ def _train(overrides: dict, *extra: str, extra_env: dict | None = None) -> subpr
                           env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow  # three mva-train processes, one of them killed
 def test_a_second_job_is_refused_then_a_sigkilled_holder_is_stale_clearable_and_the_rerun_works(store, tmp_path):
     run = tmp_path / "run"
     holder = _holder(run)

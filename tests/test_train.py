@@ -109,6 +109,7 @@ def test_a_last_batch_of_one_cell_is_refused_at_start_up(tmp_path):
                                                  "run.epochs": 1, "run.early_stopping": False}))
 
 
+@pytest.mark.slow  # a store built from the real data and four mva-train processes
 def test_a_store_without_regions_or_a_bad_model_option_is_one_line(tmp_path):
     """An RNA-only store (a legal mva-build output) and model.gene_likelihood=zinbb ended in a ValueError
     traceback after the store was opened."""
