@@ -65,6 +65,11 @@ def _compose(*overrides: str):
     (("data.cache_validation_mb=-1",), "data.cache_validation_mb"),
     (("dist.timeout_s=0",), "dist.timeout_s"),
     (("dist.zero_stage=2",), "dist.zero_stage"),  # with the default dist=ddp: trained without ZeRO, silently
+    # the schedule's ValueError at the first step, after the store was opened
+    (("optim.min_kl_weight=0.8", "optim.max_kl_weight=0.5"), "optim.min_kl_weight"),
+    (("optim.min_kl_weight=-0.1",), "optim.min_kl_weight"),
+    (("optim.max_kl_weight=nan",), "optim.max_kl_weight"),
+    (("optim.max_kl_weight=inf",), "optim.max_kl_weight"),
 ])
 def test_bad_values_are_named_at_start_up(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -78,6 +83,7 @@ def test_bad_values_are_named_at_start_up(overrides, key):
     ("optim.n_epochs_kl_warmup=0", "optim.n_steps_kl_warmup=7"),  # 0 = step warm-up, as the loop reads it
     ("optim.n_epochs_kl_warmup=null", "optim.n_steps_kl_warmup=7"), ("optim.n_steps_kl_warmup=0",),
     ("run.monitor=elbo_validation",), ("dist=deepspeed", "dist.zero_stage=1"),
+    ("optim.max_kl_weight=0",), ("optim.min_kl_weight=0.5", "optim.max_kl_weight=0.5"),
 ])
 def test_boundary_values_stay_valid(overrides):
     load_config(_compose(*overrides))

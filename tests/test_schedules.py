@@ -41,3 +41,26 @@ def test_agrees_with_the_reference_function():
         (9, 9, None, None),
     ]:
         assert kl_weight(epoch, step, ne, ns) == pytest.approx(_compute_kl_weight(epoch, step, ne, ns))
+        for lo, hi in ((0.2, 0.6), (0.0, 0.5), (0.3, 0.3)):  # plan_kwargs min_kl_weight / max_kl_weight
+            assert kl_weight(epoch, step, ne, ns, min_kl_weight=lo, max_kl_weight=hi) == \
+                pytest.approx(_compute_kl_weight(epoch, step, ne, ns, max_kl_weight=hi, min_kl_weight=lo))
+
+
+def test_the_loop_warms_up_between_the_configured_weights(tmp_path):
+    """optim.min_kl_weight / max_kl_weight reach the training step: the weight each train record reports."""
+    import json
+
+    from tests.train_utils import tiny_config, tiny_store
+    from trainer.loop import run
+
+    store = tiny_store(tmp_path / "store", n_cells=300)
+    run(tiny_config(store, tmp_path / "run", **{"run.epochs": 3, "optim.n_epochs_kl_warmup": 2,
+                                                   "optim.min_kl_weight": 0.1, "optim.max_kl_weight": 0.5,
+                                                   "logger.log_every": 1, "run.early_stopping": False}))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    by_epoch = {}
+    for r in rows:
+        if r["kind"] == "train":
+            by_epoch.setdefault(r["epoch"], set()).add(r["kl_weight"])
+    assert sorted(by_epoch) == [0, 1, 2] and all(len(v) == 1 for v in by_epoch.values()), by_epoch
+    assert [by_epoch[e].pop() for e in (0, 1, 2)] == pytest.approx([0.1, 0.3, 0.5])

@@ -114,6 +114,9 @@ class OptimConfig:
     # used only when n_epochs_kl_warmup is null; counts minibatches (scvi-tools' Lightning step counts
     # both optimizers' steps: its N equals our N/2 with the adversarial classifier on)
     n_steps_kl_warmup: int | None = None
+    # the reference's plan_kwargs of the same names: the warm-up takes the KL weight from min to max
+    min_kl_weight: float = 0.0
+    max_kl_weight: float = 1.0
     grad_clip: float | None = None  # max global grad norm; null = no clipping (reference)
     # the reference's plan_kwargs of the same names (off there too): after more than lr_patience validations
     # in a row without lr_scheduler_metric falling below best - lr_threshold, lr *= lr_factor (not below
@@ -144,6 +147,10 @@ class OptimConfig:
             value = getattr(self, key)
             if value is not None and value < 0:  # a negative warm-up silently meant none
                 raise ConfigError(f"optim.{key} must be >= 0 or null (0 / null = no warm-up of this kind), got {value}")
+        if not (math.isfinite(self.max_kl_weight) and 0 <= self.min_kl_weight <= self.max_kl_weight):
+            # (NaN fails the comparison) the schedule raised a ValueError at the first step, after the store opened
+            raise ConfigError(f"optim.min_kl_weight and optim.max_kl_weight must be finite with 0 <= min <= max, "
+                              f"got {self.min_kl_weight} and {self.max_kl_weight}")
         self._check_plateau()
         if self.n_epochs_kl_warmup and self.n_steps_kl_warmup:
             # the epoch warm-up wins (the reference's rule): the step count was silently ignored

@@ -292,7 +292,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         while epoch < cfg.run.epochs and not stopped:
             if batches_done == 0:
                 train_stream.set_epoch(epoch)
-            kl_w = kl_schedule(epoch, step, cfg.optim.n_epochs_kl_warmup, cfg.optim.n_steps_kl_warmup)
+            kl_w = kl_schedule(epoch, step, o.n_epochs_kl_warmup, o.n_steps_kl_warmup, o.min_kl_weight, o.max_kl_weight)
             it = iter(epochs)
             if cfg.data.num_workers > 0:  # the workers hold their copies of a resume position now
                 train_stream.clear_resume()
@@ -305,7 +305,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                     break
                 batch = to_device(batch, info.device)
                 if not cfg.optim.n_epochs_kl_warmup:  # step-based warm-up (null or 0, as kl_weight reads it)
-                    kl_w = kl_schedule(epoch, step, None, cfg.optim.n_steps_kl_warmup)
+                    kl_w = kl_schedule(epoch, step, None, o.n_steps_kl_warmup, o.min_kl_weight, o.max_kl_weight)
                 eps = step_noise(cfg.run.seed, step, info.rank, info.world_size, batch[keys.BATCH].shape[0],
                                  module.n_latent, info.device)
                 values = train_one_step(w, batch, kl_w, eps, guard, step)
