@@ -336,7 +336,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             scheduled = bool(every) and epoch_complete and (epoch + 1 >= cfg.run.epochs or (epoch + 1) % every == 0)
             improved = False
             if scheduled or (every and stopped):
-                last_val = validate(module, val_stream, info.device, kl_w)
+                last_val = validate(module, val_stream, info.device, kl_w, seed=cfg.run.seed)
             else:
                 last_val = {}
             # a validation after a max_steps stop off the schedule (inside an epoch, or at the end of an epoch
