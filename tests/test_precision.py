@@ -23,7 +23,8 @@ from trainer.classifier import BatchClassifier, build_classifier
 from trainer.config import DistConfig
 from trainer.metrics import read_metrics
 from trainer.module import MultiVAE
-from trainer.parallel import DeepSpeedWrapped, Wrapped, autocast_dtype, cpu_has_native_bf16
+from trainer.parallel import DeepSpeedWrapped, Wrapped
+from trainer.precision import autocast_dtype, cpu_has_native_bf16
 from trainer.step import build_optimizers, train_step, vae_objective
 from trainer.train import train
 

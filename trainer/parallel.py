@@ -27,6 +27,7 @@ from trainer import dist
 from trainer.checkpoint import require_keys, safe_load, save_file  # save_file: fsync + a full disk's OSError
 from trainer.config import DistConfig, OptimConfig
 from trainer.export import weights_of
+from trainer.precision import autocast_dtype
 from trainer.step import classifier_objective, vae_objective
 
 
@@ -91,34 +92,6 @@ def _fused(params) -> bool:
     """torch's single-kernel Adam/AdamW where it exists (same math; the per-parameter loop version
     costs ~12 ms of a ~45 ms CPU step at the benchmark sizes)."""
     return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where oneDNN runs bf16 GEMMs natively on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private op: a torch without it means "no"
-        return False
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``dist.precision`` on ``device`` (None: plain fp32).
-
-    GPU: bf16 or fp16. CPU: bf16 only where the CPU has native bf16 GEMMs (there its GEMMs run ~3x
-    faster than fp32 ones, measured on the 2-core AVX512-BF16 VM; elsewhere bf16 is emulated and
-    slower than fp32), never fp16. The heads cast their outputs back to fp32 (``nn.head``), so
-    the likelihoods, the KL and the loss stay fp32 either way.
-    """
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    if precision == "bf16" and device.type == "cpu" and cpu_has_native_bf16():
-        dist.print0("[parallel] precision=bf16: autocast on the CPU (native bf16 GEMMs)")
-        return torch.bfloat16
-    dist.print0(f"[parallel] precision={precision} needs a GPU (or, for bf16, a CPU with native bf16); "
-                f"training in fp32 on {device.type}")
-    return None
 
 
 class Wrapped:

@@ -35,7 +35,7 @@ from step_batches import sparse, synthetic_batch
 from trainer import native
 from trainer.classifier import build_classifier
 from trainer.module import MultiVAE
-from trainer.parallel import cpu_has_native_bf16
+from trainer.precision import cpu_has_native_bf16
 from trainer.reference import build_reference, reference_tensors, reference_training_plan
 from trainer.step import build_optimizers, train_step
 
