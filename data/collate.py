@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from data import keys
-from data.reader import Block, CellTable
+from data.cell_table import CellTable
+from data.reader import Block
 
 # Sparse CSR is the contract (docs/architecture.md); torch's "beta" notice on every batch is noise.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")

@@ -42,9 +42,10 @@ import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data import keys
+from data.cell_table import as_store, read_cell_table, read_validation_mask
 from data.collate import collate
 from data.plan import EpochPlan, chunk_bounds, plan_epoch, worker_batch_ids
-from data.reader import ChunkReader, as_store, read_cell_table, read_validation_mask
+from data.reader import ChunkReader
 from data.retry import take_stats
 from data.store import Store
 from data.typed_config import ConfigError

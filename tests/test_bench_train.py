@@ -56,7 +56,7 @@ def _fake_scvi(seen: dict) -> types.ModuleType:
 
 
 def test_reference_worker_frees_store_wide_arrays_before_training(tmp_path, monkeypatch):
-    from data.reader import read_validation_mask
+    from data.cell_table import read_validation_mask
     from data.store import open_store
     from data.synthetic import write_synthetic_store
 

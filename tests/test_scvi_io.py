@@ -269,7 +269,7 @@ def test_scvi_models_of_every_likelihood_and_size_factors_import_and_match(train
 def test_store_to_mudata_cells_as_a_boolean_mask_or_bad_positions(trained):
     """cells= a boolean mask (obs['batch'] == 'batch_0') was cast to the positions 0/1: 300 copies of the
     first two cells, labelled with their batch; float positions were truncated, -1 wrapped to the last cell."""
-    from data.reader import as_store
+    from data.cell_table import as_store
 
     store, _ = trained
     obs = as_store(store).read_obs()

@@ -69,7 +69,7 @@ def store_to_mudata(store, cells: np.ndarray | None = None):
     import anndata as ad
     import mudata as md
 
-    from data.reader import as_store
+    from data.cell_table import as_store
 
     st = as_store(store)
     m = st.meta

@@ -73,7 +73,7 @@ def _store_arrays(store_path: str):
     import numpy as np
     import scipy.sparse as sp
 
-    from data.reader import read_validation_mask
+    from data.cell_table import read_validation_mask
     from data.store import open_store
     from data.stream import StoreStream
 
@@ -138,7 +138,7 @@ def worker_ours(store: str, batch_size: int, epochs: int, out_dir: str, seed: in
     cpu, wall = _cpu_s() - cpu0, time.perf_counter() - wall0
     peak_train = _peak_rss_mib()
     module, _ = load_model(res.model_dir)
-    from data.reader import read_validation_mask
+    from data.cell_table import read_validation_mask
     from data.store import open_store
 
     # cells actually seen: with remainder=none the last batch is short, so steps * batch_size over-counts
