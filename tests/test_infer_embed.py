@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -94,6 +95,42 @@ def test_embed_equals_the_reference_latents(trained, tmp_path):
                           ("accessibility", "X_multivi_accessibility")):
         ref = model.get_latent_representation(modality=modality)
         np.testing.assert_allclose(got[key], ref, rtol=1e-4, atol=1e-5, err_msg=modality)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("latent_distribution", ["normal", "ln"])
+def test_return_dist_equals_the_references_and_the_api(tmp_path_factory, tmp_path, latent_distribution):
+    """embed.return_dist / Model.latent(return_dist=True): each latent's posterior mean and variance, the
+    reference's get_latent_representation(return_dist=True) (for ln: the normal's, before the softmax)."""
+    from trainer.api import load
+
+    store, run = trained_model(tmp_path_factory)
+    if latent_distribution == "ln":
+        from tests.train_utils import tiny_config
+        from trainer.train import train
+
+        run = Path(train(tiny_config(store, tmp_path / "run_ln", **{"model.latent_distribution": "ln"})).run_dir)
+    model, _ = reference_model(store, run / "model")
+    out = tmp_path / "emb.zarr"
+    infer(_cfg(store, run, out, embed=EmbedOptions(return_dist=True)))
+    got = read_obsm(out)
+    api = load(run / "model")
+    for modality, key in (("joint", "X_multivi"), ("expression", "X_multivi_expression"),
+                          ("accessibility", "X_multivi_accessibility")):
+        ref_m, ref_v = model.get_latent_representation(modality=modality, return_dist=True)
+        m, v = got[f"{key}_qz_m"], got[f"{key}_qz_v"]
+        np.testing.assert_allclose(m, ref_m, rtol=1e-4, atol=1e-5, err_msg=modality)
+        np.testing.assert_allclose(v, ref_v, rtol=1e-4, atol=1e-7, err_msg=modality)
+        assert (v > 0).all() and np.isfinite(m).all()
+        api_m, api_v = api.latent(store, modality=modality, return_dist=True, batch_size=BATCH)
+        np.testing.assert_allclose(api_m, m, rtol=1e-5, atol=1e-6, err_msg=modality)
+        np.testing.assert_allclose(api_v, v, rtol=1e-5, atol=1e-8, err_msg=modality)
+        if latent_distribution == "normal":  # the mean is the embedding itself
+            np.testing.assert_array_equal(m, got[key])
+        else:  # the embedding is E[softmax(z)], not the normal's mean
+            assert np.abs(m - got[key]).max() > 1e-2
+    emb = load(run / "model").latent(store, return_dist=True, as_anndata=True, batch_size=BATCH)
+    assert set(emb.obsm) == {"X_multivi_qz_m", "X_multivi_qz_v"}
 
 
 def test_crashed_run_resumes_to_the_clean_output(trained, tmp_path, monkeypatch):

@@ -95,12 +95,17 @@ class Model:
 
     # ------------------------------------------------------------------------------ public methods
     def latent(self, data, modality: str = "joint", give_mean: bool = True, n_samples: int = 1, seed: int = 0,
-               batch_size: int = 1024, mask=None, as_anndata: bool = False):
-        """Posterior means (cells, d), or samples: (cells, d) for one, (cells, n_samples, d) for several."""
+               batch_size: int = 1024, mask=None, as_anndata: bool = False, return_dist: bool = False):
+        """Posterior means (cells, d), or samples: (cells, d) for one, (cells, n_samples, d) for several.
+
+        ``return_dist``: the normal posterior instead, ``(means, variances)`` (cells, d) each, before an ``ln``
+        softmax (the reference's ``return_dist=True``); as AnnData: obsm ``<key>_qz_m`` and ``<key>_qz_v``."""
         if modality not in _MODALITY:
             raise APIError(f"modality must be one of {list(_MODALITY)}, got {modality!r}")
         _check_samples(give_mean, n_samples)
         mod = _MODALITY[modality]
+        if return_dist:
+            return self._posterior(data, mod, batch_size, mask, as_anndata)
 
         def fn(batch):
             if give_mean:
@@ -116,6 +121,19 @@ class Model:
         import anndata as ad
 
         return ad.AnnData(obs=src.obs.copy(), obsm={_OBSM[mod]: out})
+
+    def _posterior(self, data, mod: str, batch_size: int, mask, as_anndata: bool):
+        d = self.module.n_latent
+        src = source(self, data, mask, batch_size)
+        # one pass: mean and variance side by side, split after
+        both = self._collect(src, lambda batch: torch.cat(predict.posterior(self.module, batch, mod), -1), (2 * d,),
+                             0, True)
+        m, v = both[:, :d].copy(), both[:, d:].copy()
+        if not as_anndata:
+            return m, v
+        import anndata as ad
+
+        return ad.AnnData(obs=src.obs.copy(), obsm={f"{_OBSM[mod]}_qz_m": m, f"{_OBSM[mod]}_qz_v": v})
 
     def expression(self, data, transform_batch=None, library_size: float | str = 1.0,
                    genes: Sequence[str] | None = None, give_mean: bool = True, n_samples: int = 1, seed: int = 0,

@@ -33,6 +33,9 @@ LATENTS = {"joint": "joint", "expression": "rna", "accessibility": "atac"}
 @dataclass
 class EmbedOptions:
     umap_png: str | None = None  # also draw a UMAP of the joint latent coloured by batch/modality/label
+    # also write each latent's normal posterior, obsm X_multivi*_qz_m / _qz_v (mean, variance; before an ln
+    # softmax): the reference's get_latent_representation(return_dist=True)
+    return_dist: bool = False
 
 
 @dataclass

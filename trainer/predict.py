@@ -143,18 +143,23 @@ def latent(
     ``modality``: "joint", "rna" or "atac" (per-modality posteriors are computed for every cell,
     including cells lacking that modality: mask with ``batch["mask"]``).
     """
-    if modality not in ("joint", "rna", "atac"):
-        raise ValueError(f"modality must be 'joint', 'rna' or 'atac', got {modality!r}")
-    inf = module.inference(batch, eps=_zero_noise(module, batch))
-    m, v = (
-        (inf["qz_m"], inf["qz_v"])
-        if modality == "joint"
-        else (inf[f"qzm_{modality}"], inf[f"qzv_{modality}"])
-    )
+    m, v = posterior(module, batch, modality)
     if give_mean:
         return ln_mean(m, v) if module.latent_distribution == "ln" else m
     untran = m + torch.randn((n_samples, *m.shape), dtype=m.dtype, device=m.device) * v.sqrt()
     return F.softmax(untran, dim=-1) if module.latent_distribution == "ln" else untran
+
+
+@torch.no_grad()
+def posterior(module: MultiVAE, batch: dict, modality: str = "joint") -> tuple[torch.Tensor, torch.Tensor]:
+    """The normal posterior of ``modality``'s latent: (mean, variance), each (B, d), before the ``ln``
+    softmax -- what the reference's ``get_latent_representation(return_dist=True)`` returns."""
+    if modality not in ("joint", "rna", "atac"):
+        raise ValueError(f"modality must be 'joint', 'rna' or 'atac', got {modality!r}")
+    inf = module.inference(batch, eps=_zero_noise(module, batch))
+    if modality == "joint":
+        return inf["qz_m"], inf["qz_v"]
+    return inf[f"qzm_{modality}"], inf[f"qzv_{modality}"]
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from trainer.jobs.common import InferError
 from trainer.jobs.runner import FAIL_AFTER_ENV, ChunkJob, JobContext, create_dense, open_job, run_chunked
 from trainer.predict import latent, ln_mean
 
-__all__ = ["FAIL_AFTER_ENV", "obsm_key", "run_embed"]
+__all__ = ["FAIL_AFTER_ENV", "dist_keys", "obsm_key", "run_embed"]
 
 # predict.latent's posterior means, read from ONE encoder pass (calling it per modality encodes 3x)
 _MEAN_KEYS = {"joint": "qz_m", "rna": "qzm_rna", "atac": "qzm_atac"}
@@ -38,6 +38,11 @@ def obsm_key(modality: str) -> str:
     return "X_multivi" if modality == "joint" else f"X_multivi_{modality}"
 
 
+def dist_keys(modality: str) -> tuple[str, str]:
+    """obsm keys of embed.return_dist: the normal posterior's mean and variance (before an ``ln`` softmax)."""
+    return f"{obsm_key(modality)}_qz_m", f"{obsm_key(modality)}_qz_v"
+
+
 class EmbedJob(ChunkJob):
     name = "embed"
     section = None  # embed.umap_png only draws a picture of the finished output: not a setting
@@ -46,32 +51,54 @@ class EmbedJob(ChunkJob):
         super().__init__(ctx)
         self.arrays: dict[str, zarr.Array] = {}
 
+    def settings(self) -> dict:
+        # (the section is not fingerprinted: umap_png only draws a picture) the arrays return_dist adds are
+        return {"embed.return_dist": self.ctx.cfg.embed.return_dist}
+
+    def _keys(self) -> list[str]:
+        cfg = self.ctx.cfg
+        return [obsm_key(m) for m in cfg.modalities] + \
+            ([k for m in cfg.modalities for k in dist_keys(m)] if cfg.embed.return_dist else [])
+
     def create_arrays(self, root: zarr.Group) -> None:
-        cfg, n = self.ctx.cfg, self.ctx.n_cells
+        cfg, n, d = self.ctx.cfg, self.ctx.n_cells, self.ctx.module.n_latent
         extra = () if (cfg.give_mean or cfg.n_samples == 1) else (cfg.n_samples,)
-        for m in cfg.modalities:
-            create_dense(root, f"obsm/{obsm_key(m)}", (n, *extra, self.ctx.module.n_latent), "float32",
-                         rows=cfg.batch_size, fill_value=np.nan)
+        for key in self._keys():
+            shape = (n, *extra, d) if key in {obsm_key(m) for m in cfg.modalities} else (n, d)
+            create_dense(root, f"obsm/{key}", shape, "float32", rows=cfg.batch_size, fill_value=np.nan)
 
     def open_arrays(self, root: zarr.Group, work_dir) -> None:
-        self.arrays = {m: root[f"obsm/{obsm_key(m)}"] for m in self.ctx.cfg.modalities}
+        self.arrays = {key: root[f"obsm/{key}"] for key in self._keys()}
 
     def compute_chunk(self, k: int, lo: int, hi: int, batch: dict):
-        out = {m: z.to("cpu", torch.float32).numpy() for m, z in _latents(self.ctx.module, batch, self.ctx.cfg).items()}
+        module, cfg = self.ctx.module, self.ctx.cfg
+        out = {obsm_key(m): z for m, z in _latents(module, batch, cfg).items()}
+        if cfg.embed.return_dist:
+            inf = _posterior_pass(module, batch)
+            for m in cfg.modalities:
+                for key, name in zip(dist_keys(m), (_MEAN_KEYS[LATENTS[m]], _VAR_KEYS[LATENTS[m]]), strict=True):
+                    out[key] = inf[name]
+        out = {key: z.to("cpu", torch.float32).numpy() for key, z in out.items()}
 
         def store() -> None:
-            for m, z in out.items():
-                self.arrays[m][lo:hi] = z
+            for key, z in out.items():
+                self.arrays[key][lo:hi] = z
 
         return store
+
+
+@torch.no_grad()
+def _posterior_pass(module, batch: dict) -> dict[str, torch.Tensor]:
+    """One encoder pass with zero noise: every latent's posterior mean and variance."""
+    return module.inference(batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent,
+                                                   dtype=module.dtype, device=batch[keys.MASK].device))
 
 
 @torch.no_grad()
 def _latents(module, batch: dict, cfg: InferConfig) -> dict[str, torch.Tensor]:
     """modality -> (B, d) means, (B, d) one sample, or (B, S, d) samples."""
     if cfg.give_mean:
-        inf = module.inference(batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent,
-                                                      dtype=module.dtype, device=batch[keys.MASK].device))
+        inf = _posterior_pass(module, batch)
         if module.latent_distribution == "ln":  # E[softmax(z)], as predict.latent reports it
             return {m: ln_mean(inf[_MEAN_KEYS[LATENTS[m]]], inf[_VAR_KEYS[LATENTS[m]]]) for m in cfg.modalities}
         return {m: inf[_MEAN_KEYS[LATENTS[m]]] for m in cfg.modalities}
