@@ -283,3 +283,28 @@ def test_a_per_cell_weights_model_takes_only_its_store(trained, tmp_path):
     assert model.latent(str(store)).shape[0] == N_CELLS
     with pytest.raises(APIError, match="per-cell modality weights"):
         model.latent(store_to_mudata(store))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_library_size_and_region_factors_equal_the_references(trained):
+    """Model.library_size_factors / region_factors: scvi-tools' get_library_size_factors / get_region_factors
+    with the same weights on the same cells."""
+    from tests.infer_utils import reference_model
+
+    store, run, model = trained
+    ref, mdata = reference_model(store, run / "model")
+    lib = model.library_size_factors(store, batch_size=BATCH)
+    want = ref.get_library_size_factors()
+    assert set(lib) == {"expression", "accessibility"} and lib["expression"].shape == (N_CELLS,)
+    assert mdata.n_obs == N_CELLS  # the reference's cells are the store's, in store order
+    for k in ("expression", "accessibility"):
+        np.testing.assert_allclose(lib[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert ((lib["accessibility"] > 0) & (lib["accessibility"] < 1)).all()
+    np.testing.assert_allclose(model.region_factors(), ref.get_region_factors(), rtol=1e-6, atol=1e-7)
+
+    saved, model.module.region_factors = model.module.region_factors, None
+    try:
+        with pytest.raises(APIError, match="region_factors=false"):
+            model.region_factors()
+    finally:
+        model.module.region_factors = saved

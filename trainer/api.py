@@ -48,6 +48,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from data import keys
 from data.collate import to_device
 from trainer import predict
 from trainer.api_sources import APIError, source
@@ -121,6 +122,27 @@ class Model:
         import anndata as ad
 
         return ad.AnnData(obs=src.obs.copy(), obsm={_OBSM[mod]: out})
+
+    def library_size_factors(self, data, batch_size: int = 1024, mask=None) -> dict[str, np.ndarray]:
+        """Per-cell library factors of the encoders, the reference's ``get_library_size_factors``:
+        ``expression`` the log-scale RNA library, ``accessibility`` the ATAC factor in (0, 1) (with
+        ``use_size_factor`` models: log(size factor + 1e-6) and the raw ATAC size factor). (cells,) each."""
+        src = source(self, data, mask, batch_size)
+
+        def fn(batch):
+            inf = self.module.inference(batch, eps=torch.zeros(batch[keys.MASK].shape[0], self.module.n_latent,
+                                                               dtype=self.module.dtype, device=batch[keys.MASK].device))
+            return torch.cat([inf["lib_rna"].reshape(-1, 1), inf["lib_atac"].reshape(-1, 1)], 1)
+
+        both = self._collect(src, fn, (2,), 0, True)
+        return {"expression": both[:, 0].copy(), "accessibility": both[:, 1].copy()}
+
+    def region_factors(self) -> np.ndarray:
+        """sigmoid(region factors) (regions,), the reference's ``get_region_factors``."""
+        probs = self.module.region_factor_probs()
+        if probs is None:
+            raise APIError("this model was trained with model.region_factors=false: it has no region factors")
+        return probs.detach().to("cpu", torch.float32).numpy()
 
     def _posterior(self, data, mod: str, batch_size: int, mask, as_anndata: bool):
         d = self.module.n_latent
