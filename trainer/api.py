@@ -137,6 +137,33 @@ class Model:
         both = self._collect(src, fn, (2,), 0, True)
         return {"expression": both[:, 0].copy(), "accessibility": both[:, 1].copy()}
 
+    def elbo(self, data, batch_size: int = 1024, mask=None, seed: int = 0) -> float:
+        """The reference's ``get_elbo``: minus the mean over cells of reconstruction + KL + modality penalty
+        (KL weight 1). Each cell's posterior draw is keyed by (seed, its row), as the trainer's validation
+        draws it (``trainer.validation.cell_noise``): the same number every call."""
+        return -float(self._scores(data, batch_size, mask, seed)[:, 2].mean())
+
+    def reconstruction_error(self, data, batch_size: int = 1024, mask=None, seed: int = 0) -> dict[str, float]:
+        """The reference's ``get_reconstruction_error``: the mean reconstruction loss of each modality over
+        all cells (0 for a cell without that modality), posterior draws as in :meth:`elbo`."""
+        scores = self._scores(data, batch_size, mask, seed)
+        return {"reconstruction_loss_expression": float(scores[:, 0].mean()),
+                "reconstruction_loss_accessibility": float(scores[:, 1].mean())}
+
+    def _scores(self, data, batch_size: int, mask, seed: int) -> np.ndarray:
+        """(cells, 3) float64: RNA and ATAC reconstruction losses and the per-cell negative ELBO."""
+        from trainer.validation import cell_noise
+
+        src, module = source(self, data, mask, batch_size), self.module
+        parts = []
+        with torch.no_grad():
+            for _, _, batch in src.batches():
+                eps = cell_noise(seed, batch[keys.INDEX], module.n_latent).to(self.device)
+                out = module.loss(to_device(batch, self.device), kl_weight=1.0, eps=eps)
+                rna, atac = out.recon_rna.double(), out.recon_atac.double()
+                parts.append(torch.stack([rna, atac, rna + atac + out.kl.double() + out.penalty.double()], 1).cpu())
+        return torch.cat(parts).numpy() if parts else np.zeros((0, 3))
+
     def region_factors(self) -> np.ndarray:
         """sigmoid(region factors) (regions,), the reference's ``get_region_factors``."""
         probs = self.module.region_factor_probs()
