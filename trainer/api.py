@@ -130,8 +130,7 @@ class Model:
         src = source(self, data, mask, batch_size)
 
         def fn(batch):
-            inf = self.module.inference(batch, eps=torch.zeros(batch[keys.MASK].shape[0], self.module.n_latent,
-                                                               dtype=self.module.dtype, device=batch[keys.MASK].device))
+            inf = predict.mean_pass(self.module, batch)
             return torch.cat([inf["lib_rna"].reshape(-1, 1), inf["lib_atac"].reshape(-1, 1)], 1)
 
         both = self._collect(src, fn, (2,), 0, True)

@@ -151,12 +151,18 @@ def latent(
 
 
 @torch.no_grad()
+def mean_pass(module: MultiVAE, batch: dict) -> dict[str, torch.Tensor]:
+    """One encoder pass with zero noise: every latent's posterior mean and variance and both libraries."""
+    return module.inference(batch, eps=_zero_noise(module, batch))
+
+
+@torch.no_grad()
 def posterior(module: MultiVAE, batch: dict, modality: str = "joint") -> tuple[torch.Tensor, torch.Tensor]:
     """The normal posterior of ``modality``'s latent: (mean, variance), each (B, d), before the ``ln``
     softmax -- what the reference's ``get_latent_representation(return_dist=True)`` returns."""
     if modality not in ("joint", "rna", "atac"):
         raise ValueError(f"modality must be 'joint', 'rna' or 'atac', got {modality!r}")
-    inf = module.inference(batch, eps=_zero_noise(module, batch))
+    inf = mean_pass(module, batch)
     if modality == "joint":
         return inf["qz_m"], inf["qz_v"]
     return inf[f"qzm_{modality}"], inf[f"qzv_{modality}"]

@@ -25,7 +25,7 @@ from data import keys
 from trainer.infer_config import LATENTS, InferConfig
 from trainer.jobs.common import InferError
 from trainer.jobs.runner import FAIL_AFTER_ENV, ChunkJob, JobContext, create_dense, open_job, run_chunked
-from trainer.predict import latent, ln_mean
+from trainer.predict import latent, ln_mean, mean_pass
 
 __all__ = ["FAIL_AFTER_ENV", "dist_keys", "obsm_key", "run_embed"]
 
@@ -52,7 +52,8 @@ class EmbedJob(ChunkJob):
         self.arrays: dict[str, zarr.Array] = {}
 
     def settings(self) -> dict:
-        # (the section is not fingerprinted: umap_png only draws a picture) the arrays return_dist adds are
+        # return_dist decides which arrays the output holds (the section as a whole is not fingerprinted:
+        # umap_png only draws a picture of the finished output)
         return {"embed.return_dist": self.ctx.cfg.embed.return_dist}
 
     def _keys(self) -> list[str]:
@@ -72,9 +73,10 @@ class EmbedJob(ChunkJob):
 
     def compute_chunk(self, k: int, lo: int, hi: int, batch: dict):
         module, cfg = self.ctx.module, self.ctx.cfg
-        out = {obsm_key(m): z for m, z in _latents(module, batch, cfg).items()}
+        # one encoder pass serves the means and the posteriors (a pass per use would encode twice)
+        inf = mean_pass(module, batch) if cfg.give_mean or cfg.embed.return_dist else None
+        out = {obsm_key(m): z for m, z in _latents(module, batch, cfg, inf).items()}
         if cfg.embed.return_dist:
-            inf = _posterior_pass(module, batch)
             for m in cfg.modalities:
                 for key, name in zip(dist_keys(m), (_MEAN_KEYS[LATENTS[m]], _VAR_KEYS[LATENTS[m]]), strict=True):
                     out[key] = inf[name]
@@ -88,17 +90,10 @@ class EmbedJob(ChunkJob):
 
 
 @torch.no_grad()
-def _posterior_pass(module, batch: dict) -> dict[str, torch.Tensor]:
-    """One encoder pass with zero noise: every latent's posterior mean and variance."""
-    return module.inference(batch, eps=torch.zeros(batch[keys.MASK].shape[0], module.n_latent,
-                                                   dtype=module.dtype, device=batch[keys.MASK].device))
-
-
-@torch.no_grad()
-def _latents(module, batch: dict, cfg: InferConfig) -> dict[str, torch.Tensor]:
-    """modality -> (B, d) means, (B, d) one sample, or (B, S, d) samples."""
+def _latents(module, batch: dict, cfg: InferConfig, inf: dict | None) -> dict[str, torch.Tensor]:
+    """modality -> (B, d) means (from ``inf``, the batch's ``mean_pass``), (B, d) one sample, or (B, S, d)
+    samples."""
     if cfg.give_mean:
-        inf = _posterior_pass(module, batch)
         if module.latent_distribution == "ln":  # E[softmax(z)], as predict.latent reports it
             return {m: ln_mean(inf[_MEAN_KEYS[LATENTS[m]]], inf[_VAR_KEYS[LATENTS[m]]]) for m in cfg.modalities}
         return {m: inf[_MEAN_KEYS[LATENTS[m]]] for m in cfg.modalities}
