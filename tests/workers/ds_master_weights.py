@@ -15,12 +15,11 @@ import json
 import sys
 
 import torch
-from tiny_wrapped import tiny_wrapped
+from tiny_wrapped import deepspeed_stages
 
 from data.collate import to_device
 from trainer import dist
 from trainer.export import weights_of
-from trainer.guard import StepGuard
 from trainer.loop import train_one_step
 
 BATCH = 16
@@ -30,9 +29,7 @@ def main() -> None:
     store, out = sys.argv[1], sys.argv[2]
     info = dist.init_distributed(120)
     res = {}
-    for stage in (0, 1, 2):
-        stream, module, w = tiny_wrapped(store, info, BATCH, {"backend": "deepspeed", "zero_stage": stage})
-        guard = StepGuard(max_bad_steps=5)
+    for stage, stream, module, w, guard in deepspeed_stages(store, info, BATCH):
         for step, b in zip(range(3), stream, strict=False):
             train_one_step(w, to_device(b, info.device), 1.0, None, guard, step)
         gathered = w.full_weights(master=True)

@@ -13,11 +13,10 @@ import json
 import sys
 
 import torch
-from tiny_wrapped import tiny_wrapped
+from tiny_wrapped import deepspeed_stages
 
 from data.collate import to_device
 from trainer import dist
-from trainer.guard import StepGuard
 from trainer.loop import train_one_step
 
 BATCH = 16
@@ -35,9 +34,7 @@ def main() -> None:
     store, out = sys.argv[1], sys.argv[2]
     info = dist.init_distributed(120)
     res = {}
-    for stage in (0, 1, 2):
-        stream, module, w = tiny_wrapped(store, info, BATCH, {"backend": "deepspeed", "zero_stage": stage})
-        guard = StepGuard(max_bad_steps=5)
+    for stage, stream, module, w, guard in deepspeed_stages(store, info, BATCH):
         batches = [to_device(b, info.device) for b, _ in zip(stream, range(3), strict=False)]
         train_one_step(w, batches[0], 1.0, None, guard, 0)
         w.set_lr(0.0)

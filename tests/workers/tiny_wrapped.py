@@ -1,4 +1,4 @@
-"""Shared set-up of the 2-rank worker scripts (guard_ranks, guard_names, ds_master_weights): this rank's
+"""Shared set-up of the 2-rank worker scripts (guard_ranks, guard_names, ds_master_weights, ds_set_lr): this rank's
 training stream and a small MultiVI with its adversarial classifier, wrapped for ``dist_cfg``'s backend.
 Imported by the scripts from their own directory (torchrun puts it first on sys.path)."""
 
@@ -23,3 +23,12 @@ def tiny_wrapped(store: str, info: dist.DistInfo, batch: int, dist_cfg: dict | N
     module = build_module(stream.meta, cfg)
     w: Wrapped = wrap(module, build_classifier(module), cfg.optim, cfg.dist, info.device, batch)
     return stream, module, w
+
+
+def deepspeed_stages(store: str, info: dist.DistInfo, batch: int):
+    """(stage, stream, module, wrapped, guard) for ZeRO 0, 1 and 2 in turn, each from the same weights."""
+    from trainer.guard import StepGuard
+
+    for stage in (0, 1, 2):
+        stream, module, w = tiny_wrapped(store, info, batch, {"backend": "deepspeed", "zero_stage": stage})
+        yield stage, stream, module, w, StepGuard(max_bad_steps=5)
