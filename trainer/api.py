@@ -48,7 +48,6 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from data import keys
 from data.collate import to_device
 from trainer import predict
 from trainer.api_sources import APIError, source
@@ -151,16 +150,12 @@ class Model:
 
     def _scores(self, data, batch_size: int, mask, seed: int) -> np.ndarray:
         """(cells, 3) float64: RNA and ATAC reconstruction losses and the per-cell negative ELBO."""
-        from trainer.validation import cell_noise
+        from trainer.validation import score_cells
 
-        src, module = source(self, data, mask, batch_size), self.module
         parts = []
-        with torch.no_grad():
-            for _, _, batch in src.batches():
-                eps = cell_noise(seed, batch[keys.INDEX], module.n_latent).to(self.device)
-                out = module.loss(to_device(batch, self.device), kl_weight=1.0, eps=eps)
-                rna, atac = out.recon_rna.double(), out.recon_atac.double()
-                parts.append(torch.stack([rna, atac, rna + atac + out.kl.double() + out.penalty.double()], 1).cpu())
+        for _, _, batch in source(self, data, mask, batch_size).batches():
+            t = score_cells(self.module, batch, self.device, seed)
+            parts.append(torch.stack([t["recon_rna"], t["recon_atac"], t["neg_elbo"]], 1).cpu())
         return torch.cat(parts).numpy() if parts else np.zeros((0, 3))
 
     def region_factors(self) -> np.ndarray:

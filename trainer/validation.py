@@ -41,6 +41,18 @@ def cell_noise(seed: int, index: torch.Tensor, n_latent: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def score_cells(module: torch.nn.Module, batch: dict, device: torch.device, seed: int,
+                kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per-cell float64 terms of a held-out batch under each cell's keyed noise: ``recon_rna``, ``recon_atac``,
+    ``kl`` and ``neg_elbo`` (= reconstruction + KL + modality penalty, the reference's ``elbo_*`` per cell).
+    The trainer's validation and the API's ``elbo`` / ``reconstruction_error`` both score with it."""
+    eps = cell_noise(seed, batch[keys.INDEX], module.n_latent).to(device)
+    out = module.loss(to_device(batch, device), kl_weight=kl_weight, eps=eps)
+    rna, atac, kl = out.recon_rna.double(), out.recon_atac.double(), out.kl.double()
+    return {"recon_rna": rna, "recon_atac": atac, "kl": kl, "neg_elbo": rna + atac + kl + out.penalty.double()}
+
+
+@torch.no_grad()
 def validate(module: torch.nn.Module, stream, device: torch.device, kl_weight: float,
              seed: int = 0) -> dict[str, float]:
     """Validation reconstruction and ELBO per cell, exact over ranks: sums and counts are all-reduced
@@ -60,13 +72,11 @@ def validate(module: torch.nn.Module, stream, device: torch.device, kl_weight: f
     sums = {"recon": 0.0, "elbo": 0.0, "kl": 0.0, "n": 0.0}
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         for batch in stream:
-            eps = cell_noise(seed, batch[keys.INDEX], module.n_latent).to(device)
-            out = module.loss(to_device(batch, device), kl_weight=kl_weight, eps=eps)
-            recon = (out.recon_rna + out.recon_atac).double()
-            sums["recon"] += float(recon.sum())
-            sums["elbo"] += float((recon + out.kl.double() + out.penalty.double()).sum())
-            sums["kl"] += float(out.kl.double().sum())
-            sums["n"] += recon.shape[0]
+            t = score_cells(module, batch, device, seed, kl_weight)
+            sums["recon"] += float((t["recon_rna"] + t["recon_atac"]).sum())
+            sums["elbo"] += float(t["neg_elbo"].sum())
+            sums["kl"] += float(t["kl"].sum())
+            sums["n"] += t["kl"].shape[0]
     module.train()
     tot = dist.all_reduce_sums(sums)
     if tot["n"] == 0:
