@@ -77,13 +77,6 @@ def ln_mean(m: torch.Tensor, v: torch.Tensor, draws: int = LN_MEAN_DRAWS) -> tor
     return out / draws
 
 
-def _zero_noise(module: MultiVAE, batch: dict) -> torch.Tensor:
-    """eps = 0 for the inference pass (means only), on the batch's device (a CPU eps next to a CUDA
-    posterior raised on every GPU inference job but the default embedding)."""
-    mask = batch[keys.MASK]
-    return torch.zeros(mask.shape[0], module.n_latent, dtype=module.dtype, device=mask.device)
-
-
 def _latent_draws(module: MultiVAE, inf: dict, n_samples: int, use_z_mean: bool) -> torch.Tensor:
     """(S, B, d) latents to decode: the mean once, or S independent posterior samples."""
     if use_z_mean:
@@ -152,8 +145,12 @@ def latent(
 
 @torch.no_grad()
 def mean_pass(module: MultiVAE, batch: dict) -> dict[str, torch.Tensor]:
-    """One encoder pass with zero noise: every latent's posterior mean and variance and both libraries."""
-    return module.inference(batch, eps=_zero_noise(module, batch))
+    """One encoder pass with zero noise: every latent's posterior mean and variance and both libraries.
+    The noise lives on the batch's device (a CPU eps next to a CUDA posterior raised on every GPU
+    inference job but the default embedding)."""
+    mask = batch[keys.MASK]
+    return module.inference(batch, eps=torch.zeros(mask.shape[0], module.n_latent, dtype=module.dtype,
+                                                   device=mask.device))
 
 
 @torch.no_grad()
@@ -191,8 +188,7 @@ def normalized_expression(
     _check_codes(module, codes)
     reencode = module.encode_covariates and codes != [None]
     # the cells' own encoding: to decode from, or (re-encoded case) only for an "observed" library
-    inf = module.inference(batch, eps=_zero_noise(module, batch)) \
-        if not reencode or library_size == "observed" else None
+    inf = mean_pass(module, batch) if not reencode or library_size == "observed" else None
     if reencode:
         scale = _expression_reencoded(module, batch, codes, n_samples, use_z_mean)
     else:
@@ -224,7 +220,7 @@ def _expression_reencoded(module: MultiVAE, batch: dict, codes: list[int], n_sam
     out = None
     for c in codes:
         moved = {**batch, keys.BATCH: torch.full_like(batch[keys.BATCH], c)}
-        inf = module.inference(moved, eps=_zero_noise(module, moved))
+        inf = mean_pass(module, moved)
         part = _decode_head(module, batch, _latent_draws(module, inf, n_samples, use_z_mean), c, "rna")
         out = part if out is None else out + part
     return out / len(codes) if len(codes) > 1 else out
@@ -248,7 +244,7 @@ def normalized_accessibility(
     _check_codes(module, codes)
     if normalize_regions and module.region_factors is None:
         raise ValueError("normalize_regions=True needs a model trained with region_factors=True")
-    inf = module.inference(batch, eps=_zero_noise(module, batch))
+    inf = mean_pass(module, batch)
     z = _latent_draws(module, inf, n_samples, use_z_mean)
     p = _mean_over_codes(module, batch, z, codes, "atac")
     if normalize_cells:
