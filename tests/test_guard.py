@@ -59,6 +59,28 @@ def test_nan_steps_are_skipped_then_stop_with_a_useful_message(tmp_path):
     assert "step 6" in msg and "recon_rna" in msg and "step_000000001" in msg
 
 
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("native", [True, False])
+def test_nan_probabilities_in_the_atac_likelihood_are_a_skipped_step(tmp_path, dense, native):
+    """NaN reaching the ATAC likelihood (every kernel: native, eager, dense or CSR input) is a NaN
+    recon_atac that the guard skips and names; torch's F.binary_cross_entropy, which the likelihood no longer
+    calls, raised on the CPU and was a device-side assert (a dead CUDA context) on the GPU instead."""
+    module, w, batches = _setup(tmp_path, n_batches=2, dense=dense)
+    module.native_kernels = native
+    guard = StepGuard(max_bad_steps=2)
+    with torch.no_grad():
+        module.atac_out.weight[0, 0] = float("nan")  # region 0's probability is NaN for every cell
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    assert train_one_step(w, batches[0], 1.0, None, guard, 0) is None
+    assert guard.skipped_total == 1 and guard.history[-1].startswith("step 0: non-finite")
+    assert "recon_atac" in guard.history[-1] and "recon_rna" not in guard.history[-1]
+    for k, v in module.state_dict().items():
+        assert torch.equal(v.isnan(), before[k].isnan()) and torch.equal(v.nan_to_num(), before[k].nan_to_num()), \
+            f"{k} changed on a skipped step"
+    with pytest.raises(NonFiniteError, match="step 1.*recon_atac"):
+        train_one_step(w, batches[1], 1.0, None, guard, 1)
+
+
 def test_the_bad_term_is_named_and_a_nonfinite_gradient_is_caught():
     guard = StepGuard(max_bad_steps=2)
     assert guard.check(0, {"loss": 1.0, "recon_atac": 2.0}) is False
