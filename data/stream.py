@@ -14,7 +14,7 @@ to the reader, the collate step and a background prefetch thread.
 * Resume: ``state_dict()`` records (epoch, batches consumed on this rank); ``load_state_dict()`` makes
   the next iteration yield exactly the rest of that epoch. With ``num_workers=0`` the stream counts
   consumed batches itself; with DataLoader workers it cannot see what the trainer took, so pass
-  ``state_dict(batches_consumed=n)``. A state from another world size is refused (ValueError).
+  ``state_dict(batches_consumed=n)`` (refused without it once ``share_position`` was called). A state from another world size is refused (ValueError).
 * Chunking (``chunk_size`` rows per read, ``window_chunks`` chunks shuffled together): when the caller
   sets neither, a store that records ``preshuffled: true`` is read in 1,024-row chunks, 4 per window,
   others in 256-row chunks, 16 per window (``default_chunking``). ``state_dict`` records the chunking and
@@ -169,6 +169,11 @@ class StoreStream(IterableDataset):
 
     # ------------------------------------------------------------------------------------ resume
     def state_dict(self, batches_consumed: int | None = None) -> dict[str, Any]:
+        if batches_consumed is None and self._shared_position is not None:
+            # workers iterate their own copies: this one's count stays at the resume point (0 mid-epoch), and a
+            # checkpoint with it would replay the epoch's batches already trained on
+            raise ValueError("this stream feeds DataLoader workers (share_position), which it cannot see "
+                             "consume batches: pass state_dict(batches_consumed=<batches the trainer took>)")
         done = self._consumed if batches_consumed is None else int(batches_consumed)
         return {"epoch": self.epoch, "batches_consumed": done, "world_size": self.world_size,
                 "rank": self.rank, "seed": self.seed, "batch_size": self.batch_size, "split": self.split,

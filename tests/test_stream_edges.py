@@ -116,6 +116,19 @@ def test_a_refused_state_leaves_the_stream_at_its_own_epoch(store):
     assert _indices(s) == want
 
 
+def test_a_state_without_the_trainer_s_count_is_refused_once_workers_share_the_position(store):
+    """Persistent workers iterate their own copies, so the stream's own count stays at 0 mid-epoch: a state saved
+    from it would replay the batches already trained on. With share_position the count must be passed."""
+    import multiprocessing
+
+    s = StoreStream(store, 2, seed=5, chunk_size=3, window_chunks=2, prefetch=0)
+    assert s.state_dict()["batches_consumed"] == 0  # in-process use: the stream counts itself
+    s.share_position(multiprocessing.get_context("fork"))
+    with pytest.raises(ValueError, match=r"state_dict\(batches_consumed="):
+        s.state_dict()
+    assert s.state_dict(batches_consumed=3)["batches_consumed"] == 3
+
+
 @pytest.mark.parametrize("where", ["first", "second", "last", "end"])
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_anywhere_with_another_worker_count_yields_the_rest(store, truth, where, num_workers):
