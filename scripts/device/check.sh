@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (issue #4): everything only a GPU shows, in one call of the device tool.
+#
+#   here, once:  bash scripts/device/fetch_wheels.sh      (wheels of what the device image lacks -> .whl/)
+#   device run:  command="bash scripts/device/check.sh", carry=[".whl"], timeout_s=560
+#
+# Steps (each timed and logged; a failing step is recorded and the next one still runs):
+#   env        nvidia-smi, torch / CUDA / bf16 support
+#   gpu_step   scripts/bench/gpu_step.py: cells/s of the training step, fp32 and bf16 autocast, batch 1,024,
+#              2,000 x 10,000 and 20,000 x 100,000 (-> gpu_step.json)
+#   synth      a synthetic store (mva-synth)
+#   ddp        mva-train under torchrun on one GPU (NCCL), bf16 autocast, LR plateau on, early stopping on
+#   resume     the same run continued for more epochs (resume=auto)
+#   deepspeed  mva-train with DeepSpeed ZeRO 2, bf16 weights, LR plateau on
+#   embed      mva-infer job=embed on the GPU, and the same on the CPU: the latents compared
+#   expression mva-infer job=expression on the GPU
+# Results: $OUT/check.log (every step's output), $OUT/summary.json (per step: rc, seconds; per run: the last
+# records of metrics.jsonl; the GPU-vs-CPU latent difference), $OUT/gpu_step.json.
+#
+# On the CPU (tests/test_device_check_script.py): SMALL=1 PRECISION=fp32 PY=.venv/bin/python NO_WHEELS=1.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-outputs/device_check}
+PY=${PY:-python3}
+PRECISION=${PRECISION:-bf16}
+WORK=${WORK:-$(mktemp -d /tmp/mva-check.XXXXXX)}
+mkdir -p "$OUT" "$WORK"
+LOG=$OUT/check.log
+STEPS=$OUT/steps.tsv
+: >"$LOG"
+: >"$STEPS"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} WANDB_MODE=disabled PYTHONUNBUFFERED=1
+
+if [ -z "${NO_WHEELS:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then
+  # the device image has torch, numpy, pandas, scipy, h5py, ... but not zarr, hydra, anndata, DeepSpeed, ...
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >>"$LOG" 2>&1 || { echo "wheel install failed (see $LOG)"; exit 3; }
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+if [ -n "${SMALL:-}" ]; then
+  CELLS=600 GENES=60 REGIONS=200 BATCH=64 EPOCHS=2 MORE=3 SIZES=40x300 STEPS_N=2 WARM=1 GPU_BATCH=32
+else
+  CELLS=20000 GENES=2000 REGIONS=10000 BATCH=1024 EPOCHS=3 MORE=5 SIZES=2000x10000,20000x100000 STEPS_N=30 WARM=5
+  GPU_BATCH=1024
+fi
+STORE=$WORK/store
+TRAIN=("data.store=$STORE" "data.batch_size=$BATCH" "logger.wandb_mode=disabled" "run.seed=0"
+       "optim.reduce_lr_on_plateau=true" "optim.lr_patience=1")
+
+step() {  # step NAME CMD...: run, time, log; never stops the script
+  local name=$1 t0 rc
+  shift
+  echo "=== $name: $*" >>"$LOG"
+  t0=$(date +%s%N)
+  "$@" >>"$LOG" 2>&1
+  rc=$?
+  printf "%s\t%s\t%s\n" "$name" "$rc" "$(( ($(date +%s%N) - t0) / 1000000 ))" >>"$STEPS"
+  echo "=== $name: rc $rc" >>"$LOG"
+  echo "$name: rc $rc"
+}
+
+torchrun1() { "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "$@"; }
+
+step env "$PY" -c "
+import subprocess, torch
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
+if torch.cuda.is_available():
+    print(torch.cuda.get_device_name(0), 'bf16', torch.cuda.is_bf16_supported())
+    print(subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True).stdout)
+import zarr, anndata, hydra, omegaconf; print('zarr', zarr.__version__, 'anndata', anndata.__version__)
+"
+step gpu_step "$PY" scripts/bench/gpu_step.py --sizes "$SIZES" --batch-size "$GPU_BATCH" --steps "$STEPS_N" \
+  --warmup "$WARM" --out "$OUT/gpu_step.json"
+step synth "$PY" -m data.synthetic out="$STORE" n_cells=$CELLS n_genes=$GENES n_regions=$REGIONS progress=false \
+  hydra.run.dir="$WORK/.synth" hydra.output_subdir=null
+step ddp torchrun1 -m trainer.train "${TRAIN[@]}" dist.precision="$PRECISION" run.epochs=$EPOCHS \
+  run.output_dir="$WORK/ddp"
+step resume torchrun1 -m trainer.train "${TRAIN[@]}" dist.precision="$PRECISION" run.epochs=$MORE \
+  run.output_dir="$WORK/ddp"
+step deepspeed torchrun1 -m trainer.train "${TRAIN[@]}" dist=deepspeed dist.zero_stage=2 \
+  dist.precision="$PRECISION" run.epochs=$EPOCHS run.output_dir="$WORK/ds"
+step embed "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" output="$WORK/embed_gpu.zarr" progress=false
+step embed_cpu env CUDA_VISIBLE_DEVICES= "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" \
+  output="$WORK/embed_cpu.zarr" progress=false
+step expression "$PY" -m trainer.infer job=expression model_dir="$WORK/ddp" store="$STORE" \
+  output="$WORK/expr_gpu.zarr" progress=false
+
+"$PY" scripts/device/summarize.py --steps "$STEPS" --work "$WORK" --out "$OUT/summary.json" >>"$LOG" 2>&1
+cat "$OUT/summary.json" 2>/dev/null || echo "no summary (see $LOG)"
