@@ -264,3 +264,12 @@ def test_the_classifier_computes_in_its_own_dtype_under_autocast():
         from_bf16 = clf(z.bfloat16())
     assert auto.dtype == torch.float32 and torch.equal(auto, plain)
     assert from_bf16.dtype == torch.float32 and torch.equal(from_bf16, clf(z.bfloat16().float()))
+
+
+def test_the_classifier_is_built_on_the_module_s_device_and_dtype():
+    """build_classifier followed only the module's dtype: on a GPU the benchmark's classifier (built without
+    `wrap`, which moves both) stayed on the CPU and its first step failed. The meta device stands in for a GPU
+    here (no data, but every parameter says where it lives)."""
+    m = MultiVAE(n_genes=6, n_regions=9, n_batch=2, n_hidden=8, n_latent=3).to(device="meta", dtype=torch.bfloat16)
+    clf = build_classifier(m)
+    assert {(p.device.type, p.dtype) for p in clf.parameters()} == {("meta", torch.bfloat16)}

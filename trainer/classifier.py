@@ -39,10 +39,15 @@ class BatchClassifier(nn.Module):
 
 
 def build_classifier(module: nn.Module, adversarial: bool = True) -> BatchClassifier | None:
-    """The reference's rule: adversarial mixing only when enabled and there is more than one batch."""
+    """The reference's rule: adversarial mixing only when enabled and there is more than one batch.
+
+    Built on the module's device and in its dtype: a caller that steps it without ``wrap`` (which moves both)
+    got a CPU classifier next to a CUDA module (scripts/bench/gpu_step.py: "Expected all tensors to be on the
+    same device" at the first step)."""
     if not adversarial or module.n_batch < 2:
         return None
-    return BatchClassifier(module.n_latent, module.n_batch).to(module.dtype)
+    device = next(module.parameters()).device
+    return BatchClassifier(module.n_latent, module.n_batch).to(device=device, dtype=module.dtype)
 
 
 def fool_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
