@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train_utils import tiny_overrides, tiny_store, train_cli
+from tests.train_utils import tiny_config, tiny_overrides, tiny_store, train_cli
+from trainer.precision import cpu_has_native_bf16
 
 pytestmark = pytest.mark.slow
 
@@ -74,9 +75,9 @@ def test_one_process_without_torchrun_trains_and_resumes(store, tmp_path):
 
 def test_full_weights_gather_the_master_copies_under_every_zero_stage(store, tmp_path):
     """The export of a DeepSpeed bf16 run takes the fp32 master weights (``DeepSpeedWrapped.full_weights``),
-    not the module's bf16 ones. No bf16 DeepSpeed on a CPU, so this runs the same gather in fp32, where the
-    masters equal the module's weights: ZeRO 1/2 gather every parameter's partitions over the 2 ranks (an
-    all-reduce each), ZeRO 0 holds no separate copy; names, shapes and values must match exactly."""
+    not the module's bf16 ones. This is the gather in fp32, where the masters equal the module's weights: ZeRO
+    1/2 gather every parameter's partitions over the 2 ranks (an all-reduce each), ZeRO 0 holds no separate
+    copy; names, shapes and values must match exactly. (bf16: the test below.)"""
     from tests.train_utils import ROOT, torchrun
 
     torchrun([str(ROOT / "tests" / "workers" / "ds_master_weights.py"), str(store), str(tmp_path / "out")], nproc=2)
@@ -88,3 +89,42 @@ def test_full_weights_gather_the_master_copies_under_every_zero_stage(store, tmp
         assert r1["gathered"] is None  # the weights land on rank 0 only
         if stage != "0":  # the ZeRO 1/2 path really gathered (every parameter linked to its fp32 partition)
             assert r0["linked_params"] == r0["n_params"] and r1["linked_params"] == r0["n_params"], (stage, r0)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="DeepSpeed trains bf16 on CPUs with native bf16 only")
+def test_a_bf16_run_exports_the_fp32_masters_under_every_zero_stage(store, tmp_path):
+    """DeepSpeed bf16 (here on a CPU with native bf16, as on a GPU): the module's weights are bf16 and the AdamW
+    updates go to fp32 masters. ZeRO 0 keeps them in FP16_UnfusedOptimizer, unlinked from the parameters, and
+    its export was the module's bf16 roundings (every exported value bf16-representable, "not_bf16" 0). Now
+    every stage exports the masters: fp32 values that round to the module's, most not bf16-representable."""
+    from tests.train_utils import ROOT, torchrun
+
+    torchrun([str(ROOT / "tests" / "workers" / "ds_master_weights.py"), str(store), str(tmp_path / "out"), "bf16"],
+             nproc=2)
+    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
+    for stage in ("0", "1", "2"):
+        r0, r1 = ranks[0][stage], ranks[1][stage]
+        assert r0["module_dtypes"] == ["torch.bfloat16"], (stage, r0)
+        assert r0["same_keys"] and r0["same_layout"], (stage, r0)
+        assert r0["not_bf16"] > 0.9 * r0["n_values"], (stage, r0)
+        assert 0 < r0["max_rel_diff"] <= 2.0**-8, (stage, r0)
+        assert r1["gathered"] is None
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="DeepSpeed trains bf16 on CPUs with native bf16 only")
+def test_a_bf16_checkpoint_resumed_where_bf16_does_not_run_is_refused_in_one_line(store, tmp_path, monkeypatch):
+    """The same config trains bf16 weights on a GPU or native-bf16 CPU and fp32 ones elsewhere, with optimizer
+    states of other layouts: resumed on the other kind of machine it failed inside DeepSpeed's loader. The
+    second attempt runs in this process with the CPU's native bf16 switched off, as on such a machine."""
+    from trainer import precision
+    from trainer.checkpoint_checks import CheckpointError
+    from trainer.train import train
+
+    run = tmp_path / "bf16"
+    ds = {"dist.backend": "deepspeed", "dist.precision": "bf16"}
+    train_cli(tiny_overrides(store, run, **ds, **{"run.epochs": 1}))
+    state = torch.load(max((run / "checkpoints").glob("step_*")) / "trainer.pt", weights_only=True)
+    assert state["weights_dtype"] == "torch.bfloat16"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(CheckpointError, match=r"holds bfloat16 weights but this run trains float32 ones here"):
+        train(tiny_config(store, run, **ds, **{"run.epochs": 2}))

@@ -24,7 +24,7 @@ from trainer.config import DistConfig
 from trainer.metrics import read_metrics
 from trainer.module import MultiVAE
 from trainer.parallel import DeepSpeedWrapped, Wrapped
-from trainer.precision import autocast_dtype, cpu_has_native_bf16
+from trainer.precision import autocast_dtype, cpu_has_native_bf16, deepspeed_bf16
 from trainer.step import build_optimizers, train_step, vae_objective
 from trainer.train import train
 
@@ -40,9 +40,14 @@ def test_precision_maps_to_autocast_per_device():
 
 
 def test_deepspeed_never_autocasts_and_says_why_on_the_cpu(capfd):
+    """DeepSpeed casts the module to bf16 itself (no autocast): on a GPU, and on a CPU with native bf16 GEMMs
+    (the autocast rule); on other CPUs it trains fp32 and says so."""
     bf16 = DistConfig(backend="deepspeed", precision="bf16")
     assert DeepSpeedWrapped._autocast_dtype(None, bf16, torch.device("cpu")) is None
-    assert "DeepSpeed: precision=bf16 needs a GPU; training in fp32" in capfd.readouterr().out
+    said = "DeepSpeed: precision=bf16 needs a GPU or a CPU with native bf16; training in fp32" in capfd.readouterr().out
+    assert said is not BF16_CPU
+    assert deepspeed_bf16("bf16", torch.device("cpu")) is BF16_CPU
+    assert deepspeed_bf16("bf16", torch.device("cuda", 0)) and not deepspeed_bf16("fp32", torch.device("cuda", 0))
     assert DeepSpeedWrapped._autocast_dtype(None, bf16, torch.device("cuda", 0)) is None  # it casts itself
     assert Wrapped._autocast_dtype(None, bf16, torch.device("cpu")) is (torch.bfloat16 if BF16_CPU else None)
 

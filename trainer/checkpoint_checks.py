@@ -123,6 +123,18 @@ def check_world_size(trainer_state: dict[str, Any], path: Path, world_size: int)
                               f"{world_size}; resume with the same number of processes")
 
 
+def check_weights_dtype(trainer_state: dict[str, Any], path: Path, dtype: torch.dtype) -> None:
+    """Refuse a checkpoint whose weights were trained in another dtype: DeepSpeed with dist.precision=bf16 trains
+    bf16 weights on a GPU or a native-bf16 CPU and fp32 ones elsewhere, with optimizer states of other layouts
+    (its bf16 optimizer keeps fp32 masters), so the same config resumed on the other kind of machine failed
+    inside DeepSpeed's loader. Checkpoints written before this was recorded are not checked."""
+    saved = trainer_state.get("weights_dtype")
+    if saved is not None and saved != str(dtype):
+        raise CheckpointError(f"checkpoint {path} holds {saved.removeprefix('torch.')} weights but this run trains "
+                              f"{str(dtype).removeprefix('torch.')} ones here (DeepSpeed with dist.precision=bf16 "
+                              f"trains bf16 only on a GPU or a CPU with native bf16): resume it on such a machine")
+
+
 def data_fingerprint(meta) -> str:
     """Hash of what the model's shape and meaning depend on: feature names, batch and covariate
     categories. Stored in every checkpoint so a resume on another store is refused by name."""

@@ -182,6 +182,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     module = build_module(meta, cfg)
     classifier = build_classifier(module, cfg.optim.adversarial)
     w = wrap(module, classifier, cfg.optim, cfg.dist, info.device, cfg.data.batch_size)
+    weights_dtype = next(module.parameters()).dtype  # bf16 where DeepSpeed casts the module, else fp32
     seed_everything(cfg.run.seed + 1 + info.rank)  # per-rank streams for dropout
     train_stream = make_stream(store, cfg, "train", info)
     val_inner = make_stream(store, cfg, "validation", info)
@@ -215,6 +216,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     if path:
         checks.check_same_data(state, meta, path, cfg.data.store)
         check_same_settings(state.get("config"), cfg, path)  # after the store: another store says that first
+        checks.check_weights_dtype(state, path, weights_dtype)
         try:
             w.load(Path(path))
         except RuntimeError as exc:  # shapes differ (a checkpoint from before the data fingerprint)
@@ -270,7 +272,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                  "stopped": stopped, "stop_reason": stop_reason, "last_validation": last_val, **tracker.state_dict(),
                  "best_weights": ckpt.read_best(run_dir) if cfg.run.keep == "best" and info.is_main else {},
                  "guard": guard.state_dict(), "data_fingerprint": checks.data_fingerprint(meta),
-                 "torch_threads": torch.get_num_threads(), "code_fingerprint": code}
+                 "torch_threads": torch.get_num_threads(), "code_fingerprint": code, "weights_dtype": str(weights_dtype)}
         stream = train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}
         rank_state = {"rng": ckpt.rng_state(), "stream": stream}
         final = ckpt.save_checkpoint(run_dir, step, state, rank_state, w, keep=cfg.run.keep_checkpoints)

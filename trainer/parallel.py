@@ -27,7 +27,7 @@ from trainer import dist
 from trainer.checkpoint import require_keys, safe_load, save_file  # save_file: fsync + a full disk's OSError
 from trainer.config import DistConfig, OptimConfig
 from trainer.export import weights_of
-from trainer.precision import autocast_dtype
+from trainer.precision import autocast_dtype, deepspeed_bf16
 from trainer.step import classifier_objective, vae_objective
 
 
@@ -281,12 +281,20 @@ def _patch_deepspeed_shm() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+def _unlinked_masters(opt: Any) -> dict[int, torch.Tensor]:
+    """id(module parameter) -> its fp32 master where DeepSpeed keeps one it does not link to the parameter: ZeRO 0
+    with bf16 trains through FP16_UnfusedOptimizer, whose whole fp32 copies (``fp32_groups``) pair with the
+    module's parameters (``fp16_groups``) by position, while ``safe_get_full_fp32_param`` gives None there."""
+    return {id(lp): hp for lg, hg in zip(getattr(opt, "fp16_groups", ()), getattr(opt, "fp32_groups", ()))
+            for lp, hp in zip(lg, hg) if lp.shape == hp.shape}
+
+
 class DeepSpeedWrapped(Wrapped):
     def _autocast_dtype(self, dcfg: DistConfig, device: torch.device) -> torch.dtype | None:
-        # no autocast: DeepSpeed casts the weights itself when bf16/fp16 is on, and only on a GPU
-        if dcfg.precision != "fp32" and device.type != "cuda":
-            dist.print0(f"[parallel] DeepSpeed: precision={dcfg.precision} needs a GPU; training in fp32 on "
-                        f"{device.type} (dist=ddp autocasts bf16 on CPUs with native bf16)")
+        # no autocast: DeepSpeed casts the weights itself when bf16 is on
+        if dcfg.precision != "fp32" and not deepspeed_bf16(dcfg.precision, device):
+            dist.print0(f"[parallel] DeepSpeed: precision={dcfg.precision} needs a GPU or a CPU with native bf16; "
+                        f"training in fp32 on {device.type}")
         return None
 
     def __init__(self, module, classifier, optim, dcfg, device, micro_batch: int):
@@ -294,13 +302,15 @@ class DeepSpeedWrapped(Wrapped):
         _patch_deepspeed_shm()
         import deepspeed
 
-        on_gpu = device.type == "cuda"
         self.zero_stage = dcfg.zero_stage
         ds_config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": dcfg.zero_stage},
-            "bf16": {"enabled": on_gpu and dcfg.precision == "bf16"},  # (fp16 is refused by DistConfig)
+            "bf16": {"enabled": deepspeed_bf16(dcfg.precision, device)},  # (fp16 is refused by DistConfig)
+            # gradients averaged over the ranks in fp32 (DeepSpeed's default with bf16 is bf16: 8 bits of mantissa
+            # for the sum of every rank's gradient, the 10,000 x 100 first layers' included)
+            "communication_data_type": "fp32",
             "gradient_clipping": optim.grad_clip or 0.0,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
@@ -359,8 +369,10 @@ class DeepSpeedWrapped(Wrapped):
         full = {name: safe_get_full_fp32_param(p) for name, p in self.module.named_parameters()}
         if dist.get_rank() != 0:
             return None
+        unlinked = _unlinked_masters(self.engine.optimizer)
         weights = weights_of(self.module)  # buffers, and parameters DeepSpeed holds no fp32 copy of (ZeRO 0 fp32)
-        for name, value in full.items():
+        for (name, p), value in zip(self.module.named_parameters(), full.values(), strict=True):
+            value = unlinked.get(id(p)) if value is None else value
             if value is not None:
                 weights[name] = value.detach().to("cpu", torch.float32).contiguous().clone()
         return weights

@@ -34,3 +34,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     dist.print0(f"[parallel] precision={precision} needs a GPU (or, for bf16, a CPU with native bf16); "
                 f"training in fp32 on {device.type}")
     return None
+
+
+def deepspeed_bf16(precision: str, device: torch.device) -> bool:
+    """Whether DeepSpeed trains bf16 weights (it casts the module itself; no autocast): ``dist.precision=bf16``
+    on a GPU, or on a CPU with native bf16 GEMMs (the rule of the bf16 autocast above); elsewhere fp32."""
+    return precision == "bf16" and (device.type == "cuda" or device.type == "cpu" and cpu_has_native_bf16())

@@ -25,10 +25,11 @@ def tiny_wrapped(store: str, info: dist.DistInfo, batch: int, dist_cfg: dict | N
     return stream, module, w
 
 
-def deepspeed_stages(store: str, info: dist.DistInfo, batch: int):
+def deepspeed_stages(store: str, info: dist.DistInfo, batch: int, precision: str = "fp32"):
     """(stage, stream, module, wrapped, guard) for ZeRO 0, 1 and 2 in turn, each from the same weights."""
     from trainer.guard import StepGuard
 
     for stage in (0, 1, 2):
-        stream, module, w = tiny_wrapped(store, info, batch, {"backend": "deepspeed", "zero_stage": stage})
+        stream, module, w = tiny_wrapped(store, info, batch, {"backend": "deepspeed", "zero_stage": stage,
+                                                              "precision": precision})
         yield stage, stream, module, w, StepGuard(max_bad_steps=5)
