@@ -47,12 +47,15 @@ def test_zero_stage_trains_and_resumes_exactly(store, tmp_path, stage):
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6, msg=f"{k} differs after resume")
 
 
-def test_the_guard_skips_a_nan_gradient_on_every_rank_under_every_zero_stage(store, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not cpu_has_native_bf16(), reason="DeepSpeed trains bf16 on CPUs with native bf16 only"))])
+def test_the_guard_skips_a_nan_gradient_on_every_rank_under_every_zero_stage(store, tmp_path, precision):
     """A finite loss with a NaN gradient on rank 1 only: ZeRO 0 used to apply it (NaN weights), ZeRO 1/2
     skipped it inside DeepSpeed while the loop counted the step as good and stepped the classifier."""
     from tests.train_utils import ROOT, torchrun
 
-    torchrun([str(ROOT / "tests" / "workers" / "guard_ranks.py"), str(store), str(tmp_path / "out")], nproc=2)
+    torchrun([str(ROOT / "tests" / "workers" / "guard_ranks.py"), str(store), str(tmp_path / "out"), "deepspeed",
+              precision], nproc=2)
     ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
     for stage in ("0", "1", "2"):
         for r in ranks:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tests.train_utils import ROOT, tiny_config, tiny_store, torchrun
 from trainer.config import ConfigError
 from trainer.loop import run
+from trainer.precision import cpu_has_native_bf16
 from trainer.schedules import LrPlateau
 
 
@@ -125,10 +126,14 @@ def test_the_loop_lowers_the_rate_and_a_resumed_run_counts_on(store, tmp_path):
 
 
 @pytest.mark.slow
-def test_set_lr_reaches_deepspeeds_update_under_every_zero_stage(store, tmp_path):
-    """DeepSpeed wraps the client AdamW (ZeRO 1/2 move its parameters to flat fp32 partitions): a rate
-    written where the wrapper shows it must be the rate its step uses. lr 0 leaves every weight as it was."""
-    torchrun([str(ROOT / "tests" / "workers" / "ds_set_lr.py"), str(store), str(tmp_path / "out")], nproc=2)
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not cpu_has_native_bf16(), reason="DeepSpeed trains bf16 on CPUs with native bf16 only"))])
+def test_set_lr_reaches_deepspeeds_update_under_every_zero_stage(store, tmp_path, precision):
+    """DeepSpeed wraps the client AdamW (ZeRO 1/2 move its parameters to flat fp32 partitions; bf16 ZeRO 0 its
+    FP16_UnfusedOptimizer): a rate written where the wrapper shows it must be the rate its step uses. lr 0
+    leaves every weight as it was."""
+    torchrun([str(ROOT / "tests" / "workers" / "ds_set_lr.py"), str(store), str(tmp_path / "out"), precision],
+             nproc=2)
     for r in (0, 1):
         res = json.loads((tmp_path / f"out.rank{r}.json").read_text())
         for stage in ("0", "1", "2"):

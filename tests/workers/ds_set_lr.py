@@ -1,8 +1,8 @@
 """Worker for tests/test_lr_plateau.py: ``Wrapped.set_lr`` reaches DeepSpeed's update, 2 ranks.
 
-    torchrun --standalone --nproc_per_node=2 tests/workers/ds_set_lr.py STORE OUT
+    torchrun --standalone --nproc_per_node=2 tests/workers/ds_set_lr.py STORE OUT [fp32|bf16]
 
-Under ZeRO 0, 1 and 2 (fp32 on the CPU): one step at the configured rate, then one at lr 0 (AdamW then
+Under ZeRO 0, 1 and 2 (fp32, or bf16 weights on a native-bf16 CPU): one step at the configured rate, then one at lr 0 (AdamW then
 changes no weight, decay included) and one at 1e-2. Rank r writes OUT.rank<r>.json with the largest
 weight change of each of the last two steps and the rate the wrapper reports.
 """
@@ -32,9 +32,10 @@ def _change(module, before) -> float:
 
 def main() -> None:
     store, out = sys.argv[1], sys.argv[2]
+    precision = sys.argv[3] if len(sys.argv) > 3 else "fp32"
     info = dist.init_distributed(120)
     res = {}
-    for stage, stream, module, w, guard in deepspeed_stages(store, info, BATCH):
+    for stage, stream, module, w, guard in deepspeed_stages(store, info, BATCH, precision):
         batches = [to_device(b, info.device) for b, _ in zip(stream, range(3), strict=False)]
         train_one_step(w, batches[0], 1.0, None, guard, 0)
         w.set_lr(0.0)

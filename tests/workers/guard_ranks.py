@@ -1,6 +1,6 @@
 """Worker for tests/test_deepspeed.py and tests/test_ddp.py: the non-finite guard on 2 ranks.
 
-    torchrun --standalone --nproc_per_node=2 tests/workers/guard_ranks.py STORE OUT [deepspeed|ddp]
+    torchrun --standalone --nproc_per_node=2 tests/workers/guard_ranks.py STORE OUT [deepspeed|ddp] [fp32|bf16]
 
 deepspeed (default): under ZeRO 0, 1 and 2, rank 1 alone gets a NaN gradient (finite loss) at step 1. Every
 rank must skip that step (ZeRO 0: the guard sees the all-reduced gradient norm before the step; ZeRO 1/2:
@@ -9,7 +9,8 @@ steps around it.
 ddp: rank 1 alone gets a NaN input (a NaN loss) at step 1 and a NaN gradient (finite loss) at step 3; every
 rank must skip both steps alike (a rank that skipped its backward alone would leave the other waiting in
 DDP's gradient all-reduce).
-Each rank writes OUT.rank<r>.json.
+deepspeed bf16 (a native-bf16 CPU): the same with bf16 weights (ZeRO 0 trains through DeepSpeed's
+FP16_UnfusedOptimizer, and the guard reads the all-reduced bf16 gradients). Each rank writes OUT.rank<r>.json.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ BATCH = 16
 def main() -> None:
     store, out = sys.argv[1], sys.argv[2]
     backend = sys.argv[3] if len(sys.argv) > 3 else "deepspeed"
+    precision = sys.argv[4] if len(sys.argv) > 4 else "fp32"
     runs = {"ddp": {"backend": "ddp"}} if backend == "ddp" else {
-        str(stage): {"backend": "deepspeed", "zero_stage": stage} for stage in (0, 1, 2)}
+        str(stage): {"backend": "deepspeed", "zero_stage": stage, "precision": precision} for stage in (0, 1, 2)}
     faults = {1: "loss", 3: "grad"} if backend == "ddp" else {1: "grad"}  # step -> what goes bad on rank 1
     info = dist.init_distributed(120)
     res = {}
