@@ -77,6 +77,13 @@ def ln_mean(m: torch.Tensor, v: torch.Tensor, draws: int = LN_MEAN_DRAWS) -> tor
     return out / draws
 
 
+def std_normal(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Standard-normal draws from the global CPU generator (the jobs seed it per chunk), moved to ``like``'s
+    device: the same numbers for the same seed on any device (drawn on a GPU they came from CUDA's Philox
+    generator: other posterior samples than on the CPU for the same seed)."""
+    return torch.randn(shape, dtype=like.dtype).to(like.device)
+
+
 def _latent_draws(module: MultiVAE, inf: dict, n_samples: int, use_z_mean: bool) -> torch.Tensor:
     """(S, B, d) latents to decode: the mean once, or S independent posterior samples."""
     if use_z_mean:
@@ -84,7 +91,7 @@ def _latent_draws(module: MultiVAE, inf: dict, n_samples: int, use_z_mean: bool)
             raise ValueError("n_samples > 1 draws posterior samples: pass use_z_mean=False")
         return inf["qz_m"].unsqueeze(0)
     qz_m, qz_v = inf["qz_m"], inf["qz_v"]
-    untran = qz_m + torch.randn((n_samples, *qz_m.shape), dtype=qz_m.dtype, device=qz_m.device) * qz_v.sqrt()
+    untran = qz_m + std_normal((n_samples, *qz_m.shape), qz_m) * qz_v.sqrt()
     return F.softmax(untran, dim=-1) if module.latent_distribution == "ln" else untran
 
 
@@ -139,7 +146,7 @@ def latent(
     m, v = posterior(module, batch, modality)
     if give_mean:
         return ln_mean(m, v) if module.latent_distribution == "ln" else m
-    untran = m + torch.randn((n_samples, *m.shape), dtype=m.dtype, device=m.device) * v.sqrt()
+    untran = m + std_normal((n_samples, *m.shape), m) * v.sqrt()
     return F.softmax(untran, dim=-1) if module.latent_distribution == "ln" else untran
 
 

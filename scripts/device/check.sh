@@ -13,6 +13,7 @@
 #   resume     the same run continued for more epochs (resume=auto)
 #   deepspeed  mva-train with DeepSpeed ZeRO 2, bf16 weights, LR plateau on
 #   embed      mva-infer job=embed on the GPU, and the same on the CPU: the latents compared
+#   sample     the same with posterior samples (give_mean=false, one seed) on both devices: compared
 #   expression mva-infer job=expression on the GPU
 # Results: $OUT/check.log (every step's output), $OUT/summary.json (per step: rc, seconds; per run: the last
 # records of metrics.jsonl; the GPU-vs-CPU latent difference), $OUT/gpu_step.json.
@@ -84,6 +85,11 @@ step deepspeed torchrun1 -m trainer.train "${TRAIN[@]}" dist=deepspeed dist.zero
 step embed "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" output="$WORK/embed_gpu.zarr" progress=false
 step embed_cpu env CUDA_VISIBLE_DEVICES= "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" \
   output="$WORK/embed_cpu.zarr" progress=false
+# posterior samples (give_mean=false): the same draws on both devices for the same seed (trainer.predict.std_normal)
+step sample "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" output="$WORK/sample_gpu.zarr" progress=false \
+  give_mean=false seed=3 "modalities=[joint]"
+step sample_cpu env CUDA_VISIBLE_DEVICES= "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" \
+  output="$WORK/sample_cpu.zarr" progress=false give_mean=false seed=3 "modalities=[joint]"
 step expression "$PY" -m trainer.infer job=expression model_dir="$WORK/ddp" store="$STORE" \
   output="$WORK/expr_gpu.zarr" progress=false
 

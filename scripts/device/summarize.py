@@ -64,7 +64,8 @@ def main() -> None:
     a = ap.parse_args()
     summary = {"steps": read_steps(a.steps),
                "runs": {name: run_summary(a.work / name) for name in ("ddp", "ds")},
-               "embed_gpu_vs_cpu": compare_embeddings(a.work / "embed_gpu.zarr", a.work / "embed_cpu.zarr")}
+               "embed_gpu_vs_cpu": compare_embeddings(a.work / "embed_gpu.zarr", a.work / "embed_cpu.zarr"),
+               "sample_gpu_vs_cpu": compare_embeddings(a.work / "sample_gpu.zarr", a.work / "sample_cpu.zarr")}
     expr = a.work / "expr_gpu.zarr"
     if expr.exists():
         import anndata as ad
