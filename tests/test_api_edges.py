@@ -131,3 +131,25 @@ def test_a_cell_with_neither_modality_is_refused_naming_it(trained):
     with pytest.raises(APIError, match=rf"3 cells are measured in neither modality .*{mdata.obs_names[3]!r}"):
         model.latent(mdata, mask=mask)
     model.latent(mdata[8:].copy(), mask=mask[8:])  # without them it runs
+
+
+def test_load_picks_the_gpu_where_there_is_one_and_takes_a_device(tmp_path_factory, monkeypatch):
+    """api.load used the CPU unless told otherwise, also on a GPU node (the reference's accelerator="auto" takes
+    the GPU). "auto" is the default now: the GPU where one is visible (pretended here: the loader is only asked
+    for the device), else the CPU; an explicit device is used as given."""
+    import torch
+
+    _, run = trained_model(tmp_path_factory)
+    assert load(run).device == torch.device("cpu") and load(run, "cpu").device == torch.device("cpu")
+    asked = []
+
+    def record(model_dir, device):
+        asked.append(device)
+        raise LookupError("recorded")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("trainer.api.load_model", record)
+    for device in ("auto", "cuda:1", "cpu"):
+        with pytest.raises(LookupError):
+            load(run, device)
+    assert asked == ["cuda", "cuda:1", "cpu"]

@@ -58,8 +58,13 @@ _MODALITY = {"joint": "joint", "expression": "rna", "rna": "rna", "accessibility
 _OBSM = {"joint": "X_multivi", "rna": "X_multivi_expression", "atac": "X_multivi_accessibility"}
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Model:
-    """A trained model from a run directory, an exported model directory or a scvi-tools MULTIVI directory."""
+def load(path: str | os.PathLike, device: str | torch.device = "auto") -> Model:
+    """A trained model from a run directory, an exported model directory or a scvi-tools MULTIVI directory.
+
+    ``device``: "auto" (the default, as the reference's ``accelerator="auto"``) is the GPU where one is visible,
+    else the CPU; or any torch device ("cpu", "cuda:1")."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     p = Path(path)
     if (p / "model.pt").is_file() and not (p / INFO).is_file():
         from trainer.scvi_import import import_from_scvi
