@@ -30,7 +30,7 @@ def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     steps = summary["steps"]
     assert list(steps) == ["env", "gpu_step", "synth", "ddp", "resume", "deepspeed", "embed", "embed_cpu",
-                           "sample", "sample_cpu", "expression"]
+                           "sample", "sample_cpu", "api", "expression"]
     assert summary["all_ok"], log[-3000:]
     assert json.loads((out / "gpu_step.json").read_text())["rows"]
     ddp, ds = summary["runs"]["ddp"], summary["runs"]["ds"]
@@ -45,4 +45,6 @@ def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
         {"X_multivi": 0.0, "X_multivi_expression": 0.0, "X_multivi_accessibility": 0.0}
     sample = summary["sample_gpu_vs_cpu"]
     assert list(sample) == ["n_cells", "same_cells", "X_multivi"] and sample["X_multivi"]["max_abs_diff"] == 0.0
+    api = summary["api_gpu_vs_cpu"]
+    assert api["device"] == "cpu" and api["latent_max_abs_diff"] == 0.0 and api["elbo_gpu"] == api["elbo_cpu"]
     assert summary["expression"]["shape"] == [600, 60]

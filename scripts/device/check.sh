@@ -14,6 +14,7 @@
 #   deepspeed  mva-train with DeepSpeed ZeRO 2, bf16 weights, LR plateau on
 #   embed      mva-infer job=embed on the GPU, and the same on the CPU: the latents compared
 #   sample     the same with posterior samples (give_mean=false, one seed) on both devices: compared
+#   api        the notebook API (trainer.api) on its default device vs the CPU: latents and ELBO
 #   expression mva-infer job=expression on the GPU
 # Results: $OUT/check.log (every step's output), $OUT/summary.json (per step: rc, seconds; per run: the last
 # records of metrics.jsonl; the GPU-vs-CPU latent difference), $OUT/gpu_step.json.
@@ -90,6 +91,16 @@ step sample "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" output="
   give_mean=false seed=3 "modalities=[joint]"
 step sample_cpu env CUDA_VISIBLE_DEVICES= "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" \
   output="$WORK/sample_cpu.zarr" progress=false give_mean=false seed=3 "modalities=[joint]"
+# the notebook API on its default device (the GPU) against the CPU: latents and ELBO of the store's cells
+step api "$PY" -c "
+import json, sys, numpy as np
+from trainer import api
+gpu, cpu = api.load(sys.argv[1]), api.load(sys.argv[1], 'cpu')
+zg, zc = gpu.latent(sys.argv[2]), cpu.latent(sys.argv[2])
+eg, ec = gpu.elbo(sys.argv[2]), cpu.elbo(sys.argv[2])
+json.dump({'device': str(gpu.device), 'latent_max_abs_diff': float(np.abs(zg - zc).max()),
+           'elbo_gpu': float(eg), 'elbo_cpu': float(ec)}, open(sys.argv[3], 'w'))
+" "$WORK/ddp" "$STORE" "$WORK/api.json"
 step expression "$PY" -m trainer.infer job=expression model_dir="$WORK/ddp" store="$STORE" \
   output="$WORK/expr_gpu.zarr" progress=false
 

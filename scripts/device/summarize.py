@@ -66,6 +66,8 @@ def main() -> None:
                "runs": {name: run_summary(a.work / name) for name in ("ddp", "ds")},
                "embed_gpu_vs_cpu": compare_embeddings(a.work / "embed_gpu.zarr", a.work / "embed_cpu.zarr"),
                "sample_gpu_vs_cpu": compare_embeddings(a.work / "sample_gpu.zarr", a.work / "sample_cpu.zarr")}
+    if (a.work / "api.json").exists():
+        summary["api_gpu_vs_cpu"] = json.loads((a.work / "api.json").read_text())
     expr = a.work / "expr_gpu.zarr"
     if expr.exists():
         import anndata as ad
