@@ -316,8 +316,10 @@ class DeepSpeedWrapped(Wrapped):
             "wall_clock_breakdown": False,
         }
         # a client torch optimizer: DeepSpeed's own Adam would JIT-compile FusedAdam (~185 s on CPU)
+        # (fused, as DDP's: ZeRO 1/2 hand it flat fp32 partitions, bf16 ZeRO 0 whole fp32 copies; unfused
+        # it cost a ZeRO 0 fp32 run on the CPU ~23 % of DDP's rate, docs/benchmarks.md)
         client_opt = torch.optim.AdamW(module.parameters(), lr=optim.lr, eps=optim.eps,
-                                       weight_decay=optim.weight_decay)
+                                       weight_decay=optim.weight_decay, fused=_fused(list(module.parameters())))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=LossModule(module, classifier, optim.kappa), optimizer=client_opt, config=ds_config,
             dist_init_required=True)  # joins the group init_distributed made (one exists even for 1 process)
