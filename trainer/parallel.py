@@ -315,9 +315,8 @@ class DeepSpeedWrapped(Wrapped):
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        # a client torch optimizer: DeepSpeed's own Adam would JIT-compile FusedAdam (~185 s on CPU)
-        # (fused, as DDP's: ZeRO 1/2 hand it flat fp32 partitions, bf16 ZeRO 0 whole fp32 copies; unfused
-        # it cost a ZeRO 0 fp32 run on the CPU ~23 % of DDP's rate, docs/benchmarks.md)
+        # a client torch optimizer: DeepSpeed's own Adam would JIT-compile FusedAdam (~185 s on CPU); torch's fused
+        # one, as DDP's (it steps ZeRO 1/2's flat fp32 partitions or bf16 ZeRO 0's copies; +8-24 %, benchmarks.md)
         client_opt = torch.optim.AdamW(module.parameters(), lr=optim.lr, eps=optim.eps,
                                        weight_decay=optim.weight_decay, fused=_fused(list(module.parameters())))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
