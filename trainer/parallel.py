@@ -282,9 +282,8 @@ def _patch_deepspeed_shm() -> None:
 
 
 def _unlinked_masters(opt: Any) -> dict[int, torch.Tensor]:
-    """id(module parameter) -> its fp32 master where DeepSpeed keeps one it does not link to the parameter: ZeRO 0
-    with bf16 trains through FP16_UnfusedOptimizer, whose whole fp32 copies (``fp32_groups``) pair with the
-    module's parameters (``fp16_groups``) by position, while ``safe_get_full_fp32_param`` gives None there."""
+    """id(parameter) -> its fp32 master where DeepSpeed does not link the two: bf16 ZeRO 0's FP16_UnfusedOptimizer
+    pairs whole copies (``fp32_groups``) with the parameters (``fp16_groups``) by position; safe_get_... gives None."""
     return {id(lp): hp for lg, hg in zip(getattr(opt, "fp16_groups", ()), getattr(opt, "fp32_groups", ()))
             for lp, hp in zip(lg, hg) if lp.shape == hp.shape}
 
