@@ -14,7 +14,8 @@ to the reader, the collate step and a background prefetch thread.
 * Resume: ``state_dict()`` records (epoch, batches consumed on this rank); ``load_state_dict()`` makes
   the next iteration yield exactly the rest of that epoch. With ``num_workers=0`` the stream counts
   consumed batches itself; with DataLoader workers it cannot see what the trainer took, so pass
-  ``state_dict(batches_consumed=n)`` (refused without it once ``share_position`` was called). A state from another world size is refused (ValueError).
+  ``state_dict(batches_consumed=n)`` (refused without it once ``share_position`` was called). A state
+  from another world size is refused (ValueError).
 * Chunking (``chunk_size`` rows per read, ``window_chunks`` chunks shuffled together): when the caller
   sets neither, a store that records ``preshuffled: true`` is read in 1,024-row chunks, 4 per window,
   others in 256-row chunks, 16 per window (``default_chunking``). ``state_dict`` records the chunking and
