@@ -48,3 +48,19 @@ def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
     api = summary["api_gpu_vs_cpu"]
     assert api["device"] == "cpu" and api["latent_max_abs_diff"] == 0.0 and api["elbo_gpu"] == api["elbo_cpu"]
     assert summary["expression"]["shape"] == [600, 60]
+
+
+@pytest.mark.slow  # ~10 s: every step started and cut off after 1 s
+def test_a_step_past_its_time_limit_is_recorded_and_the_rest_still_run(tmp_path):
+    """A hung step (an NCCL wait on a first GPU run, say) must not take the whole device call: each step runs
+    under STEP_TIMEOUT, its exit status 124 is recorded, and the later steps and the summary still happen."""
+    out = tmp_path / "out"
+    env = {**os.environ, "SMALL": "1", "PRECISION": "fp32", "NO_WHEELS": "1", "PY": sys.executable,
+           "OUT": str(out), "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1", "STEP_TIMEOUT": "1"}
+    proc = subprocess.run(["bash", "scripts/device/check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["steps"]) == 12 and not summary["all_ok"]
+    assert summary["steps"]["synth"]["rc"] == 124 and summary["steps"]["expression"]["rc"] != 0
+    assert all(s["seconds"] < 15 for s in summary["steps"].values()), summary["steps"]

@@ -51,19 +51,21 @@ STORE=$WORK/store
 TRAIN=("data.store=$STORE" "data.batch_size=$BATCH" "logger.wandb_mode=disabled" "run.seed=0"
        "optim.reduce_lr_on_plateau=true" "optim.lr_patience=1")
 
-step() {  # step NAME CMD...: run, time, log; never stops the script
+STEP_TIMEOUT=${STEP_TIMEOUT:-150}  # seconds per step: a hung step (an NCCL wait, say) must not eat the whole call
+
+step() {  # step NAME CMD...: run, time, log; never stops the script (rc 124: the step ran past STEP_TIMEOUT)
   local name=$1 t0 rc
   shift
   echo "=== $name: $*" >>"$LOG"
   t0=$(date +%s%N)
-  "$@" >>"$LOG" 2>&1
+  timeout -k 10 "$STEP_TIMEOUT" "$@" >>"$LOG" 2>&1
   rc=$?
   printf "%s\t%s\t%s\n" "$name" "$rc" "$(( ($(date +%s%N) - t0) / 1000000 ))" >>"$STEPS"
   echo "=== $name: rc $rc" >>"$LOG"
   echo "$name: rc $rc"
 }
 
-torchrun1() { "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "$@"; }
+TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1)
 
 step env "$PY" -c "
 import subprocess, torch
@@ -77,11 +79,11 @@ step gpu_step "$PY" scripts/bench/gpu_step.py --sizes "$SIZES" --batch-size "$GP
   --warmup "$WARM" --out "$OUT/gpu_step.json"
 step synth "$PY" -m data.synthetic out="$STORE" n_cells=$CELLS n_genes=$GENES n_regions=$REGIONS progress=false \
   hydra.run.dir="$WORK/.synth" hydra.output_subdir=null
-step ddp torchrun1 -m trainer.train "${TRAIN[@]}" dist.precision="$PRECISION" run.epochs=$EPOCHS \
+step ddp "${TORCHRUN[@]}" -m trainer.train "${TRAIN[@]}" dist.precision="$PRECISION" run.epochs=$EPOCHS \
   run.output_dir="$WORK/ddp"
-step resume torchrun1 -m trainer.train "${TRAIN[@]}" dist.precision="$PRECISION" run.epochs=$MORE \
+step resume "${TORCHRUN[@]}" -m trainer.train "${TRAIN[@]}" dist.precision="$PRECISION" run.epochs=$MORE \
   run.output_dir="$WORK/ddp"
-step deepspeed torchrun1 -m trainer.train "${TRAIN[@]}" dist=deepspeed dist.zero_stage=2 \
+step deepspeed "${TORCHRUN[@]}" -m trainer.train "${TRAIN[@]}" dist=deepspeed dist.zero_stage=2 \
   dist.precision="$PRECISION" run.epochs=$EPOCHS run.output_dir="$WORK/ds"
 step embed "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" output="$WORK/embed_gpu.zarr" progress=false
 step embed_cpu env CUDA_VISIBLE_DEVICES= "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" \
