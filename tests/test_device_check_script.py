@@ -29,7 +29,7 @@ def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:] + log[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     steps = summary["steps"]
-    assert list(steps) == ["env", "gpu_step", "synth", "ddp", "resume", "deepspeed", "embed", "embed_cpu",
+    assert list(steps) == ["env", "parity", "gpu_step", "synth", "ddp", "resume", "deepspeed", "embed", "embed_cpu",
                            "sample", "sample_cpu", "api", "expression"]
     assert summary["all_ok"], log[-3000:]
     assert json.loads((out / "gpu_step.json").read_text())["rows"]
@@ -61,6 +61,6 @@ def test_a_step_past_its_time_limit_is_recorded_and_the_rest_still_run(tmp_path)
                           timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["steps"]) == 12 and not summary["all_ok"]
+    assert len(summary["steps"]) == 13 and not summary["all_ok"]
     assert summary["steps"]["synth"]["rc"] == 124 and summary["steps"]["expression"]["rc"] != 0
     assert all(s["seconds"] < 15 for s in summary["steps"].values()), summary["steps"]

@@ -6,6 +6,7 @@
 #
 # Steps (each timed and logged; a failing step is recorded and the next one still runs):
 #   env        nvidia-smi, torch / CUDA / bf16 support
+#   parity     tests/test_gpu.py: loss, gradients (float64) and one float32 train step on the GPU = on the CPU
 #   gpu_step   scripts/bench/gpu_step.py: cells/s of the training step, fp32 and bf16 autocast, batch 1,024,
 #              2,000 x 10,000 and 20,000 x 100,000 (-> gpu_step.json)
 #   synth      a synthetic store (mva-synth)
@@ -75,6 +76,7 @@ if torch.cuda.is_available():
     print(subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True).stdout)
 import zarr, anndata, hydra, omegaconf; print('zarr', zarr.__version__, 'anndata', anndata.__version__)
 "
+step parity "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 step gpu_step "$PY" scripts/bench/gpu_step.py --sizes "$SIZES" --batch-size "$GPU_BATCH" --steps "$STEPS_N" \
   --warmup "$WARM" --out "$OUT/gpu_step.json"
 step synth "$PY" -m data.synthetic out="$STORE" n_cells=$CELLS n_genes=$GENES n_regions=$REGIONS progress=false \
