@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train_utils import tiny_config, tiny_overrides, tiny_store, train_cli
-from trainer.precision import cpu_has_native_bf16
+from tests.train_utils import NEEDS_BF16_CPU, PRECISIONS, tiny_config, tiny_overrides, tiny_store, train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +21,8 @@ def store(tmp_path_factory):
     return tiny_store(tmp_path_factory.mktemp("store") / "store")
 
 
-BF16 = pytest.mark.skipif(not cpu_has_native_bf16(), reason="DeepSpeed trains bf16 on CPUs with native bf16 only")
-
-
-@pytest.mark.parametrize(("stage", "precision"), [(1, "fp32"), (2, "fp32"), pytest.param(0, "bf16", marks=BF16),
-                                                  pytest.param(2, "bf16", marks=BF16)])
+@pytest.mark.parametrize(("stage", "precision"), [(1, "fp32"), (2, "fp32"), pytest.param(0, "bf16", marks=NEEDS_BF16_CPU),
+                                                  pytest.param(2, "bf16", marks=NEEDS_BF16_CPU)])
 def test_zero_stage_trains_and_resumes_exactly(store, tmp_path, stage, precision):
     """bf16: the fp32 masters must survive the checkpoint (ZeRO 0 keeps them in FP16_UnfusedOptimizer, ZeRO 2 in
     its partitions); a resume from the bf16 weights alone would export other weights than the full run."""
@@ -54,8 +50,7 @@ def test_zero_stage_trains_and_resumes_exactly(store, tmp_path, stage, precision
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6, msg=f"{k} differs after resume")
 
 
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
-    not cpu_has_native_bf16(), reason="DeepSpeed trains bf16 on CPUs with native bf16 only"))])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_the_guard_skips_a_nan_gradient_on_every_rank_under_every_zero_stage(store, tmp_path, precision):
     """A finite loss with a NaN gradient on rank 1 only: ZeRO 0 used to apply it (NaN weights), ZeRO 1/2
     skipped it inside DeepSpeed while the loop counted the step as good and stepped the classifier."""
@@ -101,7 +96,7 @@ def test_full_weights_gather_the_master_copies_under_every_zero_stage(store, tmp
             assert r0["linked_params"] == r0["n_params"] and r1["linked_params"] == r0["n_params"], (stage, r0)
 
 
-@pytest.mark.skipif(not cpu_has_native_bf16(), reason="DeepSpeed trains bf16 on CPUs with native bf16 only")
+@NEEDS_BF16_CPU
 def test_a_bf16_run_exports_the_fp32_masters_under_every_zero_stage(store, tmp_path):
     """DeepSpeed bf16 (here on a CPU with native bf16, as on a GPU): the module's weights are bf16 and the AdamW
     updates go to fp32 masters. ZeRO 0 keeps them in FP16_UnfusedOptimizer, unlinked from the parameters, and
@@ -121,7 +116,7 @@ def test_a_bf16_run_exports_the_fp32_masters_under_every_zero_stage(store, tmp_p
         assert r1["gathered"] is None
 
 
-@pytest.mark.skipif(not cpu_has_native_bf16(), reason="DeepSpeed trains bf16 on CPUs with native bf16 only")
+@NEEDS_BF16_CPU
 def test_a_bf16_checkpoint_resumed_where_bf16_does_not_run_is_refused_in_one_line(store, tmp_path, monkeypatch):
     """The same config trains bf16 weights on a GPU or native-bf16 CPU and fp32 ones elsewhere, with optimizer
     states of other layouts: resumed on the other kind of machine it failed inside DeepSpeed's loader. The

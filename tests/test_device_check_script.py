@@ -18,16 +18,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # ~55 s: four torchrun / CLI runs
-def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
+def _check(tmp_path, **env: str) -> tuple[dict, str]:
+    """Run scripts/device/check.sh at toy sizes on the CPU: (summary.json, check.log)."""
     out = tmp_path / "out"
     env = {**os.environ, "SMALL": "1", "PRECISION": "fp32", "NO_WHEELS": "1", "PY": sys.executable,
-           "OUT": str(out), "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1"}
+           "OUT": str(out), "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1", **env}
     proc = subprocess.run(["bash", "scripts/device/check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600, check=False)
     log = (out / "check.log").read_text() if (out / "check.log").exists() else ""
     assert proc.returncode == 0, proc.stderr[-2000:] + log[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text()), log
+
+
+@pytest.mark.slow  # ~55 s: four torchrun / CLI runs
+def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
+    summary, log = _check(tmp_path)
+    out = tmp_path / "out"
     steps = summary["steps"]
     assert list(steps) == ["env", "parity", "gpu_step", "synth", "ddp", "resume", "deepspeed", "embed", "embed_cpu",
                            "sample", "sample_cpu", "api", "expression"]
@@ -54,13 +60,7 @@ def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
 def test_a_step_past_its_time_limit_is_recorded_and_the_rest_still_run(tmp_path):
     """A hung step (an NCCL wait on a first GPU run, say) must not take the whole device call: each step runs
     under STEP_TIMEOUT, its exit status 124 is recorded, and the later steps and the summary still happen."""
-    out = tmp_path / "out"
-    env = {**os.environ, "SMALL": "1", "PRECISION": "fp32", "NO_WHEELS": "1", "PY": sys.executable,
-           "OUT": str(out), "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1", "STEP_TIMEOUT": "1"}
-    proc = subprocess.run(["bash", "scripts/device/check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary, _ = _check(tmp_path, STEP_TIMEOUT="1")
     assert len(summary["steps"]) == 13 and not summary["all_ok"]
     assert summary["steps"]["synth"]["rc"] == 124 and summary["steps"]["expression"]["rc"] != 0
     assert all(s["seconds"] < 15 for s in summary["steps"].values()), summary["steps"]

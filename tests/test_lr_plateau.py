@@ -15,10 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train_utils import ROOT, tiny_config, tiny_store, torchrun
+from tests.train_utils import PRECISIONS, ROOT, tiny_config, tiny_store, torchrun
 from trainer.config import ConfigError
 from trainer.loop import run
-from trainer.precision import cpu_has_native_bf16
 from trainer.schedules import LrPlateau
 
 
@@ -126,8 +125,7 @@ def test_the_loop_lowers_the_rate_and_a_resumed_run_counts_on(store, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
-    not cpu_has_native_bf16(), reason="DeepSpeed trains bf16 on CPUs with native bf16 only"))])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_set_lr_reaches_deepspeeds_update_under_every_zero_stage(store, tmp_path, precision):
     """DeepSpeed wraps the client AdamW (ZeRO 1/2 move its parameters to flat fp32 partitions; bf16 ZeRO 0 its
     FP16_UnfusedOptimizer): a rate written where the wrapper shows it must be the rate its step uses. lr 0

@@ -9,11 +9,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from data.synthetic import write_synthetic_store
 from trainer.config import TrainConfig, load_config
+from trainer.precision import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+# DeepSpeed trains bf16 weights on a CPU only where it has native bf16 GEMMs (trainer.precision.deepspeed_bf16)
+NEEDS_BF16_CPU = pytest.mark.skipif(not cpu_has_native_bf16(),
+                                    reason="DeepSpeed trains bf16 on CPUs with native bf16 only")
+PRECISIONS = ["fp32", pytest.param("bf16", marks=NEEDS_BF16_CPU)]
 
 
 def tiny_store(path: Path, n_cells: int = 1200, **kw) -> Path:
