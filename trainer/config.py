@@ -16,6 +16,8 @@ from omegaconf import MISSING
 
 from data.typed_config import ConfigError, to_typed
 
+DEVICES = ("auto", "cpu", "cuda")  # dist.device / mva-infer's device (trainer/dist.pick_device)
+
 # what run.monitor may name: keys of trainer.validation.validate's result (equal to loop.VALIDATION_KEYS, tested)
 VALIDATION_KEYS = ("reconstruction_loss_validation", "elbo_validation")
 
@@ -185,8 +187,13 @@ class DistConfig:
     precision: str = "fp32"
     timeout_s: int = 1800
     find_unused_parameters: bool = False
+    # auto: each rank's GPU (LOCAL_RANK) where torch sees one, else the CPU; cuda: refuse to start without a GPU;
+    # cpu: stay on the CPU of a GPU node (gloo; DeepSpeed's CPU accelerator)
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"dist.device must be one of {DEVICES}, got {self.device!r}")
         if self.backend not in ("ddp", "deepspeed"):
             raise ConfigError(f"dist.backend must be ddp or deepspeed, got {self.backend!r}")
         if self.zero_stage not in (0, 1, 2):

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from data.typed_config import ConfigError
+from trainer.config import DEVICES
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -52,18 +55,46 @@ def cuda_index(local_rank: int, n_gpus: int) -> int:
     return local_rank
 
 
-def init_distributed(timeout_s: int = 1800, single_group: bool = False) -> DistInfo:
+class DeviceError(ConfigError):
+    """The configured device cannot be had here (``device=cuda`` where torch sees no GPU): a one-line refusal."""
+
+
+def pick_device(want: str, local_rank: int) -> torch.device:
+    """The device of this rank for ``want``: "auto" is the GPU of its LOCAL_RANK where torch sees one, else the
+    CPU; "cuda" refuses to fall back (a job sent to a node without a usable GPU would otherwise train for days
+    on its CPU); "cpu" stays off the GPUs of a GPU node."""
+    if want not in DEVICES:
+        raise DeviceError(f"device must be one of {DEVICES}, got {want!r}")
+    has_gpu = torch.cuda.is_available()
+    if want == "cuda" and not has_gpu:
+        raise DeviceError(f"device=cuda but torch sees no GPU here (torch {torch.__version__}, CUDA build: "
+                          f"{torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): run on a GPU node, or use device=auto")
+    if want == "cpu" or not has_gpu:
+        if has_gpu:  # DeepSpeed picks its accelerator by itself (CUDA here) and would move the model there
+            os.environ["DS_ACCELERATOR"] = "cpu"
+        return torch.device("cpu")
+    torch.cuda.set_device(cuda_index(local_rank, torch.cuda.device_count()))
+    return torch.device("cuda", local_rank)
+
+
+def check_deepspeed_accelerator(device: torch.device) -> None:
+    """DeepSpeed picks its accelerator itself and moves the model there: it must be this rank's device."""
+    from deepspeed.accelerator import get_accelerator
+
+    if (acc := get_accelerator().device_name()) != device.type:
+        raise DeviceError(f"DeepSpeed's accelerator is {acc!r} but this rank runs on {device} (dist.device; "
+                          f"DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR', 'unset')}): set DS_ACCELERATOR={device.type}")
+
+
+def init_distributed(timeout_s: int = 1800, single_group: bool = False, device: str = "auto") -> DistInfo:
     """Join the process group described by torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 
-    gloo on CPU, NCCL on GPU; each rank uses the GPU of its LOCAL_RANK. Idempotent. ``single_group``:
-    create a group of one for a single process too (DeepSpeed needs one).
+    gloo on CPU, NCCL on GPU; each rank uses the GPU of its LOCAL_RANK (``device``: see pick_device).
+    Idempotent. ``single_group``: create a group of one for a single process too (DeepSpeed needs one).
     """
     rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(cuda_index(local, torch.cuda.device_count()))
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    device = pick_device(device, local)
     if world == 1 and single_group and not tdist.is_initialized():
         # an in-process store: no launcher, port or rendezvous is needed for a group of one; DeepSpeed
         # reads the launcher's variables itself, so a plain `python -m trainer.train` gets them here

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from data.typed_config import ConfigError, to_typed
+from trainer.config import DEVICES
 
 JOBS = ("embed", "expression", "accessibility", "de", "da", "export")
 # job -> "module:function" that runs it (imported lazily so a job's heavy imports cost only that job)
@@ -159,6 +160,7 @@ class InferConfig:
     overwrite: bool = False  # replace a complete output; an unfinished one is always resumed
     progress: bool = True  # progress bar on rank 0
     timeout_s: int = 1800  # torchrun: a rank that stops answering (lost node) fails the others after this
+    device: str = "auto"  # auto (each rank's GPU where torch sees one, else the CPU) | cuda (refused without) | cpu
     embed: EmbedOptions = field(default_factory=EmbedOptions)
     expression: ExpressionOptions = field(default_factory=ExpressionOptions)
     accessibility: AccessibilityOptions = field(default_factory=AccessibilityOptions)
@@ -175,6 +177,8 @@ class InferConfig:
             raise ConfigError(f"missing config value: {', '.join(missing)} (job={self.job})")
         if self.timeout_s < 1:
             raise ConfigError(f"timeout_s must be >= 1, got {self.timeout_s}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_samples < 1:

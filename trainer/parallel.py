@@ -99,8 +99,7 @@ class Wrapped:
 
     def __init__(self, module: nn.Module, classifier: nn.Module | None, optim: OptimConfig,
                  dcfg: DistConfig, device: torch.device):
-        self.module, self.classifier, self.optim_cfg = module, classifier, optim
-        self.device = device
+        self.module, self.classifier, self.optim_cfg, self.device = module, classifier, optim, device
         self.clf_optimizer = None
         # Parameter lists taken once: a module-tree walk per use (grad norm, classifier step, the
         # guard's buffer snapshot) cost ~0.7 ms per batch-128 CPU step (2 %), for lists that never change
@@ -274,11 +273,13 @@ class DDPWrapped(Wrapped):
         self._load_clf_state(state)
 
 
-def _patch_deepspeed_shm() -> None:
+def _import_deepspeed(device: torch.device) -> Any:
     # DeepSpeed's CPU comm backend JIT-compiles a shm op (~150 s of g++) that only speeds up
     # inference all-reduce; training collectives go through torch.distributed (stack notes §3).
     importlib.import_module("deepspeed.comm.torch")
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    dist.check_deepspeed_accelerator(device)
+    return importlib.import_module("deepspeed")
 
 
 def _unlinked_masters(opt: Any) -> dict[int, torch.Tensor]:
@@ -298,8 +299,7 @@ class DeepSpeedWrapped(Wrapped):
 
     def __init__(self, module, classifier, optim, dcfg, device, micro_batch: int):
         super().__init__(module, classifier, optim, dcfg, device)
-        _patch_deepspeed_shm()
-        import deepspeed
+        deepspeed = _import_deepspeed(device)
 
         self.zero_stage = dcfg.zero_stage
         ds_config: dict[str, Any] = {

@@ -21,7 +21,7 @@ RESUMABLE = frozenset({
     "data.store",  # the store's content is checked by its fingerprint; it may have moved
     "data.num_workers", "data.prefetch", "data.cache_validation_mb",  # the batch order does not depend on them
     "model.native_kernels", "model.compile_kernels",  # the same math (the code fingerprint note says the rest)
-    "dist.timeout_s", "dist.find_unused_parameters",
+    "dist.timeout_s", "dist.find_unused_parameters", "dist.device",
 })
 
 

@@ -154,7 +154,7 @@ def _features(cfg: InferConfig, all_names: list[str], job: str) -> np.ndarray:
 
 
 def _run(cfg: InferConfig, job: str) -> dict:
-    info = dist.init_distributed(cfg.timeout_s)
+    info = dist.init_distributed(cfg.timeout_s, device=cfg.device)
     model_dir = resolve_model_dir(cfg.model_dir)
     module, minfo = load_model(model_dir, device=info.device)
     store = open_checked_store(cfg.store, minfo)

@@ -40,7 +40,7 @@ def run_export(cfg: InferConfig) -> dict:
         check_replaceable(out, opts.direction, cfg.overwrite, flag="overwrite=true")
     except ScviIOError as exc:
         raise InferError(str(exc)) from None
-    info = dist.init_distributed(cfg.timeout_s)
+    info = dist.init_distributed(cfg.timeout_s, device=cfg.device)
     result: dict = {"output": str(out), "direction": opts.direction}
     try:
         if info.is_main:

@@ -107,7 +107,7 @@ class JobContext:
 
 def open_job(cfg: InferConfig) -> JobContext:
     """Join the process group (if any), load the model and open the store checked against it."""
-    info = dist.init_distributed(cfg.timeout_s)
+    info = dist.init_distributed(cfg.timeout_s, device=cfg.device)
     model_dir = resolve_model_dir(cfg.model_dir)
     module, minfo = load_model(model_dir, device=info.device)
     store = open_checked_store(cfg.store, minfo)
