@@ -1,6 +1,6 @@
 """``scripts/device/check.sh`` (the one prepared GPU check of issue #4) runs end to end on the CPU at toy sizes:
-every step (the step benchmark, a store, training under torchrun with DDP, its resume, DeepSpeed ZeRO 2, the
-embedding twice and expression) exits 0 and the summary holds what a GPU session would record.
+every step (the step benchmark, a store, training under torchrun with DDP, its resume, DeepSpeed ZeRO 2 and on
+the CPU, the embedding twice and expression) exits 0 and the summary holds what a GPU session would record.
 
     .venv/bin/python -m pytest tests/test_device_check_script.py -q
 """
@@ -22,7 +22,7 @@ def _check(tmp_path, **env: str) -> tuple[dict, str]:
     """Run scripts/device/check.sh at toy sizes on the CPU: (summary.json, check.log)."""
     out = tmp_path / "out"
     env = {**os.environ, "SMALL": "1", "PRECISION": "fp32", "NO_WHEELS": "1", "PY": sys.executable,
-           "OUT": str(out), "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1", **env}
+           "OUT": str(out), "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1", "DEVICE": "auto", **env}
     proc = subprocess.run(["bash", "scripts/device/check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600, check=False)
     log = (out / "check.log").read_text() if (out / "check.log").exists() else ""
@@ -35,12 +35,13 @@ def test_the_device_check_runs_every_step_on_the_cpu(tmp_path):
     summary, log = _check(tmp_path)
     out = tmp_path / "out"
     steps = summary["steps"]
-    assert list(steps) == ["env", "parity", "gpu_step", "synth", "ddp", "resume", "deepspeed", "embed", "embed_cpu",
-                           "sample", "sample_cpu", "api", "expression"]
+    assert list(steps) == ["env", "parity", "gpu_step", "synth", "ddp", "resume", "deepspeed", "ds_cpu", "embed",
+                           "embed_cpu", "sample", "sample_cpu", "api", "expression"]
     assert summary["all_ok"], log[-3000:]
     assert json.loads((out / "gpu_step.json").read_text())["rows"]
     ddp, ds = summary["runs"]["ddp"], summary["runs"]["ds"]
     assert ddp["result"]["epochs"] == 3 and ds["result"]["epochs"] == 2  # the resume continued epochs 2 -> 3
+    assert summary["runs"]["ds_cpu"]["result"]["steps"] == 3  # dist.device=cpu, run.max_steps=3
     # optim.lr_patience=1: the plateau rule lowers the rate once the validation stops improving (or not at all)
     assert all(lr <= 1e-3 for lr in ddp["lr_by_validation"]) and len(ddp["lr_by_validation"]) == 3
     assert ddp["last_train"]["skipped_steps"] == 0 and ddp["last_train"]["cells_per_s"] > 0
@@ -61,6 +62,6 @@ def test_a_step_past_its_time_limit_is_recorded_and_the_rest_still_run(tmp_path)
     """A hung step (an NCCL wait on a first GPU run, say) must not take the whole device call: each step runs
     under STEP_TIMEOUT, its exit status 124 is recorded, and the later steps and the summary still happen."""
     summary, _ = _check(tmp_path, STEP_TIMEOUT="1")
-    assert len(summary["steps"]) == 13 and not summary["all_ok"]
+    assert len(summary["steps"]) == 14 and not summary["all_ok"]
     assert summary["steps"]["synth"]["rc"] == 124 and summary["steps"]["expression"]["rc"] != 0
     assert all(s["seconds"] < 15 for s in summary["steps"].values()), summary["steps"]

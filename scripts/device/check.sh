@@ -13,19 +13,22 @@
 #   ddp        mva-train under torchrun on one GPU (NCCL), bf16 autocast, LR plateau on, early stopping on
 #   resume     the same run continued for more epochs (resume=auto)
 #   deepspeed  mva-train with DeepSpeed ZeRO 2, bf16 weights, LR plateau on
-#   embed      mva-infer job=embed on the GPU, and the same on the CPU: the latents compared
+#   ds_cpu     DeepSpeed with dist.device=cpu on the GPU node: a few steps on DeepSpeed's CPU accelerator
+#   embed      mva-infer job=embed on the GPU, and the same with device=cpu: the latents compared
 #   sample     the same with posterior samples (give_mean=false, one seed) on both devices: compared
 #   api        the notebook API (trainer.api) on its default device vs the CPU: latents and ELBO
 #   expression mva-infer job=expression on the GPU
 # Results: $OUT/check.log (every step's output), $OUT/summary.json (per step: rc, seconds; per run: the last
 # records of metrics.jsonl; the GPU-vs-CPU latent difference), $OUT/gpu_step.json.
 #
-# On the CPU (tests/test_device_check_script.py): SMALL=1 PRECISION=fp32 PY=.venv/bin/python NO_WHEELS=1.
+# The GPU steps run with device=cuda (dist.device=cuda): a silent fall-back to the CPU would fail them.
+# On the CPU (tests/test_device_check_script.py): SMALL=1 PRECISION=fp32 PY=.venv/bin/python NO_WHEELS=1 DEVICE=auto.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-outputs/device_check}
 PY=${PY:-python3}
 PRECISION=${PRECISION:-bf16}
+DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-$(mktemp -d /tmp/mva-check.XXXXXX)}
 mkdir -p "$OUT" "$WORK"
 LOG=$OUT/check.log
@@ -50,7 +53,7 @@ else
 fi
 STORE=$WORK/store
 TRAIN=("data.store=$STORE" "data.batch_size=$BATCH" "logger.wandb_mode=disabled" "run.seed=0"
-       "optim.reduce_lr_on_plateau=true" "optim.lr_patience=1")
+       "optim.reduce_lr_on_plateau=true" "optim.lr_patience=1" "dist.device=$DEVICE")
 
 STEP_TIMEOUT=${STEP_TIMEOUT:-150}  # seconds per step: a hung step (an NCCL wait, say) must not eat the whole call
 
@@ -87,14 +90,17 @@ step resume "${TORCHRUN[@]}" -m trainer.train "${TRAIN[@]}" dist.precision="$PRE
   run.output_dir="$WORK/ddp"
 step deepspeed "${TORCHRUN[@]}" -m trainer.train "${TRAIN[@]}" dist=deepspeed dist.zero_stage=2 \
   dist.precision="$PRECISION" run.epochs=$EPOCHS run.output_dir="$WORK/ds"
-step embed "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" output="$WORK/embed_gpu.zarr" progress=false
-step embed_cpu env CUDA_VISIBLE_DEVICES= "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" \
-  output="$WORK/embed_cpu.zarr" progress=false
+step ds_cpu "${TORCHRUN[@]}" -m trainer.train "${TRAIN[@]}" dist=deepspeed dist.device=cpu run.epochs=1 run.max_steps=3 \
+  run.output_dir="$WORK/ds_cpu"
+step embed "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" output="$WORK/embed_gpu.zarr" progress=false \
+  device="$DEVICE"
+step embed_cpu "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" output="$WORK/embed_cpu.zarr" \
+  progress=false device=cpu
 # posterior samples (give_mean=false): the same draws on both devices for the same seed (trainer.predict.std_normal)
 step sample "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" output="$WORK/sample_gpu.zarr" progress=false \
-  give_mean=false seed=3 "modalities=[joint]"
-step sample_cpu env CUDA_VISIBLE_DEVICES= "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" \
-  output="$WORK/sample_cpu.zarr" progress=false give_mean=false seed=3 "modalities=[joint]"
+  give_mean=false seed=3 "modalities=[joint]" device="$DEVICE"
+step sample_cpu "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" output="$WORK/sample_cpu.zarr" \
+  progress=false give_mean=false seed=3 "modalities=[joint]" device=cpu
 # the notebook API on its default device (the GPU) against the CPU: latents and ELBO of the store's cells
 step api "$PY" -c "
 import json, sys, numpy as np
@@ -106,7 +112,7 @@ json.dump({'device': str(gpu.device), 'latent_max_abs_diff': float(np.abs(zg - z
            'elbo_gpu': float(eg), 'elbo_cpu': float(ec)}, open(sys.argv[3], 'w'))
 " "$WORK/ddp" "$STORE" "$WORK/api.json"
 step expression "$PY" -m trainer.infer job=expression model_dir="$WORK/ddp" store="$STORE" \
-  output="$WORK/expr_gpu.zarr" progress=false
+  output="$WORK/expr_gpu.zarr" progress=false device="$DEVICE"
 
 "$PY" scripts/device/summarize.py --steps "$STEPS" --work "$WORK" --out "$OUT/summary.json" >>"$LOG" 2>&1
 cat "$OUT/summary.json" 2>/dev/null || echo "no summary (see $LOG)"

@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     summary = {"steps": read_steps(a.steps),
-               "runs": {name: run_summary(a.work / name) for name in ("ddp", "ds")},
+               "runs": {name: run_summary(a.work / name) for name in ("ddp", "ds", "ds_cpu")},
                "embed_gpu_vs_cpu": compare_embeddings(a.work / "embed_gpu.zarr", a.work / "embed_cpu.zarr"),
                "sample_gpu_vs_cpu": compare_embeddings(a.work / "sample_gpu.zarr", a.work / "sample_cpu.zarr")}
     if (a.work / "api.json").exists():
