@@ -240,9 +240,9 @@ def test_crash_then_rerun_equals_clean_run(trained, tmp_path, monkeypatch):
     with pytest.raises(InferError, match="different settings"):  # never mixes parts of other settings
         _run(trained, out, **{**kw, "mode": "vanilla"})
     store, run = trained
-    # another timeout and an irrelevant job section do not change the table: still the same run
+    # another timeout, device setting or job section do not change the table: still the same run
     summary = infer(InferConfig(model_dir=str(run), store=str(store), output=str(out), job="de", progress=False,
-                                batch_size=128, de=DiffOptions(**kw), timeout_s=999,
+                                batch_size=128, de=DiffOptions(**kw), timeout_s=999, device="cpu",
                                 expression=ExpressionOptions(library_size=1e4)))
     assert summary["computed"] == 2  # the finished comparison was skipped
     pd.testing.assert_frame_equal(pd.read_csv(out, index_col=0), clean)

@@ -57,8 +57,8 @@ FAIL_AFTER_ENV = "MVA_INFER_FAIL_AFTER_CHUNKS"
 
 
 # config keys that do not change a de/da table (the resume fingerprint leaves them out)
-_NOT_DE_SETTINGS = ("output", "overwrite", "progress", "timeout_s", "model_dir", "store", "embed", "expression",
-                    "accessibility", "export")
+_NOT_DE_SETTINGS = ("output", "overwrite", "progress", "timeout_s", "device", "model_dir", "store", "embed",
+                    "expression", "accessibility", "export")
 
 
 # ------------------------------------------------------------------------------------- comparisons

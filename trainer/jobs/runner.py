@@ -86,9 +86,10 @@ FAIL_AFTER_ENV = "MVA_INFER_FAIL_AFTER_CHUNKS"
 # Store chunk k on a writer thread while chunk k+1 is read and computed (one chunk in flight, so memory is
 # two chunks' results); False = store synchronously (debugging, A/B timing).
 OVERLAP_WRITES = True
-# Top-level config keys that do not change the output (and so are not part of the fingerprint).
-_NOT_SETTINGS = ("output", "overwrite", "progress", "timeout_s", "model_dir", "store", "embed", "expression",
-                 "accessibility", "de", "export")
+# Top-level config keys that do not change the output (and so are not part of the fingerprint); device: a crashed
+# GPU job may be finished on a CPU (as with device=auto on either, the rows differ by float rounding only)
+_NOT_SETTINGS = ("output", "overwrite", "progress", "timeout_s", "device", "model_dir", "store", "embed",
+                 "expression", "accessibility", "de", "export")
 
 
 @dataclass
