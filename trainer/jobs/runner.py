@@ -4,7 +4,8 @@ A job (``ChunkJob`` subclass) says what its output holds and how one chunk of ce
 runner (``run_chunked``) does everything else, identically for embed, expression and accessibility:
 
 * output ``<output>.partial`` (an AnnData Zarr: obs copied from the store, var = the job's feature
-  names, uns['multivi'] = the settings) whose skeleton rank 0 writes before anyone computes;
+  names, uns['multivi'] = the settings) whose skeleton rank 0 writes before anyone computes
+  (``trainer/jobs/skeleton.py``);
 * done markers and a settings fingerprint in ``<output>.progress`` (``common.Progress``): a rerun after
   a crash skips finished chunks (with any world size: chunks are global row ranges) and refuses an
   unfinished output that was started with other settings;
@@ -31,16 +32,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import torch
 import zarr
 
@@ -66,6 +64,7 @@ from trainer.jobs.common import (
     store_identity,
 )
 from trainer.jobs.direct_io import DirectLocalStore
+from trainer.jobs.skeleton import is_job_output, output_paths, write_skeleton
 
 __all__ = ["FAIL_AFTER_ENV", "ChunkJob", "JobContext", "consolidate", "create_dense", "feature_chunk_cols",
            "open_job", "output_compressors", "run_chunked"]
@@ -154,67 +153,6 @@ class ChunkJob:
         """Rank 0, after every chunk is done and before consolidation (idempotent: may be rerun)."""
 
 
-def output_paths(output: str) -> tuple[Path, Path, Path]:
-    """(final, partial, progress) paths of one output."""
-    final = Path(output)
-    return final, final.with_name(final.name + ".partial"), final.with_name(final.name + ".progress")
-
-
-def _write_skeleton(job: ChunkJob, path: Path) -> None:
-    """obs (small: cells x columns) + var + uns through anndata, then the job's empty arrays."""
-    ctx = job.ctx
-    var_names = job.var_names()
-    var = None if var_names is None else pd.DataFrame(index=pd.Index(var_names, dtype=str))
-    uns = {"model": str(ctx.model_dir), "store": str(ctx.store.path), "job": job.name,
-           "give_mean": ctx.cfg.give_mean, "n_samples": ctx.cfg.n_samples, **job.uns()}
-    if not ctx.cfg.give_mean:  # posterior draws: the seed is what makes them reproducible
-        uns["seed"] = ctx.cfg.seed
-    # obs of the first shard only: the other shards' rows are appended array by array below, so the
-    # skeleton never holds the whole table (~100 B per cell as pandas: 1 GB at 10M cells)
-    adata = ad.AnnData(obs=ctx.store.read_shard_obs(0), var=var, uns={"multivi": uns})
-    with ad.settings.override(zarr_write_format=3), warnings.catch_warnings():
-        # v3 = the store's format (anndata deprecates v2); its autosharding notice is about obs here
-        warnings.filterwarnings("ignore", message=".*autosharding.*")
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        adata.write_zarr(str(path))
-    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-    _append_shard_obs(ctx.store, root["obs"])
-    job.create_arrays(root)
-    consolidate(path)  # anndata opens through the consolidated metadata
-
-
-def _row_arrays(group: zarr.Group, prefix: str = "") -> list[str]:
-    """Paths of the per-row arrays of an anndata dataframe group (categories are not per row)."""
-    out = []
-    for name, member in group.members():
-        if isinstance(member, zarr.Group):
-            out += [p for p in _row_arrays(member, f"{prefix}{name}/") if not p.endswith("/categories")]
-        else:
-            out.append(f"{prefix}{name}")
-    return out
-
-
-def _append_shard_obs(store, obs: zarr.Group) -> None:
-    """Grow the skeleton's obs (written from shard 0) to every cell, copying one shard's rows at a time.
-
-    The store's shard obs groups were written by anndata from frames with the same columns and
-    store-wide categories, so each output array has a same-named source array in every shard.
-    """
-    meta = store.meta
-    if meta.n_shards == 1:
-        return
-    paths = _row_arrays(obs)
-    for p in paths:
-        a = obs[p]
-        a.resize((meta.n_cells, *a.shape[1:]))
-    for shard in range(1, meta.n_shards):
-        src = store.root[f"shards/{shard:05d}/obs"]
-        lo = meta.shard_offsets[shard]
-        for p in paths:
-            rows = src[p][...]
-            obs[p][lo:lo + len(rows)] = rows
-
-
 def _fingerprint(job: ChunkJob) -> dict:
     ctx = job.ctx
     c = {k: v for k, v in asdict(ctx.cfg).items() if k not in _NOT_SETTINGS}
@@ -279,21 +217,13 @@ def _on_main(info: dist.DistInfo, fn) -> None:
         raise InferError(f"rank 0 failed: {error}")
 
 
-def _is_job_output(path: Path) -> bool:
-    """A finished output of a chunked job: a Zarr group whose attributes name the job (finalize)."""
-    try:
-        return bool(zarr.open_group(str(path), mode="r").attrs.get("mva_job"))
-    except (zarr.errors.BaseZarrError, OSError, ValueError):  # not a Zarr group: a file, a run dir, damage
-        return False
-
-
 def run_chunked(job: ChunkJob) -> dict:
     """Run ``job`` over every cell of the store; returns a small summary (this rank's view)."""
     cfg, info = job.ctx.cfg, job.ctx.info
     final, partial, prog_dir = output_paths(cfg.output)
     if final.exists() and not cfg.overwrite:
         raise InferError(f"{final} already exists: pass overwrite=true to replace it")
-    if final.exists() and not _is_job_output(final):
+    if final.exists() and not is_job_output(final):
         # overwrite deletes the whole tree: never on a path this tool did not write (a mistyped output=
         # naming a run directory or a store)
         raise InferError(f"{final} exists and is not an mva-infer output (no finished job's Zarr group): "
@@ -318,7 +248,7 @@ def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> di
             # start from scratch
             shutil.rmtree(partial, ignore_errors=True)
             _empty_dir(prog_dir)
-            _write_skeleton(job, partial)
+            write_skeleton(job, partial)
         progress.start(_fingerprint(job))  # raises if an unfinished output has other settings
 
     _on_main(info, setup)
