@@ -84,6 +84,39 @@ def test_de_rerun_naming_the_same_cell_files_by_another_path_resumes(trained, tm
                                   pd.read_csv(tmp_path / "clean.csv", index_col=0))
 
 
+@pytest.mark.parametrize("job, fmt", [("de", "csv"), ("da", "parquet")])
+def test_a_table_from_cell_files_is_replaced_by_overwrite(trained, tmp_path, job, fmt):
+    """overwrite=true replaced only tables with comparison / group1 / group2 columns, which the reference (and
+    we) write in groupby mode only: a finished de/da table from cell-id files was refused as "not an mva-infer
+    de/da table". A file that is no such table is still refused."""
+    from data.store import open_store
+    from trainer.infer_config import DiffOptions, InferConfig
+
+    store, run = trained
+    ids = open_store(store).read_obs().index
+    (tmp_path / "c1.txt").write_text("\n".join(ids[:60]))
+    out = tmp_path / f"t.{fmt}"
+
+    def run_job(n: int, overwrite: bool = False) -> pd.DataFrame:
+        infer(InferConfig(model_dir=str(run), store=str(store), output=str(out), job=job, progress=False,
+                          batch_size=96, overwrite=overwrite,
+                          de=DiffOptions(cells1=str(tmp_path / "c1.txt"), n_samples_overall=n, format=fmt)))
+        return pd.read_parquet(out) if fmt == "parquet" else pd.read_csv(out, index_col=0)
+
+    first = run_job(50)
+    assert "comparison" not in first.columns
+    with pytest.raises(InferError, match="already exists"):
+        run_job(80)
+    second = run_job(80, overwrite=True)
+    assert list(second.columns) == list(first.columns) and not second.equals(first)  # replaced: other draws
+    notes = tmp_path / "notes.csv"
+    notes.write_text("gene,comment\nCD3E,mine\n")
+    with pytest.raises(InferError, match="is not an mva-infer de/da table"):
+        infer(InferConfig(model_dir=str(run), store=str(store), output=str(notes), job=job, progress=False,
+                          batch_size=96, overwrite=True, de=DiffOptions(cells1=str(tmp_path / "c1.txt"))))
+    assert notes.read_text() == "gene,comment\nCD3E,mine\n"
+
+
 def test_fdr_target_with_vanilla_mode_is_refused_naming_the_key():
     """de.mode=vanilla has no FDR flag (de: no is_de_fdr column, da: is_da_fdr empty): de.fdr_target=0.1 was
     accepted and silently ignored, as de.delta / de.pseudocounts / de.test_mode were before they were refused."""

@@ -174,7 +174,7 @@ def _run(cfg: InferConfig, job: str) -> dict:
     if final.exists() and not _is_table(final):
         # overwrite deletes the file: never one this job did not write (a mistyped output= naming the user's
         # own notes or a directory), as the chunked jobs replace only their own outputs
-        raise InferError(f"{final} exists and is not an mva-infer de/da table (no {sorted(_OWN_COLUMNS)} columns): "
+        raise InferError(f"{final} exists and is not an mva-infer de/da table (no {' or '.join(map(str, map(sorted, _OWN_COLUMNS)))} columns): "
                          "overwrite=true only replaces those; remove it yourself or choose another output")
     # what decides the table: not the other jobs' sections or the timeout, and the store / model by
     # where they really are (a relative path typed differently is the same run)
@@ -262,7 +262,10 @@ def _run_locked(cfg, job, info, module, minfo, store, modality, all_names, feat,
             "rank": info.rank, "world_size": info.world_size}
 
 
-_OWN_COLUMNS = {"comparison", "group1", "group2", "bayes_factor"}  # in every table either job and mode writes
+# columns in every table of each job, both modes, groupby and cell-file tables alike (the latter, as the
+# reference's, have no comparison / group1 / group2 columns: requiring those refused overwrite=true on them)
+_OWN_COLUMNS = ({"bayes_factor", "raw_mean1", "raw_mean2", "non_zeros_proportion1"},  # de
+                {"prob_da", "bayes_factor", "emp_prob1", "emp_prob2"})  # da
 
 
 def _is_table(path: Path) -> bool:
@@ -281,7 +284,7 @@ def _is_table(path: Path) -> bool:
                 names = set(next(csv.reader(fh), []))
     except (OSError, ValueError, csv.Error):  # pyarrow's ArrowInvalid is a ValueError
         return False
-    return _OWN_COLUMNS <= names
+    return any(cols <= names for cols in _OWN_COLUMNS)
 
 
 def _write_table(table: pd.DataFrame, final: Path, fmt: str) -> None:
