@@ -131,15 +131,20 @@ def _mudata_source(model: Model, mdata, mask, batch_size: int) -> _Source:
     if unknown:
         raise APIError(f"MuData modalities must be 'rna' and/or 'atac' (our model has no {sorted(unknown)})")
     obs, n = mdata.obs, mdata.n_obs
-    feats, member = {}, np.zeros((n, 2), dtype=bool)
+    feats, member, pulled = {}, np.zeros((n, 2), dtype=bool), {}
     for mod, names in ((keys.RNA, model.gene_names), (keys.ATAC, model.region_names)):
         if mod not in mdata.mod:
             continue
         a = mdata.mod[mod]
         rows = a.obs_names.get_indexer(mdata.obs_names)
+        # the modality's own obs columns as 'mod:col', as mudata < 0.4 pulls them on update (0.4 stops): read alike
+        pulled.update({f"{mod}:{c}": pd.Series(a.obs[c].to_numpy()[np.maximum(rows, 0)], index=obs.index,
+                                               dtype=object).where(rows >= 0)
+                       for c in a.obs.columns if f"{mod}:{c}" not in obs and c not in obs})
         cols = _columns(a.var_names, names, f"MuData '{mod}'")
         feats[mod] = (a.X, rows, cols)
         member[:, keys.MASK_COLUMN[mod]] = rows >= 0
+    obs = pd.concat([obs, pd.DataFrame(pulled, index=obs.index)], axis=1) if pulled else obs
     m = _explicit_mask(mask, obs, n)
     if m is not None:
         _check_membership(m, member, feats, mdata.obs_names)
@@ -159,27 +164,63 @@ def _check_membership(mask: np.ndarray, member: np.ndarray, feats: dict, names: 
 
 
 def _explicit_mask(mask, obs: pd.DataFrame, n: int) -> np.ndarray | None:
-    """Rules 1-3 of the module docstring, or None when none applies."""
+    """Rules 1-3 of the module docstring, or None when none applies. A MuData's (or a dict's) obs holds its
+    modalities' own columns as 'rna:mask_rna', 'atac:mask_rna', ...: they count as well (they were ignored,
+    and every cell was then taken as measured in both)."""
     if mask is not None:
         m = np.asarray(mask)
         if m.shape != (n, 2) or m.dtype != bool:
             raise APIError(f"mask must be a boolean array of shape ({n}, 2), got {m.dtype} {m.shape}")
         return m
-    if ("mask_rna" in obs) != ("mask_atac" in obs):
-        have = "mask_rna" if "mask_rna" in obs else "mask_atac"
+    cols = {c: _one_column(obs, c, _mask_parser(c)) for c in ("mask_rna", "mask_atac")}
+    if (cols["mask_rna"] is None) != (cols["mask_atac"] is None):
+        have = "mask_rna" if cols["mask_rna"] is not None else "mask_atac"
         raise APIError(f"obs has {have!r} but not its partner: give both mask_rna and mask_atac, or neither")
-    if "mask_rna" in obs and "mask_atac" in obs:
-        try:  # the store builder's rules: bools, 0/1 or true/false text; NaN or anything else refused
-            return np.stack([as_mask(obs[c], "obs", c) for c in ("mask_rna", "mask_atac")], axis=1)
-        except ValueError as exc:
-            raise APIError(str(exc)) from None
-    if "modality" in obs:
-        values = obs["modality"].astype(str).str.lower()  # as mva-build reads it ('Paired' too)
+    if cols["mask_rna"] is not None:
+        return np.stack([_parse_mask(cols[c], c) for c in ("mask_rna", "mask_atac")], axis=1)
+    values = _one_column(obs, "modality", lambda v: v.astype(str).str.lower())  # as mva-build reads it
+    if values is not None:
+        if values.isna().any():
+            raise APIError(f"obs['modality'] is missing for cell {values.index[values.isna().to_numpy()][0]!r}")
         bad = sorted(set(values) - set(_MODALITY_COLUMN))
         if bad:
             raise APIError(f"obs['modality'] has values {bad[:5]}; expected {list(_MODALITY_COLUMN)}")
         return np.array([_MODALITY_COLUMN[v] for v in values], dtype=bool).reshape(n, 2)
     return None
+
+
+def _mask_parser(name: str):
+    def parse(v: pd.Series) -> pd.Series:  # the store builder's rules: bools, 0/1 or true/false text
+        return pd.Series(_parse_mask(v, name), index=v.index, dtype=object)
+    return parse
+
+
+def _parse_mask(v: pd.Series, name: str) -> np.ndarray:
+    try:  # NaN or anything else refused, naming the cell
+        return as_mask(v, "obs", name).astype(bool)
+    except ValueError as exc:
+        raise APIError(str(exc)) from None
+
+
+def _one_column(obs: pd.DataFrame, key: str, parse) -> pd.Series | None:
+    """A top-level obs column, or the modalities' own 'rna:key' / 'atac:key' columns merged (each parsed
+    where set; a cell whose two values differ is refused), or None."""
+    if key in obs:
+        return parse(obs[key])
+    parts = [obs[f"{m}:{key}"] for m in keys.MODALITIES if f"{m}:{key}" in obs]
+    if not parts:
+        return None
+    parsed = [pd.Series(None, index=obs.index, dtype=object) for _ in parts]
+    for p, out in zip(parts, parsed):
+        have = p.notna().to_numpy()
+        out[have] = parse(p[have]).to_numpy()
+    merged = parsed[0].where(parsed[0].notna(), parsed[-1])
+    differ = (parsed[0].notna() & parsed[-1].notna() & (parsed[0] != parsed[-1])).to_numpy()
+    if differ.any():
+        cell = obs.index[np.flatnonzero(differ)[0]]
+        raise APIError(f"obs 'rna:{key}' and 'atac:{key}' disagree for cell {cell!r} ({parts[0][cell]!r} vs "
+                       f"{parts[-1][cell]!r}): give the cell's {key} once, in the MuData's obs or mask=")
+    return merged
 
 
 def _obs_values(obs: pd.DataFrame, key: str) -> pd.Series | None:
