@@ -91,6 +91,18 @@ def test_validation_off_needs_what_reads_it_off(overrides):
     assert ok.run.validate_every_epochs == 0
 
 
+def test_validation_off_names_only_the_settings_that_read_it():
+    """With early stopping on and keep=last it said "run.keep='last' read it", which it does not."""
+    for extra, readers, fixes in ((["run.keep=last"], "run.early_stopping=True reads it", "run.early_stopping=false,"),
+                                  (["run.early_stopping=false", "run.keep=best"], "run.keep='best' reads it",
+                                   "run.keep=last,"),
+                                  (["run.keep=best"], "run.early_stopping=True and run.keep='best' read it",
+                                   "run.early_stopping=false and run.keep=last,")):
+        with pytest.raises(ConfigError) as exc:
+            load_config(_compose("data.store=/x", "run.validate_every_epochs=0", *extra))
+        assert f"but {readers}: set {fixes} or validate" in str(exc.value) and "'last' read" not in str(exc.value)
+
+
 def test_model_options_match_the_module_signature():
     import inspect
 

@@ -282,9 +282,13 @@ class RunConfig:
         if self.validate_every_epochs < 0:
             raise ConfigError(f"run.validate_every_epochs must be >= 0, got {self.validate_every_epochs}")
         if self.validate_every_epochs == 0 and (self.early_stopping or self.keep == "best"):
-            raise ConfigError("run.validate_every_epochs=0 turns validation off, but run.early_stopping="
-                              f"{self.early_stopping} and run.keep={self.keep!r} read it: set "
-                              "run.early_stopping=false and run.keep=last, or validate")
+            # name only the settings that read it (it named run.keep='last' too, which does not)
+            readers = (["run.early_stopping=True"] if self.early_stopping else []) + \
+                (["run.keep='best'"] if self.keep == "best" else [])
+            fixes = (["run.early_stopping=false"] if self.early_stopping else []) + \
+                (["run.keep=last"] if self.keep == "best" else [])
+            raise ConfigError(f"run.validate_every_epochs=0 turns validation off, but {' and '.join(readers)} "
+                              f"{'reads' if len(readers) == 1 else 'read'} it: set {' and '.join(fixes)}, or validate")
 
 
 @dataclass
