@@ -23,6 +23,12 @@ Remainder rule (``remainder=``) for training, where every rank must take the sam
 - ``"drop"`` (default): the epoch is cut to ``n_batches * world_size * batch_size`` cells; the dropped
   tail changes every epoch because the order is reshuffled, and is counted in ``EpochPlan.n_dropped``;
 - ``"pad"``: the order is extended by repeating its first cells, counted in ``EpochPlan.n_padded``;
+- ``"even"``: every cell exactly once and the same batch count on every rank: the full rounds as in
+  ``"drop"``, then the ``r < world_size * batch_size`` remaining cells split over the ranks in contiguous
+  pieces of ``r // W`` or ``r // W + 1`` cells, one short last batch each; when ``r < 2 * W`` (some rank's
+  piece would be under 2 cells, which train-mode batch norm refuses) the pieces join the ranks' last full
+  batches instead (up to 2 cells more). A DDP step averages the ranks' means, so in the last step a cell
+  of a rank with one cell fewer weighs a little more; nothing is dropped or repeated;
 - ``"none"``: no equalisation, for validation and inference: rank ``r`` takes the contiguous block
   ``[r*ceil(N/W), (r+1)*ceil(N/W))`` of the order (blocks concatenate to the whole order), cut into
   batches with a short last batch. Ranks may then differ in batch count (the last rank can be short).
@@ -34,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-REMAINDER_RULES = ("drop", "pad", "none")
+REMAINDER_RULES = ("drop", "pad", "even", "none")
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,8 @@ def rank_batches(order: np.ndarray, *, batch_size: int, rank: int, world_size: i
     order = np.asarray(order, dtype=np.int64)
     n = len(order)
     n_dropped = n_padded = 0
+    if remainder == "even":
+        return _even_batches(order, batch_size, rank, world_size)
     if remainder == "none":
         per_rank = -(-n // world_size)
         mine = order[rank * per_rank:(rank + 1) * per_rank]
@@ -129,6 +137,24 @@ def rank_batches(order: np.ndarray, *, batch_size: int, rank: int, world_size: i
     mine = order[rank * per_rank:(rank + 1) * per_rank]
     batches = [np.sort(mine[i * batch_size:(i + 1) * batch_size]) for i in range(n_batches)]
     return EpochPlan(batches, n, n_dropped, n_padded)
+
+
+def _even_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int) -> EpochPlan:
+    """remainder="even" (module docstring); no batches at all under 2 cells per rank."""
+    n = len(order)
+    if n < 2 * world_size:
+        return EpochPlan([], n, 0, 0)
+    step = batch_size * world_size
+    n_full, r = divmod(n, step)
+    mine = order[rank * n_full * batch_size:(rank + 1) * n_full * batch_size]
+    batches = [mine[i * batch_size:(i + 1) * batch_size] for i in range(n_full)]
+    if r:
+        piece = order[n_full * step:][r * rank // world_size:r * (rank + 1) // world_size]
+        if r >= 2 * world_size:
+            batches.append(piece)
+        else:  # n >= 2 * world_size, so n_full >= 1 here
+            batches[-1] = np.concatenate([batches[-1], piece])
+    return EpochPlan([np.sort(b) for b in batches], n, 0, 0)
 
 
 def plan_epoch(shard_sizes: list[int] | np.ndarray, eligible: np.ndarray, *, batch_size: int, seed: int = 0,

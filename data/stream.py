@@ -3,9 +3,9 @@
 Which cells a (rank, worker) yields is decided by ``data.plan`` (pure); this module only wires the plan
 to the reader, the collate step and a background prefetch thread.
 
-* ``split="train"`` (default remainder ``"drop"``): every training cell at most once per epoch, exactly
-  once up to the ``< world_size * batch_size`` cells dropped (counted in ``plan.n_dropped``; use
-  ``remainder="pad"`` to repeat a few cells instead); ``len(stream)`` is equal on every rank.
+* ``split="train"`` (default remainder ``"even"``): every training cell exactly once per epoch, each rank's
+  last batch short (``data.plan``); ``"drop"`` leaves the ``< world_size * batch_size`` cells left over out
+  (counted in ``plan.n_dropped``), ``"pad"`` repeats a few; ``len(stream)`` is equal on every rank.
 * ``split="validation"`` / ``"all"`` (default remainder ``"none"``): every selected cell exactly once
   across ranks; rank ``r`` gets a contiguous block of the order, so **ranks may differ by a batch or
   more** and the last batch may be short. Aggregate validation with summed losses and cell counts
@@ -97,7 +97,7 @@ class StoreStream(IterableDataset):
         self.batch_size, self.split, self.shuffle, self.seed = int(batch_size), split, bool(shuffle), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.val_fraction = float(val_fraction)
-        self.remainder = remainder or ("drop" if split == "train" else "none")
+        self.remainder = remainder or ("even" if split == "train" else "none")
         self.chunk_size, self.window_chunks = default_chunking(self._store, chunk_size, window_chunks)
         self.prefetch, self.dense, self.size_factor = int(prefetch), bool(dense), bool(size_factor)
         self.modalities = tuple(modalities)
@@ -134,11 +134,14 @@ class StoreStream(IterableDataset):
         if split == "train" and plan.n_cells == 0:  # no batch size or remainder rule can help here
             raise ConfigError(f"split 'train' of {self.path} has no cells (data.val_fraction={self.val_fraction} "
                               f"puts all {self.meta.n_cells} in validation): lower data.val_fraction")
+        if split == "train" and len(plan) == 0 and self.remainder == "even":
+            raise ConfigError(f"split 'train' has {plan.n_cells} cells, fewer than 2 per rank ({self.world_size} "
+                              "ranks): use fewer processes or a larger store")
         if split == "train" and len(plan) == 0:
             # ConfigError (a ValueError): mva-train prints it as one line, not a traceback
             raise ConfigError(f"split 'train' has {plan.n_cells} cells, fewer than world_size x batch_size = "
                               f"{self.world_size} x {self.batch_size}: lower data.batch_size or use "
-                              "data.remainder=pad")
+                              "data.remainder=even or pad")
 
     @property
     def eligible(self) -> np.ndarray:

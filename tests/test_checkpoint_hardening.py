@@ -132,7 +132,8 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(run, 
     the first checkpoints): it was refused as "data.remainder (None -> 'drop')", a value nobody can set
     back. An absent key counts as its default (the behaviour before it existed); another value is still
     refused by name, with the value to set back."""
-    store, dst = _copy(run, tmp_path)
+    store, dst = run[0], tmp_path / "old"
+    train(tiny_config(store, dst, **{"run.epochs": 1, "data.remainder": "drop"}))  # the default of that time
     step = ckpt.complete_checkpoints(dst)[-1]
     state = torch.load(step / "trainer.pt", weights_only=True)
     old = json.loads(state["config"])
@@ -140,7 +141,10 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(run, 
     torch.save({**state, "config": json.dumps(old)}, step / "trainer.pt")
     with pytest.raises(ConfigError, match=r"data\.remainder \('drop' -> 'pad'\)"):
         train(tiny_config(store, dst, **{"run.epochs": 3, "data.remainder": "pad"}))
-    res = train(tiny_config(store, dst, **{"run.epochs": 3}))
+    # remainder's default is now even: such a checkpoint ran drop, which is what it is compared with
+    with pytest.raises(ConfigError, match=r"data\.remainder \('drop' -> 'even'\)"):
+        train(tiny_config(store, dst, **{"run.epochs": 3}))
+    res = train(tiny_config(store, dst, **{"run.epochs": 3, "data.remainder": "drop"}))
     assert res.epochs == 3
 
 

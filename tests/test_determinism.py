@@ -37,7 +37,7 @@ def reference(store, tmp_path_factory):
     """The uninterrupted run (in this process, one torch thread: tests/conftest.py)."""
     run = tmp_path_factory.mktemp("det") / "ref"
     res = train(tiny_config(store, run, **EXTRA))
-    assert res.epochs == 3 and res.steps == 15
+    assert res.epochs == 3 and res.steps == 18
     return run
 
 
@@ -106,7 +106,7 @@ def test_resume_from_any_checkpoint_is_bitwise_equal(store, reference, tmp_path,
     run = tmp_path / "resumed"
     shutil.copytree(src, ckpt.checkpoints_root(run) / src.name)
     res = train(tiny_config(store, run, **EXTRA))
-    assert res.steps == 15 and res.epochs == 3
+    assert res.steps == 18 and res.epochs == 3
     assert_bitwise_equal(run, reference)
 
 
@@ -194,7 +194,7 @@ def test_persistent_loader_workers_follow_every_epoch(store, reference, tmp_path
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     run = tmp_path / "workers"
     res = train(tiny_config(store, run, **EXTRA, **{"data.num_workers": 2, "data.prefetch": 2}))
-    assert res.epochs == 3 and res.steps == 15
+    assert res.epochs == 3 and res.steps == 18
     assert_bitwise_equal(run, reference)
     # EpochLoader.close() stopped the workers before train() returned (multiprocessing's resource tracker,
     # started with the first spawn, stays by design)

@@ -50,8 +50,9 @@ def test_resuming_past_run_max_steps_trains_no_further_step(store, tmp_path):
     checkpoint beyond the limit."""
     opts = {"run.epochs": 2, "run.checkpoint_every_steps": 2, "run.keep_checkpoints": 0}
     full = tmp_path / "full"
-    train(tiny_config(store, full, **opts))
-    src = ckpt.checkpoints_root(full) / "step_000000004"  # inside epoch 0 (5 steps per epoch)
+    whole = train(tiny_config(store, full, **opts))
+    assert whole.steps == 12  # 6 steps per epoch (5 full batches, 1 short: data.remainder=even)
+    src = ckpt.checkpoints_root(full) / "step_000000004"  # inside epoch 0
     for limit in (4, 3):
         run = tmp_path / f"limit{limit}"
         shutil.copytree(src, ckpt.checkpoints_root(run) / src.name)  # the killed run's newest checkpoint
@@ -62,4 +63,4 @@ def test_resuming_past_run_max_steps_trains_no_further_step(store, tmp_path):
         assert (result["steps"], result["stopped"], result["stop_reason"]) == (4, True, "max_steps")
     # the limit raised again: the run continues from that checkpoint to the end
     res = train(tiny_config(store, run, **opts))
-    assert res.steps == 10 and res.epochs == 2
+    assert res.steps == 12 and res.epochs == 2

@@ -49,6 +49,31 @@ def test_exactly_once_and_equal_counts_with_drop(sizes, world_size, num_workers,
     assert all(len(b) == batch_size for _, got in per_rank for b in got)
 
 
+@pytest.mark.parametrize("sizes", LAYOUTS)
+@pytest.mark.parametrize("world_size,num_workers", [(1, 1), (2, 3), (3, 2), (4, 1), (8, 1)])
+@pytest.mark.parametrize("batch_size", [2, 16, 37, 5000])
+def test_even_takes_every_cell_exactly_once_with_equal_counts(sizes, world_size, num_workers, batch_size):
+    """The default rule: nothing dropped or repeated, the same batch count on every rank, every batch full but
+    each rank's last (short, or up to 2 cells over when fewer than 2 per rank were left), none under 2 cells."""
+    mask = _train_mask(sum(sizes))
+    n = int(mask.sum())
+    per_rank = _all_batches(sizes, mask, world_size, num_workers, batch_size=batch_size, seed=3, epoch=1,
+                            remainder="even", chunk_size=8, window_chunks=3)
+    assert len({len(got) for _, got in per_rank}) == 1
+    if n < 2 * world_size:  # not 2 cells per rank: no batches (the stream refuses it by name)
+        assert all(len(got) == 0 for _, got in per_rank)
+        return
+    seen = np.concatenate([np.concatenate(got) for _, got in per_rank])
+    assert np.array_equal(np.sort(seen), np.flatnonzero(mask)), "not every training cell exactly once"
+    assert per_rank[0][0].n_dropped == per_rank[0][0].n_padded == 0
+    for plan, got in per_rank:
+        sizes_ = [len(b) for b in plan.batches]
+        assert all(x == batch_size for x in sizes_[:-1]) and 2 <= sizes_[-1] <= batch_size + 2, sizes_
+        assert all(np.array_equal(b, np.sort(b)) for b in plan.batches)
+    last = [len(plan.batches[-1]) for plan, _ in per_rank]
+    assert max(last) - min(last) <= 1  # the remainder split as evenly as the ranks allow
+
+
 @pytest.mark.parametrize("sizes", LAYOUTS[:4])
 def test_pad_covers_every_cell_with_equal_full_batches(sizes):
     mask = _train_mask(sum(sizes))

@@ -93,7 +93,7 @@ def test_every_batch_of_an_epoch_matches_the_store(stores):
         idx = b[keys.INDEX].numpy()
         assert np.array_equal(idx, want)
         for m in (keys.RNA, keys.ATAC):
-            assert b[m].crow_indices()[0] == 0 and b[m].shape == (16, whole[m].shape[1])
+            assert b[m].crow_indices()[0] == 0 and b[m].shape == (len(want), whole[m].shape[1])
             assert np.array_equal(b[m].to_dense().numpy(), whole[m][idx])
         assert np.array_equal(b[keys.MASK].numpy(), obs[["mask_rna", "mask_atac"]].values[idx])
         assert np.array_equal(b[keys.BATCH].numpy(), obs["batch"].cat.codes.values[idx])
@@ -217,7 +217,9 @@ def test_bad_arguments(stores):
     with pytest.raises(ValueError, match="split must be one of"):
         StoreStream(stores[700], 8, split="test")
     with pytest.raises(ValueError, match="fewer than world_size x batch_size"):
-        StoreStream(stores[700], 5000)
+        StoreStream(stores[700], 5000, remainder="drop")
+    with pytest.raises(ValueError, match="fewer than 2 per rank"):  # even takes any batch size, not 1 cell per rank
+        StoreStream(stores[700], 5000, world_size=N_CELLS, rank=3)
     # no training cell at all: it said "use remainder='pad'" even to a stream that used it
     with pytest.raises(ValueError, match=r"has no cells .*lower data\.val_fraction"):
         StoreStream(stores[700], 8, val_fraction=0.9999999, remainder="pad")

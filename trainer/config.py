@@ -34,9 +34,11 @@ class DataConfig:
     # order is already random, 256 x 16 otherwise; the same 4,096-cell window either way)
     chunk_size: int | None = None
     window_chunks: int | None = None
-    # drop | pad: how every rank gets the same number of training batches; none: keep a short last
-    # batch (the reference's drop_last=False; one process only, ranks could differ in batch count)
-    remainder: str = "drop"
+    # how every rank gets the same number of training batches (data/plan.py): even = every cell exactly once
+    # per epoch, the last batch of each rank short (or the few cells left joined to it); drop = leave out the
+    # < ranks x batch cells left over (other ones each epoch); pad = repeat a few; none = a short last batch
+    # (the reference's drop_last=False; one process only, ranks could differ in batch count)
+    remainder: str = "even"
     # keep the validation batches in memory after the first validation pass when they take at most this
     # many MiB (the held-out cells are spread over the whole store: re-reading them decompresses all of
     # it); larger validation sets stream every time. 0 = never keep them
@@ -47,8 +49,8 @@ class DataConfig:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.remainder not in ("drop", "pad", "none"):
-            raise ConfigError(f"data.remainder must be drop, pad or none, got {self.remainder!r}")
+        if self.remainder not in ("even", "drop", "pad", "none"):
+            raise ConfigError(f"data.remainder must be even, drop, pad or none, got {self.remainder!r}")
         for key in ("chunk_size", "window_chunks"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1 or null, got {getattr(self, key)}")

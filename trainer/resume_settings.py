@@ -25,6 +25,10 @@ RESUMABLE = frozenset({
 })
 
 
+# settings whose default changed after they were added: a checkpoint without the key ran the old default
+ABSENT_WAS = {"data.remainder": "drop"}  # the default until remainder=even (every cell once per epoch)
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -42,7 +46,7 @@ def check_same_settings(saved_config: str | None, cfg: TrainConfig, path: str) -
     # a setting added after the checkpoint was written is absent from its config: the code then did what
     # the new setting's default does (which is how settings are added), so absent reads as the default;
     # compared as None it was refused as "(None -> default)", a value nobody can set back
-    defaults = _flat(json.loads(config_to_json(TrainConfig())))
+    defaults = {**_flat(json.loads(config_to_json(TrainConfig()))), **ABSENT_WAS}
     old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     changed = [k for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k) and k not in RESUMABLE and not k.startswith("logger.")]

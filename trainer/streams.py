@@ -100,4 +100,4 @@ def check_last_batch(train_stream: StoreStream, cfg: TrainConfig, has_classifier
         raise ConfigError(f"data.remainder=none leaves a last training batch of 1 cell "
                           f"({train_stream.plan().n_cells} training cells, data.batch_size={cfg.data.batch_size}) "
                           f"and batch norm ({' and '.join(batch_norm)}) cannot train on one cell: use "
-                          "data.remainder=drop or pad, or a data.batch_size that does not leave 1 cell over")
+                          "data.remainder=even (or drop, pad), or a data.batch_size that does not leave 1 cell over")
