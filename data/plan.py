@@ -20,7 +20,7 @@ torch's round-robin over workers puts them back in the same order.
 Remainder rule (``remainder=``) for training, where every rank must take the same number of steps
 (otherwise DDP collectives hang or abort, stack notes §2):
 
-- ``"drop"`` (default): the epoch is cut to ``n_batches * world_size * batch_size`` cells; the dropped
+- ``"drop"`` (this module's default; the trainer's is ``"even"``): the epoch is cut to ``n_batches * world_size * batch_size`` cells; the dropped
   tail changes every epoch because the order is reshuffled, and is counted in ``EpochPlan.n_dropped``;
 - ``"pad"``: the order is extended by repeating its first cells, counted in ``EpochPlan.n_padded``;
 - ``"even"``: every cell exactly once and the same batch count on every rank: the full rounds as in
