@@ -142,7 +142,14 @@ def test_da_matches_reference(trained, reference, tmp_path, mode, batch_correcti
     for c in ("est_prob1", "est_prob2"):  # one posterior draw per resampled cell on both sides
         _close_scales(ours[c].to_numpy(), ref[c].to_numpy())
     assert np.abs(ours["prob_da"] - ref["prob_da"]).max() < 0.06
-    assert spearmanr(ours["bayes_factor"], ref["bayes_factor"]).statistic > 0.98
+    # the ranking agrees with the reference's as well as the reference's agrees with itself under another seed
+    # (vanilla's bayes factors of regions near P = 0.5 are sampling noise: on this model the reference's own
+    # seeds 2-4 gave 0.947-0.951 and ours vs the reference 0.945-0.980; change mode ~0.998 for both)
+    np.random.seed(3)
+    ref_again = reference.differential_accessibility(groupby="cell_type", group1=[MONO], mode=mode, silent=True,
+                                                     batch_correction=batch_correction)
+    ref_self = spearmanr(ref_again["bayes_factor"], ref["bayes_factor"]).statistic
+    assert spearmanr(ours["bayes_factor"], ref["bayes_factor"]).statistic > min(0.98, ref_self - 0.03) > 0.9
     # top-50 of prob_da (mostly ~0.5 on this small model): over reference seeds 2-4 x our seeds 0-1 the
     # Jaccard index ranged 0.667-0.818 for vanilla (a retrained model moved one case from 0.72 to 0.69)
     assert _jaccard_top(ours["prob_da"], ref["prob_da"]) >= 0.6

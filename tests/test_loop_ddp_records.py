@@ -82,7 +82,8 @@ def test_ddp_read_retries_are_counted_over_all_ranks(tmp_path):
     store = tiny_store(tmp_path / "store", n_cells=600)
     run = tmp_path / "run"
     # no validation: every read of the run is a training read, made before the last step's record
-    ov = tiny_overrides(store, run, **{"logger.log_every": 2, "run.epochs": 1, "run.validate_every_epochs": 0,
+    # log_every 1: the last step has a record (with 2 it has one only when the step count is even)
+    ov = tiny_overrides(store, run, **{"logger.log_every": 1, "run.epochs": 1, "run.validate_every_epochs": 0,
                                        "run.early_stopping": False})
     res = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                           "trainer.train", *as_cli(ov)], cwd=ROOT, capture_output=True, text=True, timeout=240,

@@ -123,7 +123,8 @@ def test_a_store_without_regions_or_a_bad_model_option_is_one_line(tmp_path):
     for store, extra, needle in ((rna_only, [], "has 600 genes and 0 regions"),
                                  (tmp_path / "none", ["model.gene_likelihood=zinbb"], "model.gene_likelihood"),
                                  # were ValueError tracebacks from the stream
-                                 (synth, ["data.batch_size=100000"], "lower data.batch_size"),
+                                 # (data.remainder=even, the default, trains any batch size: all cells in one)
+                                 (synth, ["data.batch_size=100000", "data.remainder=drop"], "lower data.batch_size"),
                                  (synth, ["data.val_fraction=0.999999"], "lower data.val_fraction")):
         ov = tiny_overrides(store, tmp_path / "run")
         r = subprocess.run([PY, "-m", "trainer.train", *as_cli(ov), *extra], cwd=ROOT, env=env(),
