@@ -263,8 +263,11 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                             # a fresh start is step 0: the records of an attempt killed before its first
                             # checkpoint (or of an earlier run) are dropped, not followed by a second step 1
                             resume_step=step)
+    plan = train_stream.plan()  # how many training cells an epoch sees (drop leaves some out, pad repeats some)
+    left = f", {plan.n_dropped} left out" if plan.n_dropped else f", {plan.n_padded} repeated" if plan.n_padded else ""
     dist.print0(f"[train] {meta.n_cells} cells, {meta.n_genes} genes, {meta.n_regions} regions; "
                 f"{info.world_size} process(es), backend {cfg.dist.backend}, device {info.device}; "
+                f"{plan.n_cells} training cells per epoch (data.remainder={cfg.data.remainder}{left}), "
                 f"{len(train_stream)} steps/epoch/rank; run dir {run_dir}")
 
     def save(mid_epoch: bool) -> None:
