@@ -284,13 +284,19 @@ class RunConfig:
         if self.validate_every_epochs < 0:
             raise ConfigError(f"run.validate_every_epochs must be >= 0, got {self.validate_every_epochs}")
         if self.validate_every_epochs == 0 and (self.early_stopping or self.keep == "best"):
-            # name only the settings that read it (it named run.keep='last' too, which does not)
-            readers = (["run.early_stopping=True"] if self.early_stopping else []) + \
-                (["run.keep='best'"] if self.keep == "best" else [])
-            fixes = (["run.early_stopping=false"] if self.early_stopping else []) + \
-                (["run.keep=last"] if self.keep == "best" else [])
-            raise ConfigError(f"run.validate_every_epochs=0 turns validation off, but {' and '.join(readers)} "
-                              f"{'reads' if len(readers) == 1 else 'read'} it: set {' and '.join(fixes)}, or validate")
+            readers, fixes = validation_readers(self.early_stopping, self.keep)
+            raise ConfigError(f"run.validate_every_epochs=0 turns validation off, but {readers} it: set {fixes}, "
+                              "or validate")
+
+
+def validation_readers(early_stopping: bool, keep: str, plateau: bool = False) -> tuple[str, str]:
+    """("X and Y read[s]", "the settings that turn them off") for the settings that read the validation, named
+    only when they do (keep=last does not: a message once said run.keep='last' read it)."""
+    on = [(f"run.early_stopping={early_stopping}", "run.early_stopping=false", early_stopping),
+          ("run.keep='best'", "run.keep=last", keep == "best"),
+          ("optim.reduce_lr_on_plateau=true", "optim.reduce_lr_on_plateau=false", plateau)]
+    readers, fixes = [r for r, _, x in on if x], [f for _, f, x in on if x]
+    return f"{' and '.join(readers)} read{'s' if len(readers) == 1 else ''}", " and ".join(fixes)
 
 
 @dataclass
@@ -308,16 +314,9 @@ class TrainConfig:
             raise ConfigError("optim.reduce_lr_on_plateau=true reads the validation, but run.validate_every_epochs=0 "
                               "turns it off: validate, or set optim.reduce_lr_on_plateau=false")
         if self.data.val_fraction == 0 and (self.run.early_stopping or self.run.keep == "best" or plateau):
-            # name only the settings that read it (keep=last does not)
-            readers = [f"run.early_stopping={self.run.early_stopping}"] if self.run.early_stopping else []
-            readers += ["run.keep='best'"] if self.run.keep == "best" else []
-            readers += ["optim.reduce_lr_on_plateau=true"] if plateau else []
-            fixes = (["run.early_stopping=false"] if self.run.early_stopping else []) + \
-                (["run.keep=last"] if self.run.keep == "best" else []) + \
-                (["optim.reduce_lr_on_plateau=false"] if plateau else [])
-            raise ConfigError(f"data.val_fraction=0 leaves no validation cells, but {' and '.join(readers)} "
-                              f"read{'s' if len(readers) == 1 else ''} the validation: set {' and '.join(fixes)}, "
-                              "or keep a validation split")
+            readers, fixes = validation_readers(self.run.early_stopping, self.run.keep, plateau)
+            raise ConfigError(f"data.val_fraction=0 leaves no validation cells, but {readers} the validation: set "
+                              f"{fixes}, or keep a validation split")
 
 
 def load_config(cfg: Any) -> TrainConfig:
