@@ -172,13 +172,14 @@ def _explicit_mask(mask, obs: pd.DataFrame, n: int) -> np.ndarray | None:
         if m.shape != (n, 2) or m.dtype != bool:
             raise APIError(f"mask must be a boolean array of shape ({n}, 2), got {m.dtype} {m.shape}")
         return m
-    cols = {c: _one_column(obs, c, _mask_parser(c)) for c in ("mask_rna", "mask_atac")}
+    cols = {c: _obs_values(obs, c, lambda v, c=c: pd.Series(_parse_mask(v, c), index=v.index))
+            for c in ("mask_rna", "mask_atac")}
     if (cols["mask_rna"] is None) != (cols["mask_atac"] is None):
         have = "mask_rna" if cols["mask_rna"] is not None else "mask_atac"
         raise APIError(f"obs has {have!r} but not its partner: give both mask_rna and mask_atac, or neither")
     if cols["mask_rna"] is not None:
         return np.stack([_parse_mask(cols[c], c) for c in ("mask_rna", "mask_atac")], axis=1)
-    values = _one_column(obs, "modality", lambda v: v.astype(str).str.lower())  # as mva-build reads it
+    values = _obs_values(obs, "modality", lambda v: v.astype(str).str.lower())  # as mva-build reads it
     if values is not None:
         if values.isna().any():
             raise APIError(f"obs['modality'] is missing for cell {values.index[values.isna().to_numpy()][0]!r}")
@@ -189,22 +190,17 @@ def _explicit_mask(mask, obs: pd.DataFrame, n: int) -> np.ndarray | None:
     return None
 
 
-def _mask_parser(name: str):
-    def parse(v: pd.Series) -> pd.Series:  # the store builder's rules: bools, 0/1 or true/false text
-        return pd.Series(_parse_mask(v, name), index=v.index, dtype=object)
-    return parse
-
-
 def _parse_mask(v: pd.Series, name: str) -> np.ndarray:
-    try:  # NaN or anything else refused, naming the cell
+    try:  # the store builder's rules: bools, 0/1 or true/false text; NaN or anything else refused, naming the cell
         return as_mask(v, "obs", name).astype(bool)
     except ValueError as exc:
         raise APIError(str(exc)) from None
 
 
-def _one_column(obs: pd.DataFrame, key: str, parse) -> pd.Series | None:
-    """A top-level obs column, or the modalities' own 'rna:key' / 'atac:key' columns merged (each parsed
-    where set; a cell whose two values differ is refused), or None."""
+def _obs_values(obs: pd.DataFrame, key: str, parse=None) -> pd.Series | None:
+    """A top-level obs column, else (MuData, dict) the modalities' own 'rna:key' / 'atac:key' columns merged, or
+    None. ``parse`` (applied where set) reads each value first; a cell whose two values differ is refused."""
+    parse = parse or (lambda v: v)
     if key in obs:
         return parse(obs[key])
     parts = [obs[f"{m}:{key}"] for m in keys.MODALITIES if f"{m}:{key}" in obs]
@@ -213,27 +209,13 @@ def _one_column(obs: pd.DataFrame, key: str, parse) -> pd.Series | None:
     parsed = [pd.Series(None, index=obs.index, dtype=object) for _ in parts]
     for p, out in zip(parts, parsed):
         have = p.notna().to_numpy()
-        out[have] = parse(p[have]).to_numpy()
-    merged = parsed[0].where(parsed[0].notna(), parsed[-1])
+        out[have] = np.asarray(parse(p[have]), dtype=object)
     differ = (parsed[0].notna() & parsed[-1].notna() & (parsed[0] != parsed[-1])).to_numpy()
     if differ.any():
         cell = obs.index[np.flatnonzero(differ)[0]]
         raise APIError(f"obs 'rna:{key}' and 'atac:{key}' disagree for cell {cell!r} ({parts[0][cell]!r} vs "
-                       f"{parts[-1][cell]!r}): give the cell's {key} once, in the MuData's obs or mask=")
-    return merged
-
-
-def _obs_values(obs: pd.DataFrame, key: str) -> pd.Series | None:
-    """A top-level column, or (MuData) the per-modality columns 'rna:key' / 'atac:key' combined."""
-    if key in obs:
-        return obs[key]
-    parts = [obs[f"{m}:{key}"] for m in keys.MODALITIES if f"{m}:{key}" in obs]
-    if not parts:
-        return None
-    out = parts[0].astype(object)
-    for p in parts[1:]:
-        out = out.where(out.notna(), p.astype(object))
-    return out
+                       f"{parts[-1][cell]!r}): give the cell's {key} once, in the MuData's obs")
+    return parsed[0].where(parsed[0].notna(), parsed[-1])
 
 
 def _codes_of(obs: pd.DataFrame, key: str, categories: list[str], what: str) -> np.ndarray:
