@@ -174,7 +174,8 @@ def _run(cfg: InferConfig, job: str) -> dict:
     if final.exists() and not _is_table(final):
         # overwrite deletes the file: never one this job did not write (a mistyped output= naming the user's
         # own notes or a directory), as the chunked jobs replace only their own outputs
-        raise InferError(f"{final} exists and is not an mva-infer de/da table (no {' or '.join(map(str, map(sorted, _OWN_COLUMNS)))} columns): "
+        raise InferError(f"{final} exists and is not an mva-infer de/da table (neither de's {sorted(_OWN_COLUMNS[0])} "
+                         f"nor da's {sorted(_OWN_COLUMNS[1])} columns): "
                          "overwrite=true only replaces those; remove it yourself or choose another output")
     # what decides the table: not the other jobs' sections or the timeout, and the store / model by
     # where they really are (a relative path typed differently is the same run)
