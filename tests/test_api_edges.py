@@ -186,3 +186,20 @@ def test_masks_in_the_modality_anndatas_of_a_dict_or_mudata_count(trained, pull)
         with pytest.raises(APIError, match=rf"'rna:modality' and 'atac:modality' disagree for cell "
                                            rf"{atac.obs_names[3]!r}"):
             model.latent({"rna": rna, "atac": atac})
+
+
+def test_batch_labels_the_two_modalities_give_differently_are_refused(trained):
+    """Batch and covariate columns are read from the modalities' obs as the masks are; a cell whose 'rna' and
+    'atac' AnnData name other batches took the rna one without a word."""
+    store, model = trained
+    full = store_to_mudata(store)
+    rna, atac = full["rna"].copy(), full["atac"].copy()
+    for a in (rna, atac):
+        a.obs["batch"] = full.obs.loc[a.obs_names, "batch"].astype(str).to_numpy()
+    both = rna.obs_names.intersection(atac.obs_names)[0]
+    other = next(b for b in model.info["batch_categories"] if b != atac.obs.loc[both, "batch"])
+    atac.obs.loc[both, "batch"] = other
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(APIError, match=rf"'rna:batch' and 'atac:batch' disagree for cell {both!r}"):
+            model.latent({"rna": rna, "atac": atac})
