@@ -27,8 +27,10 @@ Remainder rule (``remainder=``) for training, where every rank must take the sam
   ``"drop"``, then the ``r < world_size * batch_size`` remaining cells split over the ranks in contiguous
   pieces of ``r // W`` or ``r // W + 1`` cells, one short last batch each; when ``r < 2 * W`` (some rank's
   piece would be under 2 cells, which train-mode batch norm refuses) the pieces join the ranks' last full
-  batches instead (up to 2 cells more). A DDP step averages the ranks' means, so in the last step a cell
-  of a rank with one cell fewer weighs a little more; nothing is dropped or repeated;
+  batches instead (up to 2 cells more). Nothing is dropped or repeated. The ranks' last batches then
+  differ by up to one cell; ``step_sizes`` gives every rank every rank's sizes, so the trainer weighs
+  each rank's mean by its share of the global batch and the step still equals one process's step on the
+  concatenated batch;
 - ``"none"``: no equalisation, for validation and inference: rank ``r`` takes the contiguous block
   ``[r*ceil(N/W), (r+1)*ceil(N/W))`` of the order (blocks concatenate to the whole order), cut into
   batches with a short last batch. Ranks may then differ in batch count (the last rank can be short).
@@ -155,6 +157,41 @@ def _even_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int
         else:  # n >= 2 * world_size, so n_full >= 1 here
             batches[-1] = np.concatenate([batches[-1], piece])
     return EpochPlan([np.sort(b) for b in batches], n, 0, 0)
+
+
+def step_sizes(n: int, *, batch_size: int, world_size: int, remainder: str = "drop") -> np.ndarray:
+    """(steps, world_size) int64: the batch size of every rank at every step of an epoch of ``n`` cells.
+
+    The same table on every rank with no communication (it depends on counts only, not on the order), so
+    a rank knows the global batch and where its own slice sits in it. Equal to ``len`` of the batches
+    ``rank_batches`` yields for each rank (tests/test_plan.py). ``"none"`` has no common step count over
+    ranks and is only defined here for one process.
+    """
+    if batch_size < 1 or world_size < 1:
+        raise ValueError(f"need batch_size >= 1 and world_size >= 1, got {batch_size}, {world_size}")
+    if remainder not in REMAINDER_RULES:
+        raise ValueError(f"remainder must be one of {REMAINDER_RULES}, got {remainder!r}")
+    step = batch_size * world_size
+    if remainder == "none":
+        if world_size != 1:
+            raise ValueError("remainder='none' gives ranks different step counts: no common table")
+        n_full, r = divmod(n, batch_size)
+        return np.array([[batch_size]] * n_full + ([[r]] if r else []), dtype=np.int64).reshape(-1, 1)
+    if remainder in ("drop", "pad"):
+        n_steps = n // step if remainder == "drop" else -(-n // step)
+        return np.full((n_steps, world_size), batch_size, dtype=np.int64)
+    if n < 2 * world_size:
+        return np.zeros((0, world_size), dtype=np.int64)
+    n_full, r = divmod(n, step)
+    sizes = np.full((n_full, world_size), batch_size, dtype=np.int64)
+    if r:
+        k = np.arange(world_size + 1)
+        piece = np.diff(r * k // world_size)  # the slices _even_batches cuts, rank by rank
+        if r >= 2 * world_size:
+            sizes = np.vstack([sizes, piece])
+        else:
+            sizes[-1] += piece
+    return sizes
 
 
 def plan_epoch(shard_sizes: list[int] | np.ndarray, eligible: np.ndarray, *, batch_size: int, seed: int = 0,

@@ -5,10 +5,12 @@ Run: .venv/bin/python -m pytest tests/test_plan.py -q
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
-from data.plan import chunk_bounds, epoch_order, plan_epoch, rank_batches, worker_batch_ids
+from data.plan import chunk_bounds, epoch_order, plan_epoch, rank_batches, step_sizes, worker_batch_ids
 from data.split import cell_hash, is_validation
 
 LAYOUTS = [[1000], [333, 1, 666], [7] * 13 + [0, 5], [100, 0, 250, 999, 2], [1]]
@@ -72,6 +74,23 @@ def test_even_takes_every_cell_exactly_once_with_equal_counts(sizes, world_size,
         assert all(np.array_equal(b, np.sort(b)) for b in plan.batches)
     last = [len(plan.batches[-1]) for plan, _ in per_rank]
     assert max(last) - min(last) <= 1  # the remainder split as evenly as the ranks allow
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+@pytest.mark.parametrize("remainder", ["drop", "pad", "even", "none"])
+def test_step_sizes_is_every_ranks_batch_sizes(world_size, remainder):
+    """The table a rank computes without communication equals what every rank's plan yields, step by step."""
+    if remainder == "none" and world_size > 1:
+        with pytest.raises(ValueError, match="different step counts"):
+            step_sizes(10, batch_size=2, world_size=world_size, remainder=remainder)
+        return
+    for n, batch_size in itertools.product([0, 1, 3, 7, 16, 33, 100, 257], [1, 2, 5, 16]):
+        order = np.random.default_rng(n).permutation(n)
+        table = step_sizes(n, batch_size=batch_size, world_size=world_size, remainder=remainder)
+        assert table.shape[1] == world_size and table.dtype == np.int64
+        for rank in range(world_size):
+            plan = rank_batches(order, batch_size=batch_size, rank=rank, world_size=world_size, remainder=remainder)
+            assert table[:, rank].tolist() == [len(b) for b in plan.batches], (n, batch_size, rank, table)
 
 
 @pytest.mark.parametrize("sizes", LAYOUTS[:4])
