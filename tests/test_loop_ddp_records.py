@@ -39,7 +39,7 @@ def _first_step_terms(store, cfg, rank: int, world_size: int) -> tuple[dict[str,
     stream.set_epoch(0)
     batch = to_device(next(iter(stream)), info.device)
     n = batch[keys.BATCH].shape[0]
-    eps = step_noise(cfg.run.seed, 0, rank, world_size, n, module.n_latent, info.device)
+    eps = step_noise(cfg.run.seed, 0, rank * n, n, world_size * n, module.n_latent, info.device)  # step 1: equal batches
     kl_w = kl_weight(0, 0, cfg.optim.n_epochs_kl_warmup, cfg.optim.n_steps_kl_warmup)
     total, out, adversarial = vae_objective(module, classifier, batch, kl_w, cfg.optim.kappa, eps)
     cls = classifier_objective(classifier, out.z, batch[keys.BATCH], cfg.optim.kappa)

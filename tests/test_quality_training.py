@@ -142,10 +142,10 @@ def test_ablations_swap_our_random_sources_for_the_reference(view_store, tmp_pat
     own = loop.build_module(meta, cfg).state_dict()
     with _ablation(s, init):
         swapped = loop.build_module(meta, cfg).state_dict()
-        assert loop.step_noise(0, 0, 0, 1, 4, 3, torch.device("cpu")) is None
+        assert loop.step_noise(0, 0, 0, 4, 4, 3, torch.device("cpu")) is None
     assert all(torch.equal(swapped[k], v) for k, v in init.items())
     assert any(not torch.equal(own[k], v) for k, v in init.items())  # our own draw differs: not vacuous
-    assert loop.step_noise(0, 0, 0, 1, 4, 3, torch.device("cpu")).shape == (4, 3)
+    assert loop.step_noise(0, 0, 0, 4, 4, 3, torch.device("cpu")).shape == (4, 3)
     assert loop.build_module(meta, cfg).state_dict().keys() == own.keys()
     with pytest.raises(ValueError, match="ours_init"):
         TrainSettings(ours_init="theirs")

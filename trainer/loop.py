@@ -11,7 +11,6 @@ every decision that could differ (skip a step, stop) goes through a collective.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import random
@@ -36,6 +35,7 @@ from trainer.alloc import reuse_large_allocations
 from trainer.classifier import build_classifier
 from trainer.config import ConfigError, TrainConfig, config_to_json
 from trainer.export import build_module, export_model
+from trainer.global_batch import EpochSlices, step_noise
 from trainer.guard import StepGuard
 from trainer.lock import LockError
 from trainer.lock import acquire as acquire_lock
@@ -70,23 +70,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def step_noise(seed: int, step: int, rank: int, world_size: int, batch_size: int, n_latent: int,
-               device: torch.device) -> torch.Tensor:
-    """Reparameterisation noise for this rank's slice of the GLOBAL batch of step ``step``.
-
-    Drawn from a generator keyed by (seed, step) only, so N ranks with batch B draw exactly what one
-    process with batch N*B draws: a 2-process run then equals a 1-process run on the concatenated
-    batch, and a resumed run draws what the uninterrupted one drew.
-    """
-    key = int.from_bytes(hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest(), "little")
-    g = torch.Generator().manual_seed(key % 2**63)
-    eps = torch.randn(world_size * batch_size, n_latent, generator=g)
-    return eps[rank * batch_size:(rank + 1) * batch_size].to(device)
-
-
 def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor | None, guard: StepGuard,
-                   step: int) -> dict[str, float] | None:
+                   step: int, share: float | None = None) -> dict[str, float] | None:
     """Forward, guard, backward, step of the VAE, then the adversary's step. None if skipped.
+
+    ``share`` (``RankSlice.share``, trainer/global_batch.py): this rank's weight in the ranks' average of
+    gradients when the ranks' batches differ in size; the returned terms are the batch's own means.
 
     A skipped step must leave no trace: batch-norm running statistics (classifier, optional VAE batch
     norm) are updated by the forward itself, so they are snapshotted and restored on a skip;
@@ -112,7 +101,7 @@ def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor 
     if guard.check(step, values):
         skip()
         return None
-    w.backward(total)
+    w.backward(total if share is None else total * share)
     norm = w.grad_norm_before_step()
     # the same norm on every rank (all-reduced gradients), so every rank takes the same branch
     backoff = norm is not None and not math.isfinite(norm) and w.scale_backing_off()
@@ -130,7 +119,7 @@ def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor 
     guard.step_taken()
     values["grad_norm"] = float("nan") if norm is None else norm
     if w.classifier is not None:
-        values["classifier"] = float(w.classifier_step(out.z, batch[keys.BATCH], guard, step))
+        values["classifier"] = float(w.classifier_step(out.z, batch[keys.BATCH], guard, step, share))
     return values
 
 
@@ -293,6 +282,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                 train_stream.set_epoch(epoch)
             kl_w = kl_schedule(epoch, step, o.n_epochs_kl_warmup, o.n_steps_kl_warmup, o.min_kl_weight, o.max_kl_weight)
             it = iter(epochs)
+            slices = EpochSlices.of_stream(train_stream)  # every rank's batch sizes at every step of the epoch
             if cfg.data.num_workers > 0:  # the workers hold their copies of a resume position now
                 train_stream.clear_resume()
             loader_start = True  # the epoch's first batch waits for the loader (workers, prefetch) to start
@@ -305,13 +295,12 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                 batch = to_device(batch, info.device)
                 if not cfg.optim.n_epochs_kl_warmup:  # step-based warm-up (null or 0, as kl_weight reads it)
                     kl_w = kl_schedule(epoch, step, None, o.n_steps_kl_warmup, o.min_kl_weight, o.max_kl_weight)
-                eps = step_noise(cfg.run.seed, step, info.rank, info.world_size, batch[keys.BATCH].shape[0],
-                                 module.n_latent, info.device)
-                values = train_one_step(w, batch, kl_w, eps, guard, step)
+                sl = slices.at(batches_done, batch[keys.BATCH].shape[0])
+                eps = step_noise(cfg.run.seed, step, sl.offset, sl.size, sl.total, module.n_latent, info.device)
+                values = train_one_step(w, batch, kl_w, eps, guard, step, sl.share)
                 step += 1
                 batches_done += 1
-                clock.add_step(batch[keys.BATCH].shape[0] * info.world_size, t1 - t0, time.perf_counter() - t1,
-                               loader_start)
+                clock.add_step(sl.total, t1 - t0, time.perf_counter() - t1, loader_start)
                 loader_start = False
                 if values is not None and step % cfg.logger.log_every == 0:
                     # the global batch's terms, not rank 0's minibatch, and the read counters of every rank, in one

@@ -101,9 +101,8 @@ class Wrapped:
                  dcfg: DistConfig, device: torch.device):
         self.module, self.classifier, self.optim_cfg, self.device = module, classifier, optim, device
         self.clf_optimizer = None
-        # Parameter lists taken once: a module-tree walk per use (grad norm, classifier step, the
-        # guard's buffer snapshot) cost ~0.7 ms per batch-128 CPU step (2 %), for lists that never change
-        # (dtype/device casts keep the Parameter objects).
+        # Parameter lists taken once: a module-tree walk per use (grad norm, classifier step, the guard's
+        # buffer snapshot) cost ~0.7 ms per batch-128 CPU step (2 %); casts keep the Parameter objects.
         self.params = list(module.parameters())
         self.clf_params = [] if classifier is None else list(classifier.parameters())
         self._buffers: list[torch.Tensor] | None = None
@@ -136,17 +135,18 @@ class Wrapped:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # --- classifier (identical in both backends) --------------------------------------------------
-    def classifier_step(self, z: torch.Tensor, batch_codes: torch.Tensor, guard=None, step: int = 0) -> torch.Tensor:
-        """One step of the adversary on the detached latent; returns its loss (detached).
-
-        ``guard`` (a StepGuard; the loop passes it): a non-finite averaged gradient skips this step and leaves
-        no trace (its batch-norm statistics are restored); one such Adam step made every classifier weight NaN."""
+    def classifier_step(self, z: torch.Tensor, batch_codes: torch.Tensor, guard=None, step: int = 0,
+                        share: float | None = None) -> torch.Tensor:
+        """One step of the adversary on the detached latent; returns its loss (detached). ``share``: as the
+        VAE's (trainer/global_batch.py). ``guard`` (a StepGuard; the loop passes it): a non-finite averaged
+        gradient skips the step with no trace (batch-norm statistics restored; one such step made every
+        classifier weight NaN)."""
         buffers = self.clf_buffers() if guard is not None else []
         saved = [b.detach().clone() for b in buffers]
         # no autocast: the classifier computes in its own dtype (trainer/classifier.py)
         loss = classifier_objective(self.classifier, z, batch_codes, self.optim_cfg.kappa)
         self.clf_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if share is None else loss * share).backward()
         average_gradients(self.clf_params)
         if guard is not None and guard.check_classifier(step, _total_norm(self.clf_params), loss.detach()):
             self.clf_optimizer.zero_grad(set_to_none=True)
