@@ -34,6 +34,7 @@ from trainer import dist
 from trainer.alloc import reuse_large_allocations
 from trainer.classifier import build_classifier
 from trainer.config import ConfigError, TrainConfig, config_to_json
+from trainer.epoch_totals import EpochTotals
 from trainer.export import build_module, export_model
 from trainer.global_batch import EpochSlices, step_noise
 from trainer.guard import StepGuard
@@ -192,6 +193,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     code = checks.code_fingerprint()  # at start, close to when the modules were imported
     epoch, step, batches_done, stopped = 0, 0, 0, False
     tracker = ValidationTracker(cfg)  # best, patience and learning-rate plateau counts
+    totals = EpochTotals()  # the epoch's training terms per cell: the train_epoch record
     last_val: dict[str, float] = {}  # the last validation (kept in checkpoints: a finished run re-exports it)
     stop_reason = ""  # "early" (early stopping) | "max_steps": a larger run.max_steps continues the run
     path = dist.broadcast_object(str(ckpt.find_resume(run_dir, cfg.run.resume) or ""))
@@ -234,6 +236,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         if batches_done:
             train_stream.set_epoch(epoch)
             train_stream.load_state_dict(rank_state["stream"])
+            totals.load_state_dict(rank_state.get("epoch_totals"))  # absent in checkpoints from before the record
         dist.print0(f"[train] resumed from {path} (epoch {epoch}, step {step})")
     if info.is_main and cfg.run.keep == "best":
         # best/ holds what the checkpoint this run continues from held, and nothing else: the weights
@@ -267,7 +270,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                  "guard": guard.state_dict(), "data_fingerprint": checks.data_fingerprint(meta),
                  "torch_threads": torch.get_num_threads(), "code_fingerprint": code, "weights_dtype": str(weights_dtype)}
         stream = train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}
-        rank_state = {"rng": ckpt.rng_state(), "stream": stream}
+        rank_state = {"rng": ckpt.rng_state(), "stream": stream, "epoch_totals": totals.state_dict() if mid_epoch else None}
         final = ckpt.save_checkpoint(run_dir, step, state, rank_state, w, keep=cfg.run.keep_checkpoints)
         guard.last_good_checkpoint = str(final)
 
@@ -302,7 +305,10 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                 batches_done += 1
                 clock.add_step(sl.total, t1 - t0, time.perf_counter() - t1, loader_start)
                 loader_start = False
-                if values is not None and step % cfg.logger.log_every == 0:
+                if values is not None:
+                    totals.add(values, sl.size)
+                last = batches_done == len(train_stream) or (cfg.run.max_steps is not None and step >= cfg.run.max_steps)
+                if values is not None and (step % cfg.logger.log_every == 0 or last):  # the same on every rank
                     # the global batch's terms, not rank 0's minibatch, and the read counters of every rank, in one
                     # collective on logging steps only (a skip and the step number are the same on every rank, so
                     # every rank joins it)
@@ -319,6 +325,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                         and batches_done < len(train_stream):
                     save(mid_epoch=True)
             epoch_complete = batches_done >= len(train_stream)
+            if epoch_record := totals.record():  # collective; {} where no step was taken (a resume at the end)
+                metrics.log({"kind": "train_epoch", "step": step, "epoch": epoch, **epoch_record})
             # ---- validate (every n-th epoch and after the last), early stopping decided once and shared
             every = cfg.run.validate_every_epochs
             scheduled = bool(every) and epoch_complete and (epoch + 1 >= cfg.run.epochs or (epoch + 1) % every == 0)
@@ -345,6 +353,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                     ckpt.write_best(run_dir, best_weights)
             if epoch_complete:
                 epoch, batches_done = epoch + 1, 0
+                totals.reset()
             # a max_steps stop inside an epoch keeps its stream position: raising max_steps resumes there
             save(mid_epoch=not epoch_complete)
 

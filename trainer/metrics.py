@@ -245,13 +245,15 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path) -> Path | None:
 
     rows = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, kind in (("loss", "train"), ("reconstruction_loss_validation", "validation"),
+    # elbo_train (the epoch's mean over its training cells) next to elbo_validation: the same quantity, so a
+    # gap opening between them is over-fitting
+    for key, kind in (("loss", "train"), ("elbo_train", "train_epoch"), ("reconstruction_loss_validation", "validation"),
                       ("elbo_validation", "validation")):
         pts = [(r["step"], r[key]) for r in rows if key in r and r.get("kind") == kind]
         if pts:
             xs, ys = zip(*pts, strict=True)
             # a single point needs a marker: a line through one point draws nothing
-            ax.plot(xs, ys, marker="o" if kind == "validation" or len(xs) == 1 else None, label=key)
+            ax.plot(xs, ys, marker="o" if kind != "train" or len(xs) == 1 else None, label=key)
     # optim.reduce_lr_on_plateau: where the rate came down (a bend in the curves there is the new rate)
     rates = [(r["step"], r["lr"]) for r in rows if r.get("kind") == "validation" and "lr" in r]
     lowered = [step for (_, before), (step, after) in pairwise(rates) if after < before]
