@@ -176,7 +176,9 @@ def test_posterior_samples_have_a_sample_axis(trained, tmp_path):
     infer(_cfg(store, run, out, give_mean=False, n_samples=3, modalities=["joint"]))
     z = read_obsm(out)["X_multivi"]
     assert z.shape == (N_CELLS, 3, 6) and not np.isnan(z).any()
-    assert ad.read_zarr(out).uns["multivi"]["seed"] == 0  # the draws' seed is among the settings
+    uns = ad.read_zarr(out).uns["multivi"]
+    assert uns["seed"] == 0  # the draws' seed is among the settings
+    assert list(uns["modalities"]) == ["joint"] and not uns["return_dist"]  # what the output holds, from itself
     mean = _in_memory_latents(store, run / "model")[1]["X_multivi"]
     assert np.abs(z[:, 0] - z[:, 1]).max() > 1e-3  # independent draws around the mean
     assert np.abs(z.mean(1) - mean).mean() < np.abs(z[:, 0] - mean).mean()

@@ -56,6 +56,10 @@ class EmbedJob(ChunkJob):
         # umap_png only draws a picture of the finished output)
         return {"embed.return_dist": self.ctx.cfg.embed.return_dist}
 
+    def uns(self) -> dict:
+        # which latents (obsm keys) the output holds and whether their posteriors' mean/variance are there
+        return {"modalities": list(self.ctx.cfg.modalities), "return_dist": self.ctx.cfg.embed.return_dist}
+
     def _keys(self) -> list[str]:
         cfg = self.ctx.cfg
         return [obsm_key(m) for m in cfg.modalities] + \
