@@ -16,14 +16,15 @@ from tests.train_utils import PY, ROOT, env, tiny_overrides, tiny_store, torchru
 pytestmark = pytest.mark.slow
 
 
-def test_two_process_ddp_equals_one_process_on_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "zero2"])
+def test_two_process_ddp_equals_one_process_on_concatenated_batch(tmp_path, mode):
     """Every step of a whole epoch, the last included: 335 training cells at 2 x 32 leave 15, so the ranks'
     last batches hold 7 and 8 cells. DDP's plain average of the two ranks' means weighed rank 0's cells
     8/7 of rank 1's in that step, and its noise was drawn for 2 x 7 cells, not 15 (fixed by
-    trainer/global_batch.py)."""
+    trainer/global_batch.py). ``zero2``: the same 2 processes under DeepSpeed ZeRO 2 (fp32)."""
     store = tiny_store(tmp_path / "store", n_cells=360)
     worker = str(ROOT / "tests" / "workers" / "ddp_steps.py")
-    torchrun([worker, str(store), str(tmp_path), "ddp", "epoch"])
+    torchrun([worker, str(store), str(tmp_path), mode, "epoch"])
     import subprocess
 
     subprocess.run([PY, worker, str(store), str(tmp_path), "concat", "epoch"], cwd=ROOT, env=env(), check=True,
@@ -32,7 +33,7 @@ def test_two_process_ddp_equals_one_process_on_concatenated_batch(tmp_path):
     assert sizes[:-1] == [[32, 32]] * (len(sizes) - 1) and sizes[-1] == [7, 8], sizes  # the uneven step is there
     start = load_file(str(tmp_path / "concat_step0.safetensors"))
     for step in range(len(sizes)):
-        a = load_file(str(tmp_path / f"ddp_step{step}.safetensors"))
+        a = load_file(str(tmp_path / f"{mode}_step{step}.safetensors"))
         b = load_file(str(tmp_path / f"concat_step{step}.safetensors"))
         assert a.keys() == b.keys()
         for k in a:

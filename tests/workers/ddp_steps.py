@@ -3,6 +3,7 @@ shard, DDP) or in ONE process on the concatenation of what the ranks would read.
 
     torchrun --standalone --nproc_per_node=2 tests/workers/ddp_steps.py STORE OUT ddp STEPS
     python tests/workers/ddp_steps.py STORE OUT concat STEPS      # the 1-process reference
+    torchrun --standalone --nproc_per_node=2 tests/workers/ddp_steps.py STORE OUT zero2 STEPS   # DeepSpeed ZeRO 2
 
 STEPS: a number, or ``epoch`` for the whole first epoch (``remainder="even"``: its last step gives the
 ranks batches that can differ by a cell; the ddp run writes that table as ``OUT/sizes.json``).
@@ -37,21 +38,22 @@ BATCH = 32
 
 def main(store_path: str, out: str, mode: str, steps: str) -> None:
     torch.set_num_threads(1)
+    backend = {"dist": {"backend": "deepspeed", "zero_stage": int(mode[-1])}} if mode.startswith("zero") else {}
     cfg = load_config({"data": {"store": store_path, "batch_size": BATCH},
                        "model": {"n_hidden": 32, "n_latent": 6, "dropout_rate": 0.0},
-                       "optim": {"adversarial": False, "lr": 1e-2, "n_epochs_kl_warmup": None}})
-    info = dist.init_distributed()
+                       "optim": {"adversarial": False, "lr": 1e-2, "n_epochs_kl_warmup": None}, **backend})
+    info = dist.init_distributed(single_group=bool(backend))
     seed_everything(0)
     store = open_store(store_path)
     module = build_module(store.meta, cfg)
     w = wrap(module, None, cfg.optim, cfg.dist, info.device, BATCH)
     guard = StepGuard()
-    if mode == "ddp":
+    if mode != "concat":
         streams = [StoreStream(store, BATCH, rank=info.rank, world_size=info.world_size, chunk_size=16, prefetch=0)]
     else:  # what ranks 0 and 1 of a 2-process run read, concatenated in rank order
         streams = [StoreStream(store, BATCH, rank=r, world_size=2, chunk_size=16, prefetch=0) for r in (0, 1)]
     slices = EpochSlices.of_stream(streams[0])  # every rank's sizes at every step of the 2-rank epoch
-    if mode == "ddp" and info.rank == 0:
+    if mode != "concat" and info.rank == 0:
         with open(f"{out}/sizes.json", "w") as fh:
             json.dump(slices.sizes.tolist(), fh)
     its = [iter(s) for s in streams]
