@@ -85,6 +85,18 @@ def test_loss_png_shows_a_train_loss_of_one_record(monkeypatch, tmp_path):
     assert not invisible, f"series drawn without any visible mark: {invisible}"
 
 
+def test_loss_png_draws_the_epochs_training_elbo_next_to_validations(monkeypatch, tmp_path):
+    """elbo_train (train_epoch records) and elbo_validation are the same quantity: drawn together, with markers
+    as validation's, a gap opening between them shows over-fitting."""
+    rows = []
+    for epoch in range(3):
+        rows += [{"kind": "train", "step": 10 * epoch + 5, "epoch": epoch, "loss": 100.0 - epoch},
+                 {"kind": "train_epoch", "step": 10 * epoch + 10, "epoch": epoch, "elbo_train": 95.0 - 2 * epoch},
+                 {"kind": "validation", "step": 10 * epoch + 10, "epoch": epoch, "elbo_validation": 96.0 - epoch}]
+    lines = {label: (n, marker) for label, n, marker in _drawn_lines(monkeypatch, rows, tmp_path)}
+    assert lines["elbo_train"] == (3, "o") and lines["elbo_validation"] == (3, "o") and lines["loss"][0] == 3
+
+
 def test_loss_png_marks_where_the_plateau_rule_lowered_the_rate(monkeypatch, tmp_path):
     rows = []
     for epoch, lr in enumerate((1e-3, 1e-3, 6e-4, 6e-4, 3.6e-4)):

@@ -63,15 +63,10 @@ class EpochSlices:
                          world_size=self.world_size)
 
 
-def single(size: int) -> RankSlice:
-    """One process's slice: the whole global batch."""
-    return RankSlice(offset=0, size=size, total=size, world_size=1)
-
-
 def step_noise(seed: int, step: int, offset: int, size: int, total: int, n_latent: int,
                device: torch.device) -> torch.Tensor:
     """Reparameterisation noise for this rank's slice ``[offset, offset + size)`` of the GLOBAL batch of
-    step ``step`` (``total`` cells over all ranks; trainer/global_batch.py).
+    step ``step`` (``total`` cells over all ranks).
 
     Drawn from a generator keyed by (seed, step) only, so N ranks draw exactly what one process with the
     concatenated batch draws: a 2-process run then equals a 1-process run on the concatenated batch, and
