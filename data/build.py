@@ -253,7 +253,8 @@ def _build(cfg: BuildConfig, sources, filters, write_dask, skipped: list[str]) -
     if len(all_ids) == 0:
         raise ValidationError("no cells left after dropping cells without any modality")
 
-    al = align([s.features for s in sources], [s.name for s in sources], cfg.feature_join)
+    measured = [{m: bool(s.obs[f"mask_{m}"].to_numpy(bool).any()) for m in ("rna", "atac")} for s in sources]
+    al = align([s.features for s in sources], [s.name for s in sources], cfg.feature_join, measured)
     for mod, per in al.dropped.items():
         for where, names in per.items():
             if names:

@@ -137,6 +137,13 @@ class BuildConfig:
         if self.feature_join not in ("intersection", "union"):  # else refused only once every input was opened
             raise ConfigError(f"feature_join must be 'intersection' or 'union', got {self.feature_join!r}")
         keys = [*self.cat_cov_keys, *self.cont_cov_keys]
+        named = {"batch_key": [self.batch_key], "cat_cov_keys": self.cat_cov_keys,
+                 "cont_cov_keys": self.cont_cov_keys, "label_key": [self.label_key]}
+        for option, cols in named.items():
+            slashed = [c for c in cols if c is not None and "/" in c]
+            if slashed:  # each becomes a Zarr array name in every shard's obs: refused by zarr only when writing
+                raise ConfigError(f"{option} {slashed[0]!r}: an obs column used by the store cannot contain '/' "
+                                  "(a Zarr path separator); rename the column in the input")
         dup = sorted({k for k in keys if keys.count(k) > 1})
         if dup:  # the store (and every model trained on it) carried the same obs column twice
             raise ConfigError(f"covariate keys {dup} are listed more than once in cat_cov_keys / cont_cov_keys")

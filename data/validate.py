@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+MAX_COUNT = 2**32 - 1  # the widest count dtype of a store is uint32 (data/store_format.py)
+
 
 class ValidationError(ValueError):
     """Bad input; the message says where (file, field, example row) and what is wrong."""
@@ -43,6 +45,11 @@ def check_counts(x: sp.csr_matrix, where: str, modality: str, cell_ids: pd.Index
     if d.dtype.kind in "if":
         with np.errstate(invalid="ignore"):
             problems.append((d < 0, "is negative"))
+    if d.dtype.kind == "f" or d.dtype.itemsize > 4:  # narrower integers cannot exceed it
+        # the store holds counts as uint8/16/32 (docs/store.md); a count past 2^32 - 1 is no read count (a scaled
+        # or summed matrix), and was stored as uint64, or failed after the whole pass naming no cell
+        with np.errstate(invalid="ignore"):
+            problems.append((d > MAX_COUNT, f"is above {MAX_COUNT:,}, the largest count a store holds"))
     for bad, what in problems:
         if bad.any():
             k = int(np.flatnonzero(bad)[0])

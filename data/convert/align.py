@@ -37,13 +37,20 @@ class Alignment:
                 cm[modality] = np.where(old >= 0, new_pos[np.maximum(old, 0)], -1)
 
 
-def align(features: list[dict[str, pd.DataFrame | None]], where: list[str], join: str) -> Alignment:
+def align(features: list[dict[str, pd.DataFrame | None]], where: list[str], join: str,
+          measured: list[dict[str, bool]] | None = None) -> Alignment:
+    """``measured[i][mod]``: whether any cell of input ``i`` measures ``mod`` (default: every input with features
+    of it). An input none of whose cells measures a modality (an h5ad_pair whose ATAC file has 0 cells) has no
+    counts there, so it does not vote on that modality's features: under intersection its feature list only
+    removed features the other inputs measured, under union it only added columns no cell measured. Its
+    column map is still made, so its (empty) rows go through the same checks."""
     if join not in ("intersection", "union"):
         raise ValidationError(f"feature_join must be 'intersection' or 'union', got {join!r}")
     names, var, dropped = {}, {}, {}
     colmaps: list[dict[str, np.ndarray | None]] = [{} for _ in features]
     for mod in ("rna", "atac"):
-        have = [i for i, f in enumerate(features) if f[mod] is not None and len(f[mod])]
+        with_features = [i for i, f in enumerate(features) if f[mod] is not None and len(f[mod])]
+        have = [i for i in with_features if measured is None or measured[i][mod]]
         for i in have:
             check_unique(features[i][mod].index, where[i], f"{mod} feature name")
         idx = [features[i][mod].index for i in have]
@@ -70,13 +77,14 @@ def align(features: list[dict[str, pd.DataFrame | None]], where: list[str], join
             for p in parts[1:]:
                 _fill_gaps(table, p)
             _restore_integers(table, parts)
+            _restore_booleans(table, parts)
             # a column with some missing values (a gene without an id, a column only some inputs have under
             # feature_join=union) is kept, its gaps missing; only a column with no value at all is dropped
             var[mod] = table[[c for c in table.columns if table[c].notna().any()]]
             dropped[mod] = {where[i]: [str(n) for n in features[i][mod].index[~features[i][mod].index.isin(names[mod])]]
                             for i in have}
         for i, f in enumerate(features):
-            colmaps[i][mod] = names[mod].get_indexer(f[mod].index) if i in have else None
+            colmaps[i][mod] = names[mod].get_indexer(f[mod].index) if i in with_features else None
     return Alignment(names, var, colmaps, dropped)
 
 
@@ -109,6 +117,18 @@ def _restore_integers(table: pd.DataFrame, parts: list[pd.DataFrame]) -> None:
             continue
         with contextlib.suppress(TypeError, ValueError, OverflowError):  # e.g. uint64 past 2**63: left float
             table[col] = table[col].astype("Int64" if table[col].isna().any() else np.int64)
+
+
+def _restore_booleans(table: pd.DataFrame, parts: list[pd.DataFrame]) -> None:
+    """Give back the bool dtype that ``pd.concat`` took when an input lacked the column (scanpy's
+    ``highly_variable`` in one input only): the object column of True/False was written as the text
+    "True"/"False", which ``astype(bool)`` reads as True everywhere. bool where every value is there, else
+    pandas' nullable ``boolean``."""
+    for col in table.columns:
+        dtypes = [p[col].dtype for p in parts if col in p.columns]
+        if pd.api.types.is_bool_dtype(table[col].dtype) or not all(pd.api.types.is_bool_dtype(d) for d in dtypes):
+            continue
+        table[col] = table[col].astype("boolean" if table[col].isna().any() else bool)
 
 
 def remap_columns(x: sp.csr_matrix, colmap: np.ndarray, n_cols: int) -> sp.csr_matrix:

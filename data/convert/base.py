@@ -146,6 +146,10 @@ class PairSource(Source):
 
 
 def _open_pair(cfg: InputConfig) -> PairSource:
+    if cfg.rna and cfg.atac and Path(cfg.rna).resolve() == Path(cfg.atac).resolve():
+        # built without a word, the genes became the store's peaks
+        raise ValueError(f"{cfg.rna}: given as both rna and atac of one h5ad_pair input; a file with genes and "
+                         "peaks in one matrix is kind=scvi")
     rna = H5AnnDataGroup(cfg.rna, layer=cfg.layer) if cfg.rna else None
     atac = H5AnnDataGroup(cfg.atac, layer=cfg.layer) if cfg.atac else None
     return PairSource(rna, atac, name=" + ".join(str(p) for p in (cfg.rna, cfg.atac) if p))
@@ -209,6 +213,9 @@ def _split_columns(var: pd.DataFrame, types: np.ndarray | None, n_genes: int | N
         if len(other):
             raise ValueError(f"{where}: feature {var.index[other[0]]!r} has modality {types[other[0]]!r}, "
                              "expected 'Gene Expression' (or GEX) or 'Peaks' (or ATAC)")
+        if n_genes is not None and n_genes != len(genes):  # it was silently ignored: which one did the user mean?
+            raise ValueError(f"{where}: n_genes={n_genes}, but var[{modality_key!r}] names {len(genes)} genes; "
+                             "leave n_genes unset (the column decides) or fix the column")
         return genes, peaks
     if n_genes is None:
         # name the option: scanpy's read_10x_h5 calls this column feature_types, scvi-tools modality
