@@ -61,6 +61,19 @@ def read_validation_mask(store: Store, val_fraction: float, digest=None) -> np.n
     return np.concatenate(parts) if parts else np.zeros(0, bool)
 
 
+def cells_fingerprint(store: Store) -> str:
+    """Which cell sits on which global row of ``store`` (its cells' id hashes in row order), whatever the
+    shard layout: a model with per-cell weights tells its training store's cells, in their order, from a
+    rebuild of other cells or of the same cells in another order."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for i in range(store.meta.n_shards):
+        h = _column(store.shard_group(i)["obs"], "split_hash").astype(np.uint64, copy=False)
+        digest.update(np.ascontiguousarray(h).tobytes())
+    return digest.hexdigest()
+
+
 def _code_dtype(obs_groups: list[zarr.Group], name: str) -> np.dtype:
     """Narrowest signed dtype holding the codes of ``name`` in every shard (metadata only, no reads).
 

@@ -21,6 +21,7 @@ import torch
 from data import keys
 from data.collate import atac_library_max, size_factor_rows
 from data.convert.base import as_mask
+from trainer.export import training_atac_library_max
 from trainer.jobs.common import inference_stream, open_checked_store
 from trainer.scvi_io import SIZE_FACTOR_COLUMNS
 
@@ -316,7 +317,7 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
                   keys.INDEX: torch.arange(lo, hi, dtype=torch.int64)})
         if model.module.use_size_factor and given_sf is not None:  # store_to_mudata's (store-wide) columns
             b[keys.SIZE_FACTOR] = torch.from_numpy(given_sf[lo:hi].copy())
-        elif model.module.use_size_factor:  # data.collate's formula (ATAC over the largest total of these cells)
+        elif model.module.use_size_factor:  # data.collate's formula (ATAC over the training store's largest total)
             tot = np.stack([np.asarray(out[mod].sum(axis=1)).ravel() for mod in keys.MODALITIES], axis=1)
             b[keys.SIZE_FACTOR] = torch.from_numpy(size_factor_rows(tot, m, atac_max))
         return b, out
@@ -335,8 +336,9 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
             raise APIError(f"obs[{sf_columns[j]!r}] (size factors) is missing, negative or infinite for "
                            f"{int(bad[:, j].sum())} cells (e.g. {obs.index[np.flatnonzero(bad[:, j])[0]]!r}); "
                            "fill it, or drop the size factor columns to compute them from these cells' counts")
-    atac_max = 1.0  # read by chunk() when it runs, after this pass
-    if model.module.use_size_factor and given_sf is None and keys.ATAC in feats:  # one pass first: the max over all cells
+    atac_max = training_atac_library_max(info) or 1.0  # read by chunk() when it runs, after this pass
+    if model.module.use_size_factor and given_sf is None and keys.ATAC in feats \
+            and training_atac_library_max(info) is None:  # a model exported before the value was kept: these cells' max
         j = keys.MASK_COLUMN[keys.ATAC]
         for lo in range(0, n, batch_size):
             x, rows, cols = feats[keys.ATAC]

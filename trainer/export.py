@@ -23,6 +23,17 @@ WEIGHTS, INFO = "model.safetensors", "model.json"
 # entries of model.json that say which data the model applies to
 _INFO_KEYS = ("gene_names", "region_names", "batch_key", "batch_categories", "cat_cov_keys", "cat_cov_categories",
               "cont_cov_keys")
+# model.json's facts of the training store (written by trainer/loop.py; absent in models exported before):
+# ``cells_fingerprint`` (data.cell_table.cells_fingerprint: its cells in their order) and ``atac_library_max``
+# (the denominator of the ATAC size factor, data.collate.size_factor_rows: a fixed scale of the model, not
+# the largest total of whichever cells inference is given)
+TRAINING_STORE = "training_store"
+
+
+def training_atac_library_max(info: dict[str, Any]) -> float | None:
+    """The training store's ATAC size factor denominator, or None (a model exported before it was kept)."""
+    value = (info.get(TRAINING_STORE) or {}).get("atac_library_max")
+    return None if value is None else float(value)
 
 
 class ModelFileError(ValueError):

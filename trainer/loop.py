@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from data import keys
 from data.cache import ReplayCache
+from data.cell_table import cells_fingerprint
 from data.collate import to_device
 from data.retry import STATS as read_stats
 from data.retry import reset_stats as reset_read_stats
@@ -35,7 +36,7 @@ from trainer.alloc import reuse_large_allocations
 from trainer.classifier import build_classifier
 from trainer.config import ConfigError, TrainConfig, config_to_json
 from trainer.epoch_totals import EpochTotals
-from trainer.export import build_module, export_model
+from trainer.export import TRAINING_STORE, build_module, export_model
 from trainer.global_batch import EpochSlices, step_noise
 from trainer.guard import StepGuard
 from trainer.lock import LockError
@@ -362,10 +363,14 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     reads = read_stats_all_ranks()  # collective: every rank joins it, rank 0 reports it
     weights = w.full_weights()  # every rank joins (DeepSpeed gathers); the weights on rank 0
     if info.is_main:
-        about = {"weights": "last", "epochs": epoch, "steps": step, "validation": last_val}
+        about = {"weights": "last", "epochs": epoch, "steps": step, "validation": last_val,
+                 # what inference needs of the training store: its cells (per-cell modality weights are rows
+                 # of a table over them) and the ATAC size factors' denominator (trainer/export.py)
+                 TRAINING_STORE: {"cells_fingerprint": cells_fingerprint(store),
+                                  "atac_library_max": float(train_stream.table.atac_library_max)}}
         if cfg.run.keep == "best" and (run_dir / ckpt.BEST_FILE).is_file():
             # model.json describes the weights it ships: the best epoch's step and validation, not the last's
-            weights, about = ckpt.read_best(run_dir), {"weights": "best", **tracker.best_info}
+            weights, about = ckpt.read_best(run_dir), {**about, "weights": "best", **tracker.best_info}
         model_dir = str(export_model(weights, meta, cfg, run_dir / "model", extra={**about, "best": tracker.best}))
         (run_dir / "result.json").write_text(json.dumps(
             {"epochs": epoch, "steps": step, "stopped": stopped, "stop_reason": stop_reason, "best": tracker.best,

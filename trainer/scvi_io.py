@@ -38,8 +38,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data import keys
-from data.collate import atac_library_max, size_factor_rows
-from trainer.export import INFO, WEIGHTS, load_model
+from data.collate import atac_library_max as _store_atac_max
+from data.collate import size_factor_rows
+from trainer.export import INFO, WEIGHTS, load_model, training_atac_library_max
 from trainer.reference import reference_state_from_ours
 
 SCVI_FILE = "model.pt"
@@ -58,9 +59,11 @@ class ScviIOError(ValueError):
 
 
 # --------------------------------------------------------------------------- our store -> scvi data
-def store_to_mudata(store, cells: np.ndarray | None = None):
+def store_to_mudata(store, cells: np.ndarray | None = None, atac_library_max: float | None = None):
     """The MuData that ``MULTIVI.load(dir, adata=...)`` expects, for ``cells`` (default all) of a store:
-    positions in the order wanted, or a boolean mask over the store's cells.
+    positions in the order wanted, or a boolean mask over the store's cells. ``atac_library_max``: the ATAC
+    size factors' denominator (a size-factor model's ``model.json`` ``training_store`` value; default: this
+    store's largest ATAC total, which is the model's own on its training store).
 
     In memory (cells x features, sparse): meant for small stores and subsets. Fully paired, missing
     modalities as empty rows; top-level obs = the store's obs (batch, covariates, masks) plus the size
@@ -79,7 +82,8 @@ def store_to_mudata(store, cells: np.ndarray | None = None):
             for mod in keys.MODALITIES}
     totals = np.stack([np.asarray(mats[mod].sum(axis=1)).ravel() for mod in keys.MODALITIES], axis=1)
     mask = np.stack([obs[f"mask_{mod}"].to_numpy(bool) for mod in keys.MODALITIES], axis=1)
-    atac_max = atac_library_max(totals[:, 1], mask[:, 1])  # over the whole store, as the loader's
+    atac_max = (atac_library_max if atac_library_max is not None
+                else _store_atac_max(totals[:, 1], mask[:, 1]))  # over the whole store, as the loader's
     if cells is not None:
         cells = _cell_positions(cells, m.n_cells)
         obs = obs.iloc[cells]
@@ -206,6 +210,12 @@ def _publish(tmp: Path, final: Path) -> Path:
     return final
 
 
+def mudata_call(info: dict, use_size_factor: bool) -> str:
+    """How to build the MuData for this model: a size-factor model's ATAC factors need its training scale."""
+    trained = training_atac_library_max(info) if use_size_factor else None
+    return "store_to_mudata(store)" if trained is None else f"store_to_mudata(store, atac_library_max={trained!r})"
+
+
 def export_to_scvi(model_dir: str | os.PathLike, out_dir: str | os.PathLike, store=None,
                    overwrite: bool = False) -> Path:
     """Write ``out_dir`` (scvi-tools' own ``model.pt``) for ``MULTIVI.load(out_dir, adata=mdata)``.
@@ -234,7 +244,7 @@ def export_to_scvi(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sto
             # scvi's registry holds the skeleton's cell count; the training cells' count travels here
             "n_obs": int(info["model_args"].get("n_obs", 0)),
             "note": "load with scvi.model.MULTIVI.load(dir, adata=mdata); build mdata with "
-                    "trainer.scvi_io.store_to_mudata(store)"}, indent=1))
+                    f"trainer.scvi_io.{mudata_call(info, module.use_size_factor)}"}, indent=1))
         return _publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

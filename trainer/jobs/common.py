@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from data.cell_table import cells_fingerprint
 from data.manifest import manifest_digest
 from data.store import Store, StoreError, open_store
 from trainer import dist
-from trainer.export import INFO, WEIGHTS
+from trainer.export import INFO, TRAINING_STORE, WEIGHTS, training_atac_library_max
 
 
 class InferError(ValueError):
@@ -70,12 +71,17 @@ def open_checked_store(path: str | os.PathLike, info: dict) -> Store:
                          f"({info['cat_cov_keys']}, {info['cont_cov_keys']})")
     code_maps(m, info)  # refuses categories the model never saw
     args = info.get("model_args", {})
-    if args.get("modality_weights") == "cell" and m.n_cells != args.get("n_obs"):
+    if args.get("modality_weights") == "cell":
         # per-cell weights are rows of a table indexed by training cell: another store's cells would read
-        # other cells' weights, or past the table's end (the reference refuses any data but its own)
-        raise InferError(f"the model learned per-cell modality weights (modality_weights=cell) for its "
-                         f"{args.get('n_obs')} training cells: it only applies to its training store, and "
-                         f"{store.path} has {m.n_cells} cells")
+        # other cells' weights, or past the table's end (the reference refuses any data but its own). The cell
+        # count alone let a rebuild of the same cells in another order (preshuffle) through: every paired cell
+        # then read another cell's weights
+        trained = (info.get(TRAINING_STORE) or {}).get("cells_fingerprint")
+        if m.n_cells != args.get("n_obs") or (trained is not None and cells_fingerprint(store) != trained):
+            raise InferError(f"the model learned per-cell modality weights (modality_weights=cell) for its "
+                             f"{args.get('n_obs')} training cells: it only applies to its training store (the same "
+                             f"cells on the same rows), and {store.path} has {m.n_cells} cells"
+                             + (", other ones or in another order" if m.n_cells == args.get("n_obs") else ""))
     return store
 
 
@@ -108,6 +114,11 @@ def inference_stream(store: Store, module, info: dict, **kw):
 
     stream = StoreStream(store, size_factor=module.use_size_factor, **kw)
     stream.recode(*code_maps(store.meta, info))
+    trained_max = training_atac_library_max(info)
+    if module.use_size_factor and trained_max is not None:
+        # the model's own scale: this store's largest ATAC total made a cell's values depend on which other
+        # cells the store holds (a store without the training's largest cell moved every ATAC cell by 23 %)
+        stream.table.atac_library_max = trained_max
     if dist.is_distributed():
         # every rank writes its part of one output from its own store and model_dir paths: node-local copies
         # of another build or another training would mix two of them in one output

@@ -15,13 +15,15 @@ a torchrun launch wait at the barrier.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from trainer import dist
+from trainer.export import INFO
 from trainer.infer_config import InferConfig
-from trainer.jobs.common import InferError
+from trainer.jobs.common import InferError, resolve_model_dir
 from trainer.scvi_import import import_from_scvi
-from trainer.scvi_io import ScviIOError, check_replaceable, export_to_scvi
+from trainer.scvi_io import ScviIOError, check_replaceable, export_to_scvi, mudata_call
 
 DIRECTIONS = ("to_scvi", "from_scvi")
 _UNSET = ("", "???", "-")  # what a user passes for a top-level path this direction does not use
@@ -52,7 +54,9 @@ def run_export(cfg: InferConfig) -> dict:
                 if model_dir is None:
                     raise InferError("direction=to_scvi needs model_dir=<run or model directory>")
                 export_to_scvi(model_dir, out, store=_given(cfg.store), overwrite=cfg.overwrite)
-                result["load_with"] = f"scvi.model.MULTIVI.load({str(out)!r}, adata=store_to_mudata(store))"
+                model_info = json.loads((resolve_model_dir(model_dir) / INFO).read_text())  # loaded and checked above
+                call = mudata_call(model_info, bool(model_info["model_args"].get("use_size_factor")))
+                result["load_with"] = f"scvi.model.MULTIVI.load({str(out)!r}, adata={call})"
             else:
                 source = _given(opts.source)
                 if source is None:
