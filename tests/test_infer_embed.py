@@ -177,7 +177,7 @@ def test_posterior_samples_have_a_sample_axis(trained, tmp_path):
     z = read_obsm(out)["X_multivi"]
     assert z.shape == (N_CELLS, 3, 6) and not np.isnan(z).any()
     uns = ad.read_zarr(out).uns["multivi"]
-    assert uns["seed"] == 0  # the draws' seed is among the settings
+    assert uns["seed"] == 0 and uns["batch_size"] == 96  # what the draws depend on is among the settings
     assert list(uns["modalities"]) == ["joint"] and not uns["return_dist"]  # what the output holds, from itself
     mean = _in_memory_latents(store, run / "model")[1]["X_multivi"]
     assert np.abs(z[:, 0] - z[:, 1]).max() > 1e-3  # independent draws around the mean

@@ -33,8 +33,8 @@ def write_skeleton(job: ChunkJob, path: Path) -> None:
     var = None if var_names is None else pd.DataFrame(index=pd.Index(var_names, dtype=str))
     uns = {"model": str(ctx.model_dir), "store": str(ctx.store.path), "job": job.name,
            "give_mean": ctx.cfg.give_mean, "n_samples": ctx.cfg.n_samples, **job.uns()}
-    if not ctx.cfg.give_mean:  # posterior draws: the seed is what makes them reproducible
-        uns["seed"] = ctx.cfg.seed
+    if not ctx.cfg.give_mean:  # posterior draws: seeded per chunk of batch_size rows, so both make them reproducible
+        uns["seed"], uns["batch_size"] = ctx.cfg.seed, ctx.cfg.batch_size
     # obs of the first shard only: the other shards' rows are appended array by array below, so the
     # skeleton never holds the whole table (~100 B per cell as pandas: 1 GB at 10M cells)
     adata = ad.AnnData(obs=ctx.store.read_shard_obs(0), var=var, uns={"multivi": uns})
