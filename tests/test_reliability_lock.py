@@ -112,6 +112,25 @@ def test_pid_reuse_is_stale_but_a_live_holder_is_never_cleared(tmp_path):
         lk.acquire(tmp_path, "x", clear_stale=True)
 
 
+def test_a_holder_in_another_pid_namespace_or_on_a_same_named_machine_is_never_taken_for_dead(tmp_path):
+    """Identified by host name and boot id only, a live job in a container that shares the host's name and kernel
+    (another PID namespace: its pid is no process here, or another one) was declared stale and its run
+    directory taken over by a second job (helper audit: both trained on, metrics.jsonl split between them);
+    and a machine of the same host name was declared "rebooted"."""
+    dead = {**lk._record("fake"), "pid": 2**22 + 12345, "start_time": 1}  # no such process here
+    assert "no longer running" in lk.stale_reason(dead)  # same namespace: provably dead
+    other_ns = {**dead, "pid_ns": "pid:[1]"}
+    assert lk.stale_reason(other_ns) is None
+    (tmp_path / lk.LOCK_NAME).write_text(json.dumps(other_ns))
+    with pytest.raises(lk.LockError, match="in use by fake"):
+        lk.acquire(tmp_path, "x", clear_stale=True)
+    assert "rebooted" in lk.stale_reason({**dead, "boot_id": "another-boot"})  # this machine, rebooted
+    if lk._machine_id():
+        assert lk.stale_reason({**dead, "boot_id": "another-boot", "machine_id": "another-machine"}) is None
+    old = {k: v for k, v in dead.items() if k not in ("pid_ns", "machine_id")}  # a lock of the code before
+    assert "no longer running" in lk.stale_reason(old)
+
+
 def test_release_never_removes_a_lock_that_changed_hands(tmp_path):
     with lk.locked(tmp_path, "first") as first:
         assert lk.read_holder(tmp_path)["token"] == first.record["token"]

@@ -9,9 +9,10 @@ which is then hard-linked to the lock name; ``link`` fails with EEXIST if anothe
 there is no window in which a reader sees an empty or half-written lock.
 
 A job killed with SIGKILL cannot remove its lock. Such a *stale* lock is detected, never silently
-taken over: the holder is on this host and its pid is gone (or is a zombie, or belongs to a newer
-process: the pid was reused, detected by comparing the kernel's process start time; or the machine
-rebooted, detected by the boot id), or it was written by an earlier attempt of the same Slurm job, now
+taken over: the holder is on this host, in this PID namespace, and its pid is gone (or is a zombie, or
+belongs to a newer process: the pid was reused, detected by comparing the kernel's process start time; or
+the machine rebooted, detected by the boot id; a host of the same name with another machine id, or a
+container in another PID namespace, cannot be checked), or it was written by an earlier attempt of the same Slurm job, now
 requeued (``SLURM_JOB_ID`` equal, ``SLURM_RESTART_COUNT`` lower: on any host, as the requeued job's rank 0
 may run on another node). A stale lock is reported with how to clear it:
 
@@ -98,6 +99,24 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace ('pid:[4026531836]'; '' where /proc does not say): a container that shares
+    the host's name and kernel (hostNetwork, Apptainer) sees the host's pids as other processes or none."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _machine_id() -> str:
+    """The installation's id (/etc/machine-id, kept across reboots; '' where absent): tells a reboot of this
+    machine from another machine that has the same host name."""
+    try:
+        return Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _slurm_attempt() -> tuple[str, int]:
     """(Slurm job id, requeue count) of this process; ("", 0) outside Slurm."""
     try:
@@ -111,7 +130,8 @@ def _record(what: str) -> dict[str, Any]:
     pid = os.getpid()
     job, restarts = _slurm_attempt()
     return {"what": what, "host": socket.gethostname(), "pid": pid, "start_time": process_start_time(pid),
-            "boot_id": _boot_id(), "command": " ".join(sys.argv)[:500],
+            "boot_id": _boot_id(), "machine_id": _machine_id(), "pid_ns": _pid_namespace(),
+            "command": " ".join(sys.argv)[:500],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex,
             "slurm_job": job, "slurm_restart": restarts}
 
@@ -142,8 +162,14 @@ def stale_reason(holder: dict[str, Any]) -> str | None:
         return f"Slurm job {job} was requeued since (attempt {restarts}; the lock is attempt {holder.get('slurm_restart') or 0}'s)"
     if holder.get("host") != socket.gethostname():
         return None  # another machine: we cannot see its processes
+    if holder.get("machine_id") and _machine_id() and holder["machine_id"] != _machine_id():
+        return None  # another machine with the same host name (its boot id differs too: not a reboot)
     if holder.get("boot_id") and holder.get("boot_id") != _boot_id():
         return "the machine has rebooted since"
+    if holder.get("pid_ns") and _pid_namespace() and holder["pid_ns"] != _pid_namespace():
+        # another PID namespace on this kernel (a container with the host's name): its pid means another process
+        # here, or none; a live job was taken for dead and its run directory shared by two jobs
+        return None
     pid = int(holder.get("pid", -1))
     now = process_start_time(pid) if pid > 0 else None
     if now is None:
