@@ -7,7 +7,7 @@
 #   NNODES=2 RDZV_ENDPOINT=node1:29400 RUN_DIR=/shared/runs/r1 scripts/train.sh +experiment=atlas_1m
 #   scripts/train.sh --nnodes=2 --rdzv-endpoint=node1:29400 run.output_dir=/shared/runs/r1 +experiment=...
 #
-# Launcher options, as env or as leading --flags: NNODES (--nnodes, N or MIN:MAX), RDZV_ENDPOINT
+# Launcher options, as env or as leading --flags: NNODES (--nnodes, N; MIN:MAX only with MIN = MAX), RDZV_ENDPOINT
 # (--rdzv-endpoint, host:port of the c10d rendezvous, on one of the nodes), RDZV_ID (--rdzv-id, same on
 # all nodes of one job), LOCAL_ADDR (--local-addr, this node's address as the others reach it; needed
 # when the hostname does not resolve to it), RDZV_CONF (--rdzv-conf, e.g. is_host=true on the node
@@ -63,6 +63,16 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
   [ "$NPROC_PER_NODE" -gt 0 ] || NPROC_PER_NODE=1
 fi
 NNODES=${NNODES:-1}
+case "$NNODES" in
+  *:*) if [ "${NNODES%%:*}" != "${NNODES#*:}" ]; then
+         # a run resumes only at the world size its checkpoints were written with (the stream position and
+         # per-rank states are per rank): a job that re-formed with fewer nodes was refused at its resume anyway
+         echo "train.sh: NNODES=$NNODES: an elastic node count cannot continue a run once it changes (a checkpoint" \
+              "resumes only at its own world size); give one number and relaunch after losing a node" >&2
+         exit 2
+       fi
+       NNODES=${NNODES%%:*} ;;
+esac
 if [ "$NNODES" != 1 ]; then
   : "${RDZV_ENDPOINT:?multi-node: set RDZV_ENDPOINT=host:port (or --rdzv-endpoint=) of the c10d rendezvous}"
   : "${RUN_DIR:?multi-node: set RUN_DIR (or run.output_dir=) to a directory all nodes share}"

@@ -90,3 +90,37 @@ def test_a_forced_run_dir_override_is_the_run_dir(tmp_path):
 
     args = _launch_args(tmp_path, {"NPROC_PER_NODE": "2"}, "++run.output_dir=runs/mine")
     assert re.findall(r"run\.output_dir=(\S+)", args) == ["runs/mine"], args
+
+
+def test_an_elastic_node_range_is_refused_before_launch(tmp_path):
+    """NNODES=1:2 was offered "for an elastic job", but a job that re-formed with fewer nodes was refused at its
+    resume (a checkpoint resumes only at its own world size; helper audit): it could not survive the loss it was
+    meant for. One number, or MIN:MAX with MIN = MAX, still launches."""
+    res = subprocess.run([str(ROOT / "scripts" / "train.sh"), "data.store=x"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, check=False,
+                         env={**env(), "NNODES": "1:2", "RDZV_ENDPOINT": "h:1", "RUN_DIR": str(tmp_path / "r")})
+    assert res.returncode == 2 and "an elastic node count cannot continue a run" in res.stderr, res.stderr
+    args = _launch_args(tmp_path, {"NPROC_PER_NODE": "1", "NNODES": "2:2", "RDZV_ENDPOINT": "h:1",
+                                   "RUN_DIR": str(tmp_path / "r")})
+    assert "--nnodes=2 " in args, args
+
+
+def test_a_signalled_launcher_exits_128_plus_n_in_one_line(tmp_path):
+    """Slurm's SIGTERM (cancel, time limit) to train.sh's launcher gave torchrun's SignalException traceback and
+    status 1, as if our code had crashed (helper audit)."""
+    import signal
+    import time
+
+    worker = tmp_path / "wait.py"
+    worker.write_text("import time\nprint('ready', flush=True)\ntime.sleep(120)\n")
+    proc = subprocess.Popen([PY, "-m", "trainer.launch", "--standalone", "--nproc-per-node=1", str(worker)],
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "[launch] stopped by signal 15 (SIGTERM)" in err and "Traceback" not in err, err[-2000:]

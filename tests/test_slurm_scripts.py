@@ -44,8 +44,41 @@ def test_each_node_gets_its_own_address_and_the_requested_process_count(tmp_path
     assert set(nodes) == {"0", "1"}, res.stdout
     for n, argv in nodes.items():
         assert f"--local-addr=10.0.0.1{n}" in argv, argv
-        assert "--nproc-per-node=2" in argv and "--rdzv-endpoint=node0:29500" in argv, argv
+        assert "--nproc-per-node=2" in argv and "--rdzv-endpoint=node0:15077" in argv, argv  # port from job 77
         assert "-m trainer.launch" in argv, argv  # torchrun without its launcher traceback
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "infer.sbatch"])
+def test_submitted_from_another_directory_with_its_own_port(tmp_path, script):
+    """Submitted outside the project root, the scripts failed after the allocation with 'scripts/slurm/
+    node_torchrun.sh: No such file' (exit 127); and every job used port 29500, so two jobs whose first node
+    was the same machine shared one rendezvous (the second died when the first ended; helper audit)."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, body in (("srun", SRUN), ("scontrol", "#!/bin/sh\nprintf 'node0\\nnode1\\n'\n"),
+                       ("fakepy", PRINT_ARGS)):
+        (shims / name).write_text(body)
+        (shims / name).chmod(0o755)
+    elsewhere = tmp_path / "runs"
+    elsewhere.mkdir()
+    base = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_NNODES": "2",
+            "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(elsewhere), "PY": str(shims / "fakepy")}
+    base.pop("MVA_ROOT", None)
+
+    def submit(job: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script), "model_dir=/x"],
+                              env={**base, "SLURM_JOB_ID": job, **extra}, capture_output=True, text=True,
+                              timeout=60, check=False)
+
+    refused = submit("77")
+    assert refused.returncode == 2 and "set MVA_ROOT=<project root>" in refused.stderr, refused.stderr
+    ports = set()
+    for job in ("4242", "4243"):
+        res = submit(job, MVA_ROOT=str(ROOT))
+        assert res.returncode == 0, res.stderr
+        ports |= set(re.findall(r"--rdzv-endpoint=node0:(\d+)", res.stdout))
+    assert ports == {"19242", "19243"}, ports
+    assert (elsewhere / "outputs" / "slurm").is_dir()  # relative paths still mean the submit directory
 
 
 def _sbatch(tmp_path, *args: str) -> subprocess.CompletedProcess:

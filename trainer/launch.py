@@ -3,7 +3,8 @@
 When a rank fails, torchrun raises ``ChildFailedError`` in the launcher and prints ~30 lines of Python
 traceback under the rank's own output, exiting 1. Every refused setting (``mva-train: error: ...``,
 exit status 2 from each rank) then looked like a crash. Here the launcher exits with the failed rank's
-status (2 for such an error, 128+N for signal N, as a shell reports it) and prints torchrun's failure
+status (2 for such an error, 128+N for signal N, as a shell reports it; 128+N with one line too when the
+launcher itself gets signal N, e.g. Slurm's SIGTERM) and prints torchrun's failure
 summary (ranks, exit codes, signals) unless that status is 2 (the ranks' own line said it). Any other
 launcher error keeps its traceback. Used by scripts/train.sh and scripts/slurm/node_torchrun.sh; a
 drop-in for ``torchrun`` in the README's inference command.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun
 
@@ -30,6 +32,13 @@ def main(argv: list[str] | None = None) -> None:
         if code != 2:
             print(e, file=sys.stderr)
         sys.exit(code)
+    except SignalException as e:
+        # the launcher itself was signalled (Slurm's SIGTERM at a cancel or the time limit): torchrun has
+        # stopped the ranks; a traceback and status 1 read as a crash of ours
+        sig = int(e.sigval)
+        print(f"[launch] stopped by signal {sig} ({e.sigval.name}); the ranks were stopped: rerun to resume "
+              "from the newest complete checkpoint", file=sys.stderr)
+        sys.exit(128 + sig)
 
 
 if __name__ == "__main__":
