@@ -108,3 +108,24 @@ def test_loss_png_marks_where_the_plateau_rule_lowered_the_rate(monkeypatch, tmp
     marks = [label for label, _, _ in lines if label not in series]
     # two vertical lines (after epochs 1 and 3), one legend entry
     assert len(marks) == 2 and marks[0] == "learning rate lowered" and marks[1].startswith("_"), lines
+
+
+def test_a_full_disk_while_writing_metrics_names_the_file_and_the_way_back(tmp_path):
+    """mva-train: error: [Errno 28] No space left on device -- which file, and what now? (helper audit)"""
+    import errno
+
+    from trainer.metrics import MetricsWriter
+
+    class Full:
+        def write(self, _):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    writer = MetricsWriter(tmp_path / "run", enabled=True)
+    writer._fh.close()
+    writer._fh = Full()
+    with pytest.raises(OSError, match=r"No space left on device: writing .*run/metrics.jsonl .*resume=auto") as exc:
+        writer.log({"kind": "train", "step": 1, "loss": 1.0})
+    assert exc.value.errno == errno.ENOSPC

@@ -326,7 +326,9 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                         and batches_done < len(train_stream):
                     save(mid_epoch=True)
             epoch_complete = batches_done >= len(train_stream)
-            if epoch_record := totals.record():  # collective; {} where no step was taken (a resume at the end)
+            # one record per epoch, when it is complete (a max_steps stop inside it keeps the sums in its
+            # checkpoint: the continued run logs the whole epoch once); collective, the same on every rank
+            if epoch_complete and (epoch_record := totals.record()):
                 metrics.log({"kind": "train_epoch", "step": step, "epoch": epoch, **epoch_record})
             # ---- validate (every n-th epoch and after the last), early stopping decided once and shared
             every = cfg.run.validate_every_epochs

@@ -95,7 +95,12 @@ class MetricsWriter:
         if not self.enabled:
             return
         clean = {k: (float(v) if isinstance(v, float) or hasattr(v, "item") else v) for k, v in record.items()}
-        self._fh.write(json.dumps(clean) + "\n")
+        try:
+            self._fh.write(json.dumps(clean) + "\n")
+        except OSError as exc:  # a full disk: "[Errno 28] No space left on device" named no file
+            raise OSError(exc.errno, f"{exc.strerror}: writing {self.path} (the run's checkpoints are in "
+                                     f"{self.path.parent / 'checkpoints'}; free space and rerun: resume=auto "
+                                     "continues from the newest complete one)") from None
         if self._wandb is not None:
             # no step=: the training step is a metric of the row (STEP_KEY), see _use_training_step_axis
             self._call_wandb("log", {k: v for k, v in clean.items() if isinstance(v, (int, float))})
