@@ -124,11 +124,32 @@ def test_a_holder_in_another_pid_namespace_or_on_a_same_named_machine_is_never_t
     (tmp_path / lk.LOCK_NAME).write_text(json.dumps(other_ns))
     with pytest.raises(lk.LockError, match="in use by fake"):
         lk.acquire(tmp_path, "x", clear_stale=True)
+    # ... unless its lock has gone silent: a container restarted (new namespace) after its job died must resume
+    old_time = time.time() - lk.SILENT_S - 60
+    os.utime(tmp_path / lk.LOCK_NAME, (old_time, old_time))
+    assert "has not touched its lock" in lk.stale_reason(lk.read_holder(tmp_path))
+    lk.acquire(tmp_path, "x", clear_stale=True).release()
     assert "rebooted" in lk.stale_reason({**dead, "boot_id": "another-boot"})  # this machine, rebooted
     if lk._machine_id():
         assert lk.stale_reason({**dead, "boot_id": "another-boot", "machine_id": "another-machine"}) is None
+        # the same boot id is this running kernel, whatever machine id a container image carries
+        assert "no longer running" in lk.stale_reason({**dead, "machine_id": "image-machine-id"})
     old = {k: v for k, v in dead.items() if k not in ("pid_ns", "machine_id")}  # a lock of the code before
     assert "no longer running" in lk.stale_reason(old)
+
+
+def test_a_holder_touches_its_lock_until_it_releases_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(lk, "HEARTBEAT_S", 0.05)
+    lock = lk.acquire(tmp_path, "x")
+    path = tmp_path / lk.LOCK_NAME
+    os.utime(path, (1_000_000, 1_000_000))
+    deadline = time.time() + 10
+    while path.stat().st_mtime < time.time() - 60 and time.time() < deadline:
+        time.sleep(0.05)
+    assert lk.read_holder(tmp_path)["_age_s"] < 60  # touched again
+    lock.release()
+    time.sleep(0.2)
+    assert not path.exists()
 
 
 def test_release_never_removes_a_lock_that_changed_hands(tmp_path):

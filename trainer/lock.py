@@ -11,8 +11,9 @@ there is no window in which a reader sees an empty or half-written lock.
 A job killed with SIGKILL cannot remove its lock. Such a *stale* lock is detected, never silently
 taken over: the holder is on this host, in this PID namespace, and its pid is gone (or is a zombie, or
 belongs to a newer process: the pid was reused, detected by comparing the kernel's process start time; or
-the machine rebooted, detected by the boot id; a host of the same name with another machine id, or a
-container in another PID namespace, cannot be checked), or it was written by an earlier attempt of the same Slurm job, now
+the machine rebooted, detected by the boot id; a host of the same name with another machine id cannot be
+checked), or it ran in another PID namespace of this kernel (a container with the host's name, whose pid means
+nothing here) and its lock has gone untouched for SILENT_S (a holder touches it every HEARTBEAT_S), or it was written by an earlier attempt of the same Slurm job, now
 requeued (``SLURM_JOB_ID`` equal, ``SLURM_RESTART_COUNT`` lower: on any host, as the requeued job's rank 0
 may run on another node). A stale lock is reported with how to clear it:
 
@@ -33,16 +34,22 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 LOCK_NAME = ".mva.lock"
 CLEAR_ENV = "MVA_CLEAR_STALE_LOCK"
+# A holder touches its lock every HEARTBEAT_S; a lock from another PID namespace of this kernel (whose pid we
+# cannot look up) untouched for SILENT_S is its dead holder's: a container restarted after an OOM kill gets a
+# new namespace and must still resume its run, while a live job in a sibling container is never taken over.
+HEARTBEAT_S = 30.0
+SILENT_S = 600.0
 
 
 class LockError(RuntimeError):
@@ -54,9 +61,15 @@ class Lock:
     path: Path
     record: dict[str, Any]
     released: bool = False
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start_heartbeat(self) -> None:
+        threading.Thread(target=_heartbeat, args=(self.path, self.record["token"], self._stop), daemon=True,
+                         name="mva-lock-heartbeat").start()
 
     def release(self) -> None:
         """Remove the lock file if it is still ours (never someone else's that replaced a cleared one)."""
+        self._stop.set()
         if self.released:
             return
         self.released = True
@@ -72,6 +85,18 @@ class Lock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _heartbeat(path: Path, token: str, stop: threading.Event) -> None:
+    """Touch the lock every HEARTBEAT_S while it is ours (a thread of the holder; stops with ``release``)."""
+    while not stop.wait(HEARTBEAT_S):
+        holder = read_holder(path.parent)
+        if holder is None or holder.get("token") != token:
+            return  # cleared by hand (--force) and maybe taken by another job: not ours to touch
+        try:
+            os.utime(path)
+        except OSError:
+            pass  # a full or read-only disk: the job itself will say so
 
 
 def _boot_id() -> str:
@@ -146,9 +171,13 @@ def read_holder(directory: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         rec = json.loads(text)
+        age = max(0.0, time.time() - path.stat().st_mtime)
     except ValueError as exc:
         return {"unreadable": f"{exc}"}
-    return rec if isinstance(rec, dict) else {"unreadable": "not a JSON object"}
+    except FileNotFoundError:
+        return None
+    # ``_age_s``: seconds since the holder last touched it (not part of the file)
+    return {**rec, "_age_s": age} if isinstance(rec, dict) else {"unreadable": "not a JSON object"}
 
 
 def stale_reason(holder: dict[str, Any]) -> str | None:
@@ -162,13 +191,20 @@ def stale_reason(holder: dict[str, Any]) -> str | None:
         return f"Slurm job {job} was requeued since (attempt {restarts}; the lock is attempt {holder.get('slurm_restart') or 0}'s)"
     if holder.get("host") != socket.gethostname():
         return None  # another machine: we cannot see its processes
-    if holder.get("machine_id") and _machine_id() and holder["machine_id"] != _machine_id():
-        return None  # another machine with the same host name (its boot id differs too: not a reboot)
     if holder.get("boot_id") and holder.get("boot_id") != _boot_id():
+        # another kernel: this machine rebooted, or another machine with the same host name (told apart by the
+        # machine id where both record one; the same boot id is one running kernel whatever the machine id says)
+        if holder.get("machine_id") and _machine_id() and holder["machine_id"] != _machine_id():
+            return None
         return "the machine has rebooted since"
     if holder.get("pid_ns") and _pid_namespace() and holder["pid_ns"] != _pid_namespace():
         # another PID namespace on this kernel (a container with the host's name): its pid means another process
-        # here, or none; a live job was taken for dead and its run directory shared by two jobs
+        # here, or none (a live job was taken for dead and its run directory shared by two jobs); only silence
+        # tells, as a live holder touches its lock every HEARTBEAT_S
+        age = holder.get("_age_s")
+        if age is not None and age > SILENT_S:
+            return (f"it ran in another PID namespace (a container) and has not touched its lock for {age:.0f} s "
+                    f"(a live holder does every {HEARTBEAT_S:.0f} s)")
         return None
     pid = int(holder.get("pid", -1))
     now = process_start_time(pid) if pid > 0 else None
@@ -228,7 +264,9 @@ def acquire(directory: str | os.PathLike, what: str, *, clear_stale: bool = Fals
     for _ in range(3):  # a cleared stale lock may be re-taken by a racing job; retry a few times
         try:
             if _try_link(path, record):
-                return Lock(path=path, record=record)
+                lock = Lock(path=path, record=record)
+                lock.start_heartbeat()
+                return lock
         except OSError as exc:
             raise LockError(f"cannot write the lock file in {d}: {exc.strerror or exc}") from None
         holder = read_holder(d)
