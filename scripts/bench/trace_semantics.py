@@ -111,7 +111,7 @@ def trace_ours(data, sc, s, work: Path, run_facts: dict, check_every: int = 0) -
     rows: list[dict] = []
     real = loop.train_one_step
 
-    def hooked(w, batch, kl_weight, eps, guard, step):
+    def hooked(w, batch, kl_weight, eps, guard, step, share=None):
         m = batch[keys.MASK].numpy().astype(bool)
         lm = getattr(w, "loss_module", None)
         rows.append({"step": step, "kl_weight": float(kl_weight), "vae_opt": _opt(w.optimizer),
@@ -123,7 +123,7 @@ def trace_ours(data, sc, s, work: Path, run_facts: dict, check_every: int = 0) -
                      **_composition(m[:, 0], m[:, 1], batch[keys.BATCH].numpy().ravel())})
         if check_every and step % check_every == 0:
             rows[-1]["objective_check"] = check_objective(w.module, batch, kl_weight, eps)
-        return real(w, batch, kl_weight, eps, guard, step)
+        return real(w, batch, kl_weight, eps, guard, step, share)
 
     store, _ = build_view_store(data, sc, work)
     cfg = ours_config(store, s, work / "run")
