@@ -372,7 +372,10 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                                   "atac_library_max": float(train_stream.table.atac_library_max)}}
         if cfg.run.keep == "best" and (run_dir / ckpt.BEST_FILE).is_file():
             # model.json describes the weights it ships: the best epoch's step and validation, not the last's
-            weights, about = ckpt.read_best(run_dir), {**about, "weights": "best", **tracker.best_info}
+            # (not the last epoch's epochs/steps/validation where best_info is empty: a resume from a checkpoint
+            # written before best_info was kept)
+            weights = ckpt.read_best(run_dir)
+            about = {"weights": "best", TRAINING_STORE: about[TRAINING_STORE], **tracker.best_info}
         model_dir = str(export_model(weights, meta, cfg, run_dir / "model", extra={**about, "best": tracker.best}))
         (run_dir / "result.json").write_text(json.dumps(
             {"epochs": epoch, "steps": step, "stopped": stopped, "stop_reason": stop_reason, "best": tracker.best,
