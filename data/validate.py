@@ -49,7 +49,9 @@ def check_counts(x: sp.csr_matrix, where: str, modality: str, cell_ids: pd.Index
         # the store holds counts as uint8/16/32 (docs/store.md); a count past 2^32 - 1 is no read count (a scaled
         # or summed matrix), and was stored as uint64, or failed after the whole pass naming no cell
         with np.errstate(invalid="ignore"):
-            problems.append((d > MAX_COUNT, f"is above {MAX_COUNT:,}, the largest count a store holds"))
+            # compared in float64: numpy casts MAX_COUNT to float32 for a float32 array, where it rounds to 2^32
+            big = (d.astype(np.float64, copy=False) if d.dtype.kind == "f" else d) > MAX_COUNT
+            problems.append((big, f"is above {MAX_COUNT:,}, the largest count a store holds"))
     for bad, what in problems:
         if bad.any():
             k = int(np.flatnonzero(bad)[0])

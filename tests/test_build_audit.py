@@ -60,16 +60,17 @@ def test_a_modality_file_with_no_cells_does_not_vote_on_the_features(tmp_path):
     assert list(union.meta.region_names) == PEAKS
 
 
-@pytest.mark.parametrize("value, dtype", [(5_000_000_000, np.int64), (1e20, np.float64)])
+@pytest.mark.parametrize("value, dtype", [(5_000_000_000, np.int64), (1e20, np.float64), (2**32, np.float32)])
 def test_a_count_past_uint32_is_refused_naming_the_cell(tmp_path, value, dtype):
     """Stored as uint64 (docs/store.md: uint8/16/32), or refused after the whole pass naming no cell or file."""
     x = sp.csr_matrix(np.array([[1, 2], [value, 1]], dtype=dtype))
     path = _h5(tmp_path / "big.h5ad", ["a", "b"], ["g0", "g1"], x=x)
     with pytest.raises(ValidationError, match=r"big.h5ad: rna count of cell 'b' \(row 1\), feature 'g0'.*above 4,294,967,295"):
         _build(tmp_path, [InputConfig(kind="h5ad_pair", rna=path)])
-    ok = sp.csr_matrix(np.array([[1, 2], [2**32 - 1, 1]], dtype=dtype))
+    top = 2**32 - 1 if dtype != np.float32 else 2**31  # float32 cannot hold 2^32 - 1 (it rounds to 2^32)
+    ok = sp.csr_matrix(np.array([[1, 2], [top, 1]], dtype=dtype))
     st = _build(tmp_path, [InputConfig(kind="h5ad_pair", rna=_h5(tmp_path / "ok.h5ad", ["a", "b"], ["g0", "g1"], x=ok))])
-    assert st.root["shards/00000/mod/rna/X/data"].dtype == np.uint32
+    assert st.root["shards/00000/mod/rna/X/data"].dtype == np.uint32 and st.read_rows("rna", 0, 1, 2)[0, 0] == top
 
 
 @pytest.mark.parametrize("option", ["batch_key", "label_key", "cat_cov_keys", "cont_cov_keys"])
