@@ -8,6 +8,8 @@ whichever store inference was given.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -87,3 +89,24 @@ def test_size_factor_models_scale_atac_by_the_training_store(tmp_path):
         a.obs = md.obs.loc[[cell], ["batch", "mask_rna", "mask_atac"]]
     got = model.accessibility(one, normalize_cells=True)
     np.testing.assert_allclose(np.asarray(got).ravel(), np.asarray(full[[cell]].X).ravel(), rtol=1e-5, atol=1e-7)
+    # store_to_mudata(sub) writes size factor columns over sub's own largest total: recomputed, not read
+    np.testing.assert_allclose(model.accessibility(store_to_mudata(sub), normalize_cells=True),
+                               model.accessibility(str(sub), normalize_cells=True), rtol=1e-5, atol=1e-7)
+
+
+def test_the_training_store_survives_an_scvi_round_trip(tmp_path):
+    """to_scvi then from_scvi dropped model.json's training_store: the imported model was back to the store's
+    own ATAC scale and to the count check for per-cell weights (review)."""
+    import json
+
+    from trainer.export import INFO, TRAINING_STORE
+    from trainer.scvi_import import import_from_scvi
+    from trainer.scvi_io import export_to_scvi
+
+    store = tiny_store(tmp_path / "store", n_cells=300)
+    run = train(tiny_config(store, tmp_path / "run", **{"model.use_size_factor": True, "run.epochs": 1})).run_dir
+    facts = json.loads((Path(run) / "model" / INFO).read_text())[TRAINING_STORE]
+    assert set(facts) == {"cells_fingerprint", "atac_library_max"} and facts["atac_library_max"] > 1
+    export_to_scvi(run, tmp_path / "scvi")
+    back = import_from_scvi(tmp_path / "scvi", tmp_path / "back")
+    assert json.loads((back / INFO).read_text())[TRAINING_STORE] == facts

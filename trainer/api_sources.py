@@ -327,7 +327,11 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
     # subset of a store's cells then gets the store's factors, an imported model the reference's
     given_sf = None
     sf_columns = list(info.get("size_factor_keys") or SIZE_FACTOR_COLUMNS)
-    if model.module.use_size_factor and all(c in obs for c in sf_columns):
+    # our own columns of a model that keeps its training scale are recomputed from the counts instead: the
+    # same RNA factors, and ATAC over the training store's largest total, not over the store_to_mudata(B)
+    # was called with (which gave another latent for the same cells than the store B itself)
+    ours_recomputed = sf_columns == list(SIZE_FACTOR_COLUMNS) and training_atac_library_max(info) is not None
+    if model.module.use_size_factor and all(c in obs for c in sf_columns) and not ours_recomputed:
         given_sf = np.stack([obs[c].to_numpy(np.float32) for c in sf_columns], axis=1)
         # NaN (cells joined from elsewhere) gave NaN outputs; 0 is the reference's "no library" (it adds 1e-6)
         bad = ~np.isfinite(given_sf) | (given_sf < 0)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from trainer.export import INFO, WEIGHTS, weights_of
+from trainer.export import INFO, TRAINING_STORE, WEIGHTS, weights_of
 from trainer.module import MultiVAE
 from trainer.reference import ours_state_from_reference, to_reference_layout
 from trainer.scvi_io import _OPTIONS, SCVI_FILE, ScviIOError, _atomic_dir, _publish
@@ -159,11 +159,15 @@ def import_from_scvi(scvi_dir: str | os.PathLike, out_dir: str | os.PathLike, ov
         # a registry or weight missing what a MULTIVI save always has: one line, not a traceback
         raise ScviIOError(f"{src} is not a complete scvi-tools MULTIVI save ({type(exc).__name__}: {exc})") from None
     ours_export = src / "multivi_atlas.json" if src.is_dir() else None
-    if ours_export is not None and ours_export.is_file() and info["model_args"].get("modality_weights") != "cell":
-        # our own export: its registry counted a few skeleton cells (n_obs 3), the model trained on more
+    if ours_export is not None and ours_export.is_file():
+        # our own export: its registry counted a few skeleton cells (n_obs 3), the model trained on more; and the
+        # training store's facts (cells, ATAC size-factor scale) come back with it
         try:
-            info["model_args"]["n_obs"] = int(json.loads(ours_export.read_text()).get("n_obs",
-                                                                                    info["model_args"]["n_obs"]))
+            note = json.loads(ours_export.read_text())
+            if info["model_args"].get("modality_weights") != "cell":
+                info["model_args"]["n_obs"] = int(note.get("n_obs", info["model_args"]["n_obs"]))
+            if isinstance(note.get(TRAINING_STORE), dict) and note[TRAINING_STORE]:
+                info[TRAINING_STORE] = note[TRAINING_STORE]
         except (ValueError, TypeError, AttributeError):
             pass  # a damaged note changes nothing the weights need
     ref = {k: v for k, v in ck["model_state_dict"].items() if isinstance(v, torch.Tensor)}

@@ -40,7 +40,7 @@ import scipy.sparse as sp
 from data import keys
 from data.collate import atac_library_max as _store_atac_max
 from data.collate import size_factor_rows
-from trainer.export import INFO, WEIGHTS, load_model, training_atac_library_max
+from trainer.export import INFO, TRAINING_STORE, WEIGHTS, load_model, training_atac_library_max
 from trainer.reference import reference_state_from_ours
 
 SCVI_FILE = "model.pt"
@@ -241,8 +241,9 @@ def export_to_scvi(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sto
         (tmp / "multivi_atlas.json").write_text(json.dumps({
             "exported_from": str(src.resolve()), "scvi_tools_version": scvi.__version__, "layout": "mudata",
             "setup_mudata": setup_kwargs(info, module.use_size_factor),
-            # scvi's registry holds the skeleton's cell count; the training cells' count travels here
-            "n_obs": int(info["model_args"].get("n_obs", 0)),
+            # scvi's registry holds the skeleton's cell count; the training cells' count travels here, and
+            # what inference needs of the training store (from_scvi brings both back)
+            "n_obs": int(info["model_args"].get("n_obs", 0)), TRAINING_STORE: info.get(TRAINING_STORE) or {},
             "note": "load with scvi.model.MULTIVI.load(dir, adata=mdata); build mdata with "
                     f"trainer.scvi_io.{mudata_call(info, module.use_size_factor)}"}, indent=1))
         return _publish(tmp, final)
