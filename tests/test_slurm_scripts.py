@@ -24,6 +24,12 @@ echo "NODE $SLURM_NODEID: $*"
 """
 
 
+def _outside_env() -> dict[str, str]:
+    """This process's environment without what torch.distributed left in it (an in-process single-rank group
+    of an earlier test sets MASTER_PORT=29500, which the scripts rightly honour)."""
+    return {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "MVA_ROOT")}
+
+
 @pytest.mark.parametrize("script", ["train.sbatch", "infer.sbatch"])
 def test_each_node_gets_its_own_address_and_the_requested_process_count(tmp_path, script):
     """LOCAL_ADDR used to be expanded once, in the batch step on the first node, so every node advertised
@@ -34,7 +40,7 @@ def test_each_node_gets_its_own_address_and_the_requested_process_count(tmp_path
                        ("fakepy", PRINT_ARGS)):
         (shims / name).write_text(body)
         (shims / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NNODES": "2",
+    env = {**_outside_env(), "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NNODES": "2",
            "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_GPUS_ON_NODE": "4", "SLURM_SUBMIT_DIR": str(ROOT),
            "PY": str(shims / "fakepy"), "NPROC_PER_NODE": "2", "LOCAL_ADDR_CMD": "echo 10.0.0.1$SLURM_NODEID"}
     res = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script), "model_dir=/x"], env=env,
@@ -61,9 +67,8 @@ def test_submitted_from_another_directory_with_its_own_port(tmp_path, script):
         (shims / name).chmod(0o755)
     elsewhere = tmp_path / "runs"
     elsewhere.mkdir()
-    base = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_NNODES": "2",
+    base = {**_outside_env(), "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_NNODES": "2",
             "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(elsewhere), "PY": str(shims / "fakepy")}
-    base.pop("MVA_ROOT", None)
 
     def submit(job: str, **extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script), "model_dir=/x"],
@@ -88,7 +93,7 @@ def _sbatch(tmp_path, *args: str) -> subprocess.CompletedProcess:
     for name, body in (("srun", SRUN), ("scontrol", "#!/bin/sh\nprintf 'node0\\nnode1\\n'\n"), ("fakepy", PRINT_ARGS)):
         (shims / name).write_text(body)
         (shims / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NNODES": "2",
+    env = {**_outside_env(), "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NNODES": "2",
            "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(ROOT), "PY": str(shims / "fakepy")}
     env.pop("RUN_DIR", None)
     return subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), *args], env=env,
