@@ -12,10 +12,10 @@ A job killed with SIGKILL cannot remove its lock. Such a *stale* lock is detecte
 taken over: the holder is on this host, in this PID namespace, and its pid is gone (or is a zombie, or
 belongs to a newer process: the pid was reused, detected by comparing the kernel's process start time; or
 the machine rebooted, detected by the boot id; a host of the same name with another machine id cannot be
-checked), or it ran in another PID namespace of this kernel (a container with the host's name, whose pid means
-nothing here) and its lock has gone untouched for SILENT_S (a holder touches it every HEARTBEAT_S), or it was written by an earlier attempt of the same Slurm job, now
-requeued (``SLURM_JOB_ID`` equal, ``SLURM_RESTART_COUNT`` lower: on any host, as the requeued job's rank 0
-may run on another node). A stale lock is reported with how to clear it:
+checked), or it ran in another PID namespace of this kernel (a container with the host's name, whose pid
+means nothing here) and its lock has gone untouched for SILENT_S (a holder touches it every HEARTBEAT_S),
+or it was written by an earlier attempt of the same Slurm job, now requeued (``SLURM_JOB_ID`` equal,
+``SLURM_RESTART_COUNT`` lower: on any host, as the requeued job's rank 0 may run on another node). A stale lock is reported with how to clear it:
 
 * ``clear_stale=True`` or the env var ``MVA_CLEAR_STALE_LOCK=1`` removes a stale lock (printing one
   line naming the dead holder) and takes it. Training does this by default (``run.clear_stale_lock``,
