@@ -85,6 +85,18 @@ def export_model(weights: dict[str, torch.Tensor], meta, cfg: TrainConfig, out_d
     return out
 
 
+def _check_training_store(facts, where: Path) -> None:
+    """``training_store`` is optional (models exported before it), but what is there must be usable: a hand-edited
+    value became a ValueError traceback at inference."""
+    if facts is None:
+        return
+    ok = isinstance(facts, dict) and isinstance(facts.get("cells_fingerprint", ""), str)
+    top = facts.get("atac_library_max", 1.0) if ok else None
+    if not ok or isinstance(top, bool) or not isinstance(top, (int, float)) or not top >= 1:
+        raise ModelFileError(f"{where}: training_store must hold a cells_fingerprint (text) and an atac_library_max "
+                             f"(a number >= 1), got {facts!r}")
+
+
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[MultiVAE, dict[str, Any]]:
     """(MultiVAE in eval mode with the trained weights, the JSON info)."""
     d = Path(model_dir)
@@ -99,6 +111,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
         raise ModelFileError(f"{d / INFO} is not a valid model description: {exc}") from None
     if missing:
         raise ModelFileError(f"{d / INFO} is not a valid model description: it lacks {missing}")
+    _check_training_store(info.get(TRAINING_STORE), d / INFO)
     try:
         weights = load_file(str(d / WEIGHTS))  # safetensors: a header + raw tensor bytes, never code
     except SafetensorError as exc:
