@@ -260,6 +260,11 @@ def _build(cfg: BuildConfig, sources, filters, write_dask, skipped: list[str]) -
             if names:
                 log.warning("%s: %d %s features not in the aligned set (%s rule), e.g. %s", where, len(names),
                             mod, cfg.feature_join, names[:5])
+    shared = al.names["rna"].intersection(al.names["atac"])
+    if len(shared):  # legal (each modality keeps its own table), but usually one input's genes read as peaks
+        log.warning("%d feature names are both genes and peaks (e.g. %s): mudata.read_zarr of a shard warns that its "
+                    "var names intersect; check that each input's modalities are the ones intended", len(shared),
+                    list(shared[:5]))
     filtered = filters(sources, keeps, al, {"rna": cfg.min_gene_fraction, "atac": cfg.min_region_fraction},
                        cfg.block_size)
     schema = StoreSchema(

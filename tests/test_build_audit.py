@@ -93,3 +93,15 @@ def test_one_file_as_both_modalities_is_refused(tmp_path):
     path = _h5(tmp_path / "same.h5ad", ["a", "b"], ["g0", "g1"])
     with pytest.raises(ValueError, match="given as both rna and atac"):
         _build(tmp_path, [InputConfig(kind="h5ad_pair", rna=path, atac=str(tmp_path / "." / "same.h5ad"))])
+
+
+def test_names_that_are_both_genes_and_peaks_are_warned_about(tmp_path, caplog):
+    """Legal, but usually a mistake (helper audit): shards then have non-unique MuData var names."""
+    import logging
+
+    rna = _h5(tmp_path / "r.h5ad", ["a", "b"], ["g0", "shared"])
+    atac = _h5(tmp_path / "a.h5ad", ["a", "b"], ["shared", PEAKS[0]])
+    with caplog.at_level(logging.WARNING):
+        st = _build(tmp_path, [InputConfig(kind="h5ad_pair", rna=rna, atac=atac)])
+    assert "1 feature names are both genes and peaks (e.g. ['shared'])" in caplog.text
+    assert list(st.meta.gene_names) == ["g0", "shared"] and list(st.meta.region_names) == ["shared", PEAKS[0]]
