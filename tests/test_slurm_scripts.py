@@ -24,27 +24,33 @@ echo "NODE $SLURM_NODEID: $*"
 """
 
 
-def _outside_env() -> dict[str, str]:
-    """This process's environment without what torch.distributed left in it (an in-process single-rank group
-    of an earlier test sets MASTER_PORT=29500, which the scripts rightly honour)."""
-    return {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "MVA_ROOT")}
+def _slurm_env(tmp_path, **extra: str) -> dict[str, str]:
+    """A 2-node job's batch-step environment with the stand-in srun / scontrol / Python on PATH, from this
+    process's environment without what torch.distributed left in it (an in-process single-rank group of an
+    earlier test sets MASTER_PORT=29500, which the scripts rightly honour)."""
+    shims = tmp_path / "bin"
+    shims.mkdir(exist_ok=True)
+    for name, body in (("srun", SRUN), ("scontrol", "#!/bin/sh\nprintf 'node0\\nnode1\\n'\n"),
+                       ("fakepy", PRINT_ARGS)):
+        (shims / name).write_text(body)
+        (shims / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "MVA_ROOT", "RUN_DIR")}
+    return {**env, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[0-1]",
+            "SLURM_SUBMIT_DIR": str(ROOT), "PY": str(shims / "fakepy"), **extra}
+
+
+def _run(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script), *args], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
 
 
 @pytest.mark.parametrize("script", ["train.sbatch", "infer.sbatch"])
 def test_each_node_gets_its_own_address_and_the_requested_process_count(tmp_path, script):
     """LOCAL_ADDR used to be expanded once, in the batch step on the first node, so every node advertised
     that node's address; Slurm's SLURM_GPUS_ON_NODE used to override an explicit NPROC_PER_NODE."""
-    shims = tmp_path / "bin"
-    shims.mkdir()
-    for name, body in (("srun", SRUN), ("scontrol", "#!/bin/sh\nprintf 'node0\\nnode1\\n'\n"),
-                       ("fakepy", PRINT_ARGS)):
-        (shims / name).write_text(body)
-        (shims / name).chmod(0o755)
-    env = {**_outside_env(), "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_GPUS_ON_NODE": "4", "SLURM_SUBMIT_DIR": str(ROOT),
-           "PY": str(shims / "fakepy"), "NPROC_PER_NODE": "2", "LOCAL_ADDR_CMD": "echo 10.0.0.1$SLURM_NODEID"}
-    res = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script), "model_dir=/x"], env=env,
-                         capture_output=True, text=True, timeout=60, check=False)
+    env = _slurm_env(tmp_path, SLURM_JOB_ID="77", SLURM_GPUS_ON_NODE="4", NPROC_PER_NODE="2",
+                     LOCAL_ADDR_CMD="echo 10.0.0.1$SLURM_NODEID")
+    res = _run(script, env, "model_dir=/x")
     assert res.returncode == 0, res.stderr
     nodes = dict(re.findall(r"^NODE (\d): (.*)$", res.stdout, flags=re.MULTILINE))
     assert set(nodes) == {"0", "1"}, res.stdout
@@ -59,21 +65,12 @@ def test_submitted_from_another_directory_with_its_own_port(tmp_path, script):
     """Submitted outside the project root, the scripts failed after the allocation with 'scripts/slurm/
     node_torchrun.sh: No such file' (exit 127); and every job used port 29500, so two jobs whose first node
     was the same machine shared one rendezvous (the second died when the first ended; helper audit)."""
-    shims = tmp_path / "bin"
-    shims.mkdir()
-    for name, body in (("srun", SRUN), ("scontrol", "#!/bin/sh\nprintf 'node0\\nnode1\\n'\n"),
-                       ("fakepy", PRINT_ARGS)):
-        (shims / name).write_text(body)
-        (shims / name).chmod(0o755)
     elsewhere = tmp_path / "runs"
     elsewhere.mkdir()
-    base = {**_outside_env(), "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_NNODES": "2",
-            "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(elsewhere), "PY": str(shims / "fakepy")}
+    base = _slurm_env(tmp_path, SLURM_SUBMIT_DIR=str(elsewhere))
 
     def submit(job: str, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / script), "model_dir=/x"],
-                              env={**base, "SLURM_JOB_ID": job, **extra}, capture_output=True, text=True,
-                              timeout=60, check=False)
+        return _run(script, {**base, "SLURM_JOB_ID": job, **extra}, "model_dir=/x")
 
     refused = submit("77")
     assert refused.returncode == 2 and "set MVA_ROOT=<project root>" in refused.stderr, refused.stderr
@@ -88,16 +85,7 @@ def test_submitted_from_another_directory_with_its_own_port(tmp_path, script):
 
 def _sbatch(tmp_path, *args: str) -> subprocess.CompletedProcess:
     """train.sbatch as the batch step of a 2-node job; the stand-in Python prints each node's arguments."""
-    shims = tmp_path / "bin"
-    shims.mkdir(exist_ok=True)
-    for name, body in (("srun", SRUN), ("scontrol", "#!/bin/sh\nprintf 'node0\\nnode1\\n'\n"), ("fakepy", PRINT_ARGS)):
-        (shims / name).write_text(body)
-        (shims / name).chmod(0o755)
-    env = {**_outside_env(), "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(ROOT), "PY": str(shims / "fakepy")}
-    env.pop("RUN_DIR", None)
-    return subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), *args], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    return _run("train.sbatch", _slurm_env(tmp_path, SLURM_JOB_ID="77"), *args)
 
 
 def test_train_sbatch_uses_the_run_dir_given_as_an_override(tmp_path):
