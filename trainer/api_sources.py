@@ -330,7 +330,8 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
     # our own columns of a model that keeps its training scale are recomputed from the counts instead: the
     # same RNA factors, and ATAC over the training store's largest total, not over the store_to_mudata(B)
     # was called with (which gave another latent for the same cells than the store B itself)
-    ours_recomputed = sf_columns == list(SIZE_FACTOR_COLUMNS) and training_atac_library_max(info) is not None
+    trained_max = training_atac_library_max(info)
+    ours_recomputed = sf_columns == list(SIZE_FACTOR_COLUMNS) and trained_max is not None
     if model.module.use_size_factor and all(c in obs for c in sf_columns) and not ours_recomputed:
         given_sf = np.stack([obs[c].to_numpy(np.float32) for c in sf_columns], axis=1)
         # NaN (cells joined from elsewhere) gave NaN outputs; 0 is the reference's "no library" (it adds 1e-6)
@@ -340,9 +341,9 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
             raise APIError(f"obs[{sf_columns[j]!r}] (size factors) is missing, negative or infinite for "
                            f"{int(bad[:, j].sum())} cells (e.g. {obs.index[np.flatnonzero(bad[:, j])[0]]!r}); "
                            "fill it, or drop the size factor columns to compute them from these cells' counts")
-    atac_max = training_atac_library_max(info) or 1.0  # read by chunk() when it runs, after this pass
+    atac_max = trained_max or 1.0  # read by chunk() when it runs, after this pass
     if model.module.use_size_factor and given_sf is None and keys.ATAC in feats \
-            and training_atac_library_max(info) is None:  # a model exported before the value was kept: these cells' max
+            and trained_max is None:  # a model exported before the value was kept: these cells' max
         j = keys.MASK_COLUMN[keys.ATAC]
         for lo in range(0, n, batch_size):
             x, rows, cols = feats[keys.ATAC]

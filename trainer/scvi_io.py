@@ -210,9 +210,10 @@ def _publish(tmp: Path, final: Path) -> Path:
     return final
 
 
-def mudata_call(info: dict, use_size_factor: bool) -> str:
-    """How to build the MuData for this model: a size-factor model's ATAC factors need its training scale."""
-    trained = training_atac_library_max(info) if use_size_factor else None
+def mudata_call(info: dict) -> str:
+    """How to build the MuData for this model (its model.json): a size-factor model's ATAC factors need its
+    training scale."""
+    trained = training_atac_library_max(info) if info["model_args"].get("use_size_factor") else None
     return "store_to_mudata(store)" if trained is None else f"store_to_mudata(store, atac_library_max={trained!r})"
 
 
@@ -245,7 +246,7 @@ def export_to_scvi(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sto
             # what inference needs of the training store (from_scvi brings both back)
             "n_obs": int(info["model_args"].get("n_obs", 0)), TRAINING_STORE: info.get(TRAINING_STORE) or {},
             "note": "load with scvi.model.MULTIVI.load(dir, adata=mdata); build mdata with "
-                    f"trainer.scvi_io.{mudata_call(info, module.use_size_factor)}"}, indent=1))
+                    f"trainer.scvi_io.{mudata_call(info)}"}, indent=1))
         return _publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -54,8 +54,7 @@ def run_export(cfg: InferConfig) -> dict:
                 if model_dir is None:
                     raise InferError("direction=to_scvi needs model_dir=<run or model directory>")
                 export_to_scvi(model_dir, out, store=_given(cfg.store), overwrite=cfg.overwrite)
-                model_info = json.loads((resolve_model_dir(model_dir) / INFO).read_text())  # loaded and checked above
-                call = mudata_call(model_info, bool(model_info["model_args"].get("use_size_factor")))
+                call = mudata_call(json.loads((resolve_model_dir(model_dir) / INFO).read_text()))  # checked above
                 result["load_with"] = f"scvi.model.MULTIVI.load({str(out)!r}, adata={call})"
             else:
                 source = _given(opts.source)
