@@ -8,6 +8,7 @@ the stored split hashes. The count rows are read by ``data.reader.ChunkReader``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,8 +53,7 @@ def read_validation_mask(store: Store, val_fraction: float, digest=None) -> np.n
     sits on which row, at no extra read (the loader's resume check)."""
     store.check_obs()  # a lost split_hash chunk would put its cells in validation
     parts = []
-    for i in range(store.meta.n_shards):
-        h = _column(store.shard_group(i)["obs"], "split_hash").astype(np.uint64, copy=False)
+    for h in _split_hashes(store):
         if digest is not None:
             digest.update(np.int64(len(h)).tobytes())
             digest.update(np.ascontiguousarray(h).tobytes())
@@ -68,10 +68,15 @@ def cells_fingerprint(store: Store) -> str:
     import hashlib
 
     digest = hashlib.blake2b(digest_size=16)
-    for i in range(store.meta.n_shards):
-        h = _column(store.shard_group(i)["obs"], "split_hash").astype(np.uint64, copy=False)
+    for h in _split_hashes(store):
         digest.update(np.ascontiguousarray(h).tobytes())
     return digest.hexdigest()
+
+
+def _split_hashes(store: Store) -> Iterator[np.ndarray]:
+    """Each shard's per-cell id hashes (uint64), shard by shard in global row order."""
+    for i in range(store.meta.n_shards):
+        yield _column(store.shard_group(i)["obs"], "split_hash").astype(np.uint64, copy=False)
 
 
 def _code_dtype(obs_groups: list[zarr.Group], name: str) -> np.dtype:
