@@ -80,3 +80,33 @@ def test_keep_best_model_json_describes_the_weights_it_ships(tmp_path):
     again = json.loads((tmp_path / "other" / "model" / "model.json").read_text())
     assert {k: again[k] for k in ("weights", "epochs", "steps", "validation")} == \
         {k: info[k] for k in ("weights", "epochs", "steps", "validation")}
+
+
+def test_keep_best_from_a_checkpoint_without_best_info_claims_no_last_epoch(tmp_path):
+    """A checkpoint written before ``best_info`` was kept (older trainer.pt) restores the best weights but not
+    where they came from. model.json then shipped the best weights labelled with the LAST epoch's epochs,
+    steps and validation; it must say "best" and leave out what it does not know."""
+    import json
+
+    import torch
+
+    from tests.train_utils import tiny_store
+    from trainer.checkpoint import save_file
+    from trainer.checkpoint_checks import safe_load
+
+    store = tiny_store(tmp_path / "store", n_cells=400)
+    opts = {"run.epochs": 3, "run.keep": "best", "run.min_delta": 1e9, "run.early_stopping": False,
+            "run.keep_checkpoints": 0}
+    train(tiny_config(store, tmp_path / "run", **{**opts, "run.epochs": 2}))
+    first = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[1]  # end of epoch 1 (best: epoch 0)
+    state = safe_load(first / "trainer.pt")
+    assert state.pop("best_info")["epochs"] == 1  # the record an older checkpoint lacks
+    save_file(state, first / "trainer.pt")
+
+    res = train(tiny_config(store, tmp_path / "other", **{**opts, "run.resume": str(first)}))
+    info = json.loads((tmp_path / "other" / "model" / "model.json").read_text())
+    assert info["weights"] == "best" and info["best"] == res.best
+    assert not {"epochs", "steps", "validation"} & info.keys(), info  # not the last epoch's (3, its step, ...)
+    assert "training_store" in info
+    shipped = torch.load(first / "trainer.pt", weights_only=True)  # untouched by the run (still without it)
+    assert "best_info" not in shipped
