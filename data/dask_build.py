@@ -69,6 +69,7 @@ def executor(address: str | None, n_workers: int = 2, connect_timeout_s: float =
         # Single-threaded workers: each holds one shard in memory, and h5py serialises reads anyway.
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
                 Client(cl) as client:
+            client.register_plugin(_quiet_input_errors(), name="mva-quiet-input-errors")
             yield partial(_compute_on, client)
         return
     if "://" not in address:
@@ -83,6 +84,30 @@ def executor(address: str | None, n_workers: int = 2, connect_timeout_s: float =
         yield partial(_compute_on, client)
 
 
+def _not_an_input_error_report(record: logging.LogRecord) -> bool:
+    """A logging filter (False drops the record). distributed's worker logs every failed task as "Compute
+    Failed" with its traceback; for a bad input (ValidationError) that block only repeats the one line
+    mva-build prints when the client re-raises it."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not (str(record.msg).startswith("Compute Failed") and len(args) > 3
+                and str(args[3]).startswith(f"{ValidationError.__name__}("))
+
+
+def _quiet_input_errors():
+    """Worker plugin of the LocalCluster (its workers print to the user's terminal): drops the worker's
+    report of a task that failed on a bad input; any other failure keeps its traceback there. (Built
+    here: distributed is imported only when a cluster is asked for.)"""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class QuietInputErrors(WorkerPlugin):
+        def setup(self, worker) -> None:
+            logger = logging.getLogger("distributed.worker")
+            if _not_an_input_error_report not in logger.filters:
+                logger.addFilter(_not_an_input_error_report)
+
+    return QuietInputErrors()
+
+
 def _compute_on(client, tasks: list, settle_s: float = 300) -> list:
     """Results of ``tasks`` on the cluster. On failure, cancel them all and wait until no worker still
     runs (or is about to run) one of them before raising: a shard task finishing late must not write
@@ -94,7 +119,7 @@ def _compute_on(client, tasks: list, settle_s: float = 300) -> list:
     except BaseException:
         keys = {str(f.key) for f in futures}
         client.cancel(futures)
-        deadline = time.monotonic() + settle_s
+        deadline, said = time.monotonic() + settle_s, None
         while time.monotonic() < deadline:
             try:
                 live = client.run(_live_task_keys, on_error="ignore")  # dead workers are skipped
@@ -103,7 +128,9 @@ def _compute_on(client, tasks: list, settle_s: float = 300) -> list:
             left = keys & {k for ks in live.values() for k in ks}
             if not left:
                 break
-            log.info("build failed: waiting for %d task(s) still on the workers", len(left))
+            if len(left) != said:  # said once per count, not every 0.2 s
+                log.info("build failed: waiting for %d task(s) still on the workers", len(left))
+                said = len(left)
             time.sleep(0.2)
         raise
 

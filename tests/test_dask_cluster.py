@@ -124,6 +124,49 @@ def test_local_cluster_build_equals_in_process_build(local_store, tmp_path, capl
     assert written and "in-process" not in written.group(1), caplog.text[-2000:]
 
 
+
+def test_a_bad_input_on_a_local_cluster_is_one_line_not_the_workers_traceback(tmp_path):
+    """distributed's workers log a failed task as "Compute Failed" plus its traceback, straight to the
+    terminal of a LocalCluster; for a bad count that block stood before mva-build's own one-line error."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(60)])
+    rna = sp.csr_matrix(np.random.default_rng(0).poisson(1.0, (60, 30)).astype(np.float32))
+    rna[5, 3] = 1.5  # not a count
+    atac = sp.csr_matrix((np.random.default_rng(1).random((60, 40)) < 0.2).astype(np.float32))
+    ad.AnnData(rna, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(30)])).write_h5ad(tmp_path / "rna.h5ad")
+    ad.AnnData(atac, obs=obs, var=pd.DataFrame(index=[f"chr1:{i * 1000}-{i * 1000 + 500}" for i in range(40)])
+               ).write_h5ad(tmp_path / "atac.h5ad")
+    r = subprocess.run([PY, "-m", "data.build", f"out={tmp_path / 's.zarr'}", "batch_key=null", "shard_size=20",
+                        "progress=false", "dask_scheduler=local", "dask_workers=1",
+                        f"inputs=[{{kind: h5ad_pair, rna: {tmp_path / 'rna.h5ad'}, atac: {tmp_path / 'atac.h5ad'}}}]"],
+                       capture_output=True, text=True, timeout=180, check=False,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-3000:]
+    errors = [ln for ln in out.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and "rna count of cell 'c5' (row 5), feature 'g3'" in errors[0], out[-3000:]
+    assert "Compute Failed" not in out and "Traceback" not in out, out[-3000:]
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_only_bad_input_reports_are_dropped_from_the_workers_log():
+    """Any other task failure keeps the worker's report (its traceback is the only one on a remote worker)."""
+    import logging
+
+    from data.dask_build import _not_an_input_error_report
+
+    def record(exception_text: str) -> logging.LogRecord:
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1,
+                                 "Compute Failed\nKey: %s\nState: %s\nTask: %s\nException: %r\nTraceback: %r\n",
+                                 ("k", "executing", "t", exception_text, "tb"), None)
+
+    assert not _not_an_input_error_report(record("ValidationError('bad count')"))
+    assert _not_an_input_error_report(record("RuntimeError('a bug')"))
+    assert _not_an_input_error_report(logging.LogRecord("distributed.worker", logging.WARNING, __file__, 1,
+                                                        "worker %s lost", ("x",), None))
+
 def _netns_reason() -> str | None:
     if os.geteuid() != 0:
         return "needs root to create network namespaces (ip netns)"
