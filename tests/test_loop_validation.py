@@ -52,17 +52,16 @@ def test_early_stopping_when_no_validation_was_ever_finite_stops_cleanly(nan_val
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
-def test_keep_best_model_json_describes_the_weights_it_ships(tmp_path):
+def test_keep_best_model_json_describes_the_weights_it_ships(tmp_path, monkeypatch):
     """keep=best exports the best epoch's weights, but model.json recorded the LAST epoch's steps and
     validation next to them: a reader took the last validation for the shipped model's."""
     import json
 
-    from tests.train_utils import tiny_store
+    from tests.train_utils import tiny_store, validations_get_worse
 
     store = tiny_store(tmp_path / "store", n_cells=400)
-    # min_delta huge: only the first validation improves, so the best weights are epoch 0's
-    opts = {"run.epochs": 3, "run.keep": "best", "run.min_delta": 1e9, "run.early_stopping": False,
-            "run.keep_checkpoints": 0}
+    validations_get_worse(monkeypatch)  # the first validation stays the lowest: the best weights are epoch 0's
+    opts = {"run.epochs": 3, "run.keep": "best", "run.early_stopping": False, "run.keep_checkpoints": 0}
     res = train(tiny_config(store, tmp_path / "run", **opts))
     vals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "validation"]
     assert len(vals) == 3 and vals[0]["reconstruction_loss_validation"] != vals[-1]["reconstruction_loss_validation"]
@@ -82,7 +81,7 @@ def test_keep_best_model_json_describes_the_weights_it_ships(tmp_path):
         {k: info[k] for k in ("weights", "epochs", "steps", "validation")}
 
 
-def test_keep_best_from_a_checkpoint_without_best_info_claims_no_last_epoch(tmp_path):
+def test_keep_best_from_a_checkpoint_without_best_info_claims_no_last_epoch(tmp_path, monkeypatch):
     """A checkpoint written before ``best_info`` was kept (older trainer.pt) restores the best weights but not
     where they came from. model.json then shipped the best weights labelled with the LAST epoch's epochs,
     steps and validation; it must say "best" and leave out what it does not know."""
@@ -90,13 +89,13 @@ def test_keep_best_from_a_checkpoint_without_best_info_claims_no_last_epoch(tmp_
 
     import torch
 
-    from tests.train_utils import tiny_store
+    from tests.train_utils import tiny_store, validations_get_worse
     from trainer.checkpoint import save_file
     from trainer.checkpoint_checks import safe_load
 
     store = tiny_store(tmp_path / "store", n_cells=400)
-    opts = {"run.epochs": 3, "run.keep": "best", "run.min_delta": 1e9, "run.early_stopping": False,
-            "run.keep_checkpoints": 0}
+    validations_get_worse(monkeypatch)  # best: epoch 0
+    opts = {"run.epochs": 3, "run.keep": "best", "run.early_stopping": False, "run.keep_checkpoints": 0}
     train(tiny_config(store, tmp_path / "run", **{**opts, "run.epochs": 2}))
     first = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[1]  # end of epoch 1 (best: epoch 0)
     state = safe_load(first / "trainer.pt")
@@ -110,3 +109,32 @@ def test_keep_best_from_a_checkpoint_without_best_info_claims_no_last_epoch(tmp_
     assert "training_store" in info
     shipped = torch.load(first / "trainer.pt", weights_only=True)  # untouched by the run (still without it)
     assert "best_info" not in shipped
+
+
+def test_keep_best_ships_the_lowest_validation_while_min_delta_only_paces_early_stopping(tmp_path):
+    """run.min_delta is early stopping's threshold (Lightning's EarlyStopping); keep=best shipped the weights
+    of the last validation that beat the best by more than min_delta, not the lowest one (Lightning's
+    ModelCheckpoint): a run improving in steps under min_delta shipped epoch 0's weights."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.train_utils import tiny_store
+    from trainer.checkpoint_checks import safe_load
+
+    store = tiny_store(tmp_path / "store", n_cells=400)
+    opts = {"run.epochs": 4, "run.keep": "best", "run.min_delta": 1e9, "run.patience": 1}
+    res = train(tiny_config(store, tmp_path / "run", **opts))
+    vals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "validation"]
+    losses = [r["reconstruction_loss_validation"] for r in vals]
+    # patience counts improvements by more than min_delta: none after epoch 0, so it stops after epoch 1
+    assert res.stopped_early and res.epochs == 2 and len(vals) == 2
+    assert losses[1] < losses[0], losses  # ... while the validation did improve
+    info = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
+    assert info["weights"] == "best" and info["epochs"] == 2 and info["steps"] == vals[1]["step"]
+    assert res.best == info["best"] == losses[1] and vals[1]["best"] == losses[1]
+    # the run ended at its lowest validation: the shipped weights are the last trained ones
+    shipped = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    trained = safe_load(max((tmp_path / "run" / "checkpoints").glob("step_*")) / "model.pt")["model"]
+    assert all(torch.equal(v, trained[k].to(v.dtype)) for k, v in shipped.items())

@@ -17,7 +17,16 @@ from safetensors.torch import load_file
 
 from data.collate import to_device
 from data.stream import StoreStream
-from tests.train_utils import PY, ROOT, as_cli, env, tiny_config, tiny_overrides, tiny_store
+from tests.train_utils import (
+    PY,
+    ROOT,
+    as_cli,
+    env,
+    tiny_config,
+    tiny_overrides,
+    tiny_store,
+    validations_get_worse,
+)
 from trainer.export import load_model
 from trainer.metrics import read_metrics
 from trainer.train import train
@@ -170,10 +179,11 @@ def test_sigkill_mid_epoch_then_resume_auto_gives_the_uninterrupted_weights(stor
     assert keys_of(run / "metrics.jsonl") == keys_of(tmp_path / "ref" / "metrics.jsonl")
 
 
-def test_keep_best_exports_the_best_validation_weights(store, tmp_path):
-    # min_delta huge: only epoch 0 counts as an improvement, so "best" = the epoch-0 weights, which
-    # differ from the final ones; early stopping off so training goes on after it
-    extra = {"run.epochs": 3, "run.keep": "best", "run.min_delta": 1e9, "run.early_stopping": False}
+def test_keep_best_exports_the_best_validation_weights(store, tmp_path, monkeypatch):
+    # later validations read worse: "best" = the epoch-0 weights, which differ from the final ones; early
+    # stopping off so training goes on after it
+    validations_get_worse(monkeypatch)
+    extra = {"run.epochs": 3, "run.keep": "best", "run.early_stopping": False}
     run = tmp_path / "run"
     res = train(tiny_config(store, run, **extra))
     vals = [r["reconstruction_loss_validation"] for r in read_metrics(run / "metrics.jsonl")
@@ -287,11 +297,11 @@ def test_a_max_steps_stop_mid_epoch_continues_exactly_when_the_limit_is_raised(s
         assert torch.equal(a[k], b[k]), k
 
 
-def test_keep_best_and_the_last_validation_travel_with_the_checkpoints(store, tmp_path):
+def test_keep_best_and_the_last_validation_travel_with_the_checkpoints(store, tmp_path, monkeypatch):
     """keep=best resumed from a checkpoint into another run directory still exports the best weights,
     and re-running a finished run re-exports its last validation (it wrote {} before)."""
-    extra = {"run.epochs": 3, "run.keep": "best", "run.min_delta": 1e9, "run.early_stopping": False,
-             "run.keep_checkpoints": 0}
+    validations_get_worse(monkeypatch)
+    extra = {"run.epochs": 3, "run.keep": "best", "run.early_stopping": False, "run.keep_checkpoints": 0}
     full = train(tiny_config(store, tmp_path / "full", **extra))
     first = min((tmp_path / "full" / "checkpoints").glob("step_*"))  # end of epoch 0: best = epoch 0
     resumed = train(tiny_config(store, tmp_path / "other", **{**extra, "run.resume": str(first)}))

@@ -103,3 +103,20 @@ def kill_in_checkpoint_write(overrides: dict[str, Any], nth: int = 1) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def validations_get_worse(monkeypatch, key: str = "reconstruction_loss_validation", by: float = 1e6) -> None:
+    """Every validation of trainer.train in this test reads ``by`` higher than the one before (the real value
+    plus k x by), so the first one stays the lowest: keep=best then ships epoch 0's weights while training goes
+    on (the run's weights and everything else are untouched; in-process runs only)."""
+    from trainer import loop
+
+    real, calls = loop.validate, [0]
+
+    def worse(*args, **kwargs):
+        out = dict(real(*args, **kwargs))
+        out[key] += calls[0] * by
+        calls[0] += 1
+        return out
+
+    monkeypatch.setattr(loop, "validate", worse)

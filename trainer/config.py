@@ -241,9 +241,9 @@ class RunConfig:
     # validate after every n-th epoch (and after the last one); 0 = never (then early stopping and
     # keep=best, which read the validation, must be off)
     validate_every_epochs: int = 1
-    min_delta: float = 0.0
+    min_delta: float = 0.0  # early stopping only: a validation must beat its reference by more to reset patience
     monitor: str = "reconstruction_loss_validation"
-    keep: str = "last"  # last | best: which weights the exported model holds
+    keep: str = "last"  # last | best (the lowest `monitor` value, min_delta aside): which weights are exported
     checkpoint_every_steps: int | None = None  # extra mid-epoch checkpoints; one is always written per epoch
     keep_checkpoints: int = 2  # newest complete checkpoints kept on disk (0 = keep all)
     seed: int = 0
