@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from data.typed_config import ConfigError
-from tests.train_utils import as_cli, env, tiny_overrides, tiny_store
+from tests.train_utils import as_cli, env, tiny_config, tiny_overrides, tiny_store
 from trainer.config import VALIDATION_KEYS, load_config
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -106,3 +106,22 @@ def test_a_monitor_typo_no_longer_crashes_a_run_without_early_stopping(tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "mva-train: error: run.monitor must be one of" in r.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_classifier_weight_decay_follows_weight_decay_unless_set(tmp_path):
+    """The reference's classifier Adam takes the plan's weight_decay (MULTIVI.train(weight_decay=0) trains
+    both without decay); ours kept 1e-3 for the classifier whatever optim.weight_decay said."""
+    from trainer.checkpoint import complete_checkpoints
+    from trainer.checkpoint_checks import safe_load
+    from trainer.train import train
+
+    assert load_config(_compose()).optim.classifier_weight_decay == 1e-3  # the default: the reference's
+    assert load_config(_compose("optim.weight_decay=0")).optim.classifier_weight_decay == 0
+    set_apart = load_config(_compose("optim.weight_decay=0", "optim.classifier_weight_decay=0.01"))
+    assert (set_apart.optim.weight_decay, set_apart.optim.classifier_weight_decay) == (0, 0.01)
+    # the optimizers the trainer builds (read back from its checkpoint)
+    store = tiny_store(tmp_path / "store", n_cells=200)
+    train(tiny_config(store, tmp_path / "run", **{"optim.weight_decay": 0.0, "run.epochs": 1}))
+    state = safe_load(complete_checkpoints(tmp_path / "run")[-1] / "model.pt")
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0
+    assert state["classifier_optimizer"]["param_groups"][0]["weight_decay"] == 0  # was 1e-3

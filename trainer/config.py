@@ -112,7 +112,9 @@ class OptimConfig:
     adversarial: bool = True  # batch classifier; only active when the store has > 1 batch
     classifier_lr: float = 1e-3
     classifier_eps: float = 0.01
-    classifier_weight_decay: float = 1e-3
+    # null: optim.weight_decay, as the reference ties them (its classifier's Adam takes the plan's weight_decay);
+    # TrainConfig resolves it, so config.yaml and checkpoints hold the number
+    classifier_weight_decay: float | None = None
     kappa: float = 1.0  # weight of the fool-the-classifier term in the VAE loss
     n_epochs_kl_warmup: int | None = 50  # epoch-granular warm-up (reference default)
     # used only when n_epochs_kl_warmup is null; counts minibatches (scvi-tools' Lightning step counts
@@ -140,6 +142,8 @@ class OptimConfig:
                                  ("weight_decay", 0.0, False), ("classifier_weight_decay", 0.0, False),
                                  ("classifier_eps", 0.0, False), ("kappa", 0.0, False)):
             value = getattr(self, key)
+            if value is None and key == "classifier_weight_decay":
+                continue
             if not (math.isfinite(value) and (value > low if strict else value >= low)):
                 raise ConfigError(f"optim.{key} must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -162,6 +166,11 @@ class OptimConfig:
                               f"optim.n_epochs_kl_warmup is null, but it is {self.n_epochs_kl_warmup}: set "
                               "optim.n_epochs_kl_warmup=null for a step warm-up, or optim.n_steps_kl_warmup=null")
 
+
+    @property
+    def clf_weight_decay(self) -> float:
+        """The adversarial classifier's weight decay (null: the VAE's)."""
+        return self.weight_decay if self.classifier_weight_decay is None else self.classifier_weight_decay
 
     def _check_plateau(self) -> None:
         # checked even when off: a later reduce_lr_on_plateau=true should not be the first to hear of them
@@ -309,6 +318,9 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        # here, not in OptimConfig: the schema's default OptimConfig() would resolve it before the overrides merge
+        if self.optim.classifier_weight_decay is None:
+            self.optim.classifier_weight_decay = self.optim.weight_decay
         plateau = self.optim.reduce_lr_on_plateau
         if plateau and self.run.validate_every_epochs == 0:
             raise ConfigError("optim.reduce_lr_on_plateau=true reads the validation, but run.validate_every_epochs=0 "

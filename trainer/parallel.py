@@ -109,7 +109,7 @@ class Wrapped:
         self._clf_buffers: list[torch.Tensor] = []
         if classifier is not None:
             self.clf_optimizer = torch.optim.Adam(self.clf_params, lr=optim.classifier_lr, eps=optim.classifier_eps,
-                                                  weight_decay=optim.classifier_weight_decay,
+                                                  weight_decay=optim.clf_weight_decay,
                                                   fused=_fused(self.clf_params))
         self.amp_dtype = self._autocast_dtype(dcfg, device)
 

@@ -24,14 +24,15 @@ def build_optimizers(
     eps: float = 1e-8,
     classifier_lr: float = 1e-3,
     classifier_eps: float = 0.01,
-    classifier_weight_decay: float = 1e-3,
+    classifier_weight_decay: float | None = None,
     fused: bool | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """AdamW over every trainable module parameter, Adam over the classifier (None without one).
 
     ``fused`` (default: on for CPU/CUDA float parameters) uses torch's single-kernel implementation,
     same math as the loop version (the reference's AdamW is fused too); per-parameter Python loops
-    otherwise cost ~10 % of a step at these sizes.
+    otherwise cost ~10 % of a step at these sizes. ``classifier_weight_decay`` None: ``weight_decay``
+    (the reference's classifier takes the plan's weight decay).
     """
     params = [p for p in module.parameters() if p.requires_grad]
     if fused is None:
@@ -43,7 +44,7 @@ def build_optimizers(
             classifier.parameters(),
             lr=classifier_lr,
             eps=classifier_eps,
-            weight_decay=classifier_weight_decay,
+            weight_decay=weight_decay if classifier_weight_decay is None else classifier_weight_decay,
             fused=fused,
         )
     return vae_opt, cls_opt
