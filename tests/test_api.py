@@ -331,3 +331,18 @@ def test_elbo_and_reconstruction_error_are_the_references_numbers(trained):
     for k, v in r.items():
         assert v == pytest.approx(float(ref_r[k]), rel=0.01), k
     assert float(ref_r["reconstruction_loss_protein"]) == 0.0
+
+
+def test_continuous_covariates_follow_the_store_builders_rule(trained):
+    """inf in a continuous covariate was accepted and gave that cell NaN expression and accessibility without a
+    word; a text value a bare pandas ValueError. Refused as mva-build refuses them (data.validate.check_cont)."""
+    store, _, model = trained
+    mdata = store_to_mudata(store, np.arange(10))
+    for value, why in ((np.inf, r"continuous covariate 'pct_mito' is inf for cell"),
+                       (1e39, r"'pct_mito' is 1e\+39 .*beyond float32"), ("abc", r"'pct_mito' is not numeric")):
+        bad = mdata.copy()
+        bad.obs["pct_mito"] = bad.obs["pct_mito"].astype(object)
+        bad.obs.loc[bad.obs_names[1], "pct_mito"] = value
+        with pytest.raises(APIError, match=why):
+            model.expression(bad)
+    assert np.isfinite(model.expression(mdata)).all()

@@ -284,6 +284,11 @@ def test_store_to_mudata_cells_as_a_boolean_mask_or_bad_positions(trained):
                      (np.array([5, 3, 5]), "more than once"), (sel[:-1], "boolean mask of 299 values")):
         with pytest.raises(ScviIOError, match=why):
             store_to_mudata(store, bad)
+    # atac_library_max follows model.json's rule: 0 gave every cell factor 1, -5 gave 1e-6, NaN NaN
+    for bad_max in (0, -5.0, float("nan"), float("inf"), "12"):
+        with pytest.raises(ScviIOError, match="atac_library_max must be a finite number >= 1"):
+            store_to_mudata(store, [0, 1], atac_library_max=bad_max)
+    assert store_to_mudata(store, [0, 1], atac_library_max=np.float32(40.0)).obs["_mva_size_factor_atac"].max() <= 1
 
 
 def test_an_imported_model_reads_size_factors_from_its_own_obs_columns(trained, tmp_path):
@@ -308,3 +313,14 @@ def test_an_imported_model_reads_size_factors_from_its_own_obs_columns(trained, 
     np.testing.assert_allclose(model.accessibility(mdata, normalize_cells=True),
                                ref.get_normalized_accessibility(mdata, normalize_cells=True, return_numpy=True),
                                rtol=1e-4, atol=1e-7)
+    # without those columns our formula (RNA total, ATAC over the largest) silently stood in for them: refused,
+    # as scvi-tools refuses; a store (the jobs) cannot carry them: said, and which outputs it touches
+    no_sf = mdata.copy()
+    no_sf.obs = no_sf.obs.drop(columns=["sf_atac"])
+    with pytest.raises(api.APIError, match=r"size factors from obs columns \['sf_rna', 'sf_atac'\].*\['sf_atac'\] is not"):
+        model.accessibility(no_sf, normalize_cells=True)
+    from data.synthetic import write_synthetic_store
+
+    plain = write_synthetic_store(tmp_path / "plain", n_cells=N_CELLS, n_genes=100, n_regions=300, progress=False)
+    with pytest.warns(UserWarning, match=r"size_factor_key.*store does not carry.*not the latents"):
+        assert model.latent(plain).shape == (N_CELLS, 4)

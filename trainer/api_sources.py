@@ -21,7 +21,8 @@ import torch
 from data import keys
 from data.collate import atac_library_max, size_factor_rows
 from data.convert.base import as_mask
-from trainer.export import training_atac_library_max
+from data.validate import ValidationError, check_cont
+from trainer.export import imported_size_factor_columns, training_atac_library_max
 from trainer.jobs.common import inference_stream, open_checked_store
 from trainer.scvi_io import SIZE_FACTOR_COLUMNS
 
@@ -290,6 +291,10 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
         v = _obs_values(obs, k)
         if v is None or v.isna().any():
             raise APIError(f"obs column {k!r} (continuous covariate) is missing or has missing values")
+        try:  # mva-build's rule: numeric, finite, within float32 (inf gave NaN outputs for that cell, silently)
+            check_cont(pd.DataFrame({k: v}), [k], "data")
+        except ValidationError as exc:
+            raise APIError(str(exc)) from None
         cont.append(v.to_numpy(np.float32))
     cont = np.stack(cont, axis=1) if cont else np.zeros((n, 0), np.float32)
     mask = mask.copy()
@@ -332,6 +337,12 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
     # was called with (which gave another latent for the same cells than the store B itself)
     trained_max = training_atac_library_max(info)
     ours_recomputed = sf_columns == list(SIZE_FACTOR_COLUMNS) and trained_max is not None
+    missing = [c for c in imported_size_factor_columns(info) if c not in obs]
+    if missing:
+        # an imported model's own columns: its factors are whatever the user computed, so our formula (RNA
+        # total, ATAC over the largest total) would silently stand in for them (scvi-tools refuses too)
+        raise APIError(f"the model was trained with size factors from obs columns {sf_columns} (scvi-tools' "
+                       f"size_factor_key); {missing} {'is' if len(missing) == 1 else 'are'} not in this data's obs")
     if model.module.use_size_factor and all(c in obs for c in sf_columns) and not ours_recomputed:
         given_sf = np.stack([obs[c].to_numpy(np.float32) for c in sf_columns], axis=1)
         # NaN (cells joined from elsewhere) gave NaN outputs; 0 is the reference's "no library" (it adds 1e-6)

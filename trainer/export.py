@@ -36,6 +36,20 @@ def training_atac_library_max(info: dict[str, Any]) -> float | None:
     return None if value is None else float(value)
 
 
+# obs columns holding the size factors when a model uses them (data.collate.size_factor_rows, spec gotcha 21):
+# the names trainer.scvi_io writes for our models
+SIZE_FACTOR_COLUMNS = ("_mva_size_factor_rna", "_mva_size_factor_atac")
+
+
+def imported_size_factor_columns(info: dict[str, Any]) -> list[str]:
+    """The obs columns an imported scvi-tools model read its size factors from (its size_factor_key), when
+    they are not ours: their values are whatever its user computed, which no formula here reproduces.
+    [] for our own models and for models without size factors."""
+    cols = list(info.get("size_factor_keys") or [])
+    return [] if not info.get("model_args", {}).get("use_size_factor") or cols == list(SIZE_FACTOR_COLUMNS) \
+        else cols
+
+
 class ModelFileError(ValueError):
     """An exported model whose files are malformed, tampered with, or disagree with each other."""
 

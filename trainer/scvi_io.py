@@ -27,6 +27,7 @@ installed scvi-tools writes, never a hand-made imitation. The registry's cell co
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -40,12 +41,17 @@ import scipy.sparse as sp
 from data import keys
 from data.collate import atac_library_max as _store_atac_max
 from data.collate import size_factor_rows
-from trainer.export import INFO, TRAINING_STORE, WEIGHTS, load_model, training_atac_library_max
+from trainer.export import (
+    INFO,
+    SIZE_FACTOR_COLUMNS,
+    TRAINING_STORE,
+    WEIGHTS,
+    load_model,
+    training_atac_library_max,
+)
 from trainer.reference import reference_state_from_ours
 
 SCVI_FILE = "model.pt"
-# obs columns holding the size factors when a model uses them (data.collate.size_factor_rows, spec gotcha 21)
-SIZE_FACTOR_COLUMNS = ("_mva_size_factor_rna", "_mva_size_factor_atac")
 MODALITY_NAMES = {"rna_layer": keys.RNA, "atac_layer": keys.ATAC}
 # MULTIVI constructor options with the same name and meaning as our MultiVAE options
 _OPTIONS = ("modality_weights", "modality_penalty", "n_hidden", "n_latent", "n_layers_encoder",
@@ -74,6 +80,12 @@ def store_to_mudata(store, cells: np.ndarray | None = None, atac_library_max: fl
 
     from data.cell_table import as_store
 
+    if atac_library_max is not None and not (isinstance(atac_library_max, (int, float, np.number))
+                                             and math.isfinite(atac_library_max) and atac_library_max >= 1):
+        # the rule model.json's value follows (a total count of at least one): 0 gave every cell factor 1,
+        # a negative value 1e-6, NaN NaN, which scvi-tools then used as given
+        raise ScviIOError(f"atac_library_max must be a finite number >= 1 (a model.json training_store value: "
+                          f"the largest ATAC total of the training store), got {atac_library_max!r}")
     st = as_store(store)
     m = st.meta
     obs = st.read_obs()

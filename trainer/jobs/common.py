@@ -24,7 +24,13 @@ from data.cell_table import cells_fingerprint
 from data.manifest import manifest_digest
 from data.store import Store, StoreError, open_store
 from trainer import dist
-from trainer.export import INFO, TRAINING_STORE, WEIGHTS, training_atac_library_max
+from trainer.export import (
+    INFO,
+    TRAINING_STORE,
+    WEIGHTS,
+    imported_size_factor_columns,
+    training_atac_library_max,
+)
 
 
 class InferError(ValueError):
@@ -112,6 +118,13 @@ def inference_stream(store: Store, module, info: dict, **kw):
     the size factors the module reads."""
     from data.stream import StoreStream
 
+    imported = imported_size_factor_columns(info)
+    if imported and dist.get_rank() == 0:
+        warnings.warn(f"the model was trained with size factors from obs columns {imported} (scvi-tools' "
+                      "size_factor_key), which a store does not carry: each cell's RNA total and ATAC total over the "
+                      "store's largest stand in for them, in every output that uses the library (library_size="
+                      "'observed', normalize_cells, elbo; not the latents). For the model's own factors use "
+                      "trainer.api with an AnnData/MuData holding those columns", stacklevel=2)
     stream = StoreStream(store, size_factor=module.use_size_factor, **kw)
     stream.recode(*code_maps(store.meta, info))
     trained_max = training_atac_library_max(info)
