@@ -216,3 +216,33 @@ def test_batch_labels_the_two_modalities_give_differently_are_refused(trained):
         warnings.simplefilter("ignore")
         with pytest.raises(APIError, match=rf"'rna:batch' and 'atac:batch' disagree for cell {both!r}"):
             model.latent({"rna": rna, "atac": atac})
+
+
+def test_bad_arguments_are_one_line_api_errors(trained, tmp_path_factory):
+    """Each gave a deep error from elsewhere: batch_size=2.5 a TypeError from range(), a list of numbers an
+    AttributeError inside mudata, device="gpu" torch's long device list, device="cuda" on a machine without
+    one CUDA's initialisation error, normalize_regions without region factors a ValueError from predict."""
+    store, model = trained
+    mdata = store_to_mudata(store, np.arange(20))
+    with pytest.raises(APIError, match=r"batch_size must be an integer >= 1, got 2\.5"):
+        model.latent(mdata, batch_size=2.5)
+    with pytest.raises(APIError, match=r"batch_size must be an integer >= 1, got True"):
+        model.latent(mdata, batch_size=True)
+    assert model.latent(mdata, batch_size=np.int64(7)).shape == (20, model.module.n_latent)
+    with pytest.raises(APIError, match=r"holds AnnData \(or None\) per modality, got \{'rna': 'int', 'atac': 'int'\}"):
+        model.latent([1, 2])
+    _, run = trained_model(tmp_path_factory)
+    with pytest.raises(APIError, match=r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'.*'gpu'"):
+        load(run, device="gpu")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(APIError, match=r"device='cuda': no CUDA GPU is visible"):
+            load(run, device="cuda")
+    saved = model.module.region_factors
+    try:
+        model.module.region_factors = None
+        with pytest.raises(APIError, match=r"normalize_regions=True needs a model trained with region_factors"):
+            model.accessibility(mdata, normalize_regions=True)
+    finally:
+        model.module.region_factors = saved

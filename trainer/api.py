@@ -65,6 +65,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "auto") -> Model:
     else the CPU; or any torch device ("cpu", "cuda:1")."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise APIError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (a torch device), got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise APIError(f"device={device!r}: no CUDA GPU is visible here; use 'auto' or 'cpu'")
     p = Path(path)
     if (p / "model.pt").is_file() and not (p / INFO).is_file():
         from trainer.scvi_import import import_from_scvi
@@ -210,6 +216,8 @@ class Model:
         _check_samples(give_mean, n_samples)
         if threshold is not None and not 0 <= threshold <= 1:
             raise APIError(f"threshold must be in [0, 1], got {threshold}")
+        if normalize_regions and self.module.region_factors is None:
+            raise APIError("normalize_regions=True needs a model trained with region_factors=True")
         index, names = _select(regions, self.region_names, "region")
         codes = self._codes(transform_batch)
 

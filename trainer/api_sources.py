@@ -44,8 +44,8 @@ class _Source:
 
 
 def source(model: Model, data, mask, batch_size: int) -> _Source:
-    if batch_size < 1:
-        raise APIError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise APIError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(data, (str, os.PathLike)):
         if mask is not None:
             raise APIError("a store has its own modality columns: mask= is only for in-memory data")
@@ -63,6 +63,9 @@ def source(model: Model, data, mask, batch_size: int) -> _Source:
         bad = set(parts) - set(keys.MODALITIES)
         if bad or not parts:
             raise APIError(f"a dict of AnnData must have keys 'rna' and/or 'atac', got {sorted(parts)}")
+        kinds = {k: type(v).__name__ for k, v in parts.items() if v is not None and not isinstance(v, ad.AnnData)}
+        if kinds:
+            raise APIError(f"a dict (or pair) of modalities holds AnnData (or None) per modality, got {kinds}")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
             data = md.MuData({k: v for k, v in parts.items() if v is not None})
