@@ -214,8 +214,14 @@ def test_mva_infer_cli_export_round_trip(trained, tmp_path):
     for k in ours:
         assert torch.equal(ours[k], back[k]), k
     # the training cell count survives the round trip (scvi's registry held the 3-cell skeleton's)
-    n_obs = json.loads((run / "model" / "model.json").read_text())["model_args"]["n_obs"]
-    assert n_obs > 3 and json.loads((tmp_path / "back" / "model.json").read_text())["model_args"]["n_obs"] == n_obs
+    mine, again = (json.loads((d / "model.json").read_text()) for d in (run / "model", tmp_path / "back"))
+    n_obs = mine["model_args"]["n_obs"]
+    assert n_obs > 3 and again["model_args"]["n_obs"] == n_obs
+    # and the rest of model.json scvi's registry has no place for: labels (the UMAP's label panel reads
+    # label_key) and how the weights were trained (they came back as None / absent)
+    assert mine["label_key"] == "cell_type" and mine["label_categories"] and mine["config"]
+    for key in ("label_key", "label_categories", "config", "weights", "epochs", "steps", "validation", "best"):
+        assert again[key] == mine[key], key
     res = cli("model_dir=-", "store=-", "export.direction=from_scvi", f"output={tmp_path / 'x'}")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("mva-infer: error: direction=from_scvi")
 

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from trainer.export import INFO, TRAINING_STORE, WEIGHTS, weights_of
 from trainer.module import MultiVAE
 from trainer.reference import ours_state_from_reference, to_reference_layout
-from trainer.scvi_io import _OPTIONS, SCVI_FILE, ScviIOError, _atomic_dir, _publish
+from trainer.scvi_io import _OPTIONS, CARRIED, CARRIED_KEYS, SCVI_FILE, ScviIOError, _atomic_dir, _publish
 
 
 # --------------------------------------------------------------------------- safe checkpoint reading
@@ -144,6 +144,18 @@ def _model_spec(ck: dict) -> dict:
                if opts["use_size_factor"] else {})}
 
 
+def _carried(saved) -> dict:
+    """The model.json keys our to_scvi export kept (labels, training provenance), those of the expected kinds."""
+    if not isinstance(saved, dict):
+        return {}
+    out = {k: v for k, v in saved.items() if k in CARRIED_KEYS}
+    if not (out.get("label_key") is None or isinstance(out["label_key"], str)) or not (
+            isinstance(out.get("label_categories", []), list)
+            and all(isinstance(c, str) for c in out.get("label_categories", []))):
+        out.pop("label_key", None), out.pop("label_categories", None)  # a damaged note: the registry's (none)
+    return out
+
+
 _REFERENCE_ONLY = ("z_encoder_protein.", "z_decoder_pro.", "background_pro_", "py_r")
 
 
@@ -168,6 +180,7 @@ def import_from_scvi(scvi_dir: str | os.PathLike, out_dir: str | os.PathLike, ov
                 info["model_args"]["n_obs"] = int(note.get("n_obs", info["model_args"]["n_obs"]))
             if isinstance(note.get(TRAINING_STORE), dict) and note[TRAINING_STORE]:
                 info[TRAINING_STORE] = note[TRAINING_STORE]
+            info.update(_carried(note.get(CARRIED)))
         except (ValueError, TypeError, AttributeError):
             pass  # a damaged note changes nothing the weights need
     ref = {k: v for k, v in ck["model_state_dict"].items() if isinstance(v, torch.Tensor)}

@@ -52,6 +52,9 @@ from trainer.export import (
 from trainer.reference import reference_state_from_ours
 
 SCVI_FILE = "model.pt"
+# model.json keys that travel in multivi_atlas.json[CARRIED] through to_scvi -> from_scvi
+CARRIED = "model_json"
+CARRIED_KEYS = ("label_key", "label_categories", "config", "weights", "epochs", "steps", "validation", "best")
 MODALITY_NAMES = {"rna_layer": keys.RNA, "atac_layer": keys.ATAC}
 # MULTIVI constructor options with the same name and meaning as our MultiVAE options
 _OPTIONS = ("modality_weights", "modality_penalty", "n_hidden", "n_latent", "n_layers_encoder",
@@ -257,6 +260,8 @@ def export_to_scvi(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sto
             # scvi's registry holds the skeleton's cell count; the training cells' count travels here, and
             # what inference needs of the training store (from_scvi brings both back)
             "n_obs": int(info["model_args"].get("n_obs", 0)), TRAINING_STORE: info.get(TRAINING_STORE) or {},
+            # what scvi's registry has no place for (labels, how the weights were trained): from_scvi restores it
+            CARRIED: {k: info[k] for k in CARRIED_KEYS if k in info},
             "note": "load with scvi.model.MULTIVI.load(dir, adata=mdata); build mdata with "
                     f"trainer.scvi_io.{mudata_call(info)}"}, indent=1))
         return _publish(tmp, final)
