@@ -21,7 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from data.cli import one_line_errors
+from data.cli import check_overrides, one_line_errors
 from data.config import BuildConfig, InputConfig
 from data.convert import open_input
 from data.convert.align import align, remap_columns
@@ -356,6 +356,7 @@ def main() -> None:
             out = build_store(to_typed(cfg, BuildConfig))
         print(f"wrote {out}")
 
+    check_overrides("mva-build", BuildConfig)
     _run()
 
 

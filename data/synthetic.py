@@ -25,7 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from data.cli import one_line_errors
+from data.cli import check_overrides, one_line_errors
 from data.config import SynthConfig
 from data.store_format import StoreSchema, check_codec
 from data.writer import StoreWriter
@@ -183,6 +183,7 @@ def main() -> None:
                                         d.pop("seed"), **d)
         print(f"wrote {out}")
 
+    check_overrides("mva-synth", SynthConfig)
     _run()
 
 

@@ -9,7 +9,13 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ConfigTypeError, MissingMandatoryValue, ValidationError
+from omegaconf.errors import (
+    ConfigKeyError,
+    ConfigTypeError,
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    ValidationError,
+)
 
 T = TypeVar("T")
 
@@ -24,7 +30,10 @@ def to_typed(cfg: DictConfig | dict[str, Any], schema: type[T], *, drop: tuple[s
     Unknown keys, missing mandatory values (``???``) and type mismatches raise ``ConfigError``.
     """
     if isinstance(cfg, DictConfig):
-        raw = OmegaConf.to_container(cfg, resolve=True)
+        try:
+            raw = OmegaConf.to_container(cfg, resolve=True)
+        except InterpolationResolutionError as exc:  # e.g. output='${nope}': a traceback before
+            raise ConfigError(f"bad interpolation in {exc.full_key}: {exc.msg.splitlines()[0]}") from None
     else:
         raw = dict(cfg)
     for key in drop:
@@ -71,3 +80,40 @@ def _value_at(raw: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         raw = raw.get(part) if isinstance(raw, dict) else None
     return raw
+
+
+def _fields(cls) -> dict[str, Any] | None:
+    """{field name: resolved type} of a dataclass, or None for anything else (a leaf: any sub-key goes)."""
+    import dataclasses
+    import typing
+
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return None
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name) for f in dataclasses.fields(cls)}
+
+
+def schema_keys(schema: type) -> list[str]:
+    """Every dotted key of a (nested) dataclass schema, sections included."""
+    out: list[str] = []
+
+    def walk(cls, prefix: str) -> None:
+        for name, typ in (_fields(cls) or {}).items():
+            out.append(prefix + name)
+            walk(typ, f"{prefix}{name}.")
+
+    walk(schema, "")
+    return out
+
+
+def has_key(schema: type, dotted: str) -> bool:
+    """Whether ``dotted`` names a key of the schema (or lies under a non-dataclass field: a dict or list)."""
+    cls: Any = schema
+    for part in dotted.split("."):
+        fields = _fields(cls)
+        if fields is None:
+            return True
+        if part not in fields:
+            return False
+        cls = fields[part]
+    return True

@@ -35,10 +35,11 @@ def test_refused_setting_is_one_line_per_rank_with_status_2(tmp_path):
 
 
 def test_other_failures_keep_the_summary_and_status(tmp_path):
-    # Hydra refuses an unknown key with its own message and status 1 (no mva-train line): the summary stays
-    res = _train_sh(tmp_path, "data.store=/x", "run.no_such_key=1", f"run.output_dir={tmp_path / 'run'}")
+    # Hydra refuses a malformed override with its own message and status 1 (no mva-train line): the summary stays
+    res = _train_sh(tmp_path, "data.store=/x", "run.epochs=[1", f"run.output_dir={tmp_path / 'run'}")
     assert res.returncode == 1, res.stderr[-3000:]
-    assert "run.no_such_key" in res.stderr and "trainer.train FAILED" in res.stderr, res.stderr[-3000:]
+    assert "no viable alternative at input '[1'" in res.stderr and "trainer.train FAILED" in res.stderr, \
+        res.stderr[-3000:]
     assert "Root Cause" in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
 
 
@@ -124,3 +125,36 @@ def test_a_signalled_launcher_exits_128_plus_n_in_one_line(tmp_path):
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "[launch] stopped by signal 15 (SIGTERM)" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_an_unknown_key_or_preset_is_one_line_before_the_ranks_start(tmp_path):
+    """Without '+', a mistyped key got Hydra's several-line message from every rank, status 1, and torchrun's
+    failure summary under it; a missing preset or an interpolation error the same or a traceback."""
+    for overrides, line in (
+            (("data.batchsize=64",), "mva-train: error: unknown config key: data.batchsize (did you mean data.batch_size?)"),
+            (("+experiment=nope",), ("mva-train: error: +experiment=nope: experiment has no option 'nope'; choose one of "
+                                    "['atlas_1m', 'bmmc', 'demo']")),
+            (("experiment=demo",), ("mva-train: error: experiment=demo: experiment is not in the default config; add it: "
+                                   "+experiment=demo")),
+            (("data=5",), "mva-train: error: data=5: data has no option '5'; choose one of ['default']")):
+        res = _train_sh(tmp_path, "data.store=/x", *overrides)
+        assert res.returncode == 2 and res.stderr.strip().splitlines() == [line], res.stderr[-3000:]
+    res = _train_sh(tmp_path, "data.store=/x", "data.batch_size=${nope}", f"run.output_dir={tmp_path / 'run'}")
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("mva-train: error:")]
+    assert res.returncode == 2 and errors == [("mva-train: error: bad interpolation in data.batch_size: Interpolation "
+                                              "key 'nope' not found")] * 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+
+
+def test_every_entry_point_names_an_unknown_key_in_one_line(tmp_path):
+    for module, args, line in (
+            ("trainer.infer", ["model_dir=x", "store=y", "outptu=z"], ("mva-infer: error: unknown config key: outptu "
+                                                                      "(did you mean output?)")),
+            ("data.build", ["out=x", "inputz=[]"], "mva-build: error: unknown config key: inputz (did you mean inputs?)"),
+            ("data.synthetic", ["out=x", "n_cell=4"], ("mva-synth: error: unknown config key: n_cell (did you mean "
+                                                      "n_cells?)")),
+            ("trainer.infer", ["model_dir=x", "store=y", "output=${nope}"], ("mva-infer: error: bad interpolation in "
+                                                                           "output: Interpolation key 'nope' not found"))):
+        res = subprocess.run([PY, "-m", module, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                             check=False, env=env())
+        assert res.returncode == 2 and res.stderr.strip().splitlines() == [line], (module, res.stderr[-2000:])

@@ -14,7 +14,7 @@ import importlib
 import os
 from pathlib import Path
 
-from data.cli import omp_threads, one_line_errors
+from data.cli import check_overrides, omp_threads, one_line_errors
 from data.store import StoreError
 from data.typed_config import ConfigError
 from trainer import dist
@@ -41,6 +41,11 @@ def infer(cfg: InferConfig) -> dict:
         dist.cleanup()
 
 
+def check_cli(argv: list[str] | None = None) -> None:
+    """Unknown keys refused in one line before Hydra runs (also by trainer.launch, before the ranks start)."""
+    check_overrides("mva-infer", InferConfig, argv=argv)
+
+
 def main() -> None:
     import hydra
 
@@ -55,6 +60,7 @@ def main() -> None:
         with one_line_errors("mva-infer", (InferError, ConfigError, StoreError, ModelFileError, LockError, OSError)):
             infer(load_infer_config(raw))
 
+    check_cli()
     _main()
 
 

@@ -24,9 +24,26 @@ def exit_status(exitcode: int) -> int:
     return 128 - exitcode if exitcode < 0 else (exitcode or 1)
 
 
+def check_entry_point(args: list[str]) -> None:
+    """An unknown key or preset in ``-m trainer.train ...`` / ``-m trainer.infer ...``: refused here, once, in
+    one line (exit 2), not by every rank after they started."""
+    if "-m" not in args or args.index("-m") + 1 >= len(args):
+        return
+    i = args.index("-m")
+    if args[i + 1] == "trainer.train":
+        from trainer.train import check_cli
+    elif args[i + 1] == "trainer.infer":
+        from trainer.infer import check_cli
+    else:
+        return
+    check_cli(args[i + 2:])
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    check_entry_point(args)
     try:
-        torchrun(sys.argv[1:] if argv is None else argv)
+        torchrun(args)
     except ChildFailedError as e:
         code = exit_status(e.get_first_failure()[1].exitcode)
         if code != 2:

@@ -17,7 +17,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from data.cli import omp_threads, one_line_errors
+from data.cli import check_overrides, omp_threads, one_line_errors
 from data.store import StoreError
 from trainer import dist
 from trainer.checkpoint_checks import CheckpointError
@@ -27,6 +27,7 @@ from trainer.lock import LockError
 from trainer.loop import TrainResult, run
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+GROUPS = ("data", "model", "optim", "dist", "logger", "run", "experiment", "sweep")  # conf/<group>/
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -35,6 +36,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         return run(cfg)
     finally:
         dist.cleanup()
+
+
+def check_cli(argv: list[str] | None = None) -> None:
+    """Unknown keys and config-group options refused in one line before Hydra runs (also by trainer.launch,
+    once, before the ranks start)."""
+    check_overrides("mva-train", TrainConfig, CONF_DIR, GROUPS, added=("experiment", "sweep"), argv=argv)
 
 
 def main() -> None:
@@ -62,6 +69,7 @@ def main() -> None:
                                            NonFiniteError)):
             train(cfg)
 
+    check_cli()
     _main()
 
 
