@@ -29,7 +29,8 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 RUN_DIR=${RUN_DIR:-}
-ARGS=()
+ARGS=()   # overrides
+FLAGS=()  # Hydra's flags: before every override (its parser takes no override after a flag)
 while [ $# -gt 0 ]; do
   a=$1; shift
   case "$a" in
@@ -42,10 +43,10 @@ while [ $# -gt 0 ]; do
     --nproc-per-node=*|--nproc_per_node=*) NPROC_PER_NODE=${a#*=} ;;
     --max-restarts=*|--max_restarts=*) MAX_RESTARTS=${a#*=} ;;
     # Hydra's own flags go to mva-train (those with a value take the next argument along)
-    --multirun|--help|--hydra-help|--resolve|--shell-completion) ARGS+=("$a") ;;
+    --multirun|-m|--help|--hydra-help|--resolve|--shell-completion) FLAGS+=("$a") ;;
     --cfg|--info|--package|--config-name|--config-path|--config-dir|-c|-cn|-cp|-cd|-p|-i)
-      ARGS+=("$a"); [ $# -eq 0 ] || { ARGS+=("$1"); shift; } ;;
-    --cfg=*|--info=*|--package=*|--config-name=*|--config-path=*|--config-dir=*) ARGS+=("$a") ;;
+      FLAGS+=("$a"); [ $# -eq 0 ] || { FLAGS+=("$1"); shift; } ;;
+    --cfg=*|--info=*|--package=*|--config-name=*|--config-path=*|--config-dir=*) FLAGS+=("$a") ;;
     --*) echo "train.sh: unknown launcher option $a" >&2; exit 2 ;;
     run.output_dir=*|++run.output_dir=*) RUN_DIR=${a#*run.output_dir=} ;;
     *) ARGS+=("$a") ;;
@@ -74,8 +75,9 @@ case "$NNODES" in
        NNODES=${NNODES%%:*} ;;
 esac
 if [ "$NNODES" != 1 ]; then
-  : "${RDZV_ENDPOINT:?multi-node: set RDZV_ENDPOINT=host:port (or --rdzv-endpoint=) of the c10d rendezvous}"
-  : "${RUN_DIR:?multi-node: set RUN_DIR (or run.output_dir=) to a directory all nodes share}"
+  # status 2 as every other refusal here (${VAR:?} exits 1)
+  [ -n "${RDZV_ENDPOINT:-}" ] || { echo "train.sh: multi-node: set RDZV_ENDPOINT=host:port (or --rdzv-endpoint=) of the c10d rendezvous" >&2; exit 2; }
+  [ -n "${RUN_DIR:-}" ] || { echo "train.sh: multi-node: set RUN_DIR (or run.output_dir=) to a directory all nodes share" >&2; exit 2; }
   LAUNCH=(--nnodes="$NNODES" --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-mva}")
   [ -z "${NODE_RANK:-}" ] || LAUNCH+=(--node-rank="$NODE_RANK")
   [ -z "${LOCAL_ADDR:-}" ] || LAUNCH+=(--local-addr="$LOCAL_ADDR")
@@ -87,5 +89,7 @@ fi
 echo "[train.sh] $NNODES node(s) x $NPROC_PER_NODE process(es); run dir $RUN_DIR"
 # torchrun without its launcher traceback: a failed rank's status (2 for a one-line mva-train error)
 # becomes this script's (trainer/launch.py)
+# (flags first: Hydra's parser takes no override after one of its flags, e.g. before a trailing --multirun
+# the run dir came after it)
 exec "$PY" -m trainer.launch "${LAUNCH[@]}" --nproc-per-node="$NPROC_PER_NODE" \
-  --max-restarts="${MAX_RESTARTS:-0}" -m trainer.train "${ARGS[@]}" run.output_dir="$RUN_DIR"
+  --max-restarts="${MAX_RESTARTS:-0}" -m trainer.train "${FLAGS[@]}" "${ARGS[@]}" run.output_dir="$RUN_DIR"

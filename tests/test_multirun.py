@@ -42,7 +42,8 @@ def test_sweep_preset_declares_the_grid():
 def test_two_member_multirun_on_two_ranks_through_train_sh(tmp_path):
     """Hydra runs the members one after another in the same torchrun processes: the second member's
     process group used to hang on the first one's keys in the launcher's store (until dist.timeout_s).
-    Run from another directory with relative paths: train.sh no longer changes directory."""
+    Run from another directory with relative paths: train.sh no longer changes directory. --multirun last, as
+    conf/sweep's comment writes it: train.sh appended run.output_dir after it, which Hydra's parser refused."""
     import os
     import subprocess
 
@@ -50,8 +51,8 @@ def test_two_member_multirun_on_two_ranks_through_train_sh(tmp_path):
 
     store = tiny_store(tmp_path / "store", n_cells=400)
     # one step per member and rank (batch 128): the case that hung; paths relative to tmp_path
-    args = ["-m", "data.store=store", "model.n_latent=4,7", "model.n_hidden=16", "run.epochs=1", "logger.plot=false",
-            "dist.timeout_s=60", "run.output_dir=sweep"]
+    args = ["data.store=store", "model.n_latent=4,7", "model.n_hidden=16", "run.epochs=1", "logger.plot=false",
+            "dist.timeout_s=60", "run.output_dir=sweep", "--multirun"]
     res = subprocess.run([str(ROOT / "scripts" / "train.sh"), *args], cwd=tmp_path, capture_output=True, text=True,
                          timeout=240, check=False, env={**env(), "NPROC_PER_NODE": "2", "PYTHONPATH": ""})
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
