@@ -82,7 +82,8 @@ class ExpressionJob(ChunkJob):
                                          n_samples=n, use_z_mean=cfg.give_mean, gene_index=self.index)
 
         x = average_of_draws(decode, cfg.n_samples, hi - lo, module.n_genes + module.n_regions)
-        values = x.cpu().numpy().astype(self.dtype, copy=False)
+        with np.errstate(over="ignore"):  # checked below, in one line (numpy's RuntimeWarning came before it)
+            values = x.cpu().numpy().astype(self.dtype, copy=False)
         if self.dtype == np.float16 and not np.isfinite(values).all():
             # float16 ends at 65,504: a CPM-style library_size on a highly expressed gene would be
             # written as inf without a word
