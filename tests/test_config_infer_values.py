@@ -55,6 +55,9 @@ def _load(*overrides: str):
     (("job=de", "de.groupby=cell_type", "embed.umap_png=u.png"), "embed.umap_png"),
     (("job=expression", "modalities=[joint]"), "modalities"),
     (("job=export", "give_mean=false", "n_samples=3"), "give_mean, n_samples"),
+    (("job=export", "batch_size=7", "seed=5"), "batch_size, seed do not apply to job=export export.direction=to_scvi"),
+    (("job=export", "export.direction=from_scvi", "export.source=/x"),
+     "model_dir, store do not apply to job=export export.direction=from_scvi"),
     # a sparse X (threshold) is always compressed: compress was ignored
     (("job=accessibility", "accessibility.threshold=0.5", "accessibility.compress=false"), "accessibility.compress"),
 ])
@@ -70,7 +73,7 @@ def test_bad_or_ignored_values_are_named(overrides, key):
     ("job=embed", "modalities=[joint]", "give_mean=false", "n_samples=2", "seed=17592186044415"),
     ("job=accessibility", "accessibility.threshold=0", "accessibility.compress=true"),
     ("job=accessibility", "accessibility.threshold=0.5", "accessibility.dtype=uint8"),
-    ("job=export", "export.direction=from_scvi", "export.source=/x"),
+    ("job=export", "export.direction=from_scvi", "export.source=/x", "model_dir=-", "store=-"),
 ])
 def test_valid_values_stay_valid(overrides):
     _load(*overrides)

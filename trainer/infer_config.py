@@ -220,12 +220,16 @@ def check_applies(cfg: InferConfig) -> None:
             continue
         value, default = getattr(cfg, section), type(getattr(cfg, section))()
         ignored += [f"{section}.{f.name}" for f in fields(value) if getattr(value, f.name) != getattr(default, f.name)]
+    cells = tuple(j for j in JOBS if j != "export")  # the jobs that run the model over cells
     top = {"modalities": ("embed",), "give_mean": ("embed", "expression", "accessibility"),
-           "n_samples": ("embed", "expression", "accessibility")}
+           "n_samples": ("embed", "expression", "accessibility"), "batch_size": cells, "seed": cells}
     default = InferConfig(model_dir="m", store="s", output="o")
     ignored += [k for k, jobs in top.items() if cfg.job not in jobs and getattr(cfg, k) != getattr(default, k)]
+    if cfg.job == "export" and cfg.export.direction == "from_scvi":  # reads export.source only ("-": not given)
+        ignored += [k for k in ("model_dir", "store") if getattr(cfg, k) not in (None, "", "-", "???")]
     if ignored:
-        raise ConfigError(f"{', '.join(ignored)} do not apply to job={cfg.job} (it does not read them): remove them, "
+        where = f"job={cfg.job}" + (f" export.direction={cfg.export.direction}" if cfg.job == "export" else "")
+        raise ConfigError(f"{', '.join(ignored)} do not apply to {where} (it does not read them): remove them, "
                           "or choose the job they belong to")
 
 
