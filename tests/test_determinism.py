@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -193,8 +194,12 @@ def test_persistent_loader_workers_follow_every_epoch(store, reference, tmp_path
 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     run = tmp_path / "workers"
-    res = train(tiny_config(store, run, **EXTRA, **{"data.num_workers": 2, "data.prefetch": 2}))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = train(tiny_config(store, run, **EXTRA, **{"data.num_workers": 2, "data.prefetch": 2}))
     assert res.epochs == 3 and res.steps == 18
+    # torch's "Sparse invariant checks are implicitly disabled" on every run with workers (their CSR batches)
+    assert not [w for w in seen if "invariant" in str(w.message)], [str(w.message)[:100] for w in seen]
     assert_bitwise_equal(run, reference)
     # EpochLoader.close() stopped the workers before train() returned (multiprocessing's resource tracker,
     # started with the first spawn, stays by design)

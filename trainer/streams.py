@@ -49,6 +49,10 @@ class EpochLoader:
         # after the epoch's draw and the resumed run drew once more: its dropout masks were shifted by one
         # draw (1e-2 off after a few steps). The stream's order never depends on the worker seed.
         stream.report_read_stats = True
+        if not torch.sparse.check_sparse_tensor_invariants.is_enabled():
+            # the workers' CSR batches are rebuilt here, and torch warns on every run that the (default, off)
+            # invariant checks are "implicitly" off; our batches come from validated stores: off, explicitly
+            torch.sparse.check_sparse_tensor_invariants.disable()
         ctx = torch.multiprocessing.get_context("spawn")
         stream.share_position(ctx)
         self._dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
