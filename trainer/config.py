@@ -166,7 +166,6 @@ class OptimConfig:
                               f"optim.n_epochs_kl_warmup is null, but it is {self.n_epochs_kl_warmup}: set "
                               "optim.n_epochs_kl_warmup=null for a step warm-up, or optim.n_steps_kl_warmup=null")
 
-
     @property
     def clf_weight_decay(self) -> float:
         """The adversarial classifier's weight decay (null: the VAE's)."""
