@@ -113,3 +113,18 @@ def test_train_sbatch_refuses_a_resume_setting_it_would_replace(tmp_path):
     assert "NODE" not in res.stdout and "run.resume" in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
     ok = _sbatch(tmp_path, "+experiment=atlas_1m", "run.resume=auto")
     assert ok.returncode == 0 and ok.stdout.count("run.resume=auto") == 2, ok.stdout
+
+
+def test_train_sbatch_takes_a_trailing_multirun(tmp_path):
+    """``sbatch train.sbatch <overrides> --multirun``: the script appended run.output_dir / run.resume after the
+    flag, and Hydra's parser takes no override after one of its flags (every rank: 'unrecognized arguments')."""
+    from hydra._internal.utils import get_args_parser
+
+    res = _sbatch(tmp_path, "+experiment=atlas_1m", "optim.lr=1e-3,1e-4", "--multirun", "--cfg", "job")
+    assert res.returncode == 0, res.stderr
+    for argv in re.findall(r"^NODE \d: (.*)$", res.stdout, flags=re.MULTILINE):
+        hydra_args = argv.split(" -m trainer.train ", 1)[1].split()
+        parsed = get_args_parser().parse_args(hydra_args)  # exits (status 2) on what Hydra would refuse
+        assert parsed.multirun and parsed.cfg == "job", argv
+        assert parsed.overrides == ["+experiment=atlas_1m", "optim.lr=1e-3,1e-4", "run.output_dir=outputs/slurm/run-77",
+                                    "run.resume=auto"], argv
