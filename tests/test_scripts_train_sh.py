@@ -158,3 +158,14 @@ def test_every_entry_point_names_an_unknown_key_in_one_line(tmp_path):
         res = subprocess.run([PY, "-m", module, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                              check=False, env=env())
         assert res.returncode == 2 and res.stderr.strip().splitlines() == [line], (module, res.stderr[-2000:])
+
+
+def test_the_override_check_leaves_sweeps_and_what_it_cannot_read_to_hydra():
+    """check_overrides is a pre-check: sweeps of valid options, glob()/range() sweeps and malformed lines pass
+    to Hydra untouched (glob() needs Hydra's config loader: it raised a HydraException here)."""
+    from trainer.train import check_cli
+
+    for argv in (["+experiment=glob(*)", "--multirun"], ["dist=glob(d*)", "-m"], ["+experiment=choice(demo,bmmc)", "-m"],
+                 ["data.batch_size=range(32,128,32)", "-m"], ["model.n_latent=interval(1,2)"], ["run.epochs=[1"],
+                 ["~run.seed"], ["hydra.job.chdir=false"], ["--cfg", "job", "+sweep=latent_lr"]):
+        check_cli(argv)  # returns (a refusal exits)
