@@ -5,7 +5,8 @@ to the reader, the collate step and a background prefetch thread.
 
 * ``split="train"`` (default remainder ``"even"``): every training cell exactly once per epoch, each rank's
   last batch short (``data.plan``); ``"drop"`` leaves the ``< world_size * batch_size`` cells left over out
-  (counted in ``plan.n_dropped``), ``"pad"`` repeats a few; ``len(stream)`` is equal on every rank.
+  (counted in ``plan.n_dropped``), ``"pad"`` fills the last batches with repeated cells (``plan.n_padded``:
+  up to most of every batch when there are fewer cells than ranks x batch); ``len(stream)`` is equal on every rank.
 * ``split="validation"`` / ``"all"`` (default remainder ``"none"``): every selected cell exactly once
   across ranks; rank ``r`` gets a contiguous block of the order, so **ranks may differ by a batch or
   more** and the last batch may be short. Aggregate validation with summed losses and cell counts

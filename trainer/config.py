@@ -36,7 +36,7 @@ class DataConfig:
     window_chunks: int | None = None
     # how every rank gets the same number of training batches (data/plan.py): even = every cell exactly once
     # per epoch, the last batch of each rank short (or the few cells left joined to it); drop = leave out the
-    # < ranks x batch cells left over (other ones each epoch); pad = repeat a few; none = a short last batch
+    # < ranks x batch cells left over (other ones each epoch); pad = fill with repeated cells; none = a short last batch
     # (the reference's drop_last=False; one process only, ranks could differ in batch count)
     remainder: str = "even"
     # keep the validation batches in memory after the first validation pass when they take at most this
