@@ -55,6 +55,9 @@ def _load(*overrides: str):
     (("job=de", "de.groupby=cell_type", "embed.umap_png=u.png"), "embed.umap_png"),
     (("job=expression", "modalities=[joint]"), "modalities"),
     (("job=export", "give_mean=false", "n_samples=3"), "give_mean, n_samples"),
+    # output=x.parquet with the csv default wrote CSV text into it (and back: Parquet bytes in a .csv)
+    (("job=de", "de.groupby=cell_type", "output=x.parquet"), "names a parquet file but de.format=csv"),
+    (("job=da", "de.groupby=cell_type", "de.format=parquet", "output=x.csv"), "names a csv file but de.format=parquet"),
     (("job=export", "batch_size=7", "seed=5"), "batch_size, seed do not apply to job=export export.direction=to_scvi"),
     (("job=export", "export.direction=from_scvi", "export.source=/x"),
      "model_dir, store do not apply to job=export export.direction=from_scvi"),
@@ -74,6 +77,7 @@ def test_bad_or_ignored_values_are_named(overrides, key):
     ("job=accessibility", "accessibility.threshold=0", "accessibility.compress=true"),
     ("job=accessibility", "accessibility.threshold=0.5", "accessibility.dtype=uint8"),
     ("job=export", "export.direction=from_scvi", "export.source=/x", "model_dir=-", "store=-"),
+    ("job=de", "de.groupby=cell_type", "de.format=parquet", "output=x.parquet"), ("job=da", "output=x.tsv"),
 ])
 def test_valid_values_stay_valid(overrides):
     _load(*overrides)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
@@ -200,6 +201,12 @@ class InferConfig:
             raise ConfigError(f"give_mean / n_samples do not apply to job={self.job} (de decodes posterior means, "
                               f"da one posterior draw per sampled cell, as the reference; de.n_samples_overall "
                               f"sets the samples per group): leave them at give_mean=true, n_samples=1")
+        suffix = Path(str(self.output)).suffix.lower()
+        named = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(suffix)
+        if self.job in ("de", "da") and named is not None and named != self.de.format:
+            # output=x.parquet wrote CSV text into it (pd.read_parquet: "magic bytes not found"), and back
+            raise ConfigError(f"output {self.output} names a {named} file but de.format={self.de.format}: set "
+                              f"de.format={named}, or give the output a .{self.de.format} name")
         bad = [m for m in self.modalities if m not in LATENTS]
         if bad or not self.modalities:
             raise ConfigError(f"modalities must be a non-empty subset of {list(LATENTS)}, got {self.modalities}")
