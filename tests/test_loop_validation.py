@@ -111,7 +111,7 @@ def test_keep_best_from_a_checkpoint_without_best_info_claims_no_last_epoch(tmp_
     assert "best_info" not in shipped
 
 
-def test_keep_best_ships_the_lowest_validation_while_min_delta_only_paces_early_stopping(tmp_path):
+def test_keep_best_ships_the_lowest_validation_while_min_delta_only_paces_early_stopping(tmp_path, capsys):
     """run.min_delta is early stopping's threshold (Lightning's EarlyStopping); keep=best shipped the weights
     of the last validation that beat the best by more than min_delta, not the lowest one (Lightning's
     ModelCheckpoint): a run improving in steps under min_delta shipped epoch 0's weights."""
@@ -130,6 +130,8 @@ def test_keep_best_ships_the_lowest_validation_while_min_delta_only_paces_early_
     losses = [r["reconstruction_loss_validation"] for r in vals]
     # patience counts improvements by more than min_delta: none after epoch 0, so it stops after epoch 1
     assert res.stopped_early and res.epochs == 2 and len(vals) == 2
+    # patience counts validations (it said "epochs": wrong with validate_every_epochs > 1)
+    assert "improvement > 1000000000.0 for 1 validation (best" in capsys.readouterr().out
     assert losses[1] < losses[0], losses  # ... while the validation did improve
     info = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
     assert info["weights"] == "best" and info["epochs"] == 2 and info["steps"] == vals[1]["step"]

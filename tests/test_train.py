@@ -295,6 +295,20 @@ def test_a_max_steps_stop_mid_epoch_continues_exactly_when_the_limit_is_raised(s
     b = load_file(str(Path(done.model_dir) / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the history keeps the stop's validation, marked as not tracked; loss.png draws the schedule's only
+    from trainer.metrics import plotted_records
+
+    vals = [r for r in read_metrics(part / "metrics.jsonl") if r["kind"] == "validation"]
+    untracked = [r["step"] for r in vals if not r["tracked"]]
+    assert untracked == [limit] and len(vals) == 4, [(r["step"], r["tracked"]) for r in vals]
+    full_vals = [(r["step"], r["reconstruction_loss_validation"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl")
+                 if r["kind"] == "validation"]
+    drawn = [(r["step"], r["reconstruction_loss_validation"])
+             for r in plotted_records(read_metrics(part / "metrics.jsonl")) if r["kind"] == "validation"]
+    assert drawn == full_vals and all(r["tracked"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")
+                                      if r["kind"] == "validation")
+    stopped_here = plotted_records([*read_metrics(tmp_path / "full" / "metrics.jsonl")[:3], vals[0]])
+    assert stopped_here[-1] is vals[0]  # a run that ended at the stop: its last validation is drawn
 
 
 def test_keep_best_and_the_last_validation_travel_with_the_checkpoints(store, tmp_path, monkeypatch):

@@ -347,9 +347,9 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                     stopped, stop_reason = True, "early"
                 if tracker.plateau is not None:
                     w.set_lr(tracker.plateau.lr)
-            if last_val:
+            if last_val:  # (tracked: false marks the reported-only one; a continued run's history keeps it)
                 metrics.log({"kind": "validation", "step": step, "epoch": epoch, **last_val, "best": tracker.best,
-                             "lr": w.lr})
+                             "lr": w.lr, "tracked": scheduled})
             if improved and cfg.run.keep == "best":  # the same decision on every rank (validation is all-reduced)
                 best_weights = w.full_weights()  # every rank: DeepSpeed gathers its fp32 master weights
                 if info.is_main:

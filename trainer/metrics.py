@@ -239,6 +239,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def plotted_records(rows: list[dict]) -> list[dict]:
+    """The records loss.png draws: a validation after a max_steps stop off the schedule (tracked: false) only
+    where the file ends with it (the run ended there); in a continued run's history it is a point the
+    uninterrupted run never made."""
+    last_val = max((i for i, r in enumerate(rows) if r.get("kind") == "validation"), default=None)
+    return [r for i, r in enumerate(rows) if r.get("tracked", True) or i == last_val]
+
+
 def plot_losses(metrics_path: str | Path, out_png: str | Path) -> Path | None:
     """Training and validation loss curves against the step."""
     if not Path(metrics_path).is_file():
@@ -248,7 +256,7 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
+    rows = plotted_records(read_metrics(metrics_path))
     fig, ax = plt.subplots(figsize=(7, 4))
     # elbo_train (the epoch's mean over its training cells) next to elbo_validation: the same quantity, so a
     # gap opening between them is over-fitting

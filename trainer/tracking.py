@@ -56,8 +56,9 @@ class ValidationTracker:
         if r.early_stopping and dist.shared_decision(self.bad_epochs >= r.patience):
             # best is None when no validation so far was finite (it crashed formatting None)
             best_text = "none: no validation was finite" if self.best is None else f"{self.best:.4f}"
+            n = self.bad_epochs
             dist.print0(f"[train] early stopping after epoch {epoch}: no {r.monitor} improvement "
-                        f"> {r.min_delta} for {self.bad_epochs} epochs (best {best_text})")
+                        f"> {r.min_delta} for {n} validation{'s' if n != 1 else ''} (best {best_text})")
             stop = True
         if self.plateau is not None:
             o = self.optim_cfg
