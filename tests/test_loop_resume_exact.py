@@ -64,3 +64,13 @@ def test_resuming_past_run_max_steps_trains_no_further_step(store, tmp_path):
     # the limit raised again: the run continues from that checkpoint to the end
     res = train(tiny_config(store, run, **opts))
     assert res.steps == 12 and res.epochs == 2
+
+
+def test_resuming_with_fewer_epochs_than_the_checkpoint_says_it_trains_nothing(store, tmp_path, capsys):
+    """run.epochs below the checkpoint's epoch exported the run as it stood without a word."""
+    run = tmp_path / "run"
+    done = train(tiny_config(store, run, **{"run.epochs": 2}))
+    capsys.readouterr()
+    again = train(tiny_config(store, run, **{"run.epochs": 1}))
+    assert (again.steps, again.epochs) == (done.steps, 2)
+    assert "nothing left to train: the checkpoint is at epoch 2, run.epochs=1; exporting it" in capsys.readouterr().out

@@ -239,6 +239,9 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             train_stream.load_state_dict(rank_state["stream"])
             totals.load_state_dict(rank_state.get("epoch_totals"))  # absent in checkpoints from before the record
         dist.print0(f"[train] resumed from {path} (epoch {epoch}, step {step})")
+        if epoch >= cfg.run.epochs and not stopped:  # a finished run re-exported, or run.epochs set below it
+            dist.print0(f"[train] nothing left to train: the checkpoint is at epoch {epoch}, run.epochs="
+                        f"{cfg.run.epochs}; exporting it as it stands")
     if info.is_main and cfg.run.keep == "best":
         # best/ holds what the checkpoint this run continues from held, and nothing else: the weights
         # travel with it (a resume into another run directory still exports them), and a file written
