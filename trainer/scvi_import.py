@@ -149,10 +149,10 @@ def _carried(saved) -> dict:
     if not isinstance(saved, dict):
         return {}
     out = {k: v for k, v in saved.items() if k in CARRIED_KEYS}
-    if not (out.get("label_key") is None or isinstance(out["label_key"], str)) or not (
-            isinstance(out.get("label_categories", []), list)
-            and all(isinstance(c, str) for c in out.get("label_categories", []))):
-        out.pop("label_key", None), out.pop("label_categories", None)  # a damaged note: the registry's (none)
+    key, cats = out.get("label_key"), out.get("label_categories", [])
+    if not (key is None or isinstance(key, str)) or not (isinstance(cats, list) and all(isinstance(c, str) for c in cats)):
+        for k in ("label_key", "label_categories"):  # a damaged note: the registry's (none)
+            out.pop(k, None)
     return out
 
 
