@@ -49,7 +49,8 @@ def test_a_per_cell_weights_model_refuses_another_store(trained, tmp_path):
     infer(_cfg(store, model_dir, tmp_path / "b.zarr"))  # its own store still works
 
 
-@pytest.mark.parametrize("tamper", ["bad_option_value", "unknown_option", "no_gene_names", "bad_training_store"])
+@pytest.mark.parametrize("tamper", ["bad_option_value", "unknown_option", "no_gene_names", "bad_training_store",
+                                    "infinite_training_store"])
 def test_a_malformed_model_json_is_one_model_file_error(trained, tmp_path, tamper):
     """docs/reliability.md: a malformed model.json raises ModelFileError naming it (these were a ValueError,
     a TypeError and a KeyError traceback)."""
@@ -68,6 +69,8 @@ def test_a_malformed_model_json_is_one_model_file_error(trained, tmp_path, tampe
         info["model_args"]["bogus"] = 1
     elif tamper == "bad_training_store":
         info["training_store"] = {"cells_fingerprint": "ab", "atac_library_max": "many"}
+    elif tamper == "infinite_training_store":  # JSON's Infinity: every ATAC size factor 0 (was accepted)
+        info["training_store"] = {"cells_fingerprint": "ab", "atac_library_max": float("inf")}
     else:
         del info["gene_names"]
     (model / INFO).write_text(json.dumps(info))

@@ -6,11 +6,13 @@ the resolved training config, feature names and categories). No pickle anywhere,
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -28,6 +30,12 @@ _INFO_KEYS = ("gene_names", "region_names", "batch_key", "batch_categories", "ca
 # (the denominator of the ATAC size factor, data.collate.size_factor_rows: a fixed scale of the model, not
 # the largest total of whichever cells inference is given)
 TRAINING_STORE = "training_store"
+
+
+def is_atac_library_max(value: Any) -> bool:
+    """A usable ATAC size-factor denominator: a finite number >= 1 (the largest ATAC total of a store)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.number)) and math.isfinite(value) \
+        and value >= 1
 
 
 def training_atac_library_max(info: dict[str, Any]) -> float | None:
@@ -105,10 +113,9 @@ def _check_training_store(facts, where: Path) -> None:
     if facts is None:
         return
     ok = isinstance(facts, dict) and isinstance(facts.get("cells_fingerprint", ""), str)
-    top = facts.get("atac_library_max", 1.0) if ok else None
-    if not ok or isinstance(top, bool) or not isinstance(top, (int, float)) or not top >= 1:
+    if not ok or not is_atac_library_max(facts.get("atac_library_max", 1.0)):
         raise ModelFileError(f"{where}: training_store must hold a cells_fingerprint (text) and an atac_library_max "
-                             f"(a number >= 1), got {facts!r}")
+                             f"(a finite number >= 1), got {facts!r}")
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[MultiVAE, dict[str, Any]]:

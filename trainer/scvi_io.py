@@ -27,7 +27,6 @@ installed scvi-tools writes, never a hand-made imitation. The registry's cell co
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import uuid
@@ -46,6 +45,7 @@ from trainer.export import (
     SIZE_FACTOR_COLUMNS,
     TRAINING_STORE,
     WEIGHTS,
+    is_atac_library_max,
     load_model,
     training_atac_library_max,
 )
@@ -83,8 +83,7 @@ def store_to_mudata(store, cells: np.ndarray | None = None, atac_library_max: fl
 
     from data.cell_table import as_store
 
-    if atac_library_max is not None and not (isinstance(atac_library_max, (int, float, np.number))
-                                             and math.isfinite(atac_library_max) and atac_library_max >= 1):
+    if atac_library_max is not None and not is_atac_library_max(atac_library_max):
         # the rule model.json's value follows (a total count of at least one): 0 gave every cell factor 1,
         # a negative value 1e-6, NaN NaN, which scvi-tools then used as given
         raise ScviIOError(f"atac_library_max must be a finite number >= 1 (a model.json training_store value: "
