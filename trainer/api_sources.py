@@ -22,9 +22,8 @@ from data import keys
 from data.collate import atac_library_max, size_factor_rows
 from data.convert.base import as_mask
 from data.validate import ValidationError, check_cont
-from trainer.export import imported_size_factor_columns, training_atac_library_max
+from trainer.export import SIZE_FACTOR_COLUMNS, imported_size_factor_columns, training_atac_library_max
 from trainer.jobs.common import inference_stream, open_checked_store
-from trainer.scvi_io import SIZE_FACTOR_COLUMNS
 
 if TYPE_CHECKING:
     from trainer.api import Model
@@ -339,8 +338,9 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
     # same RNA factors, and ATAC over the training store's largest total, not over the store_to_mudata(B)
     # was called with (which gave another latent for the same cells than the store B itself)
     trained_max = training_atac_library_max(info)
-    ours_recomputed = sf_columns == list(SIZE_FACTOR_COLUMNS) and trained_max is not None
-    missing = [c for c in imported_size_factor_columns(info) if c not in obs]
+    imported = imported_size_factor_columns(info)  # [] for our own columns
+    ours_recomputed = not imported and trained_max is not None
+    missing = [c for c in imported if c not in obs]
     if missing:
         # an imported model's own columns: its factors are whatever the user computed, so our formula (RNA
         # total, ATAC over the largest total) would silently stand in for them (scvi-tools refuses too)
