@@ -35,12 +35,13 @@ def omp_threads(value: str | None) -> int:
 
 
 def check_overrides(prog: str, schema: type, conf_dir: str | os.PathLike | None = None,
-                    groups: tuple[str, ...] = (), added: tuple[str, ...] = (), argv: list[str] | None = None) -> None:
+                    added: tuple[str, ...] = (), argv: list[str] | None = None) -> None:
     """Refuse, before Hydra composes, a command-line override that names a key ``schema`` lacks or an option
-    of a config group (``conf_dir/<group>/<option>.yaml``) that does not exist: one line, exit 2. Hydra's own
-    message for these (``data.batchsize=64`` without ``+``, ``+experiment=nope``, ``data=5``) is several
-    lines and exit 1, repeated by every rank under torchrun. ``added``: the groups outside the primary config's
-    defaults list, which take a ``+`` (``+experiment=demo``). Anything this cannot read is left to Hydra."""
+    of a config group (a folder ``conf_dir/<group>/`` of ``<option>.yaml``; none without ``conf_dir``) that
+    does not exist: one line, exit 2. Hydra's own message for these (``data.batchsize=64`` without ``+``,
+    ``+experiment=nope``, ``data=5``) is several lines and exit 1, repeated by every rank under torchrun.
+    ``added``: the groups outside the primary config's defaults list, which take a ``+`` (``+experiment=demo``).
+    Anything this cannot read is left to Hydra."""
     import difflib
     from pathlib import Path
 
@@ -55,13 +56,14 @@ def check_overrides(prog: str, schema: type, conf_dir: str | os.PathLike | None 
         return
     from data.typed_config import has_key, schema_keys
 
+    groups = {p.name for p in Path(conf_dir).iterdir() if p.is_dir()} if conf_dir else set()
     with one_line_errors(prog, (ValueError,)):
         for o in overrides:
             key = o.key_or_group
             if o.is_delete() or key == "hydra" or key.startswith(("hydra.", "hydra/")):
                 continue
             if key in groups:
-                options = sorted(p.stem for p in Path(conf_dir or ".").joinpath(key).glob("*.yaml"))
+                options = sorted(p.stem for p in Path(conf_dir).joinpath(key).glob("*.yaml"))
                 try:
                     values = list(o.sweep_string_iterator()) if o.is_sweep_override() else \
                         [o.get_value_element_as_str()]

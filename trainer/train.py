@@ -27,7 +27,6 @@ from trainer.lock import LockError
 from trainer.loop import TrainResult, run
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-GROUPS = ("data", "model", "optim", "dist", "logger", "run", "experiment", "sweep")  # conf/<group>/
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -41,7 +40,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 def check_cli(argv: list[str] | None = None) -> None:
     """Unknown keys and config-group options refused in one line before Hydra runs (also by trainer.launch,
     once, before the ranks start)."""
-    check_overrides("mva-train", TrainConfig, CONF_DIR, GROUPS, added=("experiment", "sweep"), argv=argv)
+    check_overrides("mva-train", TrainConfig, CONF_DIR, added=("experiment", "sweep"), argv=argv)
 
 
 def main() -> None:
