@@ -318,8 +318,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # here, not in OptimConfig: the schema's default OptimConfig() would resolve it before the overrides merge
-        if self.optim.classifier_weight_decay is None:
-            self.optim.classifier_weight_decay = self.optim.weight_decay
+        self.optim.classifier_weight_decay = self.optim.clf_weight_decay
         plateau = self.optim.reduce_lr_on_plateau
         if plateau and self.run.validate_every_epochs == 0:
             raise ConfigError("optim.reduce_lr_on_plateau=true reads the validation, but run.validate_every_epochs=0 "
