@@ -23,6 +23,10 @@ READ_STATS = "read_stats"
 MODALITIES = (RNA, ATAC)
 MASK_COLUMN = {RNA: 0, ATAC: 1}
 
+# --- exported model (trainer/export.py writes it; mva-build features_from reads its feature names) ---
+MODEL_WEIGHTS, MODEL_INFO = "model.safetensors", "model.json"
+MODEL_FORMAT = "multivi-atlas-model"
+
 # --- store ----------------------------------------------------------------------------------
 STORE_FORMAT = "multivi-atlas-store"
 SCHEMA_VERSION = 1

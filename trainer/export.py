@@ -17,11 +17,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from data import keys
 from data.store import StoreError
 from trainer.config import TrainConfig
 from trainer.module import MultiVAE
 
-WEIGHTS, INFO = "model.safetensors", "model.json"
+WEIGHTS, INFO = keys.MODEL_WEIGHTS, keys.MODEL_INFO
 # entries of model.json that say which data the model applies to
 _INFO_KEYS = ("gene_names", "region_names", "batch_key", "batch_categories", "cat_cov_keys", "cat_cov_categories",
               "cont_cov_keys")
@@ -90,7 +91,7 @@ def export_model(weights: dict[str, torch.Tensor], meta, cfg: TrainConfig, out_d
     tmp_weights, tmp_info = out / f".{WEIGHTS}.tmp", out / f".{INFO}.tmp"
     save_file(weights, str(tmp_weights))
     info = {
-        "format": "multivi-atlas-model", "version": 1,
+        "format": keys.MODEL_FORMAT, "version": 1,
         "model_args": model_args(meta, cfg),
         "config": asdict(cfg),
         "gene_names": list(meta.gene_names), "region_names": list(meta.region_names),

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from data import keys
 from trainer.export import INFO, TRAINING_STORE, WEIGHTS, weights_of
 from trainer.module import MultiVAE
 from trainer.reference import ours_state_from_reference, to_reference_layout
@@ -133,7 +134,7 @@ def _model_spec(ck: dict) -> dict:
                   "n_cats_per_cov": [len(cat_categories[k]) for k in cat_keys], "n_continuous_cov": len(cont_keys),
                   "n_obs": int(sd["mod_weights"].shape[0]) if modality_weights == "cell"
                   else int(fields["X"]["state_registry"].get("n_obs", 0)), **opts}
-    return {"format": "multivi-atlas-model", "version": 1, "model_args": model_args, "config": None,
+    return {"format": keys.MODEL_FORMAT, "version": 1, "model_args": model_args, "config": None,
             "gene_names": genes, "region_names": regions,
             "batch_key": str(batch.get("original_key", "batch")),
             "batch_categories": _names(batch.get("categorical_mapping", [])),
