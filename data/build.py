@@ -28,6 +28,7 @@ from data.convert.align import align, remap_columns
 from data.convert.shuffle import BucketShuffler
 from data.dask_build import close_sources, detection_filters, executor, write_shards
 from data.filters import apply_filters
+from data.reference_features import reference_features, report_padding
 from data.store_format import OBS_RESERVED, StoreSchema, check_codec
 from data.validate import (
     ValidationError,
@@ -172,15 +173,16 @@ def build_store(cfg: BuildConfig) -> Path:
                                   f"(batch column {batch_col!r}, reserved {list(OBS_RESERVED)}): rename it in obs")
     inputs = [i if isinstance(i, InputConfig) else InputConfig(**i) for i in cfg.inputs]
     cfg = replace(cfg, inputs=inputs)  # dict inputs (the Python API) typed once, for every step below
+    target = reference_features(cfg.features_from)[0] if cfg.features_from else None  # before any input is read
     opened = [open_input(i) for i in inputs]
     try:
         sources, inputs, skipped = _skip_empty(opened, inputs)
         cfg = replace(cfg, inputs=inputs)
         if cfg.preshuffle:  # the out-of-core shuffle is one sequential pass over every cell
-            return _build(cfg, sources, apply_filters, None, skipped)
+            return _build(cfg, sources, apply_filters, None, skipped, target)
         with executor(cfg.dask_scheduler, cfg.dask_workers) as compute:
             filters = partial(detection_filters, compute, inputs)
-            return _build(cfg, sources, filters, partial(write_shards, compute, inputs=inputs), skipped)
+            return _build(cfg, sources, filters, partial(write_shards, compute, inputs=inputs), skipped, target)
     finally:
         for s in opened:
             s.close()
@@ -214,8 +216,9 @@ def _where(cfg: BuildConfig) -> str:
     return f"Dask cluster {cfg.dask_scheduler}"
 
 
-def _build(cfg: BuildConfig, sources, filters, write_dask, skipped: list[str]) -> Path:
-    """Validate and align, then write the shards: as Dask tasks (``write_dask``) or here, block by block."""
+def _build(cfg: BuildConfig, sources, filters, write_dask, skipped: list[str], target) -> Path:
+    """Validate and align (to ``target``, features_from's names, where given), then write the shards: as Dask
+    tasks (``write_dask``) or here, block by block."""
     batch_key = cfg.batch_key or BATCH_COLUMN
     named = [(inp.batch or default_batch_name(src), src.name) for src, inp in zip(sources, cfg.inputs, strict=True)
              if cfg.batch_key is None or inp.batch is not None]
@@ -254,12 +257,14 @@ def _build(cfg: BuildConfig, sources, filters, write_dask, skipped: list[str]) -
         raise ValidationError("no cells left after dropping cells without any modality")
 
     measured = [{m: bool(s.obs[f"mask_{m}"].to_numpy(bool).any()) for m in ("rna", "atac")} for s in sources]
-    al = align([s.features for s in sources], [s.name for s in sources], cfg.feature_join, measured)
+    al = align([s.features for s in sources], [s.name for s in sources], cfg.feature_join, measured, target)
+    rule = f"features_from={cfg.features_from}" if target is not None else f"{cfg.feature_join} rule"
     for mod, per in al.dropped.items():
         for where, names in per.items():
             if names:
-                log.warning("%s: %d %s features not in the aligned set (%s rule), e.g. %s", where, len(names),
-                            mod, cfg.feature_join, names[:5])
+                log.warning("%s: %d %s features not in the aligned set (%s), e.g. %s", where, len(names),
+                            mod, rule, names[:5])
+    report_padding(al, measured)
     shared = al.names["rna"].intersection(al.names["atac"])
     if len(shared):  # legal (each modality keeps its own table), but usually one input's genes read as peaks
         log.warning("%d feature names are both genes and peaks (e.g. %s): mudata.read_zarr of a shard warns that its "
@@ -278,6 +283,7 @@ def _build(cfg: BuildConfig, sources, filters, write_dask, skipped: list[str]) -
               "dropped_features": {m: {w: {"n": len(v), "first": v[:20]} for w, v in per.items()}
                                    for m, per in al.dropped.items()},
               "filtered_features": {m: {"n": len(v), "first": v[:20]} for m, v in filtered.items()},
+              "padded_features": {m: {"n": len(v), "first": v[:20]} for m, v in al.padded.items()},
               "dropped_cells": dropped_cells, "skipped_inputs": skipped}
     n_total = len(all_ids)
     G, R = len(al.names["rna"]), len(al.names["atac"])

@@ -107,6 +107,10 @@ class BuildConfig:
     # lack it: only safe when that input measured it), "intersection" keeps features in all inputs that
     # measure the modality. Dropped features are reported.
     feature_join: str = "intersection"
+    # A trained model (run or exported model directory) or a store whose features the new store takes:
+    # exactly its genes and regions in its order (absent ones as zero columns, others dropped), so that the
+    # model reads the store (mva-infer; the reference's prepare_query_mudata). Replaces feature_join.
+    features_from: str | None = None
     drop_empty_cells: bool = False  # a cell with no modality: error (False) or drop and report (True)
     min_gene_fraction: float = 0.0  # filters (out of core, Dask): keep genes detected in >= this fraction
     min_region_fraction: float = 0.0
@@ -136,6 +140,10 @@ class BuildConfig:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.feature_join not in ("intersection", "union"):  # else refused only once every input was opened
             raise ConfigError(f"feature_join must be 'intersection' or 'union', got {self.feature_join!r}")
+        if self.features_from is not None and (self.min_gene_fraction > 0 or self.min_region_fraction > 0):
+            # a filter would remove features the model needs, and the store would no longer be readable by it
+            raise ConfigError("features_from writes exactly the model's features: min_gene_fraction and "
+                              "min_region_fraction must stay 0 with it")
         keys = [*self.cat_cov_keys, *self.cont_cov_keys]
         named = {"batch_key": [self.batch_key], "cat_cov_keys": self.cat_cov_keys,
                  "cont_cov_keys": self.cont_cov_keys, "label_key": [self.label_key]}

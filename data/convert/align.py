@@ -3,7 +3,9 @@
 Rule (documented in docs/store.md): per modality, only inputs that measure it take part.
 ``intersection`` keeps the features every such input has, in the first input's order; ``union`` keeps
 all of them (first input's order, then new names in order of appearance) and leaves zeros where an
-input lacks a feature. What is dropped is reported, never silent.
+input lacks a feature. A ``target`` (``mva-build features_from``: a trained model's features) replaces both:
+exactly its names in its order, zeros where no input has one. What is dropped or padded is reported, never
+silent.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Alignment:
     var: dict[str, pd.DataFrame]  # modality -> feature table (first input having a value provides it)
     colmaps: list[dict[str, np.ndarray | None]]  # per input: input column -> aligned column (-1 = dropped)
     dropped: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # modality -> input -> names
+    padded: dict[str, list[str]] = field(default_factory=dict)  # modality -> target names no input has (zeros)
 
     def restrict(self, modality: str, keep: np.ndarray) -> None:
         """Keep only aligned features ``keep`` (bool) of a modality, e.g. after a detection filter."""
@@ -38,15 +41,16 @@ class Alignment:
 
 
 def align(features: list[dict[str, pd.DataFrame | None]], where: list[str], join: str,
-          measured: list[dict[str, bool]] | None = None) -> Alignment:
+          measured: list[dict[str, bool]] | None = None, target: dict[str, pd.Index] | None = None) -> Alignment:
     """``measured[i][mod]``: whether any cell of input ``i`` measures ``mod`` (default: every input with features
     of it). An input none of whose cells measures a modality (an h5ad_pair whose ATAC file has 0 cells) has no
     counts there, so it does not vote on that modality's features: under intersection its feature list only
     removed features the other inputs measured, under union it only added columns no cell measured. Its
-    column map is still made, so its (empty) rows go through the same checks."""
+    column map is still made, so its (empty) rows go through the same checks. ``target[mod]``: the names to
+    write (``join`` is then not used); every input measuring ``mod`` must share at least one of them."""
     if join not in ("intersection", "union"):
         raise ValidationError(f"feature_join must be 'intersection' or 'union', got {join!r}")
-    names, var, dropped = {}, {}, {}
+    names, var, dropped, padded = {}, {}, {}, {}
     colmaps: list[dict[str, np.ndarray | None]] = [{} for _ in features]
     for mod in ("rna", "atac"):
         with_features = [i for i, f in enumerate(features) if f[mod] is not None and len(f[mod])]
@@ -54,21 +58,20 @@ def align(features: list[dict[str, pd.DataFrame | None]], where: list[str], join
         for i in have:
             check_unique(features[i][mod].index, where[i], f"{mod} feature name")
         idx = [features[i][mod].index for i in have]
-        check_overlap(idx, [where[i] for i in have], mod)
-        if not have:
-            names[mod], var[mod] = pd.Index([], dtype=str), pd.DataFrame(index=pd.Index([], dtype=str))
+        if target is None:
+            check_overlap(idx, [where[i] for i in have], mod)
+            names[mod] = _joined(idx, join)
         else:
-            first = idx[0]
-            if join == "intersection":
-                common = first
-                for ix in idx[1:]:
-                    common = common.intersection(ix, sort=False)
-                keep = first[first.isin(common)]
-            else:
-                keep = first
-                for ix in idx[1:]:
-                    keep = keep.append(ix[~ix.isin(keep)])
-            names[mod] = pd.Index(keep, dtype=str)
+            for i, ix in zip(have, idx):
+                if not ix.isin(target[mod]).any():
+                    raise ValidationError(f"{where[i]}: none of its {len(ix)} {mod} features is among the "
+                                          f"{len(target[mod])} of features_from (e.g. {list(ix[:2])} vs "
+                                          f"{list(target[mod][:2])}); same naming scheme?")
+            names[mod] = pd.Index(target[mod], dtype=str)
+            padded[mod] = [str(n) for n in names[mod][~names[mod].isin(_joined(idx, "union"))]]
+        if not have:
+            var[mod] = pd.DataFrame(index=names[mod])
+        else:
             # Feature table: the first input that has the feature provides its columns; later inputs fill
             # what it lacks (a column only they have, a gene without an id), never overwrite a value.
             parts = [features[i][mod] for i in have]
@@ -85,7 +88,23 @@ def align(features: list[dict[str, pd.DataFrame | None]], where: list[str], join
                             for i in have}
         for i, f in enumerate(features):
             colmaps[i][mod] = names[mod].get_indexer(f[mod].index) if i in with_features else None
-    return Alignment(names, var, colmaps, dropped)
+    return Alignment(names, var, colmaps, dropped, padded)
+
+
+def _joined(idx: list[pd.Index], join: str) -> pd.Index:
+    """The inputs' names under ``join``, in the first input's order (union: then new ones as they appear)."""
+    if not idx:
+        return pd.Index([], dtype=str)
+    keep = idx[0]
+    if join == "intersection":
+        common = keep
+        for ix in idx[1:]:
+            common = common.intersection(ix, sort=False)
+        keep = keep[keep.isin(common)]
+    else:
+        for ix in idx[1:]:
+            keep = keep.append(ix[~ix.isin(keep)])
+    return pd.Index(keep, dtype=str)
 
 
 def _fill_gaps(table: pd.DataFrame, other: pd.DataFrame) -> None:

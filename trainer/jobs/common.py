@@ -71,7 +71,7 @@ def open_checked_store(path: str | os.PathLike, info: dict) -> Store:
                 or "the same names in another order"
             raise InferError(f"store {store.path} has {len(ours)} {what} but the model was trained on "
                              f"{len(theirs)} ({how}): the store must have the model's features in the model's "
-                             f"order")
+                             f"order (rebuild it with mva-build ... features_from=<this model>)")
     if list(m.cat_cov_keys) != list(info["cat_cov_keys"]) or list(m.cont_cov_keys) != list(info["cont_cov_keys"]):
         raise InferError(f"store covariates ({m.cat_cov_keys}, {m.cont_cov_keys}) differ from the model's "
                          f"({info['cat_cov_keys']}, {info['cont_cov_keys']})")
@@ -99,7 +99,7 @@ def _code_map(ours: list[str], theirs: list[str], what: str) -> np.ndarray | Non
     new = [c for c in ours if c not in pos]
     if new:
         raise InferError(f"store {what} {new[:5]} are not among the model's {list(theirs)[:10]}: the model has no "
-                         "embedding for them (mapping new categories is not supported yet)")
+                         "embedding for them (map them with scvi-tools' load_query_data: README \"Query mapping\")")
     return np.array([pos[c] for c in ours], dtype=np.int64)
 
 

@@ -1,0 +1,85 @@
+"""The features a new store must have for a trained model to read it (``mva-build features_from=...``).
+
+A model reads a store only if the store's genes and regions are the model's, by name and in order
+(``trainer.jobs.common.open_checked_store``). New data rarely comes that way: another feature order,
+some features missing, extra ones. ``features_from`` names a model (run directory or exported model
+directory) or a store, and the build then writes exactly its features: inputs' columns are moved to the
+model's positions, features the model lacks are dropped, and features no input has are zero columns (the
+reference's ``MULTIVI.prepare_query_mudata``, done out of core while the store is written).
+
+Kept free of ``trainer`` (``data`` is the lower package): a model is read from its ``model.json`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from data import keys
+from data.store import StoreError, open_store
+from data.validate import ValidationError
+
+log = logging.getLogger("mva-build")
+
+# scvi-tools' prepare_query_anndata warns below this share of the reference's features (MIN_VAR_NAME_RATIO)
+MIN_SHARE = 0.8
+
+
+def reference_features(path: str | os.PathLike) -> tuple[dict[str, pd.Index], str]:
+    """``({"rna": genes, "atac": regions}, description)`` of a model directory, run directory or store."""
+    p = Path(path)
+    for d in (p, p / "model"):
+        info = d / keys.MODEL_INFO
+        if info.is_file() and (d / keys.MODEL_WEIGHTS).is_file():
+            try:
+                j = json.loads(info.read_text())
+                if j.get("format") != keys.MODEL_FORMAT:
+                    raise ValueError(f"format {j.get('format')!r} is not {keys.MODEL_FORMAT!r}")
+                names = {keys.RNA: j["gene_names"], keys.ATAC: j["region_names"]}
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ValidationError(f"features_from: {info} is not a readable model description ({exc})") from None
+            return {m: _index(v, m, info) for m, v in names.items()}, f"model {d}"
+    if not p.exists():
+        raise ValidationError(f"features_from: {p} does not exist")
+    if (p / "model.pt").is_file():  # a scvi-tools model: its var names sit in a pickle that data/ does not open
+        raise ValidationError(f"features_from: {p} looks like a scvi-tools model (model.pt): import it first with "
+                              f"mva-infer job=export export.direction=from_scvi export.source={p} output=<dir>, "
+                              "then give features_from=<dir>")
+    try:
+        meta = open_store(p).meta
+    except StoreError as exc:
+        raise ValidationError(f"features_from: {p} is neither a model directory ({keys.MODEL_WEIGHTS} + "
+                              f"{keys.MODEL_INFO}), a run directory with model/, nor a store ({exc})") from None
+    return {keys.RNA: _index(meta.gene_names, keys.RNA, p), keys.ATAC: _index(meta.region_names, keys.ATAC, p)}, f"store {p}"
+
+
+def _index(names, modality: str, where) -> pd.Index:
+    idx = pd.Index([str(n) for n in names], dtype=str)
+    if not idx.is_unique:  # our builds and exports never write such a list; a hand-edited model.json might
+        raise ValidationError(f"features_from: {where} lists {modality} feature {idx[idx.duplicated()][0]!r} twice")
+    return idx
+
+
+def report_padding(al, measured: list[dict[str, bool]]) -> None:
+    """Log what ``features_from`` padded with zero columns (``al``: a data.convert.align.Alignment), warning
+    where the inputs have under MIN_SHARE of the model's features of a modality they measure."""
+    for mod, pad in al.padded.items():
+        n = len(al.names[mod])
+        if not n:
+            continue
+        if not any(m[mod] for m in measured):
+            log.info("no input measures %s: the store lists features_from's %d %s features, no cell measured there",
+                     mod, n, mod)
+            continue
+        share = 1 - len(pad) / n
+        if share < MIN_SHARE:  # zeros where a model expects measured features bias every cell that has them
+            log.warning("the inputs have %d of features_from's %d %s features (%.1f %%, under %.0f %%): the other %d "
+                        "are zero columns for every cell (e.g. %s); expect a poor fit", n - len(pad), n, mod,
+                        100 * share, 100 * MIN_SHARE, len(pad), pad[:5])
+        elif pad:
+            log.info("%d of features_from's %d %s features are in no input: zero columns (e.g. %s)", len(pad), n, mod,
+                     pad[:5])
