@@ -50,22 +50,23 @@ def _expected(x: ad.AnnData, names) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("preshuffle", [False, True])
-def test_the_store_takes_the_reference_features_in_order_with_zero_columns(tmp_path, caplog, preshuffle):
+@pytest.mark.parametrize("mode", [{}, {"preshuffle": True}, {"dask_scheduler": "local", "shard_size": 2}])
+def test_the_store_takes_the_reference_features_in_order_with_zero_columns(tmp_path, caplog, mode):
     rna, atac = _pair(n=6, g=6, r=5)
     ref = build_store(BuildConfig(out=str(tmp_path / "ref.zarr"), progress=False,
                                   inputs=[_write_pair(tmp_path, rna, atac, "ref")]))
     qrna, qatac = _query(rna, atac)
     with caplog.at_level(logging.INFO, logger="mva-build"):
-        out = build_store(BuildConfig(out=str(tmp_path / "q.zarr"), progress=False, preshuffle=preshuffle,
-                                      features_from=str(ref), inputs=[_write_pair(tmp_path, qrna, qatac, "q")]))
+        out = build_store(BuildConfig(out=str(tmp_path / "q.zarr"), progress=False, features_from=str(ref),
+                                      inputs=[_write_pair(tmp_path, qrna, qatac, "q")], **mode))
     st = open_store(out)
     assert list(st.meta.gene_names) == list(rna.var_names)
     assert list(st.meta.region_names) == list(atac.var_names)
-    order = st.read_obs().index
-    pos = pd.Index(qrna.obs_names).get_indexer(order)
-    np.testing.assert_array_equal(st.read_rows("rna", 0, 0, 5).toarray(), _expected(qrna, rna.var_names)[pos])
-    np.testing.assert_array_equal(st.read_rows("atac", 0, 0, 5).toarray(), _expected(qatac, atac.var_names)[pos])
+    pos = pd.Index(qrna.obs_names).get_indexer(st.read_obs().index)
+    for m, x, names in (("rna", qrna, rna.var_names), ("atac", qatac, atac.var_names)):
+        off = st.meta.shard_offsets
+        got = np.vstack([st.read_rows(m, s, 0, off[s + 1] - off[s]).toarray() for s in range(st.meta.n_shards)])
+        np.testing.assert_array_equal(got, _expected(x, names)[pos])
     src = st.meta.source
     assert src["padded_features"] == {"rna": {"n": 2, "first": ["g2", "g4"]},
                                       "atac": {"n": 2, "first": [atac.var_names[1], atac.var_names[3]]}}
