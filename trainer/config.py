@@ -308,6 +308,21 @@ def validation_readers(early_stopping: bool, keep: str, plateau: bool = False) -
 
 
 @dataclass
+class QueryConfig:
+    """Query mapping (scArches, the reference's ``load_query_data``): train on a new store starting from a
+    trained model, its batch (and covariate) categories extended by the store's new ones, and only what the
+    options below leave free trained (trainer/query.py; defaults = the reference's)."""
+
+    reference: str | None = None  # the trained model: run directory or exported model directory
+    unfrozen: bool = False  # train every weight (the other options are then not used)
+    freeze_dropout: bool = False  # dropout off (the reference's query training runs without it anyway)
+    freeze_expression: bool = True  # encoders' first layers: only their covariate columns train
+    freeze_decoder_first_layer: bool = True  # decoders' (and library nets') first layers: only covariate columns
+    freeze_batchnorm_encoder: bool = True
+    freeze_batchnorm_decoder: bool = False
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -315,6 +330,7 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
 
     def __post_init__(self) -> None:
         # here, not in OptimConfig: the schema's default OptimConfig() would resolve it before the overrides merge

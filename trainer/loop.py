@@ -31,7 +31,7 @@ from data.retry import reset_stats as reset_read_stats
 from data.store import open_store
 from trainer import checkpoint as ckpt
 from trainer import checkpoint_checks as checks
-from trainer import dist
+from trainer import dist, query
 from trainer.alloc import reuse_large_allocations
 from trainer.classifier import build_classifier
 from trainer.config import ConfigError, TrainConfig, config_to_json
@@ -171,13 +171,19 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     seed_everything(cfg.run.seed)
     store = open_store(cfg.data.store)
     meta = store.meta
-    module = build_module(meta, cfg)
+    cfg, model_meta, ref = query.for_query(cfg, meta)  # model_meta: the store's, or a query's extended categories
+    module = build_module(model_meta, cfg)
+    if ref is not None:
+        query.start_from_reference(module, ref)
+        query.freeze(module, cfg.query)
     classifier = build_classifier(module, cfg.optim.adversarial)
     w = wrap(module, classifier, cfg.optim, cfg.dist, info.device, cfg.data.batch_size)
     weights_dtype = next(module.parameters()).dtype  # bf16 where DeepSpeed casts the module, else fp32
     seed_everything(cfg.run.seed + 1 + info.rank)  # per-rank streams for dropout
     train_stream = make_stream(store, cfg, "train", info)
     val_inner = make_stream(store, cfg, "validation", info)
+    if ref is not None:
+        query.adapt_streams([train_stream, val_inner], meta, model_meta, ref)
     o = cfg.optim
     if cfg.run.validate_every_epochs and (cfg.run.early_stopping or cfg.run.keep == "best" or o.reduce_lr_on_plateau) \
             and not val_inner.eligible.any():  # the same on every rank: all stop here
@@ -379,7 +385,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
             # written before best_info was kept)
             weights = ckpt.read_best(run_dir)
             about = {"weights": "best", TRAINING_STORE: about[TRAINING_STORE], **tracker.best_info}
-        model_dir = str(export_model(weights, meta, cfg, run_dir / "model", extra={**about, "best": tracker.best}))
+        model_dir = str(export_model(weights, model_meta, cfg, run_dir / "model", extra={**about, "best": tracker.best}))
         (run_dir / "result.json").write_text(json.dumps(
             {"epochs": epoch, "steps": step, "stopped": stopped, "stop_reason": stop_reason, "best": tracker.best,
              "validation": last_val,

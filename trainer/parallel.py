@@ -102,8 +102,9 @@ class Wrapped:
         self.module, self.classifier, self.optim_cfg, self.device = module, classifier, optim, device
         self.clf_optimizer = None
         # Parameter lists taken once: a module-tree walk per use (grad norm, classifier step, the guard's
-        # buffer snapshot) cost ~0.7 ms per batch-128 CPU step (2 %); casts keep the Parameter objects.
-        self.params = list(module.parameters())
+        # buffer snapshot) cost ~0.7 ms per batch-128 CPU step (2 %); casts keep the Parameter objects. Only
+        # what trains: a query (trainer/query.py) freezes part of the reference model.
+        self.params = [p for p in module.parameters() if p.requires_grad]
         self.clf_params = [] if classifier is None else list(classifier.parameters())
         self._buffers: list[torch.Tensor] | None = None
         self._clf_buffers: list[torch.Tensor] = []
@@ -316,8 +317,8 @@ class DeepSpeedWrapped(Wrapped):
         }
         # a client torch optimizer: DeepSpeed's own Adam would JIT-compile FusedAdam (~185 s on CPU); torch's fused
         # one, as DDP's (it steps ZeRO 1/2's flat fp32 partitions or bf16 ZeRO 0's copies; +8-24 %, benchmarks.md)
-        client_opt = torch.optim.AdamW(module.parameters(), lr=optim.lr, eps=optim.eps,
-                                       weight_decay=optim.weight_decay, fused=_fused(list(module.parameters())))
+        client_opt = torch.optim.AdamW(self.params, lr=optim.lr, eps=optim.eps,
+                                       weight_decay=optim.weight_decay, fused=_fused(self.params))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=LossModule(module, classifier, optim.kappa), optimizer=client_opt, config=ds_config,
             dist_init_required=True)  # joins the group init_distributed made (one exists even for 1 process)

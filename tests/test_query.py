@@ -1,0 +1,233 @@
+"""Query mapping in the trainer (``query.reference``, trainer/query.py): scArches as scvi-tools'
+``MULTIVI.load_query_data`` does it, streamed from a store, under torchrun.
+
+    .venv/bin/python -m pytest tests/test_query.py -q
+
+* What trains: every parameter's gradient mask and optimizer membership, the dropout rates and the
+  batch-norm momenta equal what scvi-tools' own ``_set_params_online_update`` sets on a ``MULTIVAE``
+  holding the same weights (default options and every option flipped; batch norm, covariates, deep
+  injection on so that every rule is exercised).
+* The new categories' columns go to their own block (the reference's surgery misplaces them when the model
+  has categorical covariates).
+* A 2-process DDP and a DeepSpeed ZeRO 2 query run: the reference's frozen weights come out bit-identical,
+  the new batches' columns trained, the reference cells' latents unchanged, the query cells embed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.build import build_store
+from data.config import BuildConfig, InputConfig
+from data.store import open_store
+from tests.train_utils import PY, ROOT, env, tiny_config, tiny_overrides, train_cli
+from trainer.config import ConfigError, QueryConfig
+from trainer.loop import seed_everything
+from trainer.module import MultiVAE
+from trainer.query import Reference, freeze, start_from_reference, trainable_masks
+
+ARCH = {"n_genes": 20, "n_regions": 30, "n_hidden": 16, "n_latent": 4, "n_cats_per_cov": [3], "n_continuous_cov": 1,
+        "use_batch_norm": "both", "encode_covariates": True, "deeply_inject_covariates": True}
+OPTIONS = [QueryConfig(),
+           QueryConfig(freeze_expression=False, freeze_decoder_first_layer=False, freeze_batchnorm_encoder=False,
+                       freeze_batchnorm_decoder=True, freeze_dropout=True)]
+
+
+def _scvi_masks(ref_module) -> tuple[dict, dict]:
+    """(requires_grad as a tensor, the hooks' effect on a gradient of ones) per scvi-tools parameter."""
+    rg, keep = {}, {}
+    for key, p in ref_module.named_parameters():
+        g = torch.ones_like(p)
+        for hook in (p._backward_hooks or {}).values():
+            g = hook(g)
+        rg[key] = torch.full(p.shape, float(p.requires_grad))
+        keep[key] = g if p.requires_grad else torch.zeros_like(p)
+    return rg, keep
+
+
+@pytest.mark.parametrize("q", OPTIONS, ids=["defaults", "flipped"])
+def test_what_trains_is_what_scvi_tools_load_query_data_leaves_free(q):
+    from scvi.model.base._archesmixin import _set_params_online_update
+
+    from trainer.reference import build_reference, ours_state_from_reference
+
+    torch.manual_seed(0)
+    module = MultiVAE(n_batch=4, **ARCH)
+    ref = build_reference(module)
+    _set_params_online_update(ref, unfrozen=False, freeze_decoder_first_layer=q.freeze_decoder_first_layer,
+                              freeze_batchnorm_encoder=q.freeze_batchnorm_encoder,
+                              freeze_batchnorm_decoder=q.freeze_batchnorm_decoder, freeze_dropout=q.freeze_dropout,
+                              freeze_expression=q.freeze_expression, freeze_classifier=True)
+    rg, keep = _scvi_masks(ref)
+    params = dict(module.named_parameters())
+    want_on = {k: bool(v.all()) for k, v in ours_state_from_reference(rg, params).items()}
+    want_keep = ours_state_from_reference(keep, params)
+    on, masks = trainable_masks(module, q)
+    assert on == want_on
+    assert 0 < sum(on.values()) < len(on)  # some train, some not: the comparison says something
+    for k, m in masks.items():
+        np.testing.assert_array_equal(m.numpy(), want_keep[k].bool().numpy(), err_msg=k)
+    assert any(0 < m.sum() < m.numel() for m in masks.values())  # partly trainable weights exist
+
+    got = freeze(module, q)
+    for k, p in module.named_parameters():
+        assert p.requires_grad == on[k], k
+        np.testing.assert_array_equal(got[k].numpy(), (want_keep[k].bool() & on[k]).numpy(), err_msg=k)
+    # dropout rates and batch-norm momenta of the same layers
+    ref_mods = dict(ref.named_modules())
+    for ours, theirs in (("rna_encoder.z_stack", "z_encoder_expression.encoder"),
+                         ("atac_encoder.lib_stack", "l_encoder_accessibility.px_decoder"),
+                         ("rna_decoder", "z_decoder_expression.px_decoder")):
+        stack = module.get_submodule(ours)
+        for i, bn in enumerate(stack.batch_norms):
+            assert bn.momentum == ref_mods[f"{theirs}.fc_layers.Layer {i}.1"].momentum, (ours, i)
+        drop = ref_mods.get(f"{theirs}.fc_layers.Layer 0.4")
+        assert (stack.dropout.p if stack.dropout is not None else 0.0) == (drop.p if drop is not None else 0.0), ours
+
+
+def test_masked_gradients_reach_only_the_trainable_columns():
+    torch.manual_seed(0)
+    module = MultiVAE(n_batch=4, **ARCH)
+    masks = freeze(module, QueryConfig())
+    w = module.rna_decoder.linears[0].weight
+    (w * torch.randn_like(w)).sum().backward()
+    assert torch.equal(w.grad != 0, masks["rna_decoder.linears.0.weight"])
+    # the columns that train are the one-hot ones: batch (4) and the covariate (3), not latent nor continuous
+    assert masks["rna_decoder.linears.0.weight"][0].tolist() == [False] * 5 + [True] * 7
+
+
+def test_new_categories_get_columns_in_their_own_block():
+    torch.manual_seed(0)
+    old = MultiVAE(n_batch=2, **{**ARCH, "n_cats_per_cov": [3]})
+    new = MultiVAE(n_batch=3, **{**ARCH, "n_cats_per_cov": [4]})
+    init = new.rna_decoder.linears[0].weight.detach().clone()
+    start_from_reference(new, Reference(Path("-"), {"model_args": {"n_batch": 2, "n_cats_per_cov": [3]}},
+                                        old.state_dict()))
+    w_old, w_new = old.rna_decoder.linears[0].weight, new.rna_decoder.linears[0].weight
+    # columns: latent (4) + continuous (1), batch [b0 b1 | b2 new], covariate [c0 c1 c2 | c3 new]
+    torch.testing.assert_close(w_new[:, [0, 1, 2, 3, 4, 5, 6, 8, 9, 10]], w_old, rtol=0, atol=0)
+    torch.testing.assert_close(w_new[:, [7, 11]], init[:, [7, 11]], rtol=0, atol=0)
+    torch.testing.assert_close(new.px_scale.weight, old.px_scale.weight, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """A reference model, and a query store of other cells in two new batches (built with features_from)."""
+    import mudata
+
+    from data.synthetic import write_synthetic_store
+    from trainer.train import train
+
+    root = tmp_path_factory.mktemp("query_train")
+    ref_store = write_synthetic_store(root / "ref", n_cells=240, n_genes=60, n_regions=150, progress=False)
+    run = train(tiny_config(ref_store, root / "run")).run_dir
+    q = write_synthetic_store(root / "qsyn", n_cells=160, n_genes=60, n_regions=150, seed=7, progress=False)
+    md = mudata.read_zarr(open_store(q).shard_path(0))
+    md.obs["batch"] = ("query_" + md.obs["batch"].astype(str)).astype("category")
+    md.write(root / "query.h5mu")
+    qstore = build_store(BuildConfig(out=str(root / "query.zarr"), progress=False, features_from=str(run),
+                                     inputs=[InputConfig(kind="h5mu", path=str(root / "query.h5mu"))]))
+    return {"ref_store": ref_store, "run": Path(run), "qstore": qstore}
+
+
+def _embed(store, model, out) -> pd.DataFrame:
+    from trainer.infer import infer
+    from trainer.infer_config import InferConfig
+
+    infer(InferConfig(model_dir=str(model), store=str(store), output=str(out), batch_size=64, progress=False,
+                      modalities=["joint"]))
+    a = ad.read_zarr(str(out))
+    return pd.DataFrame(np.asarray(a.obsm["X_multivi"]), index=a.obs_names)
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_a_two_process_query_run_trains_only_the_new_batches(stores, tmp_path, backend):
+    out = tmp_path / "qrun"
+    extra = {"query.reference": str(stores["run"]), "optim.weight_decay": 0.0}
+    if backend == "deepspeed":
+        extra.update({"dist.backend": "deepspeed", "dist.zero_stage": 2})
+    train_cli(tiny_overrides(stores["qstore"], out, **extra), nproc=2)
+    info = json.loads((out / "model" / "model.json").read_text())
+    assert info["batch_categories"] == ["batch_0", "batch_1", "query_batch_0", "query_batch_1"]
+    before, after = load_file(stores["run"] / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    seed_everything(0)  # the run's seed: the query model's initial values, new columns included
+    init = MultiVAE(**info["model_args"]).state_dict()
+    assert before.keys() == after.keys()
+    extended = []
+    for k, v in before.items():
+        if v.shape == after[k].shape:
+            assert torch.equal(v, after[k]), k
+        else:  # decoder first layers: latent columns and the old batches' columns kept, the new ones trained
+            assert torch.equal(after[k][:, : v.shape[1]], v), k
+            assert (after[k][:, v.shape[1]:] != init[k][:, v.shape[1]:]).all(), k
+            extended.append(k)
+    assert sorted(extended) == ["atac_decoder.linears.0.weight", "rna_decoder.linears.0.weight"]
+    trained = json.loads((out / "result.json").read_text())
+    assert trained["steps"] > 0 and trained["world_size"] == 2
+    ref_cells = [_embed(stores["ref_store"], m, tmp_path / f"{i}.zarr") for i, m in enumerate((stores["run"], out))]
+    np.testing.assert_array_equal(ref_cells[1].to_numpy(), ref_cells[0].to_numpy())
+    assert np.isfinite(_embed(stores["qstore"], out, tmp_path / "q.zarr").to_numpy()).all()
+
+
+def test_weight_decay_shrinks_hooked_weights_and_not_frozen_ones(stores, tmp_path):
+    """As in the reference: a weight whose gradient the rules zero stays in AdamW (decays), a frozen one not."""
+    from trainer.train import train
+
+    res = train(tiny_config(stores["qstore"], tmp_path / "r", **{"query.reference": str(stores["run"]),
+                                                                 "optim.weight_decay": 0.5}))
+    before, after = load_file(stores["run"] / "model" / "model.safetensors"), load_file(Path(res.model_dir) / "model.safetensors")
+    hooked, frozen = "rna_decoder.linears.1.weight", "px_scale.weight"
+    ratio = (after[hooked] / before[hooked]).flatten()
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio)) and 0.99 < float(ratio[0]) < 1  # (1 - lr*wd)^steps
+    assert torch.equal(after[frozen], before[frozen])
+
+
+def test_query_settings_that_cannot_work_are_refused_in_one_line(stores, tmp_path):
+    from trainer.train import train
+
+    with pytest.raises(ConfigError, match=r"model.n_latent=7, but query.reference=.* has n_latent=6"):
+        train(tiny_config(stores["qstore"], tmp_path / "a", **{"query.reference": str(stores["run"]),
+                                                               "model.n_latent": 7}))
+    with pytest.raises(ConfigError, match=r"build the query store with mva-build ... features_from="):
+        other = tmp_path / "other"
+        from data.synthetic import write_synthetic_store
+        write_synthetic_store(other, n_cells=60, n_genes=50, n_regions=150, progress=False)
+        train(tiny_config(other, tmp_path / "b", **{"query.reference": str(stores["run"])}))
+    with pytest.raises(ConfigError, match="neither an exported model"):
+        train(tiny_config(stores["qstore"], tmp_path / "c", **{"query.reference": str(tmp_path)}))
+    res = subprocess.run([PY, "-m", "trainer.train", f"data.store={stores['qstore']}", f"query.reference={stores['run']}",
+                          "dist.backend=deepspeed", "dist.precision=bf16", f"run.output_dir={tmp_path / 'd'}"],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 2 and "round the frozen reference weights to bf16" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_query_run_stopped_and_resumed_ends_as_the_uninterrupted_one(stores, tmp_path):
+    from trainer.train import train
+
+    q = {"query.reference": str(stores["run"])}
+    full = train(tiny_config(stores["qstore"], tmp_path / "full", **q))
+    train(tiny_config(stores["qstore"], tmp_path / "part", **q, **{"run.max_steps": 4}))
+    part = train(tiny_config(stores["qstore"], tmp_path / "part", **q))
+    assert part.steps == full.steps == 6
+    a, b = load_file(Path(full.model_dir) / "model.safetensors"), load_file(Path(part.model_dir) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_size_factor_query_keeps_the_reference_scale(stores, tmp_path):
+    from trainer.train import train
+
+    ref = train(tiny_config(stores["ref_store"], tmp_path / "ref", **{"model.use_size_factor": True}))
+    res = train(tiny_config(stores["qstore"], tmp_path / "q", **{"query.reference": ref.run_dir}))
+    want = json.loads((Path(ref.model_dir) / "model.json").read_text())["training_store"]["atac_library_max"]
+    got = json.loads((Path(res.model_dir) / "model.json").read_text())
+    assert got["model_args"]["use_size_factor"] is True  # the reference's architecture, not the config default
+    assert got["training_store"]["atac_library_max"] == want

@@ -1,0 +1,237 @@
+"""Query mapping (scArches) in the trainer: a trained model, new cells, new batches.
+
+``query.reference=<model>`` trains on ``data.store`` starting from a trained model, as scvi-tools'
+``MULTIVI.load_query_data`` followed by ``train`` does (its ``_set_params_online_update``):
+
+* categories: the model's batch (and categorical-covariate) categories, then the store's new ones in the
+  store's order; the stream renumbers the store's codes to the model's (``StoreStream.recode``).
+* weights: the model's, with fresh (seeded) columns for the new categories wherever a weight has a column
+  per category (the covariate one-hot columns of the layers that receive covariates; the gene-batch
+  dispersion). Each new column goes to the end of its own category's block. The reference appends them at
+  the end of the whole weight, which with categorical covariates puts them inside the last covariate's
+  block and shifts the old columns (its surgery is right only for a model without categorical covariates).
+* what trains: the reference's rules, evaluated on the reference's parameter names (through
+  ``trainer.reference``'s name mapping, which also splits our fused encoder input weights). A parameter the
+  rules freeze (``requires_grad=False`` there) is out of the optimizer; one they "hook" stays in it with its
+  gradient zeroed outside the trainable columns, so AdamW's weight decay still shrinks it, as in the
+  reference (``optim.weight_decay=0`` keeps it exactly). ``tests/test_query.py`` compares every mask, dropout
+  rate and batch-norm momentum with what scvi-tools sets.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.config import ConfigError, ModelConfig, QueryConfig, TrainConfig
+from trainer.export import INFO, WEIGHTS, load_model, training_atac_library_max
+from trainer.nn import FCStack, covariate_width
+from trainer.reference import _MODULE_MAP, ours_state_from_reference, to_reference_layout
+
+# model options that do not change the architecture (how the arithmetic runs): a query may set them
+_EXECUTION_OPTIONS = ("compile_kernels", "native_kernels")
+_LAYER = re.compile(r"(.+)\.fc_layers\.Layer (\d+)\.0\.(weight|bias)")
+
+
+@dataclass
+class Reference:
+    path: Path
+    info: dict
+    state: dict[str, torch.Tensor]
+
+
+def load_reference(path: str) -> Reference:
+    p = Path(path)
+    for d in (p, p / "model"):
+        if (d / WEIGHTS).is_file() and (d / INFO).is_file():
+            with torch.random.fork_rng(devices=[]):  # building it draws initial weights: not from the run's seed
+                module, info = load_model(d)
+            return Reference(d, info, {k: v.detach().clone() for k, v in module.state_dict().items()})
+    raise ConfigError(f"query.reference={path} is neither an exported model ({WEIGHTS} + {INFO}) nor a run directory "
+                      "with model/ (a scvi-tools model: import it first with mva-infer job=export "
+                      "export.direction=from_scvi)")
+
+
+def with_reference_model(cfg: TrainConfig, ref: Reference) -> TrainConfig:
+    """``cfg`` with the reference's architecture as ``model.*``; a ``model.*`` set to another value is refused
+    (a query trains the reference's network, and any other value would be silently dropped)."""
+    args, default = ref.info["model_args"], ModelConfig()
+    arch = [f.name for f in fields(ModelConfig) if f.name not in _EXECUTION_OPTIONS]
+    for k in arch:
+        mine = getattr(cfg.model, k)
+        if mine != getattr(default, k) and mine != args.get(k):
+            raise ConfigError(f"model.{k}={mine!r}, but query.reference={cfg.query.reference} has {k}={args.get(k)!r}: "
+                              "a query trains the reference's architecture (leave model.* unset)")
+    if args.get("modality_weights") == "cell":
+        # per-cell weights are rows of the reference's training cells; the query's cells have none
+        raise ConfigError(f"query.reference={cfg.query.reference} learned per-cell modality weights "
+                          "(modality_weights=cell): they belong to its training cells, a query cannot use them")
+    return replace(cfg, model=replace(cfg.model, **{k: args[k] for k in arch}))
+
+
+def query_meta(meta, ref: Reference):
+    """The store's meta with the model's categories (the reference's, then the store's new ones)."""
+    info = ref.info
+    for what, ours, theirs in (("genes", meta.gene_names, info["gene_names"]),
+                               ("regions", meta.region_names, info["region_names"])):
+        if list(ours) != list(theirs):
+            raise ConfigError(f"data.store has {len(ours)} {what}, the reference model {ref.path} {len(theirs)} "
+                              f"(or in another order): build the query store with mva-build ... "
+                              f"features_from={ref.path}")
+    if list(meta.cat_cov_keys) != list(info["cat_cov_keys"]) or list(meta.cont_cov_keys) != list(info["cont_cov_keys"]):
+        raise ConfigError(f"data.store's covariates ({list(meta.cat_cov_keys)}, {list(meta.cont_cov_keys)}) are not "
+                          f"the reference model's ({info['cat_cov_keys']}, {info['cont_cov_keys']})")
+
+    def extended(old: list[str], store: list[str]) -> list[str]:
+        return list(old) + [c for c in store if c not in set(old)]
+
+    return replace(meta, batch_key=info["batch_key"],
+                   batch_categories=extended(info["batch_categories"], meta.batch_categories),
+                   cat_cov_categories={k: extended(info["cat_cov_categories"][k], meta.cat_cov_categories[k])
+                                       for k in meta.cat_cov_keys})
+
+
+def start_from_reference(module: nn.Module, ref: Reference) -> None:
+    """Load the reference's weights into ``module`` (built with the extended categories); the columns of new
+    categories keep the module's own (seeded) initial values."""
+    old_cats = [ref.info["model_args"]["n_batch"], *ref.info["model_args"]["n_cats_per_cov"]]
+    new_cats = list(module.cat_list)
+    stacks = {n: m for n, m in module.named_modules() if isinstance(m, FCStack)}
+    state = module.state_dict()
+    for key, old in ref.state.items():
+        new = state[key]
+        if new.shape == old.shape:
+            new.copy_(old)
+            continue
+        m = re.fullmatch(r"(.+)\.linears\.(\d+)\.weight", key)
+        if m and m.group(1) in stacks and stacks[m.group(1)].inject[int(m.group(2))]:
+            cols = _old_columns(new.shape[1] - covariate_width(new_cats), old_cats, new_cats)
+            new[:, cols] = old
+        elif key == "px_r" and new.dim() == 2:  # gene-batch dispersion: one column per batch
+            new[:, : old.shape[1]] = old
+        else:
+            raise ConfigError(f"query.reference: weight {key} has shape {tuple(old.shape)}, the query model "
+                              f"{tuple(new.shape)}; no rule extends it")
+
+
+def _old_columns(n_main: int, old_cats: list[int], new_cats: list[int]) -> torch.Tensor:
+    """Positions in the extended weight of the old weight's columns: the main input, then each category
+    block's old columns at the start of its (wider) new block (a 1-category block has no columns)."""
+    cols, pos = list(range(n_main)), n_main
+    for o, n in zip(old_cats, new_cats, strict=True):
+        w_old, w_new = (o if o > 1 else 0), (n if n > 1 else 0)
+        cols += range(pos, pos + w_old)
+        pos += w_new
+    return torch.tensor(cols, dtype=torch.long)
+
+
+def _requires_grad(key: str, q: QueryConfig) -> bool:
+    """scvi-tools' ``_set_params_online_update`` ``requires_grad(key)`` on a reference parameter name."""
+    mod = key.split(".")[0]
+    return (("fc_layers" in key and ".0." in key and mod not in ("encoder_z2_z1", "decoder_z1_z2"))
+            or mod == "l_encoder"
+            or "background_pro_alpha" in key or "background_pro_log_beta" in key
+            or ("fc_layers" in key and ".1." in key and "encoder" in key and not q.freeze_batchnorm_encoder)
+            or ("fc_layers" in key and ".1." in key and "decoder" in key and not q.freeze_batchnorm_decoder)
+            or "_embeddings_dict." in key)
+
+
+def _hooks_first_layer(prefix: str, q: QueryConfig) -> bool:
+    return not ((not q.freeze_expression and "encoder" in prefix)
+                or (not q.freeze_decoder_first_layer and "px_decoder" in prefix))
+
+
+def trainable_masks(module: nn.Module, q: QueryConfig) -> tuple[dict[str, bool], dict[str, torch.Tensor]]:
+    """(in the optimizer, gradient mask) per parameter name of ``module``, by the reference's rules."""
+    params = dict(module.named_parameters())
+    stacks = {ref: module.get_submodule(ours) for ours, ref, kind in _MODULE_MAP
+              if kind == "stack" and _has(module, ours)}
+    rg, keep = {}, {}
+    for key, t in to_reference_layout(params).items():
+        on = _requires_grad(key, q)
+        mask = torch.full(t.shape, on, dtype=torch.float32)
+        m = _LAYER.fullmatch(key)
+        if on and m and m.group(1) in stacks and m.group(1).split(".")[0] != "l_encoder":
+            stack, i = stacks[m.group(1)], int(m.group(2))
+            if i > 0 or _hooks_first_layer(m.group(1), q):
+                mask.zero_()
+                if m.group(3) == "weight" and stack.inject[i] and stack.n_cov:
+                    mask[:, -stack.n_cov:] = 1  # the one-hot columns: the new categories' embedding
+        rg[key], keep[key] = torch.full(t.shape, float(on)), mask
+    on_ours = ours_state_from_reference(rg, params)
+    return ({k: bool(v.all()) for k, v in on_ours.items()},
+            {k: v.bool() for k, v in ours_state_from_reference(keep, params).items()})
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        return module.get_submodule(name) is not None
+    except AttributeError:
+        return False
+
+
+class _KeepColumns:
+    """Gradient hook: zero outside ``mask`` (NaN there included, as the reference's copy into zeros)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask, self._on = mask, {}
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        m = self._on.get(grad.device)
+        if m is None:
+            m = self._on[grad.device] = self.mask.to(grad.device)
+        return torch.where(m, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+def freeze(module: nn.Module, q: QueryConfig) -> dict[str, torch.Tensor]:
+    """Apply the query's freezing to ``module`` (before it is wrapped); return the gradient masks."""
+    if q.unfrozen:
+        return {}
+    on, masks = trainable_masks(module, q)
+    for name, p in module.named_parameters():
+        p.requires_grad_(on[name])
+        if on[name] and not masks[name].all():
+            p.register_hook(_KeepColumns(masks[name]))
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Dropout) and q.freeze_dropout:
+            m.p = 0.0
+    for ours, ref, kind in _MODULE_MAP:
+        stack = module.get_submodule(ours) if kind == "stack" and _has(module, ours) else None
+        for i, bn in enumerate(getattr(stack, "batch_norms", None) or []):
+            key = f"{ref}.fc_layers.Layer {i}.1"
+            if ("decoder" in key and q.freeze_batchnorm_decoder) or ("encoder" in key and q.freeze_batchnorm_encoder):
+                bn.momentum = 0.0  # running statistics stay the reference's
+    return {k: v for k, v in masks.items() if on[k]} | {k: torch.zeros_like(v) for k, v in masks.items() if not on[k]}
+
+
+def for_query(cfg: TrainConfig, meta):
+    """(config, the model's meta, Reference or None): the run's config and categories with query.reference
+    applied; unchanged without it."""
+    if not cfg.query.reference:
+        return cfg, meta, None
+    if cfg.dist.backend == "deepspeed" and cfg.dist.precision == "bf16":
+        # DeepSpeed casts the whole module to bf16 and keeps fp32 masters only of what trains: the frozen
+        # reference weights would be exported rounded to bf16 (DDP's bf16 autocast keeps them fp32)
+        raise ConfigError("query.reference with dist.backend=deepspeed and dist.precision=bf16 would round the frozen "
+                          "reference weights to bf16: use dist.backend=ddp (bf16 autocast) or precision fp32")
+    ref = load_reference(cfg.query.reference)
+    return with_reference_model(cfg, ref), query_meta(meta, ref), ref
+
+
+def adapt_streams(streams, meta, model_meta, ref: Reference) -> None:
+    """Renumber the streams' category codes from the store's lists to the model's (extended) ones, and give
+    them the reference's ATAC size-factor scale (a fixed scale of a use_size_factor model, not the query
+    store's largest ATAC total; inference does the same, trainer/jobs/common.py)."""
+    from trainer.jobs.common import code_maps
+
+    maps = code_maps(meta, {"batch_categories": model_meta.batch_categories,
+                            "cat_cov_categories": model_meta.cat_cov_categories})
+    scale = training_atac_library_max(ref.info)
+    for s in streams:
+        s.recode(*maps)
+        if s.size_factor and scale is not None:
+            s.table.atac_library_max = scale
