@@ -99,7 +99,7 @@ def _code_map(ours: list[str], theirs: list[str], what: str) -> np.ndarray | Non
     new = [c for c in ours if c not in pos]
     if new:
         raise InferError(f"store {what} {new[:5]} are not among the model's {list(theirs)[:10]}: the model has no "
-                         "embedding for them (map them with scvi-tools' load_query_data: README \"Query mapping\")")
+                         "embedding for them (train a query model: mva-train query.reference=<this model>, README \"Query mapping\")")
     return np.array([pos[c] for c in ours], dtype=np.int64)
 
 
