@@ -231,3 +231,27 @@ def test_a_size_factor_query_keeps_the_reference_scale(stores, tmp_path):
     got = json.loads((Path(res.model_dir) / "model.json").read_text())
     assert got["model_args"]["use_size_factor"] is True  # the reference's architecture, not the config default
     assert got["training_store"]["atac_library_max"] == want
+
+
+def test_a_single_batch_atlas_keeps_its_cells_latents_under_the_query_model():
+    """A 1-batch model has no batch columns; the query's extended model gets one for the atlas's batch too. A
+    zero column (what that batch contributed before) keeps the atlas cells where they were; the reference's
+    random one moved them (encode_covariates: the encoders read the batch)."""
+    from trainer import predict
+
+    torch.manual_seed(0)
+    arch = {**ARCH, "n_cats_per_cov": [], "n_continuous_cov": 0, "use_batch_norm": "none"}
+    old, new = MultiVAE(n_batch=1, **arch), MultiVAE(n_batch=3, **arch)
+    start_from_reference(new, Reference(Path("-"), {"model_args": {"n_batch": 1, "n_cats_per_cov": []}},
+                                        old.state_dict()))
+    assert (new.rna_decoder.linears[0].weight[:, 4] == 0).all() and (new.rna_decoder.linears[0].weight[:, 5:] != 0).all()
+    g = torch.Generator().manual_seed(1)
+    n = 12
+    batch = {"rna": torch.poisson(torch.full((n, 20), 2.0), generator=g),
+             "atac": (torch.rand(n, 30, generator=g) < 0.2).float(), "mask": torch.ones(n, 2, dtype=torch.bool),
+             "batch": torch.zeros(n, dtype=torch.long), "cat_covs": torch.zeros(n, 0, dtype=torch.long),
+             "cont_covs": torch.zeros(n, 0)}
+    with torch.no_grad():
+        z_old = predict.latent(old.eval(), batch, "joint")
+        z_new = predict.latent(new.eval(), batch, "joint")
+    torch.testing.assert_close(z_new, z_old, rtol=0, atol=1e-6)

@@ -102,31 +102,42 @@ def start_from_reference(module: nn.Module, ref: Reference) -> None:
     new_cats = list(module.cat_list)
     stacks = {n: m for n, m in module.named_modules() if isinstance(m, FCStack)}
     state = module.state_dict()
-    for key, old in ref.state.items():
-        new = state[key]
-        if new.shape == old.shape:
+    missing = set(ref.state) - set(state)
+    if missing:
+        raise ConfigError(f"query.reference: the query model has no {sorted(missing)[:3]}")
+    for key, new in state.items():
+        # a fused encoder's covariate weight exists only with covariate columns: a 1-batch reference has none
+        old = ref.state.get(key, new[:, :0] if new.dim() == 2 else None)
+        if old is not None and new.shape == old.shape:
             new.copy_(old)
             continue
         m = re.fullmatch(r"(.+)\.linears\.(\d+)\.weight", key)
-        if m and m.group(1) in stacks and stacks[m.group(1)].inject[int(m.group(2))]:
-            cols = _old_columns(new.shape[1] - covariate_width(new_cats), old_cats, new_cats)
+        if old is not None and m and m.group(1) in stacks and stacks[m.group(1)].inject[int(m.group(2))]:
+            cols, unseen = _old_columns(new.shape[1] - covariate_width(new_cats), old_cats, new_cats)
             new[:, cols] = old
+            new[:, unseen] = 0
         elif key == "px_r" and new.dim() == 2:  # gene-batch dispersion: one column per batch
             new[:, : old.shape[1]] = old
         else:
-            raise ConfigError(f"query.reference: weight {key} has shape {tuple(old.shape)}, the query model "
-                              f"{tuple(new.shape)}; no rule extends it")
+            had = "no such weight" if old is None else f"shape {tuple(old.shape)}"
+            raise ConfigError(f"query.reference: {key} has {had} in the reference, {tuple(new.shape)} in the query "
+                              "model; no rule extends it")
 
 
-def _old_columns(n_main: int, old_cats: list[int], new_cats: list[int]) -> torch.Tensor:
-    """Positions in the extended weight of the old weight's columns: the main input, then each category
-    block's old columns at the start of its (wider) new block (a 1-category block has no columns)."""
-    cols, pos = list(range(n_main)), n_main
+def _old_columns(n_main: int, old_cats: list[int], new_cats: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions in the extended weight of the old weight's columns, columns to zero). The old columns: the
+    main input, then each category block's old columns at the start of its (wider) new block. A block of
+    one category has no columns (the reference's rule, covariate_width): its category gets a column only
+    now, and a zero one, which is what it contributed before (the reference draws it at random, so a
+    single-batch atlas's own cells got other latents from the query model)."""
+    cols, zero, pos = list(range(n_main)), [], n_main
     for o, n in zip(old_cats, new_cats, strict=True):
         w_old, w_new = (o if o > 1 else 0), (n if n > 1 else 0)
         cols += range(pos, pos + w_old)
+        if w_old == 0 and w_new:
+            zero.append(pos)  # the old single category is code 0 of the extended list
         pos += w_new
-    return torch.tensor(cols, dtype=torch.long)
+    return torch.tensor(cols, dtype=torch.long), torch.tensor(zero, dtype=torch.long)
 
 
 def _requires_grad(key: str, q: QueryConfig) -> bool:
