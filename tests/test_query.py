@@ -255,3 +255,54 @@ def test_a_single_batch_atlas_keeps_its_cells_latents_under_the_query_model():
         z_old = predict.latent(old.eval(), batch, "joint")
         z_new = predict.latent(new.eval(), batch, "joint")
     torch.testing.assert_close(z_new, z_old, rtol=0, atol=1e-6)
+
+
+def test_three_query_steps_leave_the_references_query_weights(monkeypatch):
+    """Numerically the reference's query training: the same weights with scvi-tools' own freezing applied to
+    its MULTIVAE (``_set_params_online_update``) and ours to ours, three full steps of both training plans
+    (VAE AdamW with weight decay 1e-3 + the adversary's Adam) give the same weights, float64."""
+    from scvi.model.base._archesmixin import _set_params_online_update
+
+    from tests.test_parity import fixed_noise, load_pbmc_counts, make_batch, randomize, rel_close
+    from tests.test_step_parity import _reference_plan, _reference_step
+    from trainer.classifier import build_classifier
+    from trainer.reference import reference_tensors, to_reference_layout
+    from trainer.step import build_optimizers, train_step
+
+    counts = load_pbmc_counts()
+    torch.manual_seed(0)
+    opts = {"n_batch": 3, "n_cats_per_cov": (2,), "n_continuous_cov": 1, "encode_covariates": True,
+            "use_batch_norm": "both", "modality_weights": "universal"}
+    ours = MultiVAE(45, 174, dropout_rate=0.0, **opts).double()
+    randomize(ours)
+    q = QueryConfig(freeze_batchnorm_decoder=True)
+    freeze(ours, q)
+    classifier = build_classifier(ours)
+    # scvi-tools' freezing, applied before its plan builds the optimizers (they take what requires grad)
+    from trainer.reference import build_reference
+
+    ref_module = build_reference(ours)
+    _set_params_online_update(ref_module, unfrozen=False, freeze_decoder_first_layer=True, freeze_batchnorm_encoder=True,
+                              freeze_batchnorm_decoder=True, freeze_dropout=False, freeze_expression=True,
+                              freeze_classifier=True)
+    monkeypatch.setattr("trainer.reference.build_reference", lambda module, n_obs=None: ref_module)
+    ref, plan, ref_opt1, ref_opt2 = _reference_plan(ours, classifier)
+    vae_opt, cls_opt = build_optimizers(ours, classifier)
+    before = {k: v.detach().clone() for k, v in ours.state_dict().items()}
+    ours.train(), ref.train()
+    for step in range(3):
+        batch = make_batch(counts, n_batch=3, n_cats=(2,), n_cont=1, seed=step, layout="mixed")
+        noise = torch.randn(12, ours.n_latent, dtype=torch.float64)
+        fixed_noise(monkeypatch, noise)
+        torch.manual_seed(100 + step)
+        ref_loss = _reference_step(ref, plan, ref_opt1, ref_opt2, reference_tensors(batch, 1), 0.5)
+        torch.manual_seed(100 + step)
+        terms = train_step(ours, classifier, vae_opt, cls_opt, batch, 0.5, eps=noise)
+        assert abs(terms["loss"] - ref_loss) <= 1e-9 * abs(ref_loss)
+    ref_state = ref.state_dict()
+    for name, value in to_reference_layout(ours.state_dict()).items():
+        rel_close(value, ref_state[name], f"after 3 query steps: {name}")
+    after = ours.state_dict()
+    assert torch.equal(after["px_scale.weight"], before["px_scale.weight"])  # frozen
+    moved = after["rna_decoder.linears.0.weight"] - before["rna_decoder.linears.0.weight"]
+    assert (moved[:, -5:] != 0).any() and (moved[:, :-5] != 0).all()  # one-hots trained, the rest decayed

@@ -70,7 +70,7 @@ def with_reference_model(cfg: TrainConfig, ref: Reference) -> TrainConfig:
         # per-cell weights are rows of the reference's training cells; the query's cells have none
         raise ConfigError(f"query.reference={cfg.query.reference} learned per-cell modality weights "
                           "(modality_weights=cell): they belong to its training cells, a query cannot use them")
-    return replace(cfg, model=replace(cfg.model, **{k: args[k] for k in arch}))
+    return replace(cfg, model=replace(cfg.model, **{k: args[k] for k in arch if k in args}))
 
 
 def query_meta(meta, ref: Reference):
