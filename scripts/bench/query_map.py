@@ -8,7 +8,7 @@ lr 1e-3, 64 cells per batch, KL warm-up over 100 of 200 epochs; every cell train
 stopping), then the s1d2 cells mapped as a new batch, 200 epochs with the same settings and weight_decay 0:
   ours             mva-train query.reference (the reference's freezing rules; dropout on)
   ours_no_dropout  the same with query.freeze_dropout=true (what the reference's query training runs: its
-                   module stays in eval() under Lightning 2.x)
+                   module stays in eval mode under Lightning 2.x)
   scvi             scvi-tools' prepare_query_mudata + load_query_data + train on the same exported weights
                    (imported back: every variant is scored by the same code, trainer.api)
   none             no query training: the s1d2 cells read by the atlas model as if they were s1d1
