@@ -75,16 +75,13 @@ def with_reference_model(cfg: TrainConfig, ref: Reference) -> TrainConfig:
 
 def query_meta(meta, ref: Reference):
     """The store's meta with the model's categories (the reference's, then the store's new ones)."""
+    from trainer.jobs.common import data_mismatch
+
     info = ref.info
-    for what, ours, theirs in (("genes", meta.gene_names, info["gene_names"]),
-                               ("regions", meta.region_names, info["region_names"])):
-        if list(ours) != list(theirs):
-            raise ConfigError(f"data.store has {len(ours)} {what}, the reference model {ref.path} {len(theirs)} "
-                              f"(or in another order): build the query store with mva-build ... "
-                              f"features_from={ref.path}")
-    if list(meta.cat_cov_keys) != list(info["cat_cov_keys"]) or list(meta.cont_cov_keys) != list(info["cont_cov_keys"]):
-        raise ConfigError(f"data.store's covariates ({list(meta.cat_cov_keys)}, {list(meta.cont_cov_keys)}) are not "
-                          f"the reference model's ({info['cat_cov_keys']}, {info['cont_cov_keys']})")
+    why = data_mismatch(meta, info)
+    if why:
+        raise ConfigError(f"data.store {why} (query.reference={ref.path}; build the query store with mva-build ... "
+                          f"features_from={ref.path})")
 
     def extended(old: list[str], store: list[str]) -> list[str]:
         return list(old) + [c for c in store if c not in set(old)]

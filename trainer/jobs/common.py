@@ -59,22 +59,9 @@ def open_checked_store(path: str | os.PathLike, info: dict) -> Store:
     except StoreError as exc:
         raise InferError(str(exc)) from None
     m = store.meta
-    for what, ours, theirs in (("genes", m.gene_names, info["gene_names"]),
-                               ("regions", m.region_names, info["region_names"])):
-        if list(ours) != list(theirs):
-            # say which: "900 names differ" (the symmetric difference of 300 and 600) told a user nothing
-            have, known = set(ours), set(theirs)
-            missing = [n for n in theirs if n not in have]
-            extra = [n for n in ours if n not in known]
-            how = "; ".join([f"{len(missing)} of the model's missing, e.g. {missing[:3]}"] * bool(missing)
-                            + [f"{len(extra)} not the model's, e.g. {extra[:3]}"] * bool(extra)) \
-                or "the same names in another order"
-            raise InferError(f"store {store.path} has {len(ours)} {what} but the model was trained on "
-                             f"{len(theirs)} ({how}): the store must have the model's features in the model's "
-                             f"order (rebuild it with mva-build ... features_from=<this model>)")
-    if list(m.cat_cov_keys) != list(info["cat_cov_keys"]) or list(m.cont_cov_keys) != list(info["cont_cov_keys"]):
-        raise InferError(f"store covariates ({m.cat_cov_keys}, {m.cont_cov_keys}) differ from the model's "
-                         f"({info['cat_cov_keys']}, {info['cont_cov_keys']})")
+    why = data_mismatch(m, info)
+    if why:
+        raise InferError(f"store {store.path} {why} (rebuild it with mva-build ... features_from=<this model>)")
     code_maps(m, info)  # refuses categories the model never saw
     args = info.get("model_args", {})
     if args.get("modality_weights") == "cell":
@@ -89,6 +76,27 @@ def open_checked_store(path: str | os.PathLike, info: dict) -> Store:
                              f"cells on the same rows), and {store.path} has {m.n_cells} cells"
                              + (", other ones or in another order" if m.n_cells == args.get("n_obs") else ""))
     return store
+
+
+def data_mismatch(meta, info: dict) -> str | None:
+    """Why a store with ``meta`` is not readable by the model described by ``info`` (its features, in order,
+    and its covariate columns), as the end of a sentence starting with the store; None when it is."""
+    for what, ours, theirs in (("genes", meta.gene_names, info["gene_names"]),
+                               ("regions", meta.region_names, info["region_names"])):
+        if list(ours) != list(theirs):
+            # say which: "900 names differ" (the symmetric difference of 300 and 600) told a user nothing
+            have, known = set(ours), set(theirs)
+            missing = [n for n in theirs if n not in have]
+            extra = [n for n in ours if n not in known]
+            how = "; ".join([f"{len(missing)} of the model's missing, e.g. {missing[:3]}"] * bool(missing)
+                            + [f"{len(extra)} not the model's, e.g. {extra[:3]}"] * bool(extra)) \
+                or "the same names in another order"
+            return (f"has {len(ours)} {what} but the model was trained on {len(theirs)} ({how}): the store must "
+                    "have the model's features in the model's order")
+    if list(meta.cat_cov_keys) != list(info["cat_cov_keys"]) or list(meta.cont_cov_keys) != list(info["cont_cov_keys"]):
+        return (f"has covariates ({list(meta.cat_cov_keys)}, {list(meta.cont_cov_keys)}), the model "
+                f"({info['cat_cov_keys']}, {info['cont_cov_keys']})")
+    return None
 
 
 def _code_map(ours: list[str], theirs: list[str], what: str) -> np.ndarray | None:
