@@ -283,7 +283,8 @@ def _build(cfg: BuildConfig, sources, filters, write_dask, skipped: list[str], t
               "dropped_features": {m: {w: {"n": len(v), "first": v[:20]} for w, v in per.items()}
                                    for m, per in al.dropped.items()},
               "filtered_features": {m: {"n": len(v), "first": v[:20]} for m, v in filtered.items()},
-              "padded_features": {m: {"n": len(v), "first": v[:20]} for m, v in al.padded.items()},
+              "padded_features": {m: {w: {"n": len(v), "first": v[:20]} for w, v in per.items()}
+                                  for m, per in al.padded.items()},
               "dropped_cells": dropped_cells, "skipped_inputs": skipped}
     n_total = len(all_ids)
     G, R = len(al.names["rna"]), len(al.names["atac"])

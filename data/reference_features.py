@@ -65,9 +65,9 @@ def _index(names, modality: str, where) -> pd.Index:
 
 
 def report_padding(al, measured: list[dict[str, bool]]) -> None:
-    """Log what ``features_from`` padded with zero columns (``al``: a data.convert.align.Alignment), warning
-    where the inputs have under MIN_SHARE of the model's features of a modality they measure."""
-    for mod, pad in al.padded.items():
+    """Log what ``features_from`` padded with zero columns (``al``: a data.convert.align.Alignment), per input,
+    warning where an input has under MIN_SHARE of a modality's features (scvi-tools warns per AnnData too)."""
+    for mod, per_input in al.padded.items():
         n = len(al.names[mod])
         if not n:
             continue
@@ -75,11 +75,12 @@ def report_padding(al, measured: list[dict[str, bool]]) -> None:
             log.info("no input measures %s: the store lists features_from's %d %s features, no cell measured there",
                      mod, n, mod)
             continue
-        share = 1 - len(pad) / n
-        if share < MIN_SHARE:  # zeros where a model expects measured features bias every cell that has them
-            log.warning("the inputs have %d of features_from's %d %s features (%.1f %%, under %.0f %%): the other %d "
-                        "are zero columns for every cell (e.g. %s); expect a poor fit", n - len(pad), n, mod,
-                        100 * share, 100 * MIN_SHARE, len(pad), pad[:5])
-        elif pad:
-            log.info("%d of features_from's %d %s features are in no input: zero columns (e.g. %s)", len(pad), n, mod,
-                     pad[:5])
+        for where, pad in per_input.items():
+            share = 1 - len(pad) / n
+            if share < MIN_SHARE:  # zeros where a model expects measured features bias every cell that has them
+                log.warning("%s has %d of features_from's %d %s features (%.1f %%, under %.0f %%): the other %d are "
+                            "zero columns for its cells (e.g. %s); expect a poor fit", where, n - len(pad), n, mod,
+                            100 * share, 100 * MIN_SHARE, len(pad), pad[:5])
+            elif pad:
+                log.info("%s lacks %d of features_from's %d %s features: zero columns for its cells (e.g. %s)", where,
+                         len(pad), n, mod, pad[:5])

@@ -68,15 +68,16 @@ def test_the_store_takes_the_reference_features_in_order_with_zero_columns(tmp_p
         got = np.vstack([st.read_rows(m, s, 0, off[s + 1] - off[s]).toarray() for s in range(st.meta.n_shards)])
         np.testing.assert_array_equal(got, _expected(x, names)[pos])
     src = st.meta.source
-    assert src["padded_features"] == {"rna": {"n": 2, "first": ["g2", "g4"]},
-                                      "atac": {"n": 2, "first": [atac.var_names[1], atac.var_names[3]]}}
+    (where,) = src["dropped_features"]["rna"]
+    assert src["padded_features"] == {"rna": {where: {"n": 2, "first": ["g2", "g4"]}},
+                                      "atac": {where: {"n": 2, "first": [atac.var_names[1], atac.var_names[3]]}}}
     assert [v["first"] for v in src["dropped_features"]["rna"].values()] == [["gX"]]
     # a feature-table column travels to the new positions, missing where the input lacks the feature
     gene_id = st.features["rna"]["gene_id"]
     assert gene_id["g3"] == "id_g3" and pd.isna(gene_id["g2"])
     # 4 of 6 genes and 3 of 5 peaks: under scvi-tools' 80 % share, warned for both
     text = caplog.text
-    assert "4 of features_from's 6 rna features (66.7 %" in text and "3 of features_from's 5 atac features" in text
+    assert "has 4 of features_from's 6 rna features (66.7 %" in text and "3 of features_from's 5 atac features" in text
 
 
 def test_an_rna_only_query_lists_every_peak_of_the_model(tmp_path, caplog):
@@ -170,3 +171,24 @@ def test_the_cli_refuses_features_from_with_a_filter_in_one_line(tmp_path):
                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 2 and "features_from writes exactly the model's features" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_each_input_s_missing_features_are_its_own_zero_columns(tmp_path, caplog):
+    """Two inputs, one with every gene and one lacking two: the second's cells get zeros there, reported for
+    that input (an input-level padding, as scvi-tools pads each AnnData), the first's keep their counts."""
+    rna, atac = _pair(n=6, g=6, r=5)
+    ref = build_store(BuildConfig(out=str(tmp_path / "ref.zarr"), progress=False,
+                                  inputs=[_write_pair(tmp_path, rna, atac, "ref")]))
+    full_rna, full_atac = _pair(n=4, g=6, r=5, seed=3, prefix="a")
+    part_rna, part_atac = _query(rna, atac, n=3)
+    a, b = _write_pair(tmp_path, full_rna, full_atac, "a"), _write_pair(tmp_path, part_rna, part_atac, "b")
+    with caplog.at_level(logging.INFO, logger="mva-build"):
+        st = open_store(build_store(BuildConfig(out=str(tmp_path / "q.zarr"), progress=False, features_from=str(ref),
+                                                feature_join="intersection", inputs=[a, b])))
+    padded = st.meta.source["padded_features"]["rna"]
+    assert [v["n"] for v in padded.values()] == [0, 2] and list(padded.values())[1]["first"] == ["g2", "g4"]
+    x = st.read_rows("rna", 0, 0, 7).toarray()
+    order = list(st.read_obs().index)
+    np.testing.assert_array_equal(x[[order.index(c) for c in full_rna.obs_names]], full_rna.X.toarray())
+    np.testing.assert_array_equal(x[[order.index(c) for c in part_rna.obs_names]], _expected(part_rna, rna.var_names))
+    assert "b/rna.h5ad + " in caplog.text and "has 4 of features_from's 6 rna features" in caplog.text

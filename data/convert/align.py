@@ -4,7 +4,7 @@ Rule (documented in docs/store.md): per modality, only inputs that measure it ta
 ``intersection`` keeps the features every such input has, in the first input's order; ``union`` keeps
 all of them (first input's order, then new names in order of appearance) and leaves zeros where an
 input lacks a feature. A ``target`` (``mva-build features_from``: a trained model's features) replaces both:
-exactly its names in its order, zeros where no input has one. What is dropped or padded is reported, never
+exactly its names in its order, zeros where an input lacks one. What is dropped or padded is reported, never
 silent.
 """
 
@@ -26,7 +26,8 @@ class Alignment:
     var: dict[str, pd.DataFrame]  # modality -> feature table (first input having a value provides it)
     colmaps: list[dict[str, np.ndarray | None]]  # per input: input column -> aligned column (-1 = dropped)
     dropped: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # modality -> input -> names
-    padded: dict[str, list[str]] = field(default_factory=dict)  # modality -> target names no input has (zeros)
+    # features_from: modality -> input measuring it -> target names that input lacks (zero columns for its cells)
+    padded: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     def restrict(self, modality: str, keep: np.ndarray) -> None:
         """Keep only aligned features ``keep`` (bool) of a modality, e.g. after a detection filter."""
@@ -68,7 +69,7 @@ def align(features: list[dict[str, pd.DataFrame | None]], where: list[str], join
                                           f"{len(target[mod])} of features_from (e.g. {list(ix[:2])} vs "
                                           f"{list(target[mod][:2])}); same naming scheme?")
             names[mod] = pd.Index(target[mod], dtype=str)
-            padded[mod] = [str(n) for n in names[mod][~names[mod].isin(_joined(idx, "union"))]]
+            padded[mod] = {where[i]: [str(n) for n in names[mod][~names[mod].isin(ix)]] for i, ix in zip(have, idx)}
         if not have:
             var[mod] = pd.DataFrame(index=names[mod])
         else:
