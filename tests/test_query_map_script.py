@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = Path("/work/shared/data/neurips2021_bmmc_multiome_starter")
 
 
 @pytest.mark.slow
 def test_query_map_script_at_three_epochs(tmp_path):
     out = tmp_path / "qm.json"
     proc = subprocess.run([sys.executable, "scripts/bench/query_map.py", "--seeds", "0", "--epochs", "3",
-                           "--work", str(tmp_path / "work"), "--out", str(out)],
+                           "--work", str(tmp_path / "work"), "--out", str(out), "--data", str(DATA)],
                           cwd=ROOT, capture_output=True, text=True, check=False, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-3000:]

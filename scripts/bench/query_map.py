@@ -37,14 +37,14 @@ DATA = ROOT.parent / "shared" / "data" / "neurips2021_bmmc_multiome_starter"
 EPOCHS, LR, BATCH, WARMUP = 200, 1e-3, 64, 100
 
 
-def _stores(work: Path) -> tuple[Path, Path]:
+def _stores(work: Path, data: Path) -> tuple[Path, Path]:
     """The two donors' h5ad pairs and their stores (the query built with the atlas model's features later)."""
     import anndata as ad
 
     from data.build import build_store
     from data.config import BuildConfig, InputConfig
 
-    rna, atac = ad.read_h5ad(DATA / "bmmc_starter_rna.h5ad"), ad.read_h5ad(DATA / "bmmc_starter_atac.h5ad")
+    rna, atac = ad.read_h5ad(data / "bmmc_starter_rna.h5ad"), ad.read_h5ad(data / "bmmc_starter_atac.h5ad")
     inputs = {}
     for donor in ("s1d1", "s1d2"):
         d = work / donor
@@ -80,7 +80,7 @@ def _cpu() -> float:
     return t.user + t.system
 
 
-def one_seed(seed: int, work: Path, encode_covariates: bool, epochs: int) -> dict:
+def one_seed(seed: int, work: Path, encode_covariates: bool, epochs: int, data: Path) -> dict:
     import mudata
     import numpy as np
     import scvi
@@ -95,7 +95,7 @@ def one_seed(seed: int, work: Path, encode_covariates: bool, epochs: int) -> dic
     from trainer.train import train
 
     torch.set_num_threads(1)
-    atlas, query_input = _stores(work)
+    atlas, query_input = _stores(work, data)
     w = work / f"{'enc' if encode_covariates else 'default'}_seed{seed}"
     shutil.rmtree(w, ignore_errors=True)  # run.resume=none refuses a directory holding an earlier run's checkpoints
     w.mkdir(parents=True)
@@ -150,12 +150,13 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="of the atlas and of every query")
     p.add_argument("--work", default=str(ROOT / "outputs" / "bench" / "query_map"))
+    p.add_argument("--data", default=str(DATA), help="the BMMC starter's folder (bmmc_starter_{rna,atac}.h5ad)")
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "query_map.json"))
     args = p.parse_args()
     work = Path(args.work)
     t0 = time.time()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    runs = [one_seed(s, work, enc, args.epochs) for enc in (False, True) for s in seeds]
+    runs = [one_seed(s, work, enc, args.epochs, Path(args.data)) for enc in (False, True) for s in seeds]
     print(f"\n{'atlas model':<26} {'variant':<16} {'transfer acc':>14} {'donor mixing':>14} {'query recon':>16} "
           f"{'atlas max diff':>15} {'query CPU s':>12}")
     for enc in (False, True):
