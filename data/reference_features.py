@@ -29,20 +29,27 @@ log = logging.getLogger("mva-build")
 MIN_SHARE = 0.8
 
 
+def find_model_dir(path: str | os.PathLike) -> Path | None:
+    """The exported model directory ``path`` names: itself, or a training run directory's model/ (None: neither)."""
+    p = Path(path)
+    return next((d for d in (p, p / "model") if (d / keys.MODEL_WEIGHTS).is_file() and (d / keys.MODEL_INFO).is_file()),
+                None)
+
+
 def reference_features(path: str | os.PathLike) -> tuple[dict[str, pd.Index], str]:
     """``({"rna": genes, "atac": regions}, description)`` of a model directory, run directory or store."""
     p = Path(path)
-    for d in (p, p / "model"):
+    d = find_model_dir(p)
+    if d is not None:
         info = d / keys.MODEL_INFO
-        if info.is_file() and (d / keys.MODEL_WEIGHTS).is_file():
-            try:
-                j = json.loads(info.read_text())
-                if j.get("format") != keys.MODEL_FORMAT:
-                    raise ValueError(f"format {j.get('format')!r} is not {keys.MODEL_FORMAT!r}")
-                names = {keys.RNA: j["gene_names"], keys.ATAC: j["region_names"]}
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise ValidationError(f"features_from: {info} is not a readable model description ({exc})") from None
-            return {m: _index(v, m, info) for m, v in names.items()}, f"model {d}"
+        try:
+            j = json.loads(info.read_text())
+            if j.get("format") != keys.MODEL_FORMAT:
+                raise ValueError(f"format {j.get('format')!r} is not {keys.MODEL_FORMAT!r}")
+            names = {keys.RNA: j["gene_names"], keys.ATAC: j["region_names"]}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValidationError(f"features_from: {info} is not a readable model description ({exc})") from None
+        return {m: _index(v, m, info) for m, v in names.items()}, f"model {d}"
     if not p.exists():
         raise ValidationError(f"features_from: {p} does not exist")
     if (p / "model.pt").is_file():  # a scvi-tools model: its var names sit in a pickle that data/ does not open

@@ -22,6 +22,7 @@ import zarr
 
 from data.cell_table import cells_fingerprint
 from data.manifest import manifest_digest
+from data.reference_features import find_model_dir
 from data.store import Store, StoreError, open_store
 from trainer import dist
 from trainer.export import (
@@ -40,9 +41,9 @@ class InferError(ValueError):
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """An exported model directory, given either it or a training run directory (which holds model/)."""
     p = Path(path)
-    for d in (p, p / "model"):
-        if (d / WEIGHTS).is_file() and (d / INFO).is_file():
-            return d
+    d = find_model_dir(p)
+    if d is not None:
+        return d
     if not p.exists():
         raise InferError(f"model directory {p} does not exist")
     if (p / "model.pt").is_file():  # a scvi-tools model (trainer.api.load reads it; the jobs need our format)
