@@ -174,8 +174,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     cfg, model_meta, ref = query.for_query(cfg, meta)  # model_meta: the store's, or a query's extended categories
     module = build_module(model_meta, cfg)
     if ref is not None:
-        query.start_from_reference(module, ref)
-        query.freeze(module, cfg.query)
+        query.start(module, ref, cfg.query)
     classifier = build_classifier(module, cfg.optim.adversarial)
     w = wrap(module, classifier, cfg.optim, cfg.dist, info.device, cfg.data.batch_size)
     weights_dtype = next(module.parameters()).dtype  # bf16 where DeepSpeed casts the module, else fp32

@@ -101,9 +101,8 @@ class Wrapped:
                  dcfg: DistConfig, device: torch.device):
         self.module, self.classifier, self.optim_cfg, self.device = module, classifier, optim, device
         self.clf_optimizer = None
-        # Parameter lists taken once: a module-tree walk per use (grad norm, classifier step, the guard's
-        # buffer snapshot) cost ~0.7 ms per batch-128 CPU step (2 %); casts keep the Parameter objects. Only
-        # what trains: a query (trainer/query.py) freezes part of the reference model.
+        # Parameter lists taken once: a tree walk per use cost ~0.7 ms per batch-128 CPU step (2 %); casts keep
+        # the Parameter objects. Only what trains: a query (trainer/query.py) freezes part of the reference.
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.clf_params = [] if classifier is None else list(classifier.parameters())
         self._buffers: list[torch.Tensor] | None = None

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 
 from trainer.config import ConfigError, ModelConfig, QueryConfig, TrainConfig
-from trainer.export import INFO, WEIGHTS, load_model, training_atac_library_max
+from trainer.export import load_model, training_atac_library_max
+from trainer.jobs.common import InferError, code_maps, data_mismatch, resolve_model_dir
 from trainer.nn import FCStack, covariate_width
 from trainer.reference import _MODULE_MAP, ours_state_from_reference, to_reference_layout
 
@@ -45,15 +47,13 @@ class Reference:
 
 
 def load_reference(path: str) -> Reference:
-    p = Path(path)
-    for d in (p, p / "model"):
-        if (d / WEIGHTS).is_file() and (d / INFO).is_file():
-            with torch.random.fork_rng(devices=[]):  # building it draws initial weights: not from the run's seed
-                module, info = load_model(d)
-            return Reference(d, info, {k: v.detach().clone() for k, v in module.state_dict().items()})
-    raise ConfigError(f"query.reference={path} is neither an exported model ({WEIGHTS} + {INFO}) nor a run directory "
-                      "with model/ (a scvi-tools model: import it first with mva-infer job=export "
-                      "export.direction=from_scvi)")
+    try:
+        d = resolve_model_dir(path)
+    except InferError as exc:
+        raise ConfigError(f"query.reference: {exc}") from None
+    with torch.random.fork_rng(devices=[]):  # building it draws initial weights: not from the run's seed
+        module, info = load_model(d)
+    return Reference(d, info, {k: v.detach().clone() for k, v in module.state_dict().items()})
 
 
 def with_reference_model(cfg: TrainConfig, ref: Reference) -> TrainConfig:
@@ -75,8 +75,6 @@ def with_reference_model(cfg: TrainConfig, ref: Reference) -> TrainConfig:
 
 def query_meta(meta, ref: Reference):
     """The store's meta with the model's categories (the reference's, then the store's new ones)."""
-    from trainer.jobs.common import data_mismatch
-
     info = ref.info
     why = data_mismatch(meta, info)
     if why:
@@ -156,8 +154,7 @@ def _hooks_first_layer(prefix: str, q: QueryConfig) -> bool:
 def trainable_masks(module: nn.Module, q: QueryConfig) -> tuple[dict[str, bool], dict[str, torch.Tensor]]:
     """(in the optimizer, gradient mask) per parameter name of ``module``, by the reference's rules."""
     params = dict(module.named_parameters())
-    stacks = {ref: module.get_submodule(ours) for ours, ref, kind in _MODULE_MAP
-              if kind == "stack" and _has(module, ours)}
+    stacks = _stacks(module)
     rg, keep = {}, {}
     for key, t in to_reference_layout(params).items():
         on = _requires_grad(key, q)
@@ -175,11 +172,14 @@ def trainable_masks(module: nn.Module, q: QueryConfig) -> tuple[dict[str, bool],
             {k: v.bool() for k, v in ours_state_from_reference(keep, params).items()})
 
 
-def _has(module: nn.Module, name: str) -> bool:
-    try:
-        return module.get_submodule(name) is not None
-    except AttributeError:
-        return False
+def _stacks(module: nn.Module) -> dict[str, FCStack]:
+    """Our FCStacks by the reference's name of the same FCLayers (a library net absent with size factors)."""
+    out = {}
+    for ours, ref, kind in _MODULE_MAP:
+        if kind == "stack":
+            with contextlib.suppress(AttributeError):  # get_submodule of a None attribute
+                out[ref] = module.get_submodule(ours)
+    return out
 
 
 class _KeepColumns:
@@ -204,16 +204,21 @@ def freeze(module: nn.Module, q: QueryConfig) -> dict[str, torch.Tensor]:
         p.requires_grad_(on[name])
         if on[name] and not masks[name].all():
             p.register_hook(_KeepColumns(masks[name]))
-    for name, m in module.named_modules():
+    for m in module.modules():
         if isinstance(m, nn.Dropout) and q.freeze_dropout:
             m.p = 0.0
-    for ours, ref, kind in _MODULE_MAP:
-        stack = module.get_submodule(ours) if kind == "stack" and _has(module, ours) else None
-        for i, bn in enumerate(getattr(stack, "batch_norms", None) or []):
+    for ref, stack in _stacks(module).items():
+        for i, bn in enumerate(stack.batch_norms or []):
             key = f"{ref}.fc_layers.Layer {i}.1"
             if ("decoder" in key and q.freeze_batchnorm_decoder) or ("encoder" in key and q.freeze_batchnorm_encoder):
                 bn.momentum = 0.0  # running statistics stay the reference's
-    return {k: v for k, v in masks.items() if on[k]} | {k: torch.zeros_like(v) for k, v in masks.items() if not on[k]}
+    return {k: v if on[k] else torch.zeros_like(v) for k, v in masks.items()}
+
+
+def start(module: nn.Module, ref: Reference, q: QueryConfig) -> None:
+    """The query model's starting point: the reference's weights, then what trains."""
+    start_from_reference(module, ref)
+    freeze(module, q)
 
 
 def for_query(cfg: TrainConfig, meta):
@@ -234,8 +239,6 @@ def adapt_streams(streams, meta, model_meta, ref: Reference) -> None:
     """Renumber the streams' category codes from the store's lists to the model's (extended) ones, and give
     them the reference's ATAC size-factor scale (a fixed scale of a use_size_factor model, not the query
     store's largest ATAC total; inference does the same, trainer/jobs/common.py)."""
-    from trainer.jobs.common import code_maps
-
     maps = code_maps(meta, {"batch_categories": model_meta.batch_categories,
                             "cat_cov_categories": model_meta.cat_cov_categories})
     scale = training_atac_library_max(ref.info)
