@@ -60,18 +60,16 @@ def _stores(work: Path, data: Path) -> tuple[Path, Path]:
 
 
 def _config(store, out, epochs: int, **extra):
+    from omegaconf import OmegaConf
+
     from trainer.config import load_config
 
-    cfg: dict = {}
+    cfg = OmegaConf.create()
     for dotted, value in {"data.store": str(store), "data.batch_size": BATCH, "data.val_fraction": 0.0,
                           "optim.lr": LR, "optim.n_epochs_kl_warmup": min(WARMUP, epochs), "run.epochs": epochs,
                           "run.early_stopping": False, "run.validate_every_epochs": 0, "run.resume": "none",
                           "run.output_dir": str(out), "logger.plot": False, **extra}.items():
-        *parents, leaf = dotted.split(".")
-        node = cfg
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = value
+        OmegaConf.update(cfg, dotted, value)  # nested keys from the dotted names, values as given
     return load_config(cfg)
 
 
