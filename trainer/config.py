@@ -86,6 +86,8 @@ class ModelConfig:
     modality_weights: str = "equal"
     modality_penalty: str = "Jeffreys"
     use_size_factor: bool = False
+    # deterministic (the reference's library network) | lognormal (trainer/library_prior.py)
+    rna_library: str = "deterministic"
     # torch.compile the dense ATAC-likelihood kernels (trainer/fused.py): same numbers, ~8 % faster
     # steps on CPU, but ~30 s of compilation per new machine (~8 s per process once cached): opt-in
     compile_kernels: bool = False

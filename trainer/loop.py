@@ -39,6 +39,7 @@ from trainer.epoch_totals import EpochTotals
 from trainer.export import TRAINING_STORE, build_module, export_model
 from trainer.global_batch import EpochSlices, step_noise
 from trainer.guard import StepGuard
+from trainer.library_prior import set_prior as set_library_prior
 from trainer.lock import LockError
 from trainer.lock import acquire as acquire_lock
 from trainer.metrics import MetricsWriter, StepClock, memory_mb
@@ -173,6 +174,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     meta = store.meta
     cfg, model_meta, ref = query.for_query(cfg, meta)  # model_meta: the store's, or a query's extended categories
     module = build_module(model_meta, cfg)
+    set_library_prior(module, store, model_meta.batch_categories)  # a query's reference batches: the reference's
     if ref is not None:
         query.start(module, ref, cfg.query)
     classifier = build_classifier(module, cfg.optim.adversarial)

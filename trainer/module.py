@@ -13,7 +13,10 @@ spec Part B §2-3), proven by ``tests/test_parity.py``. Differences, all deliber
 * ``dispersion`` "gene-batch" and "gene-cell" work (broken in the reference);
 * ``modality_penalty="MMD"`` is per cell: penalty_c = 1[paired] * ||mu_rna - mu_atac||. The reference
   adds the *minibatch sum* of these norms to every cell, so its loss grows with the batch size (and
-  world size); ours equals the reference's divided by the batch size and does not.
+  world size); ours equals the reference's divided by the batch size and does not;
+* ``rna_library="lognormal"`` (not in the reference; default "deterministic"): a latent RNA log-library with a
+  per-batch prior (``library_log_mean`` / ``library_log_var``, trainer/library_prior.py), as scvi-tools' VAE
+  with ``use_observed_lib_size=False``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ _CHOICES = {
     "latent_distribution": ("normal", "ln"),
     "modality_weights": ("equal", "universal", "cell"),
     "modality_penalty": ("Jeffreys", "MMD", "None"),
+    "rna_library": ("deterministic", "lognormal"),
 }
 
 
@@ -56,6 +60,9 @@ def option_error(options: dict) -> str | None:
             return f"{name} must be >= 1 (null = the reference's default for n_hidden / n_latent), got {value}"
         if name == "dropout_rate" and not 0.0 <= value < 1.0:
             return f"dropout_rate must be in [0, 1), got {value}"
+    if options.get("rna_library") == "lognormal" and options.get("use_size_factor"):
+        return ("rna_library=lognormal needs the library network, which use_size_factor=true replaces by the "
+                "given size factors: choose one")
     return None
 
 
@@ -90,6 +97,7 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         modality_weights: str = "equal",
         modality_penalty: str = "Jeffreys",
         use_size_factor: bool = False,
+        rna_library: str = "deterministic",
         compile_kernels: bool = False,
         native_kernels: bool = True,
     ):
@@ -98,6 +106,7 @@ class MultiVAE(ObjectiveMixin, nn.Module):
             "gene_likelihood": gene_likelihood, "dispersion": dispersion, "use_batch_norm": use_batch_norm,
             "use_layer_norm": use_layer_norm, "latent_distribution": latent_distribution,
             "modality_weights": modality_weights, "modality_penalty": modality_penalty, "n_hidden": n_hidden,
+            "rna_library": rna_library, "use_size_factor": use_size_factor,
             "n_latent": n_latent, "n_layers_encoder": n_layers_encoder, "n_layers_decoder": n_layers_decoder,
             "dropout_rate": dropout_rate})  # fmt: skip
         if error:
@@ -125,6 +134,7 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         self.latent_distribution = latent_distribution
         self.modality_weights, self.modality_penalty = modality_weights, modality_penalty
         self.encode_covariates, self.use_size_factor = encode_covariates, use_size_factor
+        self.rna_library = rna_library
         # torch.compile the dense ATAC-likelihood kernels (trainer/fused.py): same numbers, opt-in
         self.compile_kernels = compile_kernels
         # compute only what the loss can see (``loss``): decoders/likelihoods on measured rows, and
@@ -156,7 +166,7 @@ class MultiVAE(ObjectiveMixin, nn.Module):
             n_genes,
             z_inject_deep=deep,
             lib_inject_deep=deep,
-            library_head=None if use_size_factor else "leaky_relu",
+            library_head=None if use_size_factor else ("leaky_relu" if rna_library == "deterministic" else "lognormal"),
             **enc,
         )
         self.atac_encoder = EncoderPair(
@@ -196,11 +206,22 @@ class MultiVAE(ObjectiveMixin, nn.Module):
             self.mod_weights = nn.Parameter(torch.ones(3))
         else:
             self.mod_weights = nn.Parameter(torch.ones(n_obs, 3))
+        if rna_library == "lognormal":
+            # the per-batch prior N(mean, var) of the log RNA library: the training store's moments over its
+            # RNA-measured cells (trainer/library_prior.py sets them; buffers, so checkpoints and the exported
+            # model carry them). Kept float32 here; DeepSpeed bf16 rounds them with the module.
+            self.register_buffer("library_log_mean", torch.zeros(n_batch))
+            self.register_buffer("library_log_var", torch.ones(n_batch))
 
     # ------------------------------------------------------------------ helpers
     @property
     def dtype(self) -> torch.dtype:
         return self.atac_out.weight.dtype
+
+    @property
+    def n_noise(self) -> int:
+        """Columns of the standard-normal noise ``inference`` draws: z's, then the log-library's (lognormal)."""
+        return self.n_latent + (self.rna_library == "lognormal")
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -36,6 +36,9 @@ class LossOutput:
     z: torch.Tensor
     qz_m: torch.Tensor
     qz_v: torch.Tensor
+    # model.rna_library=lognormal: the per-cell KL of the log-library posterior to its batch's prior (0 where RNA
+    # was not measured), already included in ``kl``; None otherwise
+    kl_library: torch.Tensor | None = None
     outputs: dict = field(default_factory=dict, repr=False)  # inference + generative tensors
 
 
@@ -115,14 +118,21 @@ class ObjectiveMixin:
         if self.use_size_factor:
             sf = batch[keys.SIZE_FACTOR].to(self.compute_dtype)
             lib_rna, lib_atac = torch.log(sf[:, [0]] + 1e-6), sf[:, [1]]
+        if eps is None:
+            eps = torch.randn(mask.shape[0], self.n_noise, dtype=qzm_rna.dtype, device=qzm_rna.device)
+        library = {}
+        if self.rna_library == "lognormal":
+            # the log-library is latent: a reparameterised draw from N(qlm, qlv). Noise given with only z's
+            # columns (the predictors' mean pass) decodes the posterior mean.
+            qlm, qlv = lib_rna[:, :1], lib_rna[:, 1:]
+            lib_rna = qlm if eps.shape[1] == self.n_latent else qlm + eps[:, self.n_latent:] * qlv.sqrt()
+            library = {"qlm_rna": qlm, "qlv_rna": qlv}
         alpha = self.modality_alpha(mask, batch.get(keys.INDEX))
         # weighted mean of the modality posteriors; variances mix with sqrt(alpha) (spec §2.5-2.6)
         qz_m = alpha[:, 0:1] * qzm_rna + alpha[:, 1:2] * qzm_atac
         sa = alpha.sqrt()
         qz_v = sa[:, 0:1] * qzv_rna + sa[:, 1:2] * qzv_atac
-        if eps is None:
-            eps = torch.randn_like(qz_m)
-        untran_z = qz_m + eps * qz_v.sqrt()
+        untran_z = qz_m + eps[:, : self.n_latent] * qz_v.sqrt()
         z = F.softmax(untran_z, dim=-1) if self.latent_distribution == "ln" else untran_z
         return {
             "z": z,
@@ -136,6 +146,7 @@ class ObjectiveMixin:
             "qzv_atac": qzv_atac,
             "lib_rna": lib_rna,
             "lib_atac": lib_atac,
+            **library,
         }
 
     @staticmethod
@@ -155,7 +166,8 @@ class ObjectiveMixin:
         B = keep.shape[0]
         m = m.new_zeros(B, m.shape[1]).index_copy(0, rows, m)
         v = v.new_ones(B, v.shape[1]).index_copy(0, rows, v)
-        lib = None if lib is None else lib.new_zeros(B, 1).index_copy(0, rows, lib)
+        if lib is not None:  # (B, 1), or lognormal (B, 2) = [mean, variance]: placeholder variance 1 (finite KL)
+            lib = torch.cat([lib.new_zeros(B, 1), lib.new_ones(B, lib.shape[1] - 1)], 1).index_copy(0, rows, lib)
         return m, v, lib
 
     def penalty(self, inf: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -235,7 +247,14 @@ class ObjectiveMixin:
         qz_m, qz_v = inf["qz_m"], inf["qz_v"]
         kl = 0.5 * (qz_v + qz_m**2 - 1 - torch.log(qz_v)).sum(dim=1)
         penalty = self.penalty(inf)
-        loss = torch.mean((recon_rna + recon_atac) + (kl_weight * kl + penalty))
+        if self.rna_library == "lognormal":
+            # not KL-warmed, as scvi-tools' VAE (kl_local_no_warmup); reported inside ``kl`` (all local KL)
+            kl_library = self.library_kl(inf, batch[keys.BATCH])
+            loss = torch.mean((recon_rna + recon_atac) + (kl_weight * kl + penalty + kl_library))
+            kl = kl + kl_library
+        else:
+            kl_library = None
+            loss = torch.mean((recon_rna + recon_atac) + (kl_weight * kl + penalty))
         all_rows = torch.arange(n, device=mask.device)
         gen["rna_rows"] = all_rows if rna_rows is None else rna_rows
         gen["atac_rows"] = all_rows if atac_rows is None else atac_rows
@@ -245,11 +264,22 @@ class ObjectiveMixin:
             recon_atac=recon_atac,
             kl=kl,
             penalty=penalty,
+            kl_library=kl_library,
             z=inf["z"],
             qz_m=qz_m,
             qz_v=qz_v,
             outputs={**inf, **gen},
         )
+
+    def library_kl(self, inf: dict, batch_codes: torch.Tensor) -> torch.Tensor:
+        """Per cell KL(N(qlm, qlv) || N(prior mean, prior var) of the cell's batch) of the lognormal RNA
+        library (B,), 0 where RNA was not measured (its library never reaches the loss)."""
+        codes = batch_codes.reshape(-1).long()
+        m = self.library_log_mean.to(self.compute_dtype).index_select(0, codes).unsqueeze(1)
+        v = self.library_log_var.to(self.compute_dtype).index_select(0, codes).unsqueeze(1)
+        qlm, qlv = inf["qlm_rna"], inf["qlv_rna"]
+        kl = 0.5 * (torch.log(v / qlv) + (qlv + (qlm - m) ** 2) / v - 1).sum(dim=1)
+        return torch.where(inf["mask"][:, 0], kl, torch.zeros_like(kl))
 
     def _rna_nll(self, x_rna: torch.Tensor, gen: dict) -> torch.Tensor:
         if self.gene_likelihood == "zinb":

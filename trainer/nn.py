@@ -249,6 +249,9 @@ class FCStack(nn.Module):
         return h
 
 
+_LIBRARY_VAR_EPS = 1e-4
+
+
 class EncoderPair(nn.Module):
     """The two networks that read one modality's counts: the z-encoder and the library network.
 
@@ -258,8 +261,10 @@ class EncoderPair(nn.Module):
     step (the dominant cost of the encoders at 10^4-10^5 regions). Columns [0, H) are the z-encoder's,
     [H, 2H) the library network's; the stacks' own first Linear keeps only the covariate columns and
     the bias. ``trainer/reference.py`` maps this layout to the reference's two Linear weights.
-    ``library_head``: ``"leaky_relu"`` (RNA, log-library), ``"sigmoid"`` (ATAC, factor in (0, 1)) or
-    ``None`` (size factors given: no library network).
+    ``library_head``: ``"leaky_relu"`` (RNA, log-library), ``"sigmoid"`` (ATAC, factor in (0, 1)),
+    ``"lognormal"`` (RNA, ``model.rna_library=lognormal``: the mean and variance of a Normal posterior of
+    the log-library, scvi-tools ``VAE``'s library encoder with ``use_observed_lib_size=False``: linear mean,
+    variance exp(.) + 1e-4) or ``None`` (size factors given: no library network).
     """
 
     def __init__(
@@ -295,6 +300,9 @@ class EncoderPair(nn.Module):
                 0, n_hidden, n_layers, inject_deep=lib_inject_deep, dropout=0.0, **common
             )
             self.lib_out = nn.Linear(n_hidden, 1)
+            # the log-variance head of the lognormal library (its own Linear: lib_out keeps the reference's
+            # name and shape in both modes)
+            self.lib_var = nn.Linear(n_hidden, 1) if library_head == "lognormal" else None
             stacks.append(self.lib_stack)
         self.n_hidden, self.n_in = n_hidden, n_in
         self.native_kernels = False  # set by the module (MultiVAE.native_kernels)
@@ -311,7 +319,8 @@ class EncoderPair(nn.Module):
     def forward(
         self, x: torch.Tensor, cov: torch.Tensor | None, extra: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Return (mean, variance, library) with variance = exp(.) (var_eps = 0, as the reference)."""
+        """Return (mean, variance, library) with variance = exp(.) (var_eps = 0, as the reference). The
+        library is (B, 1), or (B, 2) = [posterior mean, posterior variance] of the log-library (lognormal)."""
         w = self.input_weight
         x = x if x.dtype == w.dtype else x.to(w.dtype)  # float32 counts into bf16 weights (DeepSpeed bf16)
         both = input_matmul_t(x, w, self.native_kernels)
@@ -321,7 +330,11 @@ class EncoderPair(nn.Module):
         mean, var = head(self.mean, h), torch.exp(head(self.var, h))
         if self.library_head is None:
             return mean, var, None
-        lib = head(self.lib_out, self.lib_stack(None, cov, extra, x_part=parts[1]))
+        h_lib = self.lib_stack(None, cov, extra, x_part=parts[1])
+        lib = head(self.lib_out, h_lib)
+        if self.library_head == "lognormal":
+            # var_eps 1e-4 as scvi-tools' Encoder: a posterior variance that cannot collapse to 0 (log 0 in the KL)
+            return mean, var, torch.cat([lib, torch.exp(head(self.lib_var, h_lib)) + _LIBRARY_VAR_EPS], dim=1)
         lib = F.leaky_relu(lib) if self.library_head == "leaky_relu" else torch.sigmoid(lib)
         return mean, var, lib
 

@@ -113,6 +113,8 @@ def start_from_reference(module: nn.Module, ref: Reference) -> None:
             new[:, unseen] = 0
         elif key == "px_r" and new.dim() == 2:  # gene-batch dispersion: one column per batch
             new[:, : old.shape[1]] = old
+        elif key in ("library_log_mean", "library_log_var"):  # lognormal library prior: one entry per batch
+            new[: old.shape[0]] = old  # the new batches' from the query store (trainer/library_prior.py)
         else:
             had = "no such weight" if old is None else f"shape {tuple(old.shape)}"
             raise ConfigError(f"query.reference: {key} has {had} in the reference, {tuple(new.shape)} in the query "

@@ -29,6 +29,9 @@ _MODULE_MAP = [
     ("rna_encoder.var", "z_encoder_expression.var_encoder", "linear"),
     ("rna_encoder.lib_stack", "l_encoder_expression.px_decoder", "stack"),
     ("rna_encoder.lib_out", "l_encoder_expression.output.0", "linear"),
+    # model.rna_library=lognormal only, which the reference has not: a name for the query rules (a Linear
+    # outside FCLayers, so frozen like output.0); exports to scvi-tools refuse such a model first
+    ("rna_encoder.lib_var", "l_encoder_expression.var_output", "linear"),
     ("atac_encoder.z_stack", "z_encoder_accessibility.encoder", "stack"),
     ("atac_encoder.mean", "z_encoder_accessibility.mean_encoder", "linear"),
     ("atac_encoder.var", "z_encoder_accessibility.var_encoder", "linear"),

@@ -243,6 +243,9 @@ def export_to_scvi(model_dir: str | os.PathLike, out_dir: str | os.PathLike, sto
 
     src = resolve_model_dir(model_dir)
     module, info = load_model(src)
+    if module.rna_library != "deterministic":
+        raise ScviIOError(f"{src} was trained with model.rna_library={module.rna_library}: scvi-tools' MULTIVI has "
+                          "only the deterministic library network, so no MULTIVI holds this model")
     if store is not None:
         open_checked_store(store, info)
     n_obs = module.mod_weights.shape[0] if module.modality_weights == "cell" else \

@@ -46,7 +46,7 @@ def score_cells(module: torch.nn.Module, batch: dict, device: torch.device, seed
     """Per-cell float64 terms of a held-out batch under each cell's keyed noise: ``recon_rna``, ``recon_atac``,
     ``kl`` and ``neg_elbo`` (= reconstruction + KL + modality penalty, the reference's ``elbo_*`` per cell).
     The trainer's validation and the API's ``elbo`` / ``reconstruction_error`` both score with it."""
-    eps = cell_noise(seed, batch[keys.INDEX], module.n_latent).to(device)
+    eps = cell_noise(seed, batch[keys.INDEX], module.n_noise).to(device)
     out = module.loss(to_device(batch, device), kl_weight=kl_weight, eps=eps)
     rna, atac, kl = out.recon_rna.double(), out.recon_atac.double(), out.kl.double()
     return {"recon_rna": rna, "recon_atac": atac, "kl": kl, "neg_elbo": rna + atac + kl + out.penalty.double()}

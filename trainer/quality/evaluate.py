@@ -51,7 +51,7 @@ def heldout_elbo(module: MultiVAE, rna, atac, mask, batch, seed: int = 1234) -> 
     over the cells that measured it."""
     g = torch.Generator().manual_seed(seed)
     b = _batch(rna, atac, mask, batch)
-    eps = torch.randn(rna.shape[0], module.n_latent, generator=g)
+    eps = torch.randn(rna.shape[0], module.n_noise, generator=g)
     out = module.loss(b, kl_weight=1.0, eps=eps)
     m = torch.as_tensor(mask)
     elbo = out.recon_rna + out.recon_atac + out.kl + out.penalty
