@@ -40,6 +40,7 @@ from data.validate import (
     check_output,
     check_unique,
     check_unmeasured_empty,
+    input_columns,
 )
 from data.writer import StoreWriter
 
@@ -66,7 +67,7 @@ def _prepare_obs(src, inp: InputConfig, cfg: BuildConfig, batch_key: str) -> pd.
     else:
         if cfg.batch_key not in obs.columns:  # data of one sample often has no batch column: name the way out
             raise ValidationError(f"{src.name}: obs has no column {cfg.batch_key!r} (batch_key); available columns: "
-                                  f"{list(obs.columns)[:20]}; or set batch_key=null for one batch per input "
+                                  f"{input_columns(obs)}; or set batch_key=null for one batch per input "
                                   "(named by inputs[i].batch, else by its file name)")
         check_columns(obs, {cfg.batch_key: "batch_key"}, src.name)
         out[batch_key] = as_text(obs[cfg.batch_key])
@@ -132,9 +133,15 @@ def as_text(values: pd.Series) -> np.ndarray:
         return out
     codes, uniq = pd.factorize(s, use_na_sentinel=True)  # per distinct value, not per cell (1M cells)
     names = np.empty(len(uniq), dtype=object)
+    # a float32 value is written in float32's shortest form: as a Python float 0.1f32 reads
+    # "0.10000000149011612", so a float32 column and a float64 one of the same values (two inputs, or the RNA
+    # and ATAC obs of one pair) would name different batches
+    narrow = s.dtype.type if s.dtype.kind == "f" and s.dtype.itemsize < 8 else None
     for j, v in enumerate(uniq.to_numpy(dtype=object) if hasattr(uniq, "to_numpy") else uniq):
         if isinstance(v, (float, np.floating)) and float(v).is_integer():
             v = int(v)
+        elif narrow is not None and isinstance(v, (float, np.floating)):
+            v = narrow(v)
         names[j] = str(v)
     ok = codes >= 0
     out[ok] = names[codes[ok]]
@@ -233,7 +240,7 @@ def _build(cfg: BuildConfig, sources, filters, write_dask, skipped: list[str], t
         # one unlabelled input among labelled ones is normal (its labels are unknown); no input having the
         # column is a misspelt label_key, which would silently give a store without a single label
         raise ValidationError(f"no input has the label column {cfg.label_key!r} (label_key); available columns "
-                              f"of {sources[0].name}: {list(sources[0].obs.columns)[:20]}")
+                              f"of {sources[0].name}: {input_columns(sources[0].obs)}")
     obs_list, keeps, dropped_cells = [], [], {}
     for src, inp in zip(sources, cfg.inputs):
         for msg in src.warnings:

@@ -155,3 +155,8 @@ class BuildConfig:
         dup = sorted({k for k in keys if keys.count(k) > 1})
         if dup:  # the store (and every model trained on it) carried the same obs column twice
             raise ConfigError(f"covariate keys {dup} are listed more than once in cat_cov_keys / cont_cov_keys")
+        if self.label_key is not None and self.label_key in self.cont_cov_keys:
+            # one obs column per name: the float32 covariate overwrote the label's categories (the loader refused it)
+            raise ConfigError(f"label_key {self.label_key!r} is also in cont_cov_keys: the store keeps one column per "
+                              "name (a continuous covariate as float32, a label as categories); copy the column "
+                              "under another name in obs for one of the two")

@@ -57,8 +57,9 @@ def check_counts(x: sp.csr_matrix, where: str, modality: str, cell_ids: pd.Index
             k = int(np.flatnonzero(bad)[0])
             row = int(np.searchsorted(x.indptr, k, side="right") - 1)
             raise ValidationError(
-                f"{where}: {modality} count of cell {cell_ids[row]!r} (row {row}), feature "
-                f"{feature_names[x.indices[k]]!r}: value {d[k]!r} {what} "
+                # the cell id, not a row number: callers check blocks and shards, whose rows are not the file's
+                f"{where}: {modality} count of cell {cell_ids[row]!r}, feature "
+                f"{feature_names[x.indices[k]]!r}: value {d[k].item()!r} {what} "
                 f"({int(bad.sum())} such values in this block); counts must be non-negative integers"
                 + ("" if what != "is not an integer" else
                    " (normalised values? if the raw counts are in a layer, set the input's layer=<name>)"))
@@ -83,12 +84,18 @@ def check_unique(index: pd.Index, where: str, what: str) -> None:
                               f"{list(np.flatnonzero(index == dup[0])[:5])}; {len(dup)} duplicates in total)")
 
 
+def input_columns(obs: pd.DataFrame) -> list[str]:
+    """An input's obs columns as a message lists them: the first 20, without the per-modality masks that
+    the reader adds to every input (they were listed as if the file had them)."""
+    return [c for c in obs.columns if c not in ("mask_rna", "mask_atac")][:20]
+
+
 def check_columns(obs: pd.DataFrame, columns: dict[str, str], where: str) -> None:
     """``columns`` maps column name -> role (e.g. 'batch_key'); each must exist and have no missing value."""
     for col, role in columns.items():
         if col not in obs.columns:
             raise ValidationError(f"{where}: obs has no column {col!r} ({role}); available columns: "
-                                  f"{list(obs.columns)[:20]}")
+                                  f"{input_columns(obs)}")
         miss = obs[col].isna().to_numpy()
         if miss.any():
             raise ValidationError(f"{where}: obs column {col!r} ({role}) is missing for cell "

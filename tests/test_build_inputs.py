@@ -18,6 +18,7 @@ import scipy.sparse as sp
 from data.build import build_store
 from data.config import BuildConfig, InputConfig
 from data.store import open_store
+from data.typed_config import ConfigError
 from data.validate import ValidationError
 
 
@@ -51,6 +52,19 @@ def test_text_of_obs_values_does_not_depend_on_how_pandas_typed_the_column():
     assert list(as_text(pd.Series([1, None], dtype="Int64"))) == ["1", None]
     assert list(as_text(pd.Series(pd.Categorical([0, 1, None])))) == ["0", "1", None]
     assert list(as_text(pd.Series(["a", 1.5, None], dtype=object))) == ["a", "1.5", None]
+    # float32 in its own shortest form (as a Python float 0.1f32 is "0.10000000149011612")
+    assert list(as_text(pd.Series(np.array([0.1, 2.3, 3.0], np.float32)))) == ["0.1", "2.3", "3"]
+    assert list(as_text(pd.Series([0.1, None], dtype="Float32"))) == ["0.1", None]
+
+
+def test_float32_and_float64_values_name_the_same_batch(tmp_path):
+    """A dose column float32 in one input and float64 in the other made each dose two batches."""
+    rna, atac = _pair(obs={"dose": np.array([0.1, 2.3] * 3, np.float32)})
+    rna2, atac2 = _pair(prefix="d", obs={"dose": np.array([0.1, 2.3] * 3, np.float64)})
+    st = _build(tmp_path, [_write_pair(tmp_path, rna, atac), _write_pair(tmp_path, rna2, atac2, name="y")],
+                batch_key="dose")
+    assert st.meta.batch_categories == ["0.1", "2.3"]
+    assert st.read_obs()["dose"].value_counts().to_dict() == {"0.1": 6, "2.3": 6}
 
 
 def test_integer_batch_ids_name_the_same_batch_in_every_input(tmp_path):
@@ -156,6 +170,52 @@ def test_obs_keys_that_clash_with_the_stores_columns_are_refused(tmp_path):
         _build(tmp_path, [inp], batch_key=None, cat_cov_keys=["batch"])
     with pytest.raises(ValidationError, match=r"label_key \['mask_rna'\] would overwrite"):
         _build(tmp_path, [inp], label_key="mask_rna")
+    # one obs column per name: the float32 covariate overwrote the label's categories (the loader then refused)
+    with pytest.raises(ConfigError, match=r"label_key 'lane' is also in cont_cov_keys"):
+        _build(tmp_path, [inp], cont_cov_keys=["lane"], label_key="lane")
+    assert not list(tmp_path.glob("s.zarr*"))
+
+
+def test_rna_and_atac_swapped_are_refused(tmp_path):
+    """The ATAC file given as rna built a store of peaks called genes without a word; its own var column
+    ``feature_types`` said Peaks."""
+    rna, atac = _pair()
+    rna.var["feature_types"], atac.var["feature_types"] = "Gene Expression", "Peaks"
+    inp = _write_pair(tmp_path, rna, atac)
+    swapped = InputConfig(kind="h5ad_pair", rna=inp.atac, atac=inp.rna)
+    with pytest.raises(ValueError, match=r"atac.h5ad: given as rna, but its var\['feature_types'\] names every "
+                       r"feature 'Peaks' \(peaks\): are rna and atac swapped\?"):
+        _build(tmp_path, [swapped])
+    with pytest.raises(ValueError, match=r"given as atac, but .*'Gene Expression' \(genes\)"):
+        _build(tmp_path, [InputConfig(kind="h5ad_pair", atac=inp.rna)])
+    assert _build(tmp_path, [inp]).meta.n_genes == 4  # the right way round builds
+
+
+def test_pre_0_7_h5ad_is_refused_in_one_line(tmp_path):
+    """anndata < 0.7 stored obs/var as HDF5 tables: an AttributeError traceback from the reader."""
+    import h5py
+
+    x = sp.csr_matrix(np.arange(12, dtype=np.float32).reshape(4, 3))
+    path = tmp_path / "legacy.h5ad"
+    with h5py.File(path, "w") as f:
+        f["obs"] = np.array([(f"c{i}".encode(), b"b") for i in range(4)], dtype=[("index", "S5"), ("batch", "S2")])
+        f["var"] = np.array([(f"g{i}".encode(),) for i in range(3)], dtype=[("index", "S5")])
+        g = f.create_group("X")
+        g.attrs["h5sparse_format"], g.attrs["h5sparse_shape"] = "csr", (4, 3)
+        g["data"], g["indices"], g["indptr"] = x.data, x.indices, x.indptr
+    with pytest.raises(ValueError, match=r"legacy.h5ad: an .h5ad of anndata < 0.7 .*write_h5ad"):
+        _build(tmp_path, [InputConfig(kind="h5ad_pair", rna=str(path))])
+
+
+def test_a_bad_count_is_reported_by_cell_not_by_block_row(tmp_path):
+    """The row given was the row within the block or shard being checked (5, 15 or 95 for the same cell)."""
+    rna, atac = _pair(n=50)
+    rna.X = rna.X.astype(np.float32)
+    rna.X[45, 1] = 2.5
+    inp = _write_pair(tmp_path, rna, atac)
+    for kw in ({"block_size": 20, "shard_size": 15}, {"preshuffle": True, "block_size": 20}, {}):
+        with pytest.raises(ValidationError, match=r"rna count of cell 'c45', feature 'g1': value 2.5 is not an integer"):
+            _build(tmp_path, [inp], **kw)
 
 
 def test_dropped_cells_leave_no_categories_behind(tmp_path):

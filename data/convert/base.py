@@ -152,7 +152,34 @@ def _open_pair(cfg: InputConfig) -> PairSource:
                          "peaks in one matrix is kind=scvi")
     rna = H5AnnDataGroup(cfg.rna, layer=cfg.layer) if cfg.rna else None
     atac = H5AnnDataGroup(cfg.atac, layer=cfg.layer) if cfg.atac else None
+    try:
+        for group, role in ((rna, "rna"), (atac, "atac")):
+            _check_declared_modality(group, role)
+    except ValueError:
+        for group in (rna, atac):
+            if group is not None:
+                group.close()
+        raise
     return PairSource(rna, atac, name=" + ".join(str(p) for p in (cfg.rna, cfg.atac) if p))
+
+
+def _check_declared_modality(group, role: str) -> None:
+    """Refuse an AnnData given as ``role`` whose own var column (``feature_types``, scanpy's and 10x's name;
+    ``modality``, scvi-tools') names every feature the other modality: rna and atac swapped built a store of
+    peaks called genes, without a word."""
+    if group is None or not len(group.var):
+        return
+    for col in ("feature_types", "modality"):
+        if col not in group.var.columns:
+            continue
+        t = group.var[col].astype(str).str.lower()
+        is_gene = t.str.contains("gene|gex|rna")
+        is_peak = t.str.contains("peak|atac|accessib") & ~is_gene
+        other = is_peak.all() if role == "rna" else is_gene.all()
+        if other:
+            given, says = ("rna", "peaks") if role == "rna" else ("atac", "genes")
+            raise ValueError(f"{group.where}: given as {given}, but its var[{col!r}] names every feature "
+                             f"{group.var[col].iloc[0]!r} ({says}): are rna and atac swapped?")
 
 
 def _open_h5mu(cfg: InputConfig) -> PairSource:

@@ -111,6 +111,13 @@ class H5AnnDataGroup:
         raw = layer == RAW_LAYER and "raw" in g and "X" in g["raw"] and "var" in g["raw"]
         self.obs: pd.DataFrame = read_elem(g["obs"])
         self.var: pd.DataFrame = read_elem(g["raw"]["var"] if raw else g["var"])
+        if not isinstance(self.obs, pd.DataFrame) or not isinstance(self.var, pd.DataFrame):
+            # anndata < 0.7 wrote obs/var as HDF5 tables (and X with h5sparse attributes); anndata still reads
+            # them in memory, the out-of-core reader here does not
+            self._h5.close()
+            raise ValueError(  # noqa: TRY004 -- a bad input file (one line from mva-build), not a caller bug
+                f"{self.where}: an .h5ad of anndata < 0.7 (obs/var stored as tables): rewrite it once "
+                "with anndata.read_h5ad(path).write_h5ad(new_path) and give the new file")
         self.obs.index = self.obs.index.astype(str)
         self.var.index = self.var.index.astype(str)
         # the raw counts: layers/<layer> where this AnnData has it (X normalised in place, as scanpy leaves
