@@ -52,6 +52,10 @@ def to_typed(cfg: DictConfig | dict[str, Any], schema: type[T], *, drop: tuple[s
         msg = exc.msg.splitlines()[0]
         if "is not a ListConfig" in msg:  # a scalar where a list belongs: say how to write one on the command line
             msg = f"{key} takes a list, e.g. {key}=[{_value_at(raw, key)}] on the command line"
+        elif "Cannot convert 'ListConfig'" in msg:  # the opposite: a list where one value belongs
+            given = _value_at(raw, key)
+            one = given[0] if isinstance(given, list) and given else "..."
+            msg = f"{key} takes one value, not a list: e.g. {key}={one}"
         raise ConfigError(f"bad config value for {key}: {msg}") from None
     return obj  # type: ignore[return-value]
 

@@ -246,3 +246,29 @@ def test_bad_arguments_are_one_line_api_errors(trained, tmp_path_factory):
             model.accessibility(mdata, normalize_regions=True)
     finally:
         model.module.region_factors = saved
+
+
+def test_argument_types_are_checked_as_the_jobs_check_them(trained):
+    """threshold=True was 1.0 (an all-zero matrix without a word; the job refuses a bool); n_samples=2.0,
+    seed=2**50, threshold='0.5' and genes=5 were TypeError / overflow tracebacks from torch or numpy."""
+    store, model = trained
+    mdata = store_to_mudata(store, np.arange(20))
+    for bad in (True, "0.5", 1.5):
+        with pytest.raises(APIError, match=r"threshold must be a number in \[0, 1\] or None"):
+            model.accessibility(mdata, threshold=bad)
+    assert model.accessibility(mdata, threshold=np.float32(1e-9)).nnz == 20 * len(model.region_names)
+    with pytest.raises(APIError, match=r"n_samples must be an integer >= 1, got 2\.0"):
+        model.expression(mdata, give_mean=False, n_samples=2.0)
+    assert model.latent(mdata, give_mean=False, n_samples=np.int64(2)).shape == (20, 2, model.module.n_latent)
+    for bad in (2**50, -1, 1.0, True):
+        with pytest.raises(APIError, match=r"seed must be an integer in \[0, 2\*\*44\)"):
+            model.latent(mdata, give_mean=False, seed=bad)
+    with pytest.raises(APIError, match=r"seed must be an integer"):
+        model.elbo(mdata, seed=2**50)
+    with pytest.raises(APIError, match=r"the genes must be a name or a list of names \(strings\), got 5"):
+        model.expression(mdata, genes=5)
+    with pytest.raises(APIError, match=r"the regions must be a name or a list of names"):
+        model.accessibility(mdata, regions=[0, 1])
+    names = model.gene_names[:3]
+    np.testing.assert_array_equal(model.expression(mdata, genes=(g for g in names)),  # a generator: read once
+                                  model.expression(mdata, genes=names))

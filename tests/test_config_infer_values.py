@@ -47,6 +47,8 @@ def _load(*overrides: str):
     # []: 'ValueError: No objects to concatenate' traceback; a repeat was compared twice
     (("job=de", "de.groupby=cell_type", "de.group1=[]"), "de.group1"),
     (("job=de", "de.groupby=cell_type", "de.group1=[type_0,type_0]"), "de.group1"),
+    # "Cannot convert 'ListConfig' to string": the opposite mistake of de.group1=type_0 got no hint
+    (("job=de", "de.groupby=cell_type", "de.group2=[type_1]"), "de.group2 takes one value, not a list: e.g. de.group2=type_1"),
     # options of another job, or top-level ones the job does not read, were silently ignored
     (("job=embed", "expression.genes=[gene_00001]"), "expression.genes"),
     (("job=embed", "de.groupby=cell_type"), "de.groupby"),

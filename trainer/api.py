@@ -40,7 +40,7 @@ import atexit
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +113,7 @@ class Model:
         softmax (the reference's ``return_dist=True``); as AnnData: obsm ``<key>_qz_m`` and ``<key>_qz_v``."""
         if modality not in _MODALITY:
             raise APIError(f"modality must be one of {list(_MODALITY)}, got {modality!r}")
-        _check_samples(give_mean, n_samples)
+        _check_samples(give_mean, n_samples, seed)
         mod = _MODALITY[modality]
         if return_dist:
             return self._posterior(data, mod, batch_size, mask, as_anndata)
@@ -163,6 +163,7 @@ class Model:
         """(cells, 3) float64: RNA and ATAC reconstruction losses and the per-cell negative ELBO."""
         from trainer.validation import score_cells
 
+        _check_seed(seed)
         parts = []
         for _, _, batch in source(self, data, mask, batch_size).batches():
             t = score_cells(self.module, batch, self.device, seed)
@@ -193,7 +194,7 @@ class Model:
                    genes: Sequence[str] | None = None, give_mean: bool = True, n_samples: int = 1, seed: int = 0,
                    batch_size: int = 1024, mask=None, as_anndata: bool = False):
         """Normalized expression (cells, genes): rho times ``library_size`` (a number or "observed")."""
-        _check_samples(give_mean, n_samples)
+        _check_samples(give_mean, n_samples, seed)
         library_size = _library_size(library_size)
         index, names = _select(genes, self.gene_names, "gene")
         codes = self._codes(transform_batch)
@@ -213,9 +214,13 @@ class Model:
                       mask=None, as_anndata: bool = False):
         """Accessibility probabilities (cells, regions); with ``threshold`` in (0, 1] a CSR matrix of the
         p >= threshold (0 keeps everything: dense, as the reference and the accessibility job)."""
-        _check_samples(give_mean, n_samples)
-        if threshold is not None and not 0 <= threshold <= 1:
-            raise APIError(f"threshold must be in [0, 1], got {threshold}")
+        _check_samples(give_mean, n_samples, seed)
+        if isinstance(threshold, np.generic) and np.ndim(threshold) == 0:
+            threshold = threshold.item()
+        # a bool is refused as the job refuses it: True was 1.0, an all-zero matrix without a word
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0 <= threshold <= 1):
+            raise APIError(f"threshold must be a number in [0, 1] or None, got {threshold!r}")
         if normalize_regions and self.module.region_factors is None:
             raise APIError("normalize_regions=True needs a model trained with region_factors=True")
         index, names = _select(regions, self.region_names, "region")
@@ -255,9 +260,20 @@ class Model:
         return out
 
 
-def _check_samples(give_mean: bool, n_samples: int) -> None:
-    if n_samples < 1:
-        raise APIError(f"n_samples must be >= 1, got {n_samples}")
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _check_seed(seed) -> None:
+    # the jobs' bound (InferConfig): draws seed torch with seed * 1_000_003 + chunk, which must stay < 2**64
+    if not _is_int(seed) or not 0 <= seed < 2**44:
+        raise APIError(f"seed must be an integer in [0, 2**44), got {seed!r}")
+
+
+def _check_samples(give_mean: bool, n_samples: int, seed) -> None:
+    if not _is_int(n_samples) or n_samples < 1:
+        raise APIError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    _check_seed(seed)
     if give_mean and n_samples != 1:
         raise APIError("n_samples > 1 draws posterior samples: pass give_mean=False")
 
@@ -275,6 +291,10 @@ def _library_size(value) -> float | str | None:
 
 
 def _select(wanted, names: list[str], what: str) -> tuple[list[int] | None, list[str]]:
+    if wanted is not None and not isinstance(wanted, str):
+        wanted = list(wanted) if isinstance(wanted, Iterable) else wanted  # a generator is read once
+        if not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted):
+            raise APIError(f"the {what}s must be a name or a list of names (strings), got {wanted!r}"[:300])
     try:  # the jobs' rule: names in the given order, unknown or repeated names refused
         return select_features([wanted] if isinstance(wanted, str) else wanted, names, what)
     except InferError as exc:
