@@ -48,7 +48,7 @@ while [ $# -gt 0 ]; do
       FLAGS+=("$a"); [ $# -eq 0 ] || { FLAGS+=("$1"); shift; } ;;
     --cfg=*|--info=*|--package=*|--config-name=*|--config-path=*|--config-dir=*) FLAGS+=("$a") ;;
     --*) echo "train.sh: unknown launcher option $a" >&2; exit 2 ;;
-    run.output_dir=*|++run.output_dir=*) RUN_DIR=${a#*run.output_dir=} ;;
+    run.output_dir=*|++run.output_dir=*|+run.output_dir=*) RUN_DIR=${a#*run.output_dir=} ;;
     *) ARGS+=("$a") ;;
   esac
 done

@@ -227,3 +227,49 @@ def test_a_checkpoint_file_written_without_crcs_still_loads(tmp_path):
         ser.config.save.compute_crc32 = True
     checks.check_intact(tmp_path / "x.pt")
     assert torch.equal(ckpt.safe_load(tmp_path / "x.pt")["w"], torch.arange(10.0))
+
+
+def test_resuming_on_a_store_of_other_cells_is_refused(run, tmp_path):
+    """A store of other cells with the same features and batch names (a new dataset trained into the same
+    run.output_dir, e.g. the default one) continued the old run on it: at an epoch boundary without a word
+    (re-exporting model.json with the new store's facts), mid-epoch with the loader's ValueError traceback."""
+    store, dst = _copy(run, tmp_path)
+    other = tiny_store(tmp_path / "other", n_cells=300, seed=7)
+    for extra in ({"run.epochs": 3}, {"run.epochs": 2}):  # trains on / "nothing left": re-export only
+        model_json = (dst / "model" / "model.json").read_text()
+        with pytest.raises(checks.CheckpointError, match=r"was trained on other cells than data\.store=.*other.*300 cells"):
+            train(tiny_config(other, dst, **extra))
+        assert (dst / "model" / "model.json").read_text() == model_json
+    mid = tmp_path / "mid"
+    train(tiny_config(store, mid, **{"run.epochs": 2, "run.max_steps": 3}))  # stopped inside epoch 0
+    with pytest.raises(checks.CheckpointError, match="was trained on other cells"):
+        train(tiny_config(other, mid, **{"run.epochs": 2}))
+    assert train(tiny_config(store, mid, **{"run.epochs": 2})).epochs == 2  # its own store resumes
+
+
+def test_the_settings_refusal_blames_the_optimizer_only_for_optimizer_keys(run, tmp_path):
+    store, dst = _copy(run, tmp_path)
+    with pytest.raises(ConfigError, match=r"model\.n_hidden \(32 -> 16\)\. A resumed run continues with its "
+                                          r"checkpoint's settings; set them back"):
+        train(tiny_config(store, dst, **{"run.epochs": 3, "model.n_hidden": 16}))
+    with pytest.raises(ConfigError, match=r"checkpoint's settings \(its optimizer would keep the old learning rate\)"):
+        train(tiny_config(store, dst, **{"run.epochs": 3, "optim.lr": 0.5}))
+
+
+def test_an_early_stopped_run_resumed_with_more_epochs_says_why_it_ends(tmp_path, capsys):
+    store = tiny_store(tmp_path / "store", n_cells=200)
+    over = {"run.epochs": 10, "run.patience": 1, "run.min_delta": 1e9, "run.early_stopping": True}
+    first = train(tiny_config(store, tmp_path / "es", **over))
+    assert first.epochs < 10
+    capsys.readouterr()
+    again = train(tiny_config(store, tmp_path / "es", **{**over, "run.epochs": 50}))
+    assert again.epochs == first.epochs
+    assert f"the run stopped early at epoch {first.epochs}" in capsys.readouterr().out
+
+
+def test_an_empty_validation_split_names_only_what_reads_it(tmp_path):
+    """It named run.keep='last' and optim.reduce_lr_on_plateau=False as readers of the validation."""
+    store = tiny_store(tmp_path / "store", n_cells=12)
+    with pytest.raises(ConfigError, match=r"is empty \(data\.val_fraction=0\.01\), but run\.early_stopping=True reads "
+                                          r"it: set run\.early_stopping=false, or raise data\.val_fraction$"):
+        train(tiny_config(store, tmp_path / "run", **{"data.val_fraction": 0.01, "run.early_stopping": True}))

@@ -306,3 +306,25 @@ def test_three_query_steps_leave_the_references_query_weights(monkeypatch):
     assert torch.equal(after["px_scale.weight"], before["px_scale.weight"])  # frozen
     moved = after["rna_decoder.linears.0.weight"] - before["rna_decoder.linears.0.weight"]
     assert (moved[:, -5:] != 0).any() and (moved[:, :-5] != 0).all()  # one-hots trained, the rest decayed
+
+
+def test_a_query_that_could_train_nothing_or_query_options_without_one_are_refused(tmp_path, capsys):
+    """A 1-batch reference queried on a store of that same batch has no covariate column to learn: the run only
+    decayed frozen weights and said "done". query.* set without query.reference was silently a run from
+    scratch. A model.* value equal to the schema default cannot be told from unset: the reference's is used,
+    and now said."""
+    from data.synthetic import write_synthetic_store
+    from trainer.config import load_config
+    from trainer.train import train
+
+    with pytest.raises(ConfigError, match=r"query\.unfrozen, query\.freeze_dropout apply only to a query run"):
+        load_config({"data": {"store": "s"}, "query": {"unfrozen": True, "freeze_dropout": True}})
+    one = write_synthetic_store(tmp_path / "one", n_cells=120, n_genes=40, n_regions=60, n_batches=1, progress=False)
+    ref = train(tiny_config(one, tmp_path / "ref", **{"run.epochs": 1, "model.encode_covariates": True})).run_dir
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="query: nothing would train: the query's rules leave no weight free"):
+        train(tiny_config(one, tmp_path / "q", **{"query.reference": ref, "run.epochs": 1}))
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[query] model.*")]
+    assert len(note) == 1 and "encode_covariates=True" in note[0], note
+    res = train(tiny_config(one, tmp_path / "q2", **{"query.reference": ref, "query.unfrozen": True, "run.epochs": 1}))
+    assert res.epochs == 1  # fine-tuning every weight is still possible

@@ -89,8 +89,9 @@ def test_a_forced_run_dir_override_is_the_run_dir(tmp_path):
     run.output_dir=outputs/train-<timestamp>, which Hydra applies last: the run silently went to the timestamp."""
     import re
 
-    args = _launch_args(tmp_path, {"NPROC_PER_NODE": "2"}, "++run.output_dir=runs/mine")
-    assert re.findall(r"run\.output_dir=(\S+)", args) == ["runs/mine"], args
+    for given in ("++run.output_dir=runs/mine", "+run.output_dir=runs/mine"):  # "+": Hydra's "Could not append"
+        args = _launch_args(tmp_path, {"NPROC_PER_NODE": "2"}, given)
+        assert re.findall(r"run\.output_dir=(\S+)", args) == ["runs/mine"], (given, args)
 
 
 def test_an_elastic_node_range_is_refused_before_launch(tmp_path):

@@ -145,13 +145,21 @@ def data_fingerprint(meta) -> str:
     return h.hexdigest()
 
 
-def check_same_data(trainer_state: dict[str, Any], meta, path: str | Path, store: str) -> None:
-    """Refuse to resume a checkpoint trained on a store with other features/categories."""
+def check_same_data(trainer_state: dict[str, Any], meta, path: str | Path, store: str, cells: str) -> None:
+    """Refuse to resume a checkpoint trained on a store with other features/categories, or on other cells
+    (``cells``: ``data.cell_table.cells_fingerprint`` of this run's store; a store of other cells with the same
+    features and batch names, e.g. a new dataset trained into the default run.output_dir, continued the old
+    run on it without a word)."""
     saved = trainer_state.get("data_fingerprint")
     if saved is not None and saved != data_fingerprint(meta):
         raise CheckpointError(f"checkpoint {path} was trained on a store with other features or categories "
                               f"than data.store={store} ({meta.n_genes} genes, {meta.n_regions} regions, "
                               f"batches {meta.batch_categories[:3]}...); use the same store or a new run.output_dir")
+    saved = trainer_state.get("cells_fingerprint")  # absent in checkpoints written before it was recorded
+    if saved is not None and saved != cells:
+        raise CheckpointError(f"checkpoint {path} was trained on other cells than data.store={store} holds "
+                              f"({meta.n_cells} cells; the same features and categories, but other cells or another "
+                              "order): use the same store, or a new run.output_dir for a new run")
 
 
 def code_fingerprint() -> str:

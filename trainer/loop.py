@@ -34,7 +34,7 @@ from trainer import checkpoint_checks as checks
 from trainer import dist, query
 from trainer.alloc import reuse_large_allocations
 from trainer.classifier import build_classifier
-from trainer.config import ConfigError, TrainConfig, config_to_json
+from trainer.config import ConfigError, TrainConfig, config_to_json, validation_readers
 from trainer.epoch_totals import EpochTotals
 from trainer.export import TRAINING_STORE, build_module, export_model
 from trainer.global_batch import EpochSlices, step_noise
@@ -188,17 +188,16 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     o = cfg.optim
     if cfg.run.validate_every_epochs and (cfg.run.early_stopping or cfg.run.keep == "best" or o.reduce_lr_on_plateau) \
             and not val_inner.eligible.any():  # the same on every rank: all stop here
+        readers, fixes = validation_readers(cfg.run.early_stopping, cfg.run.keep, o.reduce_lr_on_plateau)
         raise ConfigError(f"the validation split of {cfg.data.store} is empty (data.val_fraction="
-                          f"{cfg.data.val_fraction}), but run.early_stopping={cfg.run.early_stopping}, "
-                          f"run.keep={cfg.run.keep!r} and optim.reduce_lr_on_plateau={o.reduce_lr_on_plateau} read "
-                          "it: set run.early_stopping=false, run.keep=last and optim.reduce_lr_on_plateau=false, "
-                          "or raise data.val_fraction")
+                          f"{cfg.data.val_fraction}), but {readers} it: set {fixes}, or raise data.val_fraction")
     val_stream = ReplayCache(val_inner, cfg.data.cache_validation_mb * 2**20)
     check_last_batch(train_stream, cfg, classifier is not None)
     guard = StepGuard(max_bad_steps=cfg.run.max_bad_steps)
 
     # ---- resume
     code = checks.code_fingerprint()  # at start, close to when the modules were imported
+    cells = cells_fingerprint(store)  # which cells, in which order: checked at resume, recorded in checkpoints
     epoch, step, batches_done, stopped = 0, 0, 0, False
     tracker = ValidationTracker(cfg)  # best, patience and learning-rate plateau counts
     totals = EpochTotals()  # the epoch's training terms per cell: the train_epoch record
@@ -214,7 +213,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     if cfg.run.resume != "auto":  # resume=none starts from step 0, a given checkpoint from its own step
         ckpt.refuse_newer_checkpoints(run_dir, cfg.run.resume, int(state["step"]) if path else 0)
     if path:
-        checks.check_same_data(state, meta, path, cfg.data.store)
+        checks.check_same_data(state, meta, path, cfg.data.store, cells)
         check_same_settings(state.get("config"), cfg, path)  # after the store: another store says that first
         checks.check_weights_dtype(state, path, weights_dtype)
         try:
@@ -249,6 +248,9 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         if epoch >= cfg.run.epochs and not stopped:  # a finished run re-exported, or run.epochs set below it
             dist.print0(f"[train] nothing left to train: the checkpoint is at epoch {epoch}, run.epochs="
                         f"{cfg.run.epochs}; exporting it as it stands")
+        elif stopped and stop_reason == "early" and epoch < cfg.run.epochs:  # a larger run.epochs cannot undo it
+            dist.print0(f"[train] nothing left to train: the run stopped early at epoch {epoch} (run.early_stopping, "
+                        f"patience {cfg.run.patience}); exporting it as it stands (a new run.output_dir trains anew)")
     if info.is_main and cfg.run.keep == "best":
         # best/ holds what the checkpoint this run continues from held, and nothing else: the weights
         # travel with it (a resume into another run directory still exports them), and a file written
@@ -278,7 +280,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                  "config": config_to_json(cfg), "world_size": info.world_size,
                  "stopped": stopped, "stop_reason": stop_reason, "last_validation": last_val, **tracker.state_dict(),
                  "best_weights": ckpt.read_best(run_dir) if cfg.run.keep == "best" and info.is_main else {},
-                 "guard": guard.state_dict(), "data_fingerprint": checks.data_fingerprint(meta),
+                 "guard": guard.state_dict(), "data_fingerprint": checks.data_fingerprint(meta), "cells_fingerprint": cells,
                  "torch_threads": torch.get_num_threads(), "code_fingerprint": code, "weights_dtype": str(weights_dtype)}
         stream = train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}
         rank_state = {"rng": ckpt.rng_state(), "stream": stream, "epoch_totals": totals.state_dict() if mid_epoch else None}
@@ -378,7 +380,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
         about = {"weights": "last", "epochs": epoch, "steps": step, "validation": last_val,
                  # what inference needs of the training store: its cells (per-cell modality weights are rows
                  # of a table over them) and the ATAC size factors' denominator (trainer/export.py)
-                 TRAINING_STORE: {"cells_fingerprint": cells_fingerprint(store),
+                 TRAINING_STORE: {"cells_fingerprint": cells,
                                   "atac_library_max": float(train_stream.table.atac_library_max)}}
         if cfg.run.keep == "best" and (run_dir / ckpt.BEST_FILE).is_file():
             # model.json describes the weights it ships: the best epoch's step and validation, not the last's

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from trainer.config import ConfigError, ModelConfig, QueryConfig, TrainConfig
+from trainer.dist import print0
 from trainer.export import load_model, training_atac_library_max
 from trainer.jobs.common import InferError, code_maps, data_mismatch, resolve_model_dir
 from trainer.nn import FCStack, covariate_width
@@ -70,6 +71,10 @@ def with_reference_model(cfg: TrainConfig, ref: Reference) -> TrainConfig:
         # per-cell weights are rows of the reference's training cells; the query's cells have none
         raise ConfigError(f"query.reference={cfg.query.reference} learned per-cell modality weights "
                           "(modality_weights=cell): they belong to its training cells, a query cannot use them")
+    taken = [f"{k}={args[k]!r}" for k in arch if k in args and getattr(cfg.model, k) != args[k]]
+    if taken:  # a value set to the default cannot be told from an unset one: say which values the query uses
+        print0(f"[query] model.* from query.reference={cfg.query.reference}: {', '.join(taken)} (a query trains "
+               "the reference's architecture)")
     return replace(cfg, model=replace(cfg.model, **{k: args[k] for k in arch if k in args}))
 
 
@@ -202,7 +207,15 @@ def freeze(module: nn.Module, q: QueryConfig) -> dict[str, torch.Tensor]:
     if q.unfrozen:
         return {}
     on, masks = trainable_masks(module, q)
-    for name, p in module.named_parameters():
+    params = dict(module.named_parameters())
+    if not any(on[k] and bool(masks[k].any()) for k in params):
+        # a 1-batch reference without categorical covariates and a store of that same batch: no covariate column
+        # exists, so the run only decayed the frozen weights (weight decay) and said "done"
+        raise ConfigError("query: nothing would train: the query's rules leave no weight free (a reference of one "
+                          "batch and no categorical covariate, queried on a store that adds no new batch or category, "
+                          "has no covariate column to learn); query a store of new batches, or set "
+                          "query.unfrozen=true to fine-tune every weight")
+    for name, p in params.items():
         p.requires_grad_(on[name])
         if on[name] and not masks[name].all():
             p.register_hook(_KeepColumns(masks[name]))

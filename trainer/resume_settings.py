@@ -53,6 +53,8 @@ def check_same_settings(saved_config: str | None, cfg: TrainConfig, path: str) -
     if changed:
         diff = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        # the optimizer's reason only where an optimizer setting changed (it blamed the lr for model.n_hidden)
+        why = (" (its optimizer would keep the old learning rate)" if any(k.startswith("optim.") for k in changed)
+               else "")
         raise ConfigError(f"resuming {path} with other settings: {diff}{more}. A resumed run continues with its "
-                          "checkpoint's settings (its optimizer would keep the old learning rate); set them back, "
-                          "or start a new run in another run.output_dir")
+                          f"checkpoint's settings{why}; set them back, or start a new run in another run.output_dir")
