@@ -63,10 +63,10 @@ class EpochSlices:
                          world_size=self.world_size)
 
 
-def step_noise(seed: int, step: int, offset: int, size: int, total: int, n_latent: int,
+def step_noise(seed: int, step: int, offset: int, size: int, total: int, n_noise: int,
                device: torch.device) -> torch.Tensor:
-    """Reparameterisation noise for this rank's slice ``[offset, offset + size)`` of the GLOBAL batch of
-    step ``step`` (``total`` cells over all ranks).
+    """Reparameterisation noise (``n_noise`` columns: ``MultiVAE.n_noise``, z's and a lognormal library's) for this
+    rank's slice ``[offset, offset + size)`` of the GLOBAL batch of step ``step`` (``total`` cells over all ranks).
 
     Drawn from a generator keyed by (seed, step) only, so N ranks draw exactly what one process with the
     concatenated batch draws: a 2-process run then equals a 1-process run on the concatenated batch, and
@@ -74,5 +74,5 @@ def step_noise(seed: int, step: int, offset: int, size: int, total: int, n_laten
     """
     key = int.from_bytes(hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest(), "little")
     g = torch.Generator().manual_seed(key % 2**63)
-    eps = torch.randn(total, n_latent, generator=g)
+    eps = torch.randn(total, n_noise, generator=g)
     return eps[offset:offset + size].to(device)

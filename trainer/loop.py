@@ -312,7 +312,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                 if not cfg.optim.n_epochs_kl_warmup:  # step-based warm-up (null or 0, as kl_weight reads it)
                     kl_w = kl_schedule(epoch, step, None, o.n_steps_kl_warmup, o.min_kl_weight, o.max_kl_weight)
                 sl = slices.at(batches_done, batch[keys.BATCH].shape[0])
-                eps = step_noise(cfg.run.seed, step, sl.offset, sl.size, sl.total, module.n_latent, info.device)
+                eps = step_noise(cfg.run.seed, step, sl.offset, sl.size, sl.total, module.n_noise, info.device)
                 values = train_one_step(w, batch, kl_w, eps, guard, step, sl.share)
                 step += 1
                 batches_done += 1

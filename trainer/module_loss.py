@@ -79,7 +79,8 @@ class ObjectiveMixin:
     ) -> dict[str, torch.Tensor]:
         """Encode both modalities, mix them into the joint posterior and draw z.
 
-        ``eps`` (B, n_latent): standard-normal noise for the reparameterised sample; drawn if None
+        ``eps`` (B, n_noise): standard-normal noise for the reparameterised sample (z's columns, then the lognormal
+        library's); drawn if None
         (passing it makes a step reproducible across implementations and lets predictors draw many).
 
         ``measured_only``: run each encoder only on the rows where its modality is measured (and on
@@ -120,12 +121,16 @@ class ObjectiveMixin:
             lib_rna, lib_atac = torch.log(sf[:, [0]] + 1e-6), sf[:, [1]]
         if eps is None:
             eps = torch.randn(mask.shape[0], self.n_noise, dtype=qzm_rna.dtype, device=qzm_rna.device)
+        elif eps.shape[-1] != self.n_noise:
+            # strict: noise with z's columns only left a lognormal library at its mean in training, silently
+            # (its variance then learned nothing but the prior's)
+            raise ValueError(f"eps has {eps.shape[-1]} columns, the module needs n_noise={self.n_noise} (n_latent "
+                             f"{self.n_latent}{' + 1 for the lognormal library' if self.n_noise > self.n_latent else ''})")
         library = {}
         if self.rna_library == "lognormal":
-            # the log-library is latent: a reparameterised draw from N(qlm, qlv). Noise given with only z's
-            # columns (the predictors' mean pass) decodes the posterior mean.
+            # the log-library is latent: a reparameterised draw from N(qlm, qlv) (zero noise: the posterior mean)
             qlm, qlv = lib_rna[:, :1], lib_rna[:, 1:]
-            lib_rna = qlm if eps.shape[1] == self.n_latent else qlm + eps[:, self.n_latent:] * qlv.sqrt()
+            lib_rna = qlm + eps[:, self.n_latent:] * qlv.sqrt()
             library = {"qlm_rna": qlm, "qlv_rna": qlv}
         alpha = self.modality_alpha(mask, batch.get(keys.INDEX))
         # weighted mean of the modality posteriors; variances mix with sqrt(alpha) (spec §2.5-2.6)

@@ -156,7 +156,7 @@ def mean_pass(module: MultiVAE, batch: dict) -> dict[str, torch.Tensor]:
     The noise lives on the batch's device (a CPU eps next to a CUDA posterior raised on every GPU
     inference job but the default embedding)."""
     mask = batch[keys.MASK]
-    return module.inference(batch, eps=torch.zeros(mask.shape[0], module.n_latent, dtype=module.dtype,
+    return module.inference(batch, eps=torch.zeros(mask.shape[0], module.n_noise, dtype=module.dtype,
                                                    device=mask.device))
 
 

@@ -78,7 +78,7 @@ def all_bf16_check(module: MultiVAE, batch: dict) -> dict:
         for p in m32.parameters():
             p.copy_(p.bfloat16().float())
     m16 = copy.deepcopy(m32).to(torch.bfloat16)
-    eps = torch.randn(batch["batch"].shape[0], module.n_latent, device=batch["batch"].device)
+    eps = torch.randn(batch["batch"].shape[0], module.n_noise, device=batch["batch"].device)
     ref = m32.loss(batch, 0.5, eps=eps)
     total, out, _ = vae_objective(m16, None, batch, 0.5, eps=eps)
     total.backward()

@@ -84,7 +84,7 @@ def profile_stages(job: str, model_dir: str, store_path: str, batch: int, n_batc
                 break  # whole chunks only (the job's last short chunk goes through zarr)
             with stage("read + collate batch"):
                 b = to_device(stream.make_batch(np.arange(lo, hi)), "cpu")
-            eps = torch.zeros(hi - lo, module.n_latent)
+            eps = torch.zeros(hi - lo, module.n_noise)
             with stage("encode (module.inference)"):
                 inf = module.inference(b, eps=eps)
             with stage("  variant: encode measured rows only (inference(measured_only=True))"):

@@ -30,7 +30,7 @@ def _jeffreys_parts(qm1, qv1, qm2, qv2) -> tuple[torch.Tensor, torch.Tensor]:
 def _encode(module: MultiVAE, rna: sp.csr_matrix, atac: sp.csr_matrix, mask: np.ndarray,
             batch: np.ndarray) -> dict[str, torch.Tensor]:
     n = rna.shape[0]
-    inf = module.inference(_batch(rna, atac, mask, batch), eps=torch.zeros(n, module.n_latent))
+    inf = module.inference(_batch(rna, atac, mask, batch), eps=torch.zeros(n, module.n_noise))
     return {k: inf[k] for k in ("qzm_rna", "qzv_rna", "qzm_atac", "qzv_atac", "lib_rna", "lib_atac")}
 
 
@@ -74,7 +74,7 @@ def diagnostics(module: MultiVAE, view_rna: sp.csr_matrix, view_atac: sp.csr_mat
     # the training objective's terms on the training view (posterior mean instead of a sample)
     t = np.flatnonzero(train)
     b = _batch(view_rna[t], view_atac[t], mask[t], batch[t])
-    lo = module.loss(b, kl_weight=1.0, eps=torch.zeros(len(t), module.n_latent))
+    lo = module.loss(b, kl_weight=1.0, eps=torch.zeros(len(t), module.n_noise))
     m = torch.as_tensor(mask[t])
     out["diag_train_loss"] = float((lo.recon_rna + lo.recon_atac + lo.kl + lo.penalty).mean())
     out["diag_train_recon_rna"] = _mean(lo.recon_rna[m[:, 0]])
