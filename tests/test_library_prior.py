@@ -204,3 +204,19 @@ def test_training_draws_the_library_so_its_posterior_narrows_below_the_prior(tra
     rna = inf["mask"][:, 0]
     assert float(inf["qlv_rna"][rna].mean()) < 0.3 * prior_var
     assert abs(float(inf["qlm_rna"][rna].mean()) - float(model.module.library_log_mean.mean())) < 0.5
+
+
+def test_a_two_process_run_trains_a_lognormal_library(trained, tmp_path):
+    """torchrun, 2 processes (gloo): the prior buffers are the store's on the exported model, and validation (keyed
+    noise of n_noise columns on each rank) is finite and falls."""
+    from tests.train_utils import tiny_overrides, train_cli
+
+    store = trained[0]
+    train_cli(tiny_overrides(store, tmp_path / "ddp", **{"model.rna_library": "lognormal", "run.epochs": 4,
+                                                         "optim.lr": 1e-2}), nproc=2)
+    weights = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
+    stats = open_store(store).read_stats()
+    np.testing.assert_allclose(weights["library_log_mean"].numpy(), stats["rna_library_log_mean"], rtol=1e-6)
+    recs = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    elbo = [r["elbo_validation"] for r in recs if "elbo_validation" in r]
+    assert len(elbo) == 4 and all(np.isfinite(elbo)) and elbo[-1] < elbo[0]
