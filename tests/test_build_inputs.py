@@ -342,3 +342,17 @@ def test_samples_sharing_barcodes_are_told_apart_by_id_prefix(tmp_path, preshuff
             np.testing.assert_array_equal(mats["rna"][row[f"s{k}_{cid}"]], r.X[j].toarray().ravel())
         for j, cid in enumerate(a.obs_names):
             np.testing.assert_array_equal(mats["atac"][row[f"s{k}_{cid}"]], a.X[j].toarray().ravel())
+
+
+def test_a_wrong_n_genes_that_puts_regions_among_the_genes_is_refused():
+    """kind=scvi without a modality column splits at n_genes: one too many made the first peak a gene, without
+    a word. Where the peaks are named as regions, a region-named column on the genes' side is refused."""
+    from data.convert.base import _split_columns
+
+    var = pd.DataFrame(index=[f"g{i}" for i in range(5)] + [f"chr1-{i * 100}-{i * 100 + 50}" for i in range(1, 6)])
+    genes, peaks = _split_columns(var, None, 5, "x.h5ad")
+    assert list(genes) == [0, 1, 2, 3, 4] and list(peaks) == [5, 6, 7, 8, 9]
+    with pytest.raises(ValueError, match=r"x\.h5ad: n_genes=7 puts 'chr1-100-150' \(column 5\), named like a region"):
+        _split_columns(var, None, 7, "x.h5ad")
+    other = pd.DataFrame(index=["HLA-A", "MT-ND1", "RP11-34P13.3", "g", "chrX:10-20", "chr2_5_9", "KI270727.1:1-9"])
+    assert len(_split_columns(other, None, 4, "y")[0]) == 4  # gene names with dashes and odd contigs pass

@@ -252,6 +252,15 @@ def _split_columns(var: pd.DataFrame, types: np.ndarray | None, n_genes: int | N
                          + " or n_genes (genes come first in the scvi layout)")
     if not 0 < n_genes <= len(var):
         raise ValueError(f"{where}: n_genes={n_genes} is outside 1..{len(var)}")
+    # a wrong n_genes without a modality column split silently; where the peaks are named as regions
+    # (chr1-100-200, chr1:100-200, chr1_100_200), a region-named feature among the genes shows it
+    names = pd.Series(var.index.astype(str))
+    regionlike = names.str.fullmatch(r"(chr)?[0-9A-Za-z]{1,5}[:_-]\d+[_-]\d+", case=False).to_numpy()
+    if n_genes < len(var) and regionlike[n_genes:].mean() > 0.9 and regionlike[:n_genes].any():
+        k = int(np.flatnonzero(regionlike[:n_genes])[0])
+        raise ValueError(f"{where}: n_genes={n_genes} puts {names[k]!r} (column {k}), named like a region, among the "
+                         f"genes: the first region is column {int(np.argmax(regionlike))}; fix n_genes or give a "
+                         "modality column (modality_key)")
     return np.arange(n_genes), np.arange(n_genes, len(var))
 
 

@@ -24,17 +24,10 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[_var] = "1"
-os.environ.setdefault("WANDB_MODE", "disabled")
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "neurips2021_bmmc_multiome_starter"
-EPOCHS, LR, BATCH, WARMUP = 200, 1e-3, 64, 100
+from bmmc_runs import BATCH, DATA, EPOCHS, LR, ROOT, WARMUP, bmmc_config
 
 
 def _stores(work: Path, data: Path) -> tuple[Path, Path]:
@@ -60,17 +53,8 @@ def _stores(work: Path, data: Path) -> tuple[Path, Path]:
 
 
 def _config(store, out, epochs: int, **extra):
-    from omegaconf import OmegaConf
-
-    from trainer.config import load_config
-
-    cfg = OmegaConf.create()
-    for dotted, value in {"data.store": str(store), "data.batch_size": BATCH, "data.val_fraction": 0.0,
-                          "optim.lr": LR, "optim.n_epochs_kl_warmup": min(WARMUP, epochs), "run.epochs": epochs,
-                          "run.early_stopping": False, "run.validate_every_epochs": 0, "run.resume": "none",
-                          "run.output_dir": str(out), "logger.plot": False, **extra}.items():
-        OmegaConf.update(cfg, dotted, value)  # nested keys from the dotted names, values as given
-    return load_config(cfg)
+    """Every cell trains: no validation split, no validation."""
+    return bmmc_config(store, out, epochs, **{"data.val_fraction": 0.0, "run.validate_every_epochs": 0, **extra})
 
 
 def _cpu() -> float:
