@@ -117,6 +117,11 @@ def default_batch_name(src) -> str:
     return Path(src.name.split(" + ")[0]).stem
 
 
+def _is_float32(v: float) -> bool:
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, not equal
+        return float(np.float32(v)) == v
+
+
 def as_text(values: pd.Series) -> np.ndarray:
     """obs values -> category names (object array; None where missing), one rule for every input.
 
@@ -133,15 +138,15 @@ def as_text(values: pd.Series) -> np.ndarray:
         return out
     codes, uniq = pd.factorize(s, use_na_sentinel=True)  # per distinct value, not per cell (1M cells)
     names = np.empty(len(uniq), dtype=object)
-    # a float32 value is written in float32's shortest form: as a Python float 0.1f32 reads
-    # "0.10000000149011612", so a float32 column and a float64 one of the same values (two inputs, or the RNA
-    # and ATAC obs of one pair) would name different batches
-    narrow = s.dtype.type if s.dtype.kind == "f" and s.dtype.itemsize < 8 else None
     for j, v in enumerate(uniq.to_numpy(dtype=object) if hasattr(uniq, "to_numpy") else uniq):
-        if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        if isinstance(v, (float, np.floating)) and float(v).is_integer() and abs(v) < 2**53:  # 1e300: no 301 digits
             v = int(v)
-        elif narrow is not None and isinstance(v, (float, np.floating)):
-            v = narrow(v)
+        elif isinstance(v, (float, np.floating)) and _is_float32(float(v)):
+            # a float32 number in float32's shortest form: as a Python float 0.1f32 reads "0.10000000149011612",
+            # so a float32 column and a float64 one of the same values (two inputs; or one pair's RNA and ATAC
+            # obs, which pandas joins as float64) named different batches. Only float32 numbers: 0.1 in float64
+            # is not one and prints "0.1" anyway
+            v = np.float32(v)
         names[j] = str(v)
     ok = codes >= 0
     out[ok] = names[codes[ok]]

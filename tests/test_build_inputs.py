@@ -55,6 +55,14 @@ def test_text_of_obs_values_does_not_depend_on_how_pandas_typed_the_column():
     # float32 in its own shortest form (as a Python float 0.1f32 is "0.10000000149011612")
     assert list(as_text(pd.Series(np.array([0.1, 2.3, 3.0], np.float32)))) == ["0.1", "2.3", "3"]
     assert list(as_text(pd.Series([0.1, None], dtype="Float32"))) == ["0.1", None]
+    # float64 values that are float32 numbers (a float32 column upcast by a join) too; huge ones stay short
+    assert list(as_text(pd.Series(np.array([0.1, 2.3], np.float32).astype(np.float64)))) == ["0.1", "2.3"]
+    assert list(as_text(pd.Series([1 / 3, 1e300]))) == ["0.3333333333333333", "1e+300"]
+
+
+def as_text_names(st) -> dict:
+    obs = st.read_obs()
+    return {c: str(obs.loc[c, "dose"]) for c in ("c9", "c0", "c2")}
 
 
 def test_float32_and_float64_values_name_the_same_batch(tmp_path):
@@ -65,6 +73,15 @@ def test_float32_and_float64_values_name_the_same_batch(tmp_path):
                 batch_key="dose")
     assert st.meta.batch_categories == ["0.1", "2.3"]
     assert st.read_obs()["dose"].value_counts().to_dict() == {"0.1": 6, "2.3": 6}
+    # one pair, float32 in the RNA obs and float64 in the ATAC obs: pandas joins them as float64, which upcast the
+    # RNA cells' 0.1 to 0.10000000149011612 (the ATAC-only cell of the same donor named "0.1")
+    rna, atac = _pair(obs={"dose": np.array([0.1, 0.1, 0.2, 0.1, 0.1, 0.2], np.float32)})
+    atac.obs["dose"] = atac.obs["dose"].astype(np.float64)
+    atac.obs.loc["c5", "dose"] = 0.1
+    atac.obs_names = [*atac.obs_names[:5], "c9"]  # c9: ATAC-only
+    st = _build(tmp_path / "pair", [_write_pair(tmp_path, rna, atac, name="z")], batch_key="dose")
+    assert st.meta.batch_categories == ["0.1", "0.2"]
+    assert as_text_names(st) == {"c9": "0.1", "c0": "0.1", "c2": "0.2"}
 
 
 def test_integer_batch_ids_name_the_same_batch_in_every_input(tmp_path):

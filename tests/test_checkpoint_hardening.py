@@ -252,7 +252,9 @@ def test_the_settings_refusal_blames_the_optimizer_only_for_optimizer_keys(run, 
     with pytest.raises(ConfigError, match=r"model\.n_hidden \(32 -> 16\)\. A resumed run continues with its "
                                           r"checkpoint's settings; set them back"):
         train(tiny_config(store, dst, **{"run.epochs": 3, "model.n_hidden": 16}))
-    with pytest.raises(ConfigError, match=r"checkpoint's settings \(its optimizer would keep the old learning rate\)"):
+    with pytest.raises(ConfigError, match=r"optim\.n_epochs_kl_warmup \(2 -> 5\)\. .*checkpoint's settings; set"):
+        train(tiny_config(store, dst, **{"run.epochs": 3, "optim.n_epochs_kl_warmup": 5}))
+    with pytest.raises(ConfigError, match=r"checkpoint's settings \(its optimizer state would keep the old value\)"):
         train(tiny_config(store, dst, **{"run.epochs": 3, "optim.lr": 0.5}))
 
 

@@ -319,6 +319,8 @@ def test_a_query_that_could_train_nothing_or_query_options_without_one_are_refus
 
     with pytest.raises(ConfigError, match=r"query\.unfrozen, query\.freeze_dropout apply only to a query run"):
         load_config({"data": {"store": "s"}, "query": {"unfrozen": True, "freeze_dropout": True}})
+    with pytest.raises(ConfigError, match=r"query\.unfrozen apply only to a query run"):  # "" is no reference either
+        load_config({"data": {"store": "s"}, "query": {"reference": "", "unfrozen": True}})
     one = write_synthetic_store(tmp_path / "one", n_cells=120, n_genes=40, n_regions=60, n_batches=1, progress=False)
     ref = train(tiny_config(one, tmp_path / "ref", **{"run.epochs": 1, "model.encode_covariates": True})).run_dir
     capsys.readouterr()

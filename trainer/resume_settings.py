@@ -37,6 +37,11 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# what the optimizers' state dicts carry (param_groups): a resumed optimizer keeps the checkpoint's value
+_OPTIMIZER_STATE = ("optim.lr", "optim.weight_decay", "optim.eps", "optim.classifier_lr", "optim.classifier_eps",
+                    "optim.classifier_weight_decay")
+
+
 def check_same_settings(saved_config: str | None, cfg: TrainConfig, path: str) -> None:
     """Raise ConfigError naming every setting (outside RESUMABLE and logger.*) that differs from the
     checkpoint's; nothing to compare for a checkpoint without its config."""
@@ -54,7 +59,7 @@ def check_same_settings(saved_config: str | None, cfg: TrainConfig, path: str) -
         diff = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
         # the optimizer's reason only where an optimizer setting changed (it blamed the lr for model.n_hidden)
-        why = (" (its optimizer would keep the old learning rate)" if any(k.startswith("optim.") for k in changed)
+        why = (" (its optimizer state would keep the old value)" if any(k in _OPTIMIZER_STATE for k in changed)
                else "")
         raise ConfigError(f"resuming {path} with other settings: {diff}{more}. A resumed run continues with its "
                           f"checkpoint's settings{why}; set them back, or start a new run in another run.output_dir")
