@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -215,11 +216,21 @@ def test_a_query_run_stopped_and_resumed_ends_as_the_uninterrupted_one(stores, t
 
     q = {"query.reference": str(stores["run"])}
     full = train(tiny_config(stores["qstore"], tmp_path / "full", **q))
+    # the reference moved away between the stop and the resume (it was needed to resume): the run's record of it
+    # and the checkpoint carry the resume; with no checkpoint left the run says so
+    moved = tmp_path / "reference"
+    shutil.copytree(stores["run"] / "model", moved)
+    q = {"query.reference": str(moved)}
     train(tiny_config(stores["qstore"], tmp_path / "part", **q, **{"run.max_steps": 4}))
+    assert json.loads((tmp_path / "part" / "query_reference.json").read_text()) == \
+        json.loads((moved / "model.json").read_text())
+    shutil.rmtree(moved)
     part = train(tiny_config(stores["qstore"], tmp_path / "part", **q))
     assert part.steps == full.steps == 6
     a, b = load_file(Path(full.model_dir) / "model.safetensors"), load_file(Path(part.model_dir) / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match=r"is gone and this run resumes no checkpoint"):
+        train(tiny_config(stores["qstore"], tmp_path / "part", **q, **{"run.resume": "none"}))
 
 
 def test_a_size_factor_query_keeps_the_reference_scale(stores, tmp_path):

@@ -204,6 +204,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     last_val: dict[str, float] = {}  # the last validation (kept in checkpoints: a finished run re-exports it)
     stop_reason = ""  # "early" (early stopping) | "max_steps": a larger run.max_steps continues the run
     path = dist.broadcast_object(str(ckpt.find_resume(run_dir, cfg.run.resume) or ""))
+    query.check_resumable(ref, path)
     if path:
         state, rank_state = ckpt.load_states(path, info.rank, info.world_size)
         # what this loop reads, named in one line if a checkpoint of other code or a damaged one lacks it
@@ -284,6 +285,8 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
                  "torch_threads": torch.get_num_threads(), "code_fingerprint": code, "weights_dtype": str(weights_dtype)}
         stream = train_stream.state_dict(batches_consumed=batches_done) if mid_epoch else {}
         rank_state = {"rng": ckpt.rng_state(), "stream": stream, "epoch_totals": totals.state_dict() if mid_epoch else None}
+        if ref is not None and info.is_main:
+            query.keep_record(ref, run_dir)  # a resume then needs the checkpoint only, not the reference directory
         final = ckpt.save_checkpoint(run_dir, step, state, rank_state, w, keep=cfg.run.keep_checkpoints)
         guard.last_good_checkpoint = str(final)
 

@@ -21,6 +21,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -40,17 +42,26 @@ _EXECUTION_OPTIONS = ("compile_kernels", "native_kernels")
 _LAYER = re.compile(r"(.+)\.fc_layers\.Layer (\d+)\.0\.(weight|bias)")
 
 
+RECORD = "query_reference.json"  # the reference's model.json, kept in the run directory with the first checkpoint
+
+
 @dataclass
 class Reference:
     path: Path
     info: dict
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor] | None  # None: read from the run's record (a resume takes every weight from its checkpoint)
 
 
-def load_reference(path: str) -> Reference:
+def load_reference(path: str, run_dir: str | None = None) -> Reference:
     try:
         d = resolve_model_dir(path)
     except InferError as exc:
+        record = Path(run_dir) / RECORD if run_dir else None
+        if record is not None and record.is_file():
+            # moved or deleted since the run started: a resume needs only the reference's description
+            # (architecture, categories, ATAC scale); the loop refuses it where no checkpoint is left to resume
+            print0(f"[query] query.reference={path} is gone; the run continues from its record of it ({record})")
+            return Reference(Path(path), json.loads(record.read_text()), None)
         raise ConfigError(f"query.reference: {exc}") from None
     with torch.random.fork_rng(devices=[]):  # building it draws initial weights: not from the run's seed
         module, info = load_model(d)
@@ -231,9 +242,28 @@ def freeze(module: nn.Module, q: QueryConfig) -> dict[str, torch.Tensor]:
 
 
 def start(module: nn.Module, ref: Reference, q: QueryConfig) -> None:
-    """The query model's starting point: the reference's weights, then what trains."""
-    start_from_reference(module, ref)
+    """The query model's starting point: the reference's weights (none from a record: the checkpoint's follow),
+    then what trains."""
+    if ref.state is not None:
+        start_from_reference(module, ref)
     freeze(module, q)
+
+
+def keep_record(ref: Reference, run_dir: Path) -> None:
+    """Rank 0, with each checkpoint (once): the reference's model.json into the run directory, so that a resume
+    does not depend on the reference directory still being there."""
+    dst = Path(run_dir) / RECORD
+    if not dst.is_file():
+        tmp = dst.with_name(f".{RECORD}.tmp")
+        tmp.write_text(json.dumps(ref.info))
+        os.replace(tmp, dst)
+
+
+def check_resumable(ref: Reference | None, checkpoint: str) -> None:
+    """A reference read from the run's record has no weights: only a checkpoint can supply them."""
+    if ref is not None and ref.state is None and not checkpoint:
+        raise ConfigError(f"query.reference={ref.path} is gone and this run resumes no checkpoint (none in the run "
+                          "directory, or run.resume=none): give the reference model")
 
 
 def for_query(cfg: TrainConfig, meta):
@@ -246,7 +276,7 @@ def for_query(cfg: TrainConfig, meta):
         # reference weights would be exported rounded to bf16 (DDP's bf16 autocast keeps them fp32)
         raise ConfigError("query.reference with dist.backend=deepspeed and dist.precision=bf16 would round the frozen "
                           "reference weights to bf16: use dist.backend=ddp (bf16 autocast) or precision fp32")
-    ref = load_reference(cfg.query.reference)
+    ref = load_reference(cfg.query.reference, cfg.run.output_dir)
     return with_reference_model(cfg, ref), query_meta(meta, ref), ref
 
 
