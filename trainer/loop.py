@@ -52,7 +52,7 @@ from trainer.validation import validate, warn_if_collapsed
 
 VALIDATION_KEYS = ("reconstruction_loss_validation", "elbo_validation")
 # the per-cell means a train record reports for the global batch (grad_norm is already global)
-TRAIN_TERMS = ("recon_rna", "recon_atac", "kl", "penalty", "adversarial", "loss", "classifier")
+TRAIN_TERMS = ("recon_rna", "recon_atac", "kl", "kl_library", "penalty", "adversarial", "loss", "classifier")
 
 
 @dataclass
@@ -98,7 +98,8 @@ def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor 
     # F.binary_cross_entropy raised on NaN probabilities on the CPU and was a device-side assert on CUDA)
     total, out, adversarial = w.forward(batch, kl_weight, eps)
     terms = {"recon_rna": out.recon_rna.mean(), "recon_atac": out.recon_atac.mean(), "kl": out.kl.mean(),
-             "penalty": out.penalty.mean(), "adversarial": adversarial, "loss": total}
+             "penalty": out.penalty.mean(), "adversarial": adversarial, "loss": total,
+             **({} if out.kl_library is None else {"kl_library": out.kl_library.mean()})}  # lognormal: also in kl
     values = dict(zip(terms, torch.stack([t.detach().double() for t in terms.values()]).tolist(), strict=True))
     w.zero_grad()
     if guard.check(step, values):
