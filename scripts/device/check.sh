@@ -12,7 +12,7 @@
 #   synth      a synthetic store (mva-synth)
 #   ddp        mva-train under torchrun on one GPU (NCCL), bf16 autocast, LR plateau on, early stopping on
 #   resume     the same run continued for more epochs (resume=auto)
-#   deepspeed  mva-train with DeepSpeed ZeRO 2, bf16 weights, LR plateau on
+#   deepspeed  mva-train with DeepSpeed ZeRO 2, bf16 weights, LR plateau on, the lognormal RNA library
 #   ds_cpu     DeepSpeed with dist.device=cpu on the GPU node: a few steps on DeepSpeed's CPU accelerator
 #   embed      mva-infer job=embed on the GPU, and the same with device=cpu: the latents compared
 #   sample     the same with posterior samples (give_mean=false, one seed) on both devices: compared
@@ -89,7 +89,7 @@ step ddp "${TORCHRUN[@]}" -m trainer.train "${TRAIN[@]}" dist.precision="$PRECIS
 step resume "${TORCHRUN[@]}" -m trainer.train "${TRAIN[@]}" dist.precision="$PRECISION" run.epochs=$MORE \
   run.output_dir="$WORK/ddp"
 step deepspeed "${TORCHRUN[@]}" -m trainer.train "${TRAIN[@]}" dist=deepspeed dist.zero_stage=2 \
-  dist.precision="$PRECISION" run.epochs=$EPOCHS run.output_dir="$WORK/ds"
+  dist.precision="$PRECISION" model.rna_library=lognormal run.epochs=$EPOCHS run.output_dir="$WORK/ds"
 step ds_cpu "${TORCHRUN[@]}" -m trainer.train "${TRAIN[@]}" dist=deepspeed dist.device=cpu run.epochs=1 run.max_steps=3 \
   run.output_dir="$WORK/ds_cpu"
 step embed "$PY" -m trainer.infer model_dir="$WORK/ddp" store="$STORE" output="$WORK/embed_gpu.zarr" progress=false \
