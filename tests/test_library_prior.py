@@ -124,6 +124,8 @@ def test_training_run_exports_the_store_prior_and_learns(trained):
     recs = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
     elbo = [r["elbo_validation"] for r in recs if "elbo_validation" in r]
     assert len(elbo) == 3 and elbo[-1] < 0.8 * elbo[0] and all(np.isfinite(elbo))
+    vals = [r for r in recs if "elbo_validation" in r]  # the library's part of kl_validation, reported alone
+    assert all(0 < r["kl_library_validation"] < r["kl_validation"] for r in vals)
     steps = [r for r in recs if r.get("kind") == "train"]  # the library's KL logged as a term of its own (in kl too)
     assert steps and all(0 < r["kl_library"] < r["kl"] for r in steps)
 

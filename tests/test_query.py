@@ -341,3 +341,33 @@ def test_a_query_that_could_train_nothing_or_query_options_without_one_are_refus
     assert len(note) == 1 and "encode_covariates=True" in note[0], note
     res = train(tiny_config(one, tmp_path / "q2", **{"query.reference": ref, "query.unfrozen": True, "run.epochs": 1}))
     assert res.epochs == 1  # fine-tuning every weight is still possible
+
+
+def test_the_runs_record_of_its_reference_follows_moves_and_refuses_another_model(stores, tmp_path):
+    """Helper review of query_reference.json: a fresh start kept an earlier run's record (a later resume took that
+    reference's categories: wrong batch names in model.json); a resume from a checkpoint of another run directory
+    did not find the record; the reference given at its new path after a move was refused as a changed setting."""
+    from trainer.train import train
+
+    a = tmp_path / "ref_a"
+    shutil.copytree(stores["run"] / "model", a)
+    q = {"query.reference": str(a), "run.max_steps": 2}
+    other = train(tiny_config(stores["qstore"], tmp_path / "b_run", **q)).model_dir  # another model: reference B
+    run = tmp_path / "run"
+    train(tiny_config(stores["qstore"], run, **q))
+    shutil.rmtree(run / "checkpoints")  # start over in the same directory, from reference B
+    train(tiny_config(stores["qstore"], run, **{**q, "query.reference": other}))
+    assert json.loads((run / "query_reference.json").read_text()) == \
+        json.loads((Path(other) / "model.json").read_text())
+    with pytest.raises(ConfigError, match=r"is not the model this run started from \(its record .* differs\)"):
+        train(tiny_config(stores["qstore"], run, **{"query.reference": str(a), "run.max_steps": 4}))
+    moved = tmp_path / "moved_b"
+    shutil.move(other, moved)  # B moved: given at its new path, the resume goes on
+    assert train(tiny_config(stores["qstore"], run, **{"query.reference": str(moved), "run.max_steps": 3})).steps == 3
+    shutil.rmtree(moved)  # and gone: a resume from this run's checkpoint into another run directory finds the record
+    ckpt = max((run / "checkpoints").iterdir())
+    res = train(tiny_config(stores["qstore"], tmp_path / "elsewhere", **{"query.reference": str(moved),
+                                                                          "run.resume": str(ckpt), "run.max_steps": 4}))
+    assert res.steps == 4 and (tmp_path / "elsewhere" / "query_reference.json").is_file()
+    with pytest.raises(ConfigError, match=r"query\.reference \(.* -> None\)"):  # a query run is not resumed as a plain one
+        train(tiny_config(stores["qstore"], run, **{"run.max_steps": 4}))

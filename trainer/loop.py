@@ -205,7 +205,7 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     last_val: dict[str, float] = {}  # the last validation (kept in checkpoints: a finished run re-exports it)
     stop_reason = ""  # "early" (early stopping) | "max_steps": a larger run.max_steps continues the run
     path = dist.broadcast_object(str(ckpt.find_resume(run_dir, cfg.run.resume) or ""))
-    query.check_resumable(ref, path)
+    query.check_resumable(ref, path, run_dir, info.is_main)
     if path:
         state, rank_state = ckpt.load_states(path, info.rank, info.world_size)
         # what this loop reads, named in one line if a checkpoint of other code or a damaged one lacks it

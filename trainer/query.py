@@ -52,12 +52,19 @@ class Reference:
     state: dict[str, torch.Tensor] | None  # None: read from the run's record (a resume takes every weight from its checkpoint)
 
 
-def load_reference(path: str, run_dir: str | None = None) -> Reference:
+def _records(cfg: TrainConfig) -> list[Path]:
+    """Where a resume finds the run's record: beside the checkpoint it was given (run.resume=<checkpoint>, which
+    may sit in another run directory), then in run.output_dir."""
+    given = [] if cfg.run.resume in ("auto", "none") else [Path(cfg.run.resume).parent.parent / RECORD]
+    return [*given, Path(cfg.run.output_dir) / RECORD]
+
+
+def load_reference(path: str, records: list[Path] = ()) -> Reference:
     try:
         d = resolve_model_dir(path)
     except InferError as exc:
-        record = Path(run_dir) / RECORD if run_dir else None
-        if record is not None and record.is_file():
+        record = next((r for r in records if r.is_file()), None)
+        if record is not None:
             # moved or deleted since the run started: a resume needs only the reference's description
             # (architecture, categories, ATAC scale); the loop refuses it where no checkpoint is left to resume
             print0(f"[query] query.reference={path} is gone; the run continues from its record of it ({record})")
@@ -259,11 +266,23 @@ def keep_record(ref: Reference, run_dir: Path) -> None:
         os.replace(tmp, dst)
 
 
-def check_resumable(ref: Reference | None, checkpoint: str) -> None:
-    """A reference read from the run's record has no weights: only a checkpoint can supply them."""
-    if ref is not None and ref.state is None and not checkpoint:
+def check_resumable(ref: Reference | None, checkpoint: str, run_dir: Path, main: bool) -> None:
+    """The run's reference against its record, once the checkpoint to resume (or none) is known. A reference read
+    from the record has no weights: only a checkpoint can supply them. A resume must query the model the run
+    started from (given at any path: query.reference may move): its model.json equals the record beside the
+    checkpoint. A fresh start drops an earlier run's record (``keep_record`` writes this one's)."""
+    if ref is None:
+        return
+    if ref.state is None and not checkpoint:
         raise ConfigError(f"query.reference={ref.path} is gone and this run resumes no checkpoint (none in the run "
                           "directory, or run.resume=none): give the reference model")
+    record = Path(checkpoint).parent.parent / RECORD if checkpoint else Path(run_dir) / RECORD
+    if not checkpoint:
+        if main:
+            record.unlink(missing_ok=True)
+    elif record.is_file() and json.loads(record.read_text()) != json.loads(json.dumps(ref.info)):
+        raise ConfigError(f"query.reference={ref.path} is not the model this run started from (its record {record} "
+                          "differs): give that model, or start a new run.output_dir")
 
 
 def for_query(cfg: TrainConfig, meta):
@@ -276,7 +295,7 @@ def for_query(cfg: TrainConfig, meta):
         # reference weights would be exported rounded to bf16 (DDP's bf16 autocast keeps them fp32)
         raise ConfigError("query.reference with dist.backend=deepspeed and dist.precision=bf16 would round the frozen "
                           "reference weights to bf16: use dist.backend=ddp (bf16 autocast) or precision fp32")
-    ref = load_reference(cfg.query.reference, cfg.run.output_dir)
+    ref = load_reference(cfg.query.reference, _records(cfg))
     return with_reference_model(cfg, ref), query_meta(meta, ref), ref
 
 

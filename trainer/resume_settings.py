@@ -19,6 +19,7 @@ RESUMABLE = frozenset({
     "run.epochs", "run.max_steps", "run.output_dir", "run.resume", "run.checkpoint_every_steps",
     "run.keep_checkpoints", "run.clear_stale_lock", "run.max_bad_steps",
     "data.store",  # the store's content is checked by its fingerprint; it may have moved
+    "query.reference",  # checked against the run's record of it (trainer/query.py check_resumable); it may move
     "data.num_workers", "data.prefetch", "data.cache_validation_mb",  # the batch order does not depend on them
     "model.native_kernels", "model.compile_kernels",  # the same math (the code fingerprint note says the rest)
     "dist.timeout_s", "dist.find_unused_parameters", "dist.device",
@@ -37,6 +38,8 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_SET_OR_NOT = ("query.reference",)  # resumable at another path, not set <-> unset
+
 # what the optimizers' state dicts carry (param_groups): a resumed optimizer keeps the checkpoint's value
 _OPTIMIZER_STATE = ("optim.lr", "optim.weight_decay", "optim.eps", "optim.classifier_lr", "optim.classifier_eps",
                     "optim.classifier_weight_decay")
@@ -54,7 +57,10 @@ def check_same_settings(saved_config: str | None, cfg: TrainConfig, path: str) -
     defaults = {**_flat(json.loads(config_to_json(TrainConfig()))), **ABSENT_WAS}
     old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     changed = [k for k in sorted(old.keys() | new.keys())
-               if old.get(k) != new.get(k) and k not in RESUMABLE and not k.startswith("logger.")]
+               if old.get(k) != new.get(k) and (k not in RESUMABLE or k in _SET_OR_NOT)
+               and not k.startswith("logger.")]
+    # query.reference may move (its record checks it), but a query run is not resumed as a plain one or back
+    changed = [k for k in changed if k not in _SET_OR_NOT or bool(old.get(k)) != bool(new.get(k))]
     if changed:
         diff = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
