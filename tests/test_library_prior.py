@@ -36,17 +36,17 @@ from trainer.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 
-STATS = {"rna_cells_per_batch": np.array([10, 1, 0, 5]),
+STATS = {"rna_cells_per_batch": np.array([10, 9, 0, 15]),
          "rna_library_log_mean": np.array([7.0, 9.0, 0.0, 8.0], np.float32),
          "rna_library_log_var": np.array([0.25, 0.0, 0.0, 0.0], np.float32)}
 
 
 def test_prior_moments_per_model_batch():
     mean, var = prior_moments(STATS, ["a", "b", "c", "d"], ["d", "a", "new", "b", "c"])
-    pooled_m = (10 * 7 + 9 + 5 * 8) / 16
-    pooled_v = (10 * (0.25 + 49) + 81 + 5 * 64) / 16 - pooled_m**2
+    pooled_m = (10 * 7 + 9 * 9 + 15 * 8) / 34
+    pooled_v = (10 * (0.25 + 49) + 9 * 81 + 15 * 64) / 34 - pooled_m**2
     np.testing.assert_allclose(mean, [8.0, 7.0, pooled_m, pooled_m, pooled_m], rtol=1e-6)
-    # "d": five identical libraries -> the floor; "b" (1 cell), "c" (none), "new" (not in the store) pooled
+    # "d": 15 identical libraries -> the floor; "b" (9 cells: too few), "c" (none), "new" (not in the store) pooled
     np.testing.assert_allclose(var, [1e-4, 0.25, pooled_v, pooled_v, pooled_v], rtol=1e-6)
     mean, var = prior_moments({**STATS, "rna_cells_per_batch": np.zeros(4)}, list("abcd"), ["a"])
     assert (mean, var) == ([0.0], [1.0])  # no RNA cell at all: finite, and it scores no cell

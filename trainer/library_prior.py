@@ -6,10 +6,11 @@ library, with m_b and v_b the mean and variance of log(total RNA counts) over th
 store already holds those moments (``stats/rna_library_log_mean`` / ``_var``, over its RNA-measured cells,
 written at build time, so nothing reads the counts again here).
 
-Batches of the model without two RNA-measured cells in the store (a variance needs two; a batch of ATAC-only
-cells, or one a query model knows from its reference) get the moments pooled over the store's RNA cells:
-their prior never scores a cell of this store, but it must be finite. Variances are floored at 1e-4 (the
-posterior's own floor), so a batch of identical libraries gives a finite KL.
+Batches of the model with fewer than 10 RNA-measured cells in the store get the moments pooled over the
+store's RNA cells: a batch of ATAC-only cells, or one a query model knows from its reference, whose prior
+never scores a cell of this store but must be finite; and a batch too small for its variance to mean anything
+(two cells of near-equal libraries gave a prior so narrow that their KL, ~3e5 nats, swamped the ELBO).
+Variances are floored at 1e-4 (the posterior's own floor), so a batch of identical libraries gives a finite KL.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 _MIN_VAR = 1e-4
+_MIN_CELLS = 10  # RNA cells a batch needs for moments of its own
 
 
 def prior_moments(stats: dict[str, np.ndarray], store_batches: list[str],
@@ -37,7 +39,7 @@ def prior_moments(stats: dict[str, np.ndarray], store_batches: list[str],
     mean, var = np.full(len(model_batches), pooled_m), np.full(len(model_batches), pooled_v)
     for j, name in enumerate(model_batches):
         i = where.get(name)
-        if i is not None and n[i] >= 2:
+        if i is not None and n[i] >= _MIN_CELLS:
             mean[j], var[j] = m[i], v[i]
     return mean, np.maximum(var, _MIN_VAR)
 
