@@ -209,7 +209,7 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         if rna_library == "lognormal":
             # the per-batch prior N(mean, var) of the log RNA library: the training store's moments over its
             # RNA-measured cells (trainer/library_prior.py sets them; buffers, so checkpoints and the exported
-            # model carry them). Kept float32 here; DeepSpeed bf16 rounds them with the module.
+            # model carry them). Float32, also under DeepSpeed bf16 (which casts the parameters: seen in review).
             self.register_buffer("library_log_mean", torch.zeros(n_batch))
             self.register_buffer("library_log_var", torch.ones(n_batch))
 
