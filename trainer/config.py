@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from omegaconf import MISSING
@@ -345,10 +345,10 @@ class TrainConfig:
             readers, fixes = validation_readers(self.run.early_stopping, self.run.keep, plateau)
             raise ConfigError(f"data.val_fraction=0 leaves no validation cells, but {readers} the validation: set "
                               f"{fixes}, or keep a validation split")
-        if not self.query.reference and replace(self.query, reference=None) != QueryConfig():  # "" is no query too
-            # they were silently ignored: a run from scratch where the user asked for a query
-            changed = [f"query.{f.name}" for f in fields(QueryConfig) if f.name != "reference"
-                       and getattr(self.query, f.name) != getattr(QueryConfig(), f.name)]
+        # without query.reference ("" too) they were silently ignored: a run from scratch where a query was asked for
+        changed = [f"query.{f.name}" for f in fields(QueryConfig) if f.name != "reference"
+                   and getattr(self.query, f.name) != getattr(QueryConfig(), f.name)]
+        if not self.query.reference and changed:
             raise ConfigError(f"{', '.join(changed)} apply only to a query run: set query.reference=<run or model "
                               "dir>, or leave them unset")
 

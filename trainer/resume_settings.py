@@ -10,6 +10,7 @@ except the keys below, which change how long, where, or how fast the same run go
 from __future__ import annotations
 
 import json
+import operator
 from typing import Any
 
 from trainer.config import ConfigError, TrainConfig, config_to_json
@@ -19,7 +20,6 @@ RESUMABLE = frozenset({
     "run.epochs", "run.max_steps", "run.output_dir", "run.resume", "run.checkpoint_every_steps",
     "run.keep_checkpoints", "run.clear_stale_lock", "run.max_bad_steps",
     "data.store",  # the store's content is checked by its fingerprint; it may have moved
-    "query.reference",  # checked against the run's record of it (trainer/query.py check_resumable); it may move
     "data.num_workers", "data.prefetch", "data.cache_validation_mb",  # the batch order does not depend on them
     "model.native_kernels", "model.compile_kernels",  # the same math (the code fingerprint note says the rest)
     "dist.timeout_s", "dist.find_unused_parameters", "dist.device",
@@ -38,7 +38,9 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-_SET_OR_NOT = ("query.reference",)  # resumable at another path, not set <-> unset
+# settings compared by a rule of their own: query.reference may move (trainer/query.py check_resumable checks
+# it against the run's record), but a query run is not resumed as a plain one, or back
+_SAME = {"query.reference": lambda a, b: bool(a) == bool(b)}
 
 # what the optimizers' state dicts carry (param_groups): a resumed optimizer keeps the checkpoint's value
 _OPTIMIZER_STATE = ("optim.lr", "optim.weight_decay", "optim.eps", "optim.classifier_lr", "optim.classifier_eps",
@@ -57,10 +59,8 @@ def check_same_settings(saved_config: str | None, cfg: TrainConfig, path: str) -
     defaults = {**_flat(json.loads(config_to_json(TrainConfig()))), **ABSENT_WAS}
     old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     changed = [k for k in sorted(old.keys() | new.keys())
-               if old.get(k) != new.get(k) and (k not in RESUMABLE or k in _SET_OR_NOT)
-               and not k.startswith("logger.")]
-    # query.reference may move (its record checks it), but a query run is not resumed as a plain one or back
-    changed = [k for k in changed if k not in _SET_OR_NOT or bool(old.get(k)) != bool(new.get(k))]
+               if k not in RESUMABLE and not k.startswith("logger.")
+               and not _SAME.get(k, operator.eq)(old.get(k), new.get(k))]
     if changed:
         diff = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""

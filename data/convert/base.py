@@ -163,6 +163,15 @@ def _open_pair(cfg: InputConfig) -> PairSource:
     return PairSource(rna, atac, name=" + ".join(str(p) for p in (cfg.rna, cfg.atac) if p))
 
 
+def modality_of(types) -> tuple[np.ndarray, np.ndarray]:
+    """(is gene, is peak) per value of a feature-type column: one rule for the genes-then-peaks split and for the
+    swapped-pair check. GEX / ATAC: the NeurIPS 2021 multiome .h5ad's feature_types (the names .h5mu reading
+    takes too); not "expression", which "Protein Expression" (CITE-seq) also holds."""
+    t = pd.Series(types).astype(str).str.lower()
+    is_gene = t.str.contains("gene|gex|rna").to_numpy()
+    return is_gene, t.str.contains("peak|atac|accessib").to_numpy() & ~is_gene
+
+
 def _check_declared_modality(group, role: str) -> None:
     """Refuse an AnnData given as ``role`` whose own var column (``feature_types``, scanpy's and 10x's name;
     ``modality``, scvi-tools') names every feature the other modality: rna and atac swapped built a store of
@@ -172,9 +181,7 @@ def _check_declared_modality(group, role: str) -> None:
     for col in ("feature_types", "modality"):
         if col not in group.var.columns:
             continue
-        t = group.var[col].astype(str).str.lower()
-        is_gene = t.str.contains("gene|gex|rna")
-        is_peak = t.str.contains("peak|atac|accessib") & ~is_gene
+        is_gene, is_peak = modality_of(group.var[col].to_numpy())
         other = is_peak.all() if role == "rna" else is_gene.all()
         if other:
             given, says = ("rna", "peaks") if role == "rna" else ("atac", "genes")
@@ -231,12 +238,9 @@ def _split_columns(var: pd.DataFrame, types: np.ndarray | None, n_genes: int | N
                    modality_key: str = "modality"):
     """Column indices of genes and of peaks in a genes-then-peaks matrix."""
     if types is not None:
-        t = pd.Series(types).astype(str).str.lower()
-        # GEX / ATAC: the NeurIPS 2021 multiome .h5ad's feature_types (the names .h5mu reading takes too)
-        is_gene = t.str.contains("gene|gex|rna").to_numpy()  # not "expression": "Protein Expression" (CITE-seq)
-        genes = np.flatnonzero(is_gene)
-        peaks = np.flatnonzero(t.str.contains("peak|atac|accessib").to_numpy() & ~is_gene)
-        other = np.setdiff1d(np.arange(len(t)), np.concatenate([genes, peaks]))
+        is_gene, is_peak = modality_of(types)
+        genes, peaks = np.flatnonzero(is_gene), np.flatnonzero(is_peak)
+        other = np.setdiff1d(np.arange(len(is_gene)), np.concatenate([genes, peaks]))
         if len(other):
             raise ValueError(f"{where}: feature {var.index[other[0]]!r} has modality {types[other[0]]!r}, "
                              "expected 'Gene Expression' (or GEX) or 'Peaks' (or ATAC)")
