@@ -51,3 +51,39 @@ def test_an_export_killed_before_model_json_leaves_the_previous_model_whole(tmp_
     now = weights_of(module)
     assert info["epochs"] == 6 and all(torch.equal(v, now[k]) for k, v in weights_of(loaded).items())
     assert sorted(p.name for p in out.iterdir()) == [export.INFO, export.WEIGHTS]
+
+
+def test_weights_and_description_of_two_exports_are_refused_and_a_resume_repairs_them(tmp_path):
+    """The two files are renamed into place one after the other: a kill between the renames (or copying one
+    file by hand from another export) paired the new weights with the old model.json, which loaded and
+    described them wrongly (epochs, steps, validation). Each export now writes one id into both files."""
+    from trainer.train import train
+
+    store = tiny_store(tmp_path / "store", n_cells=200)
+    cfg = tiny_config(store, tmp_path / "run")
+    first = train(cfg)
+    out = tmp_path / "run" / "model"
+    old_info = (out / export.INFO).read_text()
+    info = json.loads(old_info)
+    assert len(info[export.EXPORT_ID]) == 32
+
+    # another export of the same model (same constructor arguments, other weights): rename only its weights
+    other = tmp_path / "other"
+    meta = open_store(store).meta
+    export_model(weights_of(build_module(meta, cfg)), meta, cfg, other, extra={"epochs": 9})
+    (other / export.WEIGHTS).replace(out / export.WEIGHTS)
+    with pytest.raises(export.ModelFileError, match="come from different exports.*rerun the training command"):
+        load_model(out)
+
+    # resuming the finished run exports its pair again
+    again = train(cfg)
+    assert again.epochs == first.epochs
+    loaded, info = load_model(out)
+    assert info["epochs"] == first.epochs and info[export.EXPORT_ID] != json.loads(old_info)[export.EXPORT_ID]
+
+    # a model exported before the id existed (neither file holds one) still loads
+    del info[export.EXPORT_ID]
+    (out / export.INFO).write_text(json.dumps(info))
+    from safetensors.torch import save_file
+    save_file(weights_of(loaded), str(out / export.WEIGHTS))
+    load_model(out)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from data import keys
@@ -31,6 +32,10 @@ _INFO_KEYS = ("gene_names", "region_names", "batch_key", "batch_categories", "ca
 # (the denominator of the ATAC size factor, data.collate.size_factor_rows: a fixed scale of the model, not
 # the largest total of whichever cells inference is given)
 TRAINING_STORE = "training_store"
+# one random id per export, in model.json and in model.safetensors' header: the two files are renamed into place
+# one after the other, so a kill between the renames (or a hand copy of one file) pairs weights with another
+# export's description; the ids tell load_model so (models exported before it have none: not checked)
+EXPORT_ID = "export_id"
 
 
 def is_atac_library_max(value: Any) -> bool:
@@ -89,9 +94,10 @@ def export_model(weights: dict[str, torch.Tensor], meta, cfg: TrainConfig, out_d
     # both files under temporary names first, renamed only when both are complete: writing them in place, a
     # kill between the two (a resumed run re-exporting) left new weights described by the old model.json
     tmp_weights, tmp_info = out / f".{WEIGHTS}.tmp", out / f".{INFO}.tmp"
-    save_file(weights, str(tmp_weights))
+    export_id = uuid.uuid4().hex
+    save_file(weights, str(tmp_weights), metadata={EXPORT_ID: export_id})
     info = {
-        "format": keys.MODEL_FORMAT, "version": 1,
+        "format": keys.MODEL_FORMAT, "version": 1, EXPORT_ID: export_id,
         "model_args": model_args(meta, cfg),
         "config": asdict(cfg),
         "gene_names": list(meta.gene_names), "region_names": list(meta.region_names),
@@ -119,6 +125,17 @@ def _check_training_store(facts, where: Path) -> None:
                              f"(a finite number >= 1), got {facts!r}")
 
 
+def _check_pair(info_id: Any, weights_id: str | None, d: Path) -> None:
+    """Refuse weights and a description written by two different exports (see EXPORT_ID); a model with the id in
+    neither file (exported before it, or imported from scvi-tools) is not checked."""
+    if info_id is None and weights_id is None:
+        return
+    if info_id != weights_id:
+        raise ModelFileError(f"{d}: {WEIGHTS} and {INFO} come from different exports ({EXPORT_ID} {weights_id!r} vs "
+                             f"{info_id!r}; e.g. the run was killed between writing them): rerun the training "
+                             "command with the same run.output_dir to export the model again")
+
+
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[MultiVAE, dict[str, Any]]:
     """(MultiVAE in eval mode with the trained weights, the JSON info)."""
     d = Path(model_dir)
@@ -136,8 +153,11 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     _check_training_store(info.get(TRAINING_STORE), d / INFO)
     try:
         weights = load_file(str(d / WEIGHTS))  # safetensors: a header + raw tensor bytes, never code
+        with safe_open(str(d / WEIGHTS), framework="pt") as f:
+            weights_id = (f.metadata() or {}).get(EXPORT_ID)
     except SafetensorError as exc:
         raise ModelFileError(f"{d / WEIGHTS} is not a valid safetensors file ({exc}); refusing to load it") from None
+    _check_pair(info.get(EXPORT_ID), weights_id, d)
     try:
         module = MultiVAE(**args)
     except (TypeError, ValueError) as exc:  # an unknown option, a wrong type or value: the file, not our code
