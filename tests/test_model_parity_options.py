@@ -196,6 +196,22 @@ def test_parity_dispersions_the_reference_breaks(pbmc_counts, monkeypatch, dispe
     _compare_gradients(ours, ref)
 
 
+def test_parity_gene_cell_without_region_factors(pbmc_counts, monkeypatch):
+    """The reference without region factors and with gene-cell dispersion holds neither ``region_factors`` nor
+    ``px_r``: the parity harness read its float dtype from one of them (an AttributeError, never a comparison)."""
+    ours, ref = _pair("gene-cell", "zinb", region_factors=False)
+    assert ref.region_factors is None and not hasattr(ref, "px_r")
+    batch = make_batch(pbmc_counts, n_batch=3)
+    noise = torch.randn(12, ours.n_latent, dtype=torch.float64)
+    fixed_noise(monkeypatch, noise)
+    _, _, ref_loss = reference_forward(ref, reference_tensors(batch), 0.6)
+    out = ours.loss(batch, kl_weight=0.6, eps=noise)
+    rel_close(out.loss, ref_loss.loss, "loss")
+    out.loss.backward()
+    ref_loss.loss.backward()
+    _compare_gradients(ours, ref)
+
+
 @pytest.mark.parametrize("dispersion", ["gene-batch", "gene-cell"])
 def test_dispersion_follows_transform_batch(pbmc_counts, monkeypatch, dispersion):
     """``generative(batch_codes=...)`` (transform_batch) decodes with that batch's dispersion, as the

@@ -222,7 +222,8 @@ def reference_tensors(batch: dict, n_cats: int = 0) -> dict:
 
 def reference_forward(ref, tensors: dict, kl_weight: float = 1.0):
     """(inference outputs, generative outputs, LossOutput) of the reference module."""
-    with float64_compat(ref.region_factors.dtype if ref.region_factors is not None else ref.px_r.dtype):
+    # region_factors or px_r may be absent (region_factors=False; dispersion=gene-cell has no px_r): any parameter
+    with float64_compat(next(ref.parameters()).dtype):
         inf = ref.inference(**ref._get_inference_input(tensors))
         gen = ref.generative(**ref._get_generative_input(tensors, inf))
         return inf, gen, ref.loss(tensors, inf, gen, kl_weight=kl_weight)

@@ -196,7 +196,8 @@ def import_from_scvi(scvi_dir: str | os.PathLike, out_dir: str | os.PathLike, ov
     # the reference always builds its per-cell dispersion head (only dispersion="gene-cell" uses it), its
     # zero-inflation head (only zinb uses it), its px_r (poisson uses none) and its library encoders (size
     # factors replace them): we build only what is used
-    idle = _REFERENCE_ONLY + (() if module.dispersion == "gene-cell" else ("z_decoder_expression.px_r_decoder.",))
+    # (poisson has no dispersion: no px_r head here even for gene-cell, whose round trip this refused)
+    idle = _REFERENCE_ONLY + (() if module.px_r_head is not None else ("z_decoder_expression.px_r_decoder.",))
     idle += (() if module.px_dropout is not None else ("z_decoder_expression.px_dropout_decoder.",))
     idle += (() if module.px_r is not None or module.dispersion == "gene-cell" else ("px_r",))
     idle += ("l_encoder_expression.", "l_encoder_accessibility.") if module.use_size_factor else ()
