@@ -36,6 +36,21 @@ def find_model_dir(path: str | os.PathLike) -> Path | None:
                 None)
 
 
+def not_a_model(p: Path, key: str) -> str | None:
+    """Why the existing directory ``p`` (no exported model found in it) is not one, with the value ``key`` takes
+    instead; None where it is nothing we recognise. A training checkpoint also holds a ``model.pt``: it was
+    taken for a scvi-tools model, and the suggested import then failed."""
+    if (p / "trainer.pt").is_file():  # trainer/checkpoint.py: <run>/checkpoints/step_N/{model.pt, trainer.pt}
+        run = p.parent.parent
+        fix = f"use {key}={run}" if find_model_dir(run) is not None else \
+            f"finish the run first (it exports {run / 'model'}), then use {key}={run}"
+        return f"{p} is a training checkpoint (weights with the optimizer's state), not an exported model: {fix}"
+    if (p / "model.pt").is_file():  # a scvi-tools model: its var names sit in a pickle that data/ does not open
+        return (f"{p} looks like a scvi-tools model (model.pt): import it first with mva-infer job=export "
+                f"export.direction=from_scvi export.source={p} output=<dir>, then use {key}=<dir>")
+    return None
+
+
 def reference_features(path: str | os.PathLike) -> tuple[dict[str, pd.Index], str]:
     """``({"rna": genes, "atac": regions}, description)`` of a model directory, run directory or store."""
     p = Path(path)
@@ -52,10 +67,9 @@ def reference_features(path: str | os.PathLike) -> tuple[dict[str, pd.Index], st
         return {m: _index(v, m, info) for m, v in names.items()}, f"model {d}"
     if not p.exists():
         raise ValidationError(f"features_from: {p} does not exist")
-    if (p / "model.pt").is_file():  # a scvi-tools model: its var names sit in a pickle that data/ does not open
-        raise ValidationError(f"features_from: {p} looks like a scvi-tools model (model.pt): import it first with "
-                              f"mva-infer job=export export.direction=from_scvi export.source={p} output=<dir>, "
-                              "then give features_from=<dir>")
+    why = not_a_model(p, "features_from")
+    if why:
+        raise ValidationError(f"features_from: {why}")
     try:
         meta = open_store(p).meta
     except StoreError as exc:

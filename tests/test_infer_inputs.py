@@ -178,3 +178,29 @@ def test_ranks_reading_different_copies_of_the_store_or_model_are_refused(traine
     r = subprocess.run(cmd, cwd=ROOT, env={**env(), **per_rank}, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0 and "differs between ranks: rank(s) [1]" in r.stderr, r.stderr[-3000:]
     assert not (tmp_path / "emb.zarr").exists()
+
+
+def test_a_training_checkpoint_given_as_a_model_names_the_run_directory(trained, tmp_path):
+    """A checkpoint directory (checkpoints/step_N) holds a model.pt too: mva-infer, features_from and the API
+    took it for a scvi-tools model and suggested an import that then failed ('not a scvi-tools model file'),
+    and query.reference was told to set model_dir=. Each now says it is a checkpoint and which value to give."""
+    from data.build import build_store
+    from data.config import BuildConfig, InputConfig
+    from data.validate import ValidationError
+    from tests.train_utils import tiny_config
+    from trainer import api
+    from trainer.config import ConfigError
+    from trainer.train import train
+
+    store, run = trained
+    ckpt = max((run / "checkpoints").iterdir())
+    assert (ckpt / "model.pt").is_file() and (ckpt / "trainer.pt").is_file()
+    with pytest.raises(InferError, match=rf"{ckpt} is a training checkpoint .*: use model_dir={run}$"):
+        infer(_cfg(store, ckpt, tmp_path / "e.zarr"))
+    with pytest.raises(InferError, match=rf"training checkpoint .*: use path={run}$"):
+        api.load(ckpt, device="cpu")
+    with pytest.raises(ConfigError, match=rf"query.reference: .*training checkpoint .*: use query.reference={run}$"):
+        train(tiny_config(store, tmp_path / "q", **{"query.reference": str(ckpt)}))
+    with pytest.raises(ValidationError, match=rf"features_from: .*training checkpoint .*: use features_from={run}$"):
+        build_store(BuildConfig(out=str(tmp_path / "s"), progress=False, features_from=str(ckpt),
+                                inputs=[InputConfig(kind="h5ad_pair", rna=str(tmp_path / "missing.h5ad"))]))

@@ -72,13 +72,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "auto") -> Model:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise APIError(f"device={device!r}: no CUDA GPU is visible here; use 'auto' or 'cpu'")
     p = Path(path)
-    if (p / "model.pt").is_file() and not (p / INFO).is_file():
+    if (p / "model.pt").is_file() and not (p / INFO).is_file() and not (p / "trainer.pt").is_file():
         from trainer.scvi_import import import_from_scvi
 
         tmp = tempfile.mkdtemp(prefix="mva-import-")
         atexit.register(shutil.rmtree, tmp, True)  # the converted copy lives as long as this Python session
         p = import_from_scvi(p, Path(tmp) / "model")
-    model_dir = resolve_model_dir(p)
+    model_dir = resolve_model_dir(p, "path")
     module, info = load_model(model_dir, device=device)
     return Model(module, info, model_dir)
 

@@ -61,7 +61,7 @@ def _records(cfg: TrainConfig) -> list[Path]:
 
 def load_reference(path: str, records: list[Path] = ()) -> Reference:
     try:
-        d = resolve_model_dir(path)
+        d = resolve_model_dir(path, "query.reference")
     except InferError as exc:
         record = next((r for r in records if r.is_file()), None)
         if record is not None:

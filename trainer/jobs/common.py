@@ -22,7 +22,7 @@ import zarr
 
 from data.cell_table import cells_fingerprint
 from data.manifest import manifest_digest
-from data.reference_features import find_model_dir
+from data.reference_features import find_model_dir, not_a_model
 from data.store import Store, StoreError, open_store
 from trainer import dist
 from trainer.export import (
@@ -38,17 +38,18 @@ class InferError(ValueError):
     """Bad input to an inference job (model, store, output); the message is one line."""
 
 
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """An exported model directory, given either it or a training run directory (which holds model/)."""
+def resolve_model_dir(path: str | os.PathLike, key: str = "model_dir") -> Path:
+    """An exported model directory, given either it or a training run directory (which holds model/); ``key``:
+    the setting that named it (the error says what to give it instead)."""
     p = Path(path)
     d = find_model_dir(p)
     if d is not None:
         return d
     if not p.exists():
         raise InferError(f"model directory {p} does not exist")
-    if (p / "model.pt").is_file():  # a scvi-tools model (trainer.api.load reads it; the jobs need our format)
-        raise InferError(f"{p} looks like a scvi-tools model (model.pt): import it first with mva-infer job=export "
-                         f"export.direction=from_scvi export.source={p} output=<dir>, then use model_dir=<dir>")
+    why = not_a_model(p, key)  # a checkpoint, or a scvi-tools model (trainer.api.load reads those; jobs need ours)
+    if why:
+        raise InferError(why)
     raise InferError(f"{p} is neither an exported model ({WEIGHTS} + {INFO}) nor a run directory with model/ "
                      f"(did training finish?)")
 
