@@ -54,7 +54,9 @@ def check_overrides(prog: str, schema: type, conf_dir: str | os.PathLike | None 
         overrides = OverridesParser.create().parse_overrides(texts)
     except Exception:  # noqa: BLE001 - a malformed line: Hydra says what is wrong with it
         return
-    from data.typed_config import has_key, schema_keys
+    import typing
+
+    from data.typed_config import _fields, field_type, has_key, list_example, list_item_type, schema_keys
 
     groups = {p.name for p in Path(conf_dir).iterdir() if p.is_dir()} if conf_dir else set()
     with one_line_errors(prog, (ValueError,)):
@@ -79,3 +81,20 @@ def check_overrides(prog: str, schema: type, conf_dir: str | os.PathLike | None 
                 near = difflib.get_close_matches(key, schema_keys(schema), n=1)
                 hint = f" (did you mean {near[0]}?)" if near else ""
                 raise ValueError(f"unknown config key: {key}{hint}")
+            is_field, typ = field_type(schema, key)
+            if not is_field:
+                continue
+            # Hydra's messages for these two are several lines and exit 1: every field of the schema is in the
+            # composed config, so '+' (append a NEW key) always fails on one, and a mapping cannot merge into a list
+            # or a value
+            if o.is_add():
+                raise ValueError(f"{o.input_line}: {key} is already in the config; set it without the '+': "
+                                 f"{o.input_line[1:]}")
+            if not o.is_sweep_override() and isinstance(o.value(), dict) and _fields(typ) is None \
+                    and typing.get_origin(typ) is not dict:
+                item = list_item_type(typ)
+                given = o.input_line.split("=", 1)[1]
+                fix = "one value, not a mapping" if item is None else \
+                    f"a list, not a mapping: e.g. {list_example(key, item)}" if _fields(item) is None else \
+                    f"a list of mappings: put it in brackets, {key}=[{given}]"
+                raise ValueError(f"{o.input_line}: {key} takes {fix}")

@@ -51,7 +51,12 @@ def to_typed(cfg: DictConfig | dict[str, Any], schema: type[T], *, drop: tuple[s
         key = exc.full_key or _culprit(base, raw)
         msg = exc.msg.splitlines()[0]
         if "is not a ListConfig" in msg:  # a scalar where a list belongs: say how to write one on the command line
-            msg = f"{key} takes a list, e.g. {key}=[{_value_at(raw, key)}] on the command line"
+            item = list_item_type(field_type(schema, key)[1])
+            msg = f"{key} takes a list, e.g. {list_example(key, item, _value_at(raw, key))} on the command line"
+        elif "is not a subclass of" in msg and "[" in key:  # inputs=[a.h5ad]: a list of values where mappings belong
+            top = key.split("[")[0]
+            item = list_item_type(field_type(schema, top)[1])
+            msg = f"each entry of {top} is a mapping, not a value: e.g. {list_example(top, item)}"
         elif "Cannot convert 'ListConfig'" in msg:  # the opposite: a list where one value belongs
             given = _value_at(raw, key)
             one = given[0] if isinstance(given, list) and given else "..."
@@ -108,6 +113,37 @@ def schema_keys(schema: type) -> list[str]:
 
     walk(schema, "")
     return out
+
+
+def field_type(schema: type, dotted: str) -> tuple[bool, Any]:
+    """(whether ``dotted`` is a field of the (nested) dataclass schema itself, its annotated type). A key under
+    a dict or list field is not a field (False, None): a new one may be added there."""
+    cls: Any = schema
+    for part in dotted.split("."):
+        fields = _fields(cls)
+        if fields is None or part not in fields:
+            return False, None
+        cls = fields[part]
+    return True, cls
+
+
+def list_item_type(typ: Any) -> Any:
+    """The element type of a ``list[X]`` (or ``list[X] | None``) annotation, else None."""
+    import typing
+
+    for t in (typ, *typing.get_args(typ)):
+        if typing.get_origin(t) is list:
+            return (typing.get_args(t) or (Any,))[0]
+    return None
+
+
+def list_example(key: str, item: Any, given: Any = "...") -> str:
+    """How to write a list for ``key`` on the command line: of mappings where its items are dataclasses."""
+    fields = list(_fields(item) or {})
+    if not fields:
+        return f"{key}=[{given}]"
+    shown = ", ".join(f"{f}: {given if f == 'path' else '...'}" for f in fields[:2])
+    return f"{key}=[{{{shown}}}] (each a mapping of {', '.join(fields)})"
 
 
 def has_key(schema: type, dotted: str) -> bool:

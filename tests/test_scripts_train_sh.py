@@ -155,7 +155,18 @@ def test_every_entry_point_names_an_unknown_key_in_one_line(tmp_path):
             ("data.synthetic", ["out=x", "n_cell=4"], ("mva-synth: error: unknown config key: n_cell (did you mean "
                                                       "n_cells?)")),
             ("trainer.infer", ["model_dir=x", "store=y", "output=${nope}"], ("mva-infer: error: bad interpolation in "
-                                                                           "output: Interpolation key 'nope' not found"))):
+                                                                           "output: Interpolation key 'nope' not found")),
+            # '+' on a key the config has, and a mapping where a list or one value belongs: Hydra's several lines,
+            # exit 1 (its merge fails before our config conversion could name them)
+            ("trainer.train", ["+run.epochs=2"], ("mva-train: error: +run.epochs=2: run.epochs is already in the "
+                                                  "config; set it without the '+': run.epochs=2")),
+            ("trainer.train", ["logger.tags={a: 1}"], ("mva-train: error: logger.tags={a: 1}: logger.tags takes a "
+                                                       "list, not a mapping: e.g. logger.tags=[...]")),
+            ("trainer.train", ["run.epochs={a: 1}"], ("mva-train: error: run.epochs={a: 1}: run.epochs takes one "
+                                                      "value, not a mapping")),
+            ("data.build", ["out=x", "inputs={kind: h5mu, path: a.h5mu}"], (
+                "mva-build: error: inputs={kind: h5mu, path: a.h5mu}: inputs takes a list of mappings: put it in "
+                "brackets, inputs=[{kind: h5mu, path: a.h5mu}]"))):
         res = subprocess.run([PY, "-m", module, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                              check=False, env=env())
         assert res.returncode == 2 and res.stderr.strip().splitlines() == [line], (module, res.stderr[-2000:])

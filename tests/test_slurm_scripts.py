@@ -91,7 +91,9 @@ def _sbatch(tmp_path, *args: str) -> subprocess.CompletedProcess:
 def test_train_sbatch_uses_the_run_dir_given_as_an_override(tmp_path):
     """``sbatch train.sbatch run.output_dir=/shared/runs/r1`` (the form scripts/train.sh takes) was overridden by
     the script's own run.output_dir=outputs/slurm/run-<id> appended after it: the run silently went elsewhere."""
-    for given in ("run.output_dir=/shared/runs/r1", "++run.output_dir=/shared/runs/r1"):
+    # '+run.output_dir=' as scripts/train.sh takes it: kept here, it met the script's own run.output_dir in Hydra
+    # ("Could not append to config"), on every rank
+    for given in ("run.output_dir=/shared/runs/r1", "++run.output_dir=/shared/runs/r1", "+run.output_dir=/shared/runs/r1"):
         res = _sbatch(tmp_path, "+experiment=atlas_1m", given, "dist=deepspeed")
         assert res.returncode == 0, res.stderr
         nodes = re.findall(r"^NODE \d: (.*)$", res.stdout, flags=re.MULTILINE)
@@ -108,9 +110,10 @@ def test_train_sbatch_uses_the_run_dir_given_as_an_override(tmp_path):
 def test_train_sbatch_refuses_a_resume_setting_it_would_replace(tmp_path):
     """run.resume=<checkpoint> (or none) was silently replaced by the script's run.resume=auto: a job meant to
     continue another run's checkpoint started from scratch in a new directory. Refused in one line instead."""
-    res = _sbatch(tmp_path, "+experiment=atlas_1m", "run.resume=/shared/runs/r0/checkpoints/step_2000")
-    assert res.returncode == 2, (res.stdout, res.stderr)
-    assert "NODE" not in res.stdout and "run.resume" in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
+    for given in ("run.resume=/shared/runs/r0/checkpoints/step_2000", "+run.resume=none"):
+        res = _sbatch(tmp_path, "+experiment=atlas_1m", given)
+        assert res.returncode == 2, (res.stdout, res.stderr)
+        assert "NODE" not in res.stdout and "run.resume" in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
     ok = _sbatch(tmp_path, "+experiment=atlas_1m", "run.resume=auto")
     assert ok.returncode == 0 and ok.stdout.count("run.resume=auto") == 2, ok.stdout
 

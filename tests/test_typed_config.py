@@ -59,3 +59,18 @@ def test_a_scalar_for_a_list_says_how_to_write_the_list():
     # mva-infer de.group1=NK (the reference's group1="NK") said only "AnyNode is not a ListConfig"
     with pytest.raises(ConfigError, match=r"keys takes a list, e\.g\. keys=\[NK\] on the command line"):
         to_typed({"inner": {"name": "a"}, "keys": "NK"}, WithList)
+
+
+@dataclass
+class WithMappings:
+    items: list[Inner] = field(default_factory=list)
+
+
+def test_a_value_for_a_list_of_mappings_shows_a_mapping():
+    # mva-build inputs=a.h5ad said "e.g. inputs=[a.h5ad]", which then failed as "str is not a subclass of InputConfig"
+    with pytest.raises(ConfigError, match=r"items takes a list, e\.g\. items=\[\{lr: \.\.\., name: \.\.\.\}\] \(each "
+                                          r"a mapping of lr, name\) on the command line"):
+        to_typed({"items": "a.h5ad"}, WithMappings)
+    with pytest.raises(ConfigError, match=r"bad config value for items\[0\]: each entry of items is a mapping, not a "
+                                          r"value: e\.g\. items=\[\{lr: \.\.\., name: \.\.\.\}\]"):
+        to_typed({"items": ["a.h5ad"]}, WithMappings)
