@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.train_utils import PY, ROOT, env
+from tests.train_utils import PY, ROOT, env, tiny_store
 
 
-def _train_sh(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+def _train_sh(tmp_path, *overrides: str, **environ: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(ROOT / "scripts" / "train.sh"), *overrides],
         cwd=tmp_path,
@@ -19,19 +19,33 @@ def _train_sh(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=180,
         check=False,
-        env={**env(), "NPROC_PER_NODE": "2"},
+        env={**env(), "NPROC_PER_NODE": "2", **environ},
     )
 
 
 def test_refused_setting_is_one_line_per_rank_with_status_2(tmp_path):
-    res = _train_sh(
-        tmp_path, f"data.store={tmp_path / 'no_such_store'}", f"run.output_dir={tmp_path / 'run'}"
-    )
+    # a refusal only the ranks see (the query reference is read in the run): each rank's own line, no summary
+    res = _train_sh(tmp_path, f"data.store={tiny_store(tmp_path / 'store', n_cells=50)}",
+                    f"query.reference={tmp_path / 'no_such_model'}", f"run.output_dir={tmp_path / 'run'}")
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("mva-train: error:")]
-    assert len(errors) == 2 and "no_such_store" in errors[0], res.stderr[-3000:]
+    assert len(errors) == 2 and "no_such_model" in errors[0], res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr[-3000:]
     assert "FAILED" not in res.stderr  # the summary would only repeat "exit code 2" under the ranks' own line
+
+
+def test_a_bad_value_or_store_is_refused_once_before_the_ranks_start(tmp_path):
+    """A missing store or a bad value came from every rank, and with --max-restarts (train.sbatch's default 3)
+    torchrun restarted the ranks for each refusal (4 x 2 lines, 18 s; a rendezvous each time on a cluster)."""
+    for overrides, line in (((f"data.store={tmp_path / 'no_such_store'}",),
+                             (f"mva-train: error: {tmp_path / 'no_such_store'} is not a Zarr v3 group (no zarr.json); "
+                             "is the path right?")),
+                            (("data.store=/x", "run.epochs=0"), "mva-train: error: run.epochs must be >= 1, got 0"),
+                            (("data.store=/x", "data.batch_size=${nope}"),
+                             "mva-train: error: bad interpolation in data.batch_size: Interpolation key 'nope' not found")):
+        res = _train_sh(tmp_path, *overrides, f"run.output_dir={tmp_path / 'run'}", MAX_RESTARTS="3")
+        assert res.returncode == 2, res.stderr[-3000:]
+        assert res.stderr.strip().splitlines() == [line], res.stderr[-3000:]  # no rank started: not even torch's log
 
 
 def test_other_failures_keep_the_summary_and_status(tmp_path):
@@ -140,11 +154,6 @@ def test_an_unknown_key_or_preset_is_one_line_before_the_ranks_start(tmp_path):
             (("data=5",), "mva-train: error: data=5: data has no option '5'; choose one of ['default']")):
         res = _train_sh(tmp_path, "data.store=/x", *overrides)
         assert res.returncode == 2 and res.stderr.strip().splitlines() == [line], res.stderr[-3000:]
-    res = _train_sh(tmp_path, "data.store=/x", "data.batch_size=${nope}", f"run.output_dir={tmp_path / 'run'}")
-    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("mva-train: error:")]
-    assert res.returncode == 2 and errors == [("mva-train: error: bad interpolation in data.batch_size: Interpolation "
-                                              "key 'nope' not found")] * 2, res.stderr[-3000:]
-    assert "Traceback" not in res.stderr
 
 
 def test_every_entry_point_names_an_unknown_key_in_one_line(tmp_path):

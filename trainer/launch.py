@@ -25,14 +25,18 @@ def exit_status(exitcode: int) -> int:
 
 
 def check_entry_point(args: list[str]) -> None:
-    """An unknown key or preset in ``-m trainer.train ...`` / ``-m trainer.infer ...``: refused here, once, in
-    one line (exit 2), not by every rank after they started."""
+    """An unknown key or preset in ``-m trainer.train ...`` / ``-m trainer.infer ...`` (and for training, a bad
+    config value or store): refused here, once, in one line (exit 2), not by every rank after they started."""
     if "-m" not in args or args.index("-m") + 1 >= len(args):
         return
     i = args.index("-m")
     if args[i + 1] == "trainer.train":
-        from trainer.train import check_cli
-    elif args[i + 1] == "trainer.infer":
+        from trainer.train import check_cli, preflight
+
+        check_cli(args[i + 2:])
+        preflight(args[i + 2:])
+        return
+    if args[i + 1] == "trainer.infer":
         from trainer.infer import check_cli
     else:
         return

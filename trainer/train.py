@@ -43,6 +43,26 @@ def check_cli(argv: list[str] | None = None) -> None:
     check_overrides("mva-train", TrainConfig, CONF_DIR, added=("experiment", "sweep"), argv=argv)
 
 
+def preflight(argv: list[str]) -> None:
+    """The config values and the store, checked once by the launcher (trainer.launch) before the ranks start: a
+    refusal there came from every rank, and torchrun's --max-restarts (train.sbatch: 3) restarted them for each,
+    a rendezvous each time on a cluster. Only the plain form is checked (Hydra flags such as --multirun, and
+    anything Hydra itself refuses, are left to the ranks, which say it as before)."""
+    if any(a.startswith("-") for a in argv):
+        return
+    try:
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+            raw = compose("train", overrides=argv)
+    except Exception:  # noqa: BLE001 - Hydra's own refusals: the ranks report them in one line
+        return
+    from data.store import open_store
+
+    with one_line_errors("mva-train", (ConfigError, StoreError)):
+        open_store(load_config(raw).data.store)
+
+
 def main() -> None:
     import hydra
     from omegaconf import OmegaConf
