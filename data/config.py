@@ -88,7 +88,8 @@ class InputConfig:
                                         ("modality_key", "modality"))
                    if getattr(self, k) != default and k not in _KIND_KEYS[self.kind]]
         if ignored:
-            raise ConfigError(f"inputs: {', '.join(f'{k}={getattr(self, k)!r}' for k in ignored)} do not apply to "
+            verb = "do" if len(ignored) > 1 else "does"
+            raise ConfigError(f"inputs: {', '.join(f'{k}={getattr(self, k)!r}' for k in ignored)} {verb} not apply to "
                               f"kind={self.kind} (it reads {', '.join(_KIND_KEYS[self.kind])}): remove them or "
                               "set the kind they belong to")
 

@@ -89,5 +89,5 @@ def test_build_valid_values_stay_valid(overrides):
 
 
 def test_python_inputs_are_checked_too():
-    with pytest.raises(ConfigError, match="do not apply to kind=h5mu"):
+    with pytest.raises(ConfigError, match="rna=.r.h5ad. does not apply to kind=h5mu"):
         InputConfig(kind="h5mu", path="m.h5mu", rna="r.h5ad")

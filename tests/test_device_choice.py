@@ -64,7 +64,10 @@ def test_cuda_without_a_gpu_is_one_line_from_both_commands(store, tmp_path):
     r = subprocess.run([PY, "-m", "trainer.train", *as_cli(ov)], cwd=ROOT, env=env(), check=False,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert r.stderr.strip().splitlines()[-1].startswith("mva-train: error: device=cuda but torch sees no GPU here")
+    # the setting named as mva-train spells it (it said "use device=auto", an unknown key there)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("mva-train: error: dist.device=cuda but torch sees no GPU here"), last
+    assert last.endswith("run on a GPU node, or use dist.device=auto"), last
     assert not (tmp_path / "run").exists()
     # mva-infer refuses before it reads the model or the store (neither exists here)
     r = subprocess.run([PY, "-m", "trainer.infer", f"model_dir={tmp_path / 'none'}", f"store={tmp_path / 'none'}",
@@ -72,6 +75,7 @@ def test_cuda_without_a_gpu_is_one_line_from_both_commands(store, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith("mva-infer: error: device=cuda but torch sees no GPU here")
+    assert r.stderr.strip().endswith("or use device=auto")
     assert not (tmp_path / "e.zarr").exists()
 
 

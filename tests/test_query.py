@@ -371,3 +371,22 @@ def test_the_runs_record_of_its_reference_follows_moves_and_refuses_another_mode
     assert res.steps == 4 and (tmp_path / "elsewhere" / "query_reference.json").is_file()
     with pytest.raises(ConfigError, match=r"query\.reference \(.* -> None\)"):  # a query run is not resumed as a plain one
         train(tiny_config(stores["qstore"], run, **{"run.max_steps": 4}))
+
+
+def test_a_model_size_equal_to_what_the_reference_built_from_its_formulas_is_accepted(tmp_path):
+    """A reference trained with n_hidden / n_latent unset (the reference's formulas: hidden = min(128,
+    sqrt(regions)), latent = sqrt(hidden)) refused model.n_latent=4 on a reference of 4 latents as 'has
+    n_latent=None'; another value is still refused, and the message gives the size the reference has."""
+    from trainer.query import with_reference_model
+
+    args = {"n_genes": 50, "n_regions": 300, "n_batch": 2, "n_hidden": None, "n_latent": None}
+    assert (MultiVAE(**args).n_hidden, MultiVAE(**args).n_latent) == (17, 4)
+    ref = Reference(tmp_path / "ref", {"model_args": args}, None)
+    cfg = tiny_config(tmp_path / "store", tmp_path / "run", **{"query.reference": str(tmp_path / "ref"),
+                                                               "model.n_latent": 4, "model.n_hidden": 17})
+    out = with_reference_model(cfg, ref)
+    assert out.model.n_latent is None and out.model.n_hidden is None  # the reference's own arguments
+    cfg = tiny_config(tmp_path / "store", tmp_path / "run", **{"query.reference": str(tmp_path / "ref"),
+                                                               "model.n_latent": 5, "model.n_hidden": None})
+    with pytest.raises(ConfigError, match=r"model\.n_latent=5, but query\.reference=.* has n_latent=None \(= 4\)"):
+        with_reference_model(cfg, ref)

@@ -59,17 +59,18 @@ class DeviceError(ConfigError):
     """The configured device cannot be had here (``device=cuda`` where torch sees no GPU): a one-line refusal."""
 
 
-def pick_device(want: str, local_rank: int) -> torch.device:
+def pick_device(want: str, local_rank: int, key: str = "device") -> torch.device:
     """The device of this rank for ``want``: "auto" is the GPU of its LOCAL_RANK where torch sees one, else the
     CPU; "cuda" refuses to fall back (a job sent to a node without a usable GPU would otherwise train for days
-    on its CPU); "cpu" stays off the GPUs of a GPU node."""
+    on its CPU); "cpu" stays off the GPUs of a GPU node. ``key``: the setting's name in the messages
+    (mva-train's is dist.device)."""
     if want not in DEVICES:
-        raise DeviceError(f"device must be one of {DEVICES}, got {want!r}")
+        raise DeviceError(f"{key} must be one of {DEVICES}, got {want!r}")
     has_gpu = torch.cuda.is_available()
     if want == "cuda" and not has_gpu:
-        raise DeviceError(f"device=cuda but torch sees no GPU here (torch {torch.__version__}, CUDA build: "
+        raise DeviceError(f"{key}=cuda but torch sees no GPU here (torch {torch.__version__}, CUDA build: "
                           f"{torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES="
-                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): run on a GPU node, or use device=auto")
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): run on a GPU node, or use {key}=auto")
     if want == "cpu" or not has_gpu:
         if has_gpu:  # DeepSpeed picks its accelerator by itself (CUDA here) and would move the model there
             os.environ["DS_ACCELERATOR"] = "cpu"
@@ -87,14 +88,15 @@ def check_deepspeed_accelerator(device: torch.device) -> None:
                           f"DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR', 'unset')}): set DS_ACCELERATOR={device.type}")
 
 
-def init_distributed(timeout_s: int = 1800, single_group: bool = False, device: str = "auto") -> DistInfo:
+def init_distributed(timeout_s: int = 1800, single_group: bool = False, device: str = "auto",
+                     device_key: str = "device") -> DistInfo:
     """Join the process group described by torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 
     gloo on CPU, NCCL on GPU; each rank uses the GPU of its LOCAL_RANK (``device``: see pick_device).
     Idempotent. ``single_group``: create a group of one for a single process too (DeepSpeed needs one).
     """
     rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
-    device = pick_device(device, local)
+    device = pick_device(device, local, device_key)
     if world == 1 and single_group and not tdist.is_initialized():
         # an in-process store: no launcher, port or rendezvous is needed for a group of one; DeepSpeed
         # reads the launcher's variables itself, so a plain `python -m trainer.train` gets them here

@@ -236,7 +236,8 @@ def check_applies(cfg: InferConfig) -> None:
         ignored += [k for k in ("model_dir", "store") if getattr(cfg, k) not in (None, "", "-", "???")]
     if ignored:
         where = f"job={cfg.job}" + (f" export.direction={cfg.export.direction}" if cfg.job == "export" else "")
-        raise ConfigError(f"{', '.join(ignored)} do not apply to {where} (it does not read them): remove them, "
+        verb = "do" if len(ignored) > 1 else "does"
+        raise ConfigError(f"{', '.join(ignored)} {verb} not apply to {where} (it does not read them): remove them, "
                           "or choose the job they belong to")
 
 

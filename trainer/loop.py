@@ -137,7 +137,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     """One training run. Rank 0 holds an exclusive lock on ``run.output_dir`` for the whole run, so a
     second job on the same directory stops before it reads or writes anything (trainer/lock.py)."""
     info = dist.init_distributed(cfg.dist.timeout_s, single_group=cfg.dist.backend == "deepspeed",
-                                 device=cfg.dist.device)
+                                 device=cfg.dist.device, device_key="dist.device")
     lock, error = None, ""
     fresh_dir = not Path(cfg.run.output_dir).exists()
     if info.is_main:

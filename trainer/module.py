@@ -69,6 +69,13 @@ def option_error(options: dict) -> str | None:
 _SOFTMAX_EPS = 1e-30  # the reference's masked-softmax epsilon (numerator of masked slots and denominator)
 
 
+def layer_sizes(n_regions: int, n_hidden: int | None, n_latent: int | None) -> tuple[int, int]:
+    """(n_hidden, n_latent) as built; None takes the reference's formulas (spec §2.1): hidden from the regions
+    capped at 128, latent = sqrt(hidden)."""
+    hidden = min(128, int(math.sqrt(n_regions))) if n_hidden is None else n_hidden
+    return hidden, int(math.sqrt(hidden)) if n_latent is None else n_latent
+
+
 class MultiVAE(ObjectiveMixin, nn.Module):
     """Construction, covariates and the decoders live here; ``inference`` (the encoders, with the
     measured-row selection) and ``loss`` in ``trainer/module_loss.py`` (``ObjectiveMixin``)."""
@@ -127,9 +134,7 @@ class MultiVAE(ObjectiveMixin, nn.Module):
         self.n_genes, self.n_regions, self.n_batch = n_genes, n_regions, n_batch
         self.n_cats_per_cov = tuple(int(n) for n in n_cats_per_cov)
         self.n_continuous_cov = n_continuous_cov
-        # reference size formulas (spec §2.1): hidden from regions capped at 128, latent = sqrt(hidden)
-        self.n_hidden = min(128, int(math.sqrt(n_regions))) if n_hidden is None else n_hidden
-        self.n_latent = int(math.sqrt(self.n_hidden)) if n_latent is None else n_latent
+        self.n_hidden, self.n_latent = layer_sizes(n_regions, n_hidden, n_latent)
         self.gene_likelihood, self.dispersion = gene_likelihood, dispersion
         self.latent_distribution = latent_distribution
         self.modality_weights, self.modality_penalty = modality_weights, modality_penalty

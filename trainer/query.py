@@ -34,6 +34,7 @@ from trainer.config import ConfigError, ModelConfig, QueryConfig, TrainConfig
 from trainer.dist import print0
 from trainer.export import load_model, training_atac_library_max
 from trainer.jobs.common import InferError, code_maps, data_mismatch, resolve_model_dir
+from trainer.module import layer_sizes
 from trainer.nn import FCStack, covariate_width
 from trainer.reference import _MODULE_MAP, ours_state_from_reference, to_reference_layout
 
@@ -80,10 +81,15 @@ def with_reference_model(cfg: TrainConfig, ref: Reference) -> TrainConfig:
     (a query trains the reference's network, and any other value would be silently dropped)."""
     args, default = ref.info["model_args"], ModelConfig()
     arch = [f.name for f in fields(ModelConfig) if f.name not in _EXECUTION_OPTIONS]
+    # a reference trained with n_hidden / n_latent unset has the sizes the formulas gave: model.n_latent=4 on a
+    # reference of 4 latents was refused as "has n_latent=None"
+    built = dict(zip(("n_hidden", "n_latent"),
+                     layer_sizes(args.get("n_regions", 1), args.get("n_hidden"), args.get("n_latent")), strict=True))
     for k in arch:
-        mine = getattr(cfg.model, k)
-        if mine != getattr(default, k) and mine != args.get(k):
-            raise ConfigError(f"model.{k}={mine!r}, but query.reference={cfg.query.reference} has {k}={args.get(k)!r}: "
+        mine, theirs = getattr(cfg.model, k), args.get(k)
+        if mine != getattr(default, k) and mine != theirs and not (theirs is None and mine == built.get(k)):
+            has = f"{theirs!r} (= {built[k]})" if theirs is None and k in built else repr(theirs)
+            raise ConfigError(f"model.{k}={mine!r}, but query.reference={cfg.query.reference} has {k}={has}: "
                               "a query trains the reference's architecture (leave model.* unset)")
     if args.get("modality_weights") == "cell":
         # per-cell weights are rows of the reference's training cells; the query's cells have none
