@@ -65,6 +65,10 @@ def _load(*overrides: str):
      "model_dir, store do not apply to job=export export.direction=from_scvi"),
     # a sparse X (threshold) is always compressed: compress was ignored
     (("job=accessibility", "accessibility.threshold=0.5", "accessibility.compress=false"), "accessibility.compress"),
+    # a Zarr directory was written under the name, and sc.read_h5ad(x.h5ad) said "Is a directory"
+    (("job=embed", "output=x.h5ad"), "output x.h5ad: job=embed writes an AnnData Zarr directory, not a .h5ad file"),
+    (("job=expression", "output=x.h5mu"), "give it a .zarr name"),
+    (("job=embed", "modalities=[joint,protein]"), "or rna, atac"),
 ])
 def test_bad_or_ignored_values_are_named(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -104,3 +108,9 @@ def test_an_infinite_library_size_no_longer_writes_inf(tmp_path):
     infer(infer_cfg(store, tmp_path / "run", tmp_path / "ok.zarr", job="expression",
                     expression=ExpressionOptions(library_size=1e4)))
     assert np.isfinite(ad.read_zarr(str(tmp_path / "ok.zarr")).X).all()
+
+
+def test_the_api_modality_names_are_the_jobs_too():
+    """trainer.api takes modality="rna" / "atac"; mva-infer refused modalities=[joint,rna]. The same names now,
+    each latent once (the obsm keys stay X_multivi_expression / _accessibility)."""
+    assert _load("modalities=[joint,rna,atac,expression]").modalities == ["joint", "expression", "accessibility"]

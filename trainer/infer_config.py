@@ -30,6 +30,7 @@ RUNNERS = {
 }
 # obsm key suffix per latent: "joint" -> X_multivi, "expression" -> X_multivi_expression, ...
 LATENTS = {"joint": "joint", "expression": "rna", "accessibility": "atac"}
+_LATENT_ALIASES = {"rna": "expression", "atac": "accessibility"}
 
 
 @dataclass
@@ -207,9 +208,17 @@ class InferConfig:
             # output=x.parquet wrote CSV text into it (pd.read_parquet: "magic bytes not found"), and back
             raise ConfigError(f"output {self.output} names a {named} file but de.format={self.de.format}: set "
                               f"de.format={named}, or give the output a .{self.de.format} name")
+        if self.job in ("embed", "expression", "accessibility") and suffix in (".h5ad", ".h5mu", ".h5", ".csv", ".parquet"):
+            # the job writes an AnnData Zarr directory whatever the name: sc.read_h5ad(x.h5ad) then said "Is a
+            # directory"
+            raise ConfigError(f"output {self.output}: job={self.job} writes an AnnData Zarr directory, not a {suffix} "
+                              "file: give it a .zarr name (anndata.read_zarr reads it; .write_h5ad converts it)")
+        # the notebook API's names too (trainer.api: modality="rna" / "atac"): the job's obsm keys stay the same
+        self.modalities = list(dict.fromkeys(_LATENT_ALIASES.get(m, m) for m in self.modalities))
         bad = [m for m in self.modalities if m not in LATENTS]
         if bad or not self.modalities:
-            raise ConfigError(f"modalities must be a non-empty subset of {list(LATENTS)}, got {self.modalities}")
+            raise ConfigError(f"modalities must be a non-empty subset of {list(LATENTS)} (or rna, atac), "
+                              f"got {self.modalities}")
 
 
 # section -> the jobs that read it (top-level keys read by only some jobs are checked in check_applies)
