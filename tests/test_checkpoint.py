@@ -81,3 +81,14 @@ def test_resume_auto_takes_the_newest_complete_and_ignores_partial(tmp_path):
     assert ckpt.find_resume(tmp_path, "none") is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         ckpt.find_resume(tmp_path, str(tmp_path / "checkpoints" / "step_000000015"))
+
+
+def test_a_resume_value_that_names_no_checkpoint_lists_what_run_resume_takes(tmp_path):
+    # run.resume=latest said only "is not a complete checkpoint directory"
+    with pytest.raises(FileNotFoundError, match=r"run.resume='latest' names no checkpoint directory: give auto .*, "
+                                                r"none .* or a checkpoint directory"):
+        ckpt.find_resume(tmp_path, "latest")
+    (tmp_path / "step_000000004").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"is not a complete checkpoint directory \(no trainer.pt\): give auto"):
+        ckpt.find_resume(tmp_path, str(tmp_path / "step_000000004"))
+    assert ckpt.find_resume(tmp_path, "auto") is None and ckpt.find_resume(tmp_path, "none") is None

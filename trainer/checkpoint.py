@@ -203,7 +203,11 @@ def find_resume(run_dir: str | Path, resume: str) -> Path | None:
         return done[-1] if done else None
     path = Path(resume)
     if not (path / "trainer.pt").is_file():
-        raise FileNotFoundError(f"run.resume={resume!r} is not a complete checkpoint directory (no trainer.pt)")
+        # a word that is no path (run.resume=latest) gets the values run.resume takes
+        what = "is not a complete checkpoint directory (no trainer.pt)" if path.exists() or "/" in resume else \
+            "names no checkpoint directory"
+        raise FileNotFoundError(f"run.resume={resume!r} {what}: give auto (the newest of run.output_dir), none (a "
+                                "fresh start) or a checkpoint directory (<run>/checkpoints/step_N)")
     return path
 
 
