@@ -241,11 +241,19 @@ def test_one_rank_crash_finished_by_two_ranks(trained, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_umap_png_is_drawn_after_the_embedding(trained, tmp_path):
+def test_umap_png_is_drawn_after_the_embedding(trained, tmp_path, capsys):
     store, run = trained
     png = tmp_path / "umap.png"
     summary = infer(_cfg(store, run, tmp_path / "emb.zarr", embed=EmbedOptions(umap_png=str(png))))
     assert png.is_file() and png.stat().st_size > 1000 and summary["umap"]["n_cells"] == N_CELLS
+    assert capsys.readouterr().out.count(f"[embed] UMAP picture: {png}") == 1  # where it went was not said
+
+
+@pytest.mark.parametrize("name", ["u", "u.jpg"])
+def test_a_umap_picture_name_other_than_png_is_refused(name):
+    # matplotlib takes the format from the name: "u" wrote u.png beside it, "u.jpg" a JPEG
+    with pytest.raises(ConfigError, match=rf"embed.umap_png={name}: give the picture a .png name"):
+        EmbedOptions(umap_png=name)
 
 
 def test_each_modalitys_samples_do_not_depend_on_the_other_latents(trained, tmp_path):

@@ -40,6 +40,11 @@ class EmbedOptions:
     # softmax): the reference's get_latent_representation(return_dist=True)
     return_dist: bool = False
 
+    def __post_init__(self) -> None:
+        # matplotlib picks the format from the name: no suffix wrote <name>.png beside it, .jpg a JPEG
+        if self.umap_png is not None and str(self.umap_png).strip() and Path(str(self.umap_png)).suffix.lower() != ".png":
+            raise ConfigError(f"embed.umap_png={self.umap_png}: give the picture a .png name")
+
 
 @dataclass
 class ExpressionOptions:

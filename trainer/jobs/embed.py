@@ -22,6 +22,7 @@ import torch
 import zarr
 
 from data import keys
+from trainer.dist import print0
 from trainer.infer_config import LATENTS, InferConfig
 from trainer.jobs.common import InferError
 from trainer.jobs.runner import FAIL_AFTER_ENV, ChunkJob, JobContext, create_dense, open_job, run_chunked
@@ -133,4 +134,5 @@ def run_embed(cfg: InferConfig) -> dict:
 
         # rank 0 only and after the last barrier: the other ranks are done and need not wait
         summary["umap"] = draw_umap(summary["output"], cfg.embed.umap_png)
+        print0(f"[embed] UMAP picture: {summary['umap']['png']}")
     return summary
