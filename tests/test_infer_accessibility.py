@@ -115,7 +115,7 @@ def test_dense_float_output_is_raw_chunks_and_equals_compressed_and_zarr_written
     assert root["X"].compressors == () and plain.uns["multivi"]["compressed"] is False
 
 
-def test_sparse_output_after_a_crash_equals_a_clean_run(trained, dense, tmp_path, monkeypatch):
+def test_sparse_output_after_a_crash_equals_a_clean_run(trained, dense, tmp_path, monkeypatch, capsys):
     store, run = trained
     t = float(np.quantile(dense, 0.5))
     clean = _run(store, run, tmp_path / "clean.zarr", threshold=t)
@@ -126,8 +126,11 @@ def test_sparse_output_after_a_crash_equals_a_clean_run(trained, dense, tmp_path
         infer(cfg)
     assert len(list((tmp_path / "s.zarr.progress").glob("sparse-*-data.npy"))) == 4
     monkeypatch.delenv(FAIL_AFTER_ENV)
+    capsys.readouterr()
     summary = infer(cfg)
     assert summary["chunks_skipped"] == 4 and summary["chunks_written"] == 4
+    # the rerun says what it kept (it said nothing)
+    assert f"[infer] accessibility: resuming the unfinished {out}: 4 of 8 chunks already done" in capsys.readouterr().out
     got = ad.read_zarr(str(out))
     assert got.obs_names.is_unique and got.n_obs == N_CELLS
     pd.testing.assert_frame_equal(got.obs, clean.obs)

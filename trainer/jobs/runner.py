@@ -262,6 +262,11 @@ def _run_locked(job: ChunkJob, final: Path, partial: Path, prog_dir: Path) -> di
     chunks = chunk_ranges(ctx.n_cells, cfg.batch_size)
     block = my_chunks(len(chunks), info.rank, info.world_size)
     mine = [k for k in block if not progress.is_done(k)]
+    if info.is_main:  # a rerun said nothing of the chunks it kept
+        done = sum(progress.is_done(k) for k in range(len(chunks)))
+        if done:
+            dist.print0(f"[infer] {job.name}: resuming the unfinished {final}: {done} of {len(chunks)} chunks "
+                        "already done")
     fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
     bar = None
     if info.is_main and cfg.progress:
