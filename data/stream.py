@@ -138,6 +138,10 @@ class StoreStream(IterableDataset):
         if split == "train" and len(plan) == 0 and self.remainder == "even":
             raise ConfigError(f"split 'train' has {plan.n_cells} cells, fewer than 2 per rank ({self.world_size} "
                               "ranks): use fewer processes or a larger store")
+        if split == "train" and len(plan) == 0 and self.remainder == "none":
+            # (mva-train refuses none with several processes first; this is the Python API's message)
+            raise ConfigError(f"split 'train' has {plan.n_cells} cells, fewer than one per rank ({self.world_size} "
+                              "ranks) under data.remainder=none: use fewer processes or data.remainder=pad")
         if split == "train" and len(plan) == 0:
             # ConfigError (a ValueError): mva-train prints it as one line, not a traceback
             raise ConfigError(f"split 'train' has {plan.n_cells} cells, fewer than world_size x batch_size = "
@@ -168,6 +172,15 @@ class StoreStream(IterableDataset):
         """Select the epoch; a pending resume position is kept only if it is for this same epoch."""
         if int(epoch) != self.epoch:
             self.epoch, self._resume_at, self._consumed = int(epoch), 0, 0
+        self._publish_if_shared()
+
+    def _publish_if_shared(self) -> None:
+        """After share_position, the workers read their epoch and resume position only from the shared array:
+        set_epoch / load_state_dict in the process that owns the loader write it, or every epoch of the README's
+        worker recipe repeated epoch 0's order and a resume replayed epoch 0 (clear_resume does not: the workers
+        may start their pass after it, and must still see the position)."""
+        if self._shared_position is not None and get_worker_info() is None:
+            self.publish_position()
 
     def __len__(self) -> int:
         return len(self.plan())
@@ -210,6 +223,7 @@ class StoreStream(IterableDataset):
             raise ValueError(f"batches_consumed={state['batches_consumed']} outside [0, {n}]")
         self.epoch, self._plan_cache = epoch, (epoch, plan)
         self._resume_at = self._consumed = int(state["batches_consumed"])
+        self._publish_if_shared()
 
     # ------------------------------------------------------------------------------------ reading
     def _get_reader(self) -> ChunkReader:
@@ -273,8 +287,9 @@ class StoreStream(IterableDataset):
     def share_position(self, ctx) -> None:
         """Let persistent DataLoader workers (``ctx``: the loader's multiprocessing context) follow this
         stream's epoch and resume position. Such workers keep the copy of the stream they were started with
-        across epochs, so ``set_epoch`` / ``load_state_dict`` here would not reach them; each of their
-        passes reads what :meth:`publish_position` last wrote instead. Call before the workers start."""
+        across epochs, so ``set_epoch`` / ``load_state_dict`` here would not reach them by themselves; each of
+        their passes reads what :meth:`publish_position` last wrote instead (both call it). Call before the
+        workers start."""
         self._shared_position = ctx.RawArray("q", 2)
         self.publish_position()
 

@@ -129,6 +129,48 @@ def test_a_state_without_the_trainer_s_count_is_refused_once_workers_share_the_p
     assert s.state_dict(batches_consumed=3)["batches_consumed"] == 3
 
 
+def test_the_readme_worker_recipe_follows_set_epoch_and_a_resume(store):
+    """README: share_position(ctx) before the workers start, set_epoch / load_state_dict, clear_resume() once they
+    started. The workers read their epoch only from the shared array, which only publish_position() wrote: every
+    epoch repeated epoch 0's order, and a resume into epoch 1 replayed all of epoch 0 (the trainer, which calls
+    publish_position itself, was right)."""
+    import torch
+
+    def ids(batches):
+        return [b[keys.INDEX].tolist() for b in batches]
+
+    kw = {"seed": 0, "chunk_size": 2, "window_chunks": 2, "prefetch": 0}
+    ctx = torch.multiprocessing.get_context("spawn")
+    s = StoreStream(store, 4, **kw)
+    s.share_position(ctx)
+    dl = DataLoader(s, batch_size=None, num_workers=2, persistent_workers=True, multiprocessing_context=ctx)
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        assert ids(dl) == [b.tolist() for b in s.plan(epoch).batches], epoch
+    assert s.plan(1).batches[0].tolist() != s.plan(0).batches[0].tolist()  # the epochs' orders differ
+
+    saved = StoreStream(store, 4, **kw)
+    saved.set_epoch(1)
+    state = saved.state_dict(batches_consumed=5)
+    r = StoreStream(store, 4, **kw)
+    r.share_position(ctx)
+    dl = DataLoader(r, batch_size=None, num_workers=2, persistent_workers=True, multiprocessing_context=ctx)
+    r.load_state_dict(state)
+    it = iter(dl)
+    r.clear_resume()
+    assert ids(it) == [b.tolist() for b in r.plan(1).batches][5:]
+    r.set_epoch(2)
+    assert ids(dl) == [b.tolist() for b in r.plan(2).batches]
+
+
+def test_remainder_none_on_more_ranks_than_cells_names_what_helps(tmp_path):
+    # it said "lower data.batch_size or use data.remainder=even or pad": batch 1 and even fail the same way
+    two = write_synthetic_store(tmp_path / "two.zarr", n_cells=2, n_genes=5, n_regions=7, progress=False)
+    with pytest.raises(ValueError, match=r"fewer than one per rank \(3 ranks\) under data.remainder=none: use fewer "
+                                         r"processes or data.remainder=pad"):
+        [StoreStream(two, 1, rank=r, world_size=3, val_fraction=0.0, remainder="none") for r in range(3)]
+
+
 @pytest.mark.parametrize("where", ["first", "second", "last", "end"])
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_anywhere_with_another_worker_count_yields_the_rest(store, truth, where, num_workers):
