@@ -34,7 +34,7 @@ _INFO_KEYS = ("gene_names", "region_names", "batch_key", "batch_categories", "ca
 TRAINING_STORE = "training_store"
 # one random id per export, in model.json and in model.safetensors' header: the two files are renamed into place
 # one after the other, so a kill between the renames (or a hand copy of one file) pairs weights with another
-# export's description; the ids tell load_model so (models exported before it have none: not checked)
+# export's description; the ids tell load_model so (a file without one, e.g. exported before it: not checked)
 EXPORT_ID = "export_id"
 
 
@@ -126,9 +126,10 @@ def _check_training_store(facts, where: Path) -> None:
 
 
 def _check_pair(info_id: Any, weights_id: str | None, d: Path) -> None:
-    """Refuse weights and a description written by two different exports (see EXPORT_ID); a model with the id in
-    neither file (exported before it, or imported from scvi-tools) is not checked."""
-    if info_id is None and weights_id is None:
+    """Refuse weights and a description written by two different exports (see EXPORT_ID). Checked only where both
+    files hold an id: models exported before it, scvi-tools imports and weights another tool wrote (e.g. cast to
+    bf16) hold none, and the kill between the renames leaves two ids."""
+    if info_id is None or weights_id is None:
         return
     if info_id != weights_id:
         raise ModelFileError(f"{d}: {WEIGHTS} and {INFO} come from different exports ({EXPORT_ID} {weights_id!r} vs "
