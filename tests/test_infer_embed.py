@@ -162,7 +162,10 @@ def test_other_settings_refuse_an_unfinished_output_and_overwrite_replaces(train
     with pytest.raises(RuntimeError):
         infer(_cfg(store, run, out, modalities=["joint"]))
     monkeypatch.delenv(FAIL_AFTER_ENV)
-    with pytest.raises(InferError, match="different settings"):
+    # the setting named with both values (it said only "different settings (['modalities'])"; a changed
+    # expression.library_size only "(['expression'])")
+    with pytest.raises(InferError, match=r"different settings \(modalities \(\['joint'\] -> \['joint', 'expression', "
+                                         r"'accessibility'\]\)\) is in the way; rerun with its settings to finish it"):
         infer(_cfg(store, run, out))
     infer(_cfg(store, run, out, overwrite=True))
     with pytest.raises(InferError, match="already exists"):
@@ -342,3 +345,12 @@ def test_a_progress_directory_without_its_partial_output_starts_over(trained, tm
     infer(_cfg(store, run, tmp_path / "clean.zarr"))
     for k, v in read_obsm(tmp_path / "clean.zarr").items():
         np.testing.assert_array_equal(read_obsm(out)[k], v, err_msg=k)
+
+
+def test_a_changed_setting_inside_a_section_is_named_by_its_key():
+    from trainer.jobs.common import _differences
+
+    old = {"expression": {"library_size": 1e9, "dtype": "float16"}, "n_cells": 5, "model_dir": "/m"}
+    new = {"expression": {"library_size": 1.0, "dtype": "float16"}, "n_cells": 5, "model_dir": "/m" * 40}
+    assert _differences(old, new) == ["expression.library_size (1000000000.0 -> 1.0)",
+                                      f"model_dir ('/m' -> {repr('/m' * 40)[:57]}...)"]

@@ -171,6 +171,24 @@ def my_chunks(n_chunks: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key (old -> new)`` for every differing setting, into sections (it named only the section: a changed
+    ``expression.library_size`` read as "different settings (['expression'])")."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} ({_short(a)} -> {_short(b)})")
+    return out
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class Progress:
     """Done markers of one job's output: ``<dir>/chunk-<k>.done``, plus the job's fingerprint."""
 
@@ -184,9 +202,10 @@ class Progress:
         if f.is_file():
             old = json.loads(f.read_text())
             if old != fingerprint:
-                changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-                raise InferError(f"an unfinished output from different settings ({changed}) is in the way; "
-                                 f"rerun with overwrite=true to start over")
+                changed = _differences(old, fingerprint)
+                more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+                raise InferError(f"an unfinished output from different settings ({', '.join(changed[:6])}{more}) is "
+                                 "in the way; rerun with its settings to finish it, or with overwrite=true to start over")
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
