@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -54,8 +55,6 @@ def check_overrides(prog: str, schema: type, conf_dir: str | os.PathLike | None 
         overrides = OverridesParser.create().parse_overrides(texts)
     except Exception:  # noqa: BLE001 - a malformed line: Hydra says what is wrong with it
         return
-    import typing
-
     from data.typed_config import _fields, field_type, has_key, list_example, list_item_type, schema_keys
 
     groups = {p.name for p in Path(conf_dir).iterdir() if p.is_dir()} if conf_dir else set()
@@ -82,19 +81,23 @@ def check_overrides(prog: str, schema: type, conf_dir: str | os.PathLike | None 
                 hint = f" (did you mean {near[0]}?)" if near else ""
                 raise ValueError(f"unknown config key: {key}{hint}")
             is_field, typ = field_type(schema, key)
-            if not is_field:
+            # a mapping cannot merge into a list or a plain value: Hydra's message is several lines, exit 1. (Not
+            # '+key=' on a key the config has: Hydra takes it where the value is null or ??? or the new one a list)
+            if not is_field or o.is_sweep_override() or not isinstance(o.value(), dict) or not _plain(typ):
                 continue
-            # Hydra's messages for these two are several lines and exit 1: every field of the schema is in the
-            # composed config, so '+' (append a NEW key) always fails on one, and a mapping cannot merge into a list
-            # or a value
-            if o.is_add():
-                raise ValueError(f"{o.input_line}: {key} is already in the config; set it without the '+': "
-                                 f"{o.input_line[1:]}")
-            if not o.is_sweep_override() and isinstance(o.value(), dict) and _fields(typ) is None \
-                    and typing.get_origin(typ) is not dict:
-                item = list_item_type(typ)
-                given = o.input_line.split("=", 1)[1]
-                fix = "one value, not a mapping" if item is None else \
-                    f"a list, not a mapping: e.g. {list_example(key, item)}" if _fields(item) is None else \
-                    f"a list of mappings: put it in brackets, {key}=[{given}]"
-                raise ValueError(f"{o.input_line}: {key} takes {fix}")
+            item = list_item_type(typ)
+            given = o.input_line.split("=", 1)[1]
+            fix = "one value, not a mapping" if item is None else \
+                f"a list, not a mapping: e.g. {list_example(key, item)}" if _fields(item) is None else \
+                f"a list of mappings: put it in brackets, {key}=[{given}]"
+            raise ValueError(f"{o.input_line}: {key} takes {fix}")
+
+
+def _plain(typ) -> bool:
+    """A list or a plain value (str, int, float, bool, optionally None): no mapping merges into it. ``Any`` (e.g.
+    transform_batch: a value or a list) and dict fields are left to the config conversion."""
+    import typing
+
+    scalars = (str, int, float, bool, type(None))
+    args = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else (typ,)
+    return all(a in scalars or typing.get_origin(a) is list for a in args)

@@ -41,7 +41,7 @@ def not_a_model(p: Path, key: str) -> str | None:
     instead; None where it is nothing we recognise. A training checkpoint also holds a ``model.pt``: it was
     taken for a scvi-tools model, and the suggested import then failed."""
     if (p / "trainer.pt").is_file():  # trainer/checkpoint.py: <run>/checkpoints/step_N/{model.pt, trainer.pt}
-        run = p.parent.parent
+        run = p.resolve().parent.parent  # resolved: from inside checkpoints/, model_dir=step_N has parent "."
         fix = f"use {key}={run}" if find_model_dir(run) is not None else \
             f"finish the run first (it exports {run / 'model'}), then use {key}={run}"
         return f"{p} is a training checkpoint (weights with the optimizer's state), not an exported model: {fix}"

@@ -180,7 +180,7 @@ def test_ranks_reading_different_copies_of_the_store_or_model_are_refused(traine
     assert not (tmp_path / "emb.zarr").exists()
 
 
-def test_a_training_checkpoint_given_as_a_model_names_the_run_directory(trained, tmp_path):
+def test_a_training_checkpoint_given_as_a_model_names_the_run_directory(trained, tmp_path, monkeypatch):
     """A checkpoint directory (checkpoints/step_N) holds a model.pt too: mva-infer, features_from and the API
     took it for a scvi-tools model and suggested an import that then failed ('not a scvi-tools model file'),
     and query.reference was told to set model_dir=. Each now says it is a checkpoint and which value to give."""
@@ -199,6 +199,11 @@ def test_a_training_checkpoint_given_as_a_model_names_the_run_directory(trained,
         infer(_cfg(store, ckpt, tmp_path / "e.zarr"))
     with pytest.raises(InferError, match=rf"training checkpoint .*: use path={run}$"):
         api.load(ckpt, device="cpu")
+    # a relative path from inside checkpoints/ (its parent is "."): the run directory all the same
+    monkeypatch.chdir(ckpt.parent)
+    with pytest.raises(InferError, match=rf"training checkpoint .*: use model_dir={run.resolve()}$"):
+        infer(_cfg(store, ckpt.name, tmp_path / "e.zarr"))
+    monkeypatch.undo()
     with pytest.raises(ConfigError, match=rf"query.reference: .*training checkpoint .*: use query.reference={run}$"):
         train(tiny_config(store, tmp_path / "q", **{"query.reference": str(ckpt)}))
     with pytest.raises(ValidationError, match=rf"features_from: .*training checkpoint .*: use features_from={run}$"):

@@ -40,9 +40,7 @@ def test_a_bad_value_or_store_is_refused_once_before_the_ranks_start(tmp_path):
     for overrides, line in (((f"data.store={tmp_path / 'no_such_store'}",),
                              (f"mva-train: error: {tmp_path / 'no_such_store'} is not a Zarr v3 group (no zarr.json); "
                              "is the path right?")),
-                            (("data.store=/x", "run.epochs=0"), "mva-train: error: run.epochs must be >= 1, got 0"),
-                            (("data.store=/x", "data.batch_size=${nope}"),
-                             "mva-train: error: bad interpolation in data.batch_size: Interpolation key 'nope' not found")):
+                            (("data.store=/x", "run.epochs=0"), "mva-train: error: run.epochs must be >= 1, got 0")):
         res = _train_sh(tmp_path, *overrides, f"run.output_dir={tmp_path / 'run'}", MAX_RESTARTS="3")
         assert res.returncode == 2, res.stderr[-3000:]
         assert res.stderr.strip().splitlines() == [line], res.stderr[-3000:]  # no rank started: not even torch's log
@@ -154,6 +152,12 @@ def test_an_unknown_key_or_preset_is_one_line_before_the_ranks_start(tmp_path):
             (("data=5",), "mva-train: error: data=5: data has no option '5'; choose one of ['default']")):
         res = _train_sh(tmp_path, "data.store=/x", *overrides)
         assert res.returncode == 2 and res.stderr.strip().splitlines() == [line], res.stderr[-3000:]
+    # interpolations resolve in the ranks (${oc.env:LOCAL_RANK} exists only there): each rank says it
+    res = _train_sh(tmp_path, "data.store=/x", "data.batch_size=${nope}", f"run.output_dir={tmp_path / 'run'}")
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("mva-train: error:")]
+    assert res.returncode == 2 and errors == [("mva-train: error: bad interpolation in data.batch_size: Interpolation "
+                                              "key 'nope' not found")] * 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
 
 
 def test_every_entry_point_names_an_unknown_key_in_one_line(tmp_path):
@@ -165,10 +169,8 @@ def test_every_entry_point_names_an_unknown_key_in_one_line(tmp_path):
                                                       "n_cells?)")),
             ("trainer.infer", ["model_dir=x", "store=y", "output=${nope}"], ("mva-infer: error: bad interpolation in "
                                                                            "output: Interpolation key 'nope' not found")),
-            # '+' on a key the config has, and a mapping where a list or one value belongs: Hydra's several lines,
-            # exit 1 (its merge fails before our config conversion could name them)
-            ("trainer.train", ["+run.epochs=2"], ("mva-train: error: +run.epochs=2: run.epochs is already in the "
-                                                  "config; set it without the '+': run.epochs=2")),
+            # a mapping where a list or one value belongs: Hydra's several lines, exit 1 (its merge fails before our
+            # config conversion could name it)
             ("trainer.train", ["logger.tags={a: 1}"], ("mva-train: error: logger.tags={a: 1}: logger.tags takes a "
                                                        "list, not a mapping: e.g. logger.tags=[...]")),
             ("trainer.train", ["run.epochs={a: 1}"], ("mva-train: error: run.epochs={a: 1}: run.epochs takes one "
@@ -188,5 +190,25 @@ def test_the_override_check_leaves_sweeps_and_what_it_cannot_read_to_hydra():
 
     for argv in (["+experiment=glob(*)", "--multirun"], ["dist=glob(d*)", "-m"], ["+experiment=choice(demo,bmmc)", "-m"],
                  ["data.batch_size=range(32,128,32)", "-m"], ["model.n_latent=interval(1,2)"], ["run.epochs=[1"],
-                 ["~run.seed"], ["hydra.job.chdir=false"], ["--cfg", "job", "+sweep=latent_lr"]):
+                 ["~run.seed"], ["hydra.job.chdir=false"], ["--cfg", "job", "+sweep=latent_lr"],
+                 # '+' on a key whose value is null or ??? or with a list: Hydra takes these
+                 ["+data.store=s.zarr", "+model.n_latent=2", "+run.max_steps=3", "+logger.tags=[a,b]"]):
         check_cli(argv)  # returns (a refusal exits)
+    from trainer.infer import check_cli as infer_check
+
+    infer_check(["expression.transform_batch={a: 1}", "+embed.umap_png=u.png"])  # Any: a value or a list
+
+
+def test_the_launcher_check_leaves_what_only_a_rank_resolves_to_the_ranks(tmp_path):
+    """The preflight composes in the launcher, which has no torchrun variables and no Hydra runtime: a per-rank
+    store path (${oc.env:...LOCAL_RANK}) was refused there, and the run never started."""
+    store = tiny_store(tmp_path / "store", n_cells=60)
+    res = subprocess.run(
+        [PY, "-m", "trainer.launch", "--standalone", "--nproc_per_node=1", "-m", "trainer.train",
+         "data.store='${oc.env:MVA_TEST_STORE_${oc.env:LOCAL_RANK}}'", f"run.output_dir={tmp_path / 'run'}",
+         "run.max_steps=1", "model.n_hidden=8", "model.n_latent=2", "run.early_stopping=false", "data.batch_size=32",
+         "logger.plot=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False,
+        env={**env(), "MVA_TEST_STORE_0": str(store)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "run" / "model" / "model.json").is_file()

@@ -5,10 +5,10 @@ the resolved training config, feature names and categories). No pickle anywhere,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,10 +32,22 @@ _INFO_KEYS = ("gene_names", "region_names", "batch_key", "batch_categories", "ca
 # (the denominator of the ATAC size factor, data.collate.size_factor_rows: a fixed scale of the model, not
 # the largest total of whichever cells inference is given)
 TRAINING_STORE = "training_store"
-# one random id per export, in model.json and in model.safetensors' header: the two files are renamed into place
-# one after the other, so a kill between the renames (or a hand copy of one file) pairs weights with another
-# export's description; the ids tell load_model so (a file without one, e.g. exported before it: not checked)
+# one id per export, in model.json and in model.safetensors' header: the two files are renamed into place one
+# after the other, so a kill between the renames (or a hand copy of one file) pairs weights with another export's
+# description; the ids tell load_model so (a file without one, e.g. exported before it: not checked). The id is a
+# digest of the weights, not a random one: re-exporting the same weights (a finished run's command rerun, a Slurm
+# requeue) writes the same files again, and a query run's record of its reference still matches.
 EXPORT_ID = "export_id"
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order (32 hex digits kept)."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
 
 
 def is_atac_library_max(value: Any) -> bool:
@@ -94,7 +106,7 @@ def export_model(weights: dict[str, torch.Tensor], meta, cfg: TrainConfig, out_d
     # both files under temporary names first, renamed only when both are complete: writing them in place, a
     # kill between the two (a resumed run re-exporting) left new weights described by the old model.json
     tmp_weights, tmp_info = out / f".{WEIGHTS}.tmp", out / f".{INFO}.tmp"
-    export_id = uuid.uuid4().hex
+    export_id = weights_digest(weights)
     save_file(weights, str(tmp_weights), metadata={EXPORT_ID: export_id})
     info = {
         "format": keys.MODEL_FORMAT, "version": 1, EXPORT_ID: export_id,

@@ -46,9 +46,10 @@ def check_cli(argv: list[str] | None = None) -> None:
 def preflight(argv: list[str]) -> None:
     """The config values and the store, checked once by the launcher (trainer.launch) before the ranks start: a
     refusal there came from every rank, and torchrun's --max-restarts (train.sbatch: 3) restarted them for each,
-    a rendezvous each time on a cluster. Only the plain form is checked (Hydra flags such as --multirun, and
-    anything Hydra itself refuses, are left to the ranks, which say it as before)."""
-    if any(a.startswith("-") for a in argv):
+    a rendezvous each time on a cluster. Only the plain form is checked: Hydra flags (--multirun), hydra.*
+    overrides (hydra.job.chdir moves the ranks' working directory) and interpolations (${oc.env:LOCAL_RANK},
+    ${hydra:runtime.cwd} resolve only in a rank) are left to the ranks, as is anything Hydra itself refuses."""
+    if any(a.startswith(("-", "hydra.", "hydra/", "+hydra", "++hydra")) or "${" in a for a in argv):
         return
     try:
         from hydra import compose, initialize_config_dir
@@ -57,8 +58,12 @@ def preflight(argv: list[str]) -> None:
             raw = compose("train", overrides=argv)
     except Exception:  # noqa: BLE001 - Hydra's own refusals: the ranks report them in one line
         return
+    from omegaconf import OmegaConf
+
     from data.store import open_store
 
+    if "${" in OmegaConf.to_yaml(raw):  # an interpolation in a preset: the ranks resolve it
+        return
     with one_line_errors("mva-train", (ConfigError, StoreError)):
         open_store(load_config(raw).data.store)
 
