@@ -390,3 +390,19 @@ def test_a_model_size_equal_to_what_the_reference_built_from_its_formulas_is_acc
                                                                "model.n_latent": 5, "model.n_hidden": None})
     with pytest.raises(ConfigError, match=r"model\.n_latent=5, but query\.reference=.* has n_latent=None \(= 4\)"):
         with_reference_model(cfg, ref)
+
+
+def test_a_query_resumes_after_its_reference_run_re_exported_its_model(stores, tmp_path):
+    """Rerunning a finished reference run's command (or a Slurm requeue) exports its model again. With a random
+    export id that model.json differed from the query run's record of it, and the query's resume was refused as
+    'not the model this run started from'; the id is the weights' digest, so the same weights write the same file."""
+    from trainer.train import train
+
+    ref_run = stores["run"]  # (a copy would describe another run.output_dir in its config)
+    ref_cfg = tiny_config(stores["ref_store"], ref_run)
+    q = {"query.reference": str(ref_run), "run.max_steps": 1, "run.checkpoint_every_steps": 1}
+    train(tiny_config(stores["qstore"], tmp_path / "q", **q))
+    before = (ref_run / "model" / "model.json").read_text()
+    train(ref_cfg)  # the finished reference run's command again: resumes its last checkpoint and re-exports
+    assert (ref_run / "model" / "model.json").read_text() == before
+    assert train(tiny_config(stores["qstore"], tmp_path / "q", **{**q, "run.max_steps": 3})).steps == 3
