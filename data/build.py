@@ -300,6 +300,10 @@ def _build(cfg: BuildConfig, sources, filters, write_dask, skipped: list[str], t
               "dropped_cells": dropped_cells, "skipped_inputs": skipped}
     n_total = len(all_ids)
     G, R = len(al.names["rna"]), len(al.names["atac"])
+    for n, what, other in ((G, "genes", "RNA"), (R, "regions", "ATAC")):
+        if n == 0:  # mva-train refuses such a store only when it starts; an RNA-only query wants features_from
+            log.warning("the store gets 0 %s (no input measures %s): MultiVI trains only on stores with both "
+                        "modalities' features; for data of one modality give features_from=<the model>", what, other)
     with StoreWriter(cfg.out, schema, shard_size=cfg.shard_size, overwrite=cfg.overwrite, source=source,
                      preshuffled=cfg.preshuffle, codec=cfg.codec) as w:
         if write_dask is not None:

@@ -373,3 +373,14 @@ def test_a_wrong_n_genes_that_puts_regions_among_the_genes_is_refused():
         _split_columns(var, None, 7, "x.h5ad")
     other = pd.DataFrame(index=["HLA-A", "MT-ND1", "RP11-34P13.3", "g", "chrX:10-20", "chr2_5_9", "KI270727.1:1-9"])
     assert len(_split_columns(other, None, 4, "y")[0]) == 4  # gene names with dashes and odd contigs pass
+
+
+def test_a_store_of_one_modality_s_features_is_built_with_a_warning(tmp_path, caplog):
+    """An RNA-only input without features_from builds a store of 0 regions, which mva-train refuses only when it
+    starts (and mva-infer for any model): the build says so, and what to do for one-modality data."""
+    rna, _ = _pair()
+    rna.write_h5ad(tmp_path / "rna.h5ad")
+    with caplog.at_level(logging.WARNING, logger="mva-build"):
+        st = _build(tmp_path, [InputConfig(kind="h5ad_pair", rna=str(tmp_path / "rna.h5ad"))])
+    assert st.meta.n_regions == 0 and st.meta.n_genes == 4
+    assert "the store gets 0 regions (no input measures ATAC)" in caplog.text and "features_from=" in caplog.text
