@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -55,7 +54,7 @@ def check_overrides(prog: str, schema: type, conf_dir: str | os.PathLike | None 
         overrides = OverridesParser.create().parse_overrides(texts)
     except Exception:  # noqa: BLE001 - a malformed line: Hydra says what is wrong with it
         return
-    from data.typed_config import _fields, field_type, has_key, list_example, list_item_type, schema_keys
+    from data.typed_config import has_key, mapping_refusal, schema_keys
 
     groups = {p.name for p in Path(conf_dir).iterdir() if p.is_dir()} if conf_dir else set()
     with one_line_errors(prog, (ValueError,)):
@@ -80,24 +79,9 @@ def check_overrides(prog: str, schema: type, conf_dir: str | os.PathLike | None 
                 near = difflib.get_close_matches(key, schema_keys(schema), n=1)
                 hint = f" (did you mean {near[0]}?)" if near else ""
                 raise ValueError(f"unknown config key: {key}{hint}")
-            is_field, typ = field_type(schema, key)
             # a mapping cannot merge into a list or a plain value: Hydra's message is several lines, exit 1. (Not
             # '+key=' on a key the config has: Hydra takes it where the value is null or ??? or the new one a list)
-            if not is_field or o.is_sweep_override() or not isinstance(o.value(), dict) or not _plain(typ):
-                continue
-            item = list_item_type(typ)
-            given = o.input_line.split("=", 1)[1]
-            fix = "one value, not a mapping" if item is None else \
-                f"a list, not a mapping: e.g. {list_example(key, item)}" if _fields(item) is None else \
-                f"a list of mappings: put it in brackets, {key}=[{given}]"
-            raise ValueError(f"{o.input_line}: {key} takes {fix}")
-
-
-def _plain(typ) -> bool:
-    """A list or a plain value (str, int, float, bool, optionally None): no mapping merges into it. ``Any`` (e.g.
-    transform_batch: a value or a list) and dict fields are left to the config conversion."""
-    import typing
-
-    scalars = (str, int, float, bool, type(None))
-    args = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else (typ,)
-    return all(a in scalars or typing.get_origin(a) is list for a in args)
+            if not o.is_sweep_override() and isinstance(o.value(), dict):
+                why = mapping_refusal(schema, key, o.input_line.split("=", 1)[1])
+                if why:
+                    raise ValueError(f"{o.input_line}: {why}")

@@ -146,6 +146,25 @@ def list_example(key: str, item: Any, given: Any = "...") -> str:
     return f"{key}=[{{{shown}}}] (each a mapping of {', '.join(fields)})"
 
 
+def mapping_refusal(schema: type, key: str, given: str) -> str | None:
+    """Why a mapping (``given``, as typed) cannot be the value of ``key``: a list or plain-valued field (str, int,
+    float, bool, optionally None), which no mapping merges into. None for anything else: sections, dict fields and
+    ``Any`` (e.g. transform_batch: a value or a list) are left to the config conversion."""
+    import types
+    import typing
+
+    is_field, typ = field_type(schema, key)
+    args = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else (typ,)
+    if not is_field or not all(a in (str, int, float, bool, type(None)) or typing.get_origin(a) is list for a in args):
+        return None
+    item = list_item_type(typ)
+    if item is None:
+        return f"{key} takes one value, not a mapping"
+    if _fields(item) is None:
+        return f"{key} takes a list, not a mapping: e.g. {list_example(key, item)}"
+    return f"{key} takes a list of mappings: put it in brackets, {key}=[{given}]"
+
+
 def has_key(schema: type, dotted: str) -> bool:
     """Whether ``dotted`` names a key of the schema (or lies under a non-dataclass field: a dict or list)."""
     cls: Any = schema

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from data import keys
 from data.store import StoreError
@@ -46,7 +46,8 @@ def weights_digest(weights: dict[str, torch.Tensor]) -> str:
     for name in sorted(weights):
         t = weights[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own buffer: no copy of the bytes
     return h.hexdigest()[:32]
 
 
@@ -165,8 +166,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
         raise ModelFileError(f"{d / INFO} is not a valid model description: it lacks {missing}")
     _check_training_store(info.get(TRAINING_STORE), d / INFO)
     try:
-        weights = load_file(str(d / WEIGHTS))  # safetensors: a header + raw tensor bytes, never code
-        with safe_open(str(d / WEIGHTS), framework="pt") as f:
+        with safe_open(str(d / WEIGHTS), framework="pt") as f:  # safetensors: a header + raw tensor bytes, never code
+            weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
             weights_id = (f.metadata() or {}).get(EXPORT_ID)
     except SafetensorError as exc:
         raise ModelFileError(f"{d / WEIGHTS} is not a valid safetensors file ({exc}); refusing to load it") from None
