@@ -16,7 +16,7 @@ from trainer.classifier import build_classifier
 from trainer.config import load_config
 from trainer.export import build_module
 from trainer.guard import NonFiniteError, StepGuard
-from trainer.loop import train_one_step
+from trainer.guarded_step import train_one_step
 from trainer.parallel import wrap
 
 

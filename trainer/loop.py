@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -39,12 +38,13 @@ from trainer.epoch_totals import EpochTotals
 from trainer.export import TRAINING_STORE, build_module, export_model
 from trainer.global_batch import EpochSlices, step_noise
 from trainer.guard import StepGuard
+from trainer.guarded_step import train_one_step
 from trainer.library_prior import set_prior as set_library_prior
 from trainer.lock import LockError
 from trainer.lock import acquire as acquire_lock
 from trainer.metrics import MetricsWriter, StepClock, memory_mb
-from trainer.parallel import Wrapped, wrap
-from trainer.resume_settings import check_same_settings
+from trainer.parallel import wrap
+from trainer.resume_run import resume
 from trainer.schedules import kl_weight as kl_schedule
 from trainer.streams import EpochLoader, check_last_batch, make_stream
 from trainer.tracking import ValidationTracker
@@ -71,60 +71,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def train_one_step(w: Wrapped, batch: dict, kl_weight: float, eps: torch.Tensor | None, guard: StepGuard,
-                   step: int, share: float | None = None) -> dict[str, float] | None:
-    """Forward, guard, backward, step of the VAE, then the adversary's step. None if skipped.
-
-    ``share`` (``RankSlice.share``, trainer/global_batch.py): this rank's weight in the ranks' average of
-    gradients when the ranks' batches differ in size; the returned terms are the batch's own means.
-
-    A skipped step must leave no trace: batch-norm running statistics (classifier, optional VAE batch
-    norm) are updated by the forward itself, so they are snapshotted and restored on a skip;
-    otherwise one NaN batch would poison them for the rest of the run.
-    """
-    buffers = w.buffers()
-    saved = [b.detach().clone() for b in buffers]
-
-    def skip() -> None:
-        w.on_skip()
-        w.zero_grad()
-        with torch.no_grad():
-            for b, s in zip(buffers, saved, strict=True):
-                b.copy_(s)
-
-    # NaN anywhere in the forward comes out as a NaN term (the ATAC likelihoods are our own kernels: torch's
-    # F.binary_cross_entropy raised on NaN probabilities on the CPU and was a device-side assert on CUDA)
-    total, out, adversarial = w.forward(batch, kl_weight, eps)
-    terms = {"recon_rna": out.recon_rna.mean(), "recon_atac": out.recon_atac.mean(), "kl": out.kl.mean(),
-             "penalty": out.penalty.mean(), "adversarial": adversarial, "loss": total,
-             **({} if out.kl_library is None else {"kl_library": out.kl_library.mean()})}  # lognormal: also in kl
-    values = dict(zip(terms, torch.stack([t.detach().double() for t in terms.values()]).tolist(), strict=True))
-    w.zero_grad()
-    if guard.check(step, values):
-        skip()
-        return None
-    w.backward(total if share is None else total * share)
-    norm = w.grad_norm_before_step()
-    # the same norm on every rank (all-reduced gradients), so every rank takes the same branch
-    backoff = norm is not None and not math.isfinite(norm) and w.scale_backing_off()
-    if norm is not None and guard.check(step, {"grad_norm": norm}, streak=not backoff):
-        skip()
-        return None
-    w.step()
-    if norm is None:
-        # backends that know the norm only inside their step (DeepSpeed ZeRO 1/2) skip a non-finite
-        # one there themselves; the guard still counts it, and the classifier must not step either
-        norm = w.grad_norm_after_step()
-        if norm is not None and guard.check(step, {"grad_norm": norm}):
-            skip()
-            return None
-    guard.step_taken()
-    values["grad_norm"] = float("nan") if norm is None else norm
-    if w.classifier is not None:
-        values["classifier"] = float(w.classifier_step(out.z, batch[keys.BATCH], guard, step, share))
-    return values
 
 
 def read_stats_all_ranks() -> dict[str, int]:
@@ -199,66 +145,11 @@ def _run(cfg: TrainConfig, info: dist.DistInfo) -> TrainResult:
     # ---- resume
     code = checks.code_fingerprint()  # at start, close to when the modules were imported
     cells = cells_fingerprint(store)  # which cells, in which order: checked at resume, recorded in checkpoints
-    epoch, step, batches_done, stopped = 0, 0, 0, False
     tracker = ValidationTracker(cfg)  # best, patience and learning-rate plateau counts
     totals = EpochTotals()  # the epoch's training terms per cell: the train_epoch record
-    last_val: dict[str, float] = {}  # the last validation (kept in checkpoints: a finished run re-exports it)
-    stop_reason = ""  # "early" (early stopping) | "max_steps": a larger run.max_steps continues the run
-    path = dist.broadcast_object(str(ckpt.find_resume(run_dir, cfg.run.resume) or ""))
-    query.check_resumable(ref, path, run_dir, info.is_main)
-    if path:
-        state, rank_state = ckpt.load_states(path, info.rank, info.world_size)
-        # what this loop reads, named in one line if a checkpoint of other code or a damaged one lacks it
-        checks.require_keys(state, ("epoch", "step", "batches_done", "stopped", "guard"),
-                          Path(path) / "trainer.pt")
-        checks.require_keys(rank_state, ("rng", "stream"), Path(path) / f"rank_{info.rank}.pt")
-    if cfg.run.resume != "auto":  # resume=none starts from step 0, a given checkpoint from its own step
-        ckpt.refuse_newer_checkpoints(run_dir, cfg.run.resume, int(state["step"]) if path else 0)
-    if path:
-        checks.check_same_data(state, meta, path, cfg.data.store, cells)
-        check_same_settings(state.get("config"), cfg, path)  # after the store: another store says that first
-        checks.check_weights_dtype(state, path, weights_dtype)
-        try:
-            w.load(Path(path))
-        except RuntimeError as exc:  # shapes differ (a checkpoint from before the data fingerprint)
-            raise checks.CheckpointError(f"checkpoint {path} does not fit this model / data.store="
-                                       f"{cfg.data.store}: {str(exc).splitlines()[0]}") from None
-        ckpt.set_rng_state(rank_state["rng"])
-        epoch, step, batches_done = int(state["epoch"]), int(state["step"]), int(state["batches_done"])
-        stopped = bool(state["stopped"])
-        tracker.load_state_dict(state, path)
-        if tracker.plateau is not None:
-            w.set_lr(tracker.plateau.lr)
-        stop_reason = str(state.get("stop_reason", "early" if stopped else ""))  # absent before it was recorded
-        last_val = {k: float(v) for k, v in state.get("last_validation", {}).items()}
-        if stop_reason == "max_steps" and (cfg.run.max_steps is None or step < cfg.run.max_steps):
-            stopped, stop_reason = False, ""  # the limit was raised (or lifted): train on from here
-        if not stopped and cfg.run.max_steps is not None and step >= cfg.run.max_steps:
-            # resumed at or past a (lowered) limit: the loop checks it only after a step, one step too many
-            stopped, stop_reason = True, "max_steps"
-        guard.load_state_dict(state["guard"])
-        guard.last_good_checkpoint = path
-        checks.warn_if_threads_differ(state, path)
-        if state.get("code_fingerprint", code) != code:  # absent in checkpoints written before it was recorded
-            dist.print0(f"[train] note: {path} was written by other trainer/loader code or another torch "
-                        f"version: the run continues, but not bit for bit as the uninterrupted run would have")
-        if batches_done:
-            train_stream.set_epoch(epoch)
-            train_stream.load_state_dict(rank_state["stream"])
-            totals.load_state_dict(rank_state.get("epoch_totals"))  # absent in checkpoints from before the record
-        dist.print0(f"[train] resumed from {path} (epoch {epoch}, step {step})")
-        if epoch >= cfg.run.epochs and not stopped:  # a finished run re-exported, or run.epochs set below it
-            dist.print0(f"[train] nothing left to train: the checkpoint is at epoch {epoch}, run.epochs="
-                        f"{cfg.run.epochs}; exporting it as it stands")
-        elif stopped and stop_reason == "early" and epoch < cfg.run.epochs:  # a larger run.epochs cannot undo it
-            dist.print0(f"[train] nothing left to train: the run stopped early at epoch {epoch} (run.early_stopping, "
-                        f"patience {cfg.run.patience}); exporting it as it stands (a new run.output_dir trains anew)")
-    if info.is_main and cfg.run.keep == "best":
-        # best/ holds what the checkpoint this run continues from held, and nothing else: the weights
-        # travel with it (a resume into another run directory still exports them), and a file written
-        # after it (a killed attempt's later epoch) or by an earlier run (resume=none) is removed, else a
-        # run without a tracked validation of its own (a max_steps stop in epoch 0) exported those weights
-        ckpt.restore_best(run_dir, state.get("best_weights") if path else {})
+    pos = resume(cfg, info, ref, meta, cells, code, w, train_stream, tracker, guard, totals)
+    epoch, step, batches_done, stopped, stop_reason = pos.epoch, pos.step, pos.batches_done, pos.stopped, pos.stop_reason
+    last_val = pos.last_val  # the last validation (kept in checkpoints: a finished run re-exports it)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         # tmp + rename: a full disk must not truncate the config.yaml of the run being resumed

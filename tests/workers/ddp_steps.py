@@ -30,7 +30,8 @@ from trainer.config import load_config
 from trainer.export import build_module, weights_of
 from trainer.global_batch import EpochSlices
 from trainer.guard import StepGuard
-from trainer.loop import seed_everything, step_noise, train_one_step
+from trainer.guarded_step import train_one_step
+from trainer.loop import seed_everything, step_noise
 from trainer.parallel import wrap
 
 BATCH = 32

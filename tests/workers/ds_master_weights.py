@@ -21,7 +21,7 @@ from tiny_wrapped import deepspeed_stages
 from data.collate import to_device
 from trainer import dist
 from trainer.export import weights_of
-from trainer.loop import train_one_step
+from trainer.guarded_step import train_one_step
 
 BATCH = 16
 

@@ -24,7 +24,7 @@ from tiny_wrapped import tiny_wrapped
 from data.collate import to_device
 from trainer import dist
 from trainer.guard import StepGuard
-from trainer.loop import train_one_step
+from trainer.guarded_step import train_one_step
 
 BATCH = 16
 

@@ -23,7 +23,7 @@ from trainer import dist
 from trainer.config import load_config
 from trainer.export import build_module
 from trainer.guard import StepGuard
-from trainer.loop import train_one_step
+from trainer.guarded_step import train_one_step
 from trainer.parallel import wrap
 from trainer.validation import cell_noise, validate
 
