@@ -175,6 +175,9 @@ def build_store(cfg: BuildConfig) -> Path:
     if cfg.block_size < 1 or cfg.shard_size < 1:
         raise ValidationError(f"block_size and shard_size must be >= 1, got {cfg.block_size} and {cfg.shard_size}")
     batch_col = cfg.batch_key or BATCH_COLUMN
+    if batch_col in OBS_RESERVED:  # the store's own column replaced it: a traceback deep in the first shard
+        raise ValidationError(f"batch_key {batch_col!r} names one of the store's own obs columns "
+                              f"{list(OBS_RESERVED)}: rename it in obs")
     for role, names in (("cat_cov_keys", cfg.cat_cov_keys), ("cont_cov_keys", cfg.cont_cov_keys),
                         ("label_key", [cfg.label_key] if cfg.label_key else [])):
         # the store keeps these as obs columns next to the batch column and its own: a clash would

@@ -156,7 +156,10 @@ def remap_columns(x: sp.csr_matrix, colmap: np.ndarray, n_cols: int) -> sp.csr_m
     stored zeros (detection, the mask check and the stores' nnz count stored entries) and duplicate
     entries (summed first, as scipy's canonical form)."""
     if not x.has_canonical_format:
-        x = x.copy()
+        # summed in a wide type: two int16 entries of 30,000 wrapped to -5,536 (the counts were checked
+        # entry by entry, before this sum)
+        wide = np.float64 if x.dtype.kind == "f" else np.uint64 if x.dtype.kind in "ub" else np.int64
+        x = x.astype(wide)  # a copy
         x.sum_duplicates()
     new = colmap[x.indices]
     keep = (new >= 0) & (x.data != 0)

@@ -160,7 +160,13 @@ def _open_pair(cfg: InputConfig) -> PairSource:
             if group is not None:
                 group.close()
         raise
-    return PairSource(rna, atac, name=" + ".join(str(p) for p in (cfg.rna, cfg.atac) if p))
+    src = PairSource(rna, atac, name=" + ".join(str(p) for p in (cfg.rna, cfg.atac) if p))
+    for group in (rna, atac):
+        # a file's own mask columns (a store shard written back as .h5ad lists every cell in both files)
+        # narrow what membership says, as an .h5mu's global ones do; they were overwritten without a word
+        if group is not None:
+            _global_masks(src, group.obs, f"{group.where} obs")
+    return src
 
 
 def modality_of(types) -> tuple[np.ndarray, np.ndarray]:
@@ -174,19 +180,24 @@ def modality_of(types) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_declared_modality(group, role: str) -> None:
     """Refuse an AnnData given as ``role`` whose own var column (``feature_types``, scanpy's and 10x's name;
-    ``modality``, scvi-tools') names every feature the other modality: rna and atac swapped built a store of
-    peaks called genes, without a word."""
+    ``modality``, scvi-tools') names features of the other modality: rna and atac swapped built a store of
+    peaks called genes, without a word, and a genes-and-peaks file given as rna= one whose peaks were genes."""
     if group is None or not len(group.var):
         return
     for col in ("feature_types", "modality"):
         if col not in group.var.columns:
             continue
         is_gene, is_peak = modality_of(group.var[col].to_numpy())
-        other = is_peak.all() if role == "rna" else is_gene.all()
-        if other:
-            given, says = ("rna", "peaks") if role == "rna" else ("atac", "genes")
-            raise ValueError(f"{group.where}: given as {given}, but its var[{col!r}] names every feature "
-                             f"{group.var[col].iloc[0]!r} ({says}): are rna and atac swapped?")
+        other = is_peak if role == "rna" else is_gene
+        if other.any():
+            says = "peaks" if role == "rna" else "genes"
+            first = group.var[col].iloc[int(np.flatnonzero(other)[0])]
+            if other.all():
+                raise ValueError(f"{group.where}: given as {role}, but its var[{col!r}] names every feature "
+                                 f"{first!r} ({says}): are rna and atac swapped?")
+            raise ValueError(f"{group.where}: given as {role}, but its var[{col!r}] names {int(other.sum())} of its "
+                             f"{len(other)} features {first!r} ({says}): a file with genes and peaks in one matrix "
+                             f"is kind=scvi (split by var[{col!r}]: modality_key={col})")
 
 
 def _open_h5mu(cfg: InputConfig) -> PairSource:
@@ -220,10 +231,10 @@ def _open_h5mu(cfg: InputConfig) -> PairSource:
 
 
 def _global_masks(src: PairSource, extra: pd.DataFrame | None, where: str) -> None:
-    """Honour ``mask_rna`` / ``mask_atac`` columns of an .h5mu's global obs: a MuData that lists every cell in
-    both modalities (a store shard, mudata.read_zarr(shard).write(...)) records there which it measured, and
-    membership alone made its RNA-only and ATAC-only cells measured in both, with empty rows. A cell is
-    measured where it is in the modality's obs and its mask (where it has one) says so."""
+    """Honour ``mask_rna`` / ``mask_atac`` columns of an .h5mu's global obs (or of an h5ad_pair file's obs): a
+    MuData that lists every cell in both modalities (a store shard, mudata.read_zarr(shard).write(...)) records
+    there which it measured, and membership alone made its RNA-only and ATAC-only cells measured in both, with
+    empty rows. A cell is measured where it is in the modality's obs and its mask (where it has one) says so."""
     for name in ("mask_rna", "mask_atac"):
         if extra is None or name not in extra.columns:
             continue
@@ -335,6 +346,10 @@ def _decode(a: np.ndarray) -> np.ndarray:
     return np.array([x.decode() if isinstance(x, bytes) else str(x) for x in a], dtype=object)
 
 
+TENX_DATASETS = ("barcodes", "data", "indices", "indptr", "shape", "features/name", "features/id",
+                 "features/feature_type")
+
+
 def _open_tenx(cfg: InputConfig) -> SplitSource:
     path = Path(cfg.path)
     f = open_h5(path)
@@ -342,6 +357,11 @@ def _open_tenx(cfg: InputConfig) -> SplitSource:
         f.close()
         raise ValueError(f"{path}: not a Cell Ranger feature-barcode matrix (no 'matrix' group)")
     m = f["matrix"]
+    missing = [k for k in TENX_DATASETS if k not in m]
+    if missing:  # a KeyError naming no file; Cell Ranger 2 files hold one group per genome and no features/
+        f.close()
+        raise ValueError(f"{path}: not a Cell Ranger 3+ / ARC feature-barcode matrix: matrix/ lacks "
+                         f"{', '.join(missing)}")
     barcodes = _decode(m["barcodes"][:])
     names = _decode(m["features/name"][:])
     ids = _decode(m["features/id"][:])

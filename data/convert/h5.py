@@ -17,6 +17,16 @@ import scipy.sparse as sp
 from anndata.io import read_elem
 
 
+def _scipy_values(a: np.ndarray) -> np.ndarray:
+    """Values scipy.sparse takes: it has no float16 (its error named neither the file nor the matrix);
+    float32 holds every float16 value exactly, so the integer check that follows sees the file's values."""
+    return a.astype(np.float32) if a.dtype == np.float16 else a
+
+
+def _scipy_dtype(dt: np.dtype) -> np.dtype:
+    return np.dtype(np.float32) if dt == np.float16 else dt
+
+
 class H5CSRRows:
     """CSR rows of an on-disk matrix given its ``data``, ``indices`` and ``indptr`` datasets."""
 
@@ -28,14 +38,14 @@ class H5CSRRows:
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
-        return sp.csr_matrix((self.data[lo:hi], self.indices[lo:hi], self.indptr[start:stop + 1] - lo),
+        return sp.csr_matrix((_scipy_values(self.data[lo:hi]), self.indices[lo:hi], self.indptr[start:stop + 1] - lo),
                              shape=(stop - start, self.n_cols))
 
     def take(self, rows: np.ndarray) -> sp.csr_matrix:
         """Rows in the given order (any order; consecutive runs are read in one slice each)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
-            return sp.csr_matrix((0, self.n_cols), dtype=self.data.dtype)
+            return sp.csr_matrix((0, self.n_cols), dtype=_scipy_dtype(self.data.dtype))
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
         breaks = np.flatnonzero(np.diff(srt) != 1) + 1
@@ -53,14 +63,14 @@ class H5DenseRows:
         self.ds, self.n_rows, self.n_cols, self.where = ds, ds.shape[0], ds.shape[1], where
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        return sp.csr_matrix(self.ds[start:stop])
+        return sp.csr_matrix(_scipy_values(self.ds[start:stop]))
 
     def take(self, rows: np.ndarray) -> sp.csr_matrix:
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
-            return sp.csr_matrix((0, self.n_cols), dtype=self.ds.dtype)
+            return sp.csr_matrix((0, self.n_cols), dtype=_scipy_dtype(self.ds.dtype))
         uniq, inv = np.unique(rows, return_inverse=True)  # h5py wants increasing indices
-        return sp.csr_matrix(self.ds[uniq][inv])
+        return sp.csr_matrix(_scipy_values(self.ds[uniq][inv]))
 
 
 def matrix_rows(x: h5py.Group | h5py.Dataset, where: str, name: str = "X") -> H5CSRRows | H5DenseRows:
