@@ -155,17 +155,17 @@ def _open_pair(cfg: InputConfig) -> PairSource:
     try:
         for group, role in ((rna, "rna"), (atac, "atac")):
             _check_declared_modality(group, role)
-    except ValueError:
+        src = PairSource(rna, atac, name=" + ".join(str(p) for p in (cfg.rna, cfg.atac) if p))
+        for group in (rna, atac):
+            # a file's own mask columns (a store shard written back as .h5ad lists every cell in both files)
+            # narrow what membership says, as an .h5mu's global ones do; they were overwritten without a word
+            if group is not None:
+                _global_masks(src, group.obs, f"{group.where} obs")
+    except BaseException:
         for group in (rna, atac):
             if group is not None:
                 group.close()
         raise
-    src = PairSource(rna, atac, name=" + ".join(str(p) for p in (cfg.rna, cfg.atac) if p))
-    for group in (rna, atac):
-        # a file's own mask columns (a store shard written back as .h5ad lists every cell in both files)
-        # narrow what membership says, as an .h5mu's global ones do; they were overwritten without a word
-        if group is not None:
-            _global_masks(src, group.obs, f"{group.where} obs")
     return src
 
 
@@ -353,13 +353,19 @@ TENX_DATASETS = ("barcodes", "data", "indices", "indptr", "shape", "features/nam
 def _open_tenx(cfg: InputConfig) -> SplitSource:
     path = Path(cfg.path)
     f = open_h5(path)
-    if "matrix" not in f:
+    try:  # a refused file is closed: the handle kept it open (and locked on some file systems) until exit
+        return _read_tenx(path, f)
+    except BaseException:
         f.close()
+        raise
+
+
+def _read_tenx(path: Path, f) -> SplitSource:
+    if "matrix" not in f:
         raise ValueError(f"{path}: not a Cell Ranger feature-barcode matrix (no 'matrix' group)")
     m = f["matrix"]
     missing = [k for k in TENX_DATASETS if k not in m]
     if missing:  # a KeyError naming no file; Cell Ranger 2 files hold one group per genome and no features/
-        f.close()
         raise ValueError(f"{path}: not a Cell Ranger 3+ / ARC feature-barcode matrix: matrix/ lacks "
                          f"{', '.join(missing)}")
     barcodes = _decode(m["barcodes"][:])
