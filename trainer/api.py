@@ -168,7 +168,9 @@ class Model:
         for _, _, batch in source(self, data, mask, batch_size).batches():
             t = score_cells(self.module, batch, self.device, seed)
             parts.append(torch.stack([t["recon_rna"], t["recon_atac"], t["neg_elbo"]], 1).cpu())
-        return torch.cat(parts).numpy() if parts else np.zeros((0, 3))
+        if not parts:  # a mean over no cells: NaN and numpy's "Mean of empty slice", not a number
+            raise APIError("the data has 0 cells: elbo and reconstruction_error are means over cells")
+        return torch.cat(parts).numpy()
 
     def region_factors(self) -> np.ndarray:
         """sigmoid(region factors) (regions,), the reference's ``get_region_factors``."""

@@ -20,6 +20,7 @@ import torch
 
 from data import keys
 from data.collate import atac_library_max, size_factor_rows
+from data.convert.align import summed_duplicates
 from data.convert.base import as_mask
 from data.validate import ValidationError, check_cont
 from trainer.export import SIZE_FACTOR_COLUMNS, imported_size_factor_columns, training_atac_library_max
@@ -58,7 +59,9 @@ def source(model: Model, data, mask, batch_size: int) -> _Source:
     import mudata as md
 
     if isinstance(data, (dict, tuple, list)):
-        parts = dict(data) if isinstance(data, dict) else dict(zip(keys.MODALITIES, data))
+        if not isinstance(data, dict) and len(data) != 2:  # zip() dropped a third item without a word
+            raise APIError(f"a pair of modalities is (rna, atac) (either may be None), got {len(data)} items")
+        parts = dict(data) if isinstance(data, dict) else dict(zip(keys.MODALITIES, data, strict=True))
         bad = set(parts) - set(keys.MODALITIES)
         if bad or not parts:
             raise APIError(f"a dict of AnnData must have keys 'rna' and/or 'atac', got {sorted(parts)}")
@@ -183,13 +186,16 @@ def _explicit_mask(mask, obs: pd.DataFrame, n: int) -> np.ndarray | None:
         raise APIError(f"obs has {have!r} but not its partner: give both mask_rna and mask_atac, or neither")
     if cols["mask_rna"] is not None:
         return np.stack([_parse_mask(cols[c], c) for c in ("mask_rna", "mask_atac")], axis=1)
-    values = _obs_values(obs, "modality", lambda v: v.astype(str).str.lower())  # as mva-build reads it
+    # as mva-build reads it; a missing value stays missing (as text it was 'nan', refused naming no cell)
+    values = _obs_values(obs, "modality", lambda v: v.astype(str).str.lower().where(v.notna()))
     if values is not None:
         if values.isna().any():
             raise APIError(f"obs['modality'] is missing for cell {values.index[values.isna().to_numpy()][0]!r}")
-        bad = sorted(set(values) - set(_MODALITY_COLUMN))
-        if bad:
-            raise APIError(f"obs['modality'] has values {bad[:5]}; expected {list(_MODALITY_COLUMN)}")
+        bad = ~values.isin(list(_MODALITY_COLUMN)).to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise APIError(f"obs['modality'] of cell {values.index[i]!r} is {values.iloc[i]!r} ({int(bad.sum())} such "
+                           f"cells); expected one of {list(_MODALITY_COLUMN)}")
         return np.array([_MODALITY_COLUMN[v] for v in values], dtype=bool).reshape(n, 2)
     return None
 
@@ -204,21 +210,27 @@ def _parse_mask(v: pd.Series, name: str) -> np.ndarray:
 def _obs_values(obs: pd.DataFrame, key: str, parse=None) -> pd.Series | None:
     """A top-level obs column, else (MuData, dict) the modalities' own 'rna:key' / 'atac:key' columns merged, or
     None. ``parse`` (applied where set) reads each value first; a cell whose two values differ is refused."""
-    parse = parse or (lambda v: v)
-    if key in obs:
-        return parse(obs[key])
-    parts = [obs[f"{m}:{key}"] for m in keys.MODALITIES if f"{m}:{key}" in obs]
-    if not parts:
+    names = [f"{m}:{key}" for m in keys.MODALITIES if f"{m}:{key}" in obs]
+    if key in obs and (parse is None or not names):
+        return obs[key] if parse is None else parse(obs[key])
+    if key in obs:  # what decides a cell's modalities: the top level wins, but must not contradict them
+        names = [key, *names]  # (a MuData's obs['modality'] = 'paired' over its modalities' own columns silently
+        # encoded every single-modality cell from its empty row)
+    if not names:
         return None
-    parsed = [pd.Series(None, index=obs.index, dtype=object) for _ in parts]
-    for p, out in zip(parts, parsed):
-        have = p.notna().to_numpy()
-        out[have] = np.asarray(parse(p[have]), dtype=object)
-    differ = (parsed[0].notna() & parsed[-1].notna() & (parsed[0] != parsed[-1])).to_numpy()
-    if differ.any():
-        cell = obs.index[np.flatnonzero(differ)[0]]
-        raise APIError(f"obs 'rna:{key}' and 'atac:{key}' disagree for cell {cell!r} ({parts[0][cell]!r} vs "
-                       f"{parts[-1][cell]!r}): give the cell's {key} once, in the MuData's obs")
+    parse = parse or (lambda v: v)
+    parsed = [pd.Series(None, index=obs.index, dtype=object) for _ in names]
+    for name, out in zip(names, parsed):
+        have = obs[name].notna().to_numpy()
+        out[have] = np.asarray(parse(obs[name][have]), dtype=object)
+    for other, values in zip(names[1:], parsed[1:]):
+        differ = (parsed[0].notna() & values.notna() & (parsed[0] != values)).to_numpy()
+        if differ.any():
+            cell = obs.index[np.flatnonzero(differ)[0]]
+            raise APIError(f"obs {names[0]!r} and {other!r} disagree for cell {cell!r} ({obs[names[0]][cell]!r} vs "
+                           f"{obs[other][cell]!r}): give the cell's {key} once, in the MuData's obs")
+    if key in obs:
+        return parse(obs[key])  # the top level as it stands (its own missing values are refused by the caller)
     return parsed[0].where(parsed[0].notna(), parsed[-1])
 
 
@@ -248,12 +260,13 @@ def _rows(x, rows: np.ndarray, cols: np.ndarray | None, keep: np.ndarray) -> sp.
     # order than the MuData ended in a TypeError; read sorted, then put the rows back in the cells' order
     order = np.argsort(idx, kind="stable") if np.any(np.diff(idx) < 0) else None
     sub = x[idx if order is None else idx[order]] if take.any() else x[:0]
-    sub = sub.tocsr() if sp.issparse(sub) else sp.csr_matrix(np.asarray(sub))
+    if not sp.issparse(sub):
+        sub = np.asarray(sub)  # scipy has no float16 (a raw scipy error); float32 holds its values exactly
+        sub = sp.csr_matrix(sub.astype(np.float32) if sub.dtype == np.float16 else sub)
+    sub = sub.tocsr()
     if order is not None:
         sub = sub[np.argsort(order)]
-    if not sub.has_canonical_format:  # duplicate entries mean their sum to scipy; the kernels want one each
-        sub = sub.copy()
-        sub.sum_duplicates()
+    sub = summed_duplicates(sub)  # the kernels want one entry per (cell, feature)
     if cols is not None:
         sub = sub[:, cols]
     nnz = np.zeros(len(rows), dtype=np.int64)
@@ -354,7 +367,9 @@ def _memory_source(model: Model, obs: pd.DataFrame, feats: dict[str, Any], mask:
             j = int(np.flatnonzero(bad.any(axis=0))[0])
             raise APIError(f"obs[{sf_columns[j]!r}] (size factors) is missing, negative or infinite for "
                            f"{int(bad[:, j].sum())} cells (e.g. {obs.index[np.flatnonzero(bad[:, j])[0]]!r}); "
-                           "fill it, or drop the size factor columns to compute them from these cells' counts")
+                           + ("fill it: an imported model reads its size factors from these columns (computed by whoever "
+                              "trained it), not from the counts" if imported else
+                              "fill it, or drop the size factor columns to compute them from these cells' counts"))
     atac_max = trained_max or 1.0  # read by chunk() when it runs, after this pass
     if model.module.use_size_factor and given_sf is None and keys.ATAC in feats \
             and trained_max is None:  # a model exported before the value was kept: these cells' max

@@ -151,16 +151,23 @@ def _restore_booleans(table: pd.DataFrame, parts: list[pd.DataFrame]) -> None:
         table[col] = table[col].astype("boolean" if table[col].isna().any() else bool)
 
 
+def summed_duplicates(x: sp.csr_matrix) -> sp.csr_matrix:
+    """``x`` in canonical form (sorted, one entry per (row, column): scipy's meaning of duplicates is their sum),
+    summed in a wide type: two int16 entries of 30,000 wrapped to -5,536 (counts are checked entry by entry,
+    before this sum). ``x`` itself is left as it is."""
+    if x.has_canonical_format:
+        return x
+    wide = np.float64 if x.dtype.kind == "f" else np.uint64 if x.dtype.kind in "ub" else np.int64
+    x = x.astype(wide)  # a copy
+    x.sum_duplicates()
+    return x
+
+
 def remap_columns(x: sp.csr_matrix, colmap: np.ndarray, n_cols: int) -> sp.csr_matrix:
     """Move columns of ``x`` to ``colmap[col]`` in an ``n_cols``-wide matrix, dropping ``colmap == -1``,
     stored zeros (detection, the mask check and the stores' nnz count stored entries) and duplicate
     entries (summed first, as scipy's canonical form)."""
-    if not x.has_canonical_format:
-        # summed in a wide type: two int16 entries of 30,000 wrapped to -5,536 (the counts were checked
-        # entry by entry, before this sum)
-        wide = np.float64 if x.dtype.kind == "f" else np.uint64 if x.dtype.kind in "ub" else np.int64
-        x = x.astype(wide)  # a copy
-        x.sum_duplicates()
+    x = summed_duplicates(x)
     new = colmap[x.indices]
     keep = (new >= 0) & (x.data != 0)
     row_of = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
