@@ -140,6 +140,20 @@ def test_a_resume_that_cannot_be_exact_says_why(store, reference, tmp_path, caps
     assert "written by other trainer/loader code or another torch version" in out, out[-2000:]
 
 
+def test_a_resume_with_other_kernels_says_it_is_not_bit_for_bit(store, reference, tmp_path, capsys):
+    """model.native_kernels is resumable (the same math), but the eager likelihoods round otherwise: a resume
+    that switched them ended 1.5e-8 off the uninterrupted run and said nothing (review, session 21)."""
+    src = _resume_points(reference)["one_batch_left"]
+    run = tmp_path / "eager"
+    shutil.copytree(src, ckpt.checkpoints_root(run) / src.name)
+    saved = json.loads(torch.load(src / "trainer.pt", weights_only=True)["config"])
+    assert saved["model"]["native_kernels"] is True  # what the reference run used: the switch is real
+    train(tiny_config(store, run, **EXTRA, **{"model.native_kernels": False}))
+    out = capsys.readouterr().out
+    assert "with model.native_kernels (True -> False): the same math in other kernels; the run continues, but " \
+           "not bit for bit" in out, out[-2000:]
+
+
 @pytest.mark.slow
 def test_fresh_processes_rerun_and_resume_bitwise_equal(store, reference, tmp_path):
     """`python -m trainer.train` in new processes: an uninterrupted run equals the in-process one, and a

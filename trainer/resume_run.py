@@ -21,7 +21,7 @@ from trainer.config import TrainConfig
 from trainer.epoch_totals import EpochTotals
 from trainer.guard import StepGuard
 from trainer.parallel import Wrapped
-from trainer.resume_settings import check_same_settings
+from trainer.resume_settings import check_same_settings, rounding_changes
 from trainer.tracking import ValidationTracker
 
 
@@ -80,6 +80,9 @@ def resume(cfg: TrainConfig, info: dist.DistInfo, ref: query.Reference | None, m
         guard.load_state_dict(state["guard"])
         guard.last_good_checkpoint = path
         checks.warn_if_threads_differ(state, path)
+        if changed := rounding_changes(state.get("config"), cfg):
+            dist.print0(f"[train] note: resuming {path} with {', '.join(changed)}: the same math in other kernels; "
+                        f"the run continues, but not bit for bit as the uninterrupted run would have")
         if state.get("code_fingerprint", code) != code:  # absent in checkpoints written before it was recorded
             dist.print0(f"[train] note: {path} was written by other trainer/loader code or another torch "
                         f"version: the run continues, but not bit for bit as the uninterrupted run would have")

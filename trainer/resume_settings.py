@@ -21,10 +21,14 @@ RESUMABLE = frozenset({
     "run.keep_checkpoints", "run.clear_stale_lock", "run.max_bad_steps",
     "data.store",  # the store's content is checked by its fingerprint; it may have moved
     "data.num_workers", "data.prefetch", "data.cache_validation_mb",  # the batch order does not depend on them
-    "model.native_kernels", "model.compile_kernels",  # the same math (the code fingerprint note says the rest)
+    "model.native_kernels", "model.compile_kernels",  # the same math, other float rounding: OTHER_ROUNDING
     "dist.timeout_s", "dist.find_unused_parameters", "dist.device",
 })
 
+
+# resumable, but the continued run is not bit for bit the uninterrupted one (other kernels add in another
+# order: 1.5e-8 apart after a few steps), which a resume then says, as it says a changed thread count
+OTHER_ROUNDING = ("model.native_kernels", "model.compile_kernels")
 
 # settings whose default changed after they were added: a checkpoint without the key ran the old default
 ABSENT_WAS = {"data.remainder": "drop"}  # the default until remainder=even (every cell once per epoch)
@@ -69,3 +73,11 @@ def check_same_settings(saved_config: str | None, cfg: TrainConfig, path: str) -
                else "")
         raise ConfigError(f"resuming {path} with other settings: {diff}{more}. A resumed run continues with its "
                           f"checkpoint's settings{why}; set them back, or start a new run in another run.output_dir")
+
+
+def rounding_changes(saved_config: str | None, cfg: TrainConfig) -> list[str]:
+    """The OTHER_ROUNDING settings that differ from the checkpoint's, as 'key (old -> new)'."""
+    if not saved_config:
+        return []
+    old, new = _flat(json.loads(saved_config)), _flat(json.loads(config_to_json(cfg)))
+    return [f"{k} ({old[k]!r} -> {new.get(k)!r})" for k in OTHER_ROUNDING if k in old and old[k] != new.get(k)]
