@@ -8,6 +8,7 @@ and the same command then resumes from the last checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -99,4 +100,29 @@ def test_a_killed_rank_stops_the_others_promptly_and_the_run_resumes(store, tmp_
             launcher.kill()
         log = launcher.stdout.read()
     assert launcher.returncode != 0 and waited < TIMEOUT_S + 90, log[-3000:]
+    _resume_and_finish([c.replace("run.epochs=30", "run.epochs=3") for c in cmd], out, epochs=3)
+
+
+def test_a_killed_launcher_takes_its_ranks_with_it_and_the_run_resumes(store, tmp_path):
+    """torchrun starts each rank in a session of its own: a SIGKILL of the launcher alone (OOM killer, kill -9 of
+    the job's process group) left both ranks running without it, one of them seen waiting 25 min in a collective
+    while holding the run directory's lock. Now the kernel kills them with it (PR_SET_PDEATHSIG)."""
+    out = tmp_path / "run"
+    cmd, launcher = _launch(store, out, epochs=30)
+    ranks = []
+    try:
+        _wait_for_checkpoint(out, launcher)
+        ranks = [_rank(launcher, "0"), _rank(launcher, "1")]
+        assert all(os.getsid(r.pid) != os.getsid(launcher.pid) for r in ranks)  # out of the launcher's session
+        launcher.send_signal(signal.SIGKILL)
+        t0 = time.time()
+        _, alive = psutil.wait_procs(ranks, timeout=30)
+        waited = time.time() - t0
+    finally:
+        for p in ranks:
+            if p.is_running():
+                p.send_signal(signal.SIGKILL)
+        launcher.communicate(timeout=60)
+    assert not alive, f"ranks {[p.pid for p in alive]} outlived their launcher by {waited:.0f} s"
+    assert waited < 10
     _resume_and_finish([c.replace("run.epochs=30", "run.epochs=3") for c in cmd], out, epochs=3)

@@ -88,13 +88,41 @@ def check_deepspeed_accelerator(device: torch.device) -> None:
                           f"DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR', 'unset')}): set DS_ACCELERATOR={device.type}")
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_launcher() -> bool:
+    """Under torchrun, have the kernel SIGKILL this rank when its launcher dies (prctl PR_SET_PDEATHSIG).
+
+    torchrun starts every rank in a session of its own, so a SIGKILL of the launcher (OOM killer, `kill -9`
+    of the job's process group, a node agent) never reaches the ranks: they went on without it, a rank
+    waiting on the launcher's store or on a dead peer sat in a collective for up to ``dist.timeout_s``
+    holding the run directory's lock, and a relaunch was refused meanwhile. A killed rank loses nothing
+    a resume cannot restore (checkpoints are atomic). False where it does not apply (no torchrun, not Linux).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
 def init_distributed(timeout_s: int = 1800, single_group: bool = False, device: str = "auto",
                      device_key: str = "device") -> DistInfo:
     """Join the process group described by torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 
     gloo on CPU, NCCL on GPU; each rank uses the GPU of its LOCAL_RANK (``device``: see pick_device).
     Idempotent. ``single_group``: create a group of one for a single process too (DeepSpeed needs one).
+    Under torchrun a rank dies with its launcher (``die_with_launcher``).
     """
+    die_with_launcher()
     rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     device = pick_device(device, local, device_key)
     if world == 1 and single_group and not tdist.is_initialized():
