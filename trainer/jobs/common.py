@@ -195,20 +195,38 @@ class Progress:
     def __init__(self, directory: Path):
         self.dir = directory
 
+    def saved(self) -> dict | None:
+        """The settings the directory was started with (None: not started)."""
+        f = self.dir / "job.json"
+        if not f.is_file():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except (OSError, ValueError) as exc:  # never taken as "not started": its done markers would count
+            raise InferError(f"{f} cannot be read ({exc}): rerun with overwrite=true to start over") from None
+
+    def refuse_other_settings(self, fingerprint: dict) -> None:
+        """Raise InferError naming each setting that differs from the saved ones (nothing saved: nothing to say)."""
+        old, fingerprint = self.saved(), json.loads(json.dumps(fingerprint))  # as it reads back: tuples -> lists
+        if old is not None and old != fingerprint:
+            changed = _differences(old, fingerprint)
+            more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+            raise InferError(f"an unfinished output from different settings ({', '.join(changed[:6])}{more}) is "
+                             f"in {self.dir}; rerun with its settings to finish it, or with overwrite=true to start over")
+
+    def same_settings(self, fingerprint: dict) -> bool:
+        try:
+            return self.saved() == json.loads(json.dumps(fingerprint))
+        except InferError:
+            return False
+
     def start(self, fingerprint: dict) -> None:
         """Create the directory, or check that an existing one belongs to the same job settings."""
-        f = self.dir / "job.json"
-        fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back: tuples become lists
-        if f.is_file():
-            old = json.loads(f.read_text())
-            if old != fingerprint:
-                changed = _differences(old, fingerprint)
-                more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-                raise InferError(f"an unfinished output from different settings ({', '.join(changed[:6])}{more}) is "
-                                 "in the way; rerun with its settings to finish it, or with overwrite=true to start over")
+        self.refuse_other_settings(fingerprint)
+        if self.saved() is not None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+        (self.dir / "job.json").write_text(json.dumps(json.loads(json.dumps(fingerprint)), indent=1, sort_keys=True))
 
     def is_done(self, k: int) -> bool:
         return (self.dir / f"chunk-{k:07d}.done").is_file()

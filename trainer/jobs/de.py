@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -49,7 +48,7 @@ from trainer.jobs.common import (
 )
 from trainer.jobs.de_groups import cell_sets, complement, raw_of, raw_sums
 from trainer.jobs.de_sampling import READ_CHUNK, Sampler
-from trainer.jobs.runner import _empty_dir, holding_lock
+from trainer.jobs.runner import _empty_dir, finish_leftover, holding_lock
 
 STATS_COLUMNS = 2048  # features per statistics call: caps the (samples x features) temporaries
 # Test hook (same name as embed's): raise after this many comparisons were written by this process.
@@ -169,8 +168,6 @@ def _run(cfg: InferConfig, job: str) -> dict:
 
     final = Path(cfg.output)
     parts_dir = final.with_name(final.name + ".parts")
-    if final.exists() and not cfg.overwrite:
-        raise InferError(f"{final} already exists: pass overwrite=true to replace it")
     if final.exists() and not _is_table(final):
         # overwrite deletes the file: never one this job did not write (a mistyped output= naming the user's
         # own notes or a directory), as the chunked jobs replace only their own outputs
@@ -189,6 +186,12 @@ def _run(cfg: InferConfig, job: str) -> dict:
           "cells_sha": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (cfg.de.cells1, cfg.de.cells2)
                         if f is not None and Path(f).is_file()],
           "model_mtime_ns": (model_dir / "model.safetensors").stat().st_mtime_ns}
+    if final.exists() and not cfg.overwrite:
+        # killed between writing the table and cleaning up
+        if finish_leftover(parts_dir, fp, info, final, job, lambda: _is_table(final)):
+            return {"output": str(final), "n_comparisons": len(comps), "n_features": len(feat), "computed": 0,
+                    "rank": info.rank, "world_size": info.world_size}
+        raise InferError(f"{final} already exists: pass overwrite=true to replace it")
     dist.barrier()  # every rank has checked the output before rank 0 takes the lock
     # rank 0 holds <output>.parts/.mva.lock for the whole job, as the chunked jobs hold theirs: a second job
     # on the same output (overwrite=true, other settings) emptied the parts directory under a running one,
@@ -203,11 +206,8 @@ def _run_locked(cfg, job, info, module, minfo, store, modality, all_names, feat,
     progress = Progress(parts_dir)
     if final.exists() and not cfg.overwrite:  # another job finished it while this one was starting
         raise InferError(f"{final} already exists: pass overwrite=true to replace it")
-    old = parts_dir / "job.json"
-    if not cfg.overwrite and old.is_file() and json.loads(old.read_text()) != json.loads(json.dumps(fp)):
-        # checked on every rank (not only in Progress.start on rank 0): no rank waits for a failed one
-        raise InferError(f"an unfinished output from different settings is in {parts_dir}; "
-                         f"rerun with overwrite=true to start over")
+    if not cfg.overwrite:  # on every rank (not only in Progress.start on rank 0): no rank waits for a failed one
+        progress.refuse_other_settings(fp)  # naming each changed key with both values
     dist.barrier()
     if info.is_main:
         if cfg.overwrite:
@@ -291,7 +291,9 @@ def _is_table(path: Path) -> bool:
 def _write_table(table: pd.DataFrame, final: Path, fmt: str) -> None:
     """Write to a temp name in the same directory, then rename: a table at ``final`` is always complete."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    # one name, under the job's lock: a killed write's file is overwritten by the rerun's, not left beside the
+    # table for ever (it was named by the pid)
+    tmp = final.with_name(final.name + ".tmp")
     if fmt == "parquet":
         table.to_parquet(tmp)
     else:

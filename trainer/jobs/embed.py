@@ -76,6 +76,17 @@ class EmbedJob(ChunkJob):
     def open_arrays(self, root: zarr.Group, work_dir) -> None:
         self.arrays = {key: root[f"obsm/{key}"] for key in self._keys()}
 
+    umap: dict | None = None  # what draw_umap drew (rank 0)
+
+    def after_output(self, final) -> None:
+        # drawn before the progress directory goes: a job killed while drawing is finished by its rerun (the
+        # picture was drawn after it, and a rerun found the output existing and never drew it)
+        if self.ctx.cfg.embed.umap_png:
+            from trainer.jobs.umap import draw_umap
+
+            self.umap = draw_umap(str(final), self.ctx.cfg.embed.umap_png)
+            print0(f"[embed] UMAP picture: {self.umap['png']}")
+
     def compute_chunk(self, k: int, lo: int, hi: int, batch: dict):
         module, cfg = self.ctx.module, self.ctx.cfg
         # one encoder pass serves the means and the posteriors (a pass per use would encode twice)
@@ -128,11 +139,8 @@ def run_embed(cfg: InferConfig) -> dict:
         if ctx.n_cells < MIN_CELLS:  # else the embedding is written first and the picture then refused
             raise InferError(f"embed.umap_png needs at least {MIN_CELLS} cells; store {ctx.store.path} has "
                              f"{ctx.n_cells}: leave embed.umap_png unset for this store")
-    summary = run_chunked(EmbedJob(ctx))
-    if cfg.embed.umap_png and ctx.info.is_main:
-        from trainer.jobs.umap import draw_umap
-
-        # rank 0 only and after the last barrier: the other ranks are done and need not wait
-        summary["umap"] = draw_umap(summary["output"], cfg.embed.umap_png)
-        print0(f"[embed] UMAP picture: {summary['umap']['png']}")
+    job = EmbedJob(ctx)
+    summary = run_chunked(job)
+    if job.umap is not None:
+        summary["umap"] = job.umap
     return summary

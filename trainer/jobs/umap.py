@@ -173,6 +173,8 @@ def draw_umap(embed_output: str, png: str, max_cells: int = 100_000, seed: int =
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=DPI)
+    tmp = Path(png).with_name(Path(png).name + ".tmp.png")  # a killed save leaves no half picture under the name
+    fig.savefig(tmp, dpi=DPI)
+    tmp.replace(png)
     plt.close(fig)
     return {"png": str(png), "n_cells": int(n), "n_drawn": len(xy), "panels": list(panels), "title": title}
