@@ -5,6 +5,7 @@ the ELBO, a list of three AnnData, float16 counts, duplicate sparse entries in a
     .venv/bin/python -m pytest tests/test_api_awkward.py -q
 """
 
+# ruff: noqa: F811 - the imported fixture is every test's `trained` argument
 from __future__ import annotations
 
 import warnings
@@ -15,17 +16,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from tests.infer_utils import trained_model
-from trainer.api import APIError, load
+# the fixture `trained` of the API edge tests (the session's shared model, loaded): pytest injects it by name
+from tests.test_api_edges import TOL, trained  # noqa: F401
+from trainer.api import APIError
 from trainer.scvi_io import store_to_mudata
-
-TOL = {"rtol": 1e-5, "atol": 1e-6}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    store, run = trained_model(tmp_path_factory)  # the session's shared model (tests/infer_utils.py)
-    return store, load(run)
 
 
 def _modality_mudata(store):

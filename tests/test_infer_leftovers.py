@@ -89,8 +89,8 @@ def _de(trained, out, **kw):
                                                                        **kw))
 
 
-def test_de_killed_between_its_table_and_its_cleanup_is_finished_by_its_rerun(trained, tmp_path, monkeypatch):
-    out = tmp_path / "de.csv"
+def _kill_after_the_table(monkeypatch):
+    """de/da killed between writing its table and emptying <output>.parts; returns the real writer."""
     real = de_job._write_table
 
     def written_then_killed(table, final, fmt):
@@ -98,6 +98,12 @@ def test_de_killed_between_its_table_and_its_cleanup_is_finished_by_its_rerun(tr
         raise RuntimeError("killed after the table")
 
     monkeypatch.setattr(de_job, "_write_table", written_then_killed)
+    return real
+
+
+def test_de_killed_between_its_table_and_its_cleanup_is_finished_by_its_rerun(trained, tmp_path, monkeypatch):
+    out = tmp_path / "de.csv"
+    real = _kill_after_the_table(monkeypatch)
     with pytest.raises(RuntimeError, match="killed after the table"):
         infer(_de(trained, out))
     monkeypatch.setattr(de_job, "_write_table", real)
@@ -144,13 +150,7 @@ def test_two_ranks_finish_what_a_killed_de_job_left(trained, tmp_path, monkeypat
 
     store, run = trained
     out = tmp_path / "de.csv"
-    real = de_job._write_table
-
-    def written_then_killed(table, final, fmt):
-        real(table, final, fmt)
-        raise RuntimeError("killed after the table")
-
-    monkeypatch.setattr(de_job, "_write_table", written_then_killed)
+    _kill_after_the_table(monkeypatch)
     with pytest.raises(RuntimeError, match="killed after the table"):
         infer(_de(trained, out))
     res = torchrun(["-m", "trainer.infer", "job=de", f"model_dir={run}", f"store={store}", f"output={out}",
