@@ -209,7 +209,8 @@ def _parse_mask(v: pd.Series, name: str) -> np.ndarray:
 
 def _obs_values(obs: pd.DataFrame, key: str, parse=None) -> pd.Series | None:
     """A top-level obs column, else (MuData, dict) the modalities' own 'rna:key' / 'atac:key' columns merged, or
-    None. ``parse`` (applied where set) reads each value first; a cell whose two values differ is refused."""
+    None. ``parse`` (applied where set) reads each value first; a cell whose two values differ is refused, and
+    with ``parse`` (the columns that decide a cell's modalities) the top-level value must agree with them too."""
     names = [f"{m}:{key}" for m in keys.MODALITIES if f"{m}:{key}" in obs]
     if key in obs and (parse is None or not names):
         return obs[key] if parse is None else parse(obs[key])
