@@ -126,3 +126,27 @@ def test_a_killed_launcher_takes_its_ranks_with_it_and_the_run_resumes(store, tm
     assert not alive, f"ranks {[p.pid for p in alive]} outlived their launcher by {waited:.0f} s"
     assert waited < 10
     _resume_and_finish([c.replace("run.epochs=30", "run.epochs=3") for c in cmd], out, epochs=3)
+
+
+def test_a_rank_killed_while_its_loader_worker_starts_takes_the_worker_with_it(store, tmp_path):
+    """torch's worker watchdog compares the worker's parent with the one it saw once started (after a spawn's
+    imports): a rank SIGKILLed during those seconds left its worker parented to init, and the worker never saw
+    a change (one seen alive 1 h 50 min after a review's random kills). The worker now dies with its rank."""
+    ov = tiny_overrides(store, tmp_path / "run", **{"run.epochs": 30, "data.num_workers": 1, "data.prefetch": 2})
+    rank = subprocess.Popen([PY, "-m", "trainer.train", *as_cli(ov)], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        deadline = time.time() + 120
+        while worker is None and time.time() < deadline and rank.poll() is None:
+            worker = next((p for p in psutil.Process(rank.pid).children()
+                           if "spawn_main" in " ".join(p.cmdline())), None)
+            time.sleep(0.02)
+        assert worker is not None, "no DataLoader worker started"
+        rank.send_signal(signal.SIGKILL)  # the worker is still importing: torch's watchdog does not exist yet
+        rank.wait(timeout=30)
+        _, alive = psutil.wait_procs([worker], timeout=45)
+    finally:
+        if worker is not None and worker.is_running():
+            worker.send_signal(signal.SIGKILL)
+    assert not alive, f"the DataLoader worker {worker.pid} outlived its killed rank"

@@ -91,8 +91,24 @@ def check_deepspeed_accelerator(device: torch.device) -> None:
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+def die_with_parent(parent: int) -> bool:
+    """Have the kernel SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG); if ``parent``
+    is already gone (this process was re-parented), die now. False where it does not apply (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
 def die_with_launcher() -> bool:
-    """Under torchrun, have the kernel SIGKILL this rank when its launcher dies (prctl PR_SET_PDEATHSIG).
+    """Under torchrun, a rank dies with its launcher (``die_with_parent``).
 
     torchrun starts every rank in a session of its own, so a SIGKILL of the launcher (OOM killer, `kill -9`
     of the job's process group, a node agent) never reaches the ranks: they went on without it, a rank
@@ -100,18 +116,22 @@ def die_with_launcher() -> bool:
     holding the run directory's lock, and a relaunch was refused meanwhile. A killed rank loses nothing
     a resume cannot restore (checkpoints are atomic). False where it does not apply (no torchrun, not Linux).
     """
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
         return False
-    import ctypes
-    import signal
+    return die_with_parent(os.getppid())
 
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-        return False
-    if os.getppid() != parent:  # the launcher died before the request was in place
-        os.kill(os.getpid(), signal.SIGKILL)
-    return True
+
+class DieWithRank:
+    """A DataLoader ``worker_init_fn``: the worker dies with the rank that started it. torch's own watchdog
+    compares the worker's parent with the one it saw at start-up, after a spawn's imports: a rank killed
+    during those seconds left a worker whose "parent" was already init, alive for hours (seen after a
+    review's random kills)."""
+
+    def __init__(self) -> None:
+        self.rank_pid = os.getpid()  # taken in the rank, pickled into the spawned worker
+
+    def __call__(self, worker_id: int) -> None:
+        die_with_parent(self.rank_pid)
 
 
 def init_distributed(timeout_s: int = 1800, single_group: bool = False, device: str = "auto",

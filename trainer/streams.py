@@ -57,7 +57,7 @@ class EpochLoader:
         stream.share_position(ctx)
         self._dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
                                                prefetch_factor=cfg.data.prefetch, persistent_workers=True,
-                                               multiprocessing_context=ctx,
+                                               multiprocessing_context=ctx, worker_init_fn=dist.DieWithRank(),
                                                generator=torch.Generator().manual_seed(cfg.run.seed))
 
     def __iter__(self):
